@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from trtcompress.compressed import CompressedLinear, CompressedLinearState, IntFormat, QuantizedWeight
+from trtcompress.compressed.formats import format_from_dict
+
+
+def _state(bits=4, group=128, sym=True, bias=False, shape=(576, 576)):
+    torch.manual_seed(0)
+    w = torch.randn(*shape)
+    q = QuantizedWeight.round_to_nearest(w, IntFormat(bits, group, sym))
+    b = torch.randn(shape[0]) if bias else None
+    return w, CompressedLinearState(shape[0], shape[1], quantized=q, bias=b)
+
+
+def test_exact_byte_count_with_partial_group():
+    _, state = _state()
+    # 576 int4 codes per row = 288 bytes; 5 groups (128 x 4 + 64) of fp16 scales = 10 bytes
+    assert state.nbytes == 576 * 288 + 576 * 5 * 2
+    assert state.meta()["format"] == "int4_g128_sym"
+
+
+def test_asymmetric_counts_zero_points():
+    _, state = _state(bits=3, group=64, sym=False)
+    groups = 9
+    assert state.nbytes == 576 * (576 * 3 // 8) + 576 * groups * (2 + 1)
+
+
+def test_tensors_roundtrip_through_meta():
+    _, state = _state(bits=3, group=32, sym=False, bias=True)
+    again = CompressedLinearState.from_tensors(state.meta(), state.tensors())
+    assert torch.equal(again.weight(), state.weight())
+    assert torch.equal(again.bias, state.bias)
+
+
+def test_module_computes_from_the_state():
+    w, state = _state(bits=8, group=0, bias=True, shape=(32, 48))
+    module = CompressedLinear(state)
+    x = torch.randn(3, 48)
+    expected = x @ state.weight().T + state.bias
+    assert torch.allclose(module(x), expected, atol=1e-5)
+    dense = x @ w.T + state.bias
+    assert (module(x) - dense).abs().max() < 0.02 * dense.abs().max()
+    assert set(module.state_dict()) == {"qweight", "scales", "bias"}
+
+
+def test_shape_mismatch_is_refused():
+    _, state = _state(shape=(8, 64))
+    with pytest.raises(ValueError, match="scales has shape"):
+        QuantizedWeight(state.quantized.format, 8, 64, state.quantized.qweight, torch.zeros(8, 3), None)
+    with pytest.raises(ValueError, match="exactly one"):
+        CompressedLinearState(8, 64)
+
+
+def test_format_names_and_dicts():
+    fmt = IntFormat(8, 0, True)
+    assert fmt.name == "int8_ch_sym"
+    assert format_from_dict(fmt.to_dict()) == fmt
+    with pytest.raises(ValueError):
+        IntFormat(1, 0, True)

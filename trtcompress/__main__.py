@@ -1,0 +1,3 @@
+from trtcompress.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The build pipeline: recipe -> compressed model -> artifact -> evaluation and gates."""

@@ -1,0 +1,83 @@
+"""`trtcompress build`: load -> compress -> write the artifact -> evaluate -> gates, atomically."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trtcompress.builders.compress import compress_model
+from trtcompress.builders.gates import GateResult, check_gates
+from trtcompress.checkpoints import native
+from trtcompress.errors import RecipeError
+from trtcompress.eval.harness import EvalReport, evaluate
+from trtcompress.eval.report import plot_report
+from trtcompress.models import DEFAULT_MODEL, load_model
+from trtcompress.recipe import Recipe
+from trtcompress.ui import UI
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    manifest: dict
+    report: EvalReport | None
+    gates: list[GateResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def gates_passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+
+def build(
+    model_spec: str | None, recipe: Recipe, out: Path, *, force: bool = False, ui: UI | None = None
+) -> BuildResult:
+    ui = ui or UI(quiet=True)
+    start = time.perf_counter()
+    spec = model_spec or recipe.model or DEFAULT_MODEL
+    if recipe.gates and not recipe.eval.enabled:
+        raise RecipeError("the recipe declares gates but eval.enabled is false: gates need an evaluation")
+    out = Path(out)
+    if out.exists() and not force:  # fail before spending minutes on compression
+        raise native.ArtifactError(f"{out} already exists; pass --force to replace it")
+
+    ui.log(f"loading {spec}")
+    loaded = load_model(spec, log=ui.log)
+    with ui.progress() as progress:
+        compress_model(loaded.model, loaded.tokenizer, recipe, progress=progress, log=ui.log)
+    compress_seconds = time.perf_counter() - start
+
+    with native.atomic_directory(out, force=force) as tmp:
+        content = native.write_weights(
+            loaded.model, loaded.tokenizer, tmp, shard_size_bytes=recipe.export.shard_size_mb << 20
+        )
+        manifest = native.new_manifest(
+            recipe=recipe.model_dump(mode="json"),
+            source={"model": spec, "path": str(loaded.path), "model_type": loaded.config.model_type},
+            model_config=loaded.model.config.to_dict(),
+            content=content,
+        )
+        report, gates = None, []
+        if recipe.eval.enabled:
+            reference = load_model(spec, log=ui.log).model if recipe.eval.reference else None
+            with ui.progress() as progress:
+                report = evaluate(
+                    loaded.model,
+                    loaded.tokenizer,
+                    recipe.eval,
+                    reference,
+                    model_name=spec,
+                    recipe_name=recipe.name,
+                    progress=progress,
+                )
+            del reference
+            gates = check_gates(recipe.gates, report)
+            manifest["eval"] = report.model_dump(mode="json")
+            manifest["gates"] = [g.model_dump() for g in gates]
+            manifest["status"] = "ok" if all(g.passed for g in gates) else "failed_gates"
+            native.write_json_atomic(tmp / "eval.json", manifest["eval"])
+            plot_report(report, tmp / "eval.png")
+        manifest["timings"] = {"compress_s": compress_seconds, "total_s": time.perf_counter() - start}
+        native.write_manifest(tmp, manifest)
+    return BuildResult(out, manifest, report, gates, time.perf_counter() - start)

@@ -1,0 +1,56 @@
+"""`trtcompress inspect`: what an artifact holds, layer by layer."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from rich.table import Table
+
+from trtcompress.checkpoints import native
+from trtcompress.ui import UI
+
+
+def inspect_artifact(path: Path, verify: bool, as_json: bool, ui: UI) -> dict:
+    manifest = native.read_manifest(path)
+    if verify:
+        native.verify_files(path, manifest)
+    if as_json:
+        ui.out.print_json(json.dumps(manifest))
+        return manifest
+    table = Table(
+        title=f"{path} · recipe {manifest['recipe']['name']} · status {manifest['status']}",
+        title_justify="left",
+    )
+    for column in ("layer", "format", "shape", "bytes", "bits/weight"):
+        table.add_column(column, justify="right" if column in ("bytes", "bits/weight") else "left")
+    for name, meta in manifest["layers"].items():
+        out_f, in_f = meta["shape"]
+        weight_bytes = meta["weight_bytes"]
+        table.add_row(
+            name,
+            meta["format"],
+            f"{out_f}x{in_f}",
+            f"{meta['bytes']:,}",
+            f"{8 * weight_bytes / (out_f * in_f):.3f}",
+        )
+    ui.out.print(table)
+    formats = Counter(meta["format"] for meta in manifest["layers"].values())
+    summary = ", ".join(f"{n}x {f}" for f, n in formats.items()) or "none"
+    b = manifest["bytes"]
+    ui.out.print(
+        f"{len(manifest['layers'])} compressed layers ({summary}); "
+        f"tensors {b['tensors'] / 1e6:.2f} MB = compressed linears {b['compressed_linears'] / 1e6:.2f} MB "
+        f"+ other {b['other'] / 1e6:.2f} MB"
+    )
+    if manifest.get("eval"):
+        e = manifest["eval"]
+        ref = f" (reference {e['ppl_ref']:.3f}, ratio {e['ppl_ratio']:.4f})" if e.get("ppl_ref") else ""
+        ui.out.print(f"eval at build: ppl {e['ppl']:.3f}{ref}")
+    for gate in manifest.get("gates", []):
+        ui.out.print(
+            f"gate {gate['gate']}: {'pass' if gate['passed'] else 'FAIL'} (measured {gate['value']})"
+        )
+    ui.out.print("checksums verified" if verify else "checksums not verified (--no-verify)")
+    return manifest

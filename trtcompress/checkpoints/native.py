@@ -1,0 +1,313 @@
+"""The native artifact: `manifest.json` + safetensors shards + tokenizer files.
+
+- The manifest records the format version, the resolved recipe, the model config, every compressed
+  layer's format and exact byte count, the sha256 of every file, the evaluation and gate results, and
+  a checksum of itself, so a tampered or truncated artifact is refused with a message naming the file.
+- Compressed layers store their CompressedLinearState tensors under `<layer>.<suffix>` (`qweight`,
+  `scales`, `zeros`, `bias`); other tensors keep their Hugging Face names; tied tensors are stored once.
+- Writers write into a directory that the build pipeline renames into place (see `atomic_directory`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import trtcompress
+from trtcompress.compressed.linear import CompressedLinear, compressed_linears, set_module
+from trtcompress.compressed.state import CompressedLinearState
+from trtcompress.errors import ArtifactError
+
+FORMAT_NAME = "trtcompress-native"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REPORT_FILES = ("eval.json", "eval.png")  # written after the build; not covered by checksums
+
+
+# ----------------------------------------------------------------------------------------- atomic dirs
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `target`; rename it to `target` only if the block succeeds.
+
+    An interrupted or failed build leaves at most a hidden `.NAME.partial-*` directory, never a `target`
+    that looks complete. With `force`, an existing `target` is replaced only after the new one is ready.
+    """
+    target = target.resolve()
+    if target.exists() and not force:
+        raise ArtifactError(f"{target} already exists; pass --force to replace it")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(f"{target.parent}: cannot create the output directory ({exc.strerror})") from None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "artifact")
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ write
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _unique_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """state_dict with tied tensors kept once; returns (tensors, alias -> stored name)."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    by_storage: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in by_storage:
+            tied[name] = by_storage[key]
+            continue
+        by_storage[key] = name
+        tensors[name] = tensor.detach().contiguous()
+    return tensors, tied
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def write_weights(model: nn.Module, tokenizer, out: Path, shard_size_bytes: int) -> dict[str, Any]:
+    """Write tensors and tokenizer into `out`; return the manifest's content-describing part."""
+    tensors, tied = _unique_tensors(model)
+    shards = _shard(tensors, shard_size_bytes)
+    index: dict[str, str] = {}
+    for i, shard in enumerate(shards, 1):
+        filename = (
+            "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        )
+        save_file(shard, str(out / filename), metadata={"format": FORMAT_NAME})
+        index.update(dict.fromkeys(shard, filename))
+    tokenizer.save_pretrained(out)
+    layers = {name: module.state.meta() for name, module in compressed_linears(model)}
+    compressed_bytes = sum(meta["bytes"] for meta in layers.values())
+    total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    files = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(out.iterdir())
+        if p.is_file() and p.name not in (MANIFEST, *REPORT_FILES)
+    }
+    return {
+        "layers": layers,
+        "tied_weights": tied,
+        "bytes": {
+            "tensors": total_bytes,
+            "compressed_linears": compressed_bytes,
+            "other": total_bytes - compressed_bytes,
+        },
+        "tensors": index,
+        "files": files,
+    }
+
+
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def new_manifest(*, recipe: dict, source: dict, model_config: dict, content: dict) -> dict[str, Any]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "trtcompress_version": trtcompress.__version__,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "status": "not_evaluated",
+        "source": source,
+        "recipe": recipe,
+        "model_config": model_config,
+        **content,
+        "eval": None,
+        "gates": [],
+    }
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    manifest = dict(manifest)
+    manifest["checksum"] = manifest_checksum(manifest)
+    write_json_atomic(out / MANIFEST, manifest)
+
+
+# ------------------------------------------------------------------------------------------------- read
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Parse and authenticate `manifest.json`; raise ArtifactError naming what is wrong."""
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such artifact directory")
+    if not path.is_dir():
+        raise ArtifactError(
+            f"{path}: not a directory; an artifact is a directory written by `trtcompress build`"
+        )
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(
+            f"{path}: no {MANIFEST}; not a trtcompress artifact (or a build that did not finish)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path}: corrupt manifest (invalid JSON: {exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{manifest_path}: not a {FORMAT_NAME} manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{manifest_path}: format version {version!r} is not supported by trtcompress "
+            f"{trtcompress.__version__} (reads up to {FORMAT_VERSION}); upgrade trtcompress"
+        )
+    if manifest.get("checksum") != manifest_checksum(manifest):
+        raise ArtifactError(
+            f"{manifest_path}: manifest was modified after the build (checksum mismatch); rebuild"
+        )
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+    for name, info in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise ArtifactError(f"{file}: missing artifact file")
+        size = file.stat().st_size
+        if size != info["bytes"]:
+            raise ArtifactError(
+                f"{file}: size {size} bytes, manifest says {info['bytes']} (truncated or modified)"
+            )
+        if sha256_file(file) != info["sha256"]:
+            raise ArtifactError(f"{file}: sha256 mismatch with the manifest (corrupt or modified)")
+
+
+@dataclass
+class LoadedArtifact:
+    model: nn.Module
+    tokenizer: Any
+    manifest: dict[str, Any]
+    path: Path
+
+    @property
+    def status(self) -> str:
+        return self.manifest["status"]
+
+
+def _read_tensors(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for filename in sorted(set(manifest["tensors"].values())):
+        try:
+            tensors.update(load_file(str(path / filename)))
+        except (SafetensorError, OSError) as exc:
+            raise ArtifactError(f"{path / filename}: unreadable safetensors file ({exc})") from None
+    missing = set(manifest["tensors"]) - set(tensors)
+    if missing:
+        raise ArtifactError(
+            f"{path}: tensors listed in the manifest are missing: {', '.join(sorted(missing)[:5])}"
+        )
+    return tensors
+
+
+def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
+    """Rebuild the compressed model from an artifact (checksums verified first unless `verify=False`)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    config_dict = dict(manifest["model_config"])
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    tensors = _read_tensors(path, manifest)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, meta in manifest["layers"].items():
+        parts = {suffix: tensors.pop(f"{name}.{suffix}") for suffix in meta["tensors"]}
+        try:
+            state = CompressedLinearState.from_tensors(meta, parts)
+        except (ValueError, KeyError) as exc:
+            raise ArtifactError(f"{path}: layer {name} does not match its manifest entry ({exc})") from None
+        set_module(model, name, CompressedLinear(state))
+    # Dense tensors keep the dtype they were stored in (the recipe's dtype).
+    for name, tensor in tensors.items():
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            module = None
+        current = getattr(module, attr, None) if module is not None else None
+        if not isinstance(current, torch.Tensor):
+            raise ArtifactError(f"{path}: tensor {name} does not belong to a {config.model_type} model")
+        if tuple(current.shape) != tuple(tensor.shape):
+            raise ArtifactError(
+                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(current.shape)}"
+            )
+        if isinstance(current, nn.Parameter):
+            current.data = tensor
+        else:
+            setattr(module, attr, tensor)
+    for alias, stored_name in manifest["tied_weights"].items():  # share, as when the model was built
+        module_name, _, attr = alias.rpartition(".")
+        source_name, _, source_attr = stored_name.rpartition(".")
+        shared = getattr(model.get_submodule(source_name), source_attr)
+        setattr(model.get_submodule(module_name), attr, shared)
+    stored = set(manifest["tensors"]) | set(manifest["tied_weights"])
+    missing = set(model.state_dict()) - stored
+    if missing:
+        raise ArtifactError(
+            f"{path}: the artifact lacks tensors the model needs: {', '.join(sorted(missing)[:5])}"
+        )
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+    return LoadedArtifact(model=model, tokenizer=tokenizer, manifest=manifest, path=path)

@@ -1,0 +1,278 @@
+"""`trtcompress` command line: thin wrappers that parse, call, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from trtcompress.errors import GateFailure, TrtcompressError
+from trtcompress.ui import UI
+
+
+def _recipe_overrides(flags: dict[str, Any], assignments: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """Turn `build`/`eval` flags into recipe-path overrides (flags first, then --set in order)."""
+    from trtcompress.recipe import CLI_FLAG_PATHS, parse_assignment
+
+    overrides: list[tuple[str, Any]] = []
+    for flag, path in CLI_FLAG_PATHS.items():
+        value = flags.get(flag)
+        if value is None or value == ():
+            continue
+        overrides.append((path, list(value) if isinstance(value, tuple) else value))
+    overrides += [parse_assignment(a) for a in assignments]
+    return overrides
+
+
+def _resolved_recipe(recipe_spec: str, flags: dict[str, Any], assignments: tuple[str, ...]):
+    from trtcompress.recipe import load_recipe, with_overrides
+
+    recipe = load_recipe(recipe_spec)
+    overrides = _recipe_overrides(flags, assignments)
+    if flags.get("gate"):  # --gate appends to the recipe's gates instead of replacing them
+        overrides = [(p, [*(str(g) for g in recipe.gates), *v] if p == "gates" else v) for p, v in overrides]
+    return with_overrides(recipe, overrides)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="trtcompress")
+def cli() -> None:
+    """Compress LLMs, measure what it cost, and package them for TensorRT-LLM and Triton."""
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+eval_options = [
+    click.option("--ppl-tokens", type=int, help="perplexity window tokens [recipe eval.ppl_tokens]"),
+    click.option("--gsm8k-problems", type=int, help="GSM8K problems for KL/top-1/bpb [eval.gsm8k_problems]"),
+    click.option("--gsm8k-generate", type=int, help="problems for greedy exact match [eval.gsm8k_generate]"),
+    click.option("--reference/--no-reference", default=None, help="compare with the uncompressed model"),
+]
+
+
+def _add(options):
+    def decorator(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorator
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option(
+    "--recipe",
+    "-r",
+    "recipe_spec",
+    default="int4-g128-rtn",
+    show_default=True,
+    help="preset name (see `trtcompress recipes`) or a YAML file",
+)
+@click.option(
+    "--output", "-o", "out", type=click.Path(path_type=Path), required=True, help="artifact directory"
+)
+@click.option(
+    "--force", is_flag=True, help="replace an existing artifact (only once the new one is complete)"
+)
+@click.option("--bits", type=int, help="bits per weight [passes.*.bits]")
+@click.option(
+    "--group-size", type=int, help="input channels per scale, 0 = per channel [passes.*.group_size]"
+)
+@click.option("--symmetric/--asymmetric", default=None, help="quantization grid [passes.*.symmetric]")
+@click.option("--exclude", multiple=True, help="module patterns left uncompressed [passes.*.exclude]")
+@click.option("--calib-samples", type=int, help="calibration sequences [calibration.num_samples]")
+@click.option("--calib-seq-len", type=int, help="tokens per calibration sequence [calibration.seq_len]")
+@click.option("--eval/--no-eval", "eval", default=None, help="evaluate after building [eval.enabled]")
+@_add(eval_options)
+@click.option("--gate", multiple=True, help="extra gate, e.g. 'ppl_ratio <= 1.05' [gates]")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype of dense tensors [dtype]"
+)
+@click.option("--name", help="recipe name recorded in the artifact [name]")
+@click.option(
+    "--set",
+    "assignments",
+    multiple=True,
+    metavar="PATH=VALUE",
+    help="any recipe field, e.g. eval.context=512",
+)
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars or logs")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object (implies --quiet)")
+def build(model, recipe_spec, out, force, assignments, quiet, as_json, **flags) -> None:
+    """Compress MODEL (a known name such as smollm2-135m, or a local HF directory) into an artifact."""
+    from trtcompress.builders.pipeline import build as run_build
+    from trtcompress.eval.report import gates_table, report_table
+
+    ui = UI(quiet=quiet or as_json)
+    recipe = _resolved_recipe(recipe_spec, flags, assignments)
+    result = run_build(model, recipe, out, force=force, ui=ui)
+    if as_json:
+        _print_json(
+            {
+                "artifact": str(result.path),
+                "status": result.manifest["status"],
+                **(result.report.model_dump(mode="json") if result.report else {}),
+                "gates": [g.model_dump() for g in result.gates],
+                "build_seconds": result.seconds,
+            }
+        )
+    else:
+        if result.report:
+            ui.out.print(report_table(result.report))
+        if result.gates:
+            ui.out.print(gates_table(result.gates))
+        ui.out.print(
+            f"artifact: {result.path}  status: {result.manifest['status']}  ({result.seconds:.1f} s)"
+        )
+    if not result.gates_passed:
+        failed = ", ".join(g.gate for g in result.gates if not g.passed)
+        raise GateFailure(
+            f"gate(s) failed: {failed}; the artifact is kept at {result.path} marked failed_gates"
+        )
+
+
+# ------------------------------------------------------------------------------------------------- eval
+
+
+@cli.command("eval")
+@click.argument("target")
+@click.option(
+    "--recipe", "-r", "recipe_spec", help="compress TARGET (a model) in memory with this recipe first"
+)
+@click.option(
+    "--reference-model",
+    "reference_spec",
+    help="uncompressed model to compare against (default: the artifact's source model)",
+)
+@_add(eval_options)
+@click.option(
+    "--set", "assignments", multiple=True, metavar="PATH=VALUE", help="recipe field, e.g. eval.context=512"
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(path_type=Path),
+    help="where to write eval.json and eval.png (default: inside the artifact; nowhere for a plain model)",
+)
+@click.option("--quiet", "-q", is_flag=True)
+@click.option(
+    "--json", "as_json", is_flag=True, help="print one JSON object with stable keys (implies --quiet)"
+)
+def eval_cmd(target, recipe_spec, reference_spec, assignments, output_dir, quiet, as_json, **flags) -> None:
+    """Evaluate an artifact, or a model (optionally compressed in memory with --recipe)."""
+    from trtcompress.eval.report import report_table
+    from trtcompress.eval.run import evaluate_target
+
+    ui = UI(quiet=quiet or as_json)
+    report = evaluate_target(
+        target,
+        recipe_spec=recipe_spec,
+        reference_spec=reference_spec,
+        overrides=_recipe_overrides(flags, assignments),
+        output_dir=output_dir,
+        ui=ui,
+    )
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+    else:
+        ui.out.print(report_table(report))
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--no-verify", is_flag=True, help="skip the sha256 check of the weight files")
+@click.option("--json", "as_json", is_flag=True, help="print the manifest")
+def inspect(artifact, no_verify, as_json) -> None:
+    """Per-layer table of an artifact (verifies checksums first)."""
+    from trtcompress.checkpoints.inspect import inspect_artifact
+
+    inspect_artifact(artifact, verify=not no_verify, as_json=as_json, ui=UI())
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+def _pass_fields(config) -> str:
+    skip = ("method", "targets", "exclude")
+    return ", ".join(f"{k}={v}" for k, v in config.model_dump().items() if k not in skip)
+
+
+@cli.command()
+@click.argument("name", required=False)
+def recipes(name) -> None:
+    """List built-in recipe presets, or print one as YAML (a starting point for your own)."""
+    from rich.table import Table
+
+    from trtcompress.recipe import list_presets, load_recipe
+
+    if name:
+        click.echo(load_recipe(name).to_yaml(), nl=False)
+        return
+    table = Table(title="recipe presets (use with --recipe NAME; `trtcompress recipes NAME` prints the YAML)")
+    table.add_column("name")
+    table.add_column("passes")
+    table.add_column("description")
+    for preset, recipe in list_presets().items():
+        passes = ", ".join(f"{p.method}({_pass_fields(p)})" for p in recipe.passes) or "-"
+        table.add_row(preset, passes, recipe.description)
+    UI().out.print(table)
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+@cli.group()
+def bench() -> None:
+    """Measured trade-offs (results also recorded in BENCHMARKS.md)."""
+
+
+@bench.command("groupsize")
+@click.argument("model", required=False, default="smollm2-135m")
+@click.option("--bits", type=int, default=4, show_default=True)
+@click.option("--groups", default="16,32,64,128,0", show_default=True, help="group sizes; 0 = per channel")
+@click.option("--int8/--no-int8", "with_int8", default=True, show_default=True, help="add INT8 per-channel")
+@click.option("--asymmetric", is_flag=True, help="asymmetric grids instead of symmetric")
+@click.option("--gsm8k-problems", type=int, default=64, show_default=True)
+@click.option(
+    "--output-dir",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=Path("out/bench-groupsize"),
+    show_default=True,
+    help="writes groupsize.json and groupsize.png",
+)
+@click.option("--json", "as_json", is_flag=True)
+def bench_groupsize(model, bits, groups, with_int8, asymmetric, gsm8k_problems, output_dir, as_json) -> None:
+    """Sweep group sizes: accuracy (ppl, KL) against bits/param, against the uncompressed model."""
+    from trtcompress.eval.groupsize import groupsize_table, run_groupsize_sweep
+
+    ui = UI(quiet=as_json)
+    sizes = [int(g) for g in groups.split(",") if g.strip()]
+    rows = run_groupsize_sweep(model, bits, sizes, with_int8, not asymmetric, gsm8k_problems, output_dir, ui)
+    if as_json:
+        _print_json(rows)
+    else:
+        ui.out.print(groupsize_table(rows))
+        ui.out.print(f"wrote {output_dir / 'groupsize.json'} and {output_dir / 'groupsize.png'}")
+
+
+def main() -> None:
+    try:
+        cli(prog_name="trtcompress")
+    except TrtcompressError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

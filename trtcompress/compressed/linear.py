@@ -1,0 +1,77 @@
+"""CompressedLinear: an nn.Module that computes from a CompressedLinearState.
+
+This is the reference path: the weight is dequantized on the fly at every forward, so what runs is
+exactly what the artifact stores. Optimised kernels (plugins/) must match it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from trtcompress.compressed.state import CompressedLinearState
+
+
+class CompressedLinear(nn.Module):
+    def __init__(self, state: CompressedLinearState) -> None:
+        super().__init__()
+        self.in_features = state.in_features
+        self.out_features = state.out_features
+        meta = state.meta()
+        self._meta = {k: meta[k] for k in ("shape", "quant", "extra") if k in meta}
+        self._tensor_names = tuple(state.tensors())
+        for name, tensor in state.tensors().items():
+            self.register_buffer(name, tensor)
+        if state.bias is None:
+            self.bias = None  # same attribute surface as nn.Linear
+
+    @property
+    def state(self) -> CompressedLinearState:
+        tensors = {name: getattr(self, name) for name in self._tensor_names}
+        return CompressedLinearState.from_tensors(self._meta, tensors)
+
+    @property
+    def format_name(self) -> str:
+        return self.state.format_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.state
+        return nn.functional.linear(x, state.weight(x.dtype), state.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format_name}"
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def compressed_linears(model: nn.Module) -> Iterator[tuple[str, CompressedLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedLinear):
+            yield name, module
+
+
+def linear_state(module: nn.Module) -> CompressedLinearState:
+    """The state of a plain nn.Linear (dense weight) or of a CompressedLinear."""
+    if isinstance(module, CompressedLinear):
+        return module.state
+    if isinstance(module, nn.Linear):
+        bias = None if module.bias is None else module.bias.detach()
+        return CompressedLinearState(
+            module.out_features, module.in_features, dense_weight=module.weight.detach(), bias=bias
+        )
+    raise TypeError(f"expected a linear layer, got {type(module).__name__}")
+
+
+def describe_compressed(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {name: module.state.meta() for name, module in compressed_linears(model)}

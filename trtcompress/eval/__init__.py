@@ -1,0 +1,1 @@
+"""Evaluation: data, metrics, the protocol harness and its reports."""

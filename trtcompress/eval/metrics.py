@@ -1,0 +1,185 @@
+"""Metrics, as plain functions of a model and token ids.
+
+- perplexity over fixed, non-overlapping windows (each window scored from its own first token);
+- answer fidelity on worked problems: per-token KL(p_ref || p_model) and top-1 agreement against the
+  reference model on the gold answer tokens, and gold-answer bits per byte;
+- greedy exact match of the final number, for models able to solve the problems.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from trtcompress.eval.datasets import Problem
+
+Tick = Callable[[int], None]
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def _span_logits(model: nn.Module, ids: torch.Tensor, spans: list[slice]) -> list[torch.Tensor]:
+    """Logits at the given positions of each row only: the LM head runs on the answer tokens alone."""
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    return [head(hidden[row, span]).float() for row, span in enumerate(spans)]
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    window_nll: list[float]  # mean NLL per window
+    tokens: int
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, ids: Sequence[int], context: int, tick: Tick | None = None
+) -> PerplexityResult:
+    if len(ids) < context:
+        raise ValueError(f"perplexity needs at least one window of {context} tokens, got {len(ids)}")
+    n_windows = len(ids) // context
+    total, count, per_window = 0.0, 0, []
+    for w in range(n_windows):
+        x = torch.tensor([ids[w * context : (w + 1) * context]])
+        logits = _logits(model, x)[0, :-1]
+        nll = nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+        per_window.append(nll / (context - 1))
+        total += nll
+        count += context - 1
+        if tick:
+            tick(1)
+    return PerplexityResult(ppl=math.exp(total / count), window_nll=per_window, tokens=count)
+
+
+@dataclass
+class FidelityResult:
+    bpb: float  # gold-answer bits per byte of the evaluated model
+    bpb_ref: float | None = None
+    kl: float | None = None  # mean per-token KL(p_ref || p_model), nats
+    top1: float | None = None  # fraction of answer tokens where both models' argmax agree
+    tokens: int = 0
+    per_problem_kl: list[float] = field(default_factory=list)
+
+
+def _encode(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
+    return tokenizer(problem.prompt).input_ids, tokenizer(problem.completion).input_ids
+
+
+@torch.no_grad()
+def answer_fidelity(
+    model: nn.Module,
+    tokenizer,
+    problems: Sequence[Problem],
+    reference: nn.Module | None = None,
+    batch_size: int = 4,
+    tick: Tick | None = None,
+) -> FidelityResult:
+    """Score the gold answers of `problems` with `model` (and against `reference` if given)."""
+    encoded = [_encode(tokenizer, p) for p in problems]
+    nbytes = sum(len(p.completion.encode("utf-8")) for p in problems)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    nll = nll_ref = kl_sum = 0.0
+    agree = tokens = 0
+    per_problem_kl = [0.0] * len(problems)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        seqs = [encoded[i][0] + encoded[i][1] for i in batch]
+        width = max(map(len, seqs))
+        # Right padding: with causal attention, padding after a sequence cannot change its logits.
+        x = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+        # Positions that predict the answer tokens.
+        spans = [slice(len(encoded[i][0]) - 1, len(encoded[i][0]) - 1 + len(encoded[i][1])) for i in batch]
+        logits = _span_logits(model, x, spans)
+        logits_ref = _span_logits(reference, x, spans) if reference is not None else None
+        for row, i in enumerate(batch):
+            n_prompt, n_answer = len(encoded[i][0]), len(encoded[i][1])
+            target = x[row, n_prompt : n_prompt + n_answer]
+            logp = torch.log_softmax(logits[row], -1)
+            nll -= logp.gather(-1, target[:, None]).sum().item()
+            tokens += n_answer
+            if logits_ref is not None:
+                logp_ref = torch.log_softmax(logits_ref[row], -1)
+                nll_ref -= logp_ref.gather(-1, target[:, None]).sum().item()
+                kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+                kl_sum += kl.sum().item()
+                per_problem_kl[i] = kl.mean().item()
+                agree += (logp.argmax(-1) == logp_ref.argmax(-1)).sum().item()
+        if tick:
+            tick(len(batch))
+    to_bpb = 1.0 / (math.log(2) * nbytes)
+    if reference is None:
+        return FidelityResult(bpb=nll * to_bpb, tokens=tokens)
+    return FidelityResult(
+        bpb=nll * to_bpb,
+        bpb_ref=nll_ref * to_bpb,
+        kl=kl_sum / tokens,
+        top1=agree / tokens,
+        tokens=tokens,
+        per_problem_kl=per_problem_kl,
+    )
+
+
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def extract_final_number(text: str) -> str | None:
+    """The number a completion commits to: after '####' or 'answer is', else the last number."""
+    for marker in ("####", "answer is"):
+        if marker in text:
+            text = text.rsplit(marker, 1)[1]
+            found = _NUMBER.findall(text)
+            return _normalise(found[0]) if found else None
+    found = _NUMBER.findall(text)
+    return _normalise(found[-1]) if found else None
+
+
+def _normalise(number: str) -> str:
+    number = number.replace(",", "").rstrip(".")
+    if "." in number:
+        number = number.rstrip("0").rstrip(".")
+    return number
+
+
+STOP_STRINGS = ("\n\n", "Question:")
+
+
+@torch.no_grad()
+def greedy_exact_match(
+    model: nn.Module,
+    tokenizer,
+    problems: Sequence[Problem],
+    max_new_tokens: int = 256,
+    tick: Tick | None = None,
+) -> float:
+    """Fraction of problems whose greedy few-shot completion ends with the gold final number."""
+    correct = 0
+    for problem in problems:
+        prompt = problem.fewshot_prompt or problem.prompt
+        ids = torch.tensor([tokenizer(prompt).input_ids])
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            stop_strings=list(STOP_STRINGS),
+            tokenizer=tokenizer,
+            pad_token_id=tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else tokenizer.eos_token_id,
+        )
+        completion = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        for stop in STOP_STRINGS:
+            completion = completion.split(stop)[0]
+        correct += int(extract_final_number(completion) == _normalise(problem.final))
+        if tick:
+            tick(1)
+    return correct / max(len(problems), 1)

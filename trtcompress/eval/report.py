@@ -1,0 +1,126 @@
+"""Human-facing output of an evaluation: rich tables and PNG plots."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from trtcompress.eval.harness import EvalReport
+
+# (label, key, reference key, format)
+ROWS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("perplexity (BoolQ window)", "ppl", "ppl_ref", "{:.3f}"),
+    ("GSM8K KL(ref || model)", "gsm8k_kl", None, "{:.4f}"),
+    ("GSM8K top-1 agreement", "gsm8k_top1", None, "{:.3f}"),
+    ("GSM8K gold-answer bits/byte", "gsm8k_bpb", "gsm8k_bpb_ref", "{:.4f}"),
+    ("gsm_symbolic KL", "gsm_symbolic_kl", None, "{:.4f}"),
+    ("gsm_symbolic top-1", "gsm_symbolic_top1", None, "{:.3f}"),
+    ("gsm_symbolic bits/byte", "gsm_symbolic_bpb", "gsm_symbolic_bpb_ref", "{:.4f}"),
+    ("GSM8K greedy exact match", "gsm8k_exact_match", "gsm8k_exact_match_ref", "{:.3f}"),
+    ("weight MB", "weight_bytes", "weight_bytes_ref", "mb"),
+    ("bits/param (decoder linears)", "bits_per_param", "bits_per_param_ref", "{:.3f}"),
+    ("KV bytes/token", "kv_bytes_per_token", "kv_bytes_per_token_ref", "{:.1f}"),
+)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if fmt == "mb":
+        return f"{value / 1e6:.2f}"
+    return fmt.format(value)
+
+
+def report_table(report: EvalReport) -> Table:
+    table = Table(title=f"{report.model} · {report.recipe}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("compressed", justify="right")
+    table.add_column("reference", justify="right")
+    table.add_column("ratio", justify="right")
+    data = report.model_dump()
+    for label, key, ref_key, fmt in ROWS:
+        value = data.get(key)
+        if value is None:
+            continue
+        ref = data.get(ref_key) if ref_key else None
+        ratio = f"{value / ref:.3f}" if ref not in (None, 0) and value is not None else ""
+        table.add_row(label, _fmt(value, fmt), _fmt(ref, fmt), ratio)
+    return table
+
+
+def gates_table(gates: Sequence[Any]) -> Table:
+    table = Table(title="gates", title_justify="left")
+    table.add_column("gate")
+    table.add_column("measured", justify="right")
+    table.add_column("result")
+    for g in gates:
+        measured = "-" if g.value is None else f"{g.value:.4g}"
+        verdict = "[green]pass[/green]" if g.passed else f"[red]FAIL[/red] {g.reason}".rstrip()
+        table.add_row(g.gate, measured, verdict)
+    return table
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_report(report: EvalReport, path: Path) -> None:
+    """Per-window perplexity (model vs reference) and the per-problem GSM8K KL distribution."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    nll = report.details.get("ppl_window_nll") or []
+    nll_ref = report.details.get("ppl_window_nll_ref")
+    xs = range(len(nll))
+    ax1.bar([x - 0.2 for x in xs], [math.exp(v) for v in nll], width=0.4, label="compressed")
+    if nll_ref:
+        ax1.bar([x + 0.2 for x in xs], [math.exp(v) for v in nll_ref], width=0.4, label="reference")
+    ax1.set_xlabel("window")
+    ax1.set_ylabel("perplexity")
+    ax1.set_title(
+        f"BoolQ perplexity ({report.ppl:.2f}" + (f" vs {report.ppl_ref:.2f})" if report.ppl_ref else ")")
+    )
+    ax1.legend()
+    kl = report.details.get("gsm8k_kl_per_problem")
+    if kl:
+        ax2.bar(range(len(kl)), sorted(kl, reverse=True))
+        ax2.set_xlabel("GSM8K problem (sorted)")
+        ax2.set_ylabel("mean KL per answer token (nats)")
+        ax2.set_title(f"GSM8K KL {report.gsm8k_kl:.4f}, top-1 {report.gsm8k_top1:.3f}")
+    else:
+        ax2.text(0.5, 0.5, "no reference model: KL not measured", ha="center", va="center")
+        ax2.set_axis_off()
+    fig.suptitle(f"{report.model} · {report.recipe} · {report.bits_per_param:.2f} bits/param")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Accuracy (ppl, KL) against bits/param for a sweep, one labelled point per configuration."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((ax1, "ppl", "perplexity"), (ax2, "gsm8k_kl", "GSM8K KL (nats/token)")):
+        pts = [(r["bits_per_param"], r[key], r["label"]) for r in rows if r.get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+        for x, y, text in pts:
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("bits/param (decoder linears)")
+        ax.set_ylabel(label)
+        if key == "ppl" and rows and rows[0].get("ppl_ref"):
+            ax.axhline(rows[0]["ppl_ref"], ls="--", c="gray", label="reference")
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,103 @@
+"""`trtcompress eval`: evaluate an artifact against its source model, or a model (compressed in memory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trtcompress.checkpoints import native
+from trtcompress.errors import ModelError, RecipeError
+from trtcompress.eval.harness import EvalReport, evaluate
+from trtcompress.eval.report import plot_report
+from trtcompress.models import PACKAGED_MODELS, load_model
+from trtcompress.recipe import Recipe, load_recipe, with_overrides
+from trtcompress.ui import UI
+
+
+def _is_artifact(target: str) -> bool:
+    path = Path(target)
+    if target.lower() in PACKAGED_MODELS and not path.exists():
+        return False
+    return (path / native.MANIFEST).exists() or (path.is_dir() and not (path / "config.json").exists())
+
+
+def _write_outputs(report: EvalReport, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    native.write_json_atomic(directory / "eval.json", report.model_dump(mode="json"))
+    plot_report(report, directory / "eval.png")
+
+
+def evaluate_target(
+    target: str,
+    *,
+    recipe_spec: str | None = None,
+    reference_spec: str | None = None,
+    overrides: list[tuple[str, Any]] | None = None,
+    output_dir: Path | None = None,
+    ui: UI | None = None,
+) -> EvalReport:
+    ui = ui or UI(quiet=True)
+    overrides = overrides or []
+    if _is_artifact(target):
+        if recipe_spec:
+            raise RecipeError(
+                f"{target} is an artifact (already compressed); --recipe applies to models only"
+            )
+        artifact = native.load_artifact(Path(target))
+        if artifact.status == "failed_gates":
+            ui.log(f"note: {target} failed its gates at build time")
+        recipe = with_overrides(Recipe.model_validate(artifact.manifest["recipe"]), overrides)
+        reference = None
+        if recipe.eval.reference:
+            spec = reference_spec or artifact.manifest["source"]["model"]
+            try:
+                reference = load_model(spec, log=ui.log).model
+            except ModelError as exc:
+                raise ModelError(
+                    f"{exc} (reference model of {target}; pass --reference-model PATH or --no-reference)"
+                ) from None
+        with ui.progress() as progress:
+            report = evaluate(
+                artifact.model,
+                artifact.tokenizer,
+                recipe.eval,
+                reference,
+                model_name=str(target),
+                recipe_name=recipe.name,
+                progress=progress,
+            )
+        _write_outputs(report, output_dir or Path(target))
+        return report
+
+    loaded = load_model(target, log=ui.log)
+    recipe = with_overrides(load_recipe(recipe_spec or "baseline"), overrides)
+    if recipe.passes:
+        from trtcompress.builders.compress import compress_model
+
+        reference = load_model(reference_spec or target, log=ui.log).model if recipe.eval.reference else None
+        with ui.progress() as progress:
+            compress_model(loaded.model, loaded.tokenizer, recipe, progress=progress, log=ui.log)
+            report = evaluate(
+                loaded.model,
+                loaded.tokenizer,
+                recipe.eval,
+                reference,
+                model_name=target,
+                recipe_name=recipe.name,
+                progress=progress,
+            )
+    else:
+        with ui.progress() as progress:
+            report = evaluate(
+                loaded.model,
+                loaded.tokenizer,
+                recipe.eval,
+                None,
+                model_name=target,
+                recipe_name=recipe.name,
+                is_reference=True,
+                progress=progress,
+            )
+    if output_dir:
+        _write_outputs(report, output_dir)
+    return report

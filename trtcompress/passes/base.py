@@ -1,0 +1,108 @@
+"""Pass = frozen config + the function that applies it; a registry of passes by method name.
+
+A pass's config is a pydantic model with `extra="forbid"` and a `method` literal, so a recipe's
+`passes:` list validates against the registered configs (a discriminated union on `method`).
+
+Lifecycle (as llm-compressor's modifiers, reduced to what we need):
+- `needs` names the calibration statistics a pass wants ("inputs", "hessian", "act_norms"...); an empty
+  set means data-free. The sequential calibration engine collects them one decoder layer at a time.
+- `apply(model, context)` compresses the model in place, replacing linear layers by CompressedLinear.
+Data-free passes that treat each weight on its own derive from `LinearPass` and write only
+`compress_linear`, a pure function of the layer's state.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.progress import Progress
+from torch import nn
+
+from trtcompress.compressed.linear import CompressedLinear, linear_state, set_module
+from trtcompress.compressed.state import CompressedLinearState
+from trtcompress.errors import CompressionError
+from trtcompress.passes.targets import select_linears
+
+
+class PassConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+    targets: list[str] = Field(default_factory=lambda: ["*"], description="module-name patterns to compress")
+    exclude: list[str] = Field(default_factory=lambda: ["lm_head"], description="patterns left uncompressed")
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the model: calibration batches and a progress sink."""
+
+    calibration: torch.Tensor | None = None  # (samples, seq_len) token ids
+    progress: Progress | None = None
+    log: Callable[[str], None] = field(default=lambda message: None)
+
+
+class Pass(ABC):
+    method: ClassVar[str]
+    config_type: ClassVar[type[PassConfig]]
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config: PassConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def apply(self, model: nn.Module, context: PassContext) -> None: ...
+
+
+class LinearPass(Pass):
+    """A data-free pass applied to every selected linear layer independently."""
+
+    @abstractmethod
+    def compress_linear(self, name: str, state: CompressedLinearState) -> CompressedLinearState: ...
+
+    def apply(self, model: nn.Module, context: PassContext) -> None:
+        selected = list(select_linears(model, self.config.targets, self.config.exclude))
+        if not selected:
+            raise CompressionError(
+                f"pass {self.method!r}: no linear layer matches targets={self.config.targets} "
+                f"minus exclude={self.config.exclude}"
+            )
+        task = context.progress.add_task(f"{self.method}", total=len(selected)) if context.progress else None
+        for name, module in selected:
+            state = linear_state(module)
+            weight = state.weight()
+            if not torch.isfinite(weight).all():
+                raise CompressionError(
+                    f"layer {name} has non-finite weights (NaN or inf); refusing to compress it"
+                )
+            set_module(model, name, CompressedLinear(self.compress_linear(name, state)))
+            if task is not None:
+                context.progress.advance(task)  # type: ignore[union-attr]
+
+
+PASS_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    method = cls.config_type.model_fields["method"].default
+    if method in PASS_REGISTRY:
+        raise ValueError(f"pass {method!r} registered twice")
+    cls.method = method
+    PASS_REGISTRY[method] = cls
+    return cls
+
+
+def build_pass(config: PassConfig) -> Pass:
+    return PASS_REGISTRY[config.method](config)
+
+
+def describe_passes() -> dict[str, dict[str, Any]]:
+    """Method -> field -> description, for `trtcompress recipes --passes` and error messages."""
+    return {
+        method: {name: f.description or "" for name, f in cls.config_type.model_fields.items()}
+        for method, cls in sorted(PASS_REGISTRY.items())
+    }

@@ -1,0 +1,272 @@
+"""Recipe: the single source of truth for a build.
+
+A recipe is YAML validated by pydantic with `extra="forbid"` everywhere, so a typo is an error that
+names the field path and the allowed keys. Built-in presets live in `trtcompress/presets/*.yaml`.
+Every `trtcompress build` flag maps onto a recipe path (see `CLI_FLAG_PATHS`); `--set PATH=VALUE`
+reaches any field. The resolved recipe is written into every artifact.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trtcompress.builders.gates import Gate
+from trtcompress.errors import RecipeError
+from trtcompress.eval.config import EvalConfig
+from trtcompress.passes import PASS_REGISTRY, PassConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CalibrationConfig(StrictModel):
+    dataset: Literal["boolq"] = Field("boolq", description="BoolQ passages after the perplexity window")
+    num_samples: int = Field(128, ge=1, description="calibration sequences")
+    seq_len: int = Field(512, ge=8, description="tokens per calibration sequence")
+
+
+class ExportConfig(StrictModel):
+    formats: list[Literal["native"]] = Field(
+        default_factory=lambda: ["native"], description="artifact formats"
+    )
+    shard_size_mb: int = Field(2048, ge=1, description="maximum safetensors shard size")
+
+
+def _pass_config_type() -> Any:
+    configs = tuple(cls.config_type for cls in PASS_REGISTRY.values())
+    if len(configs) == 1:
+        return configs[0]
+    return Annotated[Union[configs], Field(discriminator="method")]  # noqa: UP007 (dynamic union)
+
+
+PassConfigUnion = _pass_config_type()
+
+
+class Recipe(StrictModel):
+    name: str = Field("custom", description="recipe name, recorded in the artifact")
+    description: str = Field("", description="free text")
+    model: str | None = Field(None, description="default model when the command line names none")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of uncompressed tensors"
+    )
+    passes: list[PassConfigUnion] = Field(
+        default_factory=list, description="compression passes, applied in order"
+    )  # type: ignore[valid-type]
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    gates: list[Gate] = Field(default_factory=list, description="e.g. 'ppl_ratio <= 1.05'")
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("passes", mode="before")
+    @classmethod
+    def _known_methods(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        for i, item in enumerate(value):
+            if isinstance(item, dict):
+                method = item.get("method")
+                if method is None:
+                    raise ValueError(
+                        f"passes[{i}] has no 'method'; known methods: {', '.join(sorted(PASS_REGISTRY))}"
+                    )
+                if method not in PASS_REGISTRY:
+                    hint = difflib.get_close_matches(str(method), list(PASS_REGISTRY), 1)
+                    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+                    raise ValueError(
+                        f"passes[{i}].method {method!r} is not a known pass{did_you_mean}; "
+                        f"known: {', '.join(sorted(PASS_REGISTRY))}"
+                    )
+        return value
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(PASS_REGISTRY[p.method].needs for p in self.passes)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def parse_recipe(data: Any, source: str) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {format_validation_error(exc)}") from None
+
+
+def list_presets() -> dict[str, Recipe]:
+    return {path.stem: load_recipe_file(path) for path in sorted(PRESET_DIR.glob("*.yaml"))}
+
+
+def load_recipe_file(path: Path) -> Recipe:
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_recipe(data, str(path))
+
+
+def load_recipe(spec: str) -> Recipe:
+    """A preset name (see `trtcompress recipes`) or a path to a YAML file."""
+    preset = PRESET_DIR / f"{spec}.yaml"
+    if preset.is_file():
+        return load_recipe_file(preset)
+    path = Path(spec).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return load_recipe_file(path)
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    hint = difflib.get_close_matches(spec, names, 1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    raise RecipeError(
+        f"{spec!r} is neither a preset{did_you_mean} nor a recipe file; presets: {', '.join(names)}"
+    )
+
+
+# -------------------------------------------------------------------------------------------- overrides
+
+# Each `build` flag and the recipe path it sets. `passes.*.x` sets x on every pass that has the field.
+CLI_FLAG_PATHS: dict[str, str] = {
+    "bits": "passes.*.bits",
+    "group_size": "passes.*.group_size",
+    "symmetric": "passes.*.symmetric",
+    "exclude": "passes.*.exclude",
+    "calib_samples": "calibration.num_samples",
+    "calib_seq_len": "calibration.seq_len",
+    "eval": "eval.enabled",
+    "reference": "eval.reference",
+    "ppl_tokens": "eval.ppl_tokens",
+    "gsm8k_problems": "eval.gsm8k_problems",
+    "gsm8k_generate": "eval.gsm8k_generate",
+    "gate": "gates",
+    "dtype": "dtype",
+    "name": "name",
+}
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`path=value` with a YAML value (`eval.gsm8k_problems=16`, `passes.0.exclude=[lm_head]`)."""
+    path, sep, raw = text.partition("=")
+    if not sep or not path.strip():
+        raise RecipeError(f"--set {text!r}: expected PATH=VALUE, e.g. passes.0.group_size=64")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return path.strip(), value
+
+
+def with_overrides(recipe: Recipe, overrides: list[tuple[str, Any]]) -> Recipe:
+    """Apply `(path, value)` overrides in order and re-validate the whole recipe."""
+    if not overrides:
+        return recipe
+    data = recipe.model_dump(mode="json")
+    for path, value in overrides:
+        _assign(data, path.split("."), value, path)
+    return parse_recipe(data, "recipe overrides")
+
+
+def _assign(node: Any, keys: list[str], value: Any, full: str) -> None:
+    key, rest = keys[0], keys[1:]
+    if isinstance(node, list):
+        if key == "*":
+            hits = [item for item in node if isinstance(item, dict) and _accepts(item, rest[0])]
+            if not hits:
+                raise RecipeError(f"{full}: no entry of this recipe has a field {rest[0]!r}")
+            for item in hits:
+                _assign(item, rest, copy.deepcopy(value), full)
+            return
+        try:
+            index = int(key)
+            node[index]
+        except (ValueError, IndexError):
+            raise RecipeError(
+                f"{full}: {key!r} is not a valid index (the list has {len(node)} entries)"
+            ) from None
+        if rest:
+            _assign(node[index], rest, value, full)
+        else:
+            node[index] = value
+        return
+    if not isinstance(node, dict):
+        raise RecipeError(f"{full}: cannot set {key!r} inside a {type(node).__name__}")
+    if rest:
+        if key not in node:
+            raise RecipeError(f"{full}: the recipe has no section {key!r}")
+        _assign(node[key], rest, value, full)
+    else:
+        node[key] = value
+
+
+def _accepts(item: dict, field: str) -> bool:
+    cls = PASS_REGISTRY.get(item.get("method", ""))
+    return field in (cls.config_type.model_fields if cls else item)
+
+
+# ------------------------------------------------------------------------------------------ error text
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated or origin in (list, tuple):
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+            models = [
+                a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)
+            ]
+            return models[0] if len(models) == 1 else None
+        else:
+            break
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    messages = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        model: type[BaseModel] | None = Recipe
+        parts: list[str] = []
+        for i, item in enumerate(loc):
+            if isinstance(item, int):
+                parts[-1] += f"[{item}]"
+                continue
+            if model is None and item in PASS_REGISTRY:  # discriminated-union tag: not a user-visible key
+                model = PASS_REGISTRY[item].config_type
+                continue
+            parts.append(str(item))
+            if i < len(loc) - 1:
+                model = (
+                    _model_of(model.model_fields[item].annotation)
+                    if model and item in model.model_fields
+                    else None
+                )
+        path = ".".join(parts) or "recipe"
+        if err["type"] == "extra_forbidden":
+            parent = model if model is not None and loc[-1] not in model.model_fields else None
+            allowed = sorted(parent.model_fields) if parent else []
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, 1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            messages.append(f"{path}: unknown key{did_you_mean}; allowed keys: {', '.join(allowed)}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            messages.append(msg if msg.startswith(path) else f"{path}: {msg}")
+    return "; ".join(messages)
+
+
+__all__ = ["CalibrationConfig", "ExportConfig", "PassConfig", "Recipe", "load_recipe", "with_overrides"]

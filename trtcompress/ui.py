@@ -1,0 +1,34 @@
+"""Terminal output: logs and progress on stderr (stdout stays clean for tables and --json)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+class UI:
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.err = Console(stderr=True, quiet=quiet)
+        self.out = Console()
+
+    def log(self, message: str) -> None:
+        self.err.print(f"[dim]{message}[/dim]", highlight=False)
+
+    @contextlib.contextmanager
+    def progress(self) -> Iterator[Progress | None]:
+        if self.quiet:
+            yield None
+            return
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.err,
+            transient=True,
+        ) as progress:
+            yield progress
