@@ -89,5 +89,10 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real `trtcompress` entry point in a subprocess."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     return subprocess.run(
-        [sys.executable, "-m", "trtcompress", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900
+        [sys.executable, "-m", "trtcompress", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=900,
     )

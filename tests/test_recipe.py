@@ -46,7 +46,9 @@ def test_unknown_top_level_and_nested_keys():
 
 
 def test_unknown_pass_method():
-    with pytest.raises(RecipeError, match=r"passes\[0\]\.method 'gsqq' is not a known pass \(did you mean 'gsq'"):
+    with pytest.raises(
+        RecipeError, match=r"passes\[0\]\.method 'gsqq' is not a known pass \(did you mean 'gsq'"
+    ):
         parse_recipe({"passes": [{"method": "gsqq"}]}, "r")
     with pytest.raises(RecipeError, match="has no 'method'"):
         parse_recipe({"passes": [{"bits": 4}]}, "r")
@@ -100,9 +102,22 @@ def test_overrides_reach_every_pass_and_revalidate():
 
 def test_every_build_flag_maps_onto_a_recipe_field():
     recipe = load_recipe("int4-g128-rtn")
-    values = {"exclude": ["lm_head"], "gate": ["ppl_ratio <= 2"], "dtype": "bfloat16", "name": "x", "eval": True,
-              "reference": True, "symmetric": False, "group_size": 64, "bits": 3, "calib_samples": 8,
-              "calib_seq_len": 256, "ppl_tokens": 8192, "gsm8k_problems": 8, "gsm8k_generate": 2}
+    values = {
+        "exclude": ["lm_head"],
+        "gate": ["ppl_ratio <= 2"],
+        "dtype": "bfloat16",
+        "name": "x",
+        "eval": True,
+        "reference": True,
+        "symmetric": False,
+        "group_size": 64,
+        "bits": 3,
+        "calib_samples": 8,
+        "calib_seq_len": 256,
+        "ppl_tokens": 8192,
+        "gsm8k_problems": 8,
+        "gsm8k_generate": 2,
+    }
     assert set(values) == set(CLI_FLAG_PATHS)
     for flag, path in CLI_FLAG_PATHS.items():
         out = with_overrides(recipe, [(path, values[flag])]).model_dump(mode="json")  # raises on a bad path
@@ -114,7 +129,10 @@ def test_every_build_flag_maps_onto_a_recipe_field():
 
 def test_parse_assignment():
     assert parse_assignment("eval.context=512") == ("eval.context", 512)
-    assert parse_assignment("passes.0.exclude=[lm_head, down_proj]") == ("passes.0.exclude", ["lm_head", "down_proj"])
+    assert parse_assignment("passes.0.exclude=[lm_head, down_proj]") == (
+        "passes.0.exclude",
+        ["lm_head", "down_proj"],
+    )
     with pytest.raises(RecipeError, match="expected PATH=VALUE"):
         parse_assignment("eval.context")
 

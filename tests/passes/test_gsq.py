@@ -57,7 +57,9 @@ def test_model_runs_from_the_compressed_state(tiny_model):
 
 def test_targets_and_exclude(tiny_model):
     model = tiny_model.model
-    build_pass(GSQConfig(bits=8, group_size=0, targets=["*mlp*"], exclude=["down_proj"])).apply(model, PassContext())
+    build_pass(GSQConfig(bits=8, group_size=0, targets=["*mlp*"], exclude=["down_proj"])).apply(
+        model, PassContext()
+    )
     names = sorted(n.rsplit(".", 1)[1] for n, _ in compressed_linears(model))
     assert names == ["gate_proj", "gate_proj", "up_proj", "up_proj"]
 
@@ -78,7 +80,10 @@ def test_requantizing_a_compressed_layer_uses_its_effective_weight(tiny_model):
     model = tiny_model.model
     build_pass(GSQConfig(bits=8, group_size=0)).apply(model, PassContext())
     build_pass(GSQConfig(bits=4, group_size=32)).apply(model, PassContext())
-    assert all(isinstance(m, CompressedLinear) and m.format_name == "int4_g32_sym" for _, m in compressed_linears(model))
+    assert all(
+        isinstance(m, CompressedLinear) and m.format_name == "int4_g32_sym"
+        for _, m in compressed_linears(model)
+    )
 
 
 @pytest.mark.parametrize(

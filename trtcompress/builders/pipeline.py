@@ -12,7 +12,7 @@ from trtcompress.checkpoints import native
 from trtcompress.errors import RecipeError
 from trtcompress.eval.harness import EvalReport, evaluate
 from trtcompress.eval.report import plot_report
-from trtcompress.models import DEFAULT_MODEL, load_model
+from trtcompress.models import DEFAULT_MODEL, load_model, resolve_model
 from trtcompress.recipe import Recipe
 from trtcompress.ui import UI
 
@@ -42,6 +42,7 @@ def build(
     if out.exists() and not force:  # fail before spending minutes on compression
         raise native.ArtifactError(f"{out} already exists; pass --force to replace it")
 
+    resolve_model(spec, log=ui.log)  # a bad model argument fails here, before anything is printed
     ui.log(f"loading {spec}")
     loaded = load_model(spec, log=ui.log)
     with ui.progress() as progress:

@@ -80,7 +80,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, log=print) -> Load
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # transformers/safetensors raise many types for a corrupt checkpoint
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: cannot load the checkpoint ({first_line})") from None
     model.eval()

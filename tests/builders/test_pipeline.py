@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from tests.conftest import TINY_EVAL
+from trtcompress.builders.pipeline import build
+from trtcompress.checkpoints import native
+from trtcompress.errors import ArtifactError, CompressionError, RecipeError
+from trtcompress.recipe import load_recipe, with_overrides
+
+
+def _recipe(name="int4-g64-rtn", gates=()):
+    recipe = load_recipe(name).model_copy(update={"eval": TINY_EVAL})
+    return with_overrides(recipe, [("gates", list(gates))]) if gates else recipe
+
+
+def test_build_writes_an_evaluated_artifact(tiny_model_dir, tmp_path):
+    result = build(str(tiny_model_dir), _recipe(gates=["ppl_ratio <= 100"]), tmp_path / "a")
+    assert result.gates_passed
+    manifest = native.read_manifest(tmp_path / "a")
+    assert manifest["status"] == "ok"
+    assert manifest["eval"]["ppl_ref"] > 0 and manifest["eval"]["gsm8k_kl"] >= 0
+    assert (tmp_path / "a" / "eval.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "a" / "eval.json").read_text())["ppl"] == manifest["eval"]["ppl"]
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary leftovers
+
+
+def test_failed_gate_keeps_the_artifact_marked(tiny_model_dir, tmp_path):
+    result = build(
+        str(tiny_model_dir), _recipe("int3-g128-rtn", gates=["gsm8k_kl <= 0.0000001"]), tmp_path / "a"
+    )
+    assert not result.gates_passed
+    assert native.read_manifest(tmp_path / "a")["status"] == "failed_gates"
+
+
+def test_existing_output_is_refused_before_any_work(tiny_model_dir, tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ArtifactError, match="already exists; pass --force"):
+        build(str(tiny_model_dir), _recipe(), tmp_path / "a")
+
+
+def test_gates_without_eval_are_a_recipe_error(tiny_model_dir, tmp_path):
+    recipe = with_overrides(_recipe(), [("eval.enabled", False), ("gates", ["ppl_ratio <= 2"])])
+    with pytest.raises(RecipeError, match="gates need an evaluation"):
+        build(str(tiny_model_dir), recipe, tmp_path / "a")
+
+
+def test_failing_pass_leaves_no_output(tiny_model_dir, tmp_path):
+    recipe = with_overrides(_recipe(), [("passes.0.targets", ["no-such-layer"])])
+    with pytest.raises(CompressionError):
+        build(str(tiny_model_dir), recipe, tmp_path / "a")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bfloat16_dense_tensors(tiny_model_dir, tmp_path):
+    recipe = with_overrides(_recipe(), [("dtype", "bfloat16"), ("eval.enabled", False)])
+    build(str(tiny_model_dir), recipe, tmp_path / "a")
+    loaded = native.load_artifact(tmp_path / "a")
+    assert loaded.model.model.embed_tokens.weight.dtype.is_floating_point
+    assert str(loaded.model.model.embed_tokens.weight.dtype) == "torch.bfloat16"
+    assert loaded.model.model.layers[0].mlp.up_proj.scales.dtype.itemsize == 2

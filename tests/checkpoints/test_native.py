@@ -1,0 +1,160 @@
+import json
+
+import pytest
+import torch
+
+from trtcompress.builders.compress import compress_model
+from trtcompress.checkpoints import native
+from trtcompress.errors import ArtifactError
+from trtcompress.recipe import load_recipe
+
+
+def _write(model, tokenizer, out, recipe_name="int4-g64-rtn", shard_bytes=1 << 30):
+    recipe = load_recipe(recipe_name)
+    compress_model(model, tokenizer, recipe)
+    with native.atomic_directory(out) as tmp:
+        content = native.write_weights(model, tokenizer, tmp, shard_bytes)
+        manifest = native.new_manifest(
+            recipe=recipe.model_dump(mode="json"),
+            source={"model": "tiny"},
+            model_config=model.config.to_dict(),
+            content=content,
+        )
+        native.write_manifest(tmp, manifest)
+    return out
+
+
+@pytest.fixture()
+def artifact(tiny_model, tmp_path):
+    return _write(tiny_model.model, tiny_model.tokenizer, tmp_path / "art"), tiny_model.model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_roundtrip_gives_identical_outputs(artifact):
+    path, model = artifact
+    loaded = native.load_artifact(path)
+    ids = torch.randint(0, 512, (2, 24))
+    assert torch.equal(_logits(loaded.model, ids), _logits(model, ids))
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight  # tie restored
+    assert loaded.tokenizer("hello").input_ids == loaded.tokenizer("hello").input_ids
+
+
+def test_manifest_records_formats_bytes_and_checksums(artifact):
+    path, _ = artifact
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format_version"] == native.FORMAT_VERSION
+    assert manifest["recipe"]["name"] == "int4-g64-rtn"
+    assert manifest["tied_weights"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    layer = manifest["layers"]["model.layers.0.mlp.down_proj"]
+    assert layer["format"] == "int4_g64_sym" and layer["shape"] == [96, 160]
+    assert layer["bytes"] == 96 * 80 + 96 * 3 * 2  # 160 int4 codes = 80 bytes; groups 64, 64, 32
+    assert set(manifest["files"]) >= {"model.safetensors", "tokenizer.json"}
+    assert (
+        manifest["bytes"]["tensors"] == manifest["bytes"]["compressed_linears"] + manifest["bytes"]["other"]
+    )
+
+
+def test_sharding_splits_and_reloads(tiny_model, tmp_path):
+    path = _write(tiny_model.model, tiny_model.tokenizer, tmp_path / "sharded", shard_bytes=40_000)
+    shards = sorted(p.name for p in path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0].endswith(f"-of-{len(shards):05d}.safetensors")
+    ids = torch.randint(0, 512, (1, 16))
+    assert torch.equal(_logits(native.load_artifact(path).model, ids), _logits(tiny_model.model, ids))
+
+
+def test_tampered_manifest_is_refused(artifact):
+    path, _ = artifact
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["layers"]["model.layers.0.mlp.down_proj"]["format"] = "int8_ch_sym"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="modified after the build"):
+        native.load_artifact(path)
+
+
+def test_truncated_weights_are_refused(artifact):
+    path, _ = artifact
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match=r"model\.safetensors: size .* \(truncated or modified\)"):
+        native.load_artifact(path)
+    with pytest.raises(ArtifactError, match="unreadable safetensors"):
+        native.load_artifact(path, verify=False)
+
+
+def test_flipped_byte_is_refused(artifact):
+    path, _ = artifact
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        native.load_artifact(path)
+
+
+def test_missing_file_and_missing_manifest(artifact, tmp_path):
+    path, _ = artifact
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(ArtifactError, match=r"tokenizer\.json: missing artifact file"):
+        native.load_artifact(path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match=r"no manifest\.json"):
+        native.load_artifact(path)
+    with pytest.raises(ArtifactError, match="no such artifact"):
+        native.load_artifact(tmp_path / "nope")
+
+
+def test_newer_format_version_is_refused(artifact):
+    path, _ = artifact
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = native.FORMAT_VERSION + 1
+    manifest["checksum"] = native.manifest_checksum(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="format version 2 is not supported"):
+        native.read_manifest(path)
+
+
+def test_corrupt_manifest_json(artifact):
+    path, _ = artifact
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="invalid JSON"):
+        native.read_manifest(path)
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), native.atomic_directory(target) as tmp:
+        (tmp / "half-written").write_text("x")
+        raise RuntimeError("interrupted")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_refuses_existing_and_replaces_with_force(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old").write_text("old")
+    with pytest.raises(ArtifactError, match="already exists"), native.atomic_directory(target):
+        pass
+    with pytest.raises(RuntimeError), native.atomic_directory(target, force=True) as tmp:
+        (tmp / "new").write_text("new")
+        raise RuntimeError("failed build must not lose the old artifact")
+    assert (target / "old").read_text() == "old"
+    with native.atomic_directory(target, force=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_qwen2_biases_survive_the_roundtrip(tiny_qwen2_dir, tmp_path):
+    from trtcompress.models import load_model
+
+    loaded = load_model(str(tiny_qwen2_dir), log=print)
+    path = _write(loaded.model, loaded.tokenizer, tmp_path / "qwen", recipe_name="int8-rtn")
+    manifest = native.read_manifest(path)
+    assert "bias" in manifest["layers"]["model.layers.0.self_attn.q_proj"]["tensors"]
+    ids = torch.randint(0, 512, (1, 16))
+    assert torch.equal(_logits(native.load_artifact(path).model, ids), _logits(loaded.model, ids))

@@ -1,0 +1,154 @@
+"""The real `trtcompress` command in a subprocess, on the tiny model: what a user sees."""
+
+import json
+
+import pytest
+
+from tests.conftest import TINY_EVAL_FLAGS, run_cli
+
+
+def _one_line_error(result, fragment):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "int4"
+    result = run_cli(
+        "build", str(tiny_model_dir), "--recipe", "int4-g128-rtn", "-o", str(out), "--json", *TINY_EVAL_FLAGS
+    )
+    assert result.returncode == 0, result.stderr
+    return out, json.loads(result.stdout)
+
+
+def test_build_json_has_the_stable_keys(built):
+    out, data = built
+    for key in (
+        "model",
+        "recipe",
+        "ppl",
+        "ppl_ref",
+        "ppl_ratio",
+        "gsm8k_kl",
+        "gsm8k_top1",
+        "gsm8k_bpb",
+        "weight_bytes",
+        "weight_bytes_ref",
+        "bits_per_param",
+        "artifact",
+        "status",
+    ):
+        assert key in data, key
+    assert (data["status"] == "ok" and data["artifact"] == str(out.resolve())) or data["artifact"] == str(out)
+    assert data["weight_bytes"] < data["weight_bytes_ref"]
+
+
+def test_eval_json_reproduces_the_build(built):
+    out, data = built
+    result = run_cli("eval", str(out), "--json", *TINY_EVAL_FLAGS)
+    assert result.returncode == 0, result.stderr
+    again = json.loads(result.stdout)
+    assert again["ppl"] == pytest.approx(data["ppl"], rel=1e-6)
+    assert again["gsm8k_kl"] == pytest.approx(data["gsm8k_kl"], rel=1e-5)
+
+
+def test_inspect_prints_the_layer_table(built):
+    out, _ = built
+    result = run_cli("inspect", str(out))
+    assert result.returncode == 0, result.stderr
+    assert (
+        "model.layers.1.mlp.down_proj" in result.stdout.replace("\n", "") or "int4_g128_sym" in result.stdout
+    )
+    assert "checksums verified" in result.stdout
+
+
+def test_recipes_lists_presets_and_prints_yaml():
+    listed = run_cli("recipes")
+    assert listed.returncode == 0 and "int4-g128-rtn" in listed.stdout and "int8-rtn" in listed.stdout
+    shown = run_cli("recipes", "int8-rtn")
+    assert "method: gsq" in shown.stdout and "bits: 8" in shown.stdout
+
+
+def test_unknown_recipe_key(tiny_model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - method: gsq\n    bitz: 4\n")
+    result = run_cli("build", str(tiny_model_dir), "--recipe", str(recipe), "-o", str(tmp_path / "o"))
+    _one_line_error(result, "passes[0].bitz: unknown key (did you mean 'bits'?)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_dir(tmp_path):
+    result = run_cli("build", str(tmp_path / "missing"), "-o", str(tmp_path / "o"))
+    _one_line_error(result, "no such model directory")
+
+
+def test_truncated_safetensors(built, tmp_path):
+    import shutil
+
+    out, _ = built
+    copy = shutil.copytree(out, tmp_path / "copy")
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _one_line_error(run_cli("inspect", str(copy)), "truncated or modified")
+    _one_line_error(run_cli("eval", str(copy)), "truncated or modified")
+
+
+def test_tampered_manifest(built, tmp_path):
+    import shutil
+
+    out, _ = built
+    copy = shutil.copytree(out, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["recipe"]["passes"][0]["bits"] = 8
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    _one_line_error(run_cli("eval", str(copy)), "manifest was modified after the build")
+
+
+def test_failed_gate_exits_3_and_keeps_the_artifact(tiny_model_dir, tmp_path):
+    out = tmp_path / "gated"
+    result = run_cli(
+        "build",
+        str(tiny_model_dir),
+        "--recipe",
+        "int3-g128-rtn",
+        "-o",
+        str(out),
+        "--gate",
+        "gsm8k_kl <= 0.000001",
+        "--quiet",
+        *TINY_EVAL_FLAGS,
+    )
+    assert result.returncode == 3
+    assert "FAIL" in result.stdout
+    assert "gate(s) failed: gsm8k_kl <= 1e-06" in result.stderr
+    assert json.loads((out / "manifest.json").read_text())["status"] == "failed_gates"
+
+
+def test_cli_flags_land_in_the_saved_recipe(tiny_model_dir, tmp_path):
+    out = tmp_path / "flags"
+    result = run_cli(
+        "build",
+        str(tiny_model_dir),
+        "--recipe",
+        "int4-g128-rtn",
+        "-o",
+        str(out),
+        "--bits",
+        "3",
+        "--group-size",
+        "32",
+        "--asymmetric",
+        "--no-eval",
+        "--name",
+        "mine",
+        "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    recipe = json.loads((out / "manifest.json").read_text())["recipe"]
+    assert recipe["name"] == "mine"
+    assert recipe["passes"][0] | {"bits": 3, "group_size": 32, "symmetric": False} == recipe["passes"][0]
+    assert recipe["eval"]["enabled"] is False

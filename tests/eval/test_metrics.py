@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+
+from trtcompress.eval import metrics
+from trtcompress.eval.datasets import Problem, TokenStream, gsm8k_problems, gsm_symbolic_problems
+
+
+def test_gsm8k_problems_follow_the_protocol():
+    problems = gsm8k_problems(64)
+    assert len(problems) == 64
+    first = problems[0]
+    assert first.question.startswith("Janet’s ducks lay 16 eggs")
+    assert "<<" not in first.answer and first.answer.endswith("#### 18")
+    assert first.final == "18"
+    assert first.prompt.endswith("\nAnswer:") and first.completion.startswith(" Janet sells")
+
+
+def test_gsm_symbolic_is_seeded():
+    a, b = gsm_symbolic_problems(3, seed=7), gsm_symbolic_problems(3, seed=7)
+    assert a == b and len(a) == 3
+    assert a[0].answer.rstrip().endswith(f"#### {a[0].final}")
+
+
+def test_perplexity_matches_a_direct_computation(tiny_model):
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    ids = TokenStream(tok).window(256)
+    result = metrics.perplexity(model, ids, 128)
+    with torch.no_grad():
+        losses = [
+            model(input_ids=torch.tensor([ids[i : i + 128]]), labels=torch.tensor([ids[i : i + 128]])).loss
+            for i in (0, 128)
+        ]
+    assert result.ppl == pytest.approx(math.exp(sum(loss.item() for loss in losses) / 2), rel=1e-5)
+
+
+def test_fidelity_of_a_model_against_itself(tiny_model):
+    problems = gsm8k_problems(3)
+    result = metrics.answer_fidelity(tiny_model.model, tiny_model.tokenizer, problems, tiny_model.model, 2)
+    assert result.kl == pytest.approx(0.0, abs=1e-6)
+    assert result.top1 == 1.0
+    assert result.bpb == pytest.approx(result.bpb_ref)
+    assert result.tokens == sum(len(tiny_model.tokenizer(p.completion).input_ids) for p in problems)
+
+
+def test_fidelity_is_independent_of_batching(tiny_model):
+    problems = gsm8k_problems(5)
+    noisy = __import__("copy").deepcopy(tiny_model.model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    a = metrics.answer_fidelity(noisy, tiny_model.tokenizer, problems, tiny_model.model, 1)
+    b = metrics.answer_fidelity(noisy, tiny_model.tokenizer, problems, tiny_model.model, 4)
+    assert a.kl > 0
+    assert a.kl == pytest.approx(b.kl, rel=1e-4) and a.bpb == pytest.approx(b.bpb, rel=1e-5)
+    assert a.top1 == b.top1
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("She makes 9 * 2 = $18 every day.\n#### 18", "18"),
+        ("So the answer is 1,250.", "1250"),
+        ("The total is 3.50 dollars", "3.5"),
+        ("no number here", None),
+        ("It drops by -4 degrees", "-4"),
+    ],
+)
+def test_extract_final_number(text, expected):
+    assert metrics.extract_final_number(text) == expected
+
+
+def test_greedy_exact_match_runs_and_scores(tiny_model):
+    problem = Problem(
+        question="1+1?", answer="2\n#### 2", final="2", fewshot_prompt="Question: 1+1?\nAnswer:"
+    )
+    score = metrics.greedy_exact_match(tiny_model.model, tiny_model.tokenizer, [problem], max_new_tokens=4)
+    assert score in (0.0, 1.0)

@@ -1,0 +1,48 @@
+import json
+import shutil
+
+import pytest
+
+from trtcompress.errors import ModelError
+from trtcompress.models import load_model, resolve_model, validate_model_dir
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_local_llama_and_qwen2_dirs_load(tiny_model_dir, tiny_qwen2_dir):
+    for path in (tiny_model_dir, tiny_qwen2_dir):
+        loaded = load_model(str(path), log=print)
+        assert loaded.config.num_hidden_layers == 2
+        assert resolve_model(str(path)) == path.resolve()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: shutil.rmtree(p), "no such model directory"),
+        (lambda p: (p / "config.json").unlink(), "missing config.json"),
+        (lambda p: (p / "config.json").write_text("{oops"), "malformed JSON"),
+        (lambda p: (p / "model.safetensors").unlink(), r"no weight files"),
+        (lambda p: (p / "tokenizer.json").unlink(), "no tokenizer"),
+        (
+            lambda p: (p / "config.json").write_text(json.dumps({"model_type": "bert"})),
+            "model_type 'bert' is not",
+        ),
+        (lambda p: (p / "model.safetensors").write_bytes(b"garbage"), "cannot load the checkpoint"),
+    ],
+)
+def test_broken_model_dirs_name_the_problem(tiny_model_dir, tmp_path, damage, message):
+    path = _copy(tiny_model_dir, tmp_path / "m")
+    damage(path)
+    with pytest.raises(ModelError, match=message) as err:
+        load_model(str(path), log=print)
+    assert str(path) in str(err.value)
+
+
+def test_a_file_is_not_a_model_dir(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ModelError, match="not a directory"):
+        validate_model_dir(tmp_path / "f")
