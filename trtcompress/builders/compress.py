@@ -9,6 +9,7 @@ from torch import nn
 from trtcompress.compressed.linear import CompressedLinear
 from trtcompress.models.calibration import calibration_tokens
 from trtcompress.passes import PassContext, build_pass
+from trtcompress.passes.engine import CalibratedPass, run_sequential
 from trtcompress.recipe import Recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,8 +25,18 @@ def compress_model(
             tokenizer, cal.num_samples, cal.seq_len, skip_tokens=recipe.eval.ppl_tokens
         )
     context = PassContext(calibration=calibration, progress=progress, log=log)
-    for config in recipe.passes:
-        build_pass(config).apply(model, context)
+    passes = [build_pass(config) for config in recipe.passes]
+    i = 0
+    while i < len(passes):
+        if isinstance(passes[i], CalibratedPass):  # consecutive calibrated passes share one sweep
+            j = i
+            while j < len(passes) and isinstance(passes[j], CalibratedPass):
+                j += 1
+            run_sequential(model, passes[i:j], context)  # type: ignore[arg-type]
+            i = j
+        else:
+            passes[i].apply(model, context)
+            i += 1
     cast_dense(model, DTYPES[recipe.dtype])
     if isinstance(getattr(model, "lm_head", None), CompressedLinear):
         model.config.tie_word_embeddings = False  # lm_head now has its own (compressed) weight

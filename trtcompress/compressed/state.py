@@ -123,6 +123,22 @@ class CompressedLinearState:
             return self.quantized.dequantize(dtype)
         return self.dense_weight.to(dtype)  # type: ignore[union-attr]
 
+    def scale_rows(self, factor: torch.Tensor) -> CompressedLinearState:
+        """The same layer with output row j multiplied by factor[j] (exact up to fp16 scale rounding)."""
+        factor = factor.float()
+        bias = None if self.bias is None else (self.bias.float() * factor).to(self.bias.dtype)
+        if self.quantized is None:
+            dense = (self.dense_weight.float() * factor[:, None]).to(self.dense_weight.dtype)  # type: ignore[union-attr]
+            return CompressedLinearState(
+                self.out_features, self.in_features, None, dense, bias, dict(self.extra)
+            )
+        q = self.quantized
+        scales = (q.scales.float() * factor[:, None]).to(q.scales.dtype)
+        rescaled = QuantizedWeight(q.format, q.out_features, q.in_features, q.qweight, scales, q.zeros)
+        return CompressedLinearState(
+            self.out_features, self.in_features, rescaled, None, bias, dict(self.extra)
+        )
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = self.quantized.tensors() if self.quantized is not None else {"weight": self.dense_weight}
         if self.bias is not None:

@@ -1,0 +1,117 @@
+"""The sequential calibration engine on the tiny random LLaMA."""
+
+from typing import ClassVar, Literal
+
+import pytest
+import torch
+
+from trtcompress.compressed import CompressedLinear, CompressedLinearState, IntFormat, QuantizedWeight
+from trtcompress.compressed import compressed_linears
+from trtcompress.errors import CalibrationError, CompressionError
+from trtcompress.passes.base import PassConfig, PassContext
+from trtcompress.passes.engine import HESSIAN, CalibratedPass, collect_stats, run_sequential
+from trtcompress.passes.gptq import GPTQConfig, GPTQPass
+
+
+class RecordingConfig(PassConfig):
+    method: Literal["recording-test"] = "recording-test"
+
+
+class RecordingRTN(CalibratedPass):
+    """Round-to-nearest INT4 that records the Hessian it was given for every linear."""
+
+    config_type = RecordingConfig
+    method = "recording-test"
+    needs: ClassVar[frozenset[str]] = frozenset({HESSIAN})
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def compress_group(self, group, names, stats, context):
+        for name in names:
+            self.seen[name] = stats.hessian
+            q = QuantizedWeight.round_to_nearest(group.weight(name), IntFormat(4, 32, True))
+            group.set_state(name, CompressedLinearState(q.out_features, q.in_features, quantized=q))
+
+
+def _calibration(n=4, t=32):
+    return torch.randint(1, 512, (n, t), generator=torch.Generator().manual_seed(0))
+
+
+def test_every_decoder_linear_is_compressed_and_lm_head_is_not(tiny_model):
+    model = tiny_model.model
+    run_sequential(model, [GPTQPass(GPTQConfig(group_size=32))], PassContext(calibration=_calibration()))
+    names = dict(compressed_linears(model))
+    assert len(names) == 14 and "lm_head" not in names
+    assert all(isinstance(m, CompressedLinear) for m in names.values())
+
+
+def test_each_layer_sees_the_compressed_outputs_of_the_previous_one(tiny_model):
+    model = tiny_model.model
+    calib = _calibration()
+    recorder = RecordingRTN(RecordingConfig())
+    run_sequential(model, [recorder], PassContext(calibration=calib))
+    # Re-run the final (compressed) model and capture what enters layer 1's o_proj and down_proj.
+    captured = {}
+    hooks = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, args, name=name: captured.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for name in (
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.o_proj",
+            "model.layers.1.mlp.down_proj",
+        )
+    ]
+    with torch.no_grad():
+        model(input_ids=calib, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    for name, x in captured.items():
+        expected = collect_stats(x, frozenset({HESSIAN})).hessian
+        assert torch.allclose(recorder.seen[name], expected, rtol=1e-4, atol=1e-5), name
+
+
+def test_gptq_through_the_engine_beats_rtn_on_calibration_logits(tiny_model_dir):
+    from trtcompress.models import load_model
+    from trtcompress.passes import PassContext as Ctx
+    from trtcompress.passes.gsq import GSQConfig, GSQPass
+
+    calib = _calibration(8, 64)
+    ref = load_model(str(tiny_model_dir), log=print).model
+    with torch.no_grad():
+        target = torch.log_softmax(ref(input_ids=calib).logits, -1)
+
+    def kl(model):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=calib).logits, -1)
+        return (target.exp() * (target - logp)).sum(-1).mean().item()
+
+    gptq = load_model(str(tiny_model_dir), log=print).model
+    run_sequential(gptq, [GPTQPass(GPTQConfig(bits=3, group_size=32))], Ctx(calibration=calib))
+    rtn = load_model(str(tiny_model_dir), log=print).model
+    GSQPass(GSQConfig(bits=3, group_size=32)).apply(rtn, Ctx())
+    assert kl(gptq) < 0.7 * kl(rtn)
+
+
+def test_non_finite_calibration_activations_are_an_error(tiny_model):
+    model = tiny_model.model
+    calib = _calibration()
+    model.model.embed_tokens.weight.data[calib[0, 3]] = float("nan")
+    with pytest.raises(
+        CalibrationError, match=r"non-finite activations entering model\.layers\.0\.self_attn\.q_proj"
+    ):
+        run_sequential(model, [GPTQPass(GPTQConfig())], PassContext(calibration=calib))
+
+
+def test_calibrated_pass_refuses_lm_head(tiny_model):
+    with pytest.raises(CompressionError, match="decoder-layer linears only.*lm_head"):
+        run_sequential(
+            tiny_model.model, [GPTQPass(GPTQConfig(exclude=[]))], PassContext(calibration=_calibration())
+        )
+
+
+def test_missing_calibration_is_an_error(tiny_model):
+    with pytest.raises(CalibrationError, match="need calibration data"):
+        GPTQPass(GPTQConfig()).apply(tiny_model.model, PassContext())

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from trtcompress.compressed import intgrid
+from trtcompress.compressed.formats import IntFormat
+from trtcompress.errors import CompressionError
+from trtcompress.passes.gptq import gptq_quantize, inverse_hessian_cholesky
+
+
+def _correlated_inputs(n=2048, d=64, seed=0):
+    """Inputs with strongly correlated channels of different scales, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(d, d, generator=g) / d**0.5
+    x = torch.randn(n, d, generator=g) @ mixing * (1 + 4 * torch.rand(d, generator=g))
+    return x
+
+
+def _output_error(w, w_hat, x):
+    return (x @ (w - w_hat).T).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize(
+    ("bits", "group", "sym"), [(4, 16, True), (3, 32, False), (4, 0, True), (2, 16, False)]
+)
+def test_gptq_beats_round_to_nearest_on_layer_output(act_order, bits, group, sym):
+    x = _correlated_inputs()
+    w = torch.randn(48, 64)
+    fmt = IntFormat(bits, group, sym)
+    h = 2 * x.T @ x / x.shape[0]
+    result = gptq_quantize(w, h, fmt, act_order=act_order, block_size=16)
+    w_gptq = intgrid.dequantize_groups(result.codes, result.scales, result.zeros, bits, group)
+    codes, scales, zeros = intgrid.quantize_groups(w, bits, group, sym)
+    w_rtn = intgrid.dequantize_groups(codes, scales, zeros, bits, group)
+    assert _output_error(w, w_gptq, x) < 0.8 * _output_error(w, w_rtn, x)
+
+
+def test_static_groups_keep_original_column_order_and_group_scales():
+    """With act-order, every column uses the scale of its own (contiguous) group in the original order."""
+    x = _correlated_inputs(d=40)
+    w = torch.randn(8, 40)
+    fmt = IntFormat(4, 16, True)  # groups 16, 16, 8 (partial)
+    result = gptq_quantize(w, 2 * x.T @ x / len(x), fmt, act_order=True)
+    assert result.scales.shape == (8, 3)
+    padded = torch.nn.functional.pad(w, (0, 8)).reshape(8, 3, 16)
+    valid = (torch.arange(48) < 40).reshape(3, 16)
+    expected, _ = intgrid.group_scale_zero(padded, 4, True, valid)
+    assert torch.equal(result.scales.float(), expected)
+
+
+def test_dead_inputs_and_exact_grid_weights():
+    x = _correlated_inputs(d=32)
+    x[:, 5] = 0  # a channel that is never active
+    codes, scales, _ = intgrid.quantize_groups(torch.randn(6, 32), 4, 16, True)
+    on_grid = intgrid.dequantize_groups(codes, scales, None, 4, 16)
+    result = gptq_quantize(on_grid, 2 * x.T @ x / len(x), IntFormat(4, 16, True), act_order=False)
+    w_hat = intgrid.dequantize_groups(result.codes, result.scales, None, 4, 16)
+    alive = torch.ones(32, dtype=torch.bool)
+    alive[5] = False
+    assert torch.allclose(w_hat[:, alive], on_grid[:, alive], atol=1e-6)  # already on the grid: unchanged
+    assert (w_hat[:, 5] == 0).all()
+
+
+def test_indefinite_hessian_is_retried_with_more_damping():
+    h = torch.eye(8)
+    h[0, 0] = -0.5  # indefinite: fails at damp 0.01 and 0.1, passes at 1.0 (mean diagonal 0.8125)
+    upper, damp, retries = inverse_hessian_cholesky(h, 0.01)
+    assert retries == 2 and damp == pytest.approx(1.0)
+    assert torch.isfinite(upper).all()
+
+
+def test_hopeless_hessian_is_an_error_not_nans():
+    h = -torch.eye(4)
+    with pytest.raises(CompressionError, match="not positive definite"):
+        inverse_hessian_cholesky(h, 0.01)
+
+
+def test_shape_mismatch():
+    with pytest.raises(ValueError, match="does not match"):
+        gptq_quantize(torch.randn(4, 8), torch.eye(6), IntFormat(4, 0, True))
