@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 from rich.console import Console
@@ -13,7 +14,8 @@ class UI:
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self.err = Console(stderr=True, quiet=quiet)
-        self.out = Console()
+        # Tables keep their columns when piped (rich would otherwise assume 80 columns).
+        self.out = Console(width=None if sys.stdout.isatty() else 160)
 
     def log(self, message: str) -> None:
         self.err.print(f"[dim]{message}[/dim]", highlight=False)

@@ -111,7 +111,7 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in ((ax1, "ppl", "perplexity"), (ax2, "gsm8k_kl", "GSM8K KL (nats/token)")):
-        pts = [(r["bits_per_param"], r[key], r["label"]) for r in rows if r.get(key) is not None]
+        pts = sorted((r["bits_per_param"], r[key], r["label"]) for r in rows if r.get(key) is not None)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
         for x, y, text in pts:
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)

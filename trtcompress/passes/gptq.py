@@ -10,6 +10,8 @@ with more damping (and the retry is reported); the result is checked finite.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +29,21 @@ from trtcompress.passes.gsq import SUPPORTED_GROUP_SIZES
 MAX_DAMP_RETRIES = 4
 
 
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run small, latency-bound tensor ops on one thread.
+
+    The column loop is thousands of tiny updates and torch.cholesky_inverse on CPU degrades badly with
+    several OpenMP threads (measured: 0.18 s on one thread, 34 s on two busy cores, for 1536 x 1536).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @dataclass
 class GPTQResult:
     codes: torch.Tensor  # uint8 (out, in), original column order
@@ -38,6 +55,11 @@ class GPTQResult:
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, raising λ tenfold until H is positive definite."""
+    with single_threaded():
+        return _inverse_hessian_cholesky(hessian, damp)
+
+
+def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int]:
     mean_diag = hessian.diagonal().mean().item()
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
     for retry in range(MAX_DAMP_RETRIES + 1):
@@ -52,6 +74,34 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.
     raise CompressionError(f"Hessian is not positive definite even with damping {damp / 10:g}")
 
 
+def search_group_scale(
+    w: torch.Tensor, importance: torch.Tensor, fmt: IntFormat, shrink: float, steps: int = 20
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale/zero of one group that minimises the importance-weighted rounding error.
+
+    `w` is (rows, group columns), `importance` the Hessian diagonal of those columns. Candidate ranges
+    shrink the min/max range by up to `shrink` (0 = plain min/max); clipping a few outliers often
+    buys a finer grid for the rest.
+    """
+    best_scale, best_zero = intgrid.group_scale_zero(w, fmt.bits, fmt.symmetric)
+    if shrink <= 0:
+        return best_scale, best_zero
+
+    def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        q = intgrid.quantize_to_codes(w, scale[:, None], zero[:, None], fmt.bits)
+        return ((intgrid.dequantize_codes(q, scale[:, None], zero[:, None]) - w).pow(2) * importance).sum(-1)
+
+    best_err = error(best_scale, best_zero)
+    for step in range(1, steps + 1):
+        scale, zero = intgrid.group_scale_zero(w * (1 - shrink * step / steps), fmt.bits, fmt.symmetric)
+        err = error(scale, zero)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -60,8 +110,22 @@ def gptq_quantize(
     act_order: bool = True,
     block_size: int = 128,
     damp: float = 0.01,
+    clip_shrink: float = 0.0,
 ) -> GPTQResult:
     """GPTQ on one (out, in) weight (or several stacked along `out`: rows are independent given H)."""
+    with single_threaded():
+        return _gptq(weight, hessian, fmt, act_order, block_size, damp, clip_shrink)
+
+
+def _gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    fmt: IntFormat,
+    act_order: bool,
+    block_size: int,
+    damp: float,
+    clip_shrink: float,
+) -> GPTQResult:
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
     out_f, in_f = w.shape
@@ -74,11 +138,12 @@ def gptq_quantize(
     n_groups = intgrid.num_groups(in_f, fmt.group_size)
     scales = torch.zeros(out_f, n_groups)
     zeros = torch.zeros(out_f, n_groups)
+    hdiag = h.diagonal().clone()
     static = act_order  # act-order always uses static groups (group-contiguous layout)
     if static:
-        padded = torch.nn.functional.pad(w, (0, n_groups * g - in_f)).reshape(out_f, n_groups, g)
-        valid = (torch.arange(n_groups * g) < in_f).reshape(n_groups, g)
-        scales, zeros = intgrid.group_scale_zero(padded, fmt.bits, fmt.symmetric, valid)
+        for group in range(n_groups):
+            cols = slice(group * g, min((group + 1) * g, in_f))
+            scales[:, group], zeros[:, group] = search_group_scale(w[:, cols], hdiag[cols], fmt, clip_shrink)
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_f)
     w = w[:, perm]
     h = h[perm][:, perm]
@@ -93,8 +158,11 @@ def gptq_quantize(
             col = int(perm[i1 + i])
             group = col // g
             if not static and col % g == 0:  # first column of a group: fix its scale from current weights
-                ahead = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, : min(g, in_f - col)]
-                scales[:, group], zeros[:, group] = intgrid.group_scale_zero(ahead, fmt.bits, fmt.symmetric)
+                width = min(g, in_f - col)
+                ahead = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :width]
+                scales[:, group], zeros[:, group] = search_group_scale(
+                    ahead, hdiag[col : col + width], fmt, clip_shrink
+                )
             scale, zero = scales[:, group], zeros[:, group]
             column = w1[:, i]
             q = intgrid.quantize_to_codes(column, scale, zero, fmt.bits)
@@ -122,6 +190,9 @@ class GPTQConfig(PassConfig):
     )
     block_size: int = Field(128, ge=1, description="columns per lazy-batch update block")
     damp: float = Field(0.01, gt=0, le=1, description="damping, as a fraction of the mean Hessian diagonal")
+    clip_shrink: float = Field(
+        0.0, ge=0, lt=1, description="search each group's range up to this fraction smaller (0 = min/max)"
+    )
 
     @field_validator("group_size")
     @classmethod
@@ -151,7 +222,7 @@ class GPTQPass(CalibratedPass):
         cfg = self.config
         result = gptq_quantize(
             torch.cat(weights), stats.hessian, cfg.format, act_order=cfg.act_order,
-            block_size=cfg.block_size, damp=cfg.damp,
+            block_size=cfg.block_size, damp=cfg.damp, clip_shrink=cfg.clip_shrink,
         )  # fmt: skip
         if result.retries:
             context.log(
