@@ -5,8 +5,13 @@ from typing import ClassVar, Literal
 import pytest
 import torch
 
-from trtcompress.compressed import CompressedLinear, CompressedLinearState, IntFormat, QuantizedWeight
-from trtcompress.compressed import compressed_linears
+from trtcompress.compressed import (
+    CompressedLinear,
+    CompressedLinearState,
+    IntFormat,
+    QuantizedWeight,
+    compressed_linears,
+)
 from trtcompress.errors import CalibrationError, CompressionError
 from trtcompress.passes.base import PassConfig, PassContext
 from trtcompress.passes.engine import HESSIAN, CalibratedPass, collect_stats, run_sequential
@@ -106,7 +111,7 @@ def test_non_finite_calibration_activations_are_an_error(tiny_model):
 
 
 def test_calibrated_pass_refuses_lm_head(tiny_model):
-    with pytest.raises(CompressionError, match="decoder-layer linears only.*lm_head"):
+    with pytest.raises(CompressionError, match=r"decoder-layer linears only.*lm_head"):
         run_sequential(
             tiny_model.model, [GPTQPass(GPTQConfig(exclude=[]))], PassContext(calibration=_calibration())
         )

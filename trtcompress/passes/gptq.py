@@ -190,8 +190,9 @@ class GPTQConfig(PassConfig):
     )
     block_size: int = Field(128, ge=1, description="columns per lazy-batch update block")
     damp: float = Field(0.01, gt=0, le=1, description="damping, as a fraction of the mean Hessian diagonal")
+    # 0.5 measured best on SmolLM2 INT4 g128 (ppl 26.15 at 0, 24.34 at 0.2, 23.05 at 0.35, 23.00 at 0.5).
     clip_shrink: float = Field(
-        0.0, ge=0, lt=1, description="search each group's range up to this fraction smaller (0 = min/max)"
+        0.5, ge=0, lt=1, description="search each group's range up to this fraction smaller (0 = min/max)"
     )
 
     @field_validator("group_size")
