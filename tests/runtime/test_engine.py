@@ -1,0 +1,193 @@
+"""The native runtime on a real (tiny, random) LLaMA artifact: batching, chunked prefill, KV policies,
+preemption, cancellation, sampling and streaming. Every comparison is token-exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trtcompress.runtime import Engine, RequestError, SamplingParams
+from trtcompress.runtime.config import DeployConfig
+
+GREEDY = SamplingParams(max_tokens=12, end_id=-1)
+
+
+def _prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi, (n,), generator=g).tolist()
+    return [torch.randint(1, 512, (k,), generator=g).tolist() for k in lengths]
+
+
+def _engine(artifact, **deploy) -> Engine:
+    base = dict(
+        max_batch_size=8, max_num_tokens=40, context_chunk_size=16, max_seq_len=128,
+        max_tokens_in_paged_kv_cache=1024,
+    )  # fmt: skip
+    return Engine.from_path(artifact, DeployConfig(**{**base, **deploy}), block_size=16)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_int4_artifact):
+    return _engine(tiny_int4_artifact)
+
+
+@pytest.fixture(scope="module")
+def solo(tiny_int4_artifact):
+    """Reference outputs: each prompt alone in its own engine run (batch of one)."""
+    eng = _engine(tiny_int4_artifact)
+    return lambda prompt, params=GREEDY: eng.generate([prompt], params)[0]
+
+
+def test_batched_equals_one_at_a_time(engine, solo):
+    prompts = _prompts(10)
+    outs = engine.generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == solo(prompt).token_ids
+        assert out.finish_reason == "length" and len(out.token_ids) == GREEDY.max_tokens
+    steps = list(engine.steps)[-60:]
+    assert max(s.batch_size for s in steps) == 8  # the batch really filled up
+    assert max(s.decode_tokens + s.prefill_tokens for s in steps) <= 40  # token budget
+    # chunked prefill: no step runs more than one 16-token chunk of any prompt
+    assert all(s.prefill_tokens <= 16 * len(s.joined) + 16 * s.batch_size for s in steps)
+    assert engine.cache.free_blocks == engine.cache.num_blocks  # everything freed
+
+
+def test_chunked_prefill_splits_long_prompts(tiny_int4_artifact):
+    eng = _engine(tiny_int4_artifact)
+    prompt = _prompts(1, seed=3, lo=60, hi=61)[0]
+    eng.generate([prompt], SamplingParams(max_tokens=2, end_id=-1))
+    prefill = [s.prefill_tokens for s in eng.steps if s.prefill_tokens]
+    assert prefill == [16, 16, 16, 12]
+
+
+def test_late_arrival_joins_the_running_batch(engine, solo):
+    a, b = _prompts(2, seed=5)
+    first = engine.add_request(a, GREEDY)
+    outs = {first: []}
+    for _ in range(4):
+        outs[first] += engine.step()
+    second = engine.add_request(b, GREEDY)
+    outs[second] = []
+    joined_step = None
+    while engine.has_work():
+        for out in engine.step():
+            outs[out.request_id].append(out)
+        rec = engine.steps[-1]
+        if joined_step is None and second in rec.joined:
+            joined_step = rec
+    assert joined_step is not None and first in joined_step.running  # joined while `first` decoded
+    assert outs[first][-1].token_ids == solo(a).token_ids
+    assert outs[second][-1].token_ids == solo(b).token_ids
+
+
+def test_max_utilization_preempts_and_resumes_exactly(tiny_int4_artifact, solo):
+    # 4 blocks of 16 tokens; each request needs 3 blocks over its life: two cannot live together.
+    eng = _engine(
+        tiny_int4_artifact, batch_scheduler_policy="max_utilization", max_seq_len=64,
+        max_tokens_in_paged_kv_cache=64, max_batch_size=4, max_num_tokens=20,
+    )  # fmt: skip
+    prompts = _prompts(3, seed=7, lo=18, hi=22)
+    params = SamplingParams(max_tokens=30, end_id=-1)  # 48+ tokens: 3 blocks
+    outs = eng.generate(prompts, params)
+    assert sum(len(s.preempted) for s in eng.steps) > 0
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == solo(prompt, params).token_ids
+    assert eng.cache.free_blocks == 4
+
+
+def test_guaranteed_no_evict_admits_only_what_fits(tiny_int4_artifact, solo):
+    eng = _engine(
+        tiny_int4_artifact, max_seq_len=64, max_tokens_in_paged_kv_cache=64, max_batch_size=4,
+        max_num_tokens=20,
+    )  # fmt: skip
+    prompts = _prompts(3, seed=7, lo=18, hi=22)
+    params = SamplingParams(max_tokens=30, end_id=-1)  # 48+ tokens: 3 blocks
+    outs = eng.generate(prompts, params)
+    assert all(not s.preempted for s in eng.steps)
+    assert max(s.batch_size for s in eng.steps) == 1  # 3 blocks each, 4 in the pool
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == solo(prompt, params).token_ids
+
+
+def test_cancel_frees_the_request_and_others_continue(engine, solo):
+    a, b = _prompts(2, seed=11)
+    ra = engine.add_request(a, SamplingParams(max_tokens=40, end_id=-1))
+    rb = engine.add_request(b, GREEDY)
+    for _ in range(5):
+        engine.step()
+    engine.cancel(ra)
+    final = {}
+    while engine.has_work():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    assert final[ra].finish_reason == "cancelled" and len(final[ra].token_ids) < 40
+    assert final[rb].token_ids == solo(b).token_ids
+    assert engine.cache.free_blocks == engine.cache.num_blocks
+
+
+def test_seeded_sampling_is_independent_of_the_batch(engine, solo):
+    prompts = _prompts(4, seed=13)
+    params = [
+        SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=i, end_id=-1)
+        for i in range(4)
+    ]
+    outs = engine.generate(prompts, params)
+    for prompt, p, out in zip(prompts, params, outs, strict=True):
+        assert out.token_ids == solo(prompt, p).token_ids
+    again = solo(prompts[0], SamplingParams(max_tokens=10, temperature=0.9, seed=1234, end_id=-1))
+    assert again.token_ids != outs[0].token_ids  # another seed draws other tokens
+    greedy = solo(prompts[0], SamplingParams(max_tokens=10, end_id=-1)).token_ids
+    assert (
+        solo(prompts[0], SamplingParams(max_tokens=10, temperature=1.0, top_k=1, seed=3, end_id=-1)).token_ids
+        == greedy
+    )
+    assert (
+        solo(
+            prompts[0], SamplingParams(max_tokens=10, temperature=5.0, top_p=1e-6, seed=3, end_id=-1)
+        ).token_ids
+        == greedy
+    )
+
+
+def test_stop_conditions_and_streaming(engine, solo):
+    prompt = "the river flows into the"
+
+    def params(**kw):  # seeded sampling: varied tokens (a random model's greedy text repeats itself)
+        return SamplingParams(**{"max_tokens": 24, "temperature": 1.0, "seed": 5, "end_id": -1, **kw})
+
+    full = solo(prompt, params())
+    # end id: stop at the first token that was not generated before (the id itself is not text)
+    at = next(i for i, t in enumerate(full.token_ids) if i >= 3 and t not in full.token_ids[:i])
+    out = solo(prompt, params(end_id=full.token_ids[at]))
+    assert out.finish_reason == "stop" and out.token_ids == full.token_ids[: at + 1]
+    # stop string: a piece of the text; the output is the text before its first occurrence
+    text = full.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    out = solo(prompt, params(stop=(stop,)))
+    assert out.finish_reason == "stop" and out.text == text[: text.find(stop)]
+    # streaming: the deltas add up to the text, several pieces arrive before the end
+    rid = engine.add_request(prompt, params())
+    deltas = []
+    while engine.has_work():
+        deltas += [o for o in engine.step() if o.request_id == rid]
+    assert "".join(o.delta_text for o in deltas) == deltas[-1].text == text
+    assert sum(1 for o in deltas if o.delta_text) > 3 and deltas[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "match"),
+    [
+        ("", SamplingParams(), "empty"),
+        ("hello", SamplingParams(max_tokens=0), "max_tokens"),
+        ("hello", SamplingParams(max_tokens=500), "exceeds the context"),
+        ([5] * 200, SamplingParams(), "context holds"),
+        ("hello", SamplingParams(temperature=-1.0), "temperature"),
+        ("hello", SamplingParams(top_p=0.0), "top_p"),
+        ([600], SamplingParams(), "token ids"),
+    ],
+)
+def test_invalid_requests_are_refused(engine, prompt, params, match):
+    with pytest.raises(RequestError, match=match):
+        engine.add_request(prompt, params)
+    assert not engine.has_work()

@@ -1,0 +1,328 @@
+"""The engine: requests in, one batched step at a time, streamed outputs out.
+
+`Engine` is synchronous and single-threaded (`add_request`, `cancel`, `step`, `generate`); requests
+added between steps (from any thread) join the running batch at the next step. `EngineLoop` runs
+`step()` on a background thread and calls each request's callback with its outputs, which is how the
+Triton model streams.
+
+Every step appends a `StepRecord` (batch size, decode and prefill tokens, who ran, preemptions) to
+`engine.steps` and, if `step_log` is set, as one JSON line to that file: this is how a test or an
+operator sees requests joining a batch that is already generating.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trtcompress.runtime.config import DeployConfig
+from trtcompress.runtime.sampling import RequestError, SamplingParams, make_generator, sample
+from trtcompress.runtime.sequence import RequestOutput, Sequence, TextStream
+
+
+@dataclass
+class StepRecord:
+    step: int
+    time: float  # seconds since the engine started
+    seconds: float  # duration of the step
+    batch_size: int  # sequences computed in this step
+    decode_tokens: int
+    prefill_tokens: int
+    running: list[str]  # request ids computed in this step
+    joined: list[str]  # request ids whose first chunk ran in this step
+    waiting: int
+    free_blocks: int
+    preempted: list[str]
+
+
+def _eos_ids(tokenizer: Any, model_config: Any) -> frozenset[int]:
+    ids = set()
+    for value in (getattr(model_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        config: DeployConfig | None = None,
+        kv_codec: Any = None,
+        block_size: int = 64,
+        step_log: Path | str | None = None,
+    ) -> None:
+        from trtcompress.kv import get_codec
+        from trtcompress.kv.paged import PagedKVCache
+        from trtcompress.runtime.model import BatchedModel
+        from trtcompress.runtime.scheduler import Scheduler
+
+        self.config = config or DeployConfig()
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        cfg = model.config
+        self.tokenizer = tokenizer
+        self.eos_ids = _eos_ids(tokenizer, cfg)
+        self.context_len = min(self.config.max_seq_len, int(getattr(cfg, "max_position_embeddings", 1 << 30)))
+        codec = kv_codec if kv_codec is not None else get_codec("fp16")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        num_blocks = max(1, -(-self.config.max_tokens_in_paged_kv_cache // block_size))
+        self.cache = PagedKVCache(
+            codec,
+            cfg.num_hidden_layers,
+            cfg.num_key_value_heads,
+            head_dim,
+            num_blocks,
+            block_size,
+            max_seqs=self.config.max_batch_size,
+        )
+        self.model = BatchedModel(model, self.cache, tile=self.config.gemm_tile)
+        self.scheduler = Scheduler(self.cache, self.config, on_free=lambda s: self.model.forget(s.seq_id))
+        self.steps: deque[StepRecord] = deque(maxlen=100_000)
+        self.step_log = Path(step_log) if step_log else None
+        self._inbox: list[Sequence] = []
+        self._cancel: set[str] = set()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._by_request: dict[str, Sequence] = {}
+        self._t0 = time.perf_counter()
+        self.tokens_generated = 0
+
+    @classmethod
+    def from_path(cls, path: Path | str, config: DeployConfig | None = None, **kwargs: Any) -> Engine:
+        """A native artifact (its recipe's kv_cache and deploy sections apply) or a HF model directory."""
+        from trtcompress.runtime.loading import load_for_runtime
+
+        model, tokenizer, recipe = load_for_runtime(path)
+        if config is None:
+            config = DeployConfig.model_validate(recipe.get("deploy", {})) if recipe else DeployConfig()
+        if "kv_codec" not in kwargs and recipe and (recipe.get("kv_cache") or {}).get("codec"):
+            from trtcompress.kv.config import KVCacheConfig
+
+            kv = KVCacheConfig.model_validate(recipe["kv_cache"])
+            kwargs["kv_codec"], kwargs["block_size"] = kv.build_codec(), kv.block_size
+        return cls(model, tokenizer, config, **kwargs)
+
+    # ------------------------------------------------------------------------------- requests
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Validate and queue a request (thread-safe); it joins the batch at the next step."""
+        params = params or SamplingParams()
+        params.check()
+        if isinstance(prompt, str) and not prompt:
+            raise RequestError("the prompt is empty")
+        ids = self.tokenize(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if any(not 0 <= t < self.model.vocab_size for t in ids):
+            raise RequestError(f"prompt token ids must lie in [0, {self.model.vocab_size})")
+        if len(ids) >= self.context_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens; the context holds {self.context_len} "
+                f"(prompt + at least one generated token)"
+            )
+        if len(ids) + params.max_tokens > self.context_len:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
+                f"{self.context_len} tokens; ask for at most {self.context_len - len(ids)} new tokens"
+            )
+        request_id = request_id or uuid.uuid4().hex
+        eos = self.eos_ids
+        if params.end_id is not None:
+            eos = frozenset() if params.end_id == -1 else frozenset({params.end_id})
+        if params.ignore_eos:
+            eos = frozenset()
+        seq = Sequence(
+            seq_id=next(self._ids),
+            request_id=request_id,
+            prompt_ids=ids,
+            params=params,
+            stream=TextStream(self.tokenizer, params.stop),
+            generator=None if params.greedy else make_generator(params.seed),
+            eos_ids=eos,
+            max_len=self.context_len,
+        )
+        with self._lock:
+            if request_id in self._by_request:
+                raise RequestError(f"request id {request_id!r} is already in flight")
+            self._by_request[request_id] = seq
+            self._inbox.append(seq)
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request (thread-safe); its last output has finish_reason 'cancelled'."""
+        with self._lock:
+            self._cancel.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._inbox or self._cancel) or self.scheduler.has_work()
+
+    # ----------------------------------------------------------------------------------- step
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run one forward over the batch, sample, and return what each request produced."""
+        with self._lock:
+            for seq in self._inbox:
+                self.scheduler.add(seq)
+            self._inbox = []
+            for rid in self._cancel:
+                if rid in self._by_request:
+                    self._by_request[rid].cancelled = True
+            self._cancel = set()
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        outputs = list(plan.cancelled)
+        if plan.work:
+            logits = self.model.forward(plan.work)
+            sampling = [w for w in plan.work if w.samples]
+            tokens = sample(logits, [w.seq.params for w in sampling], [w.seq.generator for w in sampling])
+            for w in plan.work:
+                w.seq.num_computed += w.n
+            for w, token in zip(sampling, tokens, strict=True):
+                out = w.seq.append(token)
+                self.tokens_generated += 1
+                if out.finished:
+                    self.scheduler.finish(w.seq)
+                outputs.append(out)
+        for out in outputs:
+            if out.finished:
+                with self._lock:
+                    self._by_request.pop(out.request_id, None)
+        self._record(plan, t0)
+        return outputs
+
+    def _record(self, plan: Any, t0: float) -> None:
+        if not plan.work and not plan.preempted:
+            return
+        now = time.perf_counter()
+        rec = StepRecord(
+            step=self.scheduler.step_index,
+            time=round(t0 - self._t0, 6),
+            seconds=round(now - t0, 6),
+            batch_size=len(plan.work),
+            decode_tokens=sum(w.n for w in plan.work if w.phase == "decode"),
+            prefill_tokens=sum(w.n for w in plan.work if w.phase == "prefill"),
+            running=[w.seq.request_id for w in plan.work],
+            joined=[w.seq.request_id for w in plan.work if w.start == 0],
+            waiting=len(self.scheduler.waiting),
+            free_blocks=self.cache.free_blocks,
+            preempted=[s.request_id for s in plan.preempted],
+        )
+        self.steps.append(rec)
+        if self.step_log is not None:
+            with self.step_log.open("a") as f:
+                f.write(json.dumps(asdict(rec)) + "\n")
+
+    # ------------------------------------------------------------------------------- offline
+
+    def generate(
+        self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run prompts to completion (all admitted as the batch allows); final outputs in order."""
+        prompts = list(prompts)
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+
+class EngineLoop:
+    """Runs `Engine.step` on a background thread; each request's outputs go to its callback."""
+
+    def __init__(self, engine: Engine, on_error: Callable[[BaseException], None] | None = None) -> None:
+        self.engine = engine
+        self.on_error = on_error
+        self._callbacks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="trtcompress-engine", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, prompt: str | list[int], params: SamplingParams, callback: Callable[[RequestOutput], None]
+    ) -> str:
+        """Queue a request (validation errors raise RequestError here, synchronously)."""
+        request_id = uuid.uuid4().hex
+        self._callbacks[request_id] = callback
+        try:
+            self.engine.add_request(prompt, params, request_id)
+        except BaseException:
+            self._callbacks.pop(request_id, None)
+            raise
+        with self._wake:
+            self._wake.notify()
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        self.engine.cancel(request_id)
+        with self._wake:
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self.engine.has_work():
+                    self._wake.wait(timeout=0.5)
+                if self._stop:
+                    return
+            try:
+                outputs = self.engine.step()
+            except BaseException as exc:  # a bug: report it, fail the in-flight requests, keep serving
+                if self.on_error:
+                    self.on_error(exc)
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                callback = self._callbacks.get(out.request_id)
+                if out.finished:
+                    self._callbacks.pop(out.request_id, None)
+                if callback is not None:
+                    try:
+                        callback(out)
+                    except Exception as exc:  # a client that went away must not stop the loop
+                        if self.on_error:
+                            self.on_error(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        sched = self.engine.scheduler
+        for seq in list(sched.running):
+            sched.finish(seq)
+        sched.waiting.clear()
+        for rid, callback in list(self._callbacks.items()):
+            self._callbacks.pop(rid, None)
+            with contextlib.suppress(Exception):
+                callback(RequestOutput(rid, "", [], "", [], True, f"error: {exc}", 0))
+        with self.engine._lock:
+            self.engine._by_request.clear()
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=10)

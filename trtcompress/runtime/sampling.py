@@ -1,0 +1,85 @@
+"""Sampling parameters, their validation, and the sampler.
+
+Greedy is `temperature == 0` (the default): argmax, first index on ties. Otherwise the logits are
+divided by the temperature, filtered by top-k then top-p (nucleus), and one token is drawn with the
+request's own `torch.Generator` seeded from `seed`, so a seeded request gives the same tokens whatever
+else is in the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+class RequestError(ValueError):
+    """A request the runtime refuses (the message is sent back to the client as the error)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1 = no nucleus filter
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings (not included in the output)
+    end_id: int | None = None  # None = the tokenizer's EOS; -1 = never stop on a token
+    ignore_eos: bool = False
+
+    def check(self) -> None:
+        """Raise RequestError naming the first invalid field."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise RequestError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise RequestError(f"seed must be in [0, 2**63), got {self.seed}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise RequestError("stop strings must be non-empty strings")
+        if self.end_id is not None and self.end_id < -1:
+            raise RequestError(f"end_id must be a token id, or -1 for none, got {self.end_id}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def make_generator(seed: int | None) -> torch.Generator | None:
+    """A per-request generator; unseeded requests draw their seed from torch's global RNG."""
+    gen = torch.Generator()
+    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+    return gen
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) what top-k and then top-p exclude from a 1-D logits row."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
+    """One token per row of `logits` (B, vocab) float32."""
+    out = torch.argmax(logits, dim=-1).tolist()  # greedy rows (argmax returns the first maximum)
+    for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
+        if p.greedy:
+            continue
+        filtered = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p)
+        probs = filtered.softmax(-1)
+        out[row] = int(torch.multinomial(probs, 1, generator=gen).item())
+    return out
