@@ -266,6 +266,13 @@ def bench_groupsize(model, bits, groups, with_int8, asymmetric, gsm8k_problems, 
         ui.out.print(f"wrote {output_dir / 'groupsize.json'} and {output_dir / 'groupsize.png'}")
 
 
+# ------------------------------------------------------------------------------------- serve (issue 6)
+
+from trtcompress.cli_serve import register as _register_serving  # noqa: E402
+
+_register_serving(cli, bench)
+
+
 def main() -> None:
     try:
         cli(prog_name="trtcompress")

@@ -21,6 +21,7 @@ from trtcompress.builders.gates import Gate
 from trtcompress.errors import RecipeError
 from trtcompress.eval.config import EvalConfig
 from trtcompress.passes import PASS_REGISTRY, PassConfig
+from trtcompress.runtime.config import DeployConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -66,6 +67,9 @@ class Recipe(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     gates: list[Gate] = Field(default_factory=list, description="e.g. 'ppl_ratio <= 1.05'")
     export: ExportConfig = Field(default_factory=ExportConfig)
+    deploy: DeployConfig = Field(
+        default_factory=DeployConfig, description="serving: in-flight batching and Triton repositories"
+    )
 
     @field_validator("passes", mode="before")
     @classmethod

@@ -1,0 +1,58 @@
+"""`trtcompress serve` / `generate` / `repo` as a user runs them: real processes, real tritonserver."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.conftest import run_cli
+
+
+def test_serve_generate_and_sigterm(served_artifact, tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "trtcompress", "serve", str(served_artifact), "--http-port", "0",
+           "--grpc-port", "0", "--metrics-port", "0", "--deploy", "max_batch_size=4",
+           "--deploy", "max_seq_len=256", "--log-file", str(tmp_path / "triton.log")]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ready, lines = None, []
+        deadline = time.monotonic() + 240
+        while ready is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+            if line.startswith("ready:"):
+                ready = line.split()
+        assert ready is not None, "".join(lines)
+        grpc_url, http_url = ready[2], ready[4].removeprefix("http://")
+        assert grpc_url.startswith("127.0.0.1:") and http_url.startswith("127.0.0.1:")
+        out_grpc = run_cli("generate", "the river flows", "--url", grpc_url, "--max-tokens", "6", "--json")
+        out_http = run_cli(
+            "generate", "the river flows", "--url", http_url, "--http", "--max-tokens", "6", "--json"
+        )
+        assert out_grpc.returncode == 0, out_grpc.stderr
+        assert out_http.returncode == 0, out_http.stderr
+        a, b = json.loads(out_grpc.stdout), json.loads(out_http.stdout)
+        assert a["text_output"] == b["text_output"] and a["finish_reason"] == "length"
+        bad = run_cli("generate", "the river", "--url", grpc_url, "--max-tokens", "0")
+        assert bad.returncode != 0 and "max_tokens must be a positive integer" in bad.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0, rest
+    assert "tritonserver stopped (exit code 0)" in rest
+
+
+def test_repo_command_writes_validated_repositories(served_artifact, tmp_path):
+    for kind in ("native", "trtllm", "llmapi"):
+        out = run_cli("repo", str(served_artifact), "-o", str(tmp_path / kind), "--kind", kind,
+                      "--deploy", "max_batch_size=8")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert "tensorrt_llm" in out.stdout
+    bad = run_cli("repo", str(served_artifact), "-o", str(tmp_path / "x"), "--deploy", "max_batch_sise=8")
+    assert bad.returncode != 0 and "max_batch_sise" in bad.stderr

@@ -1,0 +1,79 @@
+"""Repository generation: every config.pbtxt parses with tritonclient's ModelConfig; placeholders left
+unfilled, unknown fields and bad values are errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from trtcompress.runtime.config import DeployConfig
+from trtcompress.triton_models import generate_repository
+from trtcompress.triton_models.pbtxt import RepositoryError, parse_config, render, validate_repository
+
+
+def _params(config) -> dict[str, str]:
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+def test_native_repository(served_artifact, tmp_path):
+    deploy = DeployConfig(max_batch_size=4, max_num_tokens=200, batch_scheduler_policy="max_utilization")
+    repo = generate_repository("native", served_artifact, tmp_path / "r", deploy)
+    configs = validate_repository(repo)
+    config = configs["tensorrt_llm"]
+    assert config.backend == "python" and config.model_transaction_policy.decoupled
+    assert [i.name for i in config.input][:3] == ["text_input", "max_tokens", "stream"]
+    assert {o.name for o in config.output} == {"text_output", "finish_reason"}
+    assert DeployConfig.model_validate_json(_params(config)["deploy"]) == deploy
+    assert (repo / "tensorrt_llm" / "1" / "model.py").read_text().count("import TritonPythonModel") == 1
+
+
+def test_trtllm_repository(served_artifact, tmp_path):
+    deploy = DeployConfig(max_batch_size=16, max_num_tokens=512, enable_kv_cache_reuse=True)
+    repo = generate_repository(
+        "trtllm", served_artifact, tmp_path / "r", deploy, engine_dir=tmp_path / "engine"
+    )
+    configs = validate_repository(repo)
+    assert set(configs) == {"preprocessing", "tensorrt_llm", "postprocessing", "ensemble"}
+    trt = configs["tensorrt_llm"]
+    params = _params(trt)
+    assert (
+        trt.backend == "tensorrtllm" and trt.max_batch_size == 16 and trt.model_transaction_policy.decoupled
+    )
+    assert params["gpt_model_type"] == "inflight_fused_batching"
+    assert params["gpt_model_path"] == str((tmp_path / "engine").resolve())
+    assert (
+        params["batch_scheduler_policy"] == "guaranteed_no_evict"
+        and params["enable_kv_cache_reuse"] == "true"
+    )
+    steps = [s.model_name for s in configs["ensemble"].ensemble_scheduling.step]
+    assert steps == ["preprocessing", "tensorrt_llm", "postprocessing"]
+    assert _params(configs["preprocessing"])["tokenizer_dir"] == str(served_artifact.resolve())
+
+
+def test_llmapi_repository(served_artifact, tmp_path):
+    repo = generate_repository(
+        "llmapi", served_artifact, tmp_path / "r", DeployConfig(tensor_parallel_size=2)
+    )
+    configs = validate_repository(repo)
+    assert configs["tensorrt_llm"].model_transaction_policy.decoupled
+    model = yaml.safe_load((repo / "tensorrt_llm" / "1" / "model.yaml").read_text())
+    assert model["backend"] == "pytorch" and model["tensor_parallel_size"] == 2
+    assert model["triton_config"] == {"max_batch_size": 0, "decoupled": True}
+
+
+def test_placeholders_and_schema_errors(tmp_path):
+    with pytest.raises(RepositoryError, match="without a value: engine"):
+        render('name: "x"\nparameters { key: "p" value: { string_value: "${engine}" } }', {})
+    with pytest.raises(RepositoryError, match="unfilled"):
+        parse_config('name: "x"\nbackend: "${backend}"')
+    with pytest.raises(RepositoryError, match="not a valid Triton model config"):
+        parse_config('name: "x"\nmax_batch_sise: 4')
+    with pytest.raises(RepositoryError, match="not a valid Triton model config"):
+        parse_config('name: "x"\nmax_batch_size: "four"')
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.pbtxt").write_text('name: "m"\nbackend: "python"\n')
+    (tmp_path / "m" / "model.yaml").write_text("model: ${MODEL}\n")
+    with pytest.raises(RepositoryError, match=r"model\.yaml"):
+        validate_repository(tmp_path)
+    with pytest.raises(RepositoryError, match="unknown repository kind"):
+        generate_repository("vllm", tmp_path, tmp_path / "out", DeployConfig())

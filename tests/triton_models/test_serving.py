@@ -1,0 +1,118 @@
+"""End to end: real tritonserver, real tritonclient gRPC streaming and HTTP generate/generate_stream."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from trtcompress.client import ClientError, generate_grpc, generate_http
+
+from .conftest import DEPLOY
+
+MODEL = "tensorrt_llm"
+PROMPTS = [
+    "the river flows",
+    "in the year",
+    "the president of the",
+    "water is",
+    "a small village near the mountains",
+    "the first",
+]
+
+
+@pytest.fixture(scope="module")
+def offline(served_artifact):
+    """The runtime's own offline generation for the same prompts (the expected answers)."""
+    from trtcompress.runtime import Engine, SamplingParams
+    from trtcompress.runtime.config import DeployConfig
+
+    engine = Engine.from_path(served_artifact, DeployConfig(**DEPLOY))
+    outs = engine.generate(PROMPTS, SamplingParams(max_tokens=12))
+    return {p: o.text for p, o in zip(PROMPTS, outs, strict=True)}
+
+
+def test_concurrent_grpc_and_http_match_offline_and_join_the_running_batch(server, offline):
+    e = server.endpoints
+    before = len(server.step_log.read_text().splitlines()) if server.step_log.exists() else 0
+    results, errors = {}, []
+    first_piece = threading.Event()
+
+    def run(i: int, prompt: str) -> None:
+        try:
+            if i % 3 == 2:  # every third request over HTTP (generate, then generate_stream)
+                out = generate_http(e.http, MODEL, prompt, stream=i == 5, max_tokens=12)
+            else:
+                out = generate_grpc(e.grpc, MODEL, prompt, max_tokens=12)
+            results[prompt] = out
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    # a long request is generating when the others arrive
+    long = threading.Thread(
+        target=lambda: results.__setitem__(
+            "long",
+            generate_grpc(
+                e.grpc, MODEL, "once upon", max_tokens=60, end_id=-1, on_piece=lambda p: first_piece.set()
+            ),
+        )
+    )
+    long.start()
+    assert first_piece.wait(60)
+    threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(PROMPTS)]
+    for t in threads:
+        t.start()
+    for t in [*threads, long]:
+        t.join(120)
+    assert not errors, errors
+    for prompt in PROMPTS:
+        assert results[prompt].text == offline[prompt], prompt
+        assert results[prompt].finish_reason in ("length", "stop")
+    assert results["long"].finish_reason == "length" and len(results["long"].pieces) > 10
+    # the runtime's per-step record: requests joined while another one was already generating
+    steps = [json.loads(line) for line in server.step_log.read_text().splitlines()[before:]]
+    joined_running = [s for s in steps if s["joined"] and set(s["running"]) - set(s["joined"])]
+    assert joined_running, "no request joined a running batch"
+    assert max(s["batch_size"] for s in steps) >= 4
+
+
+def test_http_generate_stream_pieces_add_up(server, offline):
+    out = generate_http(server.endpoints.http, MODEL, PROMPTS[0], stream=True, max_tokens=12)
+    assert len(out.pieces) > 1 and out.text == offline[PROMPTS[0]]
+
+
+@pytest.mark.parametrize(
+    ("transport", "prompt", "params", "match"),
+    [
+        ("http", "", {"max_tokens": 4}, "empty"),
+        ("http", "hello", {"max_tokens": 0}, "max_tokens must be a positive"),
+        ("http", "hello", {"max_tokens": 500}, "exceeds the context"),
+        ("http", "hello", {"max_tokens": 4, "bogus": 1}, "unknown parameter"),
+        ("http", "word " * 200, {"max_tokens": 4}, "context holds"),
+        ("grpc", b"caf\xc3(", {"max_tokens": 4}, "not valid UTF-8"),
+        ("grpc", "hello", {"max_tokens": 4, "temperature": -2.0}, "temperature"),
+        ("grpc", "hello", {"max_tokens": 4, "bogus": 1}, "bogus"),
+    ],
+)
+def test_invalid_requests_get_an_error_and_the_server_keeps_serving(server, transport, prompt, params, match):
+    e = server.endpoints
+    call = generate_http if transport == "http" else generate_grpc
+    url = e.http if transport == "http" else e.grpc
+    with pytest.raises(ClientError, match=match):
+        call(url, MODEL, prompt, **params)
+    assert generate_grpc(e.grpc, MODEL, "the river", max_tokens=3).finish_reason in ("length", "stop")
+
+
+def test_endpoints_bind_to_localhost(server):
+    assert server.endpoints.host == "127.0.0.1" and "--http-address=127.0.0.1" in server.command()
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.endpoints.http)
+    try:
+        assert client.is_model_ready(MODEL)
+        t0 = time.perf_counter()
+        assert client.is_server_live() and time.perf_counter() - t0 < 5
+    finally:
+        client.close()

@@ -1,0 +1,198 @@
+"""`trtcompress serve`, `generate`, `repo` and `bench serve` (registered on the CLI group by cli.py).
+
+Imports are lazy: `trtcompress --help` must not load torch, tritonclient or the model.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from trtcompress.errors import TrtcompressError
+
+
+def _deploy(source: Path | None, assignments: tuple[str, ...]) -> Any:
+    """The artifact's deploy section (or the defaults) with `--deploy KEY=VALUE` overrides."""
+    import yaml
+
+    from trtcompress.runtime.config import DeployConfig
+    from trtcompress.triton_models.native import deploy_from_artifact
+
+    base = deploy_from_artifact(source) if source is not None else DeployConfig()
+    values = base.model_dump()
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or key not in values:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(values)}")
+        values[key] = yaml.safe_load(value)
+    try:
+        return DeployConfig.model_validate(values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _is_repository(path: Path) -> bool:
+    return any(path.glob("*/config.pbtxt"))
+
+
+deploy_option = click.option(
+    "--deploy",
+    "deploy_set",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="override a field of the recipe's deploy section, e.g. max_batch_size=16 (repeatable)",
+)
+
+
+@click.command()
+@click.argument("target", type=click.Path(exists=True, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address the endpoints bind to")
+@click.option("--http-port", type=int, default=8000, show_default=True, help="0 = any free port")
+@click.option("--grpc-port", type=int, default=8001, show_default=True, help="0 = any free port")
+@click.option("--metrics-port", type=int, default=8002, show_default=True, help="0 = any free port")
+@click.option(
+    "--repo-dir",
+    type=click.Path(path_type=Path),
+    help="where to write the generated repository (default: temp)",
+)
+@deploy_option
+@click.option("--step-log", type=click.Path(path_type=Path), help="native runtime: one JSON line per step")
+@click.option("--log-file", type=click.Path(path_type=Path), help="tritonserver's log (default: temp dir)")
+@click.option("--timeout", type=float, default=600, show_default=True, help="seconds to wait for readiness")
+def serve(
+    target, host, http_port, grpc_port, metrics_port, repo_dir, deploy_set, step_log, log_file, timeout
+):
+    """Serve ARTIFACT (a native artifact or model directory: its native repository is generated) or
+    REPO (a Triton model repository) with tritonserver until Ctrl-C / SIGTERM."""
+    from trtcompress.serve import Server
+    from trtcompress.triton_models.pbtxt import validate_repository
+
+    work = Path(tempfile.mkdtemp(prefix="trtcompress-serve-"))
+    if _is_repository(target):
+        if deploy_set or step_log:
+            raise click.UsageError("--deploy and --step-log apply to an artifact, not to a ready repository")
+        repo = target
+    else:
+        from trtcompress.triton_models.native import write_native_repository
+
+        deploy = _deploy(target, deploy_set)
+        repo = write_native_repository(repo_dir or work / "repo", target, deploy, step_log=step_log)
+    models = sorted(validate_repository(repo))
+    server = Server(
+        repo, host, http_port, grpc_port, metrics_port, log_file=log_file or work / "tritonserver.log"
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    click.echo(
+        f"starting tritonserver on {repo} (models: {', '.join(models)}); log: {server.log_file}", err=True
+    )
+    server.start(timeout=timeout)
+    e = server.endpoints
+    click.echo(f"ready: gRPC {e.grpc}  HTTP http://{e.http}  metrics {e.metrics}", err=True)
+    click.echo(f"  try: trtcompress generate 'Hello' --url {e.grpc} --model {models[0]}", err=True)
+    try:
+        while not stop.wait(0.5):
+            if server.proc is not None and server.proc.poll() is not None:
+                raise TrtcompressError(f"tritonserver exited unexpectedly (code {server.proc.returncode})")
+    finally:
+        code = server.stop()
+        click.echo(f"tritonserver stopped (exit code {code})", err=True)
+
+
+@click.command()
+@click.argument("prompt")
+@click.option(
+    "--url", default="127.0.0.1:8001", show_default=True, help="gRPC (or, with --http, HTTP) address"
+)
+@click.option("--http", "use_http", is_flag=True, help="HTTP generate / generate_stream instead of gRPC")
+@click.option("--model", default="tensorrt_llm", show_default=True)
+@click.option("--stream/--no-stream", default=True, show_default=True, help="print tokens as they arrive")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, help="0 = greedy (the default)")
+@click.option("--top-k", type=int)
+@click.option("--top-p", type=float)
+@click.option("--seed", type=int)
+@click.option("--stop", "stop_words", multiple=True, help="stop string (repeatable)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object at the end")
+def generate(
+    prompt, url, use_http, model, stream, max_tokens, temperature, top_k, top_p, seed, stop_words, as_json
+):
+    """Send PROMPT to a served text model with tritonclient and print the answer."""
+    from trtcompress.client import generate_grpc, generate_http
+
+    params = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if stop_words:
+        params["stop"] = list(stop_words)
+    echo = None if as_json or not stream else (lambda piece: click.echo(piece, nl=False))
+    call = generate_http if use_http else generate_grpc
+    out = call(url, model, prompt, stream=stream, on_piece=echo, **params)
+    if as_json:
+        click.echo(
+            json.dumps({"text_output": out.text, "finish_reason": out.finish_reason, "ttft_s": out.ttft})
+        )
+    elif stream:
+        click.echo()
+    else:
+        click.echo(out.text)
+    if not as_json:
+        click.echo(f"[finish_reason: {out.finish_reason}]", err=True)
+
+
+@click.command("repo")
+@click.argument("artifact", type=click.Path(exists=True, path_type=Path))
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--kind", type=click.Choice(["native", "trtllm", "llmapi"]), default="native", show_default=True
+)
+@click.option(
+    "--engine-dir", type=click.Path(path_type=Path), help="trtllm: the TensorRT-LLM engine directory"
+)
+@deploy_option
+def repo_cmd(artifact, output, kind, engine_dir, deploy_set):
+    """Generate a Triton model repository for ARTIFACT (every config.pbtxt validated)."""
+    from trtcompress.triton_models import generate_repository
+    from trtcompress.triton_models.pbtxt import validate_repository
+
+    deploy = _deploy(artifact, deploy_set)
+    path = generate_repository(kind, artifact, output, deploy, engine_dir=engine_dir)
+    models = validate_repository(path)
+    click.echo(f"wrote {path}: {', '.join(sorted(models))}")
+
+
+@click.command("serve")
+@click.argument("target", type=click.Path(exists=True, path_type=Path))
+@click.option("--concurrency", default="1,8,32", show_default=True, help="concurrent clients to sweep")
+@click.option("--requests", "num_requests", type=int, default=64, show_default=True, help="per level")
+@click.option("--prompt-tokens", type=int, default=64, show_default=True)
+@click.option("--output-tokens", type=int, default=64, show_default=True)
+@deploy_option
+@click.option("--hf-baseline/--no-hf-baseline", default=True, show_default=True, help="HF generate, same run")
+@click.option(
+    "--output", "-o", type=click.Path(path_type=Path), default=Path("out/bench-serve"), show_default=True
+)
+def bench_serve(
+    target, concurrency, num_requests, prompt_tokens, output_tokens, deploy_set, hf_baseline, output
+):
+    """Load generator: concurrent tritonclient gRPC streaming clients against TARGET served by tritonserver,
+    with HF `generate` and one-request-at-a-time baselines measured in the same run."""
+    from trtcompress.bench_serve import run
+
+    levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    result = run(
+        target, levels, num_requests, prompt_tokens, output_tokens, list(deploy_set), hf_baseline, output
+    )
+    click.echo(json.dumps(result["summary"], indent=2))
+
+
+def register(cli: click.Group, bench: click.Group) -> None:
+    cli.add_command(serve)
+    cli.add_command(generate)
+    cli.add_command(repo_cmd)
+    bench.add_command(bench_serve)

@@ -1,0 +1,176 @@
+"""Clients of the text model (native or TensorRT-LLM LLM-API repositories): gRPC streaming with
+`tritonclient`, and Triton's HTTP `generate` / `generate_stream` endpoints.
+
+Both return a `Completion` (text, finish reason, and per-piece arrival times, from which the load
+benchmark takes time to first token and inter-token latency). A request the server refuses raises
+`ClientError` with the server's message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from trtcompress.errors import TrtcompressError
+
+
+class ClientError(TrtcompressError):
+    """The server answered the request with an error."""
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    finish_reason: str = ""
+    pieces: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # seconds after the request was sent, per piece
+    start: float = 0.0
+
+    @property
+    def ttft(self) -> float | None:
+        return self.times[0] if self.times else None
+
+    @property
+    def itl(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+
+
+PARAM_TYPES = {
+    "max_tokens": ("INT32", np.int32),
+    "stream": ("BOOL", np.bool_),
+    "temperature": ("FP32", np.float32),
+    "top_k": ("INT32", np.int32),
+    "top_p": ("FP32", np.float32),
+    "seed": ("INT64", np.int64),
+    "end_id": ("INT32", np.int32),
+}
+
+
+def _grpc_inputs(prompt: str | bytes, params: dict[str, Any]) -> list[Any]:
+    import tritonclient.grpc as grpcclient
+
+    raw = prompt if isinstance(prompt, bytes) else prompt.encode("utf-8")
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([raw], dtype=np.object_))
+    inputs = [text]
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name == "stop":
+            stops = [value] if isinstance(value, str) else list(value)
+            t = grpcclient.InferInput("stop", [len(stops)], "BYTES")
+            t.set_data_from_numpy(np.array([s.encode() for s in stops], dtype=np.object_))
+        elif name in PARAM_TYPES:
+            dtype, np_dtype = PARAM_TYPES[name]
+            t = grpcclient.InferInput(name, [1], dtype)
+            t.set_data_from_numpy(np.array([value], dtype=np_dtype))
+        else:  # unknown names are sent as inputs too: the server must refuse them
+            t = grpcclient.InferInput(name, [1], "INT32")
+            t.set_data_from_numpy(np.array([int(value)], dtype=np.int32))
+        inputs.append(t)
+    return inputs
+
+
+def generate_grpc(
+    url: str,
+    model: str,
+    prompt: str | bytes,
+    stream: bool = True,
+    timeout: float = 600.0,
+    on_piece: Callable[[str], None] | None = None,
+    client: Any = None,
+    **params: Any,
+) -> Completion:
+    """One request over a gRPC bidirectional stream (the decoupled model's transport)."""
+    import tritonclient.grpc as grpcclient
+
+    own = client is None
+    client = client or grpcclient.InferenceServerClient(url)
+    results: queue.Queue = queue.Queue()
+    done = Completion()
+    try:
+        client.start_stream(callback=lambda result, error: results.put((result, error, time.perf_counter())))
+        done.start = time.perf_counter()
+        inputs = _grpc_inputs(prompt, {**params, "stream": stream})
+        client.async_stream_infer(model, inputs, request_id=uuid.uuid4().hex)
+        deadline = done.start + timeout
+        while True:
+            try:
+                result, error, t = results.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                raise ClientError(f"no final response within {timeout:.0f} s") from None
+            if error is not None:
+                raise ClientError(str(error.message() if hasattr(error, "message") else error))
+            piece = result.as_numpy("text_output")[0].decode("utf-8")
+            reason = result.as_numpy("finish_reason")[0].decode("utf-8")
+            done.pieces.append(piece)
+            done.times.append(t - done.start)
+            if on_piece:
+                on_piece(piece)
+            if reason:
+                done.finish_reason = reason
+                break
+    finally:
+        client.stop_stream()
+        if own:
+            client.close()
+    done.text = "".join(done.pieces)
+    return done
+
+
+def generate_http(
+    url: str,
+    model: str,
+    prompt: str,
+    stream: bool = False,
+    timeout: float = 600.0,
+    on_piece: Callable[[str], None] | None = None,
+    **params: Any,
+) -> Completion:
+    """One request to `/v2/models/MODEL/generate` (or `generate_stream`, server-sent events)."""
+    body = {"text_input": prompt, **{k: v for k, v in params.items() if v is not None}}
+    if stream:
+        body["stream"] = True
+    endpoint = "generate_stream" if stream else "generate"
+    request = urllib.request.Request(
+        f"http://{url}/v2/models/{model}/{endpoint}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    done = Completion(start=time.perf_counter())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if not stream:
+                data = json.loads(response.read())
+                done.pieces, done.times = [data["text_output"]], [time.perf_counter() - done.start]
+                done.finish_reason = data.get("finish_reason", "")
+            else:
+                for line in response:
+                    line = line.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = json.loads(line[5:])
+                    if "error" in data:
+                        raise ClientError(data["error"])
+                    done.pieces.append(data["text_output"])
+                    done.times.append(time.perf_counter() - done.start)
+                    if on_piece:
+                        on_piece(data["text_output"])
+                    done.finish_reason = data.get("finish_reason") or done.finish_reason
+    except urllib.error.HTTPError as exc:
+        message = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, KeyError):
+            message = json.loads(message)["error"]
+        raise ClientError(f"HTTP {exc.code}: {message}") from None
+    done.text = "".join(done.pieces)
+    return done

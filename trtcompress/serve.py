@@ -1,0 +1,214 @@
+"""Start, health-check and stop a real tritonserver.
+
+The binary is `tritonserver` on PATH (the NGC container) or the one bundled in the `nvidia-pytriton`
+wheel. For the bundled one the python backend needs its stub next to it, so the backends directory is
+copied to a private directory (site-packages is never written) with the stub for this interpreter's
+Python version; the stub must load this interpreter's libpython (its LIBDIR goes first in
+LD_LIBRARY_PATH) and import this environment's packages (its site-packages and the trtcompress source
+go on PYTHONPATH). Endpoints bind to 127.0.0.1 unless a host is given.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trtcompress.errors import MissingDependencyError, TrtcompressError
+
+
+class ServeError(TrtcompressError):
+    """tritonserver could not be started, or did not become ready."""
+
+
+@dataclass
+class Tritonserver:
+    binary: Path
+    backend_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    private_dir: Path | None = None  # removed on stop
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _python_path() -> list[str]:
+    import trtcompress
+
+    paths = [str(Path(trtcompress.__file__).resolve().parent.parent)]
+    paths += [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    return list(dict.fromkeys(paths))
+
+
+def locate_tritonserver() -> Tritonserver:
+    """The tritonserver to run, with its backends directory and environment."""
+    on_path = shutil.which("tritonserver")
+    env = dict(os.environ)
+    pythonpath = _python_path() + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(pythonpath))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if on_path and not os.environ.get("TRTCOMPRESS_BUNDLED_TRITON"):
+        return Tritonserver(Path(on_path), Path("/opt/tritonserver/backends"), env)
+    try:
+        import pytriton
+    except ImportError:
+        raise MissingDependencyError(
+            "serving needs tritonserver: pip install 'trtcompress[serve]' (nvidia-pytriton bundles it), "
+            "or run inside the NGC Triton container"
+        ) from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not binary.is_file() or not stub.is_file():
+        raise MissingDependencyError(f"{root}: no tritonserver binary or python stub for Python {version}")
+    private = Path(tempfile.mkdtemp(prefix="trtcompress-triton-"))
+    backends = private / "backends"
+    shutil.copytree(root / "backends", backends, symlinks=True)
+    shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
+    libdirs = [sysconfig.get_config_var("LIBDIR") or "", str(root.parent.parent / "nvidia_pytriton.libs")]
+    libdirs += [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libdirs if p)
+    return Tritonserver(binary, backends, env, private)
+
+
+@dataclass
+class Endpoints:
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+    @property
+    def http(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+class Server:
+    """A running tritonserver process over a model repository (a context manager)."""
+
+    def __init__(
+        self,
+        repo: Path,
+        host: str = "127.0.0.1",
+        http_port: int = 0,
+        grpc_port: int = 0,
+        metrics_port: int = 0,
+        log_file: Path | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.repo = Path(repo).resolve()
+        client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        self.bind_host = host
+        self.endpoints = Endpoints(
+            client_host,
+            http_port or free_port(),
+            grpc_port or free_port(),
+            metrics_port or free_port(),
+        )
+        self.log_file = log_file
+        self.verbose = verbose
+        self.proc: subprocess.Popen | None = None
+        self.triton: Tritonserver | None = None
+
+    def command(self) -> list[str]:
+        assert self.triton is not None
+        e = self.endpoints
+        return [
+            str(self.triton.binary),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={self.triton.backend_dir}",
+            f"--http-address={self.bind_host}",
+            f"--http-port={e.http_port}",
+            f"--grpc-address={self.bind_host}",
+            f"--grpc-port={e.grpc_port}",
+            f"--metrics-address={self.bind_host}",
+            f"--metrics-port={e.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--exit-timeout-secs=10",
+            "--exit-on-error=true",
+            f"--log-verbose={1 if self.verbose else 0}",
+        ]
+
+    def start(self, timeout: float = 300.0) -> Server:
+        self.triton = locate_tritonserver()
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.command(), env=self.triton.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(self.endpoints.http, network_timeout=5.0)
+        try:  # the connection is closed after: tritonserver waits for open connections when it stops
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    code = self.proc.returncode
+                    raise ServeError(
+                        f"tritonserver exited with code {code} before it was ready{self._log_tail()}"
+                    )
+                try:
+                    if client.is_server_ready():
+                        return
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.25)
+        finally:
+            client.close()
+        raise ServeError(f"tritonserver was not ready within {timeout:.0f} s{self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        if not self.log_file or not Path(self.log_file).is_file():
+            return ""
+        lines = Path(self.log_file).read_text(errors="replace").splitlines()[-25:]
+        return ":\n" + "\n".join(lines)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (tritonserver unloads its models and exits), then SIGKILL if it hangs."""
+        code = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                code = self.proc.wait()
+        elif self.proc is not None:
+            code = self.proc.returncode
+        if self.triton is not None and self.triton.private_dir is not None:
+            shutil.rmtree(self.triton.private_dir, ignore_errors=True)
+            self.triton.private_dir = None
+        return code
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,40 @@
+"""Triton model repositories generated from an artifact and its recipe's `deploy:` section.
+
+- `native` (`native.py`): one decoupled python-backend model running the native runtime;
+- `trtllm` (`trtllm.py`): TensorRT-LLM's inflight_batcher_llm layout (preprocessing, tensorrt_llm,
+  postprocessing, ensemble) pointing at an engine directory;
+- `llmapi` (`llmapi.py`): TensorRT-LLM's PyTorch-backend LLM-API model (`model.yaml`).
+
+Every `config.pbtxt` is rendered strictly (a leftover placeholder is an error) and parsed back with
+tritonclient's `model_config_pb2` before it is written (`pbtxt.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+KINDS = ("native", "trtllm", "llmapi")
+
+
+def generate_repository(
+    kind: str, artifact: Path, out: Path, deploy: Any = None, engine_dir: Path | None = None
+) -> Path:
+    from trtcompress.triton_models.native import deploy_from_artifact
+    from trtcompress.triton_models.pbtxt import RepositoryError
+
+    deploy = deploy or deploy_from_artifact(Path(artifact))
+    if kind == "native":
+        from trtcompress.triton_models.native import write_native_repository
+
+        return write_native_repository(out, artifact, deploy)
+    if kind == "trtllm":
+        from trtcompress.triton_models.trtllm import fill_trtllm_repository
+
+        engine = engine_dir or (Path(deploy.engine_dir) if deploy.engine_dir else Path(artifact) / "engine")
+        return fill_trtllm_repository(out, engine_dir=engine, tokenizer_dir=Path(artifact), deploy=deploy)
+    if kind == "llmapi":
+        from trtcompress.triton_models.llmapi import write_llmapi_repository
+
+        return write_llmapi_repository(out, artifact, deploy)
+    raise RepositoryError(f"unknown repository kind {kind!r}; known: {', '.join(KINDS)}")

@@ -1,0 +1,59 @@
+"""The `llmapi` repository: TensorRT-LLM's PyTorch-backend LLM-API Triton model.
+
+`tensorrt_llm/config.pbtxt` (python backend, decoupled) and `tensorrt_llm/1/model.yaml` (what the
+LLM-API `model.py` of TensorRT-LLM's `triton_backend/all_models/llmapi` reads: the model to load, the
+PyTorch backend, parallelism, the KV-cache and scheduler settings of the recipe's deploy section). That
+`model.py` ships with TensorRT-LLM; copy it into `tensorrt_llm/1/` in the NGC container (it is not
+installable here). The request interface is the one the native model implements (`text_input`,
+`max_tokens`, `stream`, `text_output`), so clients are the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from trtcompress.runtime.config import DeployConfig
+from trtcompress.triton_models.native import CONFIG_TEMPLATE as NATIVE_TEMPLATE
+from trtcompress.triton_models.pbtxt import check_no_placeholders, render, write_config
+
+
+def model_yaml(model: Path, deploy: DeployConfig) -> dict:
+    return {
+        "model": str(model),
+        "backend": "pytorch",
+        "tensor_parallel_size": deploy.tensor_parallel_size,
+        "pipeline_parallel_size": deploy.pipeline_parallel_size,
+        "max_batch_size": deploy.max_batch_size,
+        "max_num_tokens": deploy.max_num_tokens,
+        "max_seq_len": deploy.max_seq_len,
+        "enable_chunked_prefill": deploy.enable_chunked_context,
+        "kv_cache_config": {
+            "free_gpu_memory_fraction": deploy.kv_cache_free_gpu_mem_fraction,
+            "max_tokens": deploy.max_tokens_in_paged_kv_cache,
+            "enable_block_reuse": deploy.enable_kv_cache_reuse,
+        },
+        "scheduler_config": {
+            "capacity_scheduler_policy": deploy.batch_scheduler_policy.upper(),
+        },
+        "triton_config": {"max_batch_size": 0, "decoupled": deploy.decoupled},
+    }
+
+
+def write_llmapi_repository(repo: Path, artifact: Path, deploy: DeployConfig | None = None) -> Path:
+    """The HF checkpoint the LLM API loads: ARTIFACT/hf when the build exported one, else ARTIFACT."""
+    deploy = deploy or DeployConfig()
+    artifact = Path(artifact).resolve()
+    model = artifact / "hf" if (artifact / "hf" / "config.json").is_file() else artifact
+    text = render(
+        NATIVE_TEMPLATE,
+        {"name": "tensorrt_llm", "decoupled": "true" if deploy.decoupled else "false", "parameters": ""},
+    )
+    model_dir = Path(repo) / "tensorrt_llm"
+    write_config(model_dir, text)
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    body = yaml.safe_dump(model_yaml(model, deploy), sort_keys=False)
+    check_no_placeholders(body, "model.yaml")
+    (model_dir / "1" / "model.yaml").write_text(body)
+    return Path(repo)

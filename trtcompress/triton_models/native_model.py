@@ -1,0 +1,152 @@
+"""The Triton python-backend model of the `native` repository (imported by the generated `1/model.py`).
+
+`initialize` loads the artifact into an `Engine` and starts its `EngineLoop` (the background thread that
+runs in-flight batching); `execute` validates each request and submits it, and the engine's outputs are
+sent back through the request's response sender as they are produced: one response per text delta
+when `stream` is true, one response with the whole text otherwise, the last one flagged final. A
+request the runtime refuses gets a Triton error response; the model keeps serving the others.
+
+Only importable inside tritonserver's python stub (`triton_python_backend_utils`).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+
+from trtcompress.runtime.config import DeployConfig
+from trtcompress.runtime.sampling import RequestError, SamplingParams
+from trtcompress.runtime.sequence import RequestOutput
+
+INPUTS = ("text_input", "max_tokens", "stream", "temperature", "top_k", "top_p", "seed", "stop", "end_id")
+
+
+def _pb() -> Any:
+    import triton_python_backend_utils as pb_utils  # provided by the python backend stub
+
+    return pb_utils
+
+
+def _scalar(request: Any, name: str) -> Any:
+    tensor = _pb().get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    array = tensor.as_numpy().reshape(-1)
+    if array.size != 1:
+        raise RequestError(f"{name} must hold exactly one value, got {array.size}")
+    return array[0]
+
+
+def _text(value: Any, name: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"{name} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return str(value)
+
+
+def parse_request(request: Any, default_max_tokens: int) -> tuple[str, SamplingParams, bool]:
+    """(prompt, sampling parameters, stream) from a Triton request; RequestError names what is wrong."""
+    params_json = request.parameters() if hasattr(request, "parameters") else "{}"
+    extra = set(json.loads(params_json or "{}"))
+    if extra:  # HTTP generate turns JSON keys that are not inputs into request parameters
+        raise RequestError(f"unknown parameter(s) {sorted(extra)}; the model accepts {', '.join(INPUTS)}")
+    raw = _scalar(request, "text_input")
+    if raw is None:
+        raise RequestError("text_input is required")
+    prompt = _text(raw, "text_input")
+    if not prompt:
+        raise RequestError("text_input (the prompt) is empty")
+
+    def get(name: str, cast: Any, default: Any) -> Any:
+        value = _scalar(request, name)
+        return default if value is None else cast(value)
+
+    stop_tensor = _pb().get_input_tensor_by_name(request, "stop")
+    stop = () if stop_tensor is None else tuple(_text(s, "stop") for s in stop_tensor.as_numpy().reshape(-1))
+    seed = get("seed", int, None)
+    params = SamplingParams(
+        max_tokens=get("max_tokens", int, default_max_tokens),
+        temperature=get("temperature", float, 0.0),
+        top_k=get("top_k", int, 0),
+        top_p=get("top_p", float, 1.0),
+        seed=seed,
+        stop=stop,
+        end_id=get("end_id", int, None),
+    )
+    params.check()
+    return prompt, params, bool(get("stream", bool, False))
+
+
+class _Responder:
+    """The engine-loop callback of one request: turns RequestOutputs into Triton responses."""
+
+    def __init__(self, sender: Any, stream: bool, prefix: str, cancel: Any) -> None:
+        self.sender, self.stream, self.prefix, self.cancel = sender, stream, prefix, cancel
+        self.request_id: str | None = None
+        self.lock = threading.Lock()
+
+    def __call__(self, out: RequestOutput) -> None:
+        pb = _pb()
+        with self.lock:
+            if self.request_id and getattr(self.sender, "is_cancelled", lambda: False)():
+                self.cancel(self.request_id)  # the client went away: stop generating for it
+            if out.finish_reason and out.finish_reason.startswith("error"):
+                error = pb.InferenceResponse(error=pb.TritonError(out.finish_reason))
+                self.sender.send(error, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return
+            if self.stream:
+                if not out.delta_text and not out.finished:
+                    return
+                text = out.delta_text
+            elif out.finished:
+                text = self.prefix + out.text
+            else:
+                return
+            response = pb.InferenceResponse(
+                output_tensors=[
+                    pb.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+                    pb.Tensor(
+                        "finish_reason", np.array([(out.finish_reason or "").encode()], dtype=np.object_)
+                    ),
+                ]
+            )
+            self.sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if out.finished else 0)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        from trtcompress.runtime.engine import Engine, EngineLoop
+
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.deploy = DeployConfig.model_validate_json(params["deploy"])
+        self.default_max_tokens = int(params.get("default_max_tokens") or 16)
+        self.logger = _pb().Logger
+        engine = Engine.from_path(params["artifact"], self.deploy, step_log=params.get("step_log") or None)
+        self.loop = EngineLoop(engine, on_error=lambda exc: self.logger.log_error(f"engine: {exc!r}"))
+        self.logger.log_info(
+            f"trtcompress native runtime: {params['artifact']} (max_batch_size {self.deploy.max_batch_size}, "
+            f"max_num_tokens {self.deploy.max_num_tokens}, policy {self.deploy.batch_scheduler_policy})"
+        )
+
+    def execute(self, requests: list[Any]) -> None:
+        pb = _pb()
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                prompt, params, stream = parse_request(request, self.default_max_tokens)
+                prefix = "" if self.deploy.exclude_input_in_output else prompt
+                responder = _Responder(sender, stream, prefix, self.loop.cancel)
+                responder.request_id = self.loop.submit(prompt, params, responder)
+            except (RequestError, ValueError, TypeError, OverflowError) as exc:
+                error = pb.InferenceResponse(error=pb.TritonError(f"invalid request: {exc}"))
+                sender.send(error, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def finalize(self) -> None:
+        self.loop.shutdown()
