@@ -98,6 +98,19 @@ def _add(options):
 )
 @click.option("--name", help="recipe name recorded in the artifact [name]")
 @click.option(
+    "--export",
+    type=click.Choice(["native", "trtllm", "hf"]),
+    multiple=True,
+    help="also write OUT/trtllm (TensorRT-LLM checkpoint), OUT/hf (ModelOpt HF layout) [export.formats]",
+)
+@click.option("--tp-size", type=int, help="tensor-parallel ranks of the trtllm export [export.tp_size]")
+@click.option("--pp-size", type=int, help="pipeline-parallel stages of the trtllm export [export.pp_size]")
+@click.option(
+    "--engine/--no-engine",
+    default=None,
+    help="build a TensorRT-LLM engine into OUT/engine (needs TensorRT-LLM 1.2.1) [export.engine.enabled]",
+)
+@click.option(
     "--set",
     "assignments",
     multiple=True,

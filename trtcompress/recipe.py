@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trtcompress.builders.gates import Gate
 from trtcompress.errors import RecipeError
@@ -36,11 +36,53 @@ class CalibrationConfig(StrictModel):
     seq_len: int = Field(512, ge=8, description="tokens per calibration sequence")
 
 
+class EngineConfig(StrictModel):
+    """`trtllm-build` settings for `--engine` (TensorRT-LLM 1.2.1; see builders/engine.py)."""
+
+    enabled: bool = Field(False, description="build a TensorRT-LLM engine from the trtllm checkpoint")
+    max_batch_size: int = Field(8, ge=1, description="trtllm-build --max_batch_size")
+    max_input_len: int = Field(1024, ge=1, description="trtllm-build --max_input_len")
+    max_seq_len: int = Field(2048, ge=2, description="trtllm-build --max_seq_len")
+    max_num_tokens: int = Field(4096, ge=1, description="trtllm-build --max_num_tokens")
+    kv_cache_type: Literal["paged", "continuous", "disabled"] = Field("paged", description="--kv_cache_type")
+    gemm_plugin: str = Field("auto", description="--gemm_plugin (auto, float16, bfloat16, disable, ...)")
+    gpt_attention_plugin: str = Field("auto", description="--gpt_attention_plugin")
+    use_paged_context_fmha: bool = Field(True, description="--use_paged_context_fmha")
+    workers: int = Field(1, ge=1, description="--workers (parallel rank builds)")
+
+
 class ExportConfig(StrictModel):
-    formats: list[Literal["native"]] = Field(
-        default_factory=lambda: ["native"], description="artifact formats"
+    formats: list[Literal["native", "trtllm", "hf"]] = Field(
+        default_factory=lambda: ["native"],
+        description="artifact formats: native (always written), trtllm (OUT/trtllm), hf (OUT/hf)",
     )
     shard_size_mb: int = Field(2048, ge=1, description="maximum safetensors shard size")
+    tp_size: int = Field(1, ge=1, description="tensor-parallel ranks of the trtllm checkpoint")
+    pp_size: int = Field(1, ge=1, description="pipeline-parallel stages of the trtllm checkpoint")
+    dtype: Literal["float16", "bfloat16"] = Field("float16", description="dtype of trtllm/hf dense tensors")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _native_first(cls, value: Any) -> Any:
+        # The native artifact is the build's record (manifest, checksums): always written, listed once.
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return ["native", *dict.fromkeys(v for v in value if v != "native")]
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_needs_checkpoint(cls, data: Any) -> Any:
+        # The engine is built from the trtllm checkpoint, so asking for an engine asks for the checkpoint.
+        engine = data.get("engine") if isinstance(data, dict) else None
+        if isinstance(engine, dict) and engine.get("enabled") is True:
+            formats = data.get("formats", ["native"])
+            formats = [formats] if isinstance(formats, str) else list(formats)
+            if "trtllm" not in formats:
+                data = {**data, "formats": [*formats, "trtllm"]}
+        return data
 
 
 def _pass_config_type() -> Any:
@@ -158,6 +200,10 @@ CLI_FLAG_PATHS: dict[str, str] = {
     "gsm8k_problems": "eval.gsm8k_problems",
     "gsm8k_generate": "eval.gsm8k_generate",
     "gate": "gates",
+    "export": "export.formats",
+    "tp_size": "export.tp_size",
+    "pp_size": "export.pp_size",
+    "engine": "export.engine.enabled",
     "dtype": "dtype",
     "name": "name",
 }
@@ -273,4 +319,11 @@ def format_validation_error(exc: ValidationError) -> str:
     return "; ".join(messages)
 
 
-__all__ = ["CalibrationConfig", "ExportConfig", "PassConfig", "Recipe", "load_recipe", "with_overrides"]
+__all__ = [
+    "CalibrationConfig",
+    "ExportConfig",
+    "PassConfig",
+    "Recipe",
+    "load_recipe",
+    "with_overrides",
+]

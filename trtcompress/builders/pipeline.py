@@ -41,6 +41,10 @@ def build(
     out = Path(out)
     if out.exists() and not force:  # fail before spending minutes on compression
         raise native.ArtifactError(f"{out} already exists; pass --force to replace it")
+    if recipe.export.engine.enabled:  # refuse before any work or any file when TensorRT-LLM is missing
+        from trtcompress.builders.engine import require_trtllm
+
+        require_trtllm()
 
     resolve_model(spec, log=ui.log)  # a bad model argument fails here, before anything is printed
     ui.log(f"loading {spec}")
@@ -53,6 +57,7 @@ def build(
         content = native.write_weights(
             loaded.model, loaded.tokenizer, tmp, shard_size_bytes=recipe.export.shard_size_mb << 20
         )
+        content["exports"] = write_exports(loaded, recipe, tmp, content, log=ui.log, final=out)
         manifest = native.new_manifest(
             recipe=recipe.model_dump(mode="json"),
             source={"model": spec, "path": str(loaded.path), "model_type": loaded.config.model_type},
@@ -82,3 +87,21 @@ def build(
         manifest["timings"] = {"compress_s": compress_seconds, "total_s": time.perf_counter() - start}
         native.write_manifest(tmp, manifest)
     return BuildResult(out, manifest, report, gates, time.perf_counter() - start)
+
+
+def write_exports(
+    loaded, recipe: Recipe, out: Path, content: dict, log=lambda m: None, final: Path | None = None
+) -> dict:
+    """The recipe's extra formats (OUT/trtllm, OUT/hf, OUT/engine + OUT/triton/trtllm), inside the build's
+    atomic directory `out` (`final`: where it is renamed to). Their files join the manifest's checksummed
+    file list (paths relative to the artifact)."""
+    from trtcompress.builders.exports import export_formats
+
+    exports = export_formats(loaded.model, loaded.tokenizer, recipe, out, log=log, final=final)
+    for sub in ("trtllm", "hf", "engine", "triton/trtllm"):
+        root = out / sub
+        for file in sorted(root.rglob("*")) if root.is_dir() else []:
+            if file.is_file():
+                rel = file.relative_to(out).as_posix()
+                content["files"][rel] = {"sha256": native.sha256_file(file), "bytes": file.stat().st_size}
+    return exports

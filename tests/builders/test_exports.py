@@ -1,0 +1,116 @@
+"""`trtcompress build --export trtllm/hf [--tp-size N] [--engine]` on the tiny model: the extra formats
+join the atomic artifact and its checksums; `--engine` without TensorRT-LLM stops before any work and
+names the container image to use."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import TINY_EVAL_FLAGS, run_cli
+from trtcompress.builders import engine
+from trtcompress.errors import ArtifactError, MissingDependencyError
+from trtcompress.recipe import EngineConfig, Recipe
+
+HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
+
+
+def test_cli_exports_trtllm_tp2_and_hf_into_the_artifact(tiny_model_dir, tmp_path):
+    out = tmp_path / "a"
+    recipe = tmp_path / "g16.yaml"  # group 16: whole groups in each rank's half of the 96 / 160 inputs
+    recipe.write_text("passes:\n  - {method: gsq, bits: 4, group_size: 16, exclude: [lm_head]}\n")
+    result = run_cli(
+        "build", str(tiny_model_dir), "--recipe", str(recipe), "-o", str(out), "--export", "trtllm",
+        "--export", "hf", "--tp-size", "2", "--json", *TINY_EVAL_FLAGS,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    exports = manifest["exports"]
+    assert exports["trtllm"]["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
+    assert exports["trtllm"]["quantization"]["quant_algo"] == "W4A16_AWQ"
+    assert exports["hf"]["quant_algo"] == "W4A16_AWQ" and exports["hf"]["group_size"] == 16
+    assert manifest["recipe"]["export"]["formats"] == ["native", "trtllm", "hf"]
+    for rel in ("trtllm/config.json", "trtllm/rank0.safetensors", "trtllm/rank1.safetensors",
+                "hf/model.safetensors", "hf/hf_quant_config.json"):  # fmt: skip
+        assert rel in manifest["files"], rel  # checksummed like the native shards
+    rank1 = load_file(str(out / "trtllm/rank1.safetensors"))
+    # rank 1: 2 q heads + 1 k + 1 v head of 24 = 96 rows, padded like TensorRT-LLM's group-wise layers to
+    # 128 rows x 128 inputs (max(64, group) * tp), two int4 rows per int8
+    assert rank1["transformer.layers.0.attention.qkv.weight"].shape == (128 // 2, 128)
+    verify = run_cli("inspect", str(out))  # the reader verifies every checksum, the export files included
+    assert verify.returncode == 0, verify.stderr
+
+
+@pytest.mark.skipif(HAS_TRTLLM, reason="TensorRT-LLM is installed here")
+@pytest.mark.parametrize("how", ["flag", "recipe"])
+def test_engine_without_trtllm_stops_before_any_work(tiny_model_dir, tmp_path, how):
+    out = tmp_path / "a"
+    if how == "flag":
+        args = ["--engine"]
+    else:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text("export:\n  engine:\n    enabled: true\n    max_batch_size: 4\n")
+        args = ["--recipe", str(recipe)]
+    result = run_cli("build", str(tiny_model_dir), "-o", str(out), *args)
+    assert result.returncode == MissingDependencyError.exit_code
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert engine.NGC_IMAGE in lines[0] and "TensorRT-LLM 1.2.1" in lines[0]
+    assert "loading" not in result.stdout + result.stderr  # stopped before loading the model
+    assert not out.exists() and not list(tmp_path.glob(".partial-*"))
+
+
+def test_engine_in_recipe_asks_for_the_checkpoint():
+    recipe = Recipe.model_validate({"export": {"engine": {"enabled": True}}})
+    assert recipe.export.formats == ["native", "trtllm"]
+
+
+def _config(quant_algo=None, group=None, plugins=None, world=1):
+    return {"mapping": {"world_size": world, "tp_size": world, "pp_size": 1},
+            "quantization": {"quant_algo": quant_algo, "group_size": group},
+            "trtcompress": {"plugins": plugins or {}}}  # fmt: skip
+
+
+def test_trtllm_build_args_come_from_the_recipe(tmp_path):
+    cfg = EngineConfig(enabled=True, max_batch_size=16, max_num_tokens=2048, workers=4)
+    args = engine.trtllm_build_args(tmp_path / "ckpt", tmp_path / "eng", cfg, _config(world=2))
+    flags = dict(zip(args[1::2], args[2::2], strict=False))
+    assert args[0] == "trtllm-build"
+    assert flags["--checkpoint_dir"] == str(tmp_path / "ckpt") and flags["--output_dir"] == str(
+        tmp_path / "eng"
+    )
+    assert (flags["--max_batch_size"], flags["--max_num_tokens"]) == ("16", "2048")
+    assert flags["--kv_cache_type"] == "paged" and flags["--use_paged_context_fmha"] == "enable"
+    assert flags["--workers"] == "2"  # no more workers than ranks
+    cfg = EngineConfig(kv_cache_type="continuous")
+    assert "--use_paged_context_fmha" not in engine.trtllm_build_args(tmp_path, tmp_path, cfg, _config())
+
+
+def test_checkpoints_stock_trtllm_build_cannot_build_are_refused():
+    engine.check_buildable(_config("W4A16_AWQ", 128))
+    engine.check_buildable(_config("W4A16_MXFP4"))
+    with pytest.raises(ArtifactError, match=r"trtcompress::gear_attention.*stock trtllm-build"):
+        engine.check_buildable(_config(plugins={"trtcompress::gear_attention": {"codec": "gear-2bit"}}))
+    with pytest.raises(ArtifactError, match="group size 64 or 128"):
+        engine.check_buildable(_config("W4A16_AWQ", 32))
+
+
+@pytest.mark.skipif(HAS_TRTLLM, reason="TensorRT-LLM is installed here")
+def test_require_trtllm_names_the_container():
+    with pytest.raises(MissingDependencyError, match=r"nvcr\.io/nvidia/tritonserver:"):
+        engine.require_trtllm()
+
+
+def test_engine_triton_repository_points_where_the_artifact_will_be(tmp_path):
+    from trtcompress.triton_models.pbtxt import validate_repository
+
+    building, final = tmp_path / ".partial-x", tmp_path / "artifact"
+    repo = engine.fill_triton_repository(building, final, log=lambda m: None)
+    assert repo == building / "triton" / "trtllm"
+    configs = validate_repository(repo)
+    assert set(configs) >= {"preprocessing", "tensorrt_llm", "postprocessing", "ensemble"}
+    text = (repo / "tensorrt_llm" / "config.pbtxt").read_text()
+    assert str(final / "engine") in text and ".partial-x" not in text

@@ -1,0 +1,98 @@
+"""HF quantized export (ModelOpt `hf_quant_config.json` layout) against ModelOpt's `export_hf_checkpoint`."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.checkpoints.trtllm_util import modelopt_quantize
+from trtcompress.builders.compress import compress_model
+from trtcompress.checkpoints.hf_quant import write_hf_checkpoint
+from trtcompress.checkpoints.trtllm_layout import ExportError
+from trtcompress.recipe import Recipe
+
+
+@pytest.mark.parametrize("algo", ["awq", "fp8"])
+def test_matches_modelopt_hf_export(tiny_model_dir, tmp_path, algo):
+    pytest.importorskip("modelopt")
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from trtcompress.checkpoints.modelopt_import import import_modelopt_model
+
+    # fp16 before exporting: ModelOpt's HF exporter quantizes in the target dtype (from fp32 weights a few
+    # codes per layer land on the other side of a rounding boundary)
+    model = modelopt_quantize(AutoModelForCausalLM.from_pretrained(tiny_model_dir), algo, block=32).half()
+    # ModelOpt's HF export packs the weights in place: export a copy, import the original
+    export_hf_checkpoint(copy.deepcopy(model), dtype=torch.float16, export_dir=tmp_path / "modelopt")
+    import_modelopt_model(model, target="hf")
+    write_hf_checkpoint(model, None, tmp_path / "ours")
+    ref_q = json.loads((tmp_path / "modelopt/hf_quant_config.json").read_text())["quantization"]
+    our_q = json.loads((tmp_path / "ours/hf_quant_config.json").read_text())["quantization"]
+    assert {k: our_q[k] for k in ref_q if k != "exclude_modules"} == {
+        k: v for k, v in ref_q.items() if k != "exclude_modules"
+    }
+    assert sorted(our_q["exclude_modules"]) == sorted(ref_q["exclude_modules"])
+    ref_c = json.loads((tmp_path / "modelopt/config.json").read_text())["quantization_config"]
+    our_c = json.loads((tmp_path / "ours/config.json").read_text())["quantization_config"]
+    assert {k: v for k, v in our_c.items() if k != "producer"} == {
+        k: v for k, v in ref_c.items() if k != "producer"
+    }
+    ref, ours = (
+        load_file(str(tmp_path / "modelopt/model.safetensors")),
+        load_file(str(tmp_path / "ours/model.safetensors")),
+    )
+    assert set(ours) == set(ref)
+    for name, r in ref.items():
+        o = ours[name]
+        assert o.shape == r.shape, name
+        if r.dtype in (torch.uint8, torch.float8_e4m3fn):
+            assert o.dtype == r.dtype and torch.equal(o.view(torch.uint8), r.view(torch.uint8)), name
+        elif name.endswith(("_scale", "scale_2")):
+            assert o.dtype == r.dtype, name  # fp32 block/tensor scales, pre-quant scales in the model dtype
+            torch.testing.assert_close(o, r, rtol=2**-11, atol=0, msg=name)
+        else:  # dense tensors: ModelOpt 0.47 keeps fp32 under transformers 5; ours are in the export dtype
+            torch.testing.assert_close(o.float(), r.float(), rtol=2**-10, atol=1e-6, msg=name)
+
+
+def test_partial_group_refused_for_hf(tiny_model, tmp_path):
+    recipe = Recipe.model_validate(
+        {"passes": [{"method": "gsq", "bits": 4, "group_size": 64, "exclude": ["lm_head"]}]}
+    )
+    compress_model(tiny_model.model, tiny_model.tokenizer, recipe)
+    with pytest.raises(ExportError, match="partial last group"):
+        write_hf_checkpoint(tiny_model.model, tiny_model.tokenizer, tmp_path / "hf")
+
+
+def test_rtn_int4_hf_layout(tiny_model, tmp_path):
+    recipe = Recipe.model_validate(
+        {"passes": [{"method": "gsq", "bits": 4, "group_size": 32, "exclude": ["lm_head"]}]}
+    )
+    compress_model(tiny_model.model, tiny_model.tokenizer, recipe)
+    quant = write_hf_checkpoint(tiny_model.model, tiny_model.tokenizer, tmp_path / "hf")
+    assert quant["quant_algo"] == "W4A16_AWQ" and quant["group_size"] == 32
+    tensors = load_file(str(tmp_path / "hf/model.safetensors"))
+    assert tensors["model.layers.0.mlp.down_proj.weight"].shape == (48, 160)
+    assert torch.equal(tensors["model.layers.0.mlp.down_proj.pre_quant_scale"], torch.ones(160))
+    assert (tmp_path / "hf/tokenizer.json").is_file()
+
+
+def test_weight_only_nvfp4_is_w4a16_nvfp4(tiny_model, tmp_path):
+    recipe = Recipe.model_validate({"passes": [{"method": "nvfp4", "exclude": ["lm_head"]}]})
+    compress_model(tiny_model.model, tiny_model.tokenizer, recipe)
+    quant = write_hf_checkpoint(tiny_model.model, None, tmp_path / "hf")
+    assert quant["quant_algo"] == "W4A16_NVFP4" and quant["group_size"] == 16
+    tensors = load_file(str(tmp_path / "hf/model.safetensors"))
+    p = "model.layers.1.self_attn.o_proj"
+    assert tensors[f"{p}.weight"].shape == (96, 48) and tensors[f"{p}.weight"].dtype == torch.uint8
+    assert tensors[f"{p}.weight_scale"].dtype == torch.float8_e4m3fn and f"{p}.input_scale" not in tensors
+    config = json.loads((tmp_path / "hf/config.json").read_text())["quantization_config"]
+    assert "input_activations" not in config["config_groups"]["group_0"]
+    from trtcompress.compressed.linear import linear_state
+
+    state = linear_state(tiny_model.model.model.layers[1].self_attn.o_proj)
+    assert torch.equal(tensors[f"{p}.weight"], state.quantized.qweight)

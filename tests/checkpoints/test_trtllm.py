@@ -1,0 +1,258 @@
+"""TensorRT-LLM checkpoint writer on the tiny random LLaMA (4 heads, 2 KV heads, widths 96/160, 2 layers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.checkpoints.trtllm_util import assert_same_checkpoint, modelopt_export, modelopt_quantize
+from trtcompress.builders.compress import compress_model
+from trtcompress.checkpoints.trtllm import TrtllmOptions, kv_cache_scales, write_trtllm_checkpoint
+from trtcompress.checkpoints.trtllm_layout import ExportError, requantized_codes, unpack_int4_rows
+from trtcompress.compressed import fpgrid
+from trtcompress.compressed.formats import NVFP4
+from trtcompress.compressed.linear import CompressedLinear, linear_state, set_module
+from trtcompress.compressed.state import ActQuantizer, CompressedLinearState, QuantizedWeight
+from trtcompress.recipe import Recipe
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+
+def _compressed(tiny_model, **gsq):
+    recipe = Recipe.model_validate({"passes": [{"method": "gsq", "exclude": ["lm_head"], **gsq}]})
+    compress_model(tiny_model.model, tiny_model.tokenizer, recipe)
+    return tiny_model.model
+
+
+def _write(model, path, **options):
+    config = write_trtllm_checkpoint(model, path, TrtllmOptions(**options))
+    world = config["mapping"]["world_size"]
+    return config, [load_file(str(path / f"rank{r}.safetensors")) for r in range(world)]
+
+
+def _dequant_awq(tensors, prefix, shape):
+    """(out, in) float weight of a W4A16_AWQ / GPTQ tensor group, padding trimmed."""
+    signed = unpack_int4_rows(tensors[f"{prefix}.weight"]).float()
+    scales = tensors[f"{prefix}.weights_scaling_factor"].float()
+    group = signed.shape[1] // scales.shape[1]
+    idx = torch.arange(signed.shape[1]) // group
+    w = signed * scales[:, idx]
+    if f"{prefix}.zero" in tensors:
+        w = w + tensors[f"{prefix}.zero"].float()[:, idx]
+    return w[: shape[0], : shape[1]]
+
+
+# ------------------------------------------------------------------------------- conformance (ModelOpt)
+
+
+@pytest.mark.parametrize("algo", ["none", "awq", "fp8"])
+def test_matches_modelopt_tiny(tiny_model_dir, tmp_path, algo):
+    """Same quantization (ModelOpt's), exported by ModelOpt and by us: identical checkpoints at TP 1 and 2."""
+    pytest.importorskip("modelopt")
+    from transformers import AutoModelForCausalLM
+
+    from trtcompress.checkpoints.modelopt_import import import_modelopt_model
+
+    model = modelopt_quantize(AutoModelForCausalLM.from_pretrained(tiny_model_dir), algo, block=16)
+    for tp in (1, 2):
+        modelopt_export(model, tmp_path / f"modelopt-tp{tp}", tp)
+    import_modelopt_model(model)
+    for tp in (1, 2):
+        write_trtllm_checkpoint(model, tmp_path / f"ours-tp{tp}", TrtllmOptions(tp_size=tp))
+        n = assert_same_checkpoint(
+            tmp_path / f"modelopt-tp{tp}", tmp_path / f"ours-tp{tp}", tp, algo == "awq"
+        )
+        assert n == tp * {"none": 17, "awq": 37, "fp8": 37}[algo]
+    config = json.loads((tmp_path / "ours-tp2/config.json").read_text())
+    assert config["quantization"]["quant_algo"] == {"none": None, "awq": "W4A16_AWQ", "fp8": "FP8"}[algo]
+
+
+# ------------------------------------------------------------------------------------- sharding
+
+
+def test_tp2_shards_reassemble_to_tp1(tiny_model, tmp_path):
+    model = _compressed(tiny_model, bits=4, group_size=16, symmetric=True)
+    cfg1, (one,) = _write(model, tmp_path / "tp1")
+    cfg2, shards = _write(model, tmp_path / "tp2", tp_size=2)
+    assert cfg1["quantization"] == {
+        "quant_algo": "W4A16_AWQ", "kv_cache_quant_algo": None, "group_size": 16, "has_zero_point": False,
+        "pre_quant_scale": False, "exclude_modules": ["lm_head"],
+    }  # fmt: skip
+    assert cfg2["mapping"] == {"world_size": 2, "tp_size": 2, "pp_size": 1}
+    hd, q, kv = 24, 96, 48
+    for i in range(2):
+        p = f"transformer.layers.{i}"
+        full = _dequant_awq(one, f"{p}.attention.qkv", (q + 2 * kv, 96))
+        parts = [_dequant_awq(s, f"{p}.attention.qkv", (q // 2 + 2 * kv // 2, 96)) for s in shards]
+        # each rank holds q heads [2r, 2r+2) then its KV head r, for q, k and v
+        q_part = torch.cat([s[: q // 2] for s in parts])
+        k_part = torch.cat([s[q // 2 : q // 2 + hd] for s in parts])
+        v_part = torch.cat([s[q // 2 + hd :] for s in parts])
+        rebuilt = torch.cat([q_part, k_part, v_part])
+        assert torch.equal(rebuilt, full)
+        attn = model.model.layers[i].self_attn
+        states = [linear_state(getattr(attn, n)).weight() for n in ("q_proj", "k_proj", "v_proj")]
+        torch.testing.assert_close(full, torch.cat(states), rtol=0, atol=0)
+        dense = torch.cat([_dequant_awq(s, f"{p}.attention.dense", (96, 48)) for s in shards], 1)
+        assert torch.equal(dense, _dequant_awq(one, f"{p}.attention.dense", (96, 96)))
+        for key, rows in (("fc", True), ("gate", True), ("proj", False)):
+            shape = (80, 96) if rows else (96, 80)
+            got = torch.cat([_dequant_awq(s, f"{p}.mlp.{key}", shape) for s in shards], 0 if rows else 1)
+            full_shape = (160, 96) if rows else (96, 160)
+            assert torch.equal(got, _dequant_awq(one, f"{p}.mlp.{key}", full_shape))
+        assert torch.equal(shards[0][f"{p}.input_layernorm.weight"], one[f"{p}.input_layernorm.weight"])
+    emb = torch.cat([s["transformer.vocab_embedding.weight"] for s in shards])
+    assert torch.equal(emb, one["transformer.vocab_embedding.weight"])
+    assert torch.equal(torch.cat([s["lm_head.weight"] for s in shards]), one["lm_head.weight"])
+
+
+def test_pipeline_parallel_splits_layers(tiny_model, tmp_path):
+    model = tiny_model.model
+    _, (one,) = _write(model, tmp_path / "pp1")
+    config, (first, last) = _write(model, tmp_path / "pp2", pp_size=2)
+    assert config["mapping"] == {"world_size": 2, "tp_size": 1, "pp_size": 2}
+    assert "transformer.vocab_embedding.weight" in first and "lm_head.weight" not in first
+    assert "transformer.ln_f.weight" in last and "transformer.vocab_embedding.weight" not in last
+    for name, tensor in last.items():  # stage-local index: global layer 1 is layers.0 on stage 1
+        source = name.replace("layers.0.", "layers.1.")
+        assert torch.equal(tensor, one[source]), name
+    assert {k for k in first if "layers" in k} == {k for k in one if "layers.0." in k}
+
+
+def test_tp_must_divide_heads(tiny_model, tmp_path):
+    with pytest.raises(ExportError, match="does not divide the 4 attention heads"):
+        write_trtllm_checkpoint(tiny_model.model, tmp_path / "x", TrtllmOptions(tp_size=3))
+
+
+def test_tp4_replicates_kv_heads(tiny_model, tmp_path):
+    _, shards = _write(tiny_model.model, tmp_path / "tp4", tp_size=4)
+    qkv = [s["transformer.layers.0.attention.qkv.weight"] for s in shards]
+    assert all(t.shape == (24 * 3, 96) for t in qkv)  # 1 q head + the replicated k and v heads
+    assert torch.equal(qkv[0][24:], qkv[1][24:]) and not torch.equal(qkv[1][24:], qkv[2][24:])
+
+
+# ----------------------------------------------------------------------------------------- formats
+
+
+def test_partial_group_is_padded_like_trtllm(tiny_model, tmp_path):
+    """96 inputs with group 64 = groups of 64 + 32: padded to 128 (max(64, 64) * tp) with zero codes."""
+    model = _compressed(tiny_model, bits=4, group_size=64, symmetric=True)
+    _, (one,) = _write(model, tmp_path / "g64")
+    w = one["transformer.layers.0.mlp.fc.weight"]
+    s = one["transformer.layers.0.mlp.fc.weights_scaling_factor"]
+    assert w.shape == (192 // 2, 128) and s.shape == (192, 2) and w.dtype == torch.int8  # out 160 -> 192
+    state = linear_state(model.model.layers[0].mlp.gate_proj)
+    assert torch.equal(s[:160].half(), state.quantized.scales)
+    assert torch.all(unpack_int4_rows(w)[:, 96:] == 0) and torch.all(s[160:] == 1)
+    torch.testing.assert_close(_dequant_awq(one, "transformer.layers.0.mlp.fc", (160, 96)), state.weight())
+
+
+def test_asymmetric_groups_write_gptq_zero(tiny_model, tmp_path):
+    model = _compressed(tiny_model, bits=4, group_size=32, symmetric=False)
+    config, (one,) = _write(model, tmp_path / "asym")
+    assert config["quantization"]["quant_algo"] == "W4A16_GPTQ"
+    assert config["quantization"]["has_zero_point"] is True
+    state = linear_state(model.model.layers[1].self_attn.o_proj)
+    got = _dequant_awq(one, "transformer.layers.1.attention.dense", (96, 96))
+    torch.testing.assert_close(got, state.weight(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_per_channel_weight_only_round_trips_trtllm_requantization(tiny_model, tmp_path, bits):
+    model = _compressed(tiny_model, bits=bits, group_size=0, symmetric=True)
+    config, (one,) = _write(model, tmp_path / f"w{bits}")
+    assert config["quantization"]["quant_algo"] == f"W{bits}A16"
+    weight = one["transformer.layers.0.mlp.proj.weight"]
+    assert weight.dtype == torch.float16 and weight.shape == (96, 160)
+    state = linear_state(model.model.layers[0].mlp.down_proj)
+    codes = state.quantized.codes().float() - 2 ** (bits - 1)
+    assert torch.equal(requantized_codes(weight, bits), codes)  # what TensorRT-LLM's loader will compute
+
+
+def test_per_channel_requantization_mismatch_is_refused(tiny_model, tmp_path):
+    model = _compressed(tiny_model, bits=8, group_size=0, symmetric=True)
+    layer = model.model.layers[0].mlp.down_proj
+    state = layer.state
+    codes = state.quantized.codes().clone()
+    codes[0] = 128  # row 0 no longer reaches the largest code (as GPTQ can leave it)
+    codes[0, 0] = 129
+    q = QuantizedWeight.from_codes(codes, state.quantized.scales, None, state.quantized.format)
+    set_module(model, "model.layers.0.mlp.down_proj", CompressedLinear(CompressedLinearState(96, 160, q)))
+    with pytest.raises(ExportError, match="re-quantizes"):
+        write_trtllm_checkpoint(model, tmp_path / "bad", TrtllmOptions())
+
+
+def _nvfp4_model(model, with_act: bool):
+    for layer in model.model.layers:
+        for group in (LINEARS[:3], LINEARS[3:4], LINEARS[4:6], LINEARS[6:]):
+            weights = [layer.get_submodule(n).weight.detach() for n in group]
+            _, global_scale = fpgrid.minmax_scales(
+                torch.cat(weights), NVFP4
+            )  # one tensor scale per fused GEMM
+            for name, w in zip(group, weights, strict=True):
+                blocks, valid = fpgrid.blocks(w, 16)
+                amax = torch.where(valid, blocks.abs(), torch.zeros(())).amax(-1)
+                scales = fpgrid.e4m3_round(amax / 6 / global_scale)
+                q = QuantizedWeight.with_fp_scales(w, NVFP4, scales, global_scale)
+                act = ActQuantizer(2, 1, torch.tensor([0.5])) if with_act else None
+                set_module(layer, name, CompressedLinear(CompressedLinearState(*w.shape, q, act_quant=act)))
+    return model
+
+
+def test_nvfp4_layout(tiny_model, tmp_path):
+    model = _nvfp4_model(tiny_model.model, with_act=True)
+    config, (one,) = _write(model, tmp_path / "nvfp4")
+    assert config["quantization"]["quant_algo"] == "NVFP4"
+    p = "transformer.layers.0.attention.qkv"
+    assert one[f"{p}.weight"].shape == (192, 48) and one[f"{p}.weight"].dtype == torch.uint8
+    assert one[f"{p}.weights_scaling_factor"].shape == (192, 6)
+    assert one[f"{p}.weights_scaling_factor"].dtype == torch.float8_e4m3fn
+    assert one[f"{p}.activation_scaling_factor"].item() == pytest.approx(0.5 / 448)
+    q = linear_state(model.model.layers[0].self_attn.q_proj).quantized
+    assert torch.equal(one[f"{p}.weight"][:96], q.qweight)  # same nibble order as the canonical state
+
+
+def test_nvfp4_without_activation_scale_is_refused(tiny_model, tmp_path):
+    model = _nvfp4_model(tiny_model.model, with_act=False)
+    with pytest.raises(ExportError, match="weight-only"):
+        write_trtllm_checkpoint(model, tmp_path / "x", TrtllmOptions())
+
+
+def test_mxfp4_and_plugin_layers(tiny_model, tmp_path):
+    recipe = Recipe.model_validate({"passes": [{"method": "mxfp4", "exclude": ["lm_head"]}]})
+    compress_model(tiny_model.model, tiny_model.tokenizer, recipe)
+    config, (one,) = _write(tiny_model.model, tmp_path / "mx")
+    assert config["quantization"]["quant_algo"] == "W4A16_MXFP4"
+    assert one["transformer.layers.0.mlp.proj.weights_scaling_factor"].shape == (96, 5)
+    assert one["transformer.layers.0.mlp.proj.weights_scaling_factor"].dtype == torch.uint8
+    assert config["trtcompress"]["stock_trtllm_build"] is True
+
+
+def test_w4a4_and_gear_are_plugin_entries(tiny_model, tmp_path):
+    recipe = Recipe.model_validate({"passes": [{"method": "minmax-fp4", "exclude": ["lm_head"]}],
+                                    "calibration": {"num_samples": 2, "seq_len": 32}})  # fmt: skip
+    compress_model(tiny_model.model, tiny_model.tokenizer, recipe)
+    config, (one,) = _write(tiny_model.model, tmp_path / "w4a4", kv_cache="gear-2bit")
+    assert config["quantization"]["quant_algo"] is None
+    assert set(config["trtcompress"]["plugins"]) == {
+        "trtcompress::w4a4_fp4_gemm",
+        "trtcompress::gear_attention",
+    }
+    assert config["trtcompress"]["stock_trtllm_build"] is False
+    assert {"qweight", "scales", "act_scale"} <= {k.rsplit(".", 1)[1] for k in one if ".mlp.fc." in k}
+
+
+@pytest.mark.parametrize("codec, algo", [("int8", "INT8"), ("fp8", "FP8")])
+def test_kv_cache_quant_algo(tiny_model, tmp_path, codec, algo):
+    ids = tiny_model.tokenizer("The capital of France is Paris. " * 8, return_tensors="pt").input_ids
+    scales = kv_cache_scales(tiny_model.model, ids, algo)
+    assert len(scales) == 2 and all(s > 0 for s in scales)
+    config, (one,) = _write(tiny_model.model, tmp_path / codec, kv_cache=codec, kv_cache_scales=scales)
+    assert config["quantization"]["kv_cache_quant_algo"] == algo
+    assert one["transformer.layers.1.attention.kv_cache_scaling_factor"].item() == pytest.approx(scales[1])
+    with pytest.raises(ExportError, match="calibrated scale"):
+        write_trtllm_checkpoint(tiny_model.model, tmp_path / "x", TrtllmOptions(kv_cache=codec))

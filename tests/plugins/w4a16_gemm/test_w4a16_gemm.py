@@ -1,0 +1,109 @@
+"""W4A16 GEMM: reference == the canonical CompressedLinearState math; Triton kernels (interpreted on CPU)
+== reference for INT4 (symmetric, asymmetric, partial groups, odd K) and FP4 (fp16, E8M0, E4M3 scales)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+from trtcompress.compressed import fpgrid
+from trtcompress.compressed.formats import FpFormat, IntFormat
+from trtcompress.compressed.state import CompressedLinearState, QuantizedWeight
+from trtcompress.plugins import gemm_trt
+from trtcompress.plugins.w4a16_gemm import trt
+from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton, w4a16_gemm_trt_kernel
+from trtcompress.plugins.w4a16_gemm.op import w4a16_gemm, w4a16_linear
+from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference
+
+FORMATS = {
+    "int4_g64_sym": IntFormat(4, 64, True),
+    "int4_g32_asym": IntFormat(4, 32, False),
+    "int4_channel": IntFormat(4, 0, True),
+    "fp4_e2m1_g32": FpFormat(2, 1, 32),
+    "mxfp4": FpFormat(2, 1, 32, "e8m0"),
+    "nvfp4": FpFormat(2, 1, 16, "e4m3"),
+}
+
+
+def _weight(name: str, n: int, k: int, seed: int = 0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    fmt = FORMATS[name]
+    q = QuantizedWeight.round_to_nearest(w, fmt)
+    fp = isinstance(fmt, FpFormat)
+    scales = fpgrid.effective_scales(q.scales, q.global_scale, fmt) if fp else q.scales
+    args = (q.qweight, scales, q.zeros, fmt.group_size, q.zeros is None,
+            fmt.exp_bits if fp else 0, fmt.man_bits if fp else 0)  # fmt: skip
+    return q, args
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_reference_is_the_canonical_dequantized_linear(name):
+    q, args = _weight(name, 24, 96)
+    x = torch.randn(3, 96)
+    expected = torch.nn.functional.linear(x, q.dequantize())
+    torch.testing.assert_close(w4a16_gemm_reference(x, *args), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "m", "n", "k", "path", "split_k"),
+    [
+        ("int4_g64_sym", 1, 40, 96, "gemv", 1),  # partial last group (64 + 32)
+        ("int4_g32_asym", 3, 40, 96, "gemv", 2),  # split-K with atomics
+        ("int4_channel", 2, 24, 37, "gemv", 1),  # odd K: the last byte holds one code
+        ("fp4_e2m1_g32", 1, 40, 96, "gemv", 1),
+        ("mxfp4", 20, 40, 96, "gemm", 1),
+        ("nvfp4", 20, 24, 80, "gemm", 1),
+        ("int4_g32_asym", 33, 40, 96, "gemm", 1),  # rows beyond a tile
+        ("int4_channel", 17, 24, 37, "gemm", 1),
+    ],
+)
+def test_kernel_matches_reference(name, m, n, k, path, split_k):
+    _, args = _weight(name, n, k, seed=m)
+    x = torch.randn(m, k).half()
+    out = w4a16_gemm_triton(x, *args, path=path, split_k=split_k, block_n=16, block_k=32)
+    ref = w4a16_gemm_reference(x, *args)
+    # fp16 operands / output, fp32 accumulation in both: differences are fp16 rounding of the output
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-3, atol=2e-2)
+
+
+def test_trt_entry_point_follows_the_plugin_contract():
+    consts = trt.constants(32, False, 1)
+    check_contract(trt.kernel(), trt, consts)
+    _, args = _weight("int4_g32_asym", 40, 96)
+    qweight, scales, zeros = args[:3]
+    x = torch.randn(5, 96).half()
+    out = torch.empty(5, 40, dtype=torch.float16)
+    tile = gemm_trt.tile_for(1)
+    grid = (triton.cdiv(5, tile.block_m), triton.cdiv(40, tile.block_n))
+    w4a16_gemm_trt_kernel[grid](x, qweight, scales, zeros, 5, 40, 96, out, **consts)
+    torch.testing.assert_close(out.float(), w4a16_gemm_reference(x, *args).float(), rtol=2e-3, atol=2e-2)
+
+
+def test_op_and_linear_from_state(monkeypatch):
+    q, args = _weight("int4_g64_sym", 24, 96)
+    bias = torch.randn(24)
+    state = CompressedLinearState(24, 96, q, bias=bias)
+    x = torch.randn(2, 3, 96)
+    torch.testing.assert_close(w4a16_linear(state, "cpu")(x), state.forward(x), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("TRTCOMPRESS_GEMM_TRITON", "1")  # the op dispatches fp16 inputs to the kernel
+    xh = x.half()
+    torch.testing.assert_close(
+        w4a16_gemm(xh, *args).float(), w4a16_gemm_reference(xh, *args).float(), rtol=2e-3, atol=2e-2
+    )
+    assert w4a16_linear(CompressedLinearState(24, 96, dense_weight=torch.randn(24, 96)), "cpu") is None
+
+
+def check_contract(kernel, plugin, consts) -> None:
+    """The kernel's parameters in TensorRT's AOT order (the check `gemm_trt.check_kernel_interface` makes
+    on a compiled kernel; under TRITON_INTERPRET the signature is read from the Python function)."""
+    import inspect
+
+    import triton.language as tl
+
+    fn = getattr(kernel, "fn", kernel)
+    params = inspect.signature(fn).parameters.values()
+    constexprs = {p.name for p in params if p.annotation in (tl.constexpr, "tl.constexpr")}
+    runtime = [p.name for p in params if p.name not in constexprs]
+    assert runtime == [*plugin.INPUTS, *plugin.EXTRA, *plugin.OUTPUTS]
+    assert constexprs == set(consts)

@@ -1,0 +1,126 @@
+"""`trtcompress build --engine`: a TensorRT-LLM 1.2.1 engine from the artifact's trtllm checkpoint.
+
+TensorRT-LLM cannot be installed on the development machines (its PyPI release downloads from NVIDIA's
+index), so everything here that needs it imports it lazily; `require_trtllm()` runs before a build starts
+and refuses with the container to use, so a refused `--engine` build writes nothing. The engine is built
+by TensorRT-LLM's own `trtllm-build` (in a subprocess, with the project's TensorRT plugins registered
+through `trtcompress.plugins.loader`), into `OUT/engine`; the flags come from the recipe's
+`export.engine` section (see `trtllm_build_args`, which is pure and tested here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from trtcompress.errors import ArtifactError, MissingDependencyError
+
+TRTLLM_VERSION = "1.2.1"
+# The NGC Triton release that ships TensorRT-LLM 1.2.1 (docker/Dockerfile.gpu asserts the version at build).
+NGC_IMAGE = "nvcr.io/nvidia/tritonserver:26.02-trtllm-python-py3"
+INSTALL_HINT = (
+    f"building a TensorRT engine needs TensorRT-LLM {TRTLLM_VERSION} and a CUDA GPU, which are not "
+    f"installed here: run the build inside the NGC container {NGC_IMAGE} (or the image from "
+    f"docker/Dockerfile.gpu), or `pip install tensorrt_llm=={TRTLLM_VERSION} --extra-index-url "
+    "https://pypi.nvidia.com` on a GPU machine; without --engine the trtllm checkpoint is written and "
+    "can be built there with trtllm-build"
+)
+GROUP_SIZES = (64, 128)  # what TensorRT-LLM's weight-only group-wise GEMM kernels implement
+
+
+def trtllm_version() -> str | None:
+    """The installed TensorRT-LLM version, without importing it (its import initialises CUDA)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("tensorrt_llm")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def require_trtllm() -> str:
+    """Fail early, before any work or any file, when TensorRT-LLM 1.2.1 is not installed."""
+    version = trtllm_version()
+    if version is None or shutil.which("trtllm-build") is None:
+        raise MissingDependencyError(INSTALL_HINT)
+    if version.split("+")[0] != TRTLLM_VERSION:
+        raise MissingDependencyError(
+            f"TensorRT-LLM {version} is installed; the engine path is pinned to {TRTLLM_VERSION} (the last "
+            f"release with trtllm-build and the C++ Triton backend): use {NGC_IMAGE}"
+        )
+    return version
+
+
+def check_buildable(config: dict[str, Any]) -> None:
+    """Refuse checkpoints stock trtllm-build would build wrongly or not at all, naming why."""
+    ours = config.get("trtcompress", {})
+    plugins = ours.get("plugins") or {}
+    if plugins:
+        names = ", ".join(sorted(plugins))
+        raise ArtifactError(
+            f"this checkpoint needs the trtcompress TensorRT plugins {names}, which stock trtllm-build "
+            "cannot insert into TensorRT-LLM's LLaMA graph (LLM-FP4 W4A4 GEMMs, GEAR/KIVI KV caches have no "
+            "TensorRT-LLM quant_algo); serve this artifact with the native runtime (`trtcompress serve`), "
+            "or rebuild without those passes / with kv_cache.codec fp8 or int8"
+        )
+    quant = config.get("quantization") or {}
+    group = quant.get("group_size")
+    if quant.get("quant_algo") in ("W4A16_AWQ", "W4A16_GPTQ") and group not in GROUP_SIZES:
+        raise ArtifactError(
+            f"TensorRT-LLM's group-wise int4 kernels take group size 64 or 128, this checkpoint has {group}"
+        )
+
+
+def trtllm_build_args(checkpoint: Path, output: Path, engine: Any, config: dict[str, Any]) -> list[str]:
+    """The trtllm-build command line for a checkpoint and the recipe's `export.engine` section."""
+    world = config["mapping"]["world_size"]
+    args = [
+        "trtllm-build",
+        "--checkpoint_dir", str(checkpoint),
+        "--output_dir", str(output),
+        "--max_batch_size", str(engine.max_batch_size),
+        "--max_input_len", str(engine.max_input_len),
+        "--max_seq_len", str(engine.max_seq_len),
+        "--max_num_tokens", str(engine.max_num_tokens),
+        "--kv_cache_type", engine.kv_cache_type,
+        "--gemm_plugin", engine.gemm_plugin,
+        "--gpt_attention_plugin", engine.gpt_attention_plugin,
+        "--workers", str(min(engine.workers, world)),
+    ]  # fmt: skip
+    if engine.kv_cache_type == "paged":
+        args += ["--use_paged_context_fmha", "enable" if engine.use_paged_context_fmha else "disable"]
+    return args
+
+
+def build_engine(checkpoint: Path, output: Path, engine: Any, log=print) -> dict[str, Any]:
+    """Run trtllm-build on `checkpoint` into `output`; returns what the manifest records about it."""
+    version = require_trtllm()
+    config = json.loads((checkpoint / "config.json").read_text())
+    check_buildable(config)
+    args = trtllm_build_args(checkpoint, output, engine, config)
+    log(" ".join(args))
+    # trtllm-build's own entry point, in a Python that first registers the trtcompress TensorRT plugins.
+    command = [sys.executable, "-m", "trtcompress.plugins.trtllm_build", *args[1:]]
+    proc = subprocess.run(command, env=dict(os.environ), capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise ArtifactError(f"trtllm-build failed (exit {proc.returncode}):\n{tail}")
+    return {"trtllm_version": version, "command": args, "dir": output.name, "python": sys.executable}
+
+
+def fill_triton_repository(artifact: Path, final: Path, deploy: Any = None, log=print) -> Path:
+    """Write the `inflight_batcher_llm` Triton repository into `artifact/triton/trtllm` (the serving issue's
+    generator), pointing at the engine and the tokenizer where they will live: `final` is the artifact's
+    path after the build's atomic rename."""
+    from trtcompress.triton_models.trtllm import fill_trtllm_repository
+
+    repo = fill_trtllm_repository(
+        artifact / "triton" / "trtllm", engine_dir=final / "engine", tokenizer_dir=final, deploy=deploy
+    )
+    log(f"Triton repository for the engine: {final / 'triton' / 'trtllm'}")
+    return repo

@@ -1,0 +1,69 @@
+"""Write the recipe's extra artifact formats next to the native artifact: trtllm, hf, engine.
+
+Called by the build pipeline inside its atomic directory, after the native weights, so a failed export
+leaves no artifact. The exporters read the model's CompressedLinearStates; nothing is re-quantized.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from trtcompress.recipe import Recipe
+
+KV_STATIC = {"int8": "INT8", "fp8": "FP8"}
+KV_CALIBRATION_SAMPLES = 16  # sequences of calibration.seq_len tokens for the static KV-cache scales
+
+
+def _kv_scales(model: nn.Module, tokenizer: Any, recipe: Recipe, log) -> tuple[float, ...] | None:
+    codec = recipe.kv_cache.codec
+    if codec not in KV_STATIC:
+        return None
+    from trtcompress.checkpoints.trtllm import kv_cache_scales
+    from trtcompress.models.calibration import calibration_tokens
+
+    cal = recipe.calibration
+    n = min(cal.num_samples, KV_CALIBRATION_SAMPLES)
+    log(f"trtllm: calibrating {KV_STATIC[codec]} KV-cache scales on {n} x {cal.seq_len} tokens")
+    tokens = calibration_tokens(tokenizer, n, cal.seq_len, skip_tokens=recipe.eval.ppl_tokens)
+    return kv_cache_scales(model, tokens, KV_STATIC[codec])
+
+
+def export_formats(
+    model: nn.Module, tokenizer: Any, recipe: Recipe, out: Path, log=lambda m: None, final: Path | None = None
+) -> dict:
+    """Write each non-native format of `recipe.export` under `out`; returns the manifest's `exports` entry.
+
+    `out` is the build's temporary directory, `final` the artifact's path after the atomic rename (what
+    the generated Triton repository refers to)."""
+    exports: dict[str, Any] = {}
+    cfg = recipe.export
+    if "trtllm" in cfg.formats:
+        from trtcompress.checkpoints.trtllm import TrtllmOptions, write_trtllm_checkpoint
+
+        options = TrtllmOptions(
+            tp_size=cfg.tp_size, pp_size=cfg.pp_size, dtype=cfg.dtype, kv_cache=recipe.kv_cache.codec,
+            kv_cache_scales=_kv_scales(model, tokenizer, recipe, log),
+        )  # fmt: skip
+        log(f"writing the TensorRT-LLM checkpoint (tp {cfg.tp_size}, pp {cfg.pp_size})")
+        config = write_trtllm_checkpoint(model, out / "trtllm", options)
+        exports["trtllm"] = {
+            "dir": "trtllm",
+            "quantization": config["quantization"],
+            "mapping": config["mapping"],
+            "plugins": sorted(config["trtcompress"]["plugins"]),
+        }
+    if "hf" in cfg.formats:
+        from trtcompress.checkpoints.hf_quant import write_hf_checkpoint
+
+        log("writing the Hugging Face quantized checkpoint (ModelOpt hf_quant_config.json layout)")
+        exports["hf"] = {"dir": "hf", **write_hf_checkpoint(model, tokenizer, out / "hf", dtype=cfg.dtype)}
+    if cfg.engine.enabled:
+        from trtcompress.builders.engine import build_engine, fill_triton_repository
+
+        exports["engine"] = build_engine(out / "trtllm", out / "engine", cfg.engine, log=log)
+        fill_triton_repository(out, Path(final or out).resolve(), recipe.deploy, log=log)
+        exports["engine"]["triton_repository"] = "triton/trtllm"
+    return exports

@@ -1,0 +1,175 @@
+"""Hugging Face quantized checkpoint in NVIDIA ModelOpt's unified layout (`hf_quant_config.json`).
+
+The TensorRT-LLM PyTorch backend (LLM API, `trtllm-serve`) and vLLM load this layout: Hugging Face tensor
+names, `config.json` with `quantization_config {quant_method: modelopt, quant_algo, ignore}`, and
+`hf_quant_config.json {producer, quantization {quant_algo, kv_cache_quant_algo, group_size,
+has_zero_point, pre_quant_scale, exclude_modules}}`. Per quantized linear, as ModelOpt's
+`export_hf_checkpoint` writes it:
+- W4A16_AWQ: `weight` uint8 (out/2, in), signed int4 codes of output rows 2k / 2k+1 in the low / high
+  nibble; `weight_scale` fp32 (out, in/group); `pre_quant_scale` fp32 (in,) on o_proj and down_proj; the
+  pre-quant scales of q/k/v and gate/up are folded into the norm before them (they must agree);
+- FP8: `weight` float8_e4m3fn; `weight_scale`, `input_scale` fp32 scalars;
+- NVFP4: `weight` uint8 (out, in/2); `weight_scale` float8_e4m3fn (out, in/16); `weight_scale_2`,
+  `input_scale` fp32 scalars; W4A16_NVFP4 (the `nvfp4` recipe: weight-only) the same without `input_scale`.
+Partial quantization groups are refused here (these loaders do not pad; the trtllm export does).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import trtcompress
+from trtcompress.checkpoints.trtllm_layout import ExportError, classify, pack_int4_rows, parts_of
+from trtcompress.compressed import fpgrid
+from trtcompress.compressed.linear import linear_state
+
+SUPPORTED = ("W4A16_AWQ", "FP8", "NVFP4", "W4A16_NVFP4")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+FUSED = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}  # fmt: skip
+OWN_PQS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def _linear_tensors(kind: str, parts, own_pqs: bool) -> dict[str, torch.Tensor]:
+    codes, scales = parts.codes, parts.scales
+    if kind == "W4A16_AWQ":
+        in_f = codes.shape[1]
+        if in_f % parts.group_size:
+            raise ExportError(
+                f"{in_f} input channels do not fill whole groups of {parts.group_size} (a partial last "
+                "group); the HF layout's loaders do not pad: use a group size that divides the width "
+                "(e.g. 64 for 576)"
+            )
+        out = {"weight": pack_int4_rows(codes.to(torch.int16) - 8).view(torch.uint8),
+               "weight_scale": scales.float()}  # fmt: skip
+        if own_pqs:
+            pqs = parts.pre_quant_scale
+            out["pre_quant_scale"] = torch.ones(in_f) if pqs is None else pqs.float()  # -> export dtype
+        return out
+    if kind == "FP8":
+        return {"weight": codes.view(torch.float8_e4m3fn), "weight_scale": scales.float().amax().reshape(()),
+                "input_scale": parts.act_scale.float().reshape(())}  # fmt: skip
+    out = {  # NVFP4, W4A16_NVFP4 (weight-only: no input scale)
+        "weight": (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous(),
+        "weight_scale": scales.view(torch.float8_e4m3fn),
+        "weight_scale_2": parts.global_scale.float().reshape(()),
+    }
+    if kind == "NVFP4":
+        out["input_scale"] = (parts.act_scale.float() / fpgrid.E4M3_MAX).reshape(())
+    return out
+
+
+def quantization_config(algo: str, quant: dict[str, Any], producer: dict[str, Any]) -> dict[str, Any]:
+    """config.json's `quantization_config`, as ModelOpt's `convert_hf_quant_config_format` writes it.
+
+    FP8 and NVFP4 also get a compressed-tensors `config_groups` entry (what vLLM reads)."""
+    out: dict[str, Any] = {}
+    if algo in ("FP8", "NVFP4", "W4A16_NVFP4"):
+        bits = 8 if algo == "FP8" else 4
+        group = {} if algo == "FP8" else {"group_size": quant.get("group_size", 16)}
+        spec = {"dynamic": False, "num_bits": bits, "type": "float", **group}
+        acts = {} if algo == "W4A16_NVFP4" else {"input_activations": dict(spec)}
+        out["config_groups"] = {"group_0": {**acts, "weights": dict(spec), "targets": ["Linear"]}}
+    out["ignore"] = quant.get("exclude_modules") or []
+    out["quant_algo"] = algo
+    if quant.get("kv_cache_quant_algo") == "FP8":
+        out["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
+    out["producer"] = producer
+    out["quant_method"] = "modelopt"
+    return out
+
+
+def write_hf_checkpoint(
+    model: nn.Module, tokenizer: Any, out_dir: Path, dtype: str = "float16"
+) -> dict[str, Any]:
+    """Write the checkpoint into `out_dir`; returns the `quantization` section of hf_quant_config.json."""
+    torch_dtype = DTYPES[dtype]
+    tensors: dict[str, torch.Tensor] = {}
+    kinds: set[str] = set()
+    excluded = ["lm_head", "model.embed_tokens"]
+    group = None
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            prefix = f"model.layers.{i}"
+            for norm_name, members in FUSED.items():
+                norm = getattr(layer, norm_name).weight.detach().float()
+                pqs_seen = []
+                for name in members:
+                    state = linear_state(layer.get_submodule(name))
+                    kind = classify(state, target="hf")
+                    if kind == "NO_QUANT":
+                        tensors[f"{prefix}.{name}.weight"] = state.weight().to(torch_dtype)
+                        excluded.append(f"{prefix}.{name}")
+                        continue
+                    if kind not in SUPPORTED:
+                        raise ExportError(
+                            f"{prefix}.{name}: {kind} has no ModelOpt HF layout here ({', '.join(SUPPORTED)})"
+                        )
+                    parts = parts_of(state, kind)
+                    kinds.add(kind)
+                    group = parts.group_size if kind == "W4A16_AWQ" else group
+                    pqs_seen.append(parts.pre_quant_scale)
+                    for suffix, t in _linear_tensors(kind, parts, own_pqs=False).items():
+                        tensors[f"{prefix}.{name}.{suffix}"] = t.contiguous()
+                if any(p is not None for p in pqs_seen):
+                    first = pqs_seen[0]
+                    if any(p is None or not torch.equal(p, first) for p in pqs_seen):
+                        raise ExportError(
+                            f"{prefix}: layers after {norm_name} have different pre-quant scales"
+                        )
+                    norm = norm * first.float()  # x·diag(s) folded into the norm that produces x
+                tensors[f"{prefix}.{norm_name}.weight"] = norm.to(torch_dtype)
+            for name in OWN_PQS:
+                state = linear_state(layer.get_submodule(name))
+                kind = classify(state, target="hf")
+                if kind == "NO_QUANT":
+                    tensors[f"{prefix}.{name}.weight"] = state.weight().to(torch_dtype)
+                    excluded.append(f"{prefix}.{name}")
+                    continue
+                if kind not in SUPPORTED:
+                    raise ExportError(
+                        f"{prefix}.{name}: {kind} has no ModelOpt HF layout here ({', '.join(SUPPORTED)})"
+                    )
+                kinds.add(kind)
+                for suffix, t in _linear_tensors(kind, parts_of(state, kind), own_pqs=True).items():
+                    if suffix == "pre_quant_scale":  # ModelOpt writes it in the model's dtype
+                        t = t.to(torch_dtype)
+                    tensors[f"{prefix}.{name}.{suffix}"] = t.contiguous()
+        tensors["model.embed_tokens.weight"] = model.model.embed_tokens.weight.detach().to(torch_dtype)
+        tensors["model.norm.weight"] = model.model.norm.weight.detach().to(torch_dtype)
+        tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        lm_head = linear_state(model.lm_head).weight().to(torch_dtype)
+        if not (tied and torch.equal(lm_head, tensors["model.embed_tokens.weight"])):
+            tensors["lm_head.weight"] = lm_head
+            tied = False
+    if len(kinds) > 1:
+        raise ExportError(f"the HF layout takes one quant_algo, the model has {', '.join(sorted(kinds))}")
+    algo = kinds.pop() if kinds else None
+    quant: dict[str, Any] = {"quant_algo": algo, "kv_cache_quant_algo": None}
+    if algo == "W4A16_AWQ":
+        quant |= {"group_size": group, "has_zero_point": False, "pre_quant_scale": True}
+    elif algo in ("NVFP4", "W4A16_NVFP4"):
+        quant |= {"group_size": 16}
+    quant["exclude_modules"] = excluded
+    producer = {"name": "trtcompress", "version": trtcompress.__version__}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.clone() for k, v in tensors.items()}, str(out_dir / "model.safetensors"))
+    config = model.config.to_dict()
+    config["tie_word_embeddings"] = tied
+    config["torch_dtype"] = dtype
+    config.pop("dtype", None)
+    if algo is not None:
+        config["quantization_config"] = quantization_config(algo, quant, producer)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    (out_dir / "hf_quant_config.json").write_text(
+        json.dumps({"producer": producer, "quantization": quant}, indent=4) + "\n"
+    )
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return quant

@@ -1,0 +1,189 @@
+"""OpenAI Triton kernels of the W4A16 GEMM (imports only torch and triton).
+
+The packed weight is read once per output tile, one byte = two K columns: the low nibbles multiply the
+even columns of x and the high nibbles the odd ones, so neither x nor the weight is ever reordered or
+dequantized in memory. Codes become values in registers (INT4: (code - zero) * scale; FP4: the ExMy
+grid built from the code's bits, times the group scale).
+
+- `w4a16_gemv_kernel` (decode, a few rows): grid (M, cdiv(N, BLOCK_N), SPLIT_K); each program reduces a
+  BLOCK_N x K/SPLIT_K slab with elementwise products (no tensor cores needed at M = 1), split-K partial
+  sums are added atomically into an fp32 buffer;
+- `w4a16_gemm_kernel` (prefill): grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)), two `tl.dot`s per K step
+  (even / odd columns), fp32 accumulation;
+- `w4a16_gemm_trt_kernel`: the INT4 GEMM in TensorRT's AOT argument order (see `trt.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pow2(e):
+    """2**e for integer tensors e in the normal float32 range, exactly (built from the bits)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp_decode(code, FP_EXP: tl.constexpr, FP_MAN: tl.constexpr):
+    bias: tl.constexpr = (1 << (FP_EXP - 1)) - 1
+    sign = (code >> (FP_EXP + FP_MAN)) & 1
+    e = (code >> FP_MAN) & ((1 << FP_EXP) - 1)
+    m = (code & ((1 << FP_MAN) - 1)).to(tl.float32)
+    normal = (1.0 + m * (1.0 / (1 << FP_MAN))) * _pow2(e - bias)
+    subnormal = m * _pow2(tl.zeros_like(e) + (1 - FP_MAN - bias))
+    value = tl.where(e == 0, subnormal, normal)
+    return tl.where(sign == 1, -value, value)
+
+
+@triton.jit
+def _dequant(code, col, row_n, s_ptr, z_ptr, G, mask, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+             FP_EXP: tl.constexpr, FP_MAN: tl.constexpr):  # fmt: skip
+    """Values of 4-bit codes (any 2-D shape) at K columns `col` of weight rows `row_n`."""
+    group = col // GROUP
+    scale = tl.load(s_ptr + row_n * G + group, mask=mask, other=0.0).to(tl.float32)
+    if FP_EXP > 0:
+        return _fp_decode(code, FP_EXP, FP_MAN) * scale
+    if SYMMETRIC:
+        return (code.to(tl.float32) - 8.0) * scale
+    zero = tl.load(z_ptr + row_n * G + group, mask=mask, other=0).to(tl.float32)
+    return (code.to(tl.float32) - zero) * scale
+
+
+@triton.jit
+def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: tl.constexpr,
+                      SYMMETRIC: tl.constexpr, FP_EXP: tl.constexpr, FP_MAN: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    HALF: tl.constexpr = BLOCK_K // 2
+    kb_row = (K + 1) // 2  # bytes per weight row
+    G = (K + GROUP - 1) // GROUP
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # K columns per split, whole blocks
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(pid_k * span, pid_k * span + span, BLOCK_K):
+        jb = k0 // 2 + tl.arange(0, HALF)  # byte index along the row
+        lo_col = 2 * jb
+        hi_col = lo_col + 1
+        x_lo = tl.load(x_ptr + pid_m * K + lo_col, mask=lo_col < K, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_ptr + pid_m * K + hi_col, mask=hi_col < K, other=0.0).to(tl.float32)
+        mask = n_ok[:, None] & (lo_col < K)[None, :]
+        byte = tl.load(w_ptr + rn[:, None] * kb_row + jb[None, :], mask=mask, other=0).to(tl.int32)
+        rows = rn[:, None]
+        w_lo = _dequant(
+            byte & 0xF, lo_col[None, :], rows, s_ptr, z_ptr, G, mask, GROUP, SYMMETRIC, FP_EXP, FP_MAN
+        )
+        hi_mask = n_ok[:, None] & (hi_col < K)[None, :]
+        w_hi = _dequant(
+            byte >> 4, hi_col[None, :], rows, s_ptr, z_ptr, G, hi_mask, GROUP, SYMMETRIC, FP_EXP, FP_MAN
+        )
+        acc += tl.sum(w_lo * x_lo[None, :] + w_hi * x_hi[None, :], axis=1)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + pid_m * N + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(out_ptr + pid_m * N + rn, acc, mask=n_ok)
+
+
+@triton.jit
+def _gemm_tile(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
+               FP_EXP: tl.constexpr, FP_MAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    HALF: tl.constexpr = BLOCK_K // 2
+    kb_row = (K + 1) // 2
+    G = (K + GROUP - 1) // GROUP
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        jb = k0 // 2 + tl.arange(0, HALF)
+        lo_col = 2 * jb
+        hi_col = lo_col + 1
+        x_lo = tl.load(
+            x_ptr + rm[:, None] * K + lo_col[None, :], mask=m_ok[:, None] & (lo_col < K)[None, :], other=0.0
+        )
+        x_hi = tl.load(
+            x_ptr + rm[:, None] * K + hi_col[None, :], mask=m_ok[:, None] & (hi_col < K)[None, :], other=0.0
+        )
+        # weight tile transposed: (HALF, BLOCK_N), K along the rows
+        mask = (lo_col < K)[:, None] & n_ok[None, :]
+        byte = tl.load(w_ptr + rn[None, :] * kb_row + jb[:, None], mask=mask, other=0).to(tl.int32)
+        cols = rn[None, :]
+        w_lo = _dequant(
+            byte & 0xF, lo_col[:, None], cols, s_ptr, z_ptr, G, mask, GROUP, SYMMETRIC, FP_EXP, FP_MAN
+        )
+        hi_mask = (hi_col < K)[:, None] & n_ok[None, :]
+        w_hi = _dequant(
+            byte >> 4, hi_col[:, None], cols, s_ptr, z_ptr, G, hi_mask, GROUP, SYMMETRIC, FP_EXP, FP_MAN
+        )
+        acc += tl.dot(x_lo, w_lo.to(x_lo.dtype), out_dtype=tl.float32)
+        acc += tl.dot(x_hi, w_hi.to(x_hi.dtype), out_dtype=tl.float32)
+    out = out_ptr + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def w4a16_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: tl.constexpr,
+                      SYMMETRIC: tl.constexpr, FP_EXP: tl.constexpr, FP_MAN: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    _gemm_tile(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP, SYMMETRIC, FP_EXP, FP_MAN,
+               BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+
+
+@triton.jit
+def w4a16_gemm_trt_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: tl.constexpr,
+                          SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):  # fmt: skip
+    """INT4 GEMM in TensorRT's AOT order: (inputs, int32 extras, output), then constexprs."""
+    _gemm_tile(
+        x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP, SYMMETRIC, 0, 0, BLOCK_M, BLOCK_N, BLOCK_K
+    )
+
+
+def w4a16_gemm_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    symmetric: bool = True,
+    fp_exp: int = 0,
+    fp_man: int = 0,
+    path: str = "auto",
+    block_n: int = 64,
+    block_k: int = 128,
+    split_k: int = 1,
+    block_m: int = 16,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """x (M, K) fp16/bf16 -> (M, N) in x's dtype. `path`: "gemv", "gemm" or "auto" (GEMV for M <= 8)."""
+    assert x.dim() == 2 and qweight.dim() == 2
+    m, k = x.shape
+    n = qweight.shape[0]
+    group = group_size if group_size > 0 else k
+    x = x.contiguous()
+    z = zeros if zeros is not None and not symmetric else qweight  # any pointer: never read
+    use_gemv = path == "gemv" or (path == "auto" and m <= 8)
+    if use_gemv:
+        out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split_k > 1 else x.new_empty(m, n)
+        grid = (m, triton.cdiv(n, block_n), split_k)
+        w4a16_gemv_kernel[grid](
+            x, qweight, scales, z, m, n, k, out, group, bool(symmetric), fp_exp, fp_man,
+            block_n, block_k, split_k, num_warps=num_warps,
+        )  # fmt: skip
+        return out.to(x.dtype) if split_k > 1 else out
+    out = x.new_empty(m, n)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    w4a16_gemm_kernel[grid](
+        x, qweight, scales, z, m, n, k, out, group, bool(symmetric), fp_exp, fp_man,
+        block_m, block_n, block_k, num_warps=num_warps,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,78 @@
+"""`torch.ops.trtcompress.w4a16_gemm`: x @ W4ᵀ for a packed 4-bit weight (INT4 or FP4 codes).
+
+CUDA tensors run the Triton kernels (GEMV for M <= 8 rows, the `tl.dot` GEMM above); CPU tensors run
+`reference.py` (set `TRTCOMPRESS_GEMM_TRITON=1` with `TRITON_INTERPRET=1` to run the kernels on CPU).
+`w4a16_linear(state)` turns a `CompressedLinearState` with a 4-bit weight into the op's arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRTCOMPRESS_GEMM_TRITON") == "1"
+
+
+@torch.library.custom_op("trtcompress::w4a16_gemm", mutates_args=())
+def w4a16_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    symmetric: bool,
+    fp_exp: int,
+    fp_man: int,
+) -> torch.Tensor:
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if _use_triton(x2) and x2.dtype in (torch.float16, torch.bfloat16):
+        from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton
+
+        out = w4a16_gemm_triton(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man)
+    else:
+        out = w4a16_gemm_reference(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man)
+    return out.reshape(*lead, qweight.shape[0])
+
+
+@w4a16_gemm.register_fake
+def _(x, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def w4a16_linear(state, device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A callable computing `state`'s layer with the op, or None when the op does not cover it
+    (not 4-bit, activation quantizer, sparsity mask, low-rank branch or pre-quant scale)."""
+    from trtcompress.compressed import fpgrid
+    from trtcompress.compressed.formats import FpFormat
+
+    q = state.quantized
+    if q is None or q.format.bits != 4 or state.act_quant is not None or state.mask is not None:
+        return None
+    if state.lowrank_a is not None or state.pre_quant_scale is not None:
+        return None
+    fmt = q.format
+    fp = isinstance(fmt, FpFormat)
+    scales = fpgrid.effective_scales(q.scales, q.global_scale, fmt) if fp else q.scales
+    args = (
+        q.qweight.to(device),
+        scales.to(device),
+        None if q.zeros is None else q.zeros.to(device),
+        fmt.group_size,
+        q.zeros is None,
+        fmt.exp_bits if fp else 0,
+        fmt.man_bits if fp else 0,
+    )
+    bias = None if state.bias is None else state.bias.to(device)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = w4a16_gemm(x, *args)
+        return out if bias is None else out + bias.to(out.dtype)
+
+    return run
