@@ -1,0 +1,151 @@
+"""GPU check of the TensorRT plugins' AOT PTX: the PTX made on a CPU machine runs through the CUDA driver.
+
+`prepare DIR` (CPU, needs trtcompress + triton): for each plugin kernel configuration, compile the PTX the
+plugin's `aot_impl` hands TensorRT (plugins/aot.py), the launch parameters it computes, random inputs
+in the plugin's layout and the torch reference output; saved with torch.save.
+`run DIR OUT` (GPU, needs only torch and the CUDA driver): load each PTX with cuModuleLoadData (what
+TensorRT does with an AOT plugin's PTX), launch it with cuLaunchKernel using exactly those parameters
+(inputs, int32 extras, outputs, then null pointers for Triton's scratch parameters), compare with the
+reference and time it; writes OUT/plugin_ptx_gpu.json.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _gear_case(codec_name: str, lengths: list[int], seed: int, **options) -> dict:
+    from trtcompress.kv import get_codec
+    from trtcompress.kv.paged import PagedKVCache
+    from trtcompress.plugins.aot import GEAR_SHAPE, compile_gear, gear_launch
+    from trtcompress.plugins.gear_attention import gear_attention_reference, layout_for_codec
+    from trtcompress.plugins.gear_attention.kernel import FIELD_ORDER
+
+    heads, q_heads, dim = GEAR_SHAPE["heads"], GEAR_SHAPE["q_heads"], GEAR_SHAPE["head_dim"]
+    gen = torch.Generator().manual_seed(seed)
+    codec = get_codec(codec_name, **options)
+    cache = PagedKVCache(
+        codec, 1, heads, dim, num_blocks=sum(n // 64 for n in lengths) + 1, max_seqs=len(lengths)
+    )
+    for s, n in enumerate(lengths):
+        cache.add_sequence(s)
+        cache.reserve(s, n)
+        cache.write(
+            0, s, torch.randn(heads, n, dim, generator=gen) * 2, torch.randn(heads, n, dim, generator=gen)
+        )
+        cache.commit(s, n)
+    seqs = list(range(len(lengths)))
+    table, lens = cache.block_table(seqs)
+    nb = lens // 64
+    k_fields = {n: t[0] for n, t in cache.pools["k"].items()}
+    v_fields = {n: t[0] for n, t in cache.pools["v"].items()}
+    tails = (cache.tails["k"][0], cache.tails["v"][0])
+    q = torch.randn(len(seqs), q_heads, dim, generator=gen).half()
+    scale = dim**-0.5
+    layout = layout_for_codec(codec, dim)
+    args = (k_fields, v_fields, *tails, table, nb, lens - nb * 64, cache.tail_slots(seqs))
+    ref = gear_attention_reference(q.float(), *args, layout, scale)
+    kernel = compile_gear(codec_name, **options)
+    placeholder = torch.zeros(1, dtype=torch.float16)
+
+    def fields(f):
+        return [f[n].contiguous() if n in f else placeholder for n in FIELD_ORDER]
+
+    i32 = [t.to(torch.int32).contiguous() for t in (table, nb, lens - nb * 64, cache.tail_slots(seqs))]
+    inputs = [q, *i32, *fields(k_fields), *fields(v_fields), tails[0].contiguous(), tails[1].contiguous()]
+    launch = gear_launch(len(seqs), heads, table.shape[1], kernel)
+    return {
+        "plugin": kernel.plugin, "config": kernel.config, "name": kernel.name, "ptx": kernel.ptx,
+        "entry_params": kernel.entry_params(), "inputs": inputs, "extra_args": list(launch["extra_args"]),
+        "outputs": [torch.empty(len(seqs), q_heads, dim, dtype=torch.float32)], "grid": launch["grid"],
+        "block": launch["block"], "shared": launch["shared"], "reference": ref, "atol": 2e-3,
+    }  # fmt: skip
+
+
+def prepare(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cases = [
+        ("kivi-2bit", [150, 64], 0, {}),
+        ("kivi-4bit", [128, 200, 37], 1, {}),
+        ("gear-2bit", [200, 64, 37], 2, {"outlier_scope": "block"}),
+        ("gear-2bit", [331], 3, {"outlier_scope": "group"}),
+        ("gear-4bit", [190, 129], 4, {}),
+    ]
+    for i, (codec, lengths, seed, options) in enumerate(cases):
+        torch.save(_gear_case(codec, lengths, seed, **options), out_dir / f"case{i}.pt")
+    print(f"prepared {len(cases)} cases in {out_dir}")
+
+
+def _driver():
+    cuda = ctypes.CDLL("libcuda.so.1")
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            msg = ctypes.c_char_p()
+            cuda.cuGetErrorString(result, ctypes.byref(msg))
+            raise RuntimeError(f"{what}: CUDA error {result} {msg.value!r}")
+
+    return cuda, check
+
+
+def run(case_dir: Path, out_dir: Path) -> None:
+    cuda, check = _driver()
+    torch.zeros(1, device="cuda")  # the primary context, current on this thread
+    stream = torch.cuda.current_stream()
+    results = []
+    for path in sorted(case_dir.glob("case*.pt")):
+        case = torch.load(path, weights_only=False)
+        module, fn = ctypes.c_void_p(), ctypes.c_void_p()
+        check(cuda.cuModuleLoadData(ctypes.byref(module), ctypes.c_char_p(case["ptx"].encode())), "load PTX")
+        check(cuda.cuModuleGetFunction(ctypes.byref(fn), module, case["name"].encode()), "get function")
+        inputs = [t.cuda() for t in case["inputs"]]
+        outputs = [t.cuda() for t in case["outputs"]]
+        params = [ctypes.c_void_p(t.data_ptr()) for t in inputs]
+        params += [ctypes.c_int32(v) for v in case["extra_args"]]
+        params += [ctypes.c_void_p(t.data_ptr()) for t in outputs]
+        params += [ctypes.c_void_p(0)] * (case["entry_params"] - len(params))  # Triton's scratch pointers
+        argv = (ctypes.c_void_p * len(params))(
+            *[ctypes.cast(ctypes.pointer(p), ctypes.c_void_p) for p in params]
+        )
+
+        def launch(fn=fn, case=case, argv=argv) -> None:
+            grid, block = case["grid"], case["block"]
+            handle = ctypes.c_void_p(stream.cuda_stream)
+            check(cuda.cuLaunchKernel(fn, *grid, *block, case["shared"], handle, argv, None), "launch")
+
+        launch()
+        torch.cuda.synchronize()
+        got = outputs[0].float().cpu()
+        err = float((got - case["reference"]).abs().max())
+        for _ in range(3):
+            launch()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(50):
+            launch()
+        torch.cuda.synchronize()
+        us = (time.perf_counter() - start) / 50 * 1e6
+        ok = err <= case["atol"]
+        keys = ("plugin", "config", "grid", "block", "shared", "atol")
+        results.append({k: case[k] for k in keys} | {"kernel": case["name"], "max_abs_err": err, "ok": ok,
+                                                      "us_per_launch": round(us, 2)})  # fmt: skip
+        print(json.dumps(results[-1]))
+        check(cuda.cuModuleUnload(module), "unload")
+    device = torch.cuda.get_device_name()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plugin_ptx_gpu.json").write_text(json.dumps({"device": device, "cases": results}, indent=1))
+    if not all(r["ok"] for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "prepare":
+        prepare(Path(sys.argv[2]))
+    else:
+        run(Path(sys.argv[2]), Path(sys.argv[3]))
