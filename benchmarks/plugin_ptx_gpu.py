@@ -68,6 +68,56 @@ def _gear_case(codec_name: str, lengths: list[int], seed: int, **options) -> dic
     }  # fmt: skip
 
 
+def _gemm_case(plugin: str, m: int, n: int, k: int, tactic: int, seed: int, **cfg) -> dict:
+    """A W4A16 / W4A4 GEMM in the plugin's layout, its AOT PTX and launch parameters, the state's output."""
+    from trtcompress.compressed.formats import FpFormat, IntFormat
+    from trtcompress.compressed.state import ActQuantizer, CompressedLinearState, QuantizedWeight
+    from trtcompress.plugins import gemm_trt
+    from trtcompress.plugins.aot import AotKernel
+
+    gen = torch.Generator().manual_seed(seed)
+    w, x = torch.randn(n, k, generator=gen) * 0.05, torch.randn(m, k, generator=gen).half()
+    if plugin == "w4a16":
+        from trtcompress.plugins.w4a16_gemm import trt
+
+        fmt = IntFormat(4, cfg["group"], cfg["symmetric"])
+        q = QuantizedWeight.round_to_nearest(w, fmt)
+        zeros = q.zeros if q.zeros is not None else torch.zeros(1, dtype=torch.uint8)
+        inputs = [x, q.qweight, q.scales, zeros]
+        state = CompressedLinearState(n, k, q)
+        name, ptx, shared = trt.compile_ptx(cfg["group"], cfg["symmetric"], tactic)
+        config = f"g{cfg['group']}/{'sym' if cfg['symmetric'] else 'asym'}"
+    else:
+        from trtcompress.plugins.w4a4_fp4_gemm import trt
+
+        w_exp, w_man, a_exp, a_man = cfg["formats"]
+        q = QuantizedWeight.round_to_nearest(w, FpFormat(w_exp, w_man, 0))
+        shift = torch.randint(0, 2**a_exp, (k,), generator=gen, dtype=torch.uint8)
+        act = ActQuantizer(a_exp, a_man, torch.tensor([float(x.float().abs().max()) / 6]), shift)
+        inputs = [x, q.qweight, q.scales, act.scale, shift]
+        state = CompressedLinearState(n, k, q, act_quant=act)
+        name, ptx, shared = trt.compile_ptx(cfg["formats"], 0, tactic)
+        config = "w_e{}m{}/a_e{}m{}".format(*cfg["formats"])
+    launch = gemm_trt.launch_params(m, n, k, tactic, shared)
+    ref = state.forward(x.float())
+    kernel = AotKernel(trt.PLUGIN_ID, config, name, ptx)
+    return {
+        "plugin": trt.PLUGIN_ID,
+        "config": f"{config}/M{m}xN{n}xK{k}/tactic{tactic}",
+        "name": name,
+        "ptx": ptx,
+        "entry_params": kernel.entry_params(),
+        "inputs": inputs,
+        "extra_args": list(launch.extra_args),
+        "outputs": [torch.empty(m, n, dtype=torch.float16)],
+        "grid": (launch.grid_x, launch.grid_y, launch.grid_z),
+        "block": (launch.block_x, 1, 1),
+        "shared": launch.shared_mem,
+        "reference": ref,
+        "atol": 2e-3 * float(ref.abs().max()) + 1e-3,  # fp16 output of an fp32-accumulated GEMM
+    }
+
+
 def prepare(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = [
@@ -78,8 +128,18 @@ def prepare(out_dir: Path) -> None:
         ("gear-4bit", [190, 129], 4, {}),
     ]
     for i, (codec, lengths, seed, options) in enumerate(cases):
-        torch.save(_gear_case(codec, lengths, seed, **options), out_dir / f"case{i}.pt")
-    print(f"prepared {len(cases)} cases in {out_dir}")
+        torch.save(_gear_case(codec, lengths, seed, **options), out_dir / f"case{i:02d}.pt")
+    gemms = []
+    for tactic in (1, 2, 3, 4):  # every tactic, decode-like and prefill-like M, SmolLM2 widths
+        for m, n, k in ((1, 576, 1536), (37, 1536, 576), (300, 576, 576)):
+            gemms.append(("w4a16", m, n, k, tactic, {"group": 128, "symmetric": True}))
+            gemms.append(("w4a4", m, n, k, tactic, {"formats": (2, 1, 2, 1)}))
+    gemms += [("w4a16", 64, 576, 576, 2, {"group": 64, "symmetric": False}),
+              ("w4a4", 64, 576, 576, 3, {"formats": (3, 0, 2, 1)}),
+              ("w4a4", 64, 576, 576, 1, {"formats": (1, 2, 3, 0)})]  # fmt: skip
+    for j, (plugin, m, n, k, tactic, cfg) in enumerate(gemms):
+        torch.save(_gemm_case(plugin, m, n, k, tactic, j, **cfg), out_dir / f"case{len(cases) + j:02d}.pt")
+    print(f"prepared {len(cases) + len(gemms)} cases in {out_dir}")
 
 
 def _driver():
@@ -122,7 +182,8 @@ def run(case_dir: Path, out_dir: Path) -> None:
         launch()
         torch.cuda.synchronize()
         got = outputs[0].float().cpu()
-        err = float((got - case["reference"]).abs().max())
+        diff = (got - case["reference"]).abs()
+        err, over = float(diff.max()), int((diff > case["atol"]).sum())
         for _ in range(3):
             launch()
         torch.cuda.synchronize()
@@ -134,6 +195,7 @@ def run(case_dir: Path, out_dir: Path) -> None:
         ok = err <= case["atol"]
         keys = ("plugin", "config", "grid", "block", "shared", "atol")
         results.append({k: case[k] for k in keys} | {"kernel": case["name"], "max_abs_err": err, "ok": ok,
+                                                      "outputs": got.numel(), "outputs_over_atol": over,
                                                       "us_per_launch": round(us, 2)})  # fmt: skip
         print(json.dumps(results[-1]))
         check(cuda.cuModuleUnload(module), "unload")
