@@ -20,6 +20,7 @@ FORMATS = {
     "int4_g64_sym": IntFormat(4, 64, True),
     "int4_g32_asym": IntFormat(4, 32, False),
     "int4_channel": IntFormat(4, 0, True),
+    "int4_g48": IntFormat(4, 48, True),  # groups straddle K blocks: the element-wise path
     "fp4_e2m1_g32": FpFormat(2, 1, 32),
     "mxfp4": FpFormat(2, 1, 32, "e8m0"),
     "nvfp4": FpFormat(2, 1, 16, "e4m3"),
@@ -46,22 +47,26 @@ def test_reference_is_the_canonical_dequantized_linear(name):
 
 
 @pytest.mark.parametrize(
-    ("name", "m", "n", "k", "path", "split_k"),
+    ("name", "m", "n", "k", "path", "split_k", "block_k"),
     [
-        ("int4_g64_sym", 1, 40, 96, "gemv", 1),  # partial last group (64 + 32)
-        ("int4_g32_asym", 3, 40, 96, "gemv", 2),  # split-K with atomics
-        ("int4_channel", 2, 24, 37, "gemv", 1),  # odd K: the last byte holds one code
-        ("fp4_e2m1_g32", 1, 40, 96, "gemv", 1),
-        ("mxfp4", 20, 40, 96, "gemm", 1),
-        ("nvfp4", 20, 24, 80, "gemm", 1),
-        ("int4_g32_asym", 33, 40, 96, "gemm", 1),  # rows beyond a tile
-        ("int4_channel", 17, 24, 37, "gemm", 1),
+        ("int4_g64_sym", 1, 40, 96, "gemv", 1, 32),  # partial last group (64 + 32)
+        ("int4_g32_asym", 3, 40, 96, "gemv", 2, 32),  # split-K with atomics
+        ("int4_g32_asym", 2, 40, 96, "gemv", 1, 64),  # two groups per K block
+        ("int4_channel", 2, 24, 37, "gemv", 1, 32),  # odd K: the last byte holds one code
+        ("int4_g48", 1, 24, 96, "gemv", 1, 32),
+        ("fp4_e2m1_g32", 1, 40, 96, "gemv", 1, 64),
+        ("nvfp4", 2, 40, 80, "gemv", 1, 32),
+        ("mxfp4", 20, 40, 96, "gemm", 1, 32),
+        ("nvfp4", 20, 24, 80, "gemm", 1, 32),  # group 16 < BLOCK_K: the element-wise path
+        ("int4_g32_asym", 33, 40, 96, "gemm", 1, 32),  # rows beyond a tile
+        ("int4_g64_sym", 17, 40, 96, "gemm", 1, 32),
+        ("int4_channel", 17, 24, 37, "gemm", 1, 32),
     ],
 )
-def test_kernel_matches_reference(name, m, n, k, path, split_k):
+def test_kernel_matches_reference(name, m, n, k, path, split_k, block_k):
     _, args = _weight(name, n, k, seed=m)
     x = torch.randn(m, k).half()
-    out = w4a16_gemm_triton(x, *args, path=path, split_k=split_k, block_n=16, block_k=32)
+    out = w4a16_gemm_triton(x, *args, path=path, split_k=split_k, block_n=16, block_k=block_k)
     ref = w4a16_gemm_reference(x, *args)
     # fp16 operands / output, fp32 accumulation in both: differences are fp16 rounding of the output
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-3, atol=2e-2)

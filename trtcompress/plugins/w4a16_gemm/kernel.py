@@ -10,6 +10,12 @@ grid built from the code's bits, times the group scale).
   sums are added atomically into an fp32 buffer;
 - `w4a16_gemm_kernel` (prefill): grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)), two `tl.dot`s per K step
   (even / odd columns), fp32 accumulation;
+
+When K blocks and quantization groups align (the usual case: group 128, BLOCK_K 64..512), the scale
+(and zero point) is applied once per row and group instead of per element: the GEMV sums codes x
+activations per group and uses sum((c - z)·x)·s = (sum(c·x) - z·sum(x))·s; the GEMM runs the dots on
+the integer codes (exact in fp16/bf16) and scales the partial product. Other shapes (partial groups that
+straddle blocks, odd per-channel K) take the element-wise dequantization path.
 - `w4a16_gemm_trt_kernel`: the INT4 GEMM in TensorRT's AOT argument order (see `trt.py`).
 """
 
@@ -53,36 +59,71 @@ def _dequant(code, col, row_n, s_ptr, z_ptr, G, mask, GROUP: tl.constexpr, SYMME
 
 
 @triton.jit
+def _row_bytes(K, EVEN_K: tl.constexpr):
+    """Bytes per packed weight row. With EVEN_K the compiler sees K // 2 (K is specialized as a multiple
+    of 16), proves row alignment and vectorizes the weight loads; (K + 1) // 2 is right for any K."""
+    if EVEN_K:
+        return K // 2
+    else:
+        return (K + 1) // 2
+
+
+@triton.jit
 def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: tl.constexpr,
                       SYMMETRIC: tl.constexpr, FP_EXP: tl.constexpr, FP_MAN: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):  # fmt: skip
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                      EVEN_K: tl.constexpr):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     HALF: tl.constexpr = BLOCK_K // 2
-    kb_row = (K + 1) // 2  # bytes per weight row
+    kb_row = _row_bytes(K, EVEN_K)
     G = (K + GROUP - 1) // GROUP
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # K columns per split, whole blocks
+    FAST: tl.constexpr = (GROUP % BLOCK_K == 0) or (BLOCK_K % GROUP == 0 and (BLOCK_K // GROUP) <= 16)
+    NG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1  # groups per K block
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(pid_k * span, pid_k * span + span, BLOCK_K):
         jb = k0 // 2 + tl.arange(0, HALF)  # byte index along the row
         lo_col = 2 * jb
         hi_col = lo_col + 1
-        x_lo = tl.load(x_ptr + pid_m * K + lo_col, mask=lo_col < K, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_ptr + pid_m * K + hi_col, mask=hi_col < K, other=0.0).to(tl.float32)
+        cols = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_ptr + pid_m * K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x_lo, x_hi = tl.split(tl.reshape(xk, (HALF, 2)))  # even / odd columns
         mask = n_ok[:, None] & (lo_col < K)[None, :]
         byte = tl.load(w_ptr + rn[:, None] * kb_row + jb[None, :], mask=mask, other=0).to(tl.int32)
-        rows = rn[:, None]
-        w_lo = _dequant(
-            byte & 0xF, lo_col[None, :], rows, s_ptr, z_ptr, G, mask, GROUP, SYMMETRIC, FP_EXP, FP_MAN
-        )
-        hi_mask = n_ok[:, None] & (hi_col < K)[None, :]
-        w_hi = _dequant(
-            byte >> 4, hi_col[None, :], rows, s_ptr, z_ptr, G, hi_mask, GROUP, SYMMETRIC, FP_EXP, FP_MAN
-        )
-        acc += tl.sum(w_lo * x_lo[None, :] + w_hi * x_hi[None, :], axis=1)
+        if FAST:  # block and group boundaries align: one scale (and zero) per row and group
+            if FP_EXP > 0:
+                v_lo = _fp_decode(byte & 0xF, FP_EXP, FP_MAN)
+                v_hi = _fp_decode(byte >> 4, FP_EXP, FP_MAN)
+            else:
+                v_lo = (byte & 0xF).to(tl.float32)
+                v_hi = (byte >> 4).to(tl.float32)
+            prod = v_lo * x_lo[None, :] + v_hi * x_hi[None, :]
+            gi = k0 // GROUP + tl.arange(0, NG)
+            g_mask = n_ok[:, None] & (gi < G)[None, :]
+            part = tl.sum(tl.reshape(prod, (BLOCK_N, NG, HALF // NG)), axis=2)  # (BLOCK_N, NG)
+            scale = tl.load(s_ptr + rn[:, None] * G + gi[None, :], mask=g_mask, other=0.0).to(tl.float32)
+            if FP_EXP == 0:  # sum((c - z) x) = sum(c x) - z sum(x)
+                x_sum = tl.sum(tl.reshape(x_lo + x_hi, (NG, HALF // NG)), axis=1)
+                if SYMMETRIC:
+                    part = part - 8.0 * x_sum[None, :]
+                else:
+                    zero = tl.load(z_ptr + rn[:, None] * G + gi[None, :], mask=g_mask, other=0).to(tl.float32)
+                    part = part - zero * x_sum[None, :]
+            acc += tl.sum(part * scale, axis=1)
+        else:
+            rows = rn[:, None]
+            w_lo = _dequant(
+                byte & 0xF, lo_col[None, :], rows, s_ptr, z_ptr, G, mask, GROUP, SYMMETRIC, FP_EXP, FP_MAN
+            )
+            hi_mask = n_ok[:, None] & (hi_col < K)[None, :]
+            w_hi = _dequant(
+                byte >> 4, hi_col[None, :], rows, s_ptr, z_ptr, G, hi_mask, GROUP, SYMMETRIC, FP_EXP, FP_MAN
+            )
+            acc += tl.sum(w_lo * x_lo[None, :] + w_hi * x_hi[None, :], axis=1)
     if SPLIT_K == 1:
         tl.store(out_ptr + pid_m * N + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -92,11 +133,11 @@ def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: tl.co
 @triton.jit
 def _gemm_tile(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                FP_EXP: tl.constexpr, FP_MAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):  # fmt: skip
+               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     HALF: tl.constexpr = BLOCK_K // 2
-    kb_row = (K + 1) // 2
+    kb_row = _row_bytes(K, EVEN_K)
     G = (K + GROUP - 1) // GROUP
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,25 +148,44 @@ def _gemm_tile(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: tl.constexpr
         jb = k0 // 2 + tl.arange(0, HALF)
         lo_col = 2 * jb
         hi_col = lo_col + 1
-        x_lo = tl.load(
-            x_ptr + rm[:, None] * K + lo_col[None, :], mask=m_ok[:, None] & (lo_col < K)[None, :], other=0.0
+        cols = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(
+            x_ptr + rm[:, None] * K + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0
         )
-        x_hi = tl.load(
-            x_ptr + rm[:, None] * K + hi_col[None, :], mask=m_ok[:, None] & (hi_col < K)[None, :], other=0.0
-        )
-        # weight tile transposed: (HALF, BLOCK_N), K along the rows
-        mask = (lo_col < K)[:, None] & n_ok[None, :]
-        byte = tl.load(w_ptr + rn[None, :] * kb_row + jb[:, None], mask=mask, other=0).to(tl.int32)
-        cols = rn[None, :]
-        w_lo = _dequant(
-            byte & 0xF, lo_col[:, None], cols, s_ptr, z_ptr, G, mask, GROUP, SYMMETRIC, FP_EXP, FP_MAN
-        )
-        hi_mask = (hi_col < K)[:, None] & n_ok[None, :]
-        w_hi = _dequant(
-            byte >> 4, hi_col[:, None], cols, s_ptr, z_ptr, G, hi_mask, GROUP, SYMMETRIC, FP_EXP, FP_MAN
-        )
-        acc += tl.dot(x_lo, w_lo.to(x_lo.dtype), out_dtype=tl.float32)
-        acc += tl.dot(x_hi, w_hi.to(x_hi.dtype), out_dtype=tl.float32)
+        x_lo, x_hi = tl.split(tl.reshape(xk, (BLOCK_M, HALF, 2)))  # even / odd columns
+        if GROUP % BLOCK_K == 0:  # one group per K block: dot the codes, scale the partial product
+            g = k0 // GROUP
+            scale = tl.load(s_ptr + rn * G + g, mask=n_ok, other=0.0).to(tl.float32)
+            # the bytes as stored (BLOCK_N rows, contiguous along K: coalesced), then K-major for the dot
+            row_mask = n_ok[:, None] & (lo_col < K)[None, :]
+            byte = tl.trans(tl.load(w_ptr + rn[:, None] * kb_row + jb[None, :], mask=row_mask, other=0))
+            byte = byte.to(tl.int32)
+            if FP_EXP > 0:
+                c_lo = _fp_decode(byte & 0xF, FP_EXP, FP_MAN)
+                c_hi = _fp_decode(byte >> 4, FP_EXP, FP_MAN)
+            else:
+                if SYMMETRIC:
+                    zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+                else:
+                    zero = tl.load(z_ptr + rn * G + g, mask=n_ok, other=0).to(tl.float32)
+                c_lo = (byte & 0xF).to(tl.float32) - zero[None, :]  # small integers: exact in fp16/bf16
+                c_hi = (byte >> 4).to(tl.float32) - zero[None, :]
+            part = tl.dot(x_lo, c_lo.to(x_lo.dtype), out_dtype=tl.float32)
+            part += tl.dot(x_hi, c_hi.to(x_hi.dtype), out_dtype=tl.float32)
+            acc += part * scale[None, :]
+        else:  # element-wise dequantization (groups straddle K blocks)
+            mask = (lo_col < K)[:, None] & n_ok[None, :]
+            byte = tl.load(w_ptr + rn[None, :] * kb_row + jb[:, None], mask=mask, other=0).to(tl.int32)
+            cols_n = rn[None, :]
+            w_lo = _dequant(
+                byte & 0xF, lo_col[:, None], cols_n, s_ptr, z_ptr, G, mask, GROUP, SYMMETRIC, FP_EXP, FP_MAN
+            )
+            hi_mask = (hi_col < K)[:, None] & n_ok[None, :]
+            w_hi = _dequant(
+                byte >> 4, hi_col[:, None], cols_n, s_ptr, z_ptr, G, hi_mask, GROUP, SYMMETRIC, FP_EXP, FP_MAN
+            )
+            acc += tl.dot(x_lo, w_lo.to(x_lo.dtype), out_dtype=tl.float32)
+            acc += tl.dot(x_hi, w_hi.to(x_hi.dtype), out_dtype=tl.float32)
     out = out_ptr + rm[:, None] * N + rn[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -133,9 +193,10 @@ def _gemm_tile(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: tl.constexpr
 @triton.jit
 def w4a16_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: tl.constexpr,
                       SYMMETRIC: tl.constexpr, FP_EXP: tl.constexpr, FP_MAN: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN_K: tl.constexpr):  # fmt: skip
     _gemm_tile(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP, SYMMETRIC, FP_EXP, FP_MAN,
-               BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+               BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)  # fmt: skip
 
 
 @triton.jit
@@ -143,9 +204,8 @@ def w4a16_gemm_trt_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: t
                           SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr):  # fmt: skip
     """INT4 GEMM in TensorRT's AOT order: (inputs, int32 extras, output), then constexprs."""
-    _gemm_tile(
-        x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP, SYMMETRIC, 0, 0, BLOCK_M, BLOCK_N, BLOCK_K
-    )
+    _gemm_tile(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP, SYMMETRIC, 0, 0,
+               BLOCK_M, BLOCK_N, BLOCK_K, False)  # fmt: skip
 
 
 def w4a16_gemm_triton(
@@ -177,13 +237,13 @@ def w4a16_gemm_triton(
         grid = (m, triton.cdiv(n, block_n), split_k)
         w4a16_gemv_kernel[grid](
             x, qweight, scales, z, m, n, k, out, group, bool(symmetric), fp_exp, fp_man,
-            block_n, block_k, split_k, num_warps=num_warps,
+            block_n, block_k, split_k, k % 2 == 0, num_warps=num_warps,
         )  # fmt: skip
         return out.to(x.dtype) if split_k > 1 else out
     out = x.new_empty(m, n)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     w4a16_gemm_kernel[grid](
         x, qweight, scales, z, m, n, k, out, group, bool(symmetric), fp_exp, fp_man,
-        block_m, block_n, block_k, num_warps=num_warps,
+        block_m, block_n, block_k, k % 2 == 0, num_warps=num_warps,
     )  # fmt: skip
     return out

@@ -1,0 +1,202 @@
+"""W4A16 (and W4A4) GEMM kernels vs torch fp16/bf16 matmul on a GPU. Needs only torch and triton.
+
+    python benchmarks/gemm_gpu.py OUT.json [--quick] [--smoke]
+
+Imports only `trtcompress/plugins/{w4a16_gemm,w4a4_fp4_gemm}/{kernel,reference}.py` (plain torch +
+triton; the package `__init__`s import nothing), so it runs on a GPU box without the project's other
+dependencies. For each K = N in {4096, 11008, 14336} it first tunes the GEMV launch (block sizes,
+split-K) at M = 1, then times M = 1, 2, 4, 8, 16 (GEMV path up to 8, both paths at 16) and prefill
+M = 512 / 2048 (tl.dot GEMM), each against torch.matmul with the dequantized fp16 and bf16 weight
+(the same math). Every kernel result is checked against the reference first. Timings: median of
+`triton.testing.do_bench` (CUDA events, L2 flushed between runs). `--smoke` runs tiny shapes on CPU
+under TRITON_INTERPRET=1 (a check of the script itself, no timings worth reading).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from trtcompress.plugins.w4a4_fp4_gemm.kernel import w4a4_fp4_gemm_triton  # noqa: E402
+from trtcompress.plugins.w4a4_fp4_gemm.reference import w4a4_fp4_gemm_reference  # noqa: E402
+from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton  # noqa: E402
+from trtcompress.plugins.w4a16_gemm.reference import dequantize_w4, w4a16_gemm_reference  # noqa: E402
+
+DEVICE = "cpu" if SMOKE else "cuda"
+GROUP = 128
+
+
+def bench(fn) -> float:
+    """Median milliseconds."""
+    if DEVICE == "cuda":
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def make_weight(n: int, k: int, seed: int = 0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    qweight = torch.randint(0, 256, (n, (k + 1) // 2), generator=g, device=DEVICE, dtype=torch.uint8)
+    scales = (torch.rand(n, triton.cdiv(k, GROUP), generator=g, device=DEVICE) * 0.01 + 0.001).half()
+    return qweight, scales
+
+
+def check(out: torch.Tensor, ref: torch.Tensor) -> float:
+    err = (out.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item() + 1e-6
+    if err > 1e-2 * scale:
+        raise AssertionError(f"kernel differs from the reference: max err {err} (max |ref| {scale})")
+    return err / scale
+
+
+def tune_gemv(x, qweight, scales, n, k) -> dict:
+    best = None
+    blocks_n = (16, 32) if SMOKE else (16, 32, 64)
+    blocks_k = (32,) if SMOKE else (128, 256, 512)
+    splits = (1, 2) if SMOKE else (1, 2, 4, 8)
+    warps = (4,)
+    for bn in blocks_n:
+        for bk in blocks_k:
+            for sk in splits:
+                for nw in warps:
+                    cfg = dict(block_n=bn, block_k=bk, split_k=sk, num_warps=nw)
+
+                    def run(cfg=cfg):
+                        return w4a16_gemm_triton(x, qweight, scales, None, GROUP, True, path="gemv", **cfg)
+
+                    try:
+                        ms = bench(run)
+                    except Exception as exc:  # a configuration the compiler refuses
+                        print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
+                        continue
+                    if best is None or ms < best[0]:
+                        best = (ms, cfg)
+    assert best is not None
+    return best[1]
+
+
+def tune_gemm(x, qweight, scales) -> dict:
+    best = None
+    tiles = [(16, 32, 32, 4)] if SMOKE else [
+        (16, 64, 64, 4), (16, 128, 64, 4), (32, 64, 128, 4), (64, 64, 64, 4), (64, 128, 64, 8),
+        (128, 128, 64, 8), (128, 64, 128, 8),
+    ]  # fmt: skip
+    for bm, bn, bk, nw in tiles:
+        cfg = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw)
+
+        def run(cfg=cfg):
+            return w4a16_gemm_triton(x, qweight, scales, None, GROUP, True, path="gemm", **cfg)
+
+        try:
+            ms = bench(run)
+        except Exception as exc:
+            print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    assert best is not None
+    return best[1]
+
+
+def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> list[dict]:
+    rows = []
+    n = k = size
+    qweight, scales = make_weight(n, k)
+    w16 = dequantize_w4(qweight, scales, None, k, GROUP).half()
+    wbf = w16.bfloat16()
+    x1 = torch.randn(1, k, device=DEVICE).half()
+    gemv_cfg = tune_gemv(x1, qweight, scales, n, k)
+    print(f"K=N={size}: GEMV config {gemv_cfg}", file=sys.stderr)
+    x16 = torch.randn(16, k, device=DEVICE).half()
+    gemm_cfg = tune_gemm(torch.randn(max(prefill_m), k, device=DEVICE).half(), qweight, scales)
+    print(f"K=N={size}: GEMM config {gemm_cfg}", file=sys.stderr)
+    for m in decode_m + prefill_m:
+        x = torch.randn(m, k, device=DEVICE).half() if m != 16 else x16
+        xb = x.bfloat16()
+        ref = w4a16_gemm_reference(x, qweight, scales, None, GROUP, True)
+        row = {"K": k, "N": n, "M": m}
+        row["fp16_matmul_ms"] = bench(lambda x=x: torch.matmul(x, w16.t()))
+        row["bf16_matmul_ms"] = bench(lambda xb=xb: torch.matmul(xb, wbf.t()))
+        paths = []
+        if m <= 16:
+            paths.append(("gemv", gemv_cfg))
+        if m >= 16:
+            paths.append(("gemm", gemm_cfg))
+        for path, cfg in paths:
+
+            def run(x=x, path=path, cfg=cfg):
+                return w4a16_gemm_triton(x, qweight, scales, None, GROUP, True, path=path, **cfg)
+
+            row[f"w4a16_{path}_rel_err"] = check(run(), ref)
+            row[f"w4a16_{path}_ms"] = bench(run)
+            row[f"w4a16_{path}_config"] = cfg
+        best = min(row[f"w4a16_{p}_ms"] for p, _ in paths)
+        row["w4a16_best_ms"] = best
+        row["speedup_vs_fp16"] = row["fp16_matmul_ms"] / best
+        row["speedup_vs_bf16"] = row["bf16_matmul_ms"] / best
+        weight_bytes = qweight.numel() + scales.numel() * 2
+        row["w4a16_weight_GBps"] = weight_bytes / (best * 1e-3) / 1e9
+        row["fp16_weight_GBps"] = w16.numel() * 2 / (row["fp16_matmul_ms"] * 1e-3) / 1e9
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+def main() -> None:
+    out_path = Path(sys.argv[1])
+    quick = "--quick" in sys.argv
+    sizes = [96] if SMOKE else ([4096] if quick else [4096, 11008, 14336])
+    decode_m = [1, 4] if SMOKE else [1, 2, 4, 8, 16]
+    prefill_m = [20] if SMOKE else [512, 2048]
+    rows = []
+    info = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "group_size": GROUP,
+        "weight": "INT4 symmetric, group 128, fp16 scales (4.125 bits/weight)",
+        "timing": "median ms of triton.testing.do_bench (CUDA events, L2 flushed)",
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for size in sizes:
+        rows += bench_size(size, decode_m, prefill_m)
+        out_path.write_text(json.dumps({"info": info, "w4a16": rows, "w4a4": []}, indent=2))  # partial
+    # W4A4 (LLM-FP4, E2M1 x E2M1, emulated on Hopper by in-register dequantization) at one shape
+    w4a4 = []
+    size = sizes[0]
+    qweight, _ = make_weight(size, size, seed=1)
+    wscales = (torch.rand(size, 1, device=DEVICE) * 0.05 + 0.01).half()
+    act_scale = torch.tensor([0.5], device=DEVICE)
+    shift = torch.zeros(size, dtype=torch.uint8, device=DEVICE)
+    w_deq = dequantize_w4(qweight, wscales, None, size, 0, True, 2, 1).half()
+    for m in [16, *prefill_m]:
+        x = torch.randn(m, size, device=DEVICE).half()
+        args = (qweight, wscales, act_scale, shift, 2, 1, 2, 1, 0)
+        ref = w4a4_fp4_gemm_reference(x, *args)
+        rel = check(w4a4_fp4_gemm_triton(x, *args), ref)
+        ms = bench(lambda x=x, args=args: w4a4_fp4_gemm_triton(x, *args))
+        fp16 = bench(lambda x=x: torch.matmul(x, w_deq.t()))
+        w4a4.append({"K": size, "N": size, "M": m, "w4a4_ms": ms, "fp16_matmul_ms": fp16, "rel_err": rel,
+                     "speedup_vs_fp16": fp16 / ms})  # fmt: skip
+        print(json.dumps(w4a4[-1]), file=sys.stderr)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({"info": info, "w4a16": rows, "w4a4": w4a4}, indent=2))
+    print(f"wrote {out_path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
