@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from rich.progress import Progress
 from torch import nn
@@ -24,8 +26,10 @@ def compress_model(
         calibration = calibration_tokens(
             tokenizer, cal.num_samples, cal.seq_len, skip_tokens=recipe.eval.ppl_tokens
         )
-    context = PassContext(calibration=calibration, progress=progress, log=log)
     passes = [build_pass(config) for config in recipe.passes]
+    # Distillation (kd) learns from the uncompressed model: keep a copy before the first pass changes it.
+    teacher = copy.deepcopy(model) if any("teacher" in p.needs for p in passes) else None
+    context = PassContext(calibration=calibration, progress=progress, log=log, teacher=teacher)
     i = 0
     while i < len(passes):
         if isinstance(passes[i], CalibratedPass):  # consecutive calibrated passes share one sweep

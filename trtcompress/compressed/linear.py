@@ -21,7 +21,8 @@ class CompressedLinear(nn.Module):
         self.in_features = state.in_features
         self.out_features = state.out_features
         meta = state.meta()
-        self._meta = {k: meta[k] for k in ("shape", "quant", "extra") if k in meta}
+        keys = ("shape", "quant", "extra", "sparsity", "lowrank")
+        self._meta = {k: meta[k] for k in keys if k in meta}
         self._tensor_names = tuple(state.tensors())
         for name, tensor in state.tensors().items():
             self.register_buffer(name, tensor)
@@ -38,8 +39,7 @@ class CompressedLinear(nn.Module):
         return self.state.format_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = self.state
-        return nn.functional.linear(x, state.weight(x.dtype), state.bias)
+        return self.state.forward(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format_name}"

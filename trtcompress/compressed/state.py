@@ -7,6 +7,7 @@ plus a JSON-able metadata dict for the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from trtcompress.compressed import intgrid
 from trtcompress.compressed.formats import IntFormat, format_from_dict
 from trtcompress.compressed.packing import pack_bits, packed_length, unpack_bits
+from trtcompress.compressed.sparsity import SparsityMask, compact_tensors, expand_tensors
 
 
 @dataclass
@@ -91,6 +93,11 @@ class CompressedLinearState:
     dense_weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Pruning (issue 4): kept weights; a quantized weight's pruned codes are ignored (masked to 0).
+    mask: SparsityMask | None = None
+    # Low-rank correction (EoRA, KD adapters): y += x·Bᵀ·Aᵀ, A (out, r), B (r, in), usually fp16.
+    lowrank_a: torch.Tensor | None = None
+    lowrank_b: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.quantized is None) == (self.dense_weight is None):
@@ -110,18 +117,75 @@ class CompressedLinearState:
             )
         if self.bias is not None and tuple(self.bias.shape) != (self.out_features,):
             raise ValueError(f"bias has shape {tuple(self.bias.shape)}, expected ({self.out_features},)")
+        self._check_sparse_lowrank()
+
+    def _check_sparse_lowrank(self) -> None:
+        if self.mask is not None and self.mask.shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"mask has shape {self.mask.shape}, expected ({self.out_features}, {self.in_features})"
+            )
+        if (self.lowrank_a is None) != (self.lowrank_b is None):
+            raise ValueError("low-rank factors come in pairs: lowrank_a (out, r) and lowrank_b (r, in)")
+        if self.lowrank_a is not None:
+            rank = self.lowrank_a.shape[-1]
+            if tuple(self.lowrank_a.shape) != (self.out_features, rank) or tuple(
+                self.lowrank_b.shape  # type: ignore[union-attr]
+            ) != (rank, self.in_features):
+                raise ValueError(
+                    f"low-rank factors have shapes {tuple(self.lowrank_a.shape)} and "
+                    f"{tuple(self.lowrank_b.shape)}, expected ({self.out_features}, r) and "  # type: ignore[union-attr]
+                    f"(r, {self.in_features})"
+                )
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.lowrank_a is None else int(self.lowrank_a.shape[1])
+
+    def lowrank_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A·B, the low-rank correction as an (out, in) matrix (zero without factors)."""
+        if self.lowrank_a is None:
+            return torch.zeros(self.out_features, self.in_features, dtype=dtype)
+        return (self.lowrank_a.float() @ self.lowrank_b.float()).to(dtype)  # type: ignore[union-attr]
 
     @property
     def format_name(self) -> str:
         if self.quantized is not None:
-            return self.quantized.format.name
-        return str(self.dense_weight.dtype).removeprefix("torch.")  # type: ignore[union-attr]
+            name = self.quantized.format.name
+        else:
+            name = str(self.dense_weight.dtype).removeprefix("torch.")  # type: ignore[union-attr]
+        if self.mask is not None:
+            name += f"+sparse_{self.mask.pattern.replace(':', 'of')}"
+        if self.lowrank_a is not None:
+            name += f"+lowrank{self.rank}"
+        return name
+
+    def stored_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as stored: the GEMM operand."""
+        if self.quantized is not None:
+            weight = self.quantized.dequantize(dtype)
+        else:
+            weight = self.dense_weight.to(dtype)  # type: ignore[union-attr]
+        if self.mask is not None and self.quantized is not None:
+            # Pruned positions are exactly zero whatever their stored code (a dense weight stores zeros).
+            weight = weight.masked_fill(~self.mask.dense(), 0)
+        return weight
 
     def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The effective (dequantized) weight, for the reference path and for error measurement."""
-        if self.quantized is not None:
-            return self.quantized.dequantize(dtype)
-        return self.dense_weight.to(dtype)  # type: ignore[union-attr]
+        """The effective (dequantized) weight, for the reference path and for error measurement.
+        Low-rank factors are included (W + A·B)."""
+        if self.lowrank_a is not None:
+            return (self.stored_weight() + self.lowrank_delta()).to(dtype)
+        return self.stored_weight(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference computation: one GEMM (plus the low-rank branch x·Bᵀ·Aᵀ with factors)."""
+        lowrank = None
+        if self.lowrank_a is not None:
+            down = torch.nn.functional.linear(x, self.lowrank_b.to(x.dtype))  # type: ignore[union-attr]
+            lowrank = torch.nn.functional.linear(down, self.lowrank_a.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        out = torch.nn.functional.linear(x, self.stored_weight(x.dtype), bias)
+        return out if lowrank is None else out + lowrank
 
     def scale_rows(self, factor: torch.Tensor) -> CompressedLinearState:
         """The same layer with output row j multiplied by factor[j] (exact up to fp16 scale rounding)."""
@@ -129,20 +193,39 @@ class CompressedLinearState:
         bias = None if self.bias is None else (self.bias.float() * factor).to(self.bias.dtype)
         if self.quantized is None:
             dense = (self.dense_weight.float() * factor[:, None]).to(self.dense_weight.dtype)  # type: ignore[union-attr]
-            return CompressedLinearState(
-                self.out_features, self.in_features, None, dense, bias, dict(self.extra)
+            return dataclasses.replace(
+                CompressedLinearState(
+                    self.out_features, self.in_features, None, dense, bias, dict(self.extra)
+                ),
+                **self._sparse_lowrank_scaled(factor),
             )
         q = self.quantized
         scales = (q.scales.float() * factor[:, None]).to(q.scales.dtype)
         rescaled = QuantizedWeight(q.format, q.out_features, q.in_features, q.qweight, scales, q.zeros)
-        return CompressedLinearState(
-            self.out_features, self.in_features, rescaled, None, bias, dict(self.extra)
+        return dataclasses.replace(
+            CompressedLinearState(
+                self.out_features, self.in_features, rescaled, None, bias, dict(self.extra)
+            ),
+            **self._sparse_lowrank_scaled(factor),
         )
+
+    def _sparse_lowrank_scaled(self, factor: torch.Tensor) -> dict[str, Any]:
+        """The mask and the low-rank factors of `scale_rows(factor)` (A's rows scale with the output)."""
+        a = self.lowrank_a
+        if a is not None:
+            a = (a.float() * factor[:, None]).to(a.dtype)
+        return {"mask": self.mask, "lowrank_a": a, "lowrank_b": self.lowrank_b}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = self.quantized.tensors() if self.quantized is not None else {"weight": self.dense_weight}
         if self.bias is not None:
             out["bias"] = self.bias
+        if self.mask is not None:  # only the kept values/codes are stored, plus the bitmap
+            bits = None if self.quantized is None else self.quantized.format.bits
+            out = compact_tensors(out, self.mask, bits)  # type: ignore[arg-type]
+        if self.lowrank_a is not None:
+            out["lowrank_a"] = self.lowrank_a
+            out["lowrank_b"] = self.lowrank_b  # type: ignore[assignment]
         return out  # type: ignore[return-value]
 
     @property
@@ -151,7 +234,8 @@ class CompressedLinearState:
 
     @property
     def weight_nbytes(self) -> int:
-        """Bytes of the weight alone (codes, scales, zeros), without the bias."""
+        """Bytes of the weight alone (codes, scales, zeros; a sparsity mask and low-rank factors count as
+        weight), without the bias."""
         return sum(t.numel() * t.element_size() for k, t in self.tensors().items() if k != "bias")
 
     def meta(self) -> dict[str, Any]:
@@ -164,6 +248,10 @@ class CompressedLinearState:
         }
         if self.quantized is not None:
             data["quant"] = self.quantized.format.to_dict()
+        if self.mask is not None:
+            data["sparsity"] = self.mask.meta()
+        if self.lowrank_a is not None:
+            data["lowrank"] = {"rank": self.rank}
         if self.extra:
             data["extra"] = self.extra
         return data
@@ -173,6 +261,11 @@ class CompressedLinearState:
         out_f, in_f = (int(v) for v in meta["shape"])
         quantized = None
         dense = None
+        mask = None
+        if "sparsity" in meta:
+            mask = SparsityMask(tensors["mask"], in_f, meta["sparsity"]["pattern"])
+            bits = int(meta["quant"]["bits"]) if "quant" in meta else None
+            tensors = expand_tensors(tensors, mask, bits)
         if "quant" in meta:
             fmt = format_from_dict(meta["quant"])
             quantized = QuantizedWeight(
@@ -185,4 +278,7 @@ class CompressedLinearState:
             )
         else:
             dense = tensors["weight"]
-        return cls(out_f, in_f, quantized, dense, tensors.get("bias"), dict(meta.get("extra", {})))
+        return cls(
+            out_f, in_f, quantized, dense, tensors.get("bias"), dict(meta.get("extra", {})),
+            mask=mask, lowrank_a=tensors.get("lowrank_a"), lowrank_b=tensors.get("lowrank_b"),
+        )  # fmt: skip

@@ -44,6 +44,7 @@ class PassContext:
     calibration: torch.Tensor | None = None  # (samples, seq_len) token ids
     progress: Progress | None = None
     log: Callable[[str], None] = field(default=lambda message: None)
+    teacher: nn.Module | None = None  # the uncompressed model, kept only for passes needing "teacher" (KD)
 
 
 class Pass(ABC):

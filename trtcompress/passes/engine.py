@@ -28,7 +28,10 @@ from trtcompress.passes.targets import matches_any, select_linears
 
 # Statistics a pass can ask for (its `needs`).
 HESSIAN, SQ_NORMS, ABS_MAX, ABS_MEAN, SAMPLE = "hessian", "sq_norms", "abs_max", "abs_mean", "sample"
-KNOWN_STATS = frozenset({HESSIAN, SQ_NORMS, ABS_MAX, ABS_MEAN, SAMPLE})
+# Layer-level (issue 4): the decoder layer's output before this sweep changed it, on the same inputs
+# (Wanda++ regional optimization matches it). Costs one extra forward per layer, only when asked for.
+LAYER_OUTPUTS = "layer_outputs"
+KNOWN_STATS = frozenset({HESSIAN, SQ_NORMS, ABS_MAX, ABS_MEAN, SAMPLE, LAYER_OUTPUTS})
 
 
 @dataclass
@@ -74,6 +77,9 @@ class GroupHandle:
     states: dict[str, CompressedLinearState]  # new states of the layer's linears (shared)
     input_scale: torch.Tensor | None = None  # group input is divided by this (AWQ), per input channel
     member_transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    # (issue 4) float weights of the members when this sweep reached the layer, before any pass of the
+    # sweep changed them: what EoRA measures the compression error against.
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:
@@ -124,11 +130,48 @@ class GroupHandle:
         return x
 
 
+@dataclass
+class LayerSweep:
+    """One decoder layer during the sweep, for passes that work on the whole layer (issue 4)."""
+
+    index: int
+    layer: nn.Module
+    handles: list[GroupHandle]
+    inputs: torch.Tensor  # hidden states entering the layer (outputs of the already compressed layers)
+    kwargs: dict  # the layer's other forward arguments (rotary embeddings, masks)
+    dense_outputs: torch.Tensor | None = None  # the layer's output before this sweep (LAYER_OUTPUTS)
+
+    @property
+    def linears(self) -> dict[str, nn.Linear]:
+        return self.handles[0].linears
+
+    @property
+    def states(self) -> dict[str, CompressedLinearState]:
+        return self.handles[0].states
+
+    def set_state(self, name: str, state: CompressedLinearState) -> None:
+        next(h for h in self.handles if name in h.members).set_state(name, state)
+
+
 class CalibratedPass(Pass):
     """A pass that needs calibration statistics; it compresses one group of linears at a time."""
 
     needs: ClassVar[frozenset[str]] = frozenset({HESSIAN})
     sample_tokens: ClassVar[int] = 4096
+    # A pass that changes shapes (structured pruning) runs in a sweep of its own, so the passes after
+    # it see the new shapes (issue 4).
+    sweep_alone: ClassVar[bool] = False
+
+    def start_layer(self, sweep: LayerSweep, context: PassContext) -> None:
+        """Called before the layer's compressing forward (issue 4: layer-level passes)."""
+
+    def finish_layer(self, sweep: LayerSweep, context: PassContext) -> bool:
+        """Called after the layer's groups are compressed; return True if it changed weights, so the
+        engine recomputes the layer's output for the next layer (issue 4: Wanda++ regional optimization)."""
+        return False
+
+    def finish(self, model: nn.Module, context: PassContext) -> None:
+        """Called once after the sweep (issue 4: structured pruning shrinks the shapes here)."""
 
     @abstractmethod
     def compress_group(
@@ -197,6 +240,16 @@ def run_sequential(model: nn.Module, passes: list[CalibratedPass], context: Pass
     if context.calibration is None:
         names = ", ".join(p.method for p in passes)
         raise CalibrationError(f"pass(es) {names} need calibration data, and none was provided")
+    if len(passes) > 1 and any(p.sweep_alone for p in passes):  # issue 4: split around shape changers
+        segments: list[list[CalibratedPass]] = []
+        for p in passes:
+            if p.sweep_alone or not segments or segments[-1][-1].sweep_alone:
+                segments.append([p])
+            else:
+                segments[-1].append(p)
+        for segment in segments:
+            run_sequential(model, segment, context)
+        return
     _check_targets(model, passes)
     needs = frozenset().union(*(p.needs for p in passes))
     unknown = needs - KNOWN_STATS
@@ -212,6 +265,11 @@ def run_sequential(model: nn.Module, passes: list[CalibratedPass], context: Pass
     )
     for index, layer in enumerate(layers):
         handles = _prepare_layer(model, layer, index)
+        sweep = LayerSweep(index, layer, handles, hidden, kwargs)
+        if LAYER_OUTPUTS in needs:
+            sweep.dense_outputs = _layer_output(layer(hidden, **kwargs))
+        for p in passes:
+            p.start_layer(sweep, context)
         hooks = [
             linear.register_forward_pre_hook(_make_hook(handle, name, passes, context))
             for handle in handles
@@ -222,7 +280,10 @@ def run_sequential(model: nn.Module, passes: list[CalibratedPass], context: Pass
         finally:
             for hook in hooks:
                 hook.remove()
-        hidden = out[0] if isinstance(out, tuple) else out
+        changed = [p.finish_layer(sweep, context) for p in passes]
+        if any(changed):  # weights changed after the forward: the next layer needs the new output
+            out = _rerun_layer(layer, handles, hidden, kwargs)
+        hidden = _layer_output(out)
         if not torch.isfinite(hidden).all():
             raise CalibrationError(
                 f"non-finite activations after decoder layer {index}; the model or the pass is broken"
@@ -232,6 +293,30 @@ def run_sequential(model: nn.Module, passes: list[CalibratedPass], context: Pass
             progress.advance(task)  # type: ignore[union-attr]
     if task is not None:
         progress.remove_task(task)  # type: ignore[union-attr]
+    for p in passes:
+        p.finish(model, context)
+
+
+def _layer_output(out: torch.Tensor | tuple) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _rerun_layer(layer: nn.Module, handles: list[GroupHandle], hidden: torch.Tensor, kwargs: dict):
+    """The layer's output with its current weights. Producers already carry any folded input scale,
+    so only the members' own transforms (simulated activation quantization) still apply."""
+    hooks = [
+        linear.register_forward_pre_hook(
+            lambda module, args, h=handle, n=name: (h.member_transforms[n](args[0]), *args[1:])
+        )
+        for handle in handles
+        for name, linear in handle.members.items()
+        if name in handle.member_transforms
+    ]
+    try:
+        return layer(hidden, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _prepare_layer(model: nn.Module, layer: nn.Module, index: int) -> list[GroupHandle]:
@@ -248,7 +333,9 @@ def _prepare_layer(model: nn.Module, layer: nn.Module, index: int) -> list[Group
                 set_module(model, name, linear)
             members[name], previous[name] = linear, state
         linears.update(members)
-        handles.append(GroupHandle(index, group, layer, members, previous, linears, states))
+        handle = GroupHandle(index, group, layer, members, previous, linears, states)
+        handle.originals = {name: linear.weight.detach().float().clone() for name, linear in members.items()}
+        handles.append(handle)
     return handles
 
 

@@ -1,0 +1,119 @@
+"""Wanda++ regional optimization and KD recovery (LoRA adapters against the uncompressed teacher)."""
+
+import copy
+
+import pytest
+import torch
+
+from trtcompress.compressed import compressed_linears
+from trtcompress.errors import CompressionError
+from trtcompress.passes.base import PassContext
+from trtcompress.passes.engine import run_sequential
+from trtcompress.passes.kd import KDConfig, KDPass, kd_loss
+from trtcompress.passes.regional import RegionalConfig, RegionalPass
+from trtcompress.passes.wanda import WandaConfig, WandaPass
+
+
+def _calib(n=8, t=64):
+    return torch.randint(1, 512, (n, t), generator=torch.Generator().manual_seed(0))
+
+
+def _amplify(model):
+    """The random tiny model is almost uniform; scale its linears so pruning visibly changes its logits."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(4.0)
+    return model
+
+
+def test_kd_loss_is_zero_for_the_teacher_and_positive_otherwise():
+    logits = torch.randn(2, 5, 11)
+    assert float(kd_loss(logits, logits, 1.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kd_loss(logits + torch.randn(2, 5, 11), logits, 2.0)) > 0
+
+
+def test_regional_optimization_lowers_each_layers_error_and_keeps_the_mask(tiny_model):
+    model = _amplify(tiny_model.model)
+    calib = _calib()
+    regional = RegionalPass(RegionalConfig(steps=20, samples=8, batch_size=4, lr=1e-3))
+    run_sequential(
+        model,
+        [WandaPass(WandaConfig(pattern="2:4", dtype="float32")), regional],
+        PassContext(calibration=calib),
+    )
+    assert len(regional.history) == 2
+    assert all(h["after"] < h["before"] for h in regional.history), regional.history
+    for _, module in compressed_linears(model):
+        state = module.state
+        w = state.weight()
+        assert bool((w[~state.mask.dense()] == 0).all())
+        assert torch.equal(
+            (w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2, torch.ones_like(w[:, ::4]).bool()
+        )
+
+
+def test_kd_lowers_the_kl_to_the_teacher_and_keeps_adapters_as_factors(tiny_model):
+    model = _amplify(tiny_model.model)
+    teacher = copy.deepcopy(model)
+    calib = _calib()
+    run_sequential(
+        model, [WandaPass(WandaConfig(pattern="2:4", dtype="float32"))], PassContext(calibration=calib)
+    )
+    with torch.no_grad():
+        target = teacher(input_ids=calib).logits
+        kl_before = float(kd_loss(model(input_ids=calib).logits, target, 1.0))
+    kd = KDPass(KDConfig(steps=30, rank=4, lr=5e-3, batch_size=4, seq_len=64, max_seconds=None))
+    kd.apply(model, PassContext(calibration=calib, teacher=teacher))
+    with torch.no_grad():
+        kl_after = float(kd_loss(model(input_ids=calib).logits, target, 1.0))
+    assert len(kd.history) == 30 and kl_after < 0.8 * kl_before, (kl_before, kl_after)
+    layers = dict(compressed_linears(model))
+    assert len(layers) == 14
+    for module in layers.values():
+        state = module.state
+        assert state.rank == 4 and state.mask is not None  # sparsity intact, adapters kept as factors
+        assert state.lowrank_a.dtype == torch.float16
+
+
+def test_kd_merges_adapters_into_plain_float_layers_and_needs_a_teacher(tiny_model):
+    model = tiny_model.model
+    calib = _calib(2, 32)
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    teacher = copy.deepcopy(_amplify(copy.deepcopy(model)))  # a different teacher: adapters must move
+    KDPass(KDConfig(steps=3, rank=2, batch_size=2, seq_len=32, lr=1e-2)).apply(
+        model, PassContext(calibration=calib, teacher=teacher)
+    )
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, torch.nn.Linear) and not torch.equal(up.weight, before)
+    assert not list(compressed_linears(model))
+    with pytest.raises(CompressionError, match="teacher"):
+        KDPass(KDConfig(steps=1)).apply(model, PassContext(calibration=calib))
+
+
+def test_kd_preset_runs_end_to_end_with_the_teacher_kept_by_the_builder(tiny_model):
+    from trtcompress.builders.compress import compress_model
+    from trtcompress.recipe import load_recipe, with_overrides
+
+    recipe = with_overrides(
+        load_recipe("sparse24-wanda-kd"),
+        [
+            ("calibration.num_samples", 4), ("calibration.seq_len", 64), ("passes.1.samples", 4),
+            ("passes.2.steps", 3), ("passes.2.seq_len", 64),
+        ],
+    )  # fmt: skip
+    logs: list[str] = []
+    compress_model(tiny_model.model, tiny_model.tokenizer, recipe, log=logs.append)
+    assert any(line.startswith("kd: step 3/3") for line in logs), logs
+    assert any(line.startswith("regional: layer 1") for line in logs), logs
+    formats = {m.state.format_name for _, m in compressed_linears(tiny_model.model)}
+    assert formats == {"float16+sparse_2of4+lowrank8"}
+
+
+def test_kd_refuses_a_rank_larger_than_a_layer(tiny_model):
+    model = tiny_model.model
+    with pytest.raises(CompressionError, match=r"LoRA rank 64 exceeds min\(out, in\) of .*k_proj \(48x96\)"):
+        KDPass(KDConfig(steps=1, rank=64)).apply(
+            model, PassContext(calibration=_calib(2, 32), teacher=copy.deepcopy(model))
+        )
+    assert not list(compressed_linears(model))  # nothing changed

@@ -1,0 +1,124 @@
+"""EoRA (Liu et al., 2024): training-free low-rank compensation of a compressed layer's error, with the
+SVD taken in the eigenspace of the input activations.
+
+For a layer compressed in the same sweep (pruned, quantized or both), ΔW = W - Ŵ. Minimising the output
+error ||X ΔWᵀ - X (AB)ᵀ|| rather than ||ΔW - AB|| means weighting input directions by the activation
+covariance H = XᵀX/N = QΛQᵀ: project ΔW' = ΔW·Q·√Λ, keep its top-r SVD U_r Σ_r V_rᵀ, project back:
+A = U_r·√Σ_r (out, r), B = √Σ_r·V_rᵀ·Λ^(-1/2)·Qᵀ (r, in). At full rank AB = ΔW exactly (the damping
+added to Λ cancels), so the correction reproduces the uncompressed layer. Factors are stored in the
+state (fp16 by default, counted in its bytes) and run as x·Bᵀ·Aᵀ next to the compressed GEMM.
+
+EoRA must follow, in the same sweep, the pass whose error it compensates (place it right after it in
+the recipe): the engine then gives it the weights as they were before the sweep (`originals`) and the
+Hessian of the inputs the compressed model actually produces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from trtcompress.compressed.state import CompressedLinearState
+from trtcompress.errors import CompressionError
+from trtcompress.passes.base import PassConfig, PassContext, register_pass
+from trtcompress.passes.engine import HESSIAN, CalibratedPass, GroupHandle, GroupStats
+from trtcompress.passes.pruning import DTYPES
+from trtcompress.passes.targets import matches_any
+
+
+def eora_factors(
+    delta: torch.Tensor, hessian: torch.Tensor, rank: int, damp: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (out, r), B (r, in) with A·B ≈ delta in the metric of `hessian` (fp32)."""
+    out_f, in_f = delta.shape
+    if hessian.shape != (in_f, in_f):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's {in_f} inputs")
+    if not 1 <= rank <= min(out_f, in_f):
+        raise ValueError(
+            f"rank {rank} is outside [1, min(out, in) = {min(out_f, in_f)}] for a {out_f}x{in_f} weight"
+        )
+    h = hessian.double()
+    eigvals, eigvecs = torch.linalg.eigh(h)
+    eigvals = eigvals.clamp_min(0) + damp * max(float(eigvals.mean()), 1e-30)
+    root = eigvals.sqrt()
+    projected = (delta.double() @ eigvecs) * root[None, :]
+    u, s, vh = torch.linalg.svd(projected, full_matrices=False)
+    r = rank
+    half = s[:r].sqrt()
+    a = u[:, :r] * half[None, :]
+    b = ((half[:, None] * vh[:r]) / root[None, :]) @ eigvecs.T
+    return a.float(), b.float()
+
+
+def with_lowrank(state: CompressedLinearState, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
+    """`state` plus the factors (appended to any it already has: ranks add up)."""
+    a, b = a.to(dtype), b.to(dtype)
+    if state.lowrank_a is not None:
+        a = torch.cat([state.lowrank_a.to(dtype), a], dim=1)
+        b = torch.cat([state.lowrank_b.to(dtype), b], dim=0)  # type: ignore[union-attr]
+    return dataclasses.replace(state, lowrank_a=a.contiguous(), lowrank_b=b.contiguous())
+
+
+class EoRAConfig(PassConfig):
+    method: Literal["eora"] = "eora"
+    rank: int = Field(32, ge=1, description="rank of the correction of every targeted linear")
+    ranks: dict[str, int] = Field(
+        default_factory=dict, description="per-layer ranks: module pattern -> rank (first match wins)"
+    )
+    damp: float = Field(1e-6, gt=0, description="added to the covariance eigenvalues (x their mean)")
+    factor_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="storage dtype of the factors"
+    )
+
+    @field_validator("ranks")
+    @classmethod
+    def _non_negative(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: r for k, r in v.items() if r < 0}
+        if bad:
+            raise ValueError(f"ranks must be >= 0 (0 = no correction), got {bad}")
+        return v
+
+    def rank_for(self, name: str) -> int:
+        for pattern, rank in self.ranks.items():
+            if matches_any(name, [pattern]):
+                return rank
+        return self.rank
+
+
+@register_pass
+class EoRAPass(CalibratedPass):
+    config_type = EoRAConfig
+    config: EoRAConfig
+    needs = frozenset({HESSIAN})
+
+    def compress_group(
+        self, group: GroupHandle, names: list[str], stats: GroupStats, context: PassContext
+    ) -> None:
+        assert stats.hessian is not None
+        for name in names:
+            state = group.states.get(name)
+            if state is None:
+                if group.previous[name] is not None:
+                    raise CompressionError(
+                        f"eora: {name} was compressed by an earlier sweep, so its uncompressed weight is "
+                        "gone; place eora right after the pass it compensates (same sweep)"
+                    )
+                continue  # not compressed: nothing to compensate
+            rank = self.config.rank_for(name)
+            if rank <= 0:
+                continue
+            if rank > min(state.out_features, state.in_features):
+                raise CompressionError(
+                    f"eora: rank {rank} for {name} exceeds min(out, in) = "
+                    f"{min(state.out_features, state.in_features)} of its {state.out_features}x"
+                    f"{state.in_features} weight; lower `rank` or set a smaller one in `ranks`"
+                )
+            original = group.originals[name]
+            if group.input_scale is not None:  # AWQ-style fold in this sweep: W·diag(s) is the target
+                original = original * group.input_scale[None, :].float()
+            delta = original - state.weight()
+            a, b = eora_factors(delta, stats.hessian, rank, self.config.damp)
+            group.set_state(name, with_lowrank(state, a, b, DTYPES[self.config.factor_dtype]))

@@ -1,0 +1,83 @@
+"""What the unstructured / N:M pruning passes share: config fields, and the state a pruned layer becomes.
+
+A pruned-only linear is a dense weight with zeros at the pruned positions plus a `SparsityMask`; its
+artifact stores only the kept values (in `dtype`) and a 1-bit-per-weight bitmap (compressed/sparsity.py),
+so 2:4 at fp16 costs 9 bits/weight. Pruned and quantized (SparseGPT with `bits`) = quantized codes
+(zeros at pruned positions) + the mask.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from trtcompress.compressed.sparsity import SparsityMask, parse_nm
+from trtcompress.compressed.state import CompressedLinearState
+from trtcompress.passes.base import PassConfig
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class PruneConfig(PassConfig):
+    """Fields of every unstructured / semi-structured pruning pass."""
+
+    pattern: str = Field(
+        "2:4", description="'N:M' (keep N of every M inputs, e.g. 2:4, 4:8) or 'unstructured'"
+    )
+    sparsity: float = Field(
+        0.5, ge=0, lt=1, description="fraction pruned (unstructured only; N:M prunes 1 - N/M)"
+    )
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="storage dtype of the kept values of a pruned (not quantized) layer"
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid_pattern(cls, v: str) -> str:
+        parse_nm(v)  # raises ValueError with the accepted forms
+        return v
+
+    @model_validator(mode="after")
+    def _sparsity_matches_pattern(self) -> PruneConfig:
+        nm = parse_nm(self.pattern)
+        if nm is not None and "sparsity" in self.model_fields_set:
+            n, m = nm
+            if abs(self.sparsity - (1 - n / m)) > 1e-9:
+                raise ValueError(
+                    f"pattern {self.pattern} prunes {1 - n / m:g}; drop `sparsity` or make it match"
+                )
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_nm(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        nm = self.nm
+        return self.sparsity if nm is None else 1 - nm[0] / nm[1]
+
+
+def check_divisible(name: str, in_features: int, config: PruneConfig) -> None:
+    nm = config.nm
+    if nm is not None and in_features % nm[1]:
+        raise ValueError(
+            f"{name}: {config.pattern} sparsity needs in_features divisible by {nm[1]}, got {in_features}; "
+            f"exclude it or use pattern: unstructured"
+        )
+
+
+def pruned_state(
+    weight: torch.Tensor, keep: torch.Tensor, config: PruneConfig, bias: torch.Tensor | None
+) -> CompressedLinearState:
+    """A dense-weight state with zeros at the pruned positions and the mask that says so."""
+    dense = weight.float().masked_fill(~keep, 0).to(DTYPES[config.dtype])
+    return CompressedLinearState(
+        int(weight.shape[0]),
+        int(weight.shape[1]),
+        dense_weight=dense,
+        bias=None if bias is None else bias.detach().clone(),
+        mask=SparsityMask.from_bool(keep, config.pattern),
+    )
