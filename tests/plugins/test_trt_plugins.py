@@ -2,8 +2,6 @@
 for sm_90 on CPU), launch parameters, shape inference, the kernel-interface check, the loader's errors,
 and the math of the TensorRT-LLM Python plugins."""
 
-from __future__ import annotations
-
 import importlib.util
 import json
 import os
@@ -97,7 +95,8 @@ def test_gemm_shape_inference() -> None:
 def test_kernel_interface_check_against_tensorrt_argument_order() -> None:
     from trtcompress.plugins.gear_attention.kernel import gear_decode_trt_kernel as fn
 
-    names = [n for i, n in enumerate(fn.arg_names) if i not in fn.constexprs]
+    all_names, constexprs = gemm_trt.kernel_parameters(fn)  # JITFunction, or the interpreter's wrapper
+    names = [n for n in all_names if n not in constexprs]
     inputs, extra, outputs = names[:-2], ["max_blocks"], ["out_ptr"]
     constants = {"H": 3, "D": 64}
     gemm_trt.check_kernel_interface(fn, inputs, extra, outputs, constants)
@@ -164,3 +163,154 @@ def test_trtllm_python_plugins_need_trtllm() -> None:
 
     with pytest.raises(MissingDependencyError, match=r"TensorRT-LLM 1\.2\.1"):
         register_trtllm_plugins()
+
+
+# ------------------------------------------------------------------ tensorrt.plugin signatures, on CPU
+# A stand-in for `tensorrt.plugin`'s classes with concrete integers for its symbolic shapes: enough to
+# apply TensorRT's registration rules (qdp_schema.py) and to evaluate each aot_impl's launch formulas.
+
+
+class _Shape(list):
+    def numel(self):
+        out = 1
+        for d in self:
+            out *= d
+        return out
+
+
+class _Dim(int):
+    @property
+    def constant_value(self):
+        return int(self)
+
+
+class _Desc:
+    def __init__(self, *shape):
+        self.shape_expr = _Shape(_Dim(d) for d in shape)
+
+    def like(self):
+        return _Desc(*self.shape_expr)
+
+
+class _Launch:
+    grid_x = grid_y = grid_z = block_x = shared_mem = None
+
+
+class _SymExprs(tuple):
+    @classmethod
+    def from_tuple(cls, items):
+        return cls(items)
+
+
+class _Combination:
+    def __init__(self, io_types=None, layouts=None, tactics=None):
+        self.io_types, self.layouts, self.tactics = io_types, layouts, tactics
+
+
+def _stub_trtp():
+    import types
+
+    return types.SimpleNamespace(
+        TensorDesc=_Desc, KernelLaunchParams=_Launch, SymExprs=_SymExprs, SymIntExprs=_SymExprs,
+        SymInt32=int, AutoTuneCombination=_Combination, cdiv=lambda a, b: -(-a // b),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("module", ["w4a16_gemm", "w4a4_fp4_gemm", "gear_attention"])
+def test_plugin_functions_pass_tensorrt_registration_rules(module):
+    import importlib
+
+    from trtcompress.plugins.qdp_schema import check_plugin_functions
+
+    trt_module = importlib.import_module(f"trtcompress.plugins.{module}.trt")
+    trtp = _stub_trtp()
+    check_plugin_functions(*trt_module.plugin_functions(trtp), trtp)
+
+
+def test_registration_rules_catch_what_tensorrt_refuses():
+    from trtcompress.plugins.qdp_schema import check_plugin_functions, check_register
+
+    trtp = _stub_trtp()
+
+    def varargs(q: _Desc, *inputs: _Desc, bits: int) -> _Desc: ...
+
+    def strings(x: "_Desc", group_size: "int") -> "_Desc": ...  # as with __future__ annotations
+
+    def register(x: _Desc, group_size: int) -> _Desc: ...
+
+    def autotune(x, group_size: int, outputs) -> list: ...
+
+    def aot(x, group_size: int, outputs, tactic: int): ...
+
+    with pytest.raises(ValueError, match="positional-or-keyword"):
+        check_register(varargs, _Desc)
+    with pytest.raises(ValueError, match="class"):
+        check_register(strings, _Desc)
+    with pytest.raises(ValueError, match="AutoTuneCombination"):
+        check_plugin_functions(register, autotune, aot, trtp)
+    with pytest.raises(ValueError, match="return annotation"):
+        check_plugin_functions(register, None, aot, trtp)
+
+
+@pytest.mark.parametrize("module", ["w4a16_gemm", "w4a4_fp4_gemm"])
+def test_gemm_aot_impl_launch_is_launch_params(module, monkeypatch):
+    import importlib
+
+    trt_module = importlib.import_module(f"trtcompress.plugins.{module}.trt")
+    monkeypatch.setattr(trt_module, "compile_ptx", lambda *a, **k: ("entry", "// ptx", 4096))
+    register, autotune, aot_impl = trt_module.plugin_functions(_stub_trtp())
+    x, w = _Desc(37, 576), _Desc(1536, 288)
+    if module == "w4a16_gemm":
+        inputs = [x, w, _Desc(1536, 5), _Desc(1, 1)]
+    else:
+        inputs = [x, w, _Desc(1536, 1), _Desc(1), _Desc(576)]
+    attrs = [128, 1] if module == "w4a16_gemm" else [2, 1, 2, 1, 0]
+    assert list(register(*inputs, *attrs).shape_expr) == [37, 1536]  # shape inference
+    (combo,) = autotune(*inputs, *attrs, outputs=None)
+    assert combo.tactics == list(gemm_trt.TACTICS) and len(combo.io_types.split(",")) == len(inputs) + 1
+    for tactic in gemm_trt.TACTICS:
+        name, ptx, launch, extra = aot_impl(*inputs, *attrs, outputs=None, tactic=tactic)
+        want = gemm_trt.launch_params(37, 1536, 576, tactic, 4096)
+        assert (name, ptx) == (b"entry", b"// ptx")
+        got = (launch.grid_x, launch.grid_y, launch.block_x, launch.shared_mem, tuple(extra))
+        assert got == (want.grid_x, want.grid_y, want.block_x, want.shared_mem, want.extra_args)
+
+
+def test_gear_aot_impl_launch_and_types(monkeypatch):
+    from trtcompress.plugins.gear_attention import trt as gear
+    from trtcompress.plugins.gear_attention.trt import CompiledPlugin
+
+    seen = {}
+
+    def fake_compile(layout, heads, q_heads, head_dim, sm_scale, arch=90):
+        seen.update(layout=layout, shape=(heads, q_heads, head_dim))
+        return CompiledPlugin("gear_decode_trt_kernel", "// ptx", 4, 20480, heads)
+
+    monkeypatch.setattr(gear, "compile_gear_attention_ptx", fake_compile)
+    _, autotune, aot_impl = gear.plugin_functions(_stub_trtp())
+    inputs = [_Desc(2, 9, 64), _Desc(2, 7), *[_Desc(2)] * 3, *[_Desc(1)] * 18, *[_Desc(4, 3, 64, 64)] * 2]
+    attrs = dict(bits=2, block=64, group=64, out_k=41, out_v=41, rank_k=1, rank_v=0, int8_factors=1,
+                 block_outliers=1, sm_scale=0.125)  # fmt: skip
+    name, _, launch, extra = aot_impl(*inputs, **attrs, outputs=None, tactic=0)
+    assert name == b"gear_decode_trt_kernel" and seen["shape"] == (3, 9, 64)
+    assert seen["layout"].outlier_scope == "block" and seen["layout"].rank == (1, 0)
+    assert (launch.grid_x, launch.grid_y, launch.block_x, launch.shared_mem) == (2, 3, 128, 20480)
+    assert tuple(extra) == (7,)  # max blocks per sequence
+    tune = {k: v for k, v in attrs.items() if k not in ("bits", "block", "group", "sm_scale")}
+    (combo,) = autotune(*inputs, **tune, outputs=None)
+    types = [t.strip() for t in combo.io_types.split(",")]
+    assert len(types) == 26 and types[-1] == "FP32"
+    assert types[5:14] == ["UINT8", "FP16", "FP16", "FP16", "FP16", "INT8", "FP16", "INT8", "FP16"]  # keys
+    assert types[14:23] == [
+        "UINT8",
+        "FP16",
+        "FP16",
+        "FP16",
+        "FP16",
+        "FP16",
+        "FP16",
+        "FP16",
+        "FP16",
+    ]  # no rank
+    group_scope = gear.io_types(41, 41, 1, 0, 1, 0).split(", ")
+    assert group_scope[9] == "UINT8"  # group-scope outlier indices are uint8

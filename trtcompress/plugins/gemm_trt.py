@@ -99,12 +99,22 @@ def import_trt():
     return trt, trtp
 
 
+def kernel_parameters(fn) -> tuple[list[str], set[str]]:
+    """(parameter names, the constexpr ones) of a @triton.jit kernel, also under TRITON_INTERPRET=1."""
+    import inspect
+
+    if hasattr(fn, "constexprs"):  # a JITFunction
+        names = list(fn.arg_names)
+        return names, {names[i] for i in fn.constexprs}
+    params = inspect.signature(fn.fn).parameters  # the interpreter's wrapper keeps the Python function
+    return list(params), {n for n, p in params.items() if "constexpr" in str(p.annotation)}
+
+
 def check_kernel_interface(
     fn, inputs: list[str], extra: list[str], outputs: list[str], constants: dict
 ) -> None:
     """Fail with a clear message when a Triton kernel's parameters are not in TensorRT's AOT order."""
-    names = list(getattr(fn, "arg_names", []))
-    constexprs = {names[i] for i in getattr(fn, "constexprs", [])}
+    names, constexprs = kernel_parameters(fn)
     runtime = [n for n in names if n not in constexprs]
     expected = [*inputs, *extra, *outputs]
     missing = set(constants) - constexprs

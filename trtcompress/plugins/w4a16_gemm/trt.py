@@ -9,9 +9,10 @@ Kernel contract (`kernel.py`, issue 6): `w4a16_gemm_trt_kernel(x_ptr, w_ptr, s_p
 out_ptr, GROUP, SYMMETRIC, BLOCK_M, BLOCK_N, BLOCK_K)`: TensorRT's AOT order (inputs, int32 extras,
 output), one program per (BLOCK_M, BLOCK_N) output tile, grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)).
 `compile_ptx` checks the kernel against it before compiling.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: `tensorrt.plugin` inspects the annotations of the plugin
+functions and needs real classes, not strings (see qdp_schema.py).
+"""
 
 from trtcompress.plugins import gemm_trt as g
 
@@ -49,34 +50,7 @@ def compile_ptx(group_size: int, symmetric: bool, tactic: int, arch: int = 90) -
     return g.compile_triton_ptx(fn, signature, consts, g.tile_for(tactic).num_warps, arch)
 
 
-def register_trt_plugin() -> None:
-    """Register `trtcompress::w4a16_gemm` with TensorRT's plugin registry (idempotent)."""
-    _, trtp = g.import_trt()
-    if getattr(register_trt_plugin, "_done", False):
-        return
-
-    @trtp.register(PLUGIN_ID)
-    def _desc(
-        x: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc, zeros: trtp.TensorDesc,
-        group_size: int, symmetric: int,
-    ) -> trtp.TensorDesc:  # fmt: skip
-        out = x.like()
-        out.shape_expr[-1] = qweight.shape_expr[0]
-        return out
-
-    @trtp.autotune(PLUGIN_ID)
-    def _autotune(x, qweight, scales, zeros, group_size: int, symmetric: int, outputs) -> list:
-        return [trtp.AutoTuneCombination(IO_TYPES, "LINEAR", list(g.TACTICS))]
-
-    @trtp.aot_impl(PLUGIN_ID)
-    def _aot(x, qweight, scales, zeros, group_size: int, symmetric: int, outputs, tactic: int):
-        name, ptx, shared = compile_ptx(group_size, bool(symmetric), tactic)
-        return (name.encode(), ptx.encode(), *_symbolic_launch(trtp, x, qweight, tactic, shared))
-
-    register_trt_plugin._done = True  # type: ignore[attr-defined]
-
-
-def _symbolic_launch(trtp, x, qweight, tactic: int, shared: int):
+def symbolic_launch(trtp, x, qweight, tactic: int, shared: int):
     """`gemm_trt.launch_params` on TensorRT's symbolic shapes (M = all leading dims of x)."""
     tile = g.tile_for(tactic)
     k = x.shape_expr[-1]
@@ -91,4 +65,39 @@ def _symbolic_launch(trtp, x, qweight, tactic: int, shared: int):
     return launch, extra
 
 
-__all__ = ["KERNEL", "PLUGIN_ID", "compile_ptx", "constants", "register_trt_plugin"]
+def plugin_functions(trtp):
+    """(register, autotune, aot_impl) of the plugin, annotated with `trtp`'s classes (not yet registered)."""
+    Desc = trtp.TensorDesc
+    AotResult = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]
+
+    def register(x: Desc, qweight: Desc, scales: Desc, zeros: Desc, group_size: int, symmetric: int) -> Desc:
+        out = x.like()
+        out.shape_expr[-1] = qweight.shape_expr[0]
+        return out
+
+    def autotune(x, qweight, scales, zeros, group_size: int, symmetric: int, outputs):
+        return [trtp.AutoTuneCombination(IO_TYPES, "LINEAR", list(g.TACTICS))]
+
+    def aot_impl(
+        x, qweight, scales, zeros, group_size: int, symmetric: int, outputs, tactic: int
+    ) -> AotResult:
+        name, ptx, shared = compile_ptx(group_size, bool(symmetric), tactic)
+        launch, extra = symbolic_launch(trtp, x, qweight, tactic, shared)
+        return name.encode(), ptx.encode(), launch, extra
+
+    return register, autotune, aot_impl
+
+
+def register_trt_plugin() -> None:
+    """Register `trtcompress::w4a16_gemm` with TensorRT's plugin registry (idempotent)."""
+    _, trtp = g.import_trt()
+    if getattr(register_trt_plugin, "_done", False):
+        return
+    register, autotune, aot_impl = plugin_functions(trtp)
+    trtp.register(PLUGIN_ID)(register)
+    trtp.autotune(PLUGIN_ID)(autotune)
+    trtp.aot_impl(PLUGIN_ID)(aot_impl)
+    register_trt_plugin._done = True  # type: ignore[attr-defined]
+
+
+__all__ = ["KERNEL", "PLUGIN_ID", "compile_ptx", "constants", "plugin_functions", "register_trt_plugin"]

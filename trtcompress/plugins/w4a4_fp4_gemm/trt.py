@@ -10,12 +10,11 @@ the a_exp/a_man grid), then one FP4 x FP4 GEMM: CompressedLinearState.forward.
 Kernel contract (`kernel.py`, issue 6): `w4a4_fp4_gemm_trt_kernel(x_ptr, w_ptr, s_ptr, as_ptr, sh_ptr,
 M, N, K, out_ptr, W_EXP, W_MAN, A_EXP, A_MAN, GROUP, BLOCK_M, BLOCK_N, BLOCK_K)`: TensorRT's AOT order,
 grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)). `compile_ptx` checks the kernel against it before compiling.
+No `from __future__ import annotations` (tensorrt.plugin needs real annotation classes).
 """
 
-from __future__ import annotations
-
 from trtcompress.plugins import gemm_trt as g
-from trtcompress.plugins.w4a16_gemm.trt import _symbolic_launch
+from trtcompress.plugins.w4a16_gemm.trt import symbolic_launch
 
 PLUGIN_ID = "trtcompress::w4a4_fp4_gemm"
 KERNEL = "w4a4_fp4_gemm_trt_kernel"
@@ -53,33 +52,50 @@ def compile_ptx(formats: tuple[int, int, int, int], group_size: int, tactic: int
     return g.compile_triton_ptx(fn, INPUTS | EXTRA | OUTPUTS, consts, g.tile_for(tactic).num_warps, arch)
 
 
+def plugin_functions(trtp):
+    """(register, autotune, aot_impl) of the plugin, annotated with `trtp`'s classes (not yet registered)."""
+    Desc = trtp.TensorDesc
+    AotResult = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]
+
+    def register(
+        x: Desc, qweight: Desc, scales: Desc, act_scale: Desc, act_shift: Desc,
+        w_exp: int, w_man: int, a_exp: int, a_man: int, group_size: int,
+    ) -> Desc:  # fmt: skip
+        out = x.like()
+        out.shape_expr[-1] = qweight.shape_expr[0]
+        return out
+
+    def autotune(x, qweight, scales, act_scale, act_shift, w_exp: int, w_man: int, a_exp: int, a_man: int,
+                 group_size: int, outputs):  # fmt: skip
+        return [trtp.AutoTuneCombination(IO_TYPES, "LINEAR", list(g.TACTICS))]
+
+    def aot_impl(x, qweight, scales, act_scale, act_shift, w_exp: int, w_man: int, a_exp: int, a_man: int,
+                 group_size: int, outputs, tactic: int) -> AotResult:  # fmt: skip
+        name, ptx, shared = compile_ptx((w_exp, w_man, a_exp, a_man), group_size, tactic)
+        launch, extra = symbolic_launch(trtp, x, qweight, tactic, shared)
+        return name.encode(), ptx.encode(), launch, extra
+
+    return register, autotune, aot_impl
+
+
 def register_trt_plugin() -> None:
     """Register `trtcompress::w4a4_fp4_gemm` with TensorRT's plugin registry (idempotent)."""
     _, trtp = g.import_trt()
     if getattr(register_trt_plugin, "_done", False):
         return
-
-    @trtp.register(PLUGIN_ID)
-    def _desc(
-        x: trtp.TensorDesc, qweight: trtp.TensorDesc, scales: trtp.TensorDesc, act_scale: trtp.TensorDesc,
-        act_shift: trtp.TensorDesc, w_exp: int, w_man: int, a_exp: int, a_man: int, group_size: int,
-    ) -> trtp.TensorDesc:  # fmt: skip
-        out = x.like()
-        out.shape_expr[-1] = qweight.shape_expr[0]
-        return out
-
-    @trtp.autotune(PLUGIN_ID)
-    def _autotune(x, qweight, scales, act_scale, act_shift, w_exp: int, w_man: int, a_exp: int, a_man: int,
-                  group_size: int, outputs) -> list:  # fmt: skip
-        return [trtp.AutoTuneCombination(IO_TYPES, "LINEAR", list(g.TACTICS))]
-
-    @trtp.aot_impl(PLUGIN_ID)
-    def _aot(x, qweight, scales, act_scale, act_shift, w_exp: int, w_man: int, a_exp: int, a_man: int,
-             group_size: int, outputs, tactic: int):  # fmt: skip
-        name, ptx, shared = compile_ptx((w_exp, w_man, a_exp, a_man), group_size, tactic)
-        return (name.encode(), ptx.encode(), *_symbolic_launch(trtp, x, qweight, tactic, shared))
-
+    register, autotune, aot_impl = plugin_functions(trtp)
+    trtp.register(PLUGIN_ID)(register)
+    trtp.autotune(PLUGIN_ID)(autotune)
+    trtp.aot_impl(PLUGIN_ID)(aot_impl)
     register_trt_plugin._done = True  # type: ignore[attr-defined]
 
 
-__all__ = ["FORMATS", "KERNEL", "PLUGIN_ID", "compile_ptx", "constants", "register_trt_plugin"]
+__all__ = [
+    "FORMATS",
+    "KERNEL",
+    "PLUGIN_ID",
+    "compile_ptx",
+    "constants",
+    "plugin_functions",
+    "register_trt_plugin",
+]
