@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.checkpoints.trtllm_util import modelopt_quantize
+from tests.checkpoints.trtllm_util import MODELOPT_MISSING, modelopt_quantize
 from trtcompress.builders.compress import compress_model
 from trtcompress.checkpoints.hf_quant import write_hf_checkpoint
 from trtcompress.checkpoints.trtllm_layout import ExportError
@@ -18,7 +18,7 @@ from trtcompress.recipe import Recipe
 
 @pytest.mark.parametrize("algo", ["awq", "fp8"])
 def test_matches_modelopt_hf_export(tiny_model_dir, tmp_path, algo):
-    pytest.importorskip("modelopt")
+    pytest.importorskip("modelopt", reason=MODELOPT_MISSING)
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM
 

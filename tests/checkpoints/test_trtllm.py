@@ -8,7 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.checkpoints.trtllm_util import assert_same_checkpoint, modelopt_export, modelopt_quantize
+from tests.checkpoints.trtllm_util import (
+    MODELOPT_MISSING,
+    assert_same_checkpoint,
+    modelopt_export,
+    modelopt_quantize,
+)
 from trtcompress.builders.compress import compress_model
 from trtcompress.checkpoints.trtllm import TrtllmOptions, kv_cache_scales, write_trtllm_checkpoint
 from trtcompress.checkpoints.trtllm_layout import ExportError, requantized_codes, unpack_int4_rows
@@ -52,7 +57,7 @@ def _dequant_awq(tensors, prefix, shape):
 @pytest.mark.parametrize("algo", ["none", "awq", "fp8"])
 def test_matches_modelopt_tiny(tiny_model_dir, tmp_path, algo):
     """Same quantization (ModelOpt's), exported by ModelOpt and by us: identical checkpoints at TP 1 and 2."""
-    pytest.importorskip("modelopt")
+    pytest.importorskip("modelopt", reason=MODELOPT_MISSING)
     from transformers import AutoModelForCausalLM
 
     from trtcompress.checkpoints.modelopt_import import import_modelopt_model
@@ -121,6 +126,42 @@ def test_pipeline_parallel_splits_layers(tiny_model, tmp_path):
         source = name.replace("layers.0.", "layers.1.")
         assert torch.equal(tensor, one[source]), name
     assert {k for k in first if "layers" in k} == {k for k in one if "layers.0." in k}
+
+
+def test_tp2_pp2_ranks_reassemble_to_one(tiny_model, tmp_path):
+    """World size 4: rank = pp_rank * tp_size + tp_rank; every tensor of the TP1/PP1 checkpoint is rebuilt."""
+    model = tiny_model.model
+    _, (one,) = _write(model, tmp_path / "one")
+    config, ranks = _write(model, tmp_path / "tp2pp2", tp_size=2, pp_size=2)
+    assert config["mapping"] == {"world_size": 4, "tp_size": 2, "pp_size": 2}
+    assert len(ranks) == 4
+    rebuilt: dict[str, torch.Tensor] = {}
+    q, hd = 96, 24
+    for stage in (0, 1):
+        pair = ranks[2 * stage : 2 * stage + 2]  # the two tensor-parallel ranks of this stage
+        for name in pair[0]:
+            parts = [r[name] for r in pair]
+            glob = name.replace("layers.0.", f"layers.{stage}.")  # one decoder layer per stage, local index 0
+            if name.endswith("attention.qkv.weight"):
+                half = q // 2
+                rebuilt[glob] = torch.cat([torch.cat([p[:half] for p in parts]),
+                                           torch.cat([p[half : half + hd] for p in parts]),
+                                           torch.cat([p[half + hd :] for p in parts])])  # fmt: skip
+            elif name.endswith(("attention.dense.weight", "mlp.proj.weight")):
+                rebuilt[glob] = torch.cat(parts, 1)
+            elif name.endswith(
+                ("mlp.fc.weight", "mlp.gate.weight", "vocab_embedding.weight", "lm_head.weight")
+            ):
+                rebuilt[glob] = torch.cat(parts)[
+                    : one[glob].shape[0]
+                ]  # vocabulary padded to a multiple of tp
+            else:
+                assert torch.equal(parts[0], parts[1]), name  # norms are replicated
+                rebuilt[glob] = parts[0]
+    assert set(rebuilt) == set(one)
+    for name, tensor in one.items():
+        assert torch.equal(rebuilt[name], tensor), name
+    assert "lm_head.weight" not in ranks[0] and "transformer.vocab_embedding.weight" not in ranks[3]
 
 
 def test_tp_must_divide_heads(tiny_model, tmp_path):

@@ -14,7 +14,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.checkpoints.trtllm_util import assert_same_checkpoint, modelopt_export, modelopt_quantize
+from tests.checkpoints.trtllm_util import (
+    MODELOPT_MISSING,
+    assert_same_checkpoint,
+    modelopt_export,
+    modelopt_quantize,
+)
 from trtcompress.checkpoints.trtllm import TrtllmOptions, write_trtllm_checkpoint
 from trtcompress.checkpoints.trtllm_layout import ExportError
 
@@ -28,7 +33,7 @@ def _smollm2(smollm2_dir):
 
 
 def _conformance(smollm2_dir, tmp_path, algo: str, tps: tuple[int, ...]) -> None:
-    pytest.importorskip("modelopt")
+    pytest.importorskip("modelopt", reason=MODELOPT_MISSING)
     from trtcompress.checkpoints.modelopt_import import import_modelopt_model
 
     model = modelopt_quantize(_smollm2(smollm2_dir), algo, block=64)

@@ -12,13 +12,17 @@ from safetensors.torch import load_file
 
 # Keys our config adds (ModelOpt 0.47 omits rotary_base with transformers 5: TensorRT-LLM would then use
 # the default 10000 instead of SmolLM2's 100000) or legitimately differs in.
+MODELOPT_MISSING = (
+    "nvidia-modelopt is not installed, so the ModelOpt conformance checks are skipped: "
+    "pip install -e '.[dev]' (or nvidia-modelopt==0.47.0 requests)"
+)
 OURS_ONLY = {"rotary_base", "rotary_scaling", "trtcompress"}
 IGNORED = {"producer", "rank"}  # "rank" is whichever rank ModelOpt wrote last
 
 
 def modelopt_quantize(model, algo: str, block: int = 64, seed: int = 0):
     """ModelOpt INT4_AWQ (block `block`) or FP8 on a few random calibration tokens (CPU)."""
-    mtq = pytest.importorskip("modelopt.torch.quantization")
+    mtq = pytest.importorskip("modelopt.torch.quantization", reason=MODELOPT_MISSING)
     if algo == "none":
         return model
     cfg = copy.deepcopy({"awq": mtq.INT4_AWQ_CFG, "fp8": mtq.FP8_DEFAULT_CFG}[algo])
