@@ -297,3 +297,32 @@ def test_kv_cache_quant_algo(tiny_model, tmp_path, codec, algo):
     assert one["transformer.layers.1.attention.kv_cache_scaling_factor"].item() == pytest.approx(scales[1])
     with pytest.raises(ExportError, match="calibrated scale"):
         write_trtllm_checkpoint(tiny_model.model, tmp_path / "x", TrtllmOptions(kv_cache=codec))
+
+
+def test_prequant_scale_state_and_its_checkpoint_tensor(tiny_model, tmp_path):
+    """An unfolded AWQ pre-quant scale: y = (x * s) @ Wᵀ, kept through save/load, written per rank."""
+    model = _compressed(tiny_model, bits=4, group_size=16, symmetric=True)
+    gen = torch.Generator().manual_seed(0)
+    for layer in model.model.layers:
+        for name in LINEARS:
+            state = linear_state(layer.get_submodule(name))
+            pqs = (torch.rand(state.in_features, generator=gen) + 0.5).half()
+            if name in LINEARS[:3]:  # q, k, v share their input, hence one scale
+                pqs = (torch.arange(state.in_features) % 7 / 7 + 0.5).half()
+            new = CompressedLinearState(
+                state.out_features, state.in_features, state.quantized, pre_quant_scale=pqs
+            )
+            set_module(layer, name, CompressedLinear(new))
+    state = linear_state(model.model.layers[0].mlp.down_proj)
+    x = torch.randn(3, state.in_features, generator=gen)
+    want = (x * state.pre_quant_scale.float()) @ state.quantized.dequantize().T
+    torch.testing.assert_close(state.forward(x), want)
+    torch.testing.assert_close(state.weight(), state.quantized.dequantize() * state.pre_quant_scale.float())
+    again = CompressedLinearState.from_tensors(state.meta(), state.tensors())
+    assert torch.equal(again.pre_quant_scale, state.pre_quant_scale) and again.format_name.endswith(
+        "+prequant"
+    )
+    config, shards = _write(model, tmp_path / "pqs", tp_size=2)
+    assert config["quantization"]["pre_quant_scale"] is True
+    got = torch.cat([s["transformer.layers.0.mlp.proj.prequant_scaling_factor"][:80] for s in shards])
+    assert torch.equal(got, state.pre_quant_scale)  # row-parallel: split with the input channels

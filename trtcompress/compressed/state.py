@@ -98,6 +98,9 @@ class CompressedLinearState:
     # Low-rank correction (EoRA, KD adapters): y += x·Bᵀ·Aᵀ, A (out, r), B (r, in), usually fp16.
     lowrank_a: torch.Tensor | None = None
     lowrank_b: torch.Tensor | None = None
+    # AWQ kept unfolded (e.g. imported from ModelOpt): y = (x * pre_quant_scale) @ stored_weight().T,
+    # one fp16 multiplier per input channel, exported as TensorRT-LLM's `prequant_scaling_factor`.
+    pre_quant_scale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if (self.quantized is None) == (self.dense_weight is None):
@@ -118,6 +121,11 @@ class CompressedLinearState:
         if self.bias is not None and tuple(self.bias.shape) != (self.out_features,):
             raise ValueError(f"bias has shape {tuple(self.bias.shape)}, expected ({self.out_features},)")
         self._check_sparse_lowrank()
+        if self.pre_quant_scale is not None and tuple(self.pre_quant_scale.shape) != (self.in_features,):
+            raise ValueError(
+                f"pre_quant_scale has shape {tuple(self.pre_quant_scale.shape)}, "
+                f"expected ({self.in_features},)"
+            )
 
     def _check_sparse_lowrank(self) -> None:
         if self.mask is not None and self.mask.shape != (self.out_features, self.in_features):
@@ -157,6 +165,8 @@ class CompressedLinearState:
             name += f"+sparse_{self.mask.pattern.replace(':', 'of')}"
         if self.lowrank_a is not None:
             name += f"+lowrank{self.rank}"
+        if self.pre_quant_scale is not None:
+            name += "+prequant"
         return name
 
     def stored_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -174,7 +184,11 @@ class CompressedLinearState:
         """The effective (dequantized) weight, for the reference path and for error measurement.
         Low-rank factors are included (W + A·B)."""
         if self.lowrank_a is not None:
-            return (self.stored_weight() + self.lowrank_delta()).to(dtype)
+            base = dataclasses.replace(self, lowrank_a=None, lowrank_b=None)
+            return (base.weight() + self.lowrank_delta()).to(dtype)
+        if self.pre_quant_scale is not None:  # W·diag(pre_quant_scale)
+            base = dataclasses.replace(self, pre_quant_scale=None)
+            return (base.weight() * self.pre_quant_scale.float()).to(dtype)
         return self.stored_weight(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +197,8 @@ class CompressedLinearState:
         if self.lowrank_a is not None:
             down = torch.nn.functional.linear(x, self.lowrank_b.to(x.dtype))  # type: ignore[union-attr]
             lowrank = torch.nn.functional.linear(down, self.lowrank_a.to(x.dtype))
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale.to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         out = torch.nn.functional.linear(x, self.stored_weight(x.dtype), bias)
         return out if lowrank is None else out + lowrank
@@ -214,7 +230,10 @@ class CompressedLinearState:
         a = self.lowrank_a
         if a is not None:
             a = (a.float() * factor[:, None]).to(a.dtype)
-        return {"mask": self.mask, "lowrank_a": a, "lowrank_b": self.lowrank_b}
+        return {
+            "mask": self.mask, "lowrank_a": a, "lowrank_b": self.lowrank_b,
+            "pre_quant_scale": self.pre_quant_scale,
+        }  # fmt: skip
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = self.quantized.tensors() if self.quantized is not None else {"weight": self.dense_weight}
@@ -226,6 +245,8 @@ class CompressedLinearState:
         if self.lowrank_a is not None:
             out["lowrank_a"] = self.lowrank_a
             out["lowrank_b"] = self.lowrank_b  # type: ignore[assignment]
+        if self.pre_quant_scale is not None:
+            out["pre_quant_scale"] = self.pre_quant_scale
         return out  # type: ignore[return-value]
 
     @property
@@ -235,8 +256,12 @@ class CompressedLinearState:
     @property
     def weight_nbytes(self) -> int:
         """Bytes of the weight alone (codes, scales, zeros; a sparsity mask and low-rank factors count as
-        weight), without the bias."""
-        return sum(t.numel() * t.element_size() for k, t in self.tensors().items() if k != "bias")
+        weight), without the bias and the pre-quant scale."""
+        return sum(
+            t.numel() * t.element_size()
+            for k, t in self.tensors().items()
+            if k not in ("bias", "pre_quant_scale")
+        )
 
     def meta(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -281,4 +306,5 @@ class CompressedLinearState:
         return cls(
             out_f, in_f, quantized, dense, tensors.get("bias"), dict(meta.get("extra", {})),
             mask=mask, lowrank_a=tensors.get("lowrank_a"), lowrank_b=tensors.get("lowrank_b"),
+            pre_quant_scale=tensors.get("pre_quant_scale"),
         )  # fmt: skip
