@@ -38,18 +38,35 @@ def solo(tiny_int4_artifact):
     return lambda prompt, params=GREEDY: eng.generate([prompt], params)[0]
 
 
-def test_batched_equals_one_at_a_time(engine, solo):
+@pytest.mark.parametrize("gemm_tile", [0, 16])
+def test_batched_equals_one_at_a_time(tiny_int4_artifact, gemm_tile):
+    engine = _engine(tiny_int4_artifact, gemm_tile=gemm_tile)
+    assert engine.model.gemm_tile == gemm_tile  # 0: this BLAS passed the batch-invariance probe
+    solo = _engine(tiny_int4_artifact, gemm_tile=gemm_tile)
     prompts = _prompts(10)
     outs = engine.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs, strict=True):
-        assert out.token_ids == solo(prompt).token_ids
+        assert out.token_ids == solo.generate([prompt], GREEDY)[0].token_ids
         assert out.finish_reason == "length" and len(out.token_ids) == GREEDY.max_tokens
-    steps = list(engine.steps)[-60:]
+    steps = list(engine.steps)
     assert max(s.batch_size for s in steps) == 8  # the batch really filled up
     assert max(s.decode_tokens + s.prefill_tokens for s in steps) <= 40  # token budget
     # chunked prefill: no step runs more than one 16-token chunk of any prompt
-    assert all(s.prefill_tokens <= 16 * len(s.joined) + 16 * s.batch_size for s in steps)
+    assert all(s.prefill_tokens <= 16 * s.batch_size for s in steps)
     assert engine.cache.free_blocks == engine.cache.num_blocks  # everything freed
+
+
+def test_probe_detects_batch_dependent_gemms():
+    import torch.nn.functional as F
+
+    from trtcompress.runtime.linear import probe_batch_invariance, tiled_linear
+
+    w = torch.randn(64, 48)
+    # a GEMM whose rows change with M (as a BLAS switching kernels at some M would) is caught
+    drifting = lambda x, w: F.linear(x, w) * (1 + 1e-6 * (x.shape[0] >= 33))  # noqa: E731
+    assert not probe_batch_invariance([w], 64, linear=drifting)
+    x = torch.randn(3, 48)  # fewer rows than MIN_ROWS are padded, never a GEMV-shaped call
+    assert torch.equal(tiled_linear(x, w, None, 0), tiled_linear(torch.cat([x, x]), w, None, 0)[:3])
 
 
 def test_chunked_prefill_splits_long_prompts(tiny_int4_artifact):

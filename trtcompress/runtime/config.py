@@ -45,7 +45,11 @@ class DeployConfig(BaseModel):
     exclude_input_in_output: bool = Field(True, description="text_output holds only the generated text")
     num_threads: int = Field(0, ge=0, description="native runtime torch threads; 0 = torch's default")
     gemm_tile: int = Field(
-        16, ge=1, le=1024, description="rows per GEMM call (fixed, so results never depend on the batch)"
+        0,
+        ge=0,
+        le=1024,
+        description="0: one GEMM per layer and step, padded to 4 rows (checked batch-invariant at start, "
+        "else 16); N: fixed N-row GEMM tiles (results never depend on the batch whatever the BLAS)",
     )
     engine_dir: str | None = Field(
         None, description="TensorRT-LLM engine directory for the trtllm repository (default: ARTIFACT/engine)"

@@ -90,7 +90,9 @@ class Engine:
             block_size,
             max_seqs=self.config.max_batch_size,
         )
-        self.model = BatchedModel(model, self.cache, tile=self.config.gemm_tile)
+        self.model = BatchedModel(
+            model, self.cache, tile=self.config.gemm_tile, max_rows=self.config.max_num_tokens
+        )
         self.scheduler = Scheduler(self.cache, self.config, on_free=lambda s: self.model.forget(s.seq_id))
         self.steps: deque[StepRecord] = deque(maxlen=100_000)
         self.step_log = Path(step_log) if step_log else None

@@ -9,11 +9,15 @@ step. Projections that read the same input and carry no activation quantizer or 
 CUDA: 4-bit weights run the plugin ops (`trtcompress::w4a16_gemm`, `trtcompress::w4a4_fp4_gemm`),
 which dequantize in registers; other formats fall back to the dequantized weight.
 
-Batch invariance. A CPU BLAS GEMM's result for one row depends on how many rows it is given (M = 1
-takes a GEMV path, other M other blockings), so a token's logits would change with the batch it runs
-in and greedy outputs with the server's load. Every GEMM here is therefore called on fixed tiles of
-`tile` rows (the last tile zero-padded): a row's result then depends only on the row (checked in
-tests/runtime/test_model.py), at the cost of at most `tile - 1` padded rows per call.
+Batch invariance. A CPU BLAS GEMM's result for one row can depend on how many rows it is given (with
+oneDNN/MKL, M < 4 takes GEMV-like kernels that sum in another order), so a token's logits would
+change with the batch it runs in, and greedy outputs with the server's load. Two modes (`tile`):
+- `tile = 0` (default, fast): one GEMM per call with at least `MIN_ROWS` rows (zero-padded); valid
+  where the BLAS sums every row the same way for any M >= MIN_ROWS, which `probe_batch_invariance`
+  checks on the model's own weights when the runtime starts (falling back to fixed tiles if not);
+- `tile = T`: fixed tiles of T rows (the last zero-padded): a row's result then depends only on the row
+  whatever the BLAS does, at the cost of up to T - 1 padded rows per call.
+Both are checked token for token in tests/runtime (batched == one at a time).
 """
 
 from __future__ import annotations
@@ -25,15 +29,43 @@ from torch import nn
 from trtcompress.compressed.linear import CompressedLinear
 from trtcompress.compressed.state import ActQuantizer, CompressedLinearState
 
+MIN_ROWS = 4
+FALLBACK_TILE = 16
+
 
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int) -> torch.Tensor:
-    """F.linear over fixed `tile`-row slices of x (T, K) -> (T, N); rows never see their neighbours."""
+    """F.linear of x (T, K) -> (T, N) computed so that a row's result never depends on T."""
     rows = x.shape[0]
+    if tile == 0:
+        if rows >= MIN_ROWS:
+            return F.linear(x, weight, bias)
+        return F.linear(torch.cat([x, x.new_zeros(MIN_ROWS - rows, x.shape[1])]), weight, bias)[:rows]
     pad = (-rows) % tile
     if pad:
         x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
     out = torch.cat([F.linear(x[i : i + tile], weight, bias) for i in range(0, rows + pad, tile)])
     return out[:rows]
+
+
+def probe_batch_invariance(
+    weights: list[torch.Tensor], max_rows: int, seed: int = 0, linear=F.linear
+) -> bool:
+    """Whether F.linear gives every row the same bits for any M >= MIN_ROWS (sampled M up to max_rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = sorted(
+        {m for m in (MIN_ROWS + 1, 7, 8, 16, 17, 33, 64, 100, max_rows) if MIN_ROWS < m <= max_rows}
+    )
+    seen = set()
+    for weight in weights:
+        if tuple(weight.shape) in seen:
+            continue
+        seen.add(tuple(weight.shape))
+        x = torch.randn(max(sizes, default=MIN_ROWS), weight.shape[1], generator=gen, dtype=weight.dtype)
+        ref = linear(x[:MIN_ROWS], weight)
+        for m in sizes:
+            if not torch.equal(linear(x[:m], weight)[:MIN_ROWS], ref):
+                return False
+    return True
 
 
 class RuntimeLinear:

@@ -1,11 +1,11 @@
 """One forward step of many sequences at once over the paged KV cache (a ragged batch).
 
 The step's tokens (decode tokens of some sequences, prompt chunks of others) are packed into one
-`(T, hidden)` matrix, so every linear layer is one (tiled) GEMM for the whole batch; only attention is
-per sequence. Cache semantics are those of `trtcompress.kv.decode.CachedDecoder`: the step's own tokens
-attend to their exact K/V (causally), earlier tokens are seen as the cache reproduces them (compressed
-blocks decompressed, the fp16 tail), and after the step the new K/V are appended (a full tail block is
-compressed by the codec).
+`(T, hidden)` matrix, so every linear layer is one batch-invariant GEMM for the whole batch (see
+linear.py); only attention is per sequence. Cache semantics are those of
+`trtcompress.kv.decode.CachedDecoder`: the step's own tokens attend to their exact K/V (causally),
+earlier tokens are seen as the cache reproduces them (compressed blocks decompressed, the fp16 tail),
+and after the step the new K/V are appended (a full tail block is compressed by the codec).
 
 CPU attention reads a per-sequence *view*: the decompressed K/V of the sequence, `(layers, 2, H, cap,
 D)` float32, updated with each step's new tokens (fp16-rounded, then replaced by the codec's
@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from trtcompress.kv.paged import PagedKVCache
-from trtcompress.runtime.linear import RuntimeLinear, build_group, build_linear
+from trtcompress.runtime.linear import (
+    FALLBACK_TILE,
+    RuntimeLinear,
+    build_group,
+    build_linear,
+    probe_batch_invariance,
+)
 from trtcompress.runtime.scheduler import Work
 
 
@@ -57,7 +63,7 @@ def _run(group: list[RuntimeLinear], x: torch.Tensor) -> list[torch.Tensor]:
 
 
 class BatchedModel:
-    def __init__(self, model: nn.Module, cache: PagedKVCache, tile: int = 16) -> None:
+    def __init__(self, model: nn.Module, cache: PagedKVCache, tile: int = 0, max_rows: int = 512) -> None:
         cfg = model.config
         inner = model.get_decoder()
         for layer in inner.layers:
@@ -76,6 +82,14 @@ class BatchedModel:
         _to_float32(self.norm)
         self.rotary = inner.rotary_emb
         self.head = build_linear([model.get_output_embeddings()], tile, self.device)
+        self.gemm_tile = tile
+        if tile == 0:  # one GEMM per call: only if this BLAS is batch-invariant for these shapes
+            linears = [lin for layer in self.layers for group in (layer.qkv, layer.gate_up) for lin in group]
+            linears += [lin for layer in self.layers for lin in (layer.o, layer.down)] + [self.head]
+            if not probe_batch_invariance([lin.weight for lin in linears if lin.plugin is None], max_rows):
+                self.gemm_tile = FALLBACK_TILE
+                for lin in linears:
+                    lin.tile = FALLBACK_TILE
         self.views: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------ lifecycle
