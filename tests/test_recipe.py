@@ -117,6 +117,7 @@ def test_every_build_flag_maps_onto_a_recipe_field():
         "ppl_tokens": 8192,
         "gsm8k_problems": 8,
         "gsm8k_generate": 2,
+        "kv": "gear-2bit",
         "export": ["native", "trtllm", "hf"],
         "tp_size": 2,
         "pp_size": 2,

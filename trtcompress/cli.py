@@ -54,6 +54,12 @@ eval_options = [
     click.option("--gsm8k-problems", type=int, help="GSM8K problems for KL/top-1/bpb [eval.gsm8k_problems]"),
     click.option("--gsm8k-generate", type=int, help="problems for greedy exact match [eval.gsm8k_generate]"),
     click.option("--reference/--no-reference", default=None, help="compare with the uncompressed model"),
+    click.option(
+        "--kv",
+        metavar="CODEC",
+        help="decode with a compressed KV cache: fp16, int8, fp8, kivi-2bit/3bit/4bit, gear-2bit/4bit "
+        "[kv_cache.codec]",
+    ),
 ]
 
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trtcompress.builders.gates import Gate
 from trtcompress.errors import RecipeError
 from trtcompress.eval.config import EvalConfig
+from trtcompress.kv.config import KVCacheConfig
 from trtcompress.passes import PASS_REGISTRY, PassConfig
 from trtcompress.runtime.config import DeployConfig
 
@@ -112,6 +113,7 @@ class Recipe(StrictModel):
     deploy: DeployConfig = Field(
         default_factory=DeployConfig, description="serving: in-flight batching and Triton repositories"
     )
+    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="KV-cache codec (issue 5)")
 
     @field_validator("passes", mode="before")
     @classmethod
@@ -200,6 +202,7 @@ CLI_FLAG_PATHS: dict[str, str] = {
     "gsm8k_problems": "eval.gsm8k_problems",
     "gsm8k_generate": "eval.gsm8k_generate",
     "gate": "gates",
+    "kv": "kv_cache.codec",
     "export": "export.formats",
     "tp_size": "export.tp_size",
     "pp_size": "export.pp_size",
@@ -322,6 +325,7 @@ def format_validation_error(exc: ValidationError) -> str:
 __all__ = [
     "CalibrationConfig",
     "ExportConfig",
+    "KVCacheConfig",
     "PassConfig",
     "Recipe",
     "load_recipe",

@@ -76,6 +76,7 @@ def build(
                     model_name=spec,
                     recipe_name=recipe.name,
                     progress=progress,
+                    kv=recipe.kv_cache,
                 )
             del reference
             gates = check_gates(recipe.gates, report)

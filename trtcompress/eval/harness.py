@@ -13,6 +13,7 @@ from trtcompress.compressed.accounting import weight_stats
 from trtcompress.eval import metrics
 from trtcompress.eval.config import EvalConfig
 from trtcompress.eval.datasets import TokenStream, gsm8k_problems, gsm_symbolic_problems
+from trtcompress.kv.config import KVCacheConfig
 
 
 class EvalReport(BaseModel):
@@ -69,11 +70,22 @@ def evaluate(
     recipe_name: str,
     is_reference: bool = False,
     progress: Progress | None = None,
+    kv: KVCacheConfig | None = None,
 ) -> EvalReport:
     """Evaluate `model`. With `reference`, also score the uncompressed model on the same data.
 
     `is_reference` marks `model` as the uncompressed model itself: reference figures equal its own.
+    With a `kv` codec, decode with the compressed KV cache against the reference (or `model` itself
+    when it is the reference) decoding with an fp16 cache (trtcompress.kv.report).
     """
+    if kv is not None and kv.codec is not None:
+        from trtcompress.kv.report import evaluate_with_kv
+
+        ref = model if is_reference else reference
+        return evaluate_with_kv(
+            model, tokenizer, config, kv, ref, model_name=model_name, recipe_name=recipe_name,
+            progress=progress,
+        )  # fmt: skip
     start = time.perf_counter()
     stream = TokenStream(tokenizer)
     window = stream.window(config.ppl_tokens)

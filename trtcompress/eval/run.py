@@ -65,6 +65,7 @@ def evaluate_target(
                 model_name=str(target),
                 recipe_name=recipe.name,
                 progress=progress,
+                kv=recipe.kv_cache,
             )
         _write_outputs(report, output_dir or Path(target))
         return report
@@ -85,6 +86,7 @@ def evaluate_target(
                 model_name=target,
                 recipe_name=recipe.name,
                 progress=progress,
+                kv=recipe.kv_cache,
             )
     else:
         with ui.progress() as progress:
@@ -97,6 +99,7 @@ def evaluate_target(
                 recipe_name=recipe.name,
                 is_reference=True,
                 progress=progress,
+                kv=recipe.kv_cache,
             )
     if output_dir:
         _write_outputs(report, output_dir)

@@ -1,0 +1,190 @@
+"""KV codecs: exact byte layouts, round trips, and the properties GEAR adds over KIVI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trtcompress.kv import codec_names, get_codec
+from trtcompress.kv.gear import GearCodec, outliers_per_side, power_iteration
+from trtcompress.kv.quant import levels, minmax_params, pack_bits, quantize_rows, unpack_bits
+
+NAMES = ["fp16", "int8", "fp8", "kivi-2bit", "kivi-3bit", "kivi-4bit", "gear-2bit", "gear-4bit"]
+
+
+def _kv(seed: int = 0, shape=(3, 2, 64, 64)) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    x[..., 5] *= 6  # an outlier key channel, as real keys have
+    return x
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_registry_names_exact() -> None:
+    assert sorted(codec_names()) == sorted(NAMES)
+    with pytest.raises(ValueError, match="did you mean 'gear-2bit'"):
+        get_codec("gear-2bits")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_pack_roundtrip(bits: int) -> None:
+    codes = torch.randint(0, 2**bits, (5, 64), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.shape == (5, 64 * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_bits(packed, bits, 64), codes)
+    # LSB first: element 0 sits in the lowest bits of byte 0
+    assert packed[0, 0].item() & (2**bits - 1) == codes[0, 0].item()
+
+
+def test_levels_use_two_to_the_bits() -> None:
+    assert [levels(b) for b in (2, 3, 4)] == [3, 7, 15]  # not bits**2 - 1 (= 8 for 3 bits)
+    codec = get_codec("kivi-3bit")
+    x = torch.linspace(-1, 1, 64).repeat(1, 64, 1)  # (H=1, T=64, D=64) values ramp per token
+    fields = codec.compress(x, "v")
+    codes = unpack_bits(fields["codes"], 3, 64)
+    assert codes.unique().numel() == 8  # 8 levels, 7 steps
+    # a uniform ramp on 7 steps: rms error = step / sqrt(12) = (2 / 7) / 3.46, i.e. 0.143 of the rms
+    assert _rel(codec.decompress(fields, "v", 64, 64), x) == pytest.approx(0.143, abs=0.01)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_layout_is_exact(name: str, kind: str) -> None:
+    codec = get_codec(name)
+    x = _kv()
+    fields = codec.compress(x, kind)
+    layout = codec.layout(kind, 64, 64)
+    assert set(fields) == set(layout)
+    total = 0
+    for field, spec in layout.items():
+        assert fields[field].dtype == spec.dtype, field
+        assert tuple(fields[field].shape) == (3, 2, *spec.shape), field
+        total += fields[field][0, 0].numel() * fields[field].element_size()
+    assert codec.block_bytes(kind, 64, 64) == total
+    out = codec.decompress(fields, kind, 64, 64)
+    assert out.shape == x.shape and out.dtype == torch.float32
+
+
+def test_bits_per_element() -> None:
+    # fp16 scale + fp16 zero per group of 64: KIVI-b = b + 0.5 bits/element (the published 2.5 for KIVI-2).
+    for bits in (2, 3, 4):
+        assert get_codec(f"kivi-{bits}bit").bytes_per_token(64, 64) * 8 / 128 == pytest.approx(bits + 0.5)
+    assert get_codec("fp16").bytes_per_token(64, 64) == 256
+    assert get_codec("int8").bytes_per_token(64, 64) == 128 + 4
+
+
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_errors_order(kind: str) -> None:
+    x = _kv(1)
+    err = {n: _rel(get_codec(n).decompress(get_codec(n).compress(x, kind), kind, 64, 64), x) for n in NAMES}
+    assert err["fp16"] < 1e-3
+    assert err["int8"] < 0.02 and err["fp8"] < 0.04
+    assert err["kivi-4bit"] < err["kivi-3bit"] < err["kivi-2bit"]
+    assert err["gear-2bit"] < 0.8 * err["kivi-2bit"]
+    assert err["gear-4bit"] < 0.8 * err["kivi-4bit"]
+
+
+def test_keys_are_quantized_per_channel() -> None:
+    # One huge channel must not spoil the others: per-channel groups isolate it (per-token would not).
+    x = _kv(2)
+    x[..., 9] *= 100
+    codec = get_codec("kivi-4bit")
+    out = codec.decompress(codec.compress(x, "k"), "k", 64, 64)
+    others = [c for c in range(64) if c != 9]
+    assert _rel(out[..., others], x[..., others]) < 0.15
+    per_token = codec.decompress(codec.compress(x, "v"), "v", 64, 64)
+    assert _rel(per_token[..., others], x[..., others]) > 1.0
+
+
+def test_gear_outliers_exact() -> None:
+    x = _kv(3)
+    x[0, 0, 17, 33] = 250.0
+    x[0, 0, 40, 2] = -300.0
+    codec = get_codec("gear-2bit", rank=0)
+    for kind in ("k", "v"):  # exact up to the fp16 rounding of the stored correction (2**-11 relative)
+        out = codec.decompress(codec.compress(x, kind), kind, 64, 64)
+        assert out[0, 0, 17, 33].item() == pytest.approx(250.0, rel=2**-11)
+        assert out[0, 0, 40, 2].item() == pytest.approx(-300.0, rel=2**-11)
+    assert (
+        outliers_per_side(0.02, 64) == 1 and outliers_per_side(0.1, 64) == 4 and outliers_per_side(0, 64) == 0
+    )
+
+
+def test_power_iteration_recovers_low_rank() -> None:
+    gen = torch.Generator().manual_seed(4)
+    low = torch.randn(2, 64, 3, generator=gen) @ torch.randn(2, 3, 64, generator=gen)
+    a, b = power_iteration(low, 3)
+    assert _rel(a @ b.transpose(-1, -2), low) < 1e-4
+    a, b = power_iteration(low, 1)
+    assert 0.05 < _rel(a @ b.transpose(-1, -2), low) < 1.0
+
+
+def test_gear_low_rank_helps_and_costs() -> None:
+    x = _kv(5) + torch.randn(3, 2, 64, 1) @ torch.randn(3, 2, 1, 64) * 2  # a low-rank structure
+    plain, ranked = GearCodec(bits=2, rank=0), GearCodec(bits=2, rank=2)
+    e0 = _rel(plain.decompress(plain.compress(x, "v"), "v", 64, 64), x)
+    e2 = _rel(ranked.decompress(ranked.compress(x, "v"), "v", 64, 64), x)
+    assert e2 < e0
+    # int8 factors + fp16 column scales: (64 + 64) * 2 + 4 * 2 bytes per block and head
+    assert ranked.block_bytes("v", 64, 64) - plain.block_bytes("v", 64, 64) == 256 + 8
+    fp16 = GearCodec(bits=2, rank=2, factor_dtype="fp16")
+    assert fp16.block_bytes("v", 64, 64) - plain.block_bytes("v", 64, 64) == 512
+
+
+def test_prefill_rank_sizes_the_slot() -> None:
+    codec = GearCodec(bits=2, rank=2, prefill_rank=4)
+    x = _kv(6)
+    pre, dec = codec.compress(x, "k", phase="prefill"), codec.compress(x, "k", phase="decode")
+    assert pre["lr_a"].shape[-1] == dec["lr_a"].shape[-1] == 4
+    assert torch.count_nonzero(dec["lr_a"][..., 2:]) == 0 and torch.count_nonzero(pre["lr_a"][..., 2:]) > 0
+    e_pre = _rel(codec.decompress(pre, "k", 64, 64), x)
+    e_dec = _rel(codec.decompress(dec, "k", 64, 64), x)
+    assert e_pre < e_dec
+
+
+def test_compression_is_deterministic() -> None:
+    x = _kv(7)
+    codec = get_codec("gear-2bit")
+    a, b = codec.compress(x, "v"), codec.compress(x.clone(), "v")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_value_groups_for_small_heads() -> None:
+    # head_dim 24 (the tiny test model): one value group per token; keys still per channel over 64 tokens
+    x = torch.randn(2, 64, 24)
+    for name in NAMES:
+        codec = get_codec(name)
+        for kind in ("k", "v"):
+            out = codec.decompress(codec.compress(x, kind), kind, 64, 24)
+            assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_block_must_cover_key_groups() -> None:
+    with pytest.raises(ValueError, match="multiple of 64"):
+        get_codec("kivi-2bit").compress(torch.randn(1, 32, 64), "k")
+
+
+def test_range_search_never_worse_than_minmax() -> None:
+    from trtcompress.kv.quant import dequantize_rows, search_params
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 64, generator=gen) * torch.rand(200, 1, generator=gen) * 4
+    exclude = torch.rand(200, 64, generator=gen) < 0.02
+    for bits in (2, 3, 4):
+        for ex in (None, exclude):
+            keep = ~ex if ex is not None else torch.ones_like(x, dtype=torch.bool)
+
+            def err(s, z, bits=bits, keep=keep):
+                deq = dequantize_rows(quantize_rows(x, s, z, bits), s, z)
+                return ((deq - x).square() * keep).sum(-1)
+
+            e_search, e_minmax = err(*search_params(x, bits, ex, 11)), err(*minmax_params(x, bits, ex))
+            assert (e_search <= e_minmax * (1 + 1e-6)).all()
+            if bits == 2:
+                assert e_search.sum() < 0.8 * e_minmax.sum()  # min/max wastes 2-bit levels on the tails
+    s1, z1 = search_params(x, 2, None, 1)  # one step = min/max
+    s0, z0 = minmax_params(x, 2)
+    assert torch.equal(s1, s0) and torch.equal(z1, z0)

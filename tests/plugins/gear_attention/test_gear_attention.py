@@ -1,0 +1,156 @@
+"""Fused GEAR decode attention: Triton kernel (interpreted on CPU) == reference == attention over the
+decompressed cache; the quantize-and-pack kernel == the torch codec, bit for bit; the custom op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton  # noqa: F401  (a dev dependency: the kernel tests must run, not skip)
+
+from trtcompress.kv import get_codec
+from trtcompress.kv.paged import PagedKVCache
+from trtcompress.kv.quant import minmax_params, pack_bits, quantize_rows
+from trtcompress.plugins.gear_attention import gear_attention_reference, layout_for_codec
+from trtcompress.plugins.gear_attention.kernel import gear_attention_triton, quant_pack_triton
+
+# Stated tolerance: the kernel feeds fp16 operands to tl.dot (fp32 accumulate), the reference is fp32.
+ATOL = 2e-3
+
+
+def _filled_cache(
+    codec_name: str,
+    lengths: list[int],
+    heads: int = 2,
+    dim: int = 64,
+    seed: int = 0,
+    sink: int = 0,
+    **options,
+):
+    gen = torch.Generator().manual_seed(seed)
+    codec = get_codec(codec_name, **options)
+    blocks = sum(n // 64 for n in lengths) + 1
+    cache = PagedKVCache(codec, 1, heads, dim, num_blocks=blocks, max_seqs=len(lengths), sink_tokens=sink)
+    for s, n in enumerate(lengths):
+        cache.add_sequence(s)
+        done = 0
+        for chunk in (n // 3, n - n // 3):  # two appends: blocks complete inside and across writes
+            k = torch.randn(heads, chunk, dim, generator=gen) * 2
+            v = torch.randn(heads, chunk, dim, generator=gen)
+            cache.reserve(s, chunk)
+            cache.write(0, s, k, v)
+            cache.commit(s, chunk)
+            done += chunk
+    return cache
+
+
+def _inputs(cache: PagedKVCache, seqs: list[int]):
+    table, lengths = cache.block_table(seqs)
+    nb = lengths // 64
+    return (
+        {n: t[0] for n, t in cache.pools["k"].items()},
+        {n: t[0] for n, t in cache.pools["v"].items()},
+        cache.tails["k"][0],
+        cache.tails["v"][0],
+        table,
+        nb,
+        lengths - nb * 64,
+        cache.tail_slots(seqs),
+    )
+
+
+def _sinks(cache: PagedKVCache) -> dict:
+    return {"k_sink": cache.sinks["k"][0], "v_sink": cache.sinks["v"][0]} if cache.sink_tokens else {}
+
+
+def _dense(q: torch.Tensor, cache: PagedKVCache, seqs: list[int], scale: float) -> torch.Tensor:
+    out = []
+    for b, s in enumerate(seqs):
+        k, v = cache.gather(0, s)
+        h, d = k.shape[0], k.shape[2]
+        p = torch.softmax(q[b].view(h, -1, d) @ k.transpose(1, 2) * scale, -1)
+        out.append((p @ v).reshape(-1, d))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    ("codec", "lengths", "q_heads", "splits", "options"),
+    [
+        ("gear-2bit", [200, 64, 37], 6, 1, {}),  # GQA 3, partially filled tail, a tail-only sequence
+        ("gear-2bit", [200, 64, 37], 6, 2, {"sink": 1}),  # exact sink token (+ a sequence still in its tail)
+        ("kivi-2bit", [300], 4, 3, {"sink": 3}),  # sink rows in split 0 only
+        ("gear-2bit", [331], 4, 3, {"outlier_scope": "group", "rank": 2}),  # odd length, uneven split-K
+        ("gear-2bit", [260, 100], 6, 2, {"outlier_scope": "block", "outlier_ratio": 0.01}),
+        ("gear-4bit", [129, 190], 2, 2, {}),
+        ("gear-4bit", [190], 2, 1, {"factor_dtype": "fp16", "outlier_scope": "block"}),
+        ("kivi-2bit", [150], 2, 2, {}),
+        ("kivi-4bit", [64, 128], 8, 1, {}),  # block-aligned: empty tails
+    ],
+)
+def test_kernel_matches_reference(codec: str, lengths: list[int], q_heads: int, splits: int, options) -> None:
+    cache = _filled_cache(codec, lengths, seed=len(lengths) + q_heads, **options)
+    seqs = list(range(len(lengths)))
+    q = torch.randn(len(seqs), q_heads, 64, generator=torch.Generator().manual_seed(1))
+    args = _inputs(cache, seqs)
+    layout, scale = layout_for_codec(cache.codec, 64, cache.sink_tokens), 64**-0.5
+    assert layout.outlier_scope == options.get("outlier_scope", layout.outlier_scope)
+    ref = gear_attention_reference(q, *args, layout, scale, **_sinks(cache))
+    torch.testing.assert_close(ref, _dense(q, cache, seqs, scale), atol=1e-5, rtol=1e-5)
+    out = gear_attention_triton(q, *args, layout, scale, splits=splits, **_sinks(cache))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("scope", ["group", "block"])
+def test_kernel_head_dim_128_two_value_groups(scope: str) -> None:
+    cache = _filled_cache("gear-2bit", [140], heads=1, dim=128, seed=5, outlier_scope=scope)
+    q = torch.randn(1, 2, 128)
+    args = _inputs(cache, [0])
+    layout = layout_for_codec(cache.codec, 128)
+    ref = gear_attention_reference(q, *args, layout, 128**-0.5)
+    torch.testing.assert_close(ref, _dense(q, cache, [0], 128**-0.5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        gear_attention_triton(q, *args, layout, 128**-0.5, splits=2), ref, atol=ATOL, rtol=0
+    )
+
+
+def test_sink_rows_are_exact_and_used() -> None:
+    cache = _filled_cache("kivi-2bit", [150], sink=2)
+    k, v = cache.gather(0, 0)
+    torch.testing.assert_close(k[:, :2], cache.sinks["k"][0, 0].float(), rtol=0, atol=0)
+    torch.testing.assert_close(v[:, :2], cache.sinks["v"][0, 0].float(), rtol=0, atol=0)
+    q = cache.sinks["k"][0, 0, :, 0].float().repeat_interleave(2, 0)[None]  # (1, 4, 64): look at the sink
+    layout, args = layout_for_codec(cache.codec, 64, 2), _inputs(cache, [0])
+    with_sink = gear_attention_reference(q, *args, layout, 0.125, **_sinks(cache))
+    without = gear_attention_reference(q, *args, layout_for_codec(cache.codec), 0.125)
+    assert (with_sink - without).abs().max() > 1e-3  # the sink slot, not block 0's rows, is attended to
+    with pytest.raises(ValueError, match="sink"):
+        gear_attention_triton(q, *args, layout, 0.125)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quant_pack_kernel_bit_exact(bits: int) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(12, 64, generator=gen) * 3
+    exclude = torch.zeros(12, 64, dtype=torch.bool)
+    exclude[torch.arange(12), torch.randint(0, 64, (12,), generator=gen)] = True
+    for ex in (None, exclude):
+        codes, scale, zero = quant_pack_triton(x, bits, ex)
+        s, z = minmax_params(x, bits, ex)
+        assert torch.equal(scale, s) and torch.equal(zero, z)
+        assert torch.equal(codes, pack_bits(quantize_rows(x, s, z, bits), bits))
+
+
+def test_custom_op_on_cpu_and_through_triton(monkeypatch) -> None:
+    from trtcompress.plugins.gear_attention.op import gear_attention_from_cache, op_args_from_cache
+
+    cache = _filled_cache("gear-2bit", [100, 70], sink=1)
+    q = torch.randn(2, 6, 64)
+    ref = _dense(q, cache, [0, 1], 0.125)
+    out = gear_attention_from_cache(q, cache, 0, [0, 1])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("TRTCOMPRESS_GEAR_TRITON", "1")
+    torch.testing.assert_close(gear_attention_from_cache(q, cache, 0, [0, 1]), ref, atol=ATOL, rtol=0)
+    monkeypatch.delenv("TRTCOMPRESS_GEAR_TRITON")
+    op = torch.ops.trtcompress.gear_attention.default
+    torch.library.opcheck(
+        op, op_args_from_cache(q, cache, 0, [0, 1]), test_utils=("test_schema", "test_faketensor")
+    )

@@ -1,0 +1,229 @@
+"""A paged, compressed KV cache: fixed-size token blocks per sequence, stored by a KVCodec.
+
+Storage (all preallocated, so `bytes_allocated` is the sum of real tensor sizes):
+- one pool tensor per codec field and per K/V: `(layers, num_blocks, H, *field_shape)`; a physical
+  block id indexes the same slot in every layer (one block table per sequence serves all layers);
+- one fp16 *tail* slot per sequence: `(layers, max_seqs, H, block_size, D)` for K and V. It holds the
+  tokens of the block being filled (GEAR's streaming buffer); when it holds `block_size` tokens they
+  are compressed, one chunk at a time, into a physical block;
+- optionally one fp16 *sink* slot per sequence: `(layers, max_seqs, H, sink_tokens, D)`, the first
+  `sink_tokens` tokens of the sequence kept exact for its whole life (the attention sink: on SmolLM2 the
+  first token takes a large share of every later token's attention, so its quantization error costs
+  far more than any other token's). The first block is compressed with those rows replaced by the
+  mean of the block's other tokens (so they do not widen the quantization ranges of the rest), and
+  every reader (gather, the fused attention kernel) takes them from the sink slot instead.
+
+A forward step for a set of sequences: `reserve(seq, n)` (allocates every block the step will
+fill, all-or-nothing, so a full cache fails before anything changed), then per layer
+`write(layer, seq, k, v)`, then `commit(seq, n)`. `free(seq)` returns a finished sequence's blocks.
+This is the interface the continuous-batching runtime drives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from trtcompress.kv.codec import Fields, Kind, KVCodec
+
+
+class CacheFullError(RuntimeError):
+    """Not enough free blocks (or sequence slots) for the request; nothing was changed."""
+
+
+@dataclass
+class SequenceState:
+    slot: int  # tail slot
+    blocks: list[int] = field(default_factory=list)  # physical block ids, in token order
+    length: int = 0  # committed tokens
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        codec: KVCodec,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int = 64,
+        max_seqs: int = 8,
+        device: torch.device | str = "cpu",
+        sink_tokens: int = 0,
+    ) -> None:
+        codec.check_block(block_size, head_dim)
+        if not 0 <= sink_tokens < block_size:
+            raise ValueError(f"sink_tokens must be in [0, block_size), got {sink_tokens}")
+        self.sink_tokens = sink_tokens
+        self.codec = codec
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.block_size, self.num_blocks, self.max_seqs = block_size, num_blocks, max_seqs
+        self.pools: dict[Kind, Fields] = {
+            kind: {
+                name: torch.zeros(
+                    num_layers, num_blocks, num_kv_heads, *spec.shape, dtype=spec.dtype, device=device
+                )
+                for name, spec in codec.layout(kind, block_size, head_dim).items()
+            }
+            for kind in ("k", "v")
+        }
+        tail_shape = (num_layers, max_seqs, num_kv_heads, block_size, head_dim)
+        self.tails: dict[Kind, torch.Tensor] = {
+            kind: torch.zeros(tail_shape, dtype=torch.float16, device=device) for kind in ("k", "v")
+        }
+        sink_shape = (num_layers, max_seqs, num_kv_heads, sink_tokens, head_dim)
+        self.sinks: dict[Kind, torch.Tensor] = {
+            kind: torch.zeros(sink_shape, dtype=torch.float16, device=device) for kind in ("k", "v")
+        }
+        self._free_blocks = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._free_slots = list(range(max_seqs - 1, -1, -1))
+        self.seqs: dict[int, SequenceState] = {}
+
+    # ------------------------------------------------------------------------------------- sizes
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one physical block, K and V, all layers."""
+        per_layer = sum(
+            self.codec.block_bytes(kind, self.block_size, self.head_dim, self.num_kv_heads)
+            for kind in ("k", "v")
+        )
+        return per_layer * self.num_layers
+
+    @property
+    def token_bytes_fp16(self) -> int:
+        """Bytes of one token in an fp16 cache (K and V, all layers): the reference."""
+        return 2 * 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+    def bytes_allocated(self) -> int:
+        tensors = [t for pool in self.pools.values() for t in pool.values()]
+        tensors += list(self.tails.values()) + list(self.sinks.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def bytes_at(self, length: int) -> int:
+        """Bytes one sequence of `length` committed tokens holds: its compressed blocks, the fp16
+        tokens of its tail and its fp16 sink tokens (counted from the start, while they are also in
+        the tail: the sink slot holds them all along)."""
+        n_full = length // self.block_size
+        fp16_tokens = length - n_full * self.block_size + min(length, self.sink_tokens)
+        return n_full * self.block_bytes + fp16_tokens * self.token_bytes_fp16
+
+    def bytes_used(self, seq_id: int | None = None) -> int:
+        """Bytes holding data: compressed blocks, fp16 tail tokens and fp16 sink tokens."""
+        seqs = self.seqs.values() if seq_id is None else [self.seqs[seq_id]]
+        return sum(self.bytes_at(s.length) for s in seqs)
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free_blocks)
+
+    def can_reserve(self, seq_ids: list[int], n_new: int) -> bool:
+        """Whether `reserve(seq_ids, n_new)` would succeed (a scheduler's admission check)."""
+        return sum(self.blocks_needed(s, n_new) for s in seq_ids) <= len(self._free_blocks)
+
+    def blocks_needed(self, seq_id: int, n_new: int) -> int:
+        seq = self.seqs[seq_id]
+        return (seq.length + n_new) // self.block_size - len(seq.blocks)
+
+    # -------------------------------------------------------------------------------- lifecycle
+
+    def add_sequence(self, seq_id: int) -> None:
+        if seq_id in self.seqs:
+            raise ValueError(f"sequence {seq_id} is already in the cache")
+        if not self._free_slots:
+            raise CacheFullError(f"all {self.max_seqs} sequence slots are in use")
+        self.seqs[seq_id] = SequenceState(slot=self._free_slots.pop())
+
+    def reserve(self, seq_ids: list[int] | int, n_new: int) -> None:
+        """Allocate the blocks that appending `n_new` tokens to each sequence will fill (all or nothing)."""
+        ids = [seq_ids] if isinstance(seq_ids, int) else seq_ids
+        needed = [self.blocks_needed(s, n_new) for s in ids]
+        if sum(needed) > len(self._free_blocks):
+            raise CacheFullError(f"need {sum(needed)} blocks, {len(self._free_blocks)} free")
+        for s, n in zip(ids, needed, strict=True):
+            self.seqs[s].blocks += [self._free_blocks.pop() for _ in range(n)]
+
+    def write(self, layer: int, seq_id: int, k: torch.Tensor, v: torch.Tensor, phase: str = "decode") -> None:
+        """Append `k`, `v` `(H, n, D)` at the sequence's committed length (before `commit`)."""
+        seq, bs = self.seqs[seq_id], self.block_size
+        n = k.shape[-2]
+        if (seq.length + n) // bs > len(seq.blocks):
+            raise RuntimeError(f"sequence {seq_id}: call reserve() before writing {n} tokens")
+        pos, done = seq.length, 0
+        while done < n:
+            offset = pos % bs
+            take = min(bs - offset, n - done)
+            for kind, x in (("k", k), ("v", v)):
+                self.tails[kind][layer, seq.slot, :, offset : offset + take] = x[:, done : done + take]
+                if pos < self.sink_tokens:
+                    n_sink = min(self.sink_tokens - pos, take)
+                    self.sinks[kind][layer, seq.slot, :, pos : pos + n_sink] = x[:, done : done + n_sink]
+            pos, done = pos + take, done + take
+            if pos % bs == 0:  # the tail is full: compress it into its block
+                block = seq.blocks[pos // bs - 1]
+                for kind in ("k", "v"):
+                    x = self.tails[kind][layer, seq.slot].float()
+                    if pos == bs and self.sink_tokens:  # the sink rows are read from the sink slot
+                        x[:, : self.sink_tokens] = x[:, self.sink_tokens :].mean(1, keepdim=True)
+                    fields = self.codec.compress(x, kind, phase=phase)
+                    for name, value in fields.items():
+                        self.pools[kind][name][layer, block] = value
+
+    def commit(self, seq_id: int, n_new: int) -> None:
+        self.seqs[seq_id].length += n_new
+
+    def free(self, seq_id: int) -> None:
+        seq = self.seqs.pop(seq_id)
+        self._free_blocks += reversed(seq.blocks)
+        self._free_slots.append(seq.slot)
+
+    # ------------------------------------------------------------------------------------ views
+
+    def block_fields(self, layer: int, kind: Kind, blocks: list[int]) -> Fields:
+        ids = torch.tensor(blocks, dtype=torch.long, device=self.tails[kind].device)
+        return {name: pool[layer, ids] for name, pool in self.pools[kind].items()}
+
+    def gather(self, layer: int, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The committed keys and values as the codec reproduces them, float32 `(H, length, D)`."""
+        n_full = self.seqs[seq_id].length // self.block_size
+        kb, vb = self.gather_blocks(layer, seq_id, 0, n_full)
+        kt, vt = self.gather_tail(layer, seq_id)
+        return torch.cat([kb, kt], 1), torch.cat([vb, vt], 1)
+
+    def gather_blocks(
+        self, layer: int, seq_id: int, start: int, stop: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decompressed blocks `start..stop-1` of a sequence, float32 `(H, (stop - start) * block, D)`."""
+        seq, bs, h, d = self.seqs[seq_id], self.block_size, self.num_kv_heads, self.head_dim
+        out = []
+        for kind in ("k", "v"):
+            if stop <= start:
+                out.append(self.tails[kind].new_zeros(h, 0, d, dtype=torch.float32))
+                continue
+            x = self.codec.decompress(self.block_fields(layer, kind, seq.blocks[start:stop]), kind, bs, d)
+            x = x.permute(1, 0, 2, 3).reshape(h, (stop - start) * bs, d)
+            if start == 0 and self.sink_tokens:
+                x[:, : self.sink_tokens] = self.sinks[kind][layer, seq.slot].float()
+            out.append(x)
+        return out[0], out[1]
+
+    def gather_tail(self, layer: int, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fp16 tail (committed tokens of the block being filled), float32 `(H, n, D)`."""
+        seq = self.seqs[seq_id]
+        n = seq.length % self.block_size
+        return self.tails["k"][layer, seq.slot, :, :n].float(), self.tails["v"][
+            layer, seq.slot, :, :n
+        ].float()
+
+    def block_table(self, seq_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block ids padded with -1 `(B, max_blocks)` int32, committed lengths `(B,)` int32)."""
+        seqs = [self.seqs[s] for s in seq_ids]
+        width = max([len(s.blocks) for s in seqs] + [1])
+        table = torch.full((len(seqs), width), -1, dtype=torch.int32)
+        for row, s in enumerate(seqs):
+            table[row, : len(s.blocks)] = torch.tensor(s.blocks, dtype=torch.int32)
+        return table, torch.tensor([s.length for s in seqs], dtype=torch.int32)
+
+    def tail_slots(self, seq_ids: list[int]) -> torch.Tensor:
+        return torch.tensor([self.seqs[s].slot for s in seq_ids], dtype=torch.int32)

@@ -1,0 +1,96 @@
+"""Group-wise asymmetric uniform quantization and LSB-first bit packing (the KIVI backbone).
+
+A *row* is one quantization group: the last dimension of the tensors below. Codes are
+`floor((x - min) / scale + 0.5)` clamped to `[0, 2**bits - 1]` (2**bits - 1 steps, not the
+GEAR reference code's `bits**2 - 1`, which is only right for 2 and 4 bits). `floor(. + 0.5)`
+rather than `torch.round` (half-to-even) so the Triton kernel reproduces the codes bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def levels(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"KV quantization supports {SUPPORTED_BITS} bits, got {bits}")
+    return 2**bits - 1
+
+
+def minmax_params(
+    x: torch.Tensor, bits: int, exclude: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, min) per row; elements where `exclude` is True do not widen the range."""
+    if exclude is None:
+        lo, hi = x.amin(-1), x.amax(-1)
+    else:
+        lo = x.masked_fill(exclude, float("inf")).amin(-1)
+        hi = x.masked_fill(exclude, float("-inf")).amax(-1)
+    # The stored (fp16) parameters are the ones used to quantize, so decode matches encode exactly.
+    scale = ((hi - lo) / levels(bits)).clamp_min(1e-5).to(torch.float16)
+    return scale, lo.to(torch.float16)
+
+
+def search_params(
+    x: torch.Tensor, bits: int, exclude: torch.Tensor | None, steps: int, min_shrink: float = 0.4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, min) per row minimizing the row's squared error over its non-excluded elements.
+
+    Candidates: the min/max range shrunk about its midpoint by `steps` factors from 1 down to
+    `min_shrink` (values beyond the range clip to the end codes). The first best wins, so a row that
+    min/max already serves best keeps min/max.
+    """
+    x = x.float()
+    if exclude is None:
+        lo, hi = x.amin(-1), x.amax(-1)
+    else:
+        lo = x.masked_fill(exclude, float("inf")).amin(-1)
+        hi = x.masked_fill(exclude, float("-inf")).amax(-1)
+    shrink = torch.linspace(1.0, min_shrink, steps, device=x.device)
+    mid, half = ((hi + lo) / 2)[..., None], ((hi - lo) / 2)[..., None] * shrink  # (..., steps)
+    scale = (2 * half / levels(bits)).clamp_min(1e-5).to(torch.float16)
+    mn = (mid - half).to(torch.float16)
+    s, m = scale.float()[..., None], mn.float()[..., None]  # (..., steps, 1)
+    xs = x[..., None, :]
+    deq = torch.floor((xs - m) / s + 0.5).clamp_(0, levels(bits)) * s + m
+    err = (deq - xs).square_()
+    if exclude is not None:
+        err.masked_fill_(exclude[..., None, :], 0.0)
+    best = err.sum(-1).argmin(-1, keepdim=True)  # argmin returns the first of equal minima
+    return scale.gather(-1, best)[..., 0], mn.gather(-1, best)[..., 0]
+
+
+def quantize_rows(x: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, bits: int) -> torch.Tensor:
+    s, m = scale.float()[..., None], mn.float()[..., None]
+    return torch.floor((x.float() - m) / s + 0.5).clamp_(0, levels(bits)).to(torch.uint8)
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scale.float()[..., None] + mn.float()[..., None]
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes (..., n) -> uint8 bytes (..., n * bits / 8), element i at bit offset i * bits."""
+    n = codes.shape[-1]
+    if (n * bits) % 8:
+        raise ValueError(f"{n} codes of {bits} bits do not fill whole bytes")
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
+    bitplanes = (codes.to(torch.uint8)[..., None] >> shifts) & 1  # (..., n, bits)
+    stream = bitplanes.reshape(*codes.shape[:-1], n * bits // 8, 8)
+    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32)).to(torch.int32)
+    return (stream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    if bits == 8:
+        return packed[..., :n]
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    stream = ((packed[..., None] >> shifts) & 1).reshape(*packed.shape[:-1], packed.shape[-1] * 8)[
+        ..., : n * bits
+    ]
+    weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32)).to(torch.int32)
+    return (stream.reshape(*packed.shape[:-1], n, bits).to(torch.int32) * weights).sum(-1).to(torch.uint8)

@@ -1,0 +1,201 @@
+"""TensorRT quickly-deployable plugin `trtcompress::gear_attention` (tensorrt imported lazily).
+
+Its `aot_impl` returns PTX compiled ahead of time from the same Triton kernel as the torch op
+(`kernel.gear_decode_trt_kernel`, one split), so an engine runs it with no Python at inference
+time (REFERENCE section 3). `compile_gear_attention_ptx` needs only `triton` and runs on CPU; the
+plugin registration needs TensorRT >= 10.8 with `tensorrt.plugin`.
+
+Plugin inputs, in order (the kernel's parameter order; QDP appends int32 extra args, then outputs):
+q (B, Hq, D) fp16; block_table (B, M) int32; num_blocks, tail_lens, slots (B,) int32; the 9 key fields
+then the 9 value fields of one layer's pools (codes, scale, zero, out_val, out_idx, lr_a, lr_a_scale,
+lr_b, lr_b_scale; 1-element placeholders where the codec has none); k_tail, v_tail (S, H, T, D) fp16.
+TensorRT has no int16: block-scope outlier indices (int16) are passed bitcast to float16.
+Extra arg: M (max blocks per sequence). Output: (B, Hq, D) fp32. Grid: (B, H, 1).
+"""
+
+from dataclasses import dataclass
+
+from trtcompress.errors import MissingDependencyError
+from trtcompress.plugins.gear_attention.reference import GearLayout
+
+PLUGIN_ID = "trtcompress::gear_attention"
+INSTALL_HINT = (
+    "the TensorRT plugin needs TensorRT >= 10.8 with its Python bindings (`pip install tensorrt`, on a "
+    "machine that can reach NVIDIA's package index; or use the NGC TensorRT/TensorRT-LLM container) "
+    "and a CUDA GPU"
+)
+
+
+@dataclass(frozen=True)
+class CompiledPlugin:
+    name: str  # kernel entry in the PTX
+    ptx: str
+    num_warps: int
+    shared: int
+    grid_y: int  # KV heads
+
+
+def _signature(layout: GearLayout) -> dict[str, str]:
+    factor = "*i8" if layout.int8_factors else "*fp16"
+    index = "*i16" if layout.outlier_scope == "block" else "*u8"
+    types = ("*u8", "*fp16", "*fp16", "*fp16", index, factor, "*fp16", factor, "*fp16")
+    sig = {"q_ptr": "*fp16", "block_table_ptr": "*i32", "num_blocks_ptr": "*i32", "tail_len_ptr": "*i32"}
+    sig["slot_ptr"] = "*i32"
+    names_k = ("kc_ptr", "ks_ptr", "kz_ptr", "kov_ptr", "koi_ptr", "ka_ptr", "kas_ptr", "kb_ptr", "kbs_ptr")
+    names_v = ("vc_ptr", "vs_ptr", "vz_ptr", "vov_ptr", "voi_ptr", "va_ptr", "vas_ptr", "vb_ptr", "vbs_ptr")
+    sig |= dict(zip(names_k, types, strict=True)) | dict(zip(names_v, types, strict=True))
+    sig |= {"kt_ptr": "*fp16", "vt_ptr": "*fp16", "max_blocks": "i32", "out_ptr": "*fp32"}
+    return sig
+
+
+def compile_gear_attention_ptx(
+    layout: GearLayout, heads: int, q_heads: int, head_dim: int, sm_scale: float, arch: int = 90
+) -> CompiledPlugin:
+    """PTX for `gear_decode_trt_kernel` specialized on the cache layout (runs on CPU, no GPU needed)."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        raise MissingDependencyError(
+            "compiling the GEAR attention kernel needs `pip install triton==3.6.0`"
+        ) from None
+    from trtcompress.plugins.gear_attention.kernel import gear_decode_trt_kernel
+
+    group = q_heads // heads
+    vg = head_dim // layout.group if head_dim % layout.group == 0 else 1
+    constants = {
+        "SM_SCALE": sm_scale,
+        "H": heads,
+        "GROUP": group,
+        "G_PAD": max(16, triton.next_power_of_2(group)),
+        "D": head_dim,
+        "T": layout.block,
+        "VG": vg,
+        "BITS": layout.bits,
+        "OUT_K": layout.outliers[0],
+        "OUT_V": layout.outliers[1],
+        "RANK_K": layout.rank[0],
+        "RANK_V": layout.rank[1],
+        "INT8_FACTORS": layout.int8_factors,
+        "OUT_BLOCK": layout.outlier_scope == "block",
+        "OUT_PAD": max(16, triton.next_power_of_2(max(layout.outliers))),
+    }
+    signature = _signature(layout) | dict.fromkeys(constants, "constexpr")
+    src = triton.compiler.ASTSource(fn=gear_decode_trt_kernel, signature=signature, constexprs=constants)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    return CompiledPlugin(
+        name=compiled.metadata.name,
+        ptx=compiled.asm["ptx"],
+        num_warps=compiled.metadata.num_warps,
+        shared=compiled.metadata.shared,
+        grid_y=heads,
+    )
+
+
+FIELDS = ("codes", "scale", "zero", "out_val", "out_idx", "lr_a", "lr_a_scale", "lr_b", "lr_b_scale")
+INPUT_NAMES = (
+    "q", "block_table", "num_blocks", "tail_lens", "slots",
+    *(f"k_{f}" for f in FIELDS), *(f"v_{f}" for f in FIELDS), "k_tail", "v_tail",
+)  # fmt: skip
+
+
+def io_types(out_k: int, out_v: int, rank_k: int, rank_v: int, int8_factors: int, block_outliers: int) -> str:
+    """The autotune type combination (inputs in INPUT_NAMES order, then the output) for one cache layout.
+
+    Absent fields (no outliers, no low-rank factors) are 1-element FP16 placeholders, as the torch op passes
+    them; block-scope outlier indices (int16) travel bitcast to FP16 (TensorRT has no int16)."""
+
+    def side(outliers: int, rank: int) -> list[str]:
+        index = "FP16" if outliers == 0 or block_outliers else "UINT8"
+        factor = "INT8" if rank and int8_factors else "FP16"
+        return ["UINT8", "FP16", "FP16", "FP16", index, factor, "FP16", factor, "FP16"]
+
+    types_ = ["FP16", "INT32", "INT32", "INT32", "INT32", *side(out_k, rank_k), *side(out_v, rank_v)]
+    return ", ".join([*types_, "FP16", "FP16", "FP32"])
+
+
+def plugin_functions(trtp):
+    """(register, autotune, aot_impl) of the plugin, annotated with `trtp`'s classes (not yet registered).
+
+    tensorrt.plugin reads the parameter names: one TensorDesc per input (no *args), then the attributes;
+    autotune and aot_impl repeat the inputs and the attributes they use, in the same order."""
+    D = trtp.TensorDesc
+    Result = tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]
+
+    def register(
+        q: D, block_table: D, num_blocks: D, tail_lens: D, slots: D,
+        k_codes: D, k_scale: D, k_zero: D, k_out_val: D, k_out_idx: D, k_lr_a: D, k_lr_a_scale: D, k_lr_b: D,
+        k_lr_b_scale: D,
+        v_codes: D, v_scale: D, v_zero: D, v_out_val: D, v_out_idx: D, v_lr_a: D, v_lr_a_scale: D, v_lr_b: D,
+        v_lr_b_scale: D,
+        k_tail: D, v_tail: D,
+        bits: int, block: int, group: int, out_k: int, out_v: int, rank_k: int, rank_v: int,
+        int8_factors: int, block_outliers: int, sm_scale: float,
+    ) -> D:  # fmt: skip
+        return _describe(q)
+
+    def autotune(
+        q, block_table, num_blocks, tail_lens, slots,
+        k_codes, k_scale, k_zero, k_out_val, k_out_idx, k_lr_a, k_lr_a_scale, k_lr_b, k_lr_b_scale,
+        v_codes, v_scale, v_zero, v_out_val, v_out_idx, v_lr_a, v_lr_a_scale, v_lr_b, v_lr_b_scale,
+        k_tail, v_tail,
+        out_k: int, out_v: int, rank_k: int, rank_v: int, int8_factors: int, block_outliers: int, outputs,
+    ):  # fmt: skip
+        types_ = io_types(out_k, out_v, rank_k, rank_v, int8_factors, block_outliers)
+        return [trtp.AutoTuneCombination(types_, "LINEAR")]
+
+    def aot_impl(
+        q, block_table, num_blocks, tail_lens, slots,
+        k_codes, k_scale, k_zero, k_out_val, k_out_idx, k_lr_a, k_lr_a_scale, k_lr_b, k_lr_b_scale,
+        v_codes, v_scale, v_zero, v_out_val, v_out_idx, v_lr_a, v_lr_a_scale, v_lr_b, v_lr_b_scale,
+        k_tail, v_tail,
+        bits: int, block: int, group: int, out_k: int, out_v: int, rank_k: int, rank_v: int,
+        int8_factors: int, block_outliers: int, sm_scale: float, outputs, tactic: int,
+    ) -> Result:  # fmt: skip
+        layout = GearLayout(bits, block, group, (out_k, out_v), (rank_k, rank_v), bool(int8_factors),
+                            "block" if block_outliers else "group")  # fmt: skip
+        return _aot(trtp, q, block_table, k_tail, layout, sm_scale)
+
+    return register, autotune, aot_impl
+
+
+def _describe(q):
+    import tensorrt as trt
+
+    out = q.like()
+    out.dtype = trt.float32
+    return out
+
+
+def _aot(trtp, q, block_table, k_tail, layout: GearLayout, sm_scale: float):
+    """Compile for the layout and the (build-time constant) head counts; grid (B, KV heads, 1)."""
+    heads, head_dim = k_tail.shape_expr[1], k_tail.shape_expr[3]
+    compiled = compile_gear_attention_ptx(
+        layout,
+        int(heads.constant_value),
+        int(q.shape_expr[1].constant_value),
+        int(head_dim.constant_value),
+        sm_scale,
+    )
+    launch = trtp.KernelLaunchParams()
+    launch.grid_x = q.shape_expr[0]
+    launch.grid_y = heads
+    launch.block_x = compiled.num_warps * 32
+    launch.shared_mem = compiled.shared
+    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(block_table.shape_expr[1])])
+    return compiled.name.encode(), compiled.ptx.encode(), launch, extra
+
+
+def register_trt_plugin() -> None:
+    """Register `trtcompress::gear_attention` with TensorRT's plugin registry (idempotent)."""
+    try:
+        import tensorrt.plugin as trtp
+    except ImportError:
+        raise MissingDependencyError(INSTALL_HINT) from None
+    if getattr(register_trt_plugin, "_done", False):
+        return
+    register, autotune, aot_impl = plugin_functions(trtp)
+    trtp.register(PLUGIN_ID)(register)
+    trtp.autotune(PLUGIN_ID)(autotune)
+    trtp.aot_impl(PLUGIN_ID)(aot_impl)
+    register_trt_plugin._done = True  # type: ignore[attr-defined]
