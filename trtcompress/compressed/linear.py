@@ -1,7 +1,8 @@
 """CompressedLinear: an nn.Module that computes from a CompressedLinearState.
 
 This is the reference path: the weight is dequantized on the fly at every forward, so what runs is
-exactly what the artifact stores. Optimised kernels (plugins/) must match it.
+exactly what the artifact stores. A state with an activation quantizer (W4A4) also quantizes the
+input at run time, as its deployed kernel would. Optimised kernels (plugins/) must match it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class CompressedLinear(nn.Module):
         self.in_features = state.in_features
         self.out_features = state.out_features
         meta = state.meta()
-        keys = ("shape", "quant", "extra", "sparsity", "lowrank")
+        keys = ("shape", "quant", "act", "extra", "sparsity", "lowrank")
         self._meta = {k: meta[k] for k in keys if k in meta}
         self._tensor_names = tuple(state.tensors())
         for name, tensor in state.tensors().items():

@@ -3,9 +3,11 @@
 from trtcompress.passes import (  # noqa: F401  (registers the passes)
     awq,
     eora,
+    fp4,
     gptq,
     gsq,
     kd,
+    llmfp4,
     magnitude,
     regional,
     sparsegpt,
