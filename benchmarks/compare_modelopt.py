@@ -6,6 +6,10 @@ fp32 reference (REFERENCE section 2 protocol). ModelOpt is optional (`pip instal
 without it its rows are skipped with a message.
 
     python benchmarks/compare_modelopt.py [--calib-samples 128] [--modelopt-samples 16] [--methods ...]
+
+A method may carry its own sample count (`awq-int4-g128@16`: ours on ModelOpt's 16 x 512 tokens).
+Rows are merged into benchmarks/results/compare_modelopt.json by (method, samples), so methods can be
+measured in separate runs.
 """
 
 from __future__ import annotations
@@ -36,9 +40,13 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_one(method: str, calib_samples: int, modelopt_samples: int) -> dict:
+def run_one(label: str, calib_samples: int, modelopt_samples: int) -> dict:
     """Quantize and evaluate one method in this process; returns its row."""
     import copy
+
+    method, _, samples_override = label.partition("@")
+    if samples_override:
+        calib_samples = modelopt_samples = int(samples_override)
 
     import torch
 
@@ -91,6 +99,7 @@ def run_one(method: str, calib_samples: int, modelopt_samples: int) -> dict:
         "gsm8k_bpb": report.gsm8k_bpb,
         # ModelOpt keeps fake-quantized fp32 weights: its bits/param is the nominal 4 + 16/block.
         "bits_per_param": report.bits_per_param if method in OURS else 4 + 16 / MODELOPT[method],
+        "cpu_threads": torch.get_num_threads(),
     }
 
 
@@ -107,7 +116,9 @@ def main() -> None:
     has_modelopt = importlib.util.find_spec("modelopt") is not None
     rows = []
     for method in args.methods:
-        if method in MODELOPT and not has_modelopt:
+        if method.partition("@")[0] not in {*OURS, *MODELOPT}:
+            raise SystemExit(f"unknown method {method!r}; known: {', '.join([*OURS, *MODELOPT])}")
+        if method.partition("@")[0] in MODELOPT and not has_modelopt:
             print(f"skipping {method}: NVIDIA ModelOpt is not installed (pip install -e '.[compare]')")
             continue
         cmd = [
@@ -133,7 +144,11 @@ def main() -> None:
             flush=True,
         )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "compare_modelopt.json").write_text(json.dumps(rows, indent=2) + "\n")
+    path = RESULTS / "compare_modelopt.json"
+    previous = json.loads(path.read_text()) if path.exists() else []
+    fresh = {(r["method"], r["calib_samples"]) for r in rows}
+    rows = [r for r in previous if (r["method"], r["calib_samples"]) not in fresh] + rows
+    path.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\nfp32 ppl {rows[0]['ppl_ref']:.2f}\n")
     header = (
         "method | calib | bits/param | ppl | ppl ratio | GSM8K KL | top-1 | bpb | quantize s | peak RSS MB"

@@ -81,8 +81,9 @@ def test_scale_search_never_worse_than_plain_rounding():
     x = torch.randn(512, 64, generator=g) * torch.linspace(0.1, 8, 64)  # a few salient channels
     w = torch.randn(32, 64, generator=g)
     fmt = IntFormat(3, 16, True)
-    s, alpha, error = search_scale(x, [w], x.abs().mean(0), fmt, 10)
-    _, _, plain = search_scale(x, [w], x.abs().mean(0), fmt, 1)  # grid of 1 = α 0 only
+    gram = x.T @ x / len(x)
+    s, alpha, error = search_scale(gram, [w], x.abs().mean(0), fmt, 10)
+    _, _, plain = search_scale(gram, [w], x.abs().mean(0), fmt, 1)  # grid of 1 = α 0 only
     assert error <= plain and alpha > 0
     assert s.shape == (64,) and (s > 0).all()
 
@@ -96,7 +97,7 @@ def test_clip_search_lowers_output_error():
     from trtcompress.passes.awq import fake_quantize
 
     plain = (x @ (w - fake_quantize(w, fmt)).T).pow(2).mean()
-    clipped = search_clip(x, w, fmt, 20, 0.5)
+    clipped = search_clip(x.T @ x / len(x), w, fmt, 20, 0.5)
     assert (clipped.abs() <= w.abs() + 1e-6).all()
     assert (x @ (w - fake_quantize(clipped, fmt)).T).pow(2).mean() < plain
 

@@ -51,7 +51,10 @@ def test_static_groups_keep_original_column_order_and_group_scales():
 def test_dead_inputs_and_exact_grid_weights():
     x = _correlated_inputs(d=32)
     x[:, 5] = 0  # a channel that is never active
-    codes, scales, _ = intgrid.quantize_groups(torch.randn(6, 32), 4, 16, True)
+    w = torch.randn(6, 32, generator=torch.Generator().manual_seed(3))
+    w[:, 5] = 0  # so that no group's range is set by the dead channel...
+    codes, scales, _ = intgrid.quantize_groups(w, 4, 16, True)
+    codes[:, 5] = 1  # ...which then holds the smallest non-zero grid value
     on_grid = intgrid.dequantize_groups(codes, scales, None, 4, 16)
     result = gptq_quantize(on_grid, 2 * x.T @ x / len(x), IntFormat(4, 16, True), act_order=False)
     w_hat = intgrid.dequantize_groups(result.codes, result.scales, None, 4, 16)

@@ -20,7 +20,7 @@ from trtcompress.compressed import intgrid
 from trtcompress.compressed.formats import IntFormat
 from trtcompress.compressed.state import CompressedLinearState, QuantizedWeight
 from trtcompress.passes.base import PassConfig, PassContext, register_pass
-from trtcompress.passes.engine import ABS_MEAN, SAMPLE, CalibratedPass, GroupHandle, GroupStats
+from trtcompress.passes.engine import ABS_MEAN, HESSIAN, CalibratedPass, GroupHandle, GroupStats
 from trtcompress.passes.gsq import SUPPORTED_GROUP_SIZES
 
 
@@ -29,30 +29,38 @@ def fake_quantize(w: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
     return intgrid.dequantize_groups(codes, scales, zeros, fmt.bits, fmt.group_size)
 
 
+def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Per-row mean squared output error of a weight change: mean_t (x_t · δ_r)² = δ_r Σ δ_rᵀ.
+
+    Σ = XᵀX / T is the input Gram matrix; in this form every calibration token counts and the cost
+    does not grow with their number (the sampled-token form costs tokens x in x out per candidate).
+    """
+    return ((delta @ gram) * delta).sum(1)
+
+
 def search_scale(
-    x: torch.Tensor, weights: list[torch.Tensor], x_abs_mean: torch.Tensor, fmt: IntFormat, grid: int
+    gram: torch.Tensor, weights: list[torch.Tensor], x_abs_mean: torch.Tensor, fmt: IntFormat, grid: int
 ) -> tuple[torch.Tensor, float, float]:
     """Best per-input-channel scale s = mean|x|^α (normalised), α on a grid in [0, 1).
 
     Returns (s, α, relative output error). α = 0 means s = 1: plain round to nearest.
     """
     w = torch.cat(weights)
-    reference = x @ w.T
-    norm = reference.pow(2).mean().item()
+    norm = output_error(w, gram).sum().item()
     best = (torch.ones_like(x_abs_mean), 0.0, float("inf"))
     for step in range(grid):
         alpha = step / grid
         s = x_abs_mean.clamp(min=1e-4).pow(alpha)
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
         w_hat = fake_quantize(w * s, fmt) / s
-        error = (x @ w_hat.T - reference).pow(2).mean().item() / norm
+        error = output_error(w_hat - w, gram).sum().item() / norm
         if error < best[2]:
             best = (s, alpha, error)
     return best
 
 
 def search_clip(
-    x: torch.Tensor, w: torch.Tensor, fmt: IntFormat, grid: int, max_shrink: float
+    gram: torch.Tensor, w: torch.Tensor, fmt: IntFormat, grid: int, max_shrink: float
 ) -> torch.Tensor:
     """Clip each (row, group) of `w` to the shrink ratio of its range that minimises its output error."""
     out_f, in_f = w.shape
@@ -60,7 +68,7 @@ def search_clip(
     clipped = w.clone()
     for start in range(0, in_f, g):
         cols = slice(start, min(start + g, in_f))
-        wg, xg = w[:, cols], x[:, cols]
+        wg, gram_g = w[:, cols], gram[cols, cols]
         wmax, wmin = wg.amax(1, keepdim=True), wg.amin(1, keepdim=True)
         amax = torch.maximum(wmax.abs(), wmin.abs())
         best_err = torch.full((out_f,), float("inf"))
@@ -72,7 +80,7 @@ def search_clip(
             else:
                 candidate = wg.clamp(wmin * ratio, wmax * ratio)
             q = fake_quantize(candidate, IntFormat(fmt.bits, 0, fmt.symmetric))
-            err = (xg @ (wg - q).T).pow(2).mean(0)
+            err = output_error(wg - q, gram_g)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best = torch.where(better[:, None], candidate, best)
@@ -90,7 +98,6 @@ class AWQConfig(PassConfig):
     max_shrink: float = Field(
         0.5, ge=0, lt=1, description="largest fraction of the range the clip may remove"
     )
-    sample_tokens: int = Field(4096, ge=64, description="calibration tokens used by the searches")
 
     @field_validator("group_size")
     @classmethod
@@ -114,32 +121,28 @@ NO_CLIP = ("q_proj", "k_proj")
 class AWQPass(CalibratedPass):
     config_type = AWQConfig
     config: AWQConfig
-    needs = frozenset({ABS_MEAN, SAMPLE})
-
-    def __init__(self, config: AWQConfig) -> None:
-        super().__init__(config)
-        self.sample_tokens = config.sample_tokens  # type: ignore[misc]
+    needs = frozenset({ABS_MEAN, HESSIAN})
 
     def compress_group(
         self, group: GroupHandle, names: list[str], stats: GroupStats, context: PassContext
     ) -> None:
         cfg = self.config
-        x = stats.sample
+        gram = stats.hessian  # 2/T · XᵀX: the factor 2 cancels in every comparison below
         weights = [group.weight(n) for n in names]
         width = group.producer_width()
         # Folding needs every reader of the producer's output in this group, and matching widths
         # (under GQA, v_proj's output is narrower than o_proj's input: that group is not scaled).
         foldable = len(names) == len(group.members) and width in (None, weights[0].shape[1])
         if foldable:
-            s, alpha, error = search_scale(x, weights, stats.abs_mean, cfg.format, cfg.grid)
+            s, alpha, error = search_scale(gram, weights, stats.abs_mean, cfg.format, cfg.grid)
             if alpha > 0:
                 group.fold_into_producer(s)
-                x = x / s
+                gram = gram / s[:, None] / s[None, :]  # the Gram matrix of the scaled input x / s
                 weights = [w * s for w in weights]
             context.log(f"awq: {group.prefix}{group.group.name} α={alpha:.2f} rel. error {error:.2e}")
         for name, w in zip(names, weights, strict=True):
             if cfg.clip and not name.endswith(NO_CLIP):
-                w = search_clip(x, w, cfg.format, cfg.grid, cfg.max_shrink)
+                w = search_clip(gram, w, cfg.format, cfg.grid, cfg.max_shrink)
             quantized = QuantizedWeight.round_to_nearest(w, cfg.format)
             bias = group.members[name].bias
             group.set_state(
