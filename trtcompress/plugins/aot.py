@@ -95,12 +95,12 @@ def _gemm(plugin: str, config: str, compile_fn, tactic: int, arch: int) -> AotKe
     )
 
 
-def compile_w4a16(arch: int = 90) -> Iterator[AotKernel]:
+def compile_w4a16(arch: int = 90, tactics: tuple[int, ...] | None = None, configs: int | None = None):
     from trtcompress.plugins.gemm_trt import TACTICS
     from trtcompress.plugins.w4a16_gemm import trt
 
-    for group, sym in W4A16_CONFIGS:
-        for tactic in TACTICS:
+    for group, sym in W4A16_CONFIGS[:configs]:
+        for tactic in tactics or TACTICS:
             config = f"g{group}/{'sym' if sym else 'asym'}/tactic{tactic}"
             build = lambda a, g=group, s=sym, t=tactic: trt.compile_ptx(g, s, t, a)  # noqa: E731
             kernel = _gemm(trt.PLUGIN_ID, config, build, tactic, arch)
@@ -109,12 +109,12 @@ def compile_w4a16(arch: int = 90) -> Iterator[AotKernel]:
                 return
 
 
-def compile_w4a4(arch: int = 90) -> Iterator[AotKernel]:
+def compile_w4a4(arch: int = 90, tactics: tuple[int, ...] | None = None, configs: int | None = None):
     from trtcompress.plugins.gemm_trt import TACTICS
     from trtcompress.plugins.w4a4_fp4_gemm import trt
 
-    for formats in W4A4_FORMATS:
-        for tactic in TACTICS:
+    for formats in W4A4_FORMATS[:configs]:
+        for tactic in tactics or TACTICS:
             config = "w_e{}m{}/a_e{}m{}".format(*formats) + f"/ch/tactic{tactic}"
             build = lambda a, f=formats, t=tactic: trt.compile_ptx(f, 0, t, a)  # noqa: E731
             kernel = _gemm(trt.PLUGIN_ID, config, build, tactic, arch)
@@ -123,14 +123,20 @@ def compile_w4a4(arch: int = 90) -> Iterator[AotKernel]:
                 return
 
 
-def compile_all(arch: int = 90, plugins: tuple[str, ...] = ("gear", "w4a16", "w4a4")) -> list[AotKernel]:
+def compile_all(
+    arch: int = 90,
+    plugins: tuple[str, ...] = ("gear", "w4a16", "w4a4"),
+    tactics: tuple[int, ...] | None = None,
+    configs: int | None = None,
+) -> list[AotKernel]:
+    """Every kernel and configuration; `tactics` / `configs` (the first N GEMM configurations) narrow it."""
     out: list[AotKernel] = []
     if "gear" in plugins:
         out += [compile_gear(arch=arch, **cfg) for _, cfg in gear_configs()]
     if "w4a16" in plugins:
-        out += list(compile_w4a16(arch))
+        out += list(compile_w4a16(arch, tactics, configs))
     if "w4a4" in plugins:
-        out += list(compile_w4a4(arch))
+        out += list(compile_w4a4(arch, tactics, configs))
     return out
 
 
@@ -139,8 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for sm_90")
     parser.add_argument("--plugins", default="gear,w4a16,w4a4")
     parser.add_argument("--ptx-dir", help="also write each PTX here as <plugin>-<config>.ptx")
+    parser.add_argument("--tactics", help="GEMM tactics to compile, e.g. 1 or 1,4 (default: all)")
+    parser.add_argument("--configs", type=int, help="only the first N configurations of each GEMM")
     args = parser.parse_args(argv)
-    kernels = compile_all(args.arch, tuple(args.plugins.split(",")))
+    tactics = tuple(int(t) for t in args.tactics.split(",")) if args.tactics else None
+    kernels = compile_all(args.arch, tuple(args.plugins.split(",")), tactics, args.configs)
     if args.ptx_dir:
         from pathlib import Path
 
