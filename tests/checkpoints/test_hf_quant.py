@@ -96,3 +96,29 @@ def test_weight_only_nvfp4_is_w4a16_nvfp4(tiny_model, tmp_path):
 
     state = linear_state(tiny_model.model.model.layers[1].self_attn.o_proj)
     assert torch.equal(tensors[f"{p}.weight"], state.quantized.qweight)
+
+
+def test_fp8_kv_cache_scales_in_the_hf_layout(tiny_model, tmp_path):
+    from trtcompress.checkpoints.trtllm import kv_cache_scales
+
+    ids = tiny_model.tokenizer("The capital of France is Paris. " * 8, return_tensors="pt").input_ids
+    scales = kv_cache_scales(tiny_model.model, ids, "FP8")
+    quant = write_hf_checkpoint(
+        tiny_model.model, None, tmp_path / "hf", kv_cache="fp8", kv_cache_scales=scales
+    )
+    assert quant["kv_cache_quant_algo"] == "FP8" and quant["quant_algo"] is None
+    tensors = load_file(str(tmp_path / "hf/model.safetensors"))
+    for i in range(2):  # ModelOpt's names: amax / 448 per attention, fp32 scalars
+        for name in (
+            f"model.layers.{i}.self_attn.k_proj.k_scale",
+            f"model.layers.{i}.self_attn.v_proj.v_scale",
+        ):
+            assert tensors[name].dtype == torch.float32 and tensors[name].shape == ()
+            assert tensors[name].item() == pytest.approx(scales[i])
+    config = json.loads((tmp_path / "hf/config.json").read_text())["quantization_config"]
+    assert config["kv_cache_scheme"] == {"dynamic": False, "num_bits": 8, "type": "float"}
+    assert "quant_algo" not in config and config["quant_method"] == "modelopt"
+    for codec in ("int8", "gear-2bit"):
+        with pytest.raises(ExportError, match="FP8 KV-cache scales only"):
+            write_hf_checkpoint(tiny_model.model, None, tmp_path / codec, kv_cache=codec)
+        assert not (tmp_path / codec).exists()

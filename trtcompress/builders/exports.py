@@ -26,7 +26,7 @@ def _kv_scales(model: nn.Module, tokenizer: Any, recipe: Recipe, log) -> tuple[f
 
     cal = recipe.calibration
     n = min(cal.num_samples, KV_CALIBRATION_SAMPLES)
-    log(f"trtllm: calibrating {KV_STATIC[codec]} KV-cache scales on {n} x {cal.seq_len} tokens")
+    log(f"calibrating {KV_STATIC[codec]} KV-cache scales on {n} x {cal.seq_len} tokens")
     tokens = calibration_tokens(tokenizer, n, cal.seq_len, skip_tokens=recipe.eval.ppl_tokens)
     return kv_cache_scales(model, tokens, KV_STATIC[codec])
 
@@ -40,12 +40,13 @@ def export_formats(
     the generated Triton repository refers to)."""
     exports: dict[str, Any] = {}
     cfg = recipe.export
+    kv_scales = _kv_scales(model, tokenizer, recipe, log) if {"trtllm", "hf"} & set(cfg.formats) else None
     if "trtllm" in cfg.formats:
         from trtcompress.checkpoints.trtllm import TrtllmOptions, write_trtllm_checkpoint
 
         options = TrtllmOptions(
             tp_size=cfg.tp_size, pp_size=cfg.pp_size, dtype=cfg.dtype, kv_cache=recipe.kv_cache.codec,
-            kv_cache_scales=_kv_scales(model, tokenizer, recipe, log),
+            kv_cache_scales=kv_scales,
         )  # fmt: skip
         log(f"writing the TensorRT-LLM checkpoint (tp {cfg.tp_size}, pp {cfg.pp_size})")
         config = write_trtllm_checkpoint(model, out / "trtllm", options)
@@ -59,7 +60,15 @@ def export_formats(
         from trtcompress.checkpoints.hf_quant import write_hf_checkpoint
 
         log("writing the Hugging Face quantized checkpoint (ModelOpt hf_quant_config.json layout)")
-        exports["hf"] = {"dir": "hf", **write_hf_checkpoint(model, tokenizer, out / "hf", dtype=cfg.dtype)}
+        quant = write_hf_checkpoint(
+            model,
+            tokenizer,
+            out / "hf",
+            dtype=cfg.dtype,
+            kv_cache=recipe.kv_cache.codec,
+            kv_cache_scales=kv_scales,
+        )
+        exports["hf"] = {"dir": "hf", **quant}
     if cfg.engine.enabled:
         from trtcompress.builders.engine import build_engine, fill_triton_repository
 

@@ -65,7 +65,7 @@ def _linear_tensors(kind: str, parts, own_pqs: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def quantization_config(algo: str, quant: dict[str, Any], producer: dict[str, Any]) -> dict[str, Any]:
+def quantization_config(algo: str | None, quant: dict[str, Any], producer: dict[str, Any]) -> dict[str, Any]:
     """config.json's `quantization_config`, as ModelOpt's `convert_hf_quant_config_format` writes it.
 
     FP8 and NVFP4 also get a compressed-tensors `config_groups` entry (what vLLM reads)."""
@@ -77,7 +77,8 @@ def quantization_config(algo: str, quant: dict[str, Any], producer: dict[str, An
         acts = {} if algo == "W4A16_NVFP4" else {"input_activations": dict(spec)}
         out["config_groups"] = {"group_0": {**acts, "weights": dict(spec), "targets": ["Linear"]}}
     out["ignore"] = quant.get("exclude_modules") or []
-    out["quant_algo"] = algo
+    if algo:
+        out["quant_algo"] = algo
     if quant.get("kv_cache_quant_algo") == "FP8":
         out["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
     out["producer"] = producer
@@ -85,11 +86,36 @@ def quantization_config(algo: str, quant: dict[str, Any], producer: dict[str, An
     return out
 
 
+def _kv_algo(model: nn.Module, kv_cache: str | None, scales: tuple[float, ...] | None) -> str | None:
+    """FP8 KV cache -> "FP8" (per-layer k_scale / v_scale); other compressed caches have no HF form."""
+    if kv_cache in (None, "fp16"):
+        return None
+    if kv_cache != "fp8":
+        raise ExportError(
+            f"the HF checkpoint layout (ModelOpt / TensorRT-LLM PyTorch backend / vLLM) carries FP8 "
+            f"KV-cache scales only, not a {kv_cache} KV cache: use kv_cache.codec fp8, or export trtllm "
+            "(INT8 KV, or a plugin entry for GEAR/KIVI), or serve natively"
+        )
+    n = model.config.num_hidden_layers
+    if scales is None or len(scales) != n:
+        raise ExportError(f"an FP8 KV cache needs one calibrated scale per decoder layer ({n})")
+    return "FP8"
+
+
 def write_hf_checkpoint(
-    model: nn.Module, tokenizer: Any, out_dir: Path, dtype: str = "float16"
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: Path,
+    dtype: str = "float16",
+    kv_cache: str | None = None,
+    kv_cache_scales: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
-    """Write the checkpoint into `out_dir`; returns the `quantization` section of hf_quant_config.json."""
+    """Write the checkpoint into `out_dir`; returns the `quantization` section of hf_quant_config.json.
+
+    With `kv_cache="fp8"` and one calibrated scale per layer (checkpoints.trtllm.kv_cache_scales), each
+    attention gets ModelOpt's `k_proj.k_scale` / `v_proj.v_scale` (fp32 scalars, amax / 448)."""
     torch_dtype = DTYPES[dtype]
+    kv_algo = _kv_algo(model, kv_cache, kv_cache_scales)
     tensors: dict[str, torch.Tensor] = {}
     kinds: set[str] = set()
     excluded = ["lm_head", "model.embed_tokens"]
@@ -141,6 +167,10 @@ def write_hf_checkpoint(
                     if suffix == "pre_quant_scale":  # ModelOpt writes it in the model's dtype
                         t = t.to(torch_dtype)
                     tensors[f"{prefix}.{name}.{suffix}"] = t.contiguous()
+        for i in range(model.config.num_hidden_layers if kv_algo else 0):
+            scale = torch.tensor(float(kv_cache_scales[i]), dtype=torch.float32)  # type: ignore[index]
+            tensors[f"model.layers.{i}.self_attn.k_proj.k_scale"] = scale
+            tensors[f"model.layers.{i}.self_attn.v_proj.v_scale"] = scale.clone()
         tensors["model.embed_tokens.weight"] = model.model.embed_tokens.weight.detach().to(torch_dtype)
         tensors["model.norm.weight"] = model.model.norm.weight.detach().to(torch_dtype)
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -151,7 +181,7 @@ def write_hf_checkpoint(
     if len(kinds) > 1:
         raise ExportError(f"the HF layout takes one quant_algo, the model has {', '.join(sorted(kinds))}")
     algo = kinds.pop() if kinds else None
-    quant: dict[str, Any] = {"quant_algo": algo, "kv_cache_quant_algo": None}
+    quant: dict[str, Any] = {"quant_algo": algo, "kv_cache_quant_algo": kv_algo}
     if algo == "W4A16_AWQ":
         quant |= {"group_size": group, "has_zero_point": False, "pre_quant_scale": True}
     elif algo in ("NVFP4", "W4A16_NVFP4"):
@@ -164,7 +194,7 @@ def write_hf_checkpoint(
     config["tie_word_embeddings"] = tied
     config["torch_dtype"] = dtype
     config.pop("dtype", None)
-    if algo is not None:
+    if algo is not None or kv_algo is not None:
         config["quantization_config"] = quantization_config(algo, quant, producer)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     (out_dir / "hf_quant_config.json").write_text(
