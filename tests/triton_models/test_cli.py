@@ -56,3 +56,16 @@ def test_repo_command_writes_validated_repositories(served_artifact, tmp_path):
         assert "tensorrt_llm" in out.stdout
     bad = run_cli("repo", str(served_artifact), "-o", str(tmp_path / "x"), "--deploy", "max_batch_sise=8")
     assert bad.returncode != 0 and "max_batch_sise" in bad.stderr
+
+
+def test_bench_serve_writes_results(served_artifact, tmp_path):
+    out = run_cli("bench", "serve", str(served_artifact), "--concurrency", "1,4", "--requests", "8",
+                  "--prompt-tokens", "12", "--output-tokens", "6", "--no-hf-baseline",
+                  "-o", str(tmp_path))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "serve_load.json").read_text())
+    assert (tmp_path / "serve_load.png").stat().st_size > 0
+    one, four = result["levels"]
+    assert one["errors"] == four["errors"] == 0 and four["requests"] == 8
+    assert one["runtime"]["max_batch_size"] == 1 and four["runtime"]["max_batch_size"] > 1
+    assert four["output_tokens_per_s"] > 0 and four["ttft_p50_s"] is not None
