@@ -114,3 +114,34 @@ def test_engine_triton_repository_points_where_the_artifact_will_be(tmp_path):
     assert set(configs) >= {"preprocessing", "tensorrt_llm", "postprocessing", "ensemble"}
     text = (repo / "tensorrt_llm" / "config.pbtxt").read_text()
     assert str(final / "engine") in text and ".partial-x" not in text
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"passes": [{"method": "nvfp4"}], "export": {"formats": ["trtllm"]}}, "weight-only"),
+        ({"passes": [{"method": "gsq"}, {"method": "eora", "rank": 8}], "export": {"formats": ["hf"]}},
+         "low-rank correction factors"),
+        ({"kv_cache": {"codec": "int8"}, "export": {"formats": ["hf"]}}, "FP8 KV-cache scales only"),
+        ({"passes": [{"method": "minmax-fp4"}], "export": {"engine": {"enabled": True}}},
+         "stock trtllm-build"),
+        ({"kv_cache": {"codec": "gear-2bit"}, "export": {"engine": {"enabled": True}}}, "gear-2bit"),
+    ],
+)  # fmt: skip
+def test_impossible_exports_are_refused_before_any_work(data, fragment):
+    from trtcompress.builders.exports import check_recipe
+    from trtcompress.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=fragment):
+        check_recipe(Recipe.model_validate(data))
+    check_recipe(Recipe.model_validate({"passes": [{"method": "mxfp4"}], "export": {"formats": ["trtllm"]}}))
+
+
+def test_pipeline_refuses_an_impossible_export_without_loading(tiny_model_dir, tmp_path):
+    from trtcompress.builders.pipeline import build
+    from trtcompress.errors import RecipeError
+
+    recipe = Recipe.model_validate({"passes": [{"method": "nvfp4"}], "export": {"formats": ["trtllm"]}})
+    with pytest.raises(RecipeError, match="weight-only"):
+        build(str(tiny_model_dir), recipe, tmp_path / "a")
+    assert not (tmp_path / "a").exists()

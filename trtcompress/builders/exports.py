@@ -14,7 +14,40 @@ from torch import nn
 from trtcompress.recipe import Recipe
 
 KV_STATIC = {"int8": "INT8", "fp8": "FP8"}
+LOWRANK_PASSES = {"eora", "kd"}  # they leave low-rank factors, which neither checkpoint layout has
+W4A4_PASSES = {"llmfp4", "minmax-fp4"}  # plugin entries: no stock trtllm-build engine
 KV_CALIBRATION_SAMPLES = 16  # sequences of calibration.seq_len tokens for the static KV-cache scales
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Refuse, before any work, export requests the recipe's passes cannot satisfy (the exporters check
+    every layer again; this catches the clear-cut cases before minutes of compression)."""
+    from trtcompress.errors import RecipeError
+
+    methods = {p.method for p in recipe.passes}
+    formats = set(recipe.export.formats) - {"native"}
+    codec = recipe.kv_cache.codec or "fp16"
+    if formats and methods & LOWRANK_PASSES:
+        raise RecipeError(
+            f"export {', '.join(sorted(formats))}: the {', '.join(sorted(methods & LOWRANK_PASSES))} pass "
+            "leaves low-rank correction factors, which TensorRT-LLM and HF quantized checkpoints cannot "
+            "hold; export native only (export.formats: [native])"
+        )
+    if "trtllm" in formats and "nvfp4" in methods:
+        raise RecipeError(
+            "export trtllm: the nvfp4 pass is weight-only, and TensorRT-LLM's NVFP4 also quantizes "
+            "activations; export hf (W4A16_NVFP4) or use the mxfp4 recipe (TensorRT-LLM W4A16_MXFP4)"
+        )
+    if "hf" in formats and codec not in ("fp16", "fp8"):
+        raise RecipeError(
+            f"export hf: the HF layout carries FP8 KV-cache scales only, not kv_cache.codec {codec}"
+        )
+    if recipe.export.engine.enabled and (methods & W4A4_PASSES or codec.startswith(("gear", "kivi"))):
+        what = sorted(methods & W4A4_PASSES) + ([codec] if codec.startswith(("gear", "kivi")) else [])
+        raise RecipeError(
+            f"--engine: {', '.join(what)} need the trtcompress TensorRT plugins, which stock trtllm-build "
+            "cannot insert into TensorRT-LLM's LLaMA graph; export trtllm without --engine, or serve natively"
+        )
 
 
 def _kv_scales(model: nn.Module, tokenizer: Any, recipe: Recipe, log) -> tuple[float, ...] | None:

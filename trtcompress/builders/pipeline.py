@@ -45,6 +45,10 @@ def build(
         from trtcompress.builders.engine import require_trtllm
 
         require_trtllm()
+    if set(recipe.export.formats) != {"native"} or recipe.export.engine.enabled:
+        from trtcompress.builders.exports import check_recipe
+
+        check_recipe(recipe)  # export requests the passes cannot satisfy, before minutes of compression
 
     resolve_model(spec, log=ui.log)  # a bad model argument fails here, before anything is printed
     ui.log(f"loading {spec}")
