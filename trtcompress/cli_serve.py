@@ -167,7 +167,7 @@ def repo_cmd(artifact, output, kind, engine_dir, deploy_set):
 
 
 @click.command("serve")
-@click.argument("target", type=click.Path(exists=True, path_type=Path))
+@click.argument("target", default="smollm2-135m")
 @click.option("--concurrency", default="1,8,32", show_default=True, help="concurrent clients to sweep")
 @click.option("--requests", "num_requests", type=int, default=64, show_default=True, help="per level")
 @click.option("--prompt-tokens", type=int, default=64, show_default=True)
@@ -180,8 +180,9 @@ def repo_cmd(artifact, output, kind, engine_dir, deploy_set):
 def bench_serve(
     target, concurrency, num_requests, prompt_tokens, output_tokens, deploy_set, hf_baseline, output
 ):
-    """Load generator: concurrent tritonclient gRPC streaming clients against TARGET served by tritonserver,
-    with HF `generate` and one-request-at-a-time baselines measured in the same run."""
+    """Load generator: concurrent tritonclient gRPC streaming clients against TARGET (an artifact, a model
+    directory or a known model name) served by tritonserver, with HF `generate` and one-request-at-a-time
+    baselines measured in the same run."""
     from trtcompress.bench_serve import run
 
     levels = [int(c) for c in concurrency.split(",") if c.strip()]
