@@ -49,8 +49,24 @@ POINTS: list[tuple[str, str, str, dict[str, Any], int, int]] = [  # most importa
     ("kivi-4bit no sink", "kivi", "kivi-4bit", {}, 64, 0),
     ("gear-4bit no sink", "gear", "gear-4bit", {}, 64, 0),
     ("kivi-8bit", "kivi", "kivi-8bit", {}, 64, 1),
-    ("gear-2bit min/max range (no search)", "gear", "gear-2bit", {"range_search": 0}, 64, 1),
-    ("gear-2bit z-score key outliers", "gear", "gear-2bit", {"key_outlier_std_power": 1.0}, 64, 1),
+    ("gear-2bit key rank 2", "gear", "gear-2bit", {"key_rank": 2}, 64, 1),
+    ("gear-2bit key rank 2 no sink", "gear", "gear-2bit", {"key_rank": 2}, 64, 0),
+    (
+        "gear-2bit key rank 2 + min/max range",
+        "gear",
+        "gear-2bit",
+        {"key_rank": 2, "range_search": 0},
+        64,
+        1,
+    ),
+    (
+        "gear-2bit key rank 2 + z-score key outliers",
+        "gear",
+        "gear-2bit",
+        {"key_rank": 2, "key_outlier_std_power": 1.0},
+        64,
+        1,
+    ),
     ("gear-2bit rank 0 (outliers only)", "gear", "gear-2bit", {"rank": 0}, 64, 1),
     (
         "gear-2bit 2% outliers + key rank 4",
@@ -246,7 +262,7 @@ def main() -> None:
         for path in args.merge.split(","):
             part = json.loads(Path(path).read_text())
             merged |= {k: v for k, v in part.items() if k != "points"}
-            points |= {p["label"]: p for p in part["points"]}
+            points |= {p["label"]: p for p in part.get("points", [])}
         finish(
             merged,
             [points[p[0]] for p in POINTS if p[0] in points],

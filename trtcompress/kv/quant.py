@@ -54,8 +54,8 @@ def search_params(
     mn = (mid - half).to(torch.float16)
     s, m = scale.float()[..., None], mn.float()[..., None]  # (..., steps, 1)
     xs = x[..., None, :]
-    deq = torch.floor((xs - m) / s + 0.5).clamp_(0, levels(bits)) * s + m
-    err = (deq - xs).square_()
+    # (deq - x)**2 with one temporary (same arithmetic as quantize_rows / dequantize_rows)
+    err = (xs - m).div_(s).add_(0.5).floor_().clamp_(0, levels(bits)).mul_(s).add_(m).sub_(xs).square_()
     if exclude is not None:
         err.masked_fill_(exclude[..., None, :], 0.0)
     best = err.sum(-1).argmin(-1, keepdim=True)  # argmin returns the first of equal minima

@@ -13,7 +13,8 @@ program normalizes and writes the output itself (the form compiled AOT for Tenso
 
 `quant_pack_kernel`: the quantize-and-pack kernel used when a block fills: per row (group) of G
 elements, min/max over the non-outlier elements, fp16 scale/zero, `floor(x / s + 0.5)` codes packed
-LSB-first into bytes — bit-identical to `trtcompress.kv.quant`.
+LSB-first into bytes — bit-identical to `trtcompress.kv.quant` (`minmax_params`: KIVI, and GEAR with
+`range_search=0`; GEAR's default range search, `quant.search_params`, runs in torch).
 """
 
 from __future__ import annotations
