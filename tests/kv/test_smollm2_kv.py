@@ -62,15 +62,16 @@ def test_gear_beats_kivi_at_two_bits(smollm2, window) -> None:
     assert ref.bytes_per_token == ref.fp16_bytes_per_token
     assert 1.0 < gear.result.ppl / ref.result.ppl < kivi.result.ppl / ref.result.ppl
     assert kivi.bytes_per_token < gear.bytes_per_token < 0.35 * ref.fp16_bytes_per_token
-    # what the blocks cost, per token, before the fp16 tail: 2.5 and 3.64 bits per element
+    # what KIVI-2's blocks cost, per token, before the fp16 tail: 2.5 bits per element
     assert get_codec("kivi-2bit").bytes_per_token(64, 64, heads=3) * 30 == 30 * 3 * 128 * 2.5 / 8
 
 
 @pytest.mark.model
 @pytest.mark.slow
 def test_full_protocol_gear_2bit(smollm2) -> None:
-    """The eval protocol at context 2048: gear-2bit within 25% of the fp16 cache's bytes and better
-    than kivi-2bit on perplexity and GSM8K KL; gear-4bit within 1% of fp16 perplexity."""
+    """The eval protocol at context 2048 (default cache: 64-token blocks, one fp16 sink token): gear-2bit
+    within 25% of the fp16 cache's bytes, within 5% of its perplexity (measured 1.031 at 22.2%) and
+    better than kivi-2bit on perplexity and GSM8K KL; gear-4bit within 1% of fp16 perplexity."""
     from trtcompress.eval.harness import evaluate
 
     config = EvalConfig(ppl_tokens=4096, context=2048, gsm8k_problems=16, gsm_symbolic_problems=0)
@@ -81,5 +82,6 @@ def test_full_protocol_gear_2bit(smollm2) -> None:
     }
     gear, kivi = reports["gear-2bit"], reports["kivi-2bit"]
     assert gear.kv_bytes_per_token <= 0.25 * gear.kv_bytes_per_token_ref
+    assert gear.ppl_ratio <= 1.05
     assert gear.ppl_ratio < kivi.ppl_ratio and gear.gsm8k_kl < kivi.gsm8k_kl
     assert reports["gear-4bit"].ppl_ratio <= 1.01
