@@ -40,6 +40,11 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_one(label: str, calib_samples: int, modelopt_samples: int) -> dict:
     """Quantize and evaluate one method in this process; returns its row."""
     import copy
@@ -62,6 +67,7 @@ def run_one(label: str, calib_samples: int, modelopt_samples: int) -> dict:
     rss_model_mb = _current_rss_mb()
     eval_config = Recipe().eval
     start = time.perf_counter()
+    cpu_start = _cpu_seconds()
     if method in OURS:
         recipe = with_overrides(load_recipe(OURS[method]), [("calibration.num_samples", calib_samples)])
         compress_model(model, tokenizer, recipe)
@@ -82,6 +88,7 @@ def run_one(label: str, calib_samples: int, modelopt_samples: int) -> dict:
         model = mtq.quantize(model, config, forward_loop)
         samples = modelopt_samples
     seconds = time.perf_counter() - start
+    cpu_seconds = _cpu_seconds() - cpu_start
     peak_quantize_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     reference = load_model("smollm2-135m", log=lambda m: None).model
     report = evaluate(model, tokenizer, eval_config, reference, model_name="smollm2-135m", recipe_name=method)
@@ -89,6 +96,9 @@ def run_one(label: str, calib_samples: int, modelopt_samples: int) -> dict:
         "method": method,
         "calib_samples": samples,
         "quantize_seconds": seconds,
+        # CPU time of the quantization (all threads): on a shared machine the wall time above grows with
+        # the neighbours' load, this much less so; CPU s / threads ~ wall s on an idle machine.
+        "quantize_cpu_seconds": cpu_seconds,
         "rss_model_mb": rss_model_mb,  # process RSS with the fp32 model loaded, before quantization
         "peak_rss_quantize_mb": peak_quantize_mb,  # peak RSS up to the end of quantization
         "ppl": report.ppl,
@@ -151,15 +161,17 @@ def main() -> None:
     path.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\nfp32 ppl {rows[0]['ppl_ref']:.2f}\n")
     header = (
-        "method | calib | bits/param | ppl | ppl ratio | GSM8K KL | top-1 | bpb | quantize s | peak RSS MB"
+        "method | calib | bits/param | ppl | ppl ratio | GSM8K KL | top-1 | bpb | quantize s | CPU s"
+        " | peak RSS MB"
     )
     print(f"| {header} |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['method']} | {r['calib_samples']}x512 | {r['bits_per_param']:.3f} | {r['ppl']:.2f} | "
             f"{r['ppl_ratio']:.3f} | {r['gsm8k_kl']:.3f} | {r['gsm8k_top1']:.3f} | {r['gsm8k_bpb']:.3f} | "
-            f"{r['quantize_seconds']:.0f} | {r['peak_rss_quantize_mb']:.0f} |"
+            f"{r['quantize_seconds']:.0f} | {r.get('quantize_cpu_seconds', float('nan')):.0f} | "
+            f"{r['peak_rss_quantize_mb']:.0f} |"
         )
 
 
