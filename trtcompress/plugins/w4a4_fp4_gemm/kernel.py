@@ -33,11 +33,14 @@ def _round_to_grid(v, A_EXP: tl.constexpr, A_MAN: tl.constexpr):
 
 
 @triton.jit
-def _act(x_ptr, sh_ptr, rm, col, M, K, inv_scale, A_EXP: tl.constexpr, A_MAN: tl.constexpr):
+def _act(x_ptr, sh_ptr, rm, col, M, K, act_scale, A_EXP: tl.constexpr, A_MAN: tl.constexpr):
     mask = (rm < M)[:, None] & (col < K)[None, :]
     x = tl.load(x_ptr + rm[:, None] * K + col[None, :], mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(sh_ptr + col, mask=col < K, other=0).to(tl.int32)
-    return _round_to_grid(x * inv_scale * _pow2(shift)[None, :], A_EXP, A_MAN)
+    # A correctly rounded x / s, as the reference and the CompressedLinear state compute it: x * (1 / s)
+    # differs in the last bit for some x, enough to move an activation across a rounding boundary.
+    scaled = tl.math.div_rn(x, tl.zeros_like(x) + act_scale)
+    return _round_to_grid(scaled * _pow2(shift)[None, :], A_EXP, A_MAN)
 
 
 @triton.jit
@@ -53,7 +56,6 @@ def w4a4_fp4_gemm_trt_kernel(x_ptr, w_ptr, s_ptr, as_ptr, sh_ptr, M, N, K, out_p
     group_eff = K if GROUP == 0 else GROUP
     G = (K + group_eff - 1) // group_eff
     act_scale = tl.load(as_ptr)
-    inv_scale = 1.0 / act_scale
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
@@ -62,8 +64,8 @@ def w4a4_fp4_gemm_trt_kernel(x_ptr, w_ptr, s_ptr, as_ptr, sh_ptr, M, N, K, out_p
         jb = k0 // 2 + tl.arange(0, HALF)
         lo_col = 2 * jb
         hi_col = lo_col + 1
-        a_lo = _act(x_ptr, sh_ptr, rm, lo_col, M, K, inv_scale, A_EXP, A_MAN)
-        a_hi = _act(x_ptr, sh_ptr, rm, hi_col, M, K, inv_scale, A_EXP, A_MAN)
+        a_lo = _act(x_ptr, sh_ptr, rm, lo_col, M, K, act_scale, A_EXP, A_MAN)
+        a_hi = _act(x_ptr, sh_ptr, rm, hi_col, M, K, act_scale, A_EXP, A_MAN)
         mask = (lo_col < K)[:, None] & n_ok[None, :]
         byte = tl.load(w_ptr + rn[None, :] * kb_row + jb[:, None], mask=mask, other=0).to(tl.int32)
         cols = rn[None, :]
