@@ -120,3 +120,16 @@ def test_calibrated_pass_refuses_lm_head(tiny_model):
 def test_missing_calibration_is_an_error(tiny_model):
     with pytest.raises(CalibrationError, match="need calibration data"):
         GPTQPass(GPTQConfig()).apply(tiny_model.model, PassContext())
+
+
+def test_all_finite_is_exact_for_nan_inf_and_overflowing_sums():
+    from trtcompress.passes.engine import all_finite
+
+    x = torch.randn(64, 32)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[5, 7] = bad
+        assert not all_finite(y)
+    huge = torch.full((4, 4), 3e38)  # finite elements whose sum overflows: still all finite
+    assert all_finite(huge)
