@@ -73,6 +73,45 @@ def _encode(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
     return tokenizer(problem.prompt).input_ids, tokenizer(problem.completion).input_ids
 
 
+class FidelityAccumulator:
+    """Sums the answer-token metrics problem by problem; `result` turns them into a FidelityResult.
+
+    Shared by the one-shot harness (answer_fidelity) and the compressed-KV decoder (kv.evaluate).
+    """
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.nbytes = sum(len(p.completion.encode("utf-8")) for p in problems)
+        self.nll = self.nll_ref = self.kl_sum = 0.0
+        self.agree = self.tokens = 0
+        self.per_problem_kl = [0.0] * len(problems)
+        self.has_reference = False
+
+    def add(self, i: int, logp: torch.Tensor, target: torch.Tensor, logp_ref: torch.Tensor | None) -> None:
+        """Problem `i`: log-probs (answer tokens x vocab) of the model and, if given, of the reference."""
+        self.nll -= logp.gather(-1, target[:, None]).sum().item()
+        self.tokens += len(target)
+        if logp_ref is not None:
+            self.has_reference = True
+            self.nll_ref -= logp_ref.gather(-1, target[:, None]).sum().item()
+            kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+            self.kl_sum += kl.sum().item()
+            self.per_problem_kl[i] = kl.mean().item()
+            self.agree += (logp.argmax(-1) == logp_ref.argmax(-1)).sum().item()
+
+    def result(self) -> FidelityResult:
+        to_bpb = 1.0 / (math.log(2) * self.nbytes)
+        if not self.has_reference:
+            return FidelityResult(bpb=self.nll * to_bpb, tokens=self.tokens)
+        return FidelityResult(
+            bpb=self.nll * to_bpb,
+            bpb_ref=self.nll_ref * to_bpb,
+            kl=self.kl_sum / self.tokens,
+            top1=self.agree / self.tokens,
+            tokens=self.tokens,
+            per_problem_kl=self.per_problem_kl,
+        )
+
+
 @torch.no_grad()
 def answer_fidelity(
     model: nn.Module,
@@ -84,12 +123,9 @@ def answer_fidelity(
 ) -> FidelityResult:
     """Score the gold answers of `problems` with `model` (and against `reference` if given)."""
     encoded = [_encode(tokenizer, p) for p in problems]
-    nbytes = sum(len(p.completion.encode("utf-8")) for p in problems)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
-    nll = nll_ref = kl_sum = 0.0
-    agree = tokens = 0
-    per_problem_kl = [0.0] * len(problems)
+    totals = FidelityAccumulator(problems)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         seqs = [encoded[i][0] + encoded[i][1] for i in batch]
@@ -104,28 +140,11 @@ def answer_fidelity(
             n_prompt, n_answer = len(encoded[i][0]), len(encoded[i][1])
             target = x[row, n_prompt : n_prompt + n_answer]
             logp = torch.log_softmax(logits[row], -1)
-            nll -= logp.gather(-1, target[:, None]).sum().item()
-            tokens += n_answer
-            if logits_ref is not None:
-                logp_ref = torch.log_softmax(logits_ref[row], -1)
-                nll_ref -= logp_ref.gather(-1, target[:, None]).sum().item()
-                kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
-                kl_sum += kl.sum().item()
-                per_problem_kl[i] = kl.mean().item()
-                agree += (logp.argmax(-1) == logp_ref.argmax(-1)).sum().item()
+            logp_ref = torch.log_softmax(logits_ref[row], -1) if logits_ref is not None else None
+            totals.add(i, logp, target, logp_ref)
         if tick:
             tick(len(batch))
-    to_bpb = 1.0 / (math.log(2) * nbytes)
-    if reference is None:
-        return FidelityResult(bpb=nll * to_bpb, tokens=tokens)
-    return FidelityResult(
-        bpb=nll * to_bpb,
-        bpb_ref=nll_ref * to_bpb,
-        kl=kl_sum / tokens,
-        top1=agree / tokens,
-        tokens=tokens,
-        per_problem_kl=per_problem_kl,
-    )
+    return totals.result()
 
 
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from trtcompress.eval.datasets import Problem
-from trtcompress.eval.metrics import FidelityResult, PerplexityResult
+from trtcompress.eval.metrics import FidelityAccumulator, FidelityResult, PerplexityResult
 from trtcompress.kv.codec import KVCodec
 from trtcompress.kv.decode import CachedDecoder, cache_for_model
 from trtcompress.kv.scalar import FP16Codec
@@ -141,31 +141,10 @@ def fidelity_from_logits(
     ref: list[tuple[torch.Tensor, torch.Tensor]] | None,
 ) -> FidelityResult:
     """The fidelity metrics from `answer_logits` outputs (the reference's may be computed once)."""
-    nbytes = sum(len(p.completion.encode("utf-8")) for p in problems)
-    nll = nll_ref = kl_sum = 0.0
-    agree = tokens = 0
-    per_problem = []
+    totals = FidelityAccumulator(problems)
     for i, (logp, target) in enumerate(scored):
-        nll -= logp.gather(-1, target[:, None]).sum().item()
-        tokens += len(target)
-        if ref is not None:
-            logp_ref = ref[i][0]
-            nll_ref -= logp_ref.gather(-1, target[:, None]).sum().item()
-            kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
-            kl_sum += kl.sum().item()
-            per_problem.append(kl.mean().item())
-            agree += (logp.argmax(-1) == logp_ref.argmax(-1)).sum().item()
-    to_bpb = 1.0 / (math.log(2) * nbytes)
-    if ref is None:
-        return FidelityResult(bpb=nll * to_bpb, tokens=tokens)
-    return FidelityResult(
-        bpb=nll * to_bpb,
-        bpb_ref=nll_ref * to_bpb,
-        kl=kl_sum / tokens,
-        top1=agree / tokens,
-        tokens=tokens,
-        per_problem_kl=per_problem,
-    )
+        totals.add(i, logp, target, ref[i][0] if ref is not None else None)
+    return totals.result()
 
 
 @torch.no_grad()
