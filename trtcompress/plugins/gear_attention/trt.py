@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from trtcompress.errors import MissingDependencyError
 from trtcompress.plugins.gear_attention.reference import GearLayout
+from trtcompress.plugins.registration import register_once
 
 PLUGIN_ID = "trtcompress::gear_attention"
 INSTALL_HINT = (
@@ -192,10 +193,4 @@ def register_trt_plugin() -> None:
         import tensorrt.plugin as trtp
     except ImportError:
         raise MissingDependencyError(INSTALL_HINT) from None
-    if getattr(register_trt_plugin, "_done", False):
-        return
-    register, autotune, aot_impl = plugin_functions(trtp)
-    trtp.register(PLUGIN_ID)(register)
-    trtp.autotune(PLUGIN_ID)(autotune)
-    trtp.aot_impl(PLUGIN_ID)(aot_impl)
-    register_trt_plugin._done = True  # type: ignore[attr-defined]
+    register_once(PLUGIN_ID, plugin_functions, trtp)

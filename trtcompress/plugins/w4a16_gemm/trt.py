@@ -15,6 +15,7 @@ functions and needs real classes, not strings (see qdp_schema.py).
 """
 
 from trtcompress.plugins import gemm_trt as g
+from trtcompress.plugins.registration import register_once
 
 PLUGIN_ID = "trtcompress::w4a16_gemm"
 KERNEL = "w4a16_gemm_trt_kernel"
@@ -91,13 +92,7 @@ def plugin_functions(trtp):
 def register_trt_plugin() -> None:
     """Register `trtcompress::w4a16_gemm` with TensorRT's plugin registry (idempotent)."""
     _, trtp = g.import_trt()
-    if getattr(register_trt_plugin, "_done", False):
-        return
-    register, autotune, aot_impl = plugin_functions(trtp)
-    trtp.register(PLUGIN_ID)(register)
-    trtp.autotune(PLUGIN_ID)(autotune)
-    trtp.aot_impl(PLUGIN_ID)(aot_impl)
-    register_trt_plugin._done = True  # type: ignore[attr-defined]
+    register_once(PLUGIN_ID, plugin_functions, trtp)
 
 
 __all__ = ["KERNEL", "PLUGIN_ID", "compile_ptx", "constants", "plugin_functions", "register_trt_plugin"]

@@ -14,6 +14,7 @@ No `from __future__ import annotations` (tensorrt.plugin needs real annotation c
 """
 
 from trtcompress.plugins import gemm_trt as g
+from trtcompress.plugins.registration import register_once
 from trtcompress.plugins.w4a16_gemm.trt import symbolic_launch
 
 PLUGIN_ID = "trtcompress::w4a4_fp4_gemm"
@@ -81,13 +82,7 @@ def plugin_functions(trtp):
 def register_trt_plugin() -> None:
     """Register `trtcompress::w4a4_fp4_gemm` with TensorRT's plugin registry (idempotent)."""
     _, trtp = g.import_trt()
-    if getattr(register_trt_plugin, "_done", False):
-        return
-    register, autotune, aot_impl = plugin_functions(trtp)
-    trtp.register(PLUGIN_ID)(register)
-    trtp.autotune(PLUGIN_ID)(autotune)
-    trtp.aot_impl(PLUGIN_ID)(aot_impl)
-    register_trt_plugin._done = True  # type: ignore[attr-defined]
+    register_once(PLUGIN_ID, plugin_functions, trtp)
 
 
 __all__ = [
