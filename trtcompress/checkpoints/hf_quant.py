@@ -102,6 +102,18 @@ def _kv_algo(model: nn.Module, kv_cache: str | None, scales: tuple[float, ...] |
     return "FP8"
 
 
+def _quantized_kind(state, name: str, tensors: dict, excluded: list, torch_dtype) -> str | None:
+    """The HF quantization kind of a linear; a dense one is written as is and listed as excluded (None)."""
+    kind = classify(state, target="hf")
+    if kind == "NO_QUANT":
+        tensors[f"{name}.weight"] = state.weight().to(torch_dtype)
+        excluded.append(name)
+        return None
+    if kind not in SUPPORTED:
+        raise ExportError(f"{name}: {kind} has no ModelOpt HF layout here ({', '.join(SUPPORTED)})")
+    return kind
+
+
 def write_hf_checkpoint(
     model: nn.Module,
     tokenizer: Any,
@@ -128,15 +140,9 @@ def write_hf_checkpoint(
                 pqs_seen = []
                 for name in members:
                     state = linear_state(layer.get_submodule(name))
-                    kind = classify(state, target="hf")
-                    if kind == "NO_QUANT":
-                        tensors[f"{prefix}.{name}.weight"] = state.weight().to(torch_dtype)
-                        excluded.append(f"{prefix}.{name}")
+                    kind = _quantized_kind(state, f"{prefix}.{name}", tensors, excluded, torch_dtype)
+                    if kind is None:
                         continue
-                    if kind not in SUPPORTED:
-                        raise ExportError(
-                            f"{prefix}.{name}: {kind} has no ModelOpt HF layout here ({', '.join(SUPPORTED)})"
-                        )
                     parts = parts_of(state, kind)
                     kinds.add(kind)
                     group = parts.group_size if kind == "W4A16_AWQ" else group
@@ -153,15 +159,9 @@ def write_hf_checkpoint(
                 tensors[f"{prefix}.{norm_name}.weight"] = norm.to(torch_dtype)
             for name in OWN_PQS:
                 state = linear_state(layer.get_submodule(name))
-                kind = classify(state, target="hf")
-                if kind == "NO_QUANT":
-                    tensors[f"{prefix}.{name}.weight"] = state.weight().to(torch_dtype)
-                    excluded.append(f"{prefix}.{name}")
+                kind = _quantized_kind(state, f"{prefix}.{name}", tensors, excluded, torch_dtype)
+                if kind is None:
                     continue
-                if kind not in SUPPORTED:
-                    raise ExportError(
-                        f"{prefix}.{name}: {kind} has no ModelOpt HF layout here ({', '.join(SUPPORTED)})"
-                    )
                 kinds.add(kind)
                 for suffix, t in _linear_tensors(kind, parts_of(state, kind), own_pqs=True).items():
                     if suffix == "pre_quant_scale":  # ModelOpt writes it in the model's dtype
