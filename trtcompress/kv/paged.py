@@ -195,18 +195,30 @@ class PagedKVCache:
         self, layer: int, seq_id: int, start: int, stop: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decompressed blocks `start..stop-1` of a sequence, float32 `(H, (stop - start) * block, D)`."""
-        seq, bs, h, d = self.seqs[seq_id], self.block_size, self.num_kv_heads, self.head_dim
-        out = []
+        return self.gather_block_ranges(layer, [(seq_id, start, stop)])[0]
+
+    def gather_block_ranges(
+        self, layer: int, ranges: list[tuple[int, int, int]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`gather_blocks` for several `(seq_id, start, stop)` at once: one codec call per K/V for all
+        their blocks. Per range, float32 K and V `(H, (stop - start) * block, D)`, the first
+        `sink_tokens` rows of a range that starts at block 0 taken from the sink slot."""
+        bs, h, d = self.block_size, self.num_kv_heads, self.head_dim
+        ranges = [(seq_id, start, max(start, stop)) for seq_id, start, stop in ranges]
+        ids = [b for seq_id, start, stop in ranges for b in self.seqs[seq_id].blocks[start:stop]]
+        out: list[list[torch.Tensor]] = [[] for _ in ranges]
         for kind in ("k", "v"):
-            if stop <= start:
-                out.append(self.tails[kind].new_zeros(h, 0, d, dtype=torch.float32))
-                continue
-            x = self.codec.decompress(self.block_fields(layer, kind, seq.blocks[start:stop]), kind, bs, d)
-            x = x.permute(1, 0, 2, 3).reshape(h, (stop - start) * bs, d)
-            if start == 0 and self.sink_tokens:
-                x[:, : self.sink_tokens] = self.sinks[kind][layer, seq.slot].float()
-            out.append(x)
-        return out[0], out[1]
+            if ids:
+                x = self.codec.decompress(self.block_fields(layer, kind, ids), kind, bs, d)
+            else:
+                x = self.tails[kind].new_zeros(0, h, bs, d, dtype=torch.float32)
+            parts = x.split([stop - start for _, start, stop in ranges])
+            for row, ((seq_id, start, stop), part) in enumerate(zip(ranges, parts, strict=True)):
+                y = part.permute(1, 0, 2, 3).reshape(h, (stop - start) * bs, d)
+                if start == 0 and stop > 0 and self.sink_tokens:
+                    y[:, : self.sink_tokens] = self.sinks[kind][layer, self.seqs[seq_id].slot].float()
+                out[row].append(y)
+        return [(k, v) for k, v in out]
 
     def gather_tail(self, layer: int, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The fp16 tail (committed tokens of the block being filled), float32 `(H, n, D)`."""

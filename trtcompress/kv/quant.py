@@ -88,6 +88,10 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed[..., :n]
+    if 8 % bits == 0:  # whole codes per byte (LSB first): one shift and mask, the same values
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))[..., :n]
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     stream = ((packed[..., None] >> shifts) & 1).reshape(*packed.shape[:-1], packed.shape[-1] * 8)[
         ..., : n * bits

@@ -44,6 +44,12 @@ class DeployConfig(BaseModel):
     decoupled: bool = Field(True, description="streaming responses (Triton decoupled transaction policy)")
     exclude_input_in_output: bool = Field(True, description="text_output holds only the generated text")
     num_threads: int = Field(0, ge=0, description="native runtime torch threads; 0 = torch's default")
+    kv_decompressed_cache_mb: float = Field(
+        64,
+        ge=0,
+        description="native runtime: bytes (MiB) of decompressed KV blocks kept between steps, shared by "
+        "all sequences (attention otherwise decompresses every block at every step); 0 = none",
+    )
     gemm_tile: int = Field(
         0,
         ge=0,

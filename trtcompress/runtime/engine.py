@@ -65,6 +65,7 @@ class Engine:
         kv_codec: Any = None,
         block_size: int = 64,
         step_log: Path | str | None = None,
+        sink_tokens: int = 0,
     ) -> None:
         from trtcompress.kv import get_codec
         from trtcompress.kv.paged import PagedKVCache
@@ -89,9 +90,15 @@ class Engine:
             num_blocks,
             block_size,
             max_seqs=self.config.max_batch_size,
+            sink_tokens=sink_tokens,
         )
         self.model = BatchedModel(
-            model, self.cache, tile=self.config.gemm_tile, max_rows=self.config.max_num_tokens
+            model,
+            self.cache,
+            tile=self.config.gemm_tile,
+            max_rows=self.config.max_num_tokens,
+            decompressed_cache_bytes=int(self.config.kv_decompressed_cache_mb * 2**20),
+            scratch_tokens=self.context_len,
         )
         self.scheduler = Scheduler(self.cache, self.config, on_free=lambda s: self.model.forget(s.seq_id))
         self.steps: deque[StepRecord] = deque(maxlen=100_000)
@@ -106,7 +113,8 @@ class Engine:
 
     @classmethod
     def from_path(cls, path: Path | str, config: DeployConfig | None = None, **kwargs: Any) -> Engine:
-        """A native artifact (its recipe's kv_cache and deploy sections apply) or a HF model directory."""
+        """A native artifact (its recipe's kv_cache and deploy sections apply: codec, block size and
+        sink tokens, the cache `trtcompress eval --kv` decodes with) or a HF model directory."""
         from trtcompress.runtime.loading import load_for_runtime
 
         model, tokenizer, recipe = load_for_runtime(path)
@@ -117,6 +125,7 @@ class Engine:
 
             kv = KVCacheConfig.model_validate(recipe["kv_cache"])
             kwargs["kv_codec"], kwargs["block_size"] = kv.build_codec(), kv.block_size
+            kwargs.setdefault("sink_tokens", kv.sink_tokens)
         return cls(model, tokenizer, config, **kwargs)
 
     # ------------------------------------------------------------------------------- requests

@@ -4,14 +4,23 @@ The step's tokens (decode tokens of some sequences, prompt chunks of others) are
 `(T, hidden)` matrix, so every linear layer is one batch-invariant GEMM for the whole batch (see
 linear.py); only attention is per sequence. Cache semantics are those of
 `trtcompress.kv.decode.CachedDecoder`: the step's own tokens attend to their exact K/V (causally),
-earlier tokens are seen as the cache reproduces them (compressed blocks decompressed, the fp16 tail),
-and after the step the new K/V are appended (a full tail block is compressed by the codec).
+earlier tokens are seen as the cache reproduces them (compressed blocks decompressed, the fp16 tail,
+the fp16 sink tokens), and after the step the new K/V are appended (a full tail block is compressed
+by the codec).
 
-CPU attention reads a per-sequence *view*: the decompressed K/V of the sequence, `(layers, 2, H, cap,
-D)` float32, updated with each step's new tokens (fp16-rounded, then replaced by the codec's
-reconstruction when their block is compressed). It is what `CachedDecoder(reuse_decompressed=True)`
-keeps, laid out so attention needs no concatenation; the block pool stays the memory that admission and
-byte accounting count. (On a GPU the GEAR attention op reads the blocks directly.)
+Attention reads the paged cache itself: per layer and sequence, the committed tokens are rebuilt from
+the compressed blocks (`PagedKVCache.gather_blocks`, the codec's own decompression, sink rows from the
+sink slot) and the fp16 tail into a transient `(2, H, length + n, D)` float32 scratch, which also
+holds the step's exact K/V, and SDPA runs over it. Scratches live for one group of sequences in one
+layer: consecutive sequences of the step whose scratches hold at most `scratch_tokens` tokens together
+(the context length; a longer sequence alone) are decompressed in one codec call per K/V. So the KV
+memory a sequence holds between steps is what the cache accounts (`PagedKVCache.bytes_used`), and
+the transient scratch is bounded by one context's worth of tokens, whatever the batch. Since
+rebuilding every block at every step costs more than the attention itself at long contexts, a
+*bounded* cache of decompressed blocks (`DecompressedBlocks`, `deploy.kv_decompressed_cache_mb`, 0 =
+off) keeps the decompressed prefix of as many (sequence, layer) pairs as fit in its budget; its bytes
+are counted (`BatchedModel.decompressed_bytes`). Decompression is deterministic, so the cache changes
+speed only, never a number.
 """
 
 from __future__ import annotations
@@ -62,8 +71,49 @@ def _run(group: list[RuntimeLinear], x: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+class DecompressedBlocks:
+    """A bounded cache of decompressed blocks: per (sequence, layer), the float32 K and V
+    `(2, H, n_blocks * block_size, D)` of the sequence's first `n_blocks` compressed blocks, as
+    `PagedKVCache.gather_blocks` reproduces them (compressed blocks never change, so an entry stays
+    valid until its sequence is freed). An entry is stored or grown only while the total stays within
+    `budget` bytes; nothing is evicted to make room (attention visits every running sequence's
+    blocks at every step, a cyclic scan under which LRU eviction would turn every access into a miss),
+    so with a small budget the first sequences keep their entries and the others decompress at every
+    step. `budget = 0` turns it off."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.entries: dict[tuple[int, int], torch.Tensor] = {}
+        self.bytes = 0
+
+    def get(self, seq_id: int, layer: int) -> torch.Tensor | None:
+        return self.entries.get((seq_id, layer))
+
+    def offer(self, seq_id: int, layer: int, kv: torch.Tensor) -> None:
+        """Keep a copy of `kv` as the entry of (seq_id, layer) if that fits in the budget."""
+        old = self.entries.get((seq_id, layer))
+        old_bytes = 0 if old is None else old.numel() * old.element_size()
+        new_bytes = kv.numel() * kv.element_size()
+        if self.bytes - old_bytes + new_bytes <= self.budget:
+            self.entries[seq_id, layer] = kv.clone(memory_format=torch.contiguous_format)
+            self.bytes += new_bytes - old_bytes
+
+    def forget(self, seq_id: int) -> None:
+        for key in [key for key in self.entries if key[0] == seq_id]:
+            entry = self.entries.pop(key)
+            self.bytes -= entry.numel() * entry.element_size()
+
+
 class BatchedModel:
-    def __init__(self, model: nn.Module, cache: PagedKVCache, tile: int = 0, max_rows: int = 512) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: PagedKVCache,
+        tile: int = 0,
+        max_rows: int = 512,
+        decompressed_cache_bytes: int = 0,
+        scratch_tokens: int = 1024,
+    ) -> None:
         cfg = model.config
         inner = model.get_decoder()
         for layer in inner.layers:
@@ -90,20 +140,18 @@ class BatchedModel:
                 self.gemm_tile = FALLBACK_TILE
                 for lin in linears:
                     lin.tile = FALLBACK_TILE
-        self.views: dict[int, torch.Tensor] = {}
+        self.blocks = DecompressedBlocks(decompressed_cache_bytes)
+        self.scratch_tokens = scratch_tokens
 
     # ------------------------------------------------------------------------------ lifecycle
 
     def forget(self, seq_id: int) -> None:
-        self.views.pop(seq_id, None)
+        self.blocks.forget(seq_id)
 
-    def _view(self, work: Work) -> torch.Tensor:
-        view = self.views.get(work.seq.seq_id)
-        if view is None:
-            cap = work.seq.max_total
-            shape = (len(self.layers), 2, self.n_kv, cap, self.head_dim)
-            view = self.views[work.seq.seq_id] = torch.empty(shape, dtype=torch.float32)
-        return view
+    @property
+    def decompressed_bytes(self) -> int:
+        """Bytes held by the bounded decompressed-block cache (<= its budget)."""
+        return self.blocks.bytes
 
     # -------------------------------------------------------------------------------- forward
 
@@ -115,8 +163,8 @@ class BatchedModel:
         h = self.embed[ids]
         cos, sin = self.rotary(h[None], positions[None])
         cos, sin = cos[0, :, None], sin[0, :, None]  # (T, 1, D): broadcast over heads
-        views = [self._view(w) for w in work]
         bounds = torch.tensor([0] + [w.n for w in work]).cumsum(0).tolist()
+        groups = self._groups(work)
         t = ids.shape[0]
         for li, layer in enumerate(self.layers):
             q, k, v = _run(layer.qkv, layer.ln1(h))
@@ -126,8 +174,13 @@ class BatchedModel:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             out = torch.empty(t, self.n_heads, self.head_dim)
-            for w, view, a, b in zip(work, views, bounds[:-1], bounds[1:], strict=True):
-                out[a:b] = self._attend(li, w, view, q[a:b], k[a:b], v[a:b])
+            k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
+            for lo, hi in groups:
+                scratch = self._keys_values(li, work[lo:hi], bounds[lo : hi + 1], k_t, v_t)
+                for w, kv, a, b in zip(
+                    work[lo:hi], scratch, bounds[lo:hi], bounds[lo + 1 : hi + 1], strict=True
+                ):
+                    out[a:b] = self._attend(li, w, kv, q[a:b])
             h = h + layer.o(out.reshape(t, -1))
             gate, up = _run(layer.gate_up, layer.ln2(h))
             h = h + layer.down(layer.act(gate) * up)
@@ -138,38 +191,68 @@ class BatchedModel:
             return torch.empty(0, self.vocab_size)
         return self.head(self.norm(h[rows])).float()
 
-    def _attend(
-        self, layer: int, w: Work, view: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
-        """Attention of one sequence's `n` new tokens; then append their K/V to cache and view."""
+    def _groups(self, work: list[Work]) -> list[tuple[int, int]]:
+        """Consecutive works whose scratches together hold at most `scratch_tokens` tokens (a work
+        longer than that alone): each group's blocks are decompressed in one codec call, and the
+        transient scratch of a layer never exceeds max(scratch_tokens, the longest sequence) tokens."""
+        groups, first, size = [], 0, 0
+        for i, w in enumerate(work):
+            if i > first and size + w.start + w.n > self.scratch_tokens:
+                groups.append((first, i))
+                first, size = i, 0
+            size += w.start + w.n
+        return [*groups, (first, len(work))]
+
+    def _attend(self, layer: int, w: Work, kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Attention of one sequence's `n` new tokens over its scratch; then append their K/V to the cache."""
         start, n = w.start, w.n
-        kv = view[layer]
-        k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # (H, n, D)
-        kv[0, :, start : start + n] = k_t  # exact K/V of the step's own tokens
-        kv[1, :, start : start + n] = v_t
         mask = None
         if n > 1:
             mask = torch.arange(start + n)[None] <= (start + torch.arange(n))[:, None]
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],
-            kv[0, :, : start + n][None],
-            kv[1, :, : start + n][None],
+            kv[0][None],
+            kv[1][None],
             attn_mask=mask,
             scale=self.scaling,
             enable_gqa=self.n_heads != self.n_kv,
         )[0]
-        self._append(layer, w, kv, k_t, v_t)
+        self.cache.write(layer, w.seq.seq_id, kv[0, :, start:], kv[1, :, start:], phase=w.phase)
         return o.transpose(0, 1)
 
-    def _append(self, layer: int, w: Work, kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the new K/V into the cache; the view then holds what the cache reproduces."""
-        seq_id, start, n = w.seq.seq_id, w.start, w.n
-        self.cache.write(layer, seq_id, k, v, phase=w.phase)
-        kv[0, :, start : start + n] = k.half().float()  # the fp16 tail, as the cache stores it
-        kv[1, :, start : start + n] = v.half().float()
-        bs = self.cache.block_size
-        b0, b1 = start // bs, (start + n) // bs  # blocks this write completed (and compressed)
-        if b1 > b0:
-            kb, vb = self.cache.gather_blocks(layer, seq_id, b0, b1)
-            kv[0, :, b0 * bs : b1 * bs] = kb
-            kv[1, :, b0 * bs : b1 * bs] = vb
+    def _keys_values(
+        self, layer: int, work: list[Work], bounds: list[int], k: torch.Tensor, v: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Per work, the transient scratch `(2, H, start + n, D)` float32: the `start` committed tokens
+        as the cache reproduces them (decompressed blocks, then the fp16 tail), then the step's exact
+        K/V (`k`, `v` `(H, T, D)`: columns `bounds[i]:bounds[i+1]` are work i's). Blocks that the
+        decompressed-block cache does not hold are decompressed in one codec call for all works."""
+        cache, bs = self.cache, self.cache.block_size
+        scratch, missing = [], []
+        for w, a, b in zip(work, bounds[:-1], bounds[1:], strict=True):
+            seq_id, start = w.seq.seq_id, w.start
+            seq = cache.seqs[seq_id]
+            if seq.length != start:
+                raise RuntimeError(
+                    f"sequence {seq_id}: {seq.length} tokens committed, step starts at {start}"
+                )
+            n_full = start // bs
+            kv = torch.empty(2, self.n_kv, start + w.n, self.head_dim)
+            prefix = self.blocks.get(seq_id, layer) if n_full else None
+            have = 0 if prefix is None else prefix.shape[2] // bs
+            if have:
+                kv[:, :, : have * bs] = prefix
+            if have < n_full:
+                missing.append((len(scratch), seq_id, have, n_full))
+            kv[0, :, n_full * bs : start] = cache.tails["k"][layer, seq.slot, :, : start - n_full * bs]
+            kv[1, :, n_full * bs : start] = cache.tails["v"][layer, seq.slot, :, : start - n_full * bs]
+            kv[0, :, start:] = k[:, a:b]  # exact K/V of the step's own tokens
+            kv[1, :, start:] = v[:, a:b]
+            scratch.append(kv)
+        if missing:
+            blocks = cache.gather_block_ranges(layer, [(s, lo, hi) for _, s, lo, hi in missing])
+            for (i, seq_id, lo, hi), (kb, vb) in zip(missing, blocks, strict=True):
+                scratch[i][0, :, lo * bs : hi * bs] = kb
+                scratch[i][1, :, lo * bs : hi * bs] = vb
+                self.blocks.offer(seq_id, layer, scratch[i][:, :, : hi * bs])
+        return scratch
