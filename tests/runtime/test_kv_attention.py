@@ -146,12 +146,21 @@ def test_recipe_sink_tokens_reach_the_served_cache(tiny_model_dir, tmp_path):
     )
     kv = load_recipe(str(recipe)).kv_cache
     artifact = write_artifact(tiny_model_dir, tmp_path / "art", str(recipe))
-    config = DeployConfig(max_batch_size=2, max_num_tokens=50, context_chunk_size=48, max_seq_len=CAP)
+    config = DeployConfig(
+        max_batch_size=2,
+        max_num_tokens=50,
+        context_chunk_size=48,
+        max_seq_len=CAP,
+        kv_decompressed_cache_mb=0.1,
+    )
     engine = Engine.from_path(artifact, config)
     assert engine.cache.sink_tokens == kv.sink_tokens == 2 and engine.cache.block_size == 64
     assert engine.cache.codec.describe() == kv.build_codec().describe()
     prompt = _tokens()[0][:100]
     out = engine.generate([prompt], SamplingParams(max_tokens=80, end_id=-1))[0]  # 3 blocks, 1 tail
+    steps = list(engine.steps)  # the cache's bytes after each step: 178 tokens, then freed
+    assert (steps[-2].kv_bytes, steps[-1].kv_bytes) == (engine.cache.bytes_at(178), 0)
+    assert 0 < max(s.decompressed_bytes for s in engine.steps) <= 0.1 * 2**20
 
     model = load_artifact(artifact).model
     dec = CachedDecoder(model, cache_for_model(model, kv.build_codec(), CAP, 1, 64, sink_tokens=2))

@@ -5,7 +5,8 @@ added between steps (from any thread) join the running batch at the next step. `
 `step()` on a background thread and calls each request's callback with its outputs, which is how the
 Triton model streams.
 
-Every step appends a `StepRecord` (batch size, decode and prefill tokens, who ran, preemptions) to
+Every step appends a `StepRecord` (batch size, decode and prefill tokens, who ran, preemptions, KV
+bytes held by the cache and by the decompressed-block cache) to
 `engine.steps` and, if `step_log` is set, as one JSON line to that file: this is how a test or an
 operator sees requests joining a batch that is already generating.
 """
@@ -44,6 +45,8 @@ class StepRecord:
     waiting: int
     free_blocks: int
     preempted: list[str]
+    kv_bytes: int = 0  # KV data the paged cache holds after the step (blocks, fp16 tails, sinks)
+    decompressed_bytes: int = 0  # the runtime's decompressed-block cache (<= kv_decompressed_cache_mb)
 
 
 def _eos_ids(tokenizer: Any, model_config: Any) -> frozenset[int]:
@@ -240,6 +243,8 @@ class Engine:
             waiting=len(self.scheduler.waiting),
             free_blocks=self.cache.free_blocks,
             preempted=[s.request_id for s in plan.preempted],
+            kv_bytes=self.cache.bytes_used(),
+            decompressed_bytes=self.model.decompressed_bytes,
         )
         self.steps.append(rec)
         if self.step_log is not None:
