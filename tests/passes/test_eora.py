@@ -96,3 +96,32 @@ def test_bad_ranks_are_refused_with_the_layer_named(tiny_model):
     passes = [GPTQPass(GPTQConfig(bits=4, group_size=32)), EoRAPass(EoRAConfig(rank=49))]
     with pytest.raises(CompressionError, match=r"rank 49 for model\.layers\.0\.self_attn\.k_proj exceeds"):
         run_sequential(tiny_model.model, passes, PassContext(calibration=_calib(2, 32)))
+
+
+def test_refine_lowers_the_output_error_of_the_first_layer_and_needs_a_requantizer(tiny_model_dir):
+    from trtcompress.models import load_model
+    from trtcompress.passes.awq import AWQConfig, AWQPass
+
+    calib = _calib()
+    reference = load_model(str(tiny_model_dir), log=lambda m: None).model
+    captured = {}
+    q_proj = reference.model.layers[0].self_attn.q_proj
+    q_proj.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        reference(input_ids=calib)
+    x = captured["x"].float()
+    h = x.T @ x / len(x)  # layer 0 sees the same inputs in every run: its error is comparable
+    errors = {}
+    for refine in (0, 3):
+        model = load_model(str(tiny_model_dir), log=lambda m: None).model
+        passes = [GPTQPass(GPTQConfig(bits=3, group_size=32)), EoRAPass(EoRAConfig(rank=4, refine=refine))]
+        run_sequential(model, passes, PassContext(calibration=calib))
+        state = model.model.layers[0].self_attn.q_proj.state
+        assert state.rank == 4 and state.quantized is not None
+        d = q_proj.weight.detach().float() - state.weight()
+        errors[refine] = float(torch.einsum("oi,ij,oj->", d, h, d))
+    assert errors[3] < errors[0], errors
+    awq_then_refine = [AWQPass(AWQConfig(bits=4, group_size=32)), EoRAPass(EoRAConfig(rank=4, refine=1))]
+    model = load_model(str(tiny_model_dir), log=lambda m: None).model
+    with pytest.raises(CompressionError, match="refine needs the pass that compressed"):
+        run_sequential(model, awq_then_refine, PassContext(calibration=calib))

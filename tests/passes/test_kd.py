@@ -117,3 +117,34 @@ def test_kd_refuses_a_rank_larger_than_a_layer(tiny_model):
             model, PassContext(calibration=_calib(2, 32), teacher=copy.deepcopy(model))
         )
     assert not list(compressed_linears(model))  # nothing changed
+
+
+def test_kd_precision_picks_an_autocast_dtype():
+    from trtcompress.passes.kd import autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("float32", cpu) is None
+    assert autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if native else None)
+
+
+def test_wanda_regional_gradient_score_keeps_n_of_m_and_changes_the_choice(tiny_model_dir):
+    from trtcompress.models import load_model
+    from trtcompress.passes.wanda import REFERENCE_TOKENS
+
+    calib = _calib()
+    masks = {}
+    for alpha in (0.0, 1e6):
+        model = _amplify(load_model(str(tiny_model_dir), log=lambda m: None).model)
+        wanda = WandaPass(WandaConfig(pattern="2:4", gradient_scale=alpha, gradient_samples=4))
+        run_sequential(model, [wanda], PassContext(calibration=calib))
+        masks[alpha] = {n: m.state.mask.dense() for n, m in compressed_linears(model)}
+        if alpha:
+            assert wanda._gradients and all(bool((g >= 0).all()) for g in wanda._gradients.values())
+    assert REFERENCE_TOKENS == 128 * 2048
+    for keep in masks[1e6].values():
+        assert torch.equal(
+            keep.reshape(keep.shape[0], -1, 4).sum(-1), torch.full_like(keep[:, ::4], 2, dtype=torch.long)
+        )
+    assert any(not torch.equal(masks[0.0][n], masks[1e6][n]) for n in masks[0.0])

@@ -80,6 +80,9 @@ class GroupHandle:
     # (issue 4) float weights of the members when this sweep reached the layer, before any pass of the
     # sweep changed them: what EoRA measures the compression error against.
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (issue 4) name -> how the pass that compressed it in this sweep would compress another target
+    # weight with the same input statistics: EoRA alternates quantizing W - A·B and refitting A·B.
+    recompress: dict[str, Callable[[torch.Tensor], CompressedLinearState]] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:

