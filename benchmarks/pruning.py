@@ -7,11 +7,11 @@ same calibration sequences when nvidia-modelopt is installed.
 
     OMP_NUM_THREADS=1 python benchmarks/pruning.py [--calib-samples 32] [--methods ...]
 
-Methods: the 2:4 family (magnitude, wanda, sparsegpt, modelopt-sparsegpt, sparsegpt+INT4, wanda +
-Wanda++ regional optimization, + KD), GPTQ INT3 g128 with EoRA (true rank-32 sweep, plus the rank curve
-from one rank-64 sweep truncated: EoRA's factors are ordered by singular value, so the first r are the
-rank-r EoRA of the same statistics), structured 25% FFN pruning with the measured forward speedup, and
-the 2:4 speed picture (dense kernels: none). Results: benchmarks/results/pruning.json.
+Methods: the 2:4 family (magnitude, Wanda's score alone, `sparse24-wanda` = Wanda + Wanda++ regional
+optimization, sparsegpt, modelopt-sparsegpt, sparsegpt+INT4, + KD), GPTQ INT3 g128 with EoRA at ranks
+16/32/64 (true sweeps with the preset's alternating refinement), structured 25% FFN pruning with the
+measured forward speedup, and the 2:4 speed picture (dense kernels: none).
+Results: benchmarks/results/pruning.json.
 """
 
 from __future__ import annotations
@@ -30,19 +30,19 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 PRESETS = {
     "magnitude-2:4": "sparse24-magnitude",
-    "wanda-2:4": "sparse24-wanda",
+    "wanda-2:4+ro": "sparse24-wanda",
     "sparsegpt-2:4": "sparse24-sparsegpt",
     "sparsegpt-2:4+int4-g128": "sparse24-sparsegpt-w4a16",
     "gptq-int3-g128": "w3a16-gptq",
     "gptq-int3-g128+eora32": "w3a16-gptq-eora32",
     "ffn25-structured": "ffn25-structured",
 }
-COMPOSED = ("wanda-2:4+ro", "wanda-2:4+kd")
-SPECIAL = ("modelopt-sparsegpt-2:4", "eora-curve", "speed-2:4", "wanda-2:4+ro+kd")
+COMPOSED = ("wanda-2:4", "wanda-2:4+kd", "gptq-int3-g128+eora16", "gptq-int3-g128+eora64")
+SPECIAL = ("modelopt-sparsegpt-2:4", "speed-2:4", "wanda-2:4+ro+kd")
 ALL = (
     "magnitude-2:4", "wanda-2:4", "sparsegpt-2:4", "modelopt-sparsegpt-2:4", "sparsegpt-2:4+int4-g128",
-    "wanda-2:4+ro", "wanda-2:4+ro+kd", "gptq-int3-g128", "gptq-int3-g128+eora32", "eora-curve",
-    "ffn25-structured", "speed-2:4",
+    "wanda-2:4+ro+kd", "gptq-int3-g128", "gptq-int3-g128+eora16", "gptq-int3-g128+eora32",
+    "gptq-int3-g128+eora64", "ffn25-structured", "speed-2:4",
 )  # fmt: skip
 
 
@@ -54,13 +54,16 @@ def _usage() -> dict[str, float]:
 def _recipe(method: str, calib_samples: int, kd_seconds: float):
     from trtcompress.recipe import load_recipe, with_overrides
 
+    overrides: list = [("calibration.num_samples", calib_samples)]
     if method in PRESETS:
         recipe = load_recipe(PRESETS[method])
+    elif method.startswith("gptq-int3-g128+eora"):  # the preset at another rank
+        recipe = load_recipe("w3a16-gptq-eora32").model_copy(update={"name": method})
+        overrides.append(("passes.1.rank", int(method.removeprefix("gptq-int3-g128+eora"))))
     else:
         full = load_recipe("sparse24-wanda-kd")  # wanda, regional, kd
-        keep = {"wanda-2:4+ro": [0, 1], "wanda-2:4+ro+kd": [0, 1, 2], "wanda-2:4+kd": [0, 2]}[method]
+        keep = {"wanda-2:4": [0], "wanda-2:4+ro+kd": [0, 1, 2], "wanda-2:4+kd": [0, 2]}[method]
         recipe = full.model_copy(update={"passes": [full.passes[i] for i in keep], "name": method})
-    overrides: list = [("calibration.num_samples", calib_samples)]
     for i, p in enumerate(recipe.passes):
         if p.method == "kd":  # the issue's budget: 10 minutes of this process's CPU time
             overrides += [(f"passes.{i}.max_seconds", kd_seconds), (f"passes.{i}.clock", "cpu")]
@@ -151,8 +154,6 @@ def run_one(method: str, calib_samples: int, kd_seconds: float) -> list[dict]:
 
         model = mts.sparsify(model, "sparsegpt", config={"forward_loop": forward_loop})
         model = mts.export(model)
-    elif method == "eora-curve":
-        return _eora_curve(model, tokenizer, calib_samples, base, start)
     elif method == "speed-2:4":
         return [_speed_24(model, tokenizer)]
     elif method == "wanda-2:4+ro+kd":
@@ -175,6 +176,8 @@ def run_one(method: str, calib_samples: int, kd_seconds: float) -> list[dict]:
         "peak_rss_mb": used["peak_rss_mb"],
         **extra,
     }
+    if "+eora" in method:
+        row["rank"] = int(method.split("+eora")[1])
     if method == "ffn25-structured":
         original = load_model("smollm2-135m", log=lambda m: None).model
         row["forward_ms_1x512"] = _interleaved_speed({"original": original, "pruned": model})
@@ -229,40 +232,6 @@ def _ro_then_kd(model, tokenizer, calib_samples: int, kd_seconds: float, base: d
     }
     kd_row.update(_evaluate(model, tokenizer, kd_row["method"]))
     return [row, kd_row]
-
-
-def _eora_curve(model, tokenizer, calib_samples: int, base: dict, start: float) -> list[dict]:
-    """One GPTQ INT3 + EoRA rank-64 sweep; rows for the factors truncated to 0/16/32/64."""
-    import dataclasses
-
-    from trtcompress.builders.compress import compress_model
-    from trtcompress.compressed.linear import CompressedLinear, compressed_linears, set_module
-    from trtcompress.recipe import load_recipe, with_overrides
-
-    recipe = with_overrides(
-        load_recipe("w3a16-gptq-eora32"), [("calibration.num_samples", calib_samples), ("passes.1.rank", 64)]
-    )
-    compress_model(model, tokenizer, recipe)
-    seconds = time.perf_counter() - start
-    cpu = _usage()["cpu_s"] - base["cpu_s"]
-    full = {name: module.state for name, module in compressed_linears(model)}
-    rows = []
-    for rank in (64, 32, 16, 0):
-        for name, state in full.items():
-            a = state.lowrank_a[:, :rank].contiguous() if rank else None  # type: ignore[index]
-            b = state.lowrank_b[:rank].contiguous() if rank else None  # type: ignore[index]
-            set_module(model, name, CompressedLinear(dataclasses.replace(state, lowrank_a=a, lowrank_b=b)))
-        row = {
-            "method": f"gptq-int3-g128+eora{rank} (truncated from the rank-64 sweep)",
-            "rank": rank,
-            "calib_samples": calib_samples,
-            "compress_seconds": seconds,
-            "compress_cpu_seconds": cpu,
-        }
-        row.update(_evaluate(model, tokenizer, row["method"]))
-        rows.append(row)
-        print(json.dumps({"progress": row["method"], "ppl": row["ppl"]}), file=sys.stderr, flush=True)
-    return rows
 
 
 def _speed_24(model, tokenizer) -> dict:
@@ -323,34 +292,26 @@ def table(rows: list[dict], calib_samples: int) -> str:
     lines.append(f"| ModelOpt SparseGPT 2:4 (anchor, REFERENCE, 128 x 512 calib) | 9 | {a['ppl']} | "
                  f"{a['ppl_ratio']} | {a['gsm8k_kl']} | {a['gsm8k_top1']} | 1.616 | - |")  # fmt: skip
     for r in rows:
-        if "ppl" not in r or "rank" in r:
+        if "ppl" not in r:
             continue
         lines.append(
             f"| {r['method']} | {r['bits_per_param']:.2f} | {r['ppl']:.2f} | {r['ppl_ratio']:.3f} | "
             f"{r['gsm8k_kl']:.3f} | {r['gsm8k_top1']:.3f} | {r['gsm8k_bpb']:.3f} | "
             f"{r.get('compress_seconds', 0):.0f} / {r.get('compress_cpu_seconds', 0):.0f} |"
         )
+    base = by.get("gptq-int3-g128")
     curve = sorted((r for r in rows if "rank" in r), key=lambda r: r["rank"])
-    base, eora32 = by.get("gptq-int3-g128"), by.get("gptq-int3-g128+eora32")
-    if curve:
-        lines += ["", "EoRA on GPTQ INT3 g128 (one rank-64 sweep, factors truncated; fp16 factors):", "",
+    if curve and base:
+        lines += ["", "EoRA on GPTQ INT3 g128 (one sweep per rank, `refine: 3`, fp16 factors; rank 0 = plain "
+                  "GPTQ of the same run):", "",
                   "| rank | ppl | ppl ratio | KL | weight MB | bits/param | INT3-to-fp32 gap recovered |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
-        gap_from = curve[0]["ppl"]  # the same sweep's rank-0 row (see the docstring of _eora_curve)
-        for r in curve:
-            gap = (gap_from - r["ppl"]) / (gap_from - r["ppl_ref"]) if gap_from > r["ppl_ref"] else 0.0
+        for r in [{**base, "rank": 0}, *curve]:
+            gap = (base["ppl"] - r["ppl"]) / (base["ppl"] - r["ppl_ref"])
             lines.append(
                 f"| {r['rank']} | {r['ppl']:.2f} | {r['ppl_ratio']:.3f} | {r['gsm8k_kl']:.3f} | "
                 f"{r['weight_bytes'] / 1e6:.1f} | {r['bits_per_param']:.3f} | {100 * gap:.0f}% |"
             )
-    if base and eora32:
-        gap = (base["ppl"] - eora32["ppl"]) / (base["ppl"] - base["ppl_ref"])
-        before, after = base["ppl"], eora32["ppl"]
-        lines += [
-            "",
-            f"True rank-32 sweep (`w3a16-gptq-eora32`) vs plain GPTQ INT3 g128: ppl {before:.2f} -> "
-            f"{after:.2f}, {100 * gap:.0f}% of the gap recovered.",
-        ]
     kd_rows = [r for r in rows if r.get("kd_log") or r.get("kd_history")]
     for r in kd_rows:
         curve = _kd_curve(r)
@@ -380,7 +341,10 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    base = next((r for r in rows if r["method"] == "gptq-int3-g128"), None)
     curve = sorted((r for r in rows if "rank" in r), key=lambda r: r["rank"])
+    if base:
+        curve = [{**base, "rank": 0}, *curve]
     kd_rows = [r for r in rows if r.get("kd_log") or r.get("kd_history")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     if curve:
