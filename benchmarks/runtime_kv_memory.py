@@ -28,6 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = {"short": (8, 64, 64), "long": (4, 1000, 24)}  # sequences, prompt tokens, new tokens
 
 
+def _commit(checkout: Path) -> str:
+    """The checkout's HEAD commit (plus "+dirty" with uncommitted changes), not its path."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True).stdout
+
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no").strip()
+    return head + ("+dirty" if dirty else "")
+
+
 def worker(codec: str, scenario: str, budget_mb: float | None) -> dict:
     import torch
 
@@ -77,7 +88,7 @@ def worker(codec: str, scenario: str, budget_mb: float | None) -> dict:
     wall = time.perf_counter() - t0
     decode = [s for s in engine.steps if s.prefill_tokens == 0 and s.decode_tokens]
     return {
-        "code": str(Path(trtcompress.__file__).parent.parent),
+        "commit": _commit(Path(trtcompress.__file__).parent.parent),
         "codec": codec,
         "scenario": scenario,
         "budget_mb": budget_mb,
