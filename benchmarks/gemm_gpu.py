@@ -1,15 +1,19 @@
 """W4A16 (and W4A4) GEMM kernels vs torch fp16/bf16 matmul on a GPU. Needs only torch and triton.
 
-    python benchmarks/gemm_gpu.py OUT.json [--quick] [--smoke]
+    python benchmarks/gemm_gpu.py OUT.json [--quick] [--smoke] [--gemv-only]
 
 Imports only `trtcompress/plugins/{w4a16_gemm,w4a4_fp4_gemm}/{kernel,reference}.py` (plain torch +
 triton; the package `__init__`s import nothing), so it runs on a GPU box without the project's other
-dependencies. For each K = N in {4096, 11008, 14336} it first tunes the GEMV launch (block sizes,
-split-K) at M = 1, then times M = 1, 2, 4, 8, 16 (GEMV path up to 8, both paths at 16) and prefill
+dependencies. For each K = N in {4096, 11008, 14336} it tunes the tensor-core GEMV ("gemv_tc") at
+M = 1 over a small grid (block sizes, split-K, then warps / stages around the best two, then the
+inline-PTX dequantization `deq_asm`; every config in try/except, failures recorded as strings in
+`gemv_tc_tuning`), runs the elementwise GEMV ("gemv") with its best config of the last H100 run, then
+times M = 1, 2, 4, 8, 16 (both GEMVs, gemv_tc also with bf16 x; the GEMM path at 16) and prefill
 M = 512 / 2048 (tl.dot GEMM), each against torch.matmul with the dequantized fp16 and bf16 weight
 (the same math). Every kernel result is checked against the reference first. Timings: median of
-`triton.testing.do_bench` (CUDA events, L2 flushed between runs). `--smoke` runs tiny shapes on CPU
-under TRITON_INTERPRET=1 (a check of the script itself, no timings worth reading).
+`triton.testing.do_bench` (CUDA events, L2 flushed between runs). `--gemv-only` skips the GEMM path,
+the prefill rows and W4A4. `--smoke` runs tiny shapes on CPU under TRITON_INTERPRET=1 (a check of the
+script itself, no timings worth reading; `deq_asm` fails there by design and is recorded as such).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 
 SMOKE = "--smoke" in sys.argv
+GEMV_ONLY = "--gemv-only" in sys.argv
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,30 +68,65 @@ def check(out: torch.Tensor, ref: torch.Tensor) -> float:
     return err / scale
 
 
-def tune_gemv(x, qweight, scales, n, k) -> dict:
-    best = None
-    blocks_n = (16, 32) if SMOKE else (16, 32, 64)
-    blocks_k = (32,) if SMOKE else (128, 256, 512)
-    splits = (1, 2) if SMOKE else (1, 2, 4, 8)
-    warps = (4,)
-    for bn in blocks_n:
-        for bk in blocks_k:
-            for sk in splits:
-                for nw in warps:
-                    cfg = dict(block_n=bn, block_k=bk, split_k=sk, num_warps=nw)
+# best "gemv" configs of benchmarks/results/gemm_gpu_h100.json (H100, triton 3.6), to save tuning time
+OLD_GEMV_BEST = {
+    4096: dict(block_n=32, block_k=512, split_k=4, num_warps=4),
+    11008: dict(block_n=16, block_k=512, split_k=4, num_warps=4),
+    14336: dict(block_n=16, block_k=512, split_k=4, num_warps=4),
+}
 
-                    def run(cfg=cfg):
-                        return w4a16_gemm_triton(x, qweight, scales, None, GROUP, True, path="gemv", **cfg)
 
-                    try:
-                        ms = bench(run)
-                    except Exception as exc:  # a configuration the compiler refuses
-                        print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
-                        continue
-                    if best is None or ms < best[0]:
-                        best = (ms, cfg)
-    assert best is not None
-    return best[1]
+def old_gemv_config(k: int) -> dict:
+    if SMOKE:
+        return dict(block_n=16, block_k=32, split_k=2, num_warps=4)
+    return OLD_GEMV_BEST.get(k, OLD_GEMV_BEST[4096])
+
+
+def _time_config(x, qweight, scales, ref, cfg) -> dict:
+    """{"config", "ms", "rel_err"} or {"config", "error"}: a config the compiler refuses, that fails at run
+    time or differs from the reference."""
+
+    def run():
+        return w4a16_gemm_triton(x, qweight, scales, None, GROUP, True, path="gemv_tc", **cfg)
+
+    try:
+        rel = check(run(), ref)
+        return {"config": cfg, "ms": bench(run), "rel_err": rel}
+    except Exception as exc:
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        print(f"  gemv_tc {cfg}: {msg}", file=sys.stderr)
+        return {"config": cfg, "error": msg}
+
+
+def tune_gemv_tc(x, qweight, scales) -> tuple[dict, list[dict]]:
+    """Best gemv_tc config at x's M and every config tried. Stage 1: block sizes and split-K at 4 warps,
+    3 stages; stage 2: warps x stages around the best two; stage 3: deq_asm on the best config."""
+    ref = w4a16_gemm_reference(x, qweight, scales, None, GROUP, True)
+    if SMOKE:
+        base = [(16, 64, 1), (32, 128, 1), (16, 128, 2)]
+        warps_stages = [(4, 2)]
+    else:
+        base = [
+            (32, 256, 1), (32, 512, 2), (32, 256, 4), (32, 512, 4),
+            (64, 256, 1), (64, 512, 1), (64, 256, 2), (64, 512, 2), (64, 256, 4),
+            (128, 256, 1), (128, 512, 1), (64, 128, 1),
+        ]  # fmt: skip
+        warps_stages = [(4, 2), (4, 4), (8, 2), (8, 3), (8, 4)]
+    tried = []
+    for bn, bk, sk in base:
+        cfg = dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=3 if not SMOKE else 2)
+        tried.append(_time_config(x, qweight, scales, ref, cfg))
+    ok = sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
+    assert ok, "no gemv_tc config ran"
+    for top in ok[:2]:
+        for nw, ns in warps_stages:
+            cfg = {**top["config"], "num_warps": nw, "num_stages": ns}
+            if cfg != top["config"]:
+                tried.append(_time_config(x, qweight, scales, ref, cfg))
+    ok = sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
+    tried.append(_time_config(x, qweight, scales, ref, {**ok[0]["config"], "deq_asm": True}))
+    best = min((t for t in tried if "ms" in t), key=lambda t: t["ms"])
+    return best["config"], tried
 
 
 def tune_gemm(x, qweight, scales) -> dict:
@@ -112,19 +152,24 @@ def tune_gemm(x, qweight, scales) -> dict:
     return best[1]
 
 
-def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> list[dict]:
+def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> tuple[list[dict], dict]:
     rows = []
     n = k = size
     qweight, scales = make_weight(n, k)
     w16 = dequantize_w4(qweight, scales, None, k, GROUP).half()
     wbf = w16.bfloat16()
     x1 = torch.randn(1, k, device=DEVICE).half()
-    gemv_cfg = tune_gemv(x1, qweight, scales, n, k)
-    print(f"K=N={size}: GEMV config {gemv_cfg}", file=sys.stderr)
+    t0 = time.perf_counter()
+    tc_cfg, tc_tried = tune_gemv_tc(x1, qweight, scales)
+    tuning = {"K": k, "N": n, "M": 1, "best": tc_cfg, "seconds": time.perf_counter() - t0, "tried": tc_tried}
+    print(f"K=N={size}: gemv_tc config {tc_cfg} ({tuning['seconds']:.1f} s)", file=sys.stderr)
+    gemv_cfg = old_gemv_config(k)
     x16 = torch.randn(16, k, device=DEVICE).half()
-    gemm_cfg = tune_gemm(torch.randn(max(prefill_m), k, device=DEVICE).half(), qweight, scales)
-    print(f"K=N={size}: GEMM config {gemm_cfg}", file=sys.stderr)
-    for m in decode_m + prefill_m:
+    gemm_cfg = None
+    if not GEMV_ONLY:
+        gemm_cfg = tune_gemm(torch.randn(max(prefill_m), k, device=DEVICE).half(), qweight, scales)
+        print(f"K=N={size}: GEMM config {gemm_cfg}", file=sys.stderr)
+    for m in decode_m + ([] if GEMV_ONLY else prefill_m):
         x = torch.randn(m, k, device=DEVICE).half() if m != 16 else x16
         xb = x.bfloat16()
         ref = w4a16_gemm_reference(x, qweight, scales, None, GROUP, True)
@@ -133,8 +178,8 @@ def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> list[dic
         row["bf16_matmul_ms"] = bench(lambda xb=xb: torch.matmul(xb, wbf.t()))
         paths = []
         if m <= 16:
-            paths.append(("gemv", gemv_cfg))
-        if m >= 16:
+            paths += [("gemv", gemv_cfg), ("gemv_tc", tc_cfg)]
+        if m >= 16 and gemm_cfg is not None:
             paths.append(("gemm", gemm_cfg))
         for path, cfg in paths:
 
@@ -144,6 +189,16 @@ def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> list[dic
             row[f"w4a16_{path}_rel_err"] = check(run(), ref)
             row[f"w4a16_{path}_ms"] = bench(run)
             row[f"w4a16_{path}_config"] = cfg
+            row[f"w4a16_{path}_speedup_vs_bf16"] = row["bf16_matmul_ms"] / row[f"w4a16_{path}_ms"]
+        if m <= 16:  # gemv_tc with bf16 activations (the bf16 magic-number codes), same config
+
+            def run_bf16(xb=xb):
+                return w4a16_gemm_triton(xb, qweight, scales, None, GROUP, True, path="gemv_tc", **tc_cfg)
+
+            ref_bf = w4a16_gemm_reference(xb, qweight, scales, None, GROUP, True)
+            row["w4a16_gemv_tc_bf16_rel_err"] = check(run_bf16(), ref_bf)
+            row["w4a16_gemv_tc_bf16_ms"] = bench(run_bf16)
+            row["w4a16_gemv_tc_bf16_speedup_vs_bf16"] = row["bf16_matmul_ms"] / row["w4a16_gemv_tc_bf16_ms"]
         best = min(row[f"w4a16_{p}_ms"] for p, _ in paths)
         row["w4a16_best_ms"] = best
         row["speedup_vs_fp16"] = row["fp16_matmul_ms"] / best
@@ -153,16 +208,17 @@ def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> list[dic
         row["fp16_weight_GBps"] = w16.numel() * 2 / (row["fp16_matmul_ms"] * 1e-3) / 1e9
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    return rows
+    return rows, tuning
 
 
 def main() -> None:
     out_path = Path(sys.argv[1])
     quick = "--quick" in sys.argv
-    sizes = [96] if SMOKE else ([4096] if quick else [4096, 11008, 14336])
+    sizes = [256] if SMOKE else ([4096] if quick else [4096, 11008, 14336])
     decode_m = [1, 4] if SMOKE else [1, 2, 4, 8, 16]
     prefill_m = [20] if SMOKE else [512, 2048]
-    rows = []
+    rows, tunings = [], []
+    t_start = time.perf_counter()
     info = {
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
@@ -170,11 +226,23 @@ def main() -> None:
         "group_size": GROUP,
         "weight": "INT4 symmetric, group 128, fp16 scales (4.125 bits/weight)",
         "timing": "median ms of triton.testing.do_bench (CUDA events, L2 flushed)",
+        "gemv_only": GEMV_ONLY,
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(w4a4: list[dict]) -> None:
+        info["seconds"] = time.perf_counter() - t_start
+        result = {"info": info, "w4a16": rows, "w4a4": w4a4, "gemv_tc_tuning": tunings}
+        out_path.write_text(json.dumps(result, indent=2))
+
     for size in sizes:
-        rows += bench_size(size, decode_m, prefill_m)
-        out_path.write_text(json.dumps({"info": info, "w4a16": rows, "w4a4": []}, indent=2))  # partial
+        size_rows, tuning = bench_size(size, decode_m, prefill_m)
+        rows += size_rows
+        tunings.append(tuning)
+        write([])  # partial
+    if GEMV_ONLY:
+        print(f"wrote {out_path} ({info['seconds']:.0f} s)", file=sys.stderr)
+        return
     # W4A4 (LLM-FP4, E2M1 x E2M1, emulated on Hopper by in-register dequantization) at one shape
     w4a4 = []
     size = sizes[0]
@@ -193,9 +261,8 @@ def main() -> None:
         w4a4.append({"K": size, "N": size, "M": m, "w4a4_ms": ms, "fp16_matmul_ms": fp16, "rel_err": rel,
                      "speedup_vs_fp16": fp16 / ms})  # fmt: skip
         print(json.dumps(w4a4[-1]), file=sys.stderr)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps({"info": info, "w4a16": rows, "w4a4": w4a4}, indent=2))
-    print(f"wrote {out_path}", file=sys.stderr)
+    write(w4a4)
+    print(f"wrote {out_path} ({info['seconds']:.0f} s)", file=sys.stderr)
 
 
 if __name__ == "__main__":

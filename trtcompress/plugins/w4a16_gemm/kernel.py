@@ -8,6 +8,10 @@ grid built from the code's bits, times the group scale).
 - `w4a16_gemv_kernel` (decode, a few rows): grid (M, cdiv(N, BLOCK_N), SPLIT_K); each program reduces a
   BLOCK_N x K/SPLIT_K slab with elementwise products (no tensor cores needed at M = 1), split-K partial
   sums are added atomically into an fp32 buffer;
+- `w4a16_gemv_tc_kernel` (decode on tensor cores, path "gemv_tc"): grid (cdiv(N, BLOCK_N), SPLIT_K), A and
+  B swapped: outᵀ (BLOCK_N, 16) = W (BLOCK_N, K) @ xᵀ (K, 16), so all rows of x (M <= 16) share one read
+  of the weight; codes made with magic numbers (no int->float conversions), scale applied per group after
+  the dots. INT4 with power-of-two groups only: FP4 and other groups take `w4a16_gemv_kernel`;
 - `w4a16_gemm_kernel` (prefill): grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)), two `tl.dot`s per K step
   (even / odd columns), fp32 accumulation;
 
@@ -20,6 +24,8 @@ straddle blocks, odd per-channel K) take the element-wise dequantization path.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -130,6 +136,147 @@ def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: tl.co
         tl.atomic_add(out_ptr + pid_m * N + rn, acc, mask=n_ok)
 
 
+# `_deq_asm`: $4 = 4 packed bytes b0..b3 (b0 lowest), outputs $0, $1 = fp16x2 (low nibbles of b0 b1, b2 b3),
+# $2, $3 = the same for the high nibbles (element 0 in the low half of a register)
+_ASM_HEAD: tl.constexpr = tl.constexpr(
+    "{\n"
+    ".reg .b32 t0, t1, u0, u1, m;\n"
+    "prmt.b32 t0, $4, 0, 0x4140;\n"  # bytes b0, 0, b1, 0: 16-bit lanes b0 | b1
+    "prmt.b32 t1, $4, 0, 0x4342;\n"
+    "shr.b32 u0, t0, 4;\n"
+    "shr.b32 u1, t1, 4;\n"
+    "lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;\n"  # (a & b) | c
+    "lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;\n"
+    "lop3.b32 $2, u0, 0x000F000F, 0x64006400, 0xEA;\n"
+    "lop3.b32 $3, u1, 0x000F000F, 0x64006400, 0xEA;\n"
+)
+_ASM_TAIL: tl.constexpr = tl.constexpr(
+    "sub.f16x2 $0, $0, m;\nsub.f16x2 $1, $1, m;\nsub.f16x2 $2, $2, m;\nsub.f16x2 $3, $3, m;\n}"
+)
+
+
+@triton.jit
+def _deq_asm(byte, SYMMETRIC: tl.constexpr):
+    """fp16 codes of the low and high nibbles of uint8 `byte` by PTX on packed registers (4 bytes in, two
+    fp16x2 pairs per nibble out): prmt spreads bytes to 16-bit lanes, lop3 ORs the nibble into the
+    0x6400 exponent (fp16 1024 + code), sub.f16x2 removes 1032 (symmetric: code - 8) or 1024 (code).
+    CUDA only (not under TRITON_INTERPRET)."""
+    if SYMMETRIC:
+        return tl.inline_asm_elementwise(
+            asm=_ASM_HEAD + "mov.b32 m, 0x64086408;\n" + _ASM_TAIL,
+            constraints="=r,=r,=r,=r,r",
+            args=[byte],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=4,
+        )
+    else:
+        return tl.inline_asm_elementwise(
+            asm=_ASM_HEAD + "mov.b32 m, 0x64006400;\n" + _ASM_TAIL,
+            constraints="=r,=r,=r,=r,r",
+            args=[byte],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=4,
+        )
+
+
+@triton.jit
+def w4a16_gemv_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr, GROUP: tl.constexpr,
+                         SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPLIT_K: tl.constexpr, M_PAD: tl.constexpr, IS_BF16: tl.constexpr,
+                         MASK_K: tl.constexpr, DEQ_ASM: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """Decode GEMV on tensor cores, A and B swapped: outᵀ (BLOCK_N, M_PAD) = W (BLOCK_N, K) @ xᵀ (K, M_PAD).
+
+    One program owns BLOCK_N weight rows (and a K range with SPLIT_K > 1), so every row of x (M <= M_PAD)
+    shares one read of the weight. Per group (sub-block of GB = min(GROUP, BLOCK_K) columns) it loads
+    the bytes as stored, makes codes without int->float conversions (magic numbers: the nibble ORed into
+    the mantissa of fp16 1024 / bf16 128 is exactly 1024 + c / 128 + c), runs two `tl.dot`s (low
+    nibbles x even columns, high nibbles x odd columns) and scales the fp32 partial product per row.
+    fp16: codes minus (1024 + zero) before the dot (exact). bf16: the magic codes go into the dot as they
+    are and sum((128 + c)·x) - (128 + z)·sum(x) is subtracted after it. INT4 only; GROUP and BLOCK_K
+    powers of two with one dividing the other (the launcher falls back to `w4a16_gemv_kernel` otherwise).
+    `stride_w` = bytes per weight row (a separate argument so that Triton specializes its divisibility by 16
+    and emits 16-byte loads); MASK_K = False when K is a multiple of BLOCK_K (no mask along K).
+    DOT_F32 (bf16 only) runs the dots on fp32 copies: for TRITON_INTERPRET, whose bf16 `tl.dot` is wrong
+    (triton 3.6: garbage even for plain loaded bf16 tiles); never on a GPU.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    GB: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K  # columns per sub-block (one group)
+    NSUB: tl.constexpr = BLOCK_K // GB
+    GH: tl.constexpr = GB // 2  # bytes per row and sub-block
+    G = (K + GROUP - 1) // GROUP
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rm = tl.arange(0, M_PAD)
+    m_ok = rm < M
+    if IS_BF16:
+        MAGIC: tl.constexpr = 128.0
+    else:
+        MAGIC: tl.constexpr = 1024.0
+    if SYMMETRIC:
+        zero = tl.zeros((BLOCK_N,), tl.float32) + (MAGIC + 8.0)
+        zero_h = zero.to(x_ptr.dtype.element_ty)
+    span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # K columns per split, whole blocks
+    k_start = pid_k * span
+    k_end = tl.minimum(k_start + span, K)
+    acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        for s in tl.static_range(NSUB):
+            kg = tl.multiple_of(k0 + s * GB, 32)  # GB >= 32 (`gemv_tc_group`): 16-byte aligned bytes
+            g = kg // GROUP
+            jb = tl.multiple_of(kg // 2, 16) + tl.arange(0, GH)
+            w_tile = w_ptr + rn[:, None] * stride_w + jb[None, :]
+            if MASK_K:  # the last K block is partial
+                byte = tl.load(w_tile, mask=n_ok[:, None] & (2 * jb < K)[None, :], other=0)
+            else:  # a mask constant along K keeps the 16-byte loads (and cp.async pipelining)
+                byte = tl.load(w_tile, mask=n_ok[:, None], other=0)
+            cols = kg + tl.arange(0, GB)
+            xk = tl.load(
+                x_ptr + rm[:, None] * K + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0
+            )
+            x_lo, x_hi = tl.split(tl.reshape(xk, (M_PAD, GH, 2)))  # even / odd columns
+            x_lo = tl.trans(x_lo)  # (GH, M_PAD)
+            x_hi = tl.trans(x_hi)
+            if not SYMMETRIC:
+                zero = tl.load(z_ptr + rn * G + g, mask=n_ok, other=0).to(tl.float32) + MAGIC
+                zero_h = zero.to(x_ptr.dtype.element_ty)
+            if DEQ_ASM:  # fp16 only: codes - 8 (symmetric) or codes, from PTX
+                c_lo, c_hi = _deq_asm(byte, SYMMETRIC)
+                if not SYMMETRIC:
+                    c_lo = c_lo - (zero_h - MAGIC)[:, None]
+                    c_hi = c_hi - (zero_h - MAGIC)[:, None]
+                part = tl.dot(c_lo, x_lo, out_dtype=tl.float32)
+                part = tl.dot(c_hi, x_hi, part, out_dtype=tl.float32)
+            else:
+                b16 = byte.to(tl.int16)  # zero-extended
+                if IS_BF16:  # 128 + code, exact; the zero point comes off after the dot
+                    c_lo = ((b16 & 0xF) | 0x4300).to(tl.bfloat16, bitcast=True)
+                    c_hi = ((b16 >> 4) | 0x4300).to(tl.bfloat16, bitcast=True)
+                    if DOT_F32:
+                        part = tl.dot(c_lo.to(tl.float32), x_lo.to(tl.float32))
+                        part = tl.dot(c_hi.to(tl.float32), x_hi.to(tl.float32), part)
+                    else:
+                        part = tl.dot(c_lo, x_lo, out_dtype=tl.float32)
+                        part = tl.dot(c_hi, x_hi, part, out_dtype=tl.float32)
+                    x_sum = tl.sum(x_lo.to(tl.float32) + x_hi.to(tl.float32), axis=0)  # (M_PAD,)
+                    part = part - zero[:, None] * x_sum[None, :]
+                else:  # 1024 + code - (1024 + zero): small integers, exact in fp16
+                    c_lo = ((b16 & 0xF) | 0x6400).to(tl.float16, bitcast=True) - zero_h[:, None]
+                    c_hi = ((b16 >> 4) | 0x6400).to(tl.float16, bitcast=True) - zero_h[:, None]
+                    part = tl.dot(c_lo, x_lo, out_dtype=tl.float32)
+                    part = tl.dot(c_hi, x_hi, part, out_dtype=tl.float32)
+            scale = tl.load(s_ptr + rn * G + g, mask=n_ok, other=0.0).to(tl.float32)
+            acc += part * scale[:, None]
+    out = out_ptr + rm[None, :] * N + rn[:, None]
+    mask = n_ok[:, None] & m_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out, acc, mask=mask)
+
+
 @triton.jit
 def _gemm_tile(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: tl.constexpr, SYMMETRIC: tl.constexpr,
                FP_EXP: tl.constexpr, FP_MAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -208,6 +355,23 @@ def w4a16_gemm_trt_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: t
                BLOCK_M, BLOCK_N, BLOCK_K, False)  # fmt: skip
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gemv_tc_group(k: int, group: int, block_k: int, fp_exp: int = 0) -> int | None:
+    """The GROUP constexpr `w4a16_gemv_tc_kernel` runs with, or None where it does not apply (FP4 codes,
+    group sizes that are not powers of two or do not divide / fill BLOCK_K, dots shorter than 16).
+    A single group per row (per-channel, group >= K) runs as a power-of-two group covering K."""
+    if fp_exp > 0 or block_k < 32 or block_k & (block_k - 1):
+        return None
+    if group >= k:
+        group = triton.next_power_of_2(k)
+    if group & (group - 1) or min(group, block_k) < 32:
+        return None
+    return group
+
+
 def w4a16_gemm_triton(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -223,27 +387,59 @@ def w4a16_gemm_triton(
     split_k: int = 1,
     block_m: int = 16,
     num_warps: int = 4,
+    num_stages: int | None = None,
+    deq_asm: bool = False,
+    decode: str = "gemv",
 ) -> torch.Tensor:
-    """x (M, K) fp16/bf16 -> (M, N) in x's dtype. `path`: "gemv", "gemm" or "auto" (GEMV for M <= 8)."""
+    """x (M, K) fp16/bf16 -> (M, N) in x's dtype.
+
+    `path`: "gemv" (elementwise GEMV, one program row per x row), "gemv_tc" (`w4a16_gemv_tc_kernel`:
+    tensor cores, all rows of x share one read of the weight; INT4 with aligned power-of-two groups,
+    other formats (FP4, groups such as 48) fall back to "gemv" with the same blocks), "gemm" or "auto"
+    (`decode` for M <= 8, else "gemm"). `deq_asm` (gemv_tc, fp16 x, CUDA only) makes the codes with
+    inline PTX instead of Triton integer ops. `num_stages` is passed to the launch when given.
+    """
     assert x.dim() == 2 and qweight.dim() == 2
     m, k = x.shape
     n = qweight.shape[0]
     group = group_size if group_size > 0 else k
     x = x.contiguous()
     z = zeros if zeros is not None and not symmetric else qweight  # any pointer: never read
-    use_gemv = path == "gemv" or (path == "auto" and m <= 8)
-    if use_gemv:
+    launch = {"num_warps": num_warps}
+    if num_stages is not None:
+        launch["num_stages"] = num_stages
+    if path == "auto":
+        path = decode if m <= 8 else "gemm"
+    if path == "gemv_tc":
+        tc_group = gemv_tc_group(k, group, block_k, fp_exp)
+        if tc_group is None:
+            path = "gemv"
+        else:
+            m_pad = max(16, triton.next_power_of_2(m))
+            out = (
+                torch.zeros(m, n, device=x.device, dtype=torch.float32) if split_k > 1 else x.new_empty(m, n)
+            )
+            is_bf16 = x.dtype == torch.bfloat16
+            grid = (triton.cdiv(n, block_n), split_k)
+            w4a16_gemv_tc_kernel[grid](
+                x, qweight, scales, z, m, n, k, qweight.stride(0), out, tc_group, bool(symmetric), block_n,
+                block_k, split_k, m_pad, is_bf16, k % block_k != 0, bool(deq_asm) and not is_bf16,
+                is_bf16 and _interpreting(), **launch,
+            )  # fmt: skip
+            return out.to(x.dtype) if split_k > 1 else out
+    if path == "gemv":
         out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split_k > 1 else x.new_empty(m, n)
         grid = (m, triton.cdiv(n, block_n), split_k)
         w4a16_gemv_kernel[grid](
             x, qweight, scales, z, m, n, k, out, group, bool(symmetric), fp_exp, fp_man,
-            block_n, block_k, split_k, k % 2 == 0, num_warps=num_warps,
+            block_n, block_k, split_k, k % 2 == 0, **launch,
         )  # fmt: skip
         return out.to(x.dtype) if split_k > 1 else out
+    assert path == "gemm", path
     out = x.new_empty(m, n)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     w4a16_gemm_kernel[grid](
         x, qweight, scales, z, m, n, k, out, group, bool(symmetric), fp_exp, fp_man,
-        block_m, block_n, block_k, k % 2 == 0, num_warps=num_warps,
+        block_m, block_n, block_k, k % 2 == 0, **launch,
     )  # fmt: skip
     return out

@@ -2,6 +2,8 @@
 
 CUDA tensors run the Triton kernels (GEMV for M <= 8 rows, the `tl.dot` GEMM above); CPU tensors run
 `reference.py` (set `TRTCOMPRESS_GEMM_TRITON=1` with `TRITON_INTERPRET=1` to run the kernels on CPU).
+`TRTCOMPRESS_W4A16_DECODE` picks the decode (M <= 8) kernel: "gemv" (default, the elementwise GEMV) or
+"gemv_tc" (tensor-core GEMV, `w4a16_gemv_tc_kernel`, for M <= 16, with `GEMV_TC_CONFIG`).
 `w4a16_linear(state)` turns a `CompressedLinearState` with a 4-bit weight into the op's arguments.
 """
 
@@ -14,9 +16,19 @@ import torch
 
 from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference
 
+# launch parameters of the "gemv_tc" decode path when the op picks it (to be tuned on a GPU)
+GEMV_TC_CONFIG = {"block_n": 64, "block_k": 256, "split_k": 1, "num_warps": 4}
+
 
 def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRTCOMPRESS_GEMM_TRITON") == "1"
+
+
+def _decode_kwargs(m: int) -> dict:
+    decode = os.environ.get("TRTCOMPRESS_W4A16_DECODE", "gemv")
+    if decode == "gemv_tc" and m <= 16:  # one weight read serves up to 16 rows
+        return {"path": "gemv_tc", **GEMV_TC_CONFIG}
+    return {}
 
 
 @torch.library.custom_op("trtcompress::w4a16_gemm", mutates_args=())
@@ -35,7 +47,8 @@ def w4a16_gemm(
     if _use_triton(x2) and x2.dtype in (torch.float16, torch.bfloat16):
         from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton
 
-        out = w4a16_gemm_triton(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man)
+        kwargs = _decode_kwargs(x2.shape[0])
+        out = w4a16_gemm_triton(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man, **kwargs)
     else:
         out = w4a16_gemm_reference(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man)
     return out.reshape(*lead, qweight.shape[0])
