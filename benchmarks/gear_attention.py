@@ -177,6 +177,47 @@ def bench(fn) -> tuple[float, float]:
     return graph, eager
 
 
+def previous_kernel():
+    """The kernel this one replaces, when its copy sits beside this script (benchmarks/_gear_kernel_v1.py,
+    an uncommitted A/B file): timed on the same inputs in the same run."""
+    path = Path(__file__).with_name("_gear_kernel_v1.py")
+    if not path.exists():
+        return None
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_gear_kernel_v1", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.gear_attention_triton
+
+
+TUNING = [  # (num_warps, num_stages, programs the split-K heuristic aims at)
+    (w, st, prog) for w in (4, 8) for st in (None, 3) for prog in (264, 1056, 4224)
+]
+
+
+def tune(kernel, args, kw, max_blocks: int, batch_heads: int) -> list[dict]:
+    """Graph-replayed time of each launch configuration (failures recorded, not fatal)."""
+    import triton.testing
+
+    from trtcompress.plugins.gear_attention.kernel import default_splits
+
+    out = []
+    plain = [(4, None, 264, False)]  # the default launch with integer-op unpacking instead of the PTX
+    for warps, stages, programs, *asm in [*TUNING, *plain]:
+        splits = default_splits(max_blocks, batch_heads, programs)
+        config = {"num_warps": warps, "num_stages": stages, "splits": splits}
+        config |= {"fast_unpack": asm[0]} if asm else {}
+        try:
+            fn = lambda config=config: kernel(*args, **kw, **config)  # noqa: E731
+            fn()  # compile outside the capture
+            ms = triton.testing.do_bench_cudagraph(fn)
+            out.append({"config": config, "ms": ms})
+        except Exception as exc:  # e.g. out of shared memory for a deep pipeline
+            out.append({"config": config, "error": repr(exc)[:300]})
+    return out
+
+
 def copy_bandwidth() -> float:
     import triton.testing
 
@@ -205,6 +246,7 @@ def gpu() -> None:
     bw = copy_bandwidth()
     rows = []
     print(f"measured copy bandwidth {bw:.0f} GB/s", flush=True)
+    baseline = previous_kernel()
     for heads, q_heads, dim in ((8, 32, 128), (3, 9, 64)):
         for context in (4096, 16384, 32768):
             for batch in (1, 8):
@@ -243,14 +285,28 @@ def gpu() -> None:
                         "kv_bytes": nbytes,
                         "fp16_bytes": fp16_bytes,
                     }
+                    if baseline is not None:  # the previous kernel, same inputs, same run
+                        row["previous_kernel_ms"] = bench(lambda a=args, kw=kw: baseline(*a, **kw))[0]
+                        row["speedup_vs_previous"] = row["previous_kernel_ms"] / ms
+                    if context == 32768 and heads == 8:
+                        row["tuning"] = tune(gear_attention_triton, args, kw, table.shape[1], batch * heads)
+                        best = min(
+                            (c for c in row["tuning"] if "fast_unpack" not in c["config"]),
+                            key=lambda c: c.get("ms", float("inf")),
+                        )
+                        row["best_ms"], row["best_config"] = best["ms"], best["config"]
+                        row["speedup_best_config"] = sdpa / best["ms"]
                     rows.append(row)
                     print(
                         f"{row['shape']:>9} ctx {context:6d} b {batch} {codec_name:9s} kernel {ms:7.3f} ms "
                         f"({row['kernel_GBps']:6.0f} GB/s, {100 * row['kernel_bw_fraction_of_copy']:3.0f}% "
                         f"of copy)  sdpa fp16 {sdpa:7.3f} ms ({row['sdpa_GBps']:6.0f} GB/s)  "
-                        f"speedup {row['speedup']:.2f}x (eager launches: {row['speedup_eager']:.2f}x)",
+                        f"speedup {row['speedup']:.2f}x (eager launches: {row['speedup_eager']:.2f}x)"
+                        + (f"  vs previous kernel {row['speedup_vs_previous']:.2f}x" if baseline else "")
+                        + (f"  best config {row['speedup_best_config']:.2f}x {row['best_config']}"
+                           if "best_ms" in row else ""),
                         flush=True,
-                    )
+                    )  # fmt: skip
                     del f
                 result |= {"copy_GBps": bw, "rows": rows}
                 out_path.write_text(json.dumps(result, indent=1))

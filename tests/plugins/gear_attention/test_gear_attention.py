@@ -126,6 +126,13 @@ def test_sink_rows_are_exact_and_used() -> None:
         gear_attention_triton(q, *args, layout, 0.125)
 
 
+def test_kernel_refuses_3bit_codes() -> None:
+    cache = _filled_cache("kivi-3bit", [70])
+    layout = layout_for_codec(cache.codec, 64)
+    with pytest.raises(ValueError, match="2- and 4-bit codes, not 3-bit"):
+        gear_attention_triton(torch.randn(1, 2, 64), *_inputs(cache, [0]), layout, 0.125)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_quant_pack_kernel_bit_exact(bits: int) -> None:
     gen = torch.Generator().manual_seed(bits)

@@ -19,16 +19,141 @@ LSB-first into bytes — bit-identical to `trtcompress.kv.quant` (`minmax_params
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _unpack(codes_ptr, row_stride, rows, cols, BITS: tl.constexpr):
-    """codes[r, c] for the (rows x cols) index tensors, packed LSB-first along c."""
-    per_byte: tl.constexpr = 8 // BITS
-    byte = tl.load(codes_ptr + rows * row_stride + cols // per_byte)
-    return ((byte.to(tl.int32) >> ((cols % per_byte) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+def _magic(c):
+    """int16 codes (0..255) -> fp16 1024 + c, exactly: the code OR-ed into the mantissa of 1024.0. No
+    int-to-float conversion instruction (those run at a quarter of the FP32 rate on Hopper and would
+    bound the kernel)."""
+    return (c | 0x6400).to(tl.float16, bitcast=True)
+
+
+def _unpack_asm(bits: int) -> tuple[str, str]:
+    """PTX for `tl.inline_asm_elementwise(pack=4)`: one 32-bit register of 4 packed bytes in, for each
+    of the 8 / bits bit positions 4 exact fp16 codes out (2 registers of f16x2). Per position: shift,
+    mask, two `prmt` that put each byte's code under the 0x64 exponent byte of 1024.0 (halves
+    0x64cc = 1024 + c), one `sub.f16x2` each: 1.5 instructions per code instead of 4."""
+    mask = {2: "0x03030303", 4: "0x0F0F0F0F"}[bits]
+    per = 8 // bits
+    lines = [
+        "{",
+        ".reg .b32 w, t, m, k;",
+        f"mov.b32 w, ${2 * per};",  # copy the input first: outputs may share its register
+        "mov.b32 m, 0x64646464;",
+        "mov.b32 k, 0x64006400;",
+    ]
+    for i in range(per):
+        lines.append(f"shr.b32 t, w, {i * bits};" if i else "mov.b32 t, w;")
+        lines += [
+            f"and.b32 t, t, {mask};",
+            f"prmt.b32 ${2 * i}, t, m, 0x4140;",  # bytes (c0, 0x64, c1, 0x64): halves 1024 + c0, 1024 + c1
+            f"prmt.b32 ${2 * i + 1}, t, m, 0x4342;",
+            f"sub.f16x2 ${2 * i}, ${2 * i}, k;",
+            f"sub.f16x2 ${2 * i + 1}, ${2 * i + 1}, k;",
+        ]
+    lines.append("}")
+    return "\n".join(lines), ",".join(["=r"] * (2 * per) + ["r"])
+
+
+_ASM2, _CONSTRAINTS2 = (tl.constexpr(x) for x in _unpack_asm(2))  # jit code reads constexpr globals
+_ASM4, _CONSTRAINTS4 = (tl.constexpr(x) for x in _unpack_asm(4))
+
+
+@triton.jit
+def _split_codes(packed, BITS: tl.constexpr, ASM: tl.constexpr):
+    """uint8 packed bytes -> the codes at each bit position i (exact fp16, same shape), for i < 8 / BITS
+    (2-bit: four tiles; 4-bit: two, returned twice). ASM: the PTX path (GPU); else plain integer ops."""
+    if ASM:
+        if BITS == 2:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                _ASM2, _CONSTRAINTS2, [packed], dtype=(tl.float16,) * 4, is_pure=True, pack=4
+            )
+        else:
+            c0, c1 = tl.inline_asm_elementwise(
+                _ASM4, _CONSTRAINTS4, [packed], dtype=(tl.float16,) * 2, is_pure=True, pack=4
+            )
+            c2 = c0
+            c3 = c1
+    else:
+        x = packed.to(tl.int16)
+        c0 = _codes(x, 0, BITS)
+        c1 = _codes(x, 1, BITS)
+        if BITS == 2:
+            c2 = _codes(x, 2, BITS)
+            c3 = _codes(x, 3, BITS)
+        else:
+            c2 = c0
+            c3 = c1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _interleave(x0, x1, x2, x3, PER: tl.constexpr):
+    """PER (2 or 4) tiles (R, C) whose column j holds element PER*j + i of tile i -> (R, PER*C) in
+    natural order (tl.join keeps the new axis in-thread; the reshape is a relabelling)."""
+    rows: tl.constexpr = x0.shape[0]
+    cols: tl.constexpr = x0.shape[1] * PER
+    if PER == 4:  # [.., j, a, b] = x_{2a+b}[.., j]: flat j*4 + 2a + b
+        return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (rows, cols))
+    else:
+        return tl.reshape(tl.join(x0, x1), (rows, cols))
+
+
+@triton.jit
+def _codes(packed, i: tl.constexpr, BITS: tl.constexpr):
+    """The codes at bit position i of int16 packed bytes, as exact fp16 values."""
+    return _magic((packed >> i * BITS) & ((1 << BITS) - 1)) - 1024.0
+
+
+@triton.jit
+def _key_scores(qf, kc_ptr, ks_ptr, kz_ptr, bh, d, D: tl.constexpr, T: tl.constexpr, BITS: tl.constexpr,
+                ASM: tl.constexpr):  # fmt: skip
+    """qf·deq(Kq)ᵀ for one block (qf: fp32 queries), (G_PAD, T), without dequantizing: keys have one
+    scale/zero per channel, so q·(s∘c + z) = (q∘s)·c + q·z. The packed bytes are read as stored
+    ((D, T/PER): channel rows, 16-byte vectors), the codes at bit position i are those of tokens
+    PER*j + i (one dot each), and the PER score tiles are interleaved back into token order."""
+    PER: tl.constexpr = 8 // BITS
+    TP: tl.constexpr = T // PER
+    kb = tl.load(kc_ptr + (bh * D + d)[:, None] * TP + tl.arange(0, TP)[None, :])  # (D, TP) uint8
+    qs = (qf * tl.load(ks_ptr + bh * D + d).to(tl.float32)[None, :]).to(tl.float16)
+    bias = tl.sum(qf * tl.load(kz_ptr + bh * D + d).to(tl.float32)[None, :], 1)
+    c0, c1, c2, c3 = _split_codes(kb, BITS, ASM)
+    s0 = tl.dot(qs, c0)
+    s1 = tl.dot(qs, c1)
+    if PER == 4:
+        s2 = tl.dot(qs, c2)
+        s3 = tl.dot(qs, c3)
+    else:
+        s2 = s0
+        s3 = s1
+    return _interleave(s0, s1, s2, s3, PER) + bias[:, None]
+
+
+@triton.jit
+def _value_tile(vc_ptr, vs_ptr, vz_ptr, bh, t, D: tl.constexpr, T: tl.constexpr, VG: tl.constexpr,
+                BITS: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """deq(Vq) for one block, (T, D) fp16: rows are tokens, VG groups of D / VG channels. The packed
+    bytes are read as stored ((T, D/PER), 16-byte vectors); bit position i holds channels PER*j + i;
+    the code tiles are interleaved back into channel order and scaled in fp16 (one fma, one rounding:
+    what the fp32 dequantization rounded to fp16 gives)."""
+    PER: tl.constexpr = 8 // BITS
+    CB: tl.constexpr = D // PER
+    vb = tl.load(vc_ptr + (bh * T + t)[:, None] * CB + tl.arange(0, CB)[None, :])  # (T, CB) uint8
+    c0, c1, c2, c3 = _split_codes(vb, BITS, ASM)
+    codes = _interleave(c0, c1, c2, c3, PER)  # (T, D)
+    if VG == 1:
+        scale = tl.load(vs_ptr + bh * T + t).to(tl.float16)[:, None]
+        zero = tl.load(vz_ptr + bh * T + t).to(tl.float16)[:, None]
+    else:  # (T, VG) loaded once, broadcast over each group's channels
+        grp = (bh * T + t)[:, None] * VG + tl.arange(0, VG)[None, :]
+        scale = tl.reshape(tl.broadcast_to(tl.load(vs_ptr + grp)[:, :, None], (T, VG, D // VG)), (T, D))
+        zero = tl.reshape(tl.broadcast_to(tl.load(vz_ptr + grp)[:, :, None], (T, VG, D // VG)), (T, D))
+    return tl.fma(codes, scale.to(tl.float16), zero.to(tl.float16))
 
 
 @triton.jit
@@ -38,19 +163,18 @@ def _key_outlier_scores(
 ):  # fmt: skip
     """Block-scope key outliers (flat index = channel * T + token) as their score term, in chunks of
     <= 64: s[g, t_j] += q[g, d_j] * ov_j, i.e. (q gathered at the outliers' channels x values) times
-    a one-hot (chunk, T) on the tensor cores. Never forms the dense (T, D) correction."""
+    a one-hot (chunk, T) on the tensor cores. Never forms the dense (T, D) correction. Slots past
+    N_OUT load value 0, so their one-hot rows need no mask."""
     OC: tl.constexpr = 64 if PAD > 64 else PAD
     s = tl.zeros([G_PAD, T], tl.float32)
-    for c in tl.static_range(PAD // OC):
+    for c in tl.static_range((N_OUT + OC - 1) // OC):
         j = c * OC + tl.arange(0, OC)
         jm = j < N_OUT
         oi = tl.load(oi_ptr + base * N_OUT + j, mask=jm, other=0).to(tl.int32)
         ov = tl.load(ov_ptr + base * N_OUT + j, mask=jm, other=0.0).to(tl.float32)
-        qd = tl.load(
-            q_ptr + q_rows[:, None] + (oi // T)[None, :], mask=qmask[:, None] & jm[None, :], other=0.0
-        )
-        contrib = (qd.to(tl.float32) * qscale * ov[None, :]).to(tl.float16)  # (G_PAD, OC)
-        onehot = tl.where(((oi % T)[:, None] == t[None, :]) & jm[:, None], 1.0, 0.0).to(tl.float16)
+        qd = tl.load(q_ptr + q_rows[:, None] + (oi // T)[None, :], mask=qmask[:, None], other=0.0)
+        contrib = (qd.to(tl.float32) * (qscale * ov)[None, :]).to(tl.float16)  # (G_PAD, OC)
+        onehot = tl.where((oi % T)[:, None] == t[None, :], 1.0, 0.0).to(tl.float16)  # (OC, T)
         s += tl.dot(contrib, onehot)
     return s
 
@@ -61,17 +185,18 @@ def _value_outlier_acc(
     D: tl.constexpr, G_PAD: tl.constexpr,
 ):  # fmt: skip
     """Block-scope value outliers (flat index = token * D + channel) as their output term, in chunks
-    of <= 64: acc[g, d_j] += p[g, t_j] * ov_j = (p x one-hot (T, chunk)) x (one-hot (chunk, D) * ov)."""
+    of <= 64: acc[g, d_j] += p[g, t_j] * ov_j = (p x one-hot (T, chunk)) x (one-hot (chunk, D) * ov).
+    Slots past N_OUT load value 0 (their picks multiply a zero row)."""
     OC: tl.constexpr = 64 if PAD > 64 else PAD
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for c in tl.static_range(PAD // OC):
+    for c in tl.static_range((N_OUT + OC - 1) // OC):
         j = c * OC + tl.arange(0, OC)
         jm = j < N_OUT
         oi = tl.load(oi_ptr + base * N_OUT + j, mask=jm, other=0).to(tl.int32)
-        ov = tl.load(ov_ptr + base * N_OUT + j, mask=jm, other=0.0)
-        pick_t = tl.where((t[:, None] == (oi // D)[None, :]) & jm[None, :], 1.0, 0.0).to(tl.float16)
+        ov = tl.load(ov_ptr + base * N_OUT + j, mask=jm, other=0.0).to(tl.float16)
+        pick_t = tl.where(t[:, None] == (oi // D)[None, :], 1.0, 0.0).to(tl.float16)
         pj = tl.dot(p16, pick_t)  # (G_PAD, OC): p at the outliers' tokens (exact: one term each)
-        put_d = tl.where(((oi % D)[:, None] == d[None, :]) & jm[:, None], ov[:, None], 0.0).to(tl.float16)
+        put_d = tl.where((oi % D)[:, None] == d[None, :], ov[:, None], 0.0).to(tl.float16)
         acc += tl.dot(pj.to(tl.float16), put_d)
     return acc
 
@@ -144,6 +269,7 @@ def _gear_decode(
     OUT_PAD: tl.constexpr,
     SINK: tl.constexpr,
     SPLITS: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -155,7 +281,8 @@ def _gear_decode(
     qh = h * GROUP + g  # query heads served by KV head h (HF repeat_kv order)
     q = tl.load(q_ptr + (b * H * GROUP + qh)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
     q_scale = sm_scale * 1.4426950408889634
-    q = (q.to(tl.float32) * q_scale).to(tl.float16)  # exp2-domain scores
+    q32 = q.to(tl.float32) * q_scale  # exp2-domain scores
+    q = q32.to(tl.float16)
     q_rows = (b * H * GROUP + qh) * D  # row offsets of this program's queries (outlier gathers)
 
     n_blocks = tl.load(num_blocks_ptr + b)
@@ -166,21 +293,18 @@ def _gear_decode(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    kbytes: tl.constexpr = T * BITS // 8
-    vbytes: tl.constexpr = D * BITS // 8
     for j in range(start, stop):
         blk = tl.load(block_table_ptr + b * max_blocks + j).to(tl.int64)
         bh = blk * H + h
         # ---- keys: rows are channels (D), per-channel scale/zero over the block's T tokens
-        kq = _unpack(kc_ptr + bh * D * kbytes, kbytes, d[None, :], t[:, None], BITS)  # (T, D)
-        k = kq * tl.load(ks_ptr + bh * D + d)[None, :].to(tl.float32)
-        k += tl.load(kz_ptr + bh * D + d)[None, :].to(tl.float32)
-        if not OUT_BLOCK:
-            for o in tl.static_range(OUT_K):  # sparse outliers: exact corrections at (channel, token)
+        s = _key_scores(q32, kc_ptr, ks_ptr, kz_ptr, bh, d, D, T, BITS, ASM)  # (G_PAD, T)
+        if not OUT_BLOCK and OUT_K > 0:  # in-group outliers: OUT_K (token, value) pairs per channel
+            sk = tl.zeros([T, D], tl.float32)
+            for o in tl.static_range(OUT_K):
                 oi = tl.load(koi_ptr + (bh * D + d) * OUT_K + o).to(tl.int32)
                 ov = tl.load(kov_ptr + (bh * D + d) * OUT_K + o).to(tl.float32)
-                k += tl.where(t[:, None] == oi[None, :], ov[None, :], 0.0)
-        s = tl.dot(q, tl.trans(k.to(tl.float16)))  # (G_PAD, T)
+                sk += tl.where(t[:, None] == oi[None, :], ov[None, :], 0.0)
+            s += tl.dot(q, tl.trans(sk.to(tl.float16)))
         if OUT_BLOCK:
             s += _key_outlier_scores(
                 q_ptr, q_rows, gmask, q_scale, koi_ptr, kov_ptr, bh, OUT_K, OUT_PAD, t, T, G_PAD
@@ -202,19 +326,17 @@ def _gear_decode(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         m_i = m_new
-        # ---- values: rows are tokens, groups of 64 channels
-        vq = _unpack(vc_ptr + bh * T * vbytes, vbytes, t[:, None], d[None, :], BITS)  # (T, D)
-        vgrp = (bh * T + t)[:, None] * VG + (d // (D // VG))[None, :]
-        v = vq * tl.load(vs_ptr + vgrp).to(tl.float32) + tl.load(vz_ptr + vgrp).to(tl.float32)
+        # ---- values: rows are tokens, groups of D / VG channels
+        v = _value_tile(vc_ptr, vs_ptr, vz_ptr, bh, t, D, T, VG, BITS, ASM)  # (T, D) fp16
         if not OUT_BLOCK:
             for o in tl.static_range(OUT_V * VG):
                 oi = tl.load(voi_ptr + (bh * T + t) * (OUT_V * VG) + o).to(tl.int32) + (o // OUT_V) * (
                     D // VG
                 )
-                ov = tl.load(vov_ptr + (bh * T + t) * (OUT_V * VG) + o).to(tl.float32)
-                v += tl.where(d[None, :] == oi[:, None], ov[:, None], 0.0)
+                ov = tl.load(vov_ptr + (bh * T + t) * (OUT_V * VG) + o)
+                v += tl.where(d[None, :] == oi[:, None], ov[:, None], 0.0).to(tl.float16)
         p16 = p.to(tl.float16)
-        acc += tl.dot(p16, v.to(tl.float16))
+        acc += tl.dot(p16, v)
         if OUT_BLOCK:
             acc += _value_outlier_acc(p16, voi_ptr, vov_ptr, bh, OUT_V, OUT_PAD, t, d, T, D, G_PAD)
         for r in tl.static_range(RANK_V):  # (P·A)·Bᵀ
@@ -243,10 +365,10 @@ def _gear_decode(
         o_ptr = out_ptr + (b * H * GROUP + qh)[:, None] * D + d[None, :]
         tl.store(o_ptr, acc / l_i[:, None], mask=gmask[:, None])
     else:
-        row = (b * H + h) * SPLITS + split
-        tl.store(part_m_ptr + row * G_PAD + g, m_i)
-        tl.store(part_l_ptr + row * G_PAD + g, l_i)
-        tl.store(part_acc_ptr + (row * G_PAD + g)[:, None] * D + d[None, :], acc)
+        row = (b * H + h) * SPLITS + split  # only the group's real rows (G_PAD pads to 16)
+        tl.store(part_m_ptr + row * G_PAD + g, m_i, mask=gmask)
+        tl.store(part_l_ptr + row * G_PAD + g, l_i, mask=gmask)
+        tl.store(part_acc_ptr + (row * G_PAD + g)[:, None] * D + d[None, :], acc, mask=gmask[:, None])
 
 
 @triton.jit
@@ -300,6 +422,7 @@ def gear_decode_kernel(
     OUT_PAD: tl.constexpr,
     SINK: tl.constexpr,
     SPLITS: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """Grid (batch, KV heads, splits); the torch launcher's entry point."""
     _gear_decode(
@@ -352,6 +475,7 @@ def gear_decode_kernel(
         OUT_PAD,
         SINK,
         SPLITS,
+        ASM,
     )
 
 
@@ -399,6 +523,7 @@ def gear_decode_trt_kernel(
     INT8_FACTORS: tl.constexpr,
     OUT_BLOCK: tl.constexpr,
     OUT_PAD: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """TensorRT AOT entry: parameters in QDP order (inputs, int32 extra args, output), one split,
     grid (batch, KV heads, 1). The partial-result pointers are never touched with SPLITS == 1.
@@ -453,6 +578,7 @@ def gear_decode_trt_kernel(
         OUT_PAD,
         0,
         1,
+        ASM,
     )
 
 
@@ -472,18 +598,24 @@ def gear_reduce_kernel(
     h = tl.program_id(1)
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D)
+    gmask = g < GROUP  # padded rows were never written: read as empty
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     for sp in range(SPLITS):
-        m = tl.maximum(m, tl.load(part_m_ptr + ((b * H + h) * SPLITS + sp) * G_PAD + g))
+        m = tl.maximum(
+            m, tl.load(part_m_ptr + ((b * H + h) * SPLITS + sp) * G_PAD + g, mask=gmask, other=float("-inf"))
+        )
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_tot = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     for sp in range(SPLITS):
         row = (b * H + h) * SPLITS + sp
-        w = tl.exp2(tl.load(part_m_ptr + row * G_PAD + g) - m_safe)
-        l_tot += w * tl.load(part_l_ptr + row * G_PAD + g)
-        acc += w[:, None] * tl.load(part_acc_ptr + (row * G_PAD + g)[:, None] * D + d[None, :])
+        w = tl.exp2(tl.load(part_m_ptr + row * G_PAD + g, mask=gmask, other=float("-inf")) - m_safe)
+        l_tot += w * tl.load(part_l_ptr + row * G_PAD + g, mask=gmask, other=0.0)
+        acc += w[:, None] * tl.load(
+            part_acc_ptr + (row * G_PAD + g)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0
+        )
     qh = h * GROUP + g
+    l_tot = tl.where(gmask, l_tot, 1.0)
     tl.store(
         out_ptr + (b * H * GROUP + qh)[:, None] * D + d[None, :],
         acc / l_tot[:, None],
@@ -550,9 +682,9 @@ def _sink_args(k_sink, v_sink, layout, like) -> list:
 
 
 def default_splits(max_blocks: int, batch_heads: int, target_programs: int = 264) -> int:
-    """Enough splits that batch x heads x splits fills the GPU (~2 waves on 132 SMs), >= 2 blocks each;
-    a power of two, so few kernel variants get compiled."""
-    want = max(1, min(target_programs // max(batch_heads, 1), max_blocks // 2 or 1, 64))
+    """Enough splits that batch x heads x splits fills the GPU (`target_programs`; 264 = 2 per SM on
+    132 SMs), >= 2 blocks each; a power of two, so few kernel variants get compiled."""
+    want = max(1, min(target_programs // max(batch_heads, 1), max_blocks // 2 or 1, 256))
     return 1 << (want.bit_length() - 1)
 
 
@@ -571,10 +703,22 @@ def gear_attention_triton(
     splits: int | None = None,
     k_sink=None,
     v_sink=None,
+    num_warps: int = 4,
+    num_stages: int | None = None,
+    fast_unpack: bool | None = None,
 ):
-    """Launch the fused decode attention; same contract as `reference.gear_attention_reference`."""
+    """Launch the fused decode attention; same contract as `reference.gear_attention_reference`.
+    `splits`/`num_warps`/`num_stages`: launch tuning (None: `default_splits`, Triton's default).
+    `fast_unpack`: unpack codes with inline PTX (None: on a GPU, not under TRITON_INTERPRET)."""
     import torch
 
+    if layout.bits not in (2, 4):  # 3-bit codes straddle bytes: one byte is not a whole number of codes
+        raise ValueError(
+            f"the fused GEAR/KIVI attention kernel reads 2- and 4-bit codes, not {layout.bits}-bit "
+            "(kivi-3bit): use gear_attention_reference for this cache"
+        )
+    if fast_unpack is None:
+        fast_unpack = q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
     bsz, hq, dim = q.shape
     h = k_tail.shape[1]
     group = hq // h
@@ -619,6 +763,9 @@ def gear_attention_triton(
         OUT_PAD=max(16, triton.next_power_of_2(max(layout.outliers))),
         SINK=layout.sink,
         SPLITS=splits,
+        ASM=fast_unpack,
+        num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
     if splits > 1:
         gear_reduce_kernel[(bsz, h)](
