@@ -136,7 +136,11 @@ def test_auto_decode_and_op_pick_gemv_tc(monkeypatch):
 
     monkeypatch.setattr(w4a16_gemv_tc_kernel, "run", spy)
     monkeypatch.setenv("TRTCOMPRESS_GEMM_TRITON", "1")
-    monkeypatch.setenv("TRTCOMPRESS_W4A16_DECODE", "gemv_tc")
+    monkeypatch.delenv("TRTCOMPRESS_W4A16_DECODE", raising=False)  # gemv_tc is the op's default
     monkeypatch.setitem(op.GEMV_TC_CONFIG, "block_k", 128)
     _assert_matches(op.w4a16_gemm(x, *args, 0, 0), ref)
     assert calls
+    monkeypatch.setenv("TRTCOMPRESS_W4A16_DECODE", "gemv")  # the elementwise GEMV on request
+    calls.clear()
+    _assert_matches(op.w4a16_gemm(x, *args, 0, 0), ref)
+    assert not calls

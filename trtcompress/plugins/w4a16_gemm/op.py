@@ -2,8 +2,9 @@
 
 CUDA tensors run the Triton kernels (GEMV for M <= 8 rows, the `tl.dot` GEMM above); CPU tensors run
 `reference.py` (set `TRTCOMPRESS_GEMM_TRITON=1` with `TRITON_INTERPRET=1` to run the kernels on CPU).
-`TRTCOMPRESS_W4A16_DECODE` picks the decode (M <= 8) kernel: "gemv" (default, the elementwise GEMV) or
-"gemv_tc" (tensor-core GEMV, `w4a16_gemv_tc_kernel`, for M <= 16, with `GEMV_TC_CONFIG`).
+`TRTCOMPRESS_W4A16_DECODE` picks the decode kernel: "gemv_tc" (default: the tensor-core GEMV,
+`w4a16_gemv_tc_kernel`, for M <= 16, with `GEMV_TC_CONFIG`; on an H100 1.3-1.9x of a bf16 matmul at
+M = 1..16, BENCHMARKS.md) or "gemv" (the elementwise GEMV for M <= 8, which re-reads the weight per row).
 `w4a16_linear(state)` turns a `CompressedLinearState` with a 4-bit weight into the op's arguments.
 """
 
@@ -16,8 +17,9 @@ import torch
 
 from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference
 
-# launch parameters of the "gemv_tc" decode path when the op picks it (to be tuned on a GPU)
-GEMV_TC_CONFIG = {"block_n": 64, "block_k": 256, "split_k": 1, "num_warps": 4}
+# launch parameters of the "gemv_tc" decode path: the best of the H100 tuning at K = N = 4096, 11008 and
+# 14336 alike (benchmarks/results/gemm_gpu_h100_gemv_tc.json)
+GEMV_TC_CONFIG = {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 3}
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -25,7 +27,7 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 
 def _decode_kwargs(m: int) -> dict:
-    decode = os.environ.get("TRTCOMPRESS_W4A16_DECODE", "gemv")
+    decode = os.environ.get("TRTCOMPRESS_W4A16_DECODE", "gemv_tc")
     if decode == "gemv_tc" and m <= 16:  # one weight read serves up to 16 rows
         return {"path": "gemv_tc", **GEMV_TC_CONFIG}
     return {}
