@@ -203,11 +203,14 @@ def tune(kernel, args, kw, max_blocks: int, batch_heads: int) -> list[dict]:
     from trtcompress.plugins.gear_attention.kernel import default_splits
 
     out = []
-    plain = [(4, None, 264, False)]  # the default launch with integer-op unpacking instead of the PTX
-    for warps, stages, programs, *asm in [*TUNING, *plain]:
+    ablations = [  # the default launch without one of the kernel's devices
+        (4, None, 264, {"fast_unpack": False}),  # integer-op unpacking instead of the PTX
+        (4, None, 264, {"prefetch": False}),  # no register double-buffering of the next block
+    ]
+    for warps, stages, programs, *ablation in [*TUNING, *ablations]:
         splits = default_splits(max_blocks, batch_heads, programs)
         config = {"num_warps": warps, "num_stages": stages, "splits": splits}
-        config |= {"fast_unpack": asm[0]} if asm else {}
+        config |= ablation[0] if ablation else {}
         try:
             fn = lambda config=config: kernel(*args, **kw, **config)  # noqa: E731
             fn()  # compile outside the capture
@@ -291,7 +294,7 @@ def gpu() -> None:
                     if context == 32768 and heads == 8:
                         row["tuning"] = tune(gear_attention_triton, args, kw, table.shape[1], batch * heads)
                         best = min(
-                            (c for c in row["tuning"] if "fast_unpack" not in c["config"]),
+                            (c for c in row["tuning"] if not {"fast_unpack", "prefetch"} & set(c["config"])),
                             key=lambda c: c.get("ms", float("inf")),
                         )
                         row["best_ms"], row["best_config"] = best["ms"], best["config"]

@@ -126,6 +126,17 @@ def test_sink_rows_are_exact_and_used() -> None:
         gear_attention_triton(q, *args, layout, 0.125)
 
 
+@pytest.mark.parametrize("codec", ["gear-2bit", "gear-4bit"])
+def test_kernel_without_prefetch_is_the_same_function(codec: str) -> None:
+    cache = _filled_cache(codec, [300, 130], sink=1, seed=3)
+    q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(2))
+    args, layout = _inputs(cache, [0, 1]), layout_for_codec(cache.codec, 64, 1)
+    ref = gear_attention_reference(q, *args, layout, 0.125, **_sinks(cache))
+    for prefetch in (False, True):
+        out = gear_attention_triton(q, *args, layout, 0.125, splits=3, prefetch=prefetch, **_sinks(cache))
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
 def test_kernel_refuses_3bit_codes() -> None:
     cache = _filled_cache("kivi-3bit", [70])
     layout = layout_for_codec(cache.codec, 64)

@@ -111,17 +111,35 @@ def _codes(packed, i: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _key_scores(qf, kc_ptr, ks_ptr, kz_ptr, bh, d, D: tl.constexpr, T: tl.constexpr, BITS: tl.constexpr,
-                ASM: tl.constexpr):  # fmt: skip
-    """qf·deq(Kq)ᵀ for one block (qf: fp32 queries), (G_PAD, T), without dequantizing: keys have one
-    scale/zero per channel, so q·(s∘c + z) = (q∘s)·c + q·z. The packed bytes are read as stored
-    ((D, T/PER): channel rows, 16-byte vectors), the codes at bit position i are those of tokens
-    PER*j + i (one dot each), and the PER score tiles are interleaved back into token order."""
+def _load_backbone(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bh, d, t, D: tl.constexpr,
+                   T: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
+    """One block's quantized backbone as stored: key bytes (D, T/PER) (channel rows, 16-byte vectors),
+    per-channel key scale/zero (D,), value bytes (T, D/PER), per-token value scale/zero ((T,) or
+    (T, VG)). Separate from the math so that the loop can issue the next block's loads first."""
     PER: tl.constexpr = 8 // BITS
-    TP: tl.constexpr = T // PER
-    kb = tl.load(kc_ptr + (bh * D + d)[:, None] * TP + tl.arange(0, TP)[None, :])  # (D, TP) uint8
-    qs = (qf * tl.load(ks_ptr + bh * D + d).to(tl.float32)[None, :]).to(tl.float16)
-    bias = tl.sum(qf * tl.load(kz_ptr + bh * D + d).to(tl.float32)[None, :], 1)
+    kb = tl.load(kc_ptr + (bh * D + d)[:, None] * (T // PER) + tl.arange(0, T // PER)[None, :])
+    ks = tl.load(ks_ptr + bh * D + d)
+    kz = tl.load(kz_ptr + bh * D + d)
+    vb = tl.load(vc_ptr + (bh * T + t)[:, None] * (D // PER) + tl.arange(0, D // PER)[None, :])
+    if VG == 1:
+        vs = tl.load(vs_ptr + bh * T + t)
+        vz = tl.load(vz_ptr + bh * T + t)
+    else:
+        grp = (bh * T + t)[:, None] * VG + tl.arange(0, VG)[None, :]
+        vs = tl.load(vs_ptr + grp)
+        vz = tl.load(vz_ptr + grp)
+    return kb, ks, kz, vb, vs, vz
+
+
+@triton.jit
+def _key_scores(qf, kb, ks, kz, BITS: tl.constexpr, ASM: tl.constexpr):
+    """qf·deq(Kq)ᵀ for one block (qf: fp32 queries), (G_PAD, T), without dequantizing: keys have one
+    scale/zero per channel, so q·(s∘c + z) = (q∘s)·c + q·z. The codes at bit position i of the key
+    bytes (D, T/PER) are those of tokens PER*j + i (one dot each); the PER score tiles are
+    interleaved back into token order."""
+    PER: tl.constexpr = 8 // BITS
+    qs = (qf * ks.to(tl.float32)[None, :]).to(tl.float16)
+    bias = tl.sum(qf * kz.to(tl.float32)[None, :], 1)
     c0, c1, c2, c3 = _split_codes(kb, BITS, ASM)
     s0 = tl.dot(qs, c0)
     s1 = tl.dot(qs, c1)
@@ -135,25 +153,22 @@ def _key_scores(qf, kc_ptr, ks_ptr, kz_ptr, bh, d, D: tl.constexpr, T: tl.conste
 
 
 @triton.jit
-def _value_tile(vc_ptr, vs_ptr, vz_ptr, bh, t, D: tl.constexpr, T: tl.constexpr, VG: tl.constexpr,
-                BITS: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
-    """deq(Vq) for one block, (T, D) fp16: rows are tokens, VG groups of D / VG channels. The packed
-    bytes are read as stored ((T, D/PER), 16-byte vectors); bit position i holds channels PER*j + i;
-    the code tiles are interleaved back into channel order and scaled in fp16 (one fma, one rounding:
-    what the fp32 dequantization rounded to fp16 gives)."""
+def _value_tile(vb, vs, vz, D: tl.constexpr, T: tl.constexpr, VG: tl.constexpr, BITS: tl.constexpr,
+                ASM: tl.constexpr):  # fmt: skip
+    """deq(Vq) for one block, (T, D) fp16: rows are tokens, VG groups of D / VG channels. Bit position
+    i of the value bytes (T, D/PER) holds channels PER*j + i; the code tiles are interleaved back into
+    channel order and scaled in fp16 (one fma, one rounding: what the fp32 dequantization rounded to
+    fp16 gives)."""
     PER: tl.constexpr = 8 // BITS
-    CB: tl.constexpr = D // PER
-    vb = tl.load(vc_ptr + (bh * T + t)[:, None] * CB + tl.arange(0, CB)[None, :])  # (T, CB) uint8
     c0, c1, c2, c3 = _split_codes(vb, BITS, ASM)
     codes = _interleave(c0, c1, c2, c3, PER)  # (T, D)
     if VG == 1:
-        scale = tl.load(vs_ptr + bh * T + t).to(tl.float16)[:, None]
-        zero = tl.load(vz_ptr + bh * T + t).to(tl.float16)[:, None]
-    else:  # (T, VG) loaded once, broadcast over each group's channels
-        grp = (bh * T + t)[:, None] * VG + tl.arange(0, VG)[None, :]
-        scale = tl.reshape(tl.broadcast_to(tl.load(vs_ptr + grp)[:, :, None], (T, VG, D // VG)), (T, D))
-        zero = tl.reshape(tl.broadcast_to(tl.load(vz_ptr + grp)[:, :, None], (T, VG, D // VG)), (T, D))
-    return tl.fma(codes, scale.to(tl.float16), zero.to(tl.float16))
+        scale = vs.to(tl.float16)[:, None]
+        zero = vz.to(tl.float16)[:, None]
+    else:  # (T, VG) broadcast over each group's channels
+        scale = tl.reshape(tl.broadcast_to(vs[:, :, None], (T, VG, D // VG)), (T, D)).to(tl.float16)
+        zero = tl.reshape(tl.broadcast_to(vz[:, :, None], (T, VG, D // VG)), (T, D)).to(tl.float16)
+    return tl.fma(codes, scale, zero)
 
 
 @triton.jit
@@ -270,6 +285,7 @@ def _gear_decode(
     SINK: tl.constexpr,
     SPLITS: tl.constexpr,
     ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -293,11 +309,26 @@ def _gear_decode(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
+    if PREFETCH:  # the first block's loads; each iteration then issues the next block's first
+        blk = tl.load(block_table_ptr + b * max_blocks + start, mask=start < stop, other=0).to(tl.int64)
+        kb, ks, kz, vb, vs, vz = _load_backbone(
+            kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, blk * H + h, d, t, D, T, VG, BITS
+        )
     for j in range(start, stop):
-        blk = tl.load(block_table_ptr + b * max_blocks + j).to(tl.int64)
-        bh = blk * H + h
+        if PREFETCH:
+            bh = blk * H + h
+            nxt = tl.load(block_table_ptr + b * max_blocks + j + 1, mask=j + 1 < stop, other=0).to(tl.int64)
+            kb_n, ks_n, kz_n, vb_n, vs_n, vz_n = _load_backbone(
+                kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, nxt * H + h, d, t, D, T, VG, BITS
+            )
+        else:
+            blk = tl.load(block_table_ptr + b * max_blocks + j).to(tl.int64)
+            bh = blk * H + h
+            kb, ks, kz, vb, vs, vz = _load_backbone(
+                kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bh, d, t, D, T, VG, BITS
+            )
         # ---- keys: rows are channels (D), per-channel scale/zero over the block's T tokens
-        s = _key_scores(q32, kc_ptr, ks_ptr, kz_ptr, bh, d, D, T, BITS, ASM)  # (G_PAD, T)
+        s = _key_scores(q32, kb, ks, kz, BITS, ASM)  # (G_PAD, T)
         if not OUT_BLOCK and OUT_K > 0:  # in-group outliers: OUT_K (token, value) pairs per channel
             sk = tl.zeros([T, D], tl.float32)
             for o in tl.static_range(OUT_K):
@@ -310,13 +341,13 @@ def _gear_decode(
                 q_ptr, q_rows, gmask, q_scale, koi_ptr, kov_ptr, bh, OUT_K, OUT_PAD, t, T, G_PAD
             )
         for r in tl.static_range(RANK_K):  # (q·B)·Aᵀ
-            kb = tl.load(kb_ptr + (bh * D + d) * RANK_K + r).to(tl.float32)
-            ka = tl.load(ka_ptr + (bh * T + t) * RANK_K + r).to(tl.float32)
+            fb = tl.load(kb_ptr + (bh * D + d) * RANK_K + r).to(tl.float32)
+            fa = tl.load(ka_ptr + (bh * T + t) * RANK_K + r).to(tl.float32)
             if INT8_FACTORS:
-                kb = kb * tl.load(kbs_ptr + bh * RANK_K + r).to(tl.float32)
-                ka = ka * tl.load(kas_ptr + bh * RANK_K + r).to(tl.float32)
-            qb = tl.sum(q.to(tl.float32) * kb[None, :], 1)
-            s += qb[:, None] * ka[None, :]
+                fb = fb * tl.load(kbs_ptr + bh * RANK_K + r).to(tl.float32)
+                fa = fa * tl.load(kas_ptr + bh * RANK_K + r).to(tl.float32)
+            qb = tl.sum(q.to(tl.float32) * fb[None, :], 1)
+            s += qb[:, None] * fa[None, :]
         if SINK > 0:  # the first block's sink rows are attended to exactly, from the sink slot
             s = tl.where((t[None, :] < SINK) & (j == 0), float("-inf"), s)
         # ---- online softmax
@@ -327,7 +358,7 @@ def _gear_decode(
         acc = acc * alpha[:, None]
         m_i = m_new
         # ---- values: rows are tokens, groups of D / VG channels
-        v = _value_tile(vc_ptr, vs_ptr, vz_ptr, bh, t, D, T, VG, BITS, ASM)  # (T, D) fp16
+        v = _value_tile(vb, vs, vz, D, T, VG, BITS, ASM)  # (T, D) fp16
         if not OUT_BLOCK:
             for o in tl.static_range(OUT_V * VG):
                 oi = tl.load(voi_ptr + (bh * T + t) * (OUT_V * VG) + o).to(tl.int32) + (o // OUT_V) * (
@@ -340,13 +371,16 @@ def _gear_decode(
         if OUT_BLOCK:
             acc += _value_outlier_acc(p16, voi_ptr, vov_ptr, bh, OUT_V, OUT_PAD, t, d, T, D, G_PAD)
         for r in tl.static_range(RANK_V):  # (P·A)·Bᵀ
-            vb = tl.load(vb_ptr + (bh * D + d) * RANK_V + r).to(tl.float32)
-            va = tl.load(va_ptr + (bh * T + t) * RANK_V + r).to(tl.float32)
+            fb = tl.load(vb_ptr + (bh * D + d) * RANK_V + r).to(tl.float32)
+            fa = tl.load(va_ptr + (bh * T + t) * RANK_V + r).to(tl.float32)
             if INT8_FACTORS:
-                vb = vb * tl.load(vbs_ptr + bh * RANK_V + r).to(tl.float32)
-                va = va * tl.load(vas_ptr + bh * RANK_V + r).to(tl.float32)
-            pa = tl.sum(p * va[None, :], 1)
-            acc += pa[:, None] * vb[None, :]
+                fb = fb * tl.load(vbs_ptr + bh * RANK_V + r).to(tl.float32)
+                fa = fa * tl.load(vas_ptr + bh * RANK_V + r).to(tl.float32)
+            pa = tl.sum(p * fa[None, :], 1)
+            acc += pa[:, None] * fb[None, :]
+        if PREFETCH:
+            blk = nxt
+            kb, ks, kz, vb, vs, vz = kb_n, ks_n, kz_n, vb_n, vs_n, vz_n
 
     if split == SPLITS - 1:  # the fp16 tail (tokens of the block being filled)
         slot = tl.load(slot_ptr + b).to(tl.int64)
@@ -423,6 +457,7 @@ def gear_decode_kernel(
     SINK: tl.constexpr,
     SPLITS: tl.constexpr,
     ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Grid (batch, KV heads, splits); the torch launcher's entry point."""
     _gear_decode(
@@ -476,6 +511,7 @@ def gear_decode_kernel(
         SINK,
         SPLITS,
         ASM,
+        PREFETCH,
     )
 
 
@@ -524,6 +560,7 @@ def gear_decode_trt_kernel(
     OUT_BLOCK: tl.constexpr,
     OUT_PAD: tl.constexpr,
     ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """TensorRT AOT entry: parameters in QDP order (inputs, int32 extra args, output), one split,
     grid (batch, KV heads, 1). The partial-result pointers are never touched with SPLITS == 1.
@@ -579,6 +616,7 @@ def gear_decode_trt_kernel(
         0,
         1,
         ASM,
+        PREFETCH,
     )
 
 
@@ -706,10 +744,13 @@ def gear_attention_triton(
     num_warps: int = 4,
     num_stages: int | None = None,
     fast_unpack: bool | None = None,
+    prefetch: bool = True,
 ):
     """Launch the fused decode attention; same contract as `reference.gear_attention_reference`.
     `splits`/`num_warps`/`num_stages`: launch tuning (None: `default_splits`, Triton's default).
-    `fast_unpack`: unpack codes with inline PTX (None: on a GPU, not under TRITON_INTERPRET)."""
+    `fast_unpack`: unpack codes with inline PTX (None: on a GPU, not under TRITON_INTERPRET).
+    `prefetch`: issue the next block's backbone loads before this block's math (register double
+    buffering, so that a program's memory latency overlaps its own arithmetic)."""
     import torch
 
     if layout.bits not in (2, 4):  # 3-bit codes straddle bytes: one byte is not a whole number of codes
@@ -764,6 +805,7 @@ def gear_attention_triton(
         SINK=layout.sink,
         SPLITS=splits,
         ASM=fast_unpack,
+        PREFETCH=prefetch,
         num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )
