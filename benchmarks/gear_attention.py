@@ -203,9 +203,11 @@ def tune(kernel, args, kw, max_blocks: int, batch_heads: int) -> list[dict]:
     from trtcompress.plugins.gear_attention.kernel import default_splits
 
     out = []
-    ablations = [  # the default launch without one of the kernel's devices
+    layout = args[9]
+    ablations = [  # the default launch with one of the kernel's choices flipped
         (4, None, 264, {"fast_unpack": False}),  # integer-op unpacking instead of the PTX
-        (4, None, 264, {"prefetch": False}),  # no register double-buffering of the next block
+        # register double-buffering of the next block: on by default only without outliers
+        (4, None, 264, {"prefetch": bool(any(layout.outliers))}),
     ]
     for warps, stages, programs, *ablation in [*TUNING, *ablations]:
         splits = default_splits(max_blocks, batch_heads, programs)

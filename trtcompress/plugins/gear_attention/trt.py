@@ -81,7 +81,7 @@ def compile_gear_attention_ptx(
         "OUT_BLOCK": layout.outlier_scope == "block",
         "OUT_PAD": max(16, triton.next_power_of_2(max(layout.outliers))),
         "ASM": True,  # PTX unpacking of the codes: the plugin runs on a GPU
-        "PREFETCH": True,
+        "PREFETCH": not any(layout.outliers),  # as gear_attention_triton's default
     }
     signature = _signature(layout) | dict.fromkeys(constants, "constexpr")
     src = triton.compiler.ASTSource(fn=gear_decode_trt_kernel, signature=signature, constexprs=constants)
