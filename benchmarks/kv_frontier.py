@@ -67,7 +67,7 @@ POINTS: list[tuple[str, str, str, dict[str, Any], int, int]] = [  # most importa
         64,
         1,
     ),
-    ("gear-2bit rank 0 (outliers only)", "gear", "gear-2bit", {"rank": 0}, 64, 1),
+    ("gear-2bit key rank 1 (previous default)", "gear", "gear-2bit", {"key_rank": 1}, 64, 1),
     (
         "gear-2bit 2% outliers + key rank 4",
         "gear",
