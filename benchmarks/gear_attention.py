@@ -34,6 +34,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
 
 from trtcompress.kv import get_codec  # noqa: E402
+from trtcompress.kv.gear import _kernel_order  # noqa: E402
 from trtcompress.kv.paged import PagedKVCache  # noqa: E402
 from trtcompress.plugins.gear_attention.reference import gear_attention_reference, layout_for_codec  # noqa: E402
 
@@ -61,7 +62,10 @@ def random_pool(codec_name: str, batch: int, context: int, heads: int, dim: int,
             shape = (n, heads, *spec.shape)
             if name == "out_idx":  # in-group (uint8, < 64) or in-block flat (int16, < 64 * dim) indices
                 hi = 64 if spec.dtype == torch.uint8 else 64 * dim
-                t = torch.randint(0, hi, shape, dtype=torch.int32, device=device).to(spec.dtype)
+                t = torch.randint(0, hi, shape, dtype=torch.int32, device=device)
+                if spec.dtype != torch.uint8:  # block scope: stored in the kernel's order, as the codec does
+                    t = t.gather(-1, _kernel_order(t, kind, 64, dim).argsort(-1))
+                t = t.to(spec.dtype)
             elif spec.dtype in (torch.uint8, torch.int8):
                 t = torch.randint(0, 100, shape, dtype=torch.int32, device=device).to(spec.dtype)
             else:
@@ -196,6 +200,9 @@ TUNING = [  # (num_warps, num_stages, programs the split-K heuristic aims at)
 ]
 
 
+ABLATION_KEYS = {"fast_unpack", "prefetch", "outlier_sums"}  # kernel choices, not launch settings
+
+
 def tune(kernel, args, kw, max_blocks: int, batch_heads: int) -> list[dict]:
     """Graph-replayed time of each launch configuration (failures recorded, not fatal)."""
     import triton.testing
@@ -209,6 +216,8 @@ def tune(kernel, args, kw, max_blocks: int, batch_heads: int) -> list[dict]:
         # register double-buffering of the next block: on by default only without outliers
         (4, None, 264, {"prefetch": bool(any(layout.outliers))}),
     ]
+    if any(layout.outliers):  # outliers summed per sorted run instead of by one-hot products
+        ablations.append((4, None, 264, {"outlier_sums": "runs"}))
     for warps, stages, programs, *ablation in [*TUNING, *ablations]:
         splits = default_splits(max_blocks, batch_heads, programs)
         config = {"num_warps": warps, "num_stages": stages, "splits": splits}
@@ -296,7 +305,7 @@ def gpu() -> None:
                     if context == 32768 and heads == 8:
                         row["tuning"] = tune(gear_attention_triton, args, kw, table.shape[1], batch * heads)
                         best = min(
-                            (c for c in row["tuning"] if not {"fast_unpack", "prefetch"} & set(c["config"])),
+                            (c for c in row["tuning"] if not ABLATION_KEYS & set(c["config"])),
                             key=lambda c: c.get("ms", float("inf")),
                         )
                         row["best_ms"], row["best_config"] = best["ms"], best["config"]

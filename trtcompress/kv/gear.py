@@ -54,6 +54,16 @@ def power_iteration(residual: torch.Tensor, rank: int, iters: int = 3) -> tuple[
     return a, b
 
 
+def _kernel_order(idx: torch.Tensor, kind: Kind, tokens: int, dim: int) -> torch.Tensor:
+    """The order block-scope outliers are stored in: keys (flat index channel * tokens + token) by
+    token, values (token * dim + channel) by channel, i.e. by the axis the decode-attention kernel
+    scatters them to (it sums each run of equal tokens / channels with prefix sums). The order changes
+    no decompressed value: every index occurs once."""
+    if kind == "k":
+        return (idx % tokens) * dim + idx // tokens
+    return (idx % dim) * tokens + idx // dim
+
+
 def _int8_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (x.abs().amax(-2) / 127).clamp_min(1e-8).to(torch.float16)
     return torch.floor(x / scale.float()[..., None, :] + 0.5).clamp_(-127, 127).to(torch.int8), scale
@@ -179,6 +189,7 @@ class GearCodec(KiviCodec):
         mu, sd = grouped.mean(-1, keepdim=True), grouped.std(-1, keepdim=True) + 1e-6
         flat = grouped.flatten(-3)
         idx = ((grouped - mu).abs() / sd ** self.std_power[kind]).flatten(-3).topk(budget, -1).indices
+        idx = idx.gather(-1, _kernel_order(idx, kind, tokens, dim).argsort(-1))
         mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True).view_as(grouped)
         fields, deq = self._quantize(grouped, mask)
         correction = (flat.gather(-1, idx) - deq.flatten(-3).gather(-1, idx)).to(torch.float16)

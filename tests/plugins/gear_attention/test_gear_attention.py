@@ -137,6 +137,42 @@ def test_kernel_without_prefetch_is_the_same_function(codec: str) -> None:
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(("dim", "pile_on"), [(64, None), (64, "token"), (128, "channel")])
+def test_outlier_run_sums_match_reference(dim: int, pile_on: str | None) -> None:
+    """The "runs" outlier path (gather + prefix sums over the codec's sorted outliers) on real caches,
+    also with outliers piled on one token (keys) or one channel (values): runs longer than a chunk."""
+    gen = torch.Generator().manual_seed(7)
+    codec = get_codec("gear-2bit")
+    cache = PagedKVCache(codec, 1, 2, dim, num_blocks=6, max_seqs=2, sink_tokens=1)
+    for s, n in enumerate([300, 90]):
+        cache.add_sequence(s)
+        k, v = torch.randn(2, n, dim, generator=gen), torch.randn(2, n, dim, generator=gen)
+        if pile_on == "token":
+            k[:, 70] *= 6  # the key outliers of block 1 pile on token 70
+        if pile_on == "channel":
+            v[:, :, 5] *= 6  # value outliers on channel 5
+        cache.reserve(s, n)
+        cache.write(0, s, k, v)
+        cache.commit(s, n)
+    q = torch.randn(2, 4, dim, generator=gen)
+    args, layout = _inputs(cache, [0, 1]), layout_for_codec(codec, dim, 1)
+    ref = gear_attention_reference(q, *args, layout, dim**-0.5, **_sinks(cache))
+    out = gear_attention_triton(q, *args, layout, dim**-0.5, splits=2, outlier_sums="runs", **_sinks(cache))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="outlier_sums"):
+        gear_attention_triton(q, *args, layout, dim**-0.5, outlier_sums="scatter", **_sinks(cache))
+
+
+def test_block_outliers_are_stored_in_kernel_order() -> None:
+    """Keys sorted by token, values by channel: what the "runs" path sums over."""
+    codec = get_codec("gear-2bit")
+    x = torch.randn(3, 64, 64)
+    for kind in ("k", "v"):
+        idx = codec.compress(x, kind)["out_idx"].long()
+        axis = idx % 64  # token for keys (channel * 64 + token), channel for values (token * 64 + channel)
+        assert (axis.diff(dim=-1) >= 0).all(), kind
+
+
 def test_kernel_refuses_3bit_codes() -> None:
     cache = _filled_cache("kivi-3bit", [70])
     layout = layout_for_codec(cache.codec, 64)
