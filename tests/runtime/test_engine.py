@@ -208,3 +208,15 @@ def test_invalid_requests_are_refused(engine, prompt, params, match):
     with pytest.raises(RequestError, match=match):
         engine.add_request(prompt, params)
     assert not engine.has_work()
+
+
+def test_device_is_validated_and_a_missing_gpu_is_a_clear_error(tiny_int4_artifact):
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="device"):
+        DeployConfig(device="gpu0")
+    cpu = _engine(tiny_int4_artifact, device="cpu")
+    assert cpu.cache.tails["k"].device.type == "cpu" and cpu.model.device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no CUDA device"):
+            _engine(tiny_int4_artifact, device="cuda")

@@ -203,8 +203,8 @@ class GearCodec(KiviCodec):
         r, slot = self._phase_rank(kind, phase), self._slot_rank(kind)
         if not slot:
             return {}
-        a = torch.zeros(*x.shape[:-2], tokens, slot)
-        b = torch.zeros(*x.shape[:-2], dim, slot)
+        a = torch.zeros(*x.shape[:-2], tokens, slot, device=x.device)
+        b = torch.zeros(*x.shape[:-2], dim, slot, device=x.device)
         if r:
             residual = x.float() - self._ungroup(approx, kind)
             a[..., :r], b[..., :r] = power_iteration(residual, r, self.power_iters)

@@ -44,6 +44,12 @@ class DeployConfig(BaseModel):
     decoupled: bool = Field(True, description="streaming responses (Triton decoupled transaction policy)")
     exclude_input_in_output: bool = Field(True, description="text_output holds only the generated text")
     num_threads: int = Field(0, ge=0, description="native runtime torch threads; 0 = torch's default")
+    device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|cuda(:[0-9]+)?)$",
+        description="native runtime device: cpu, or cuda[:N] (weights, paged KV cache and attention on the "
+        "GPU; 4-bit linears through the W4A16 / W4A4 kernels)",
+    )
     kv_decompressed_cache_mb: float = Field(
         64,
         ge=0,

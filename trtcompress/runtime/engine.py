@@ -76,6 +76,12 @@ class Engine:
         from trtcompress.runtime.scheduler import Scheduler
 
         self.config = config or DeployConfig()
+        device = torch.device(self.config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"deploy.device is {self.config.device!r} but this torch ({torch.__version__}) sees no CUDA "
+                "device: install a CUDA build of torch on a GPU machine, or set deploy.device: cpu"
+            )
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         cfg = model.config
@@ -93,6 +99,7 @@ class Engine:
             num_blocks,
             block_size,
             max_seqs=self.config.max_batch_size,
+            device=device,
             sink_tokens=sink_tokens,
         )
         self.model = BatchedModel(

@@ -61,6 +61,7 @@ def probe_batch_invariance(
             continue
         seen.add(tuple(weight.shape))
         x = torch.randn(max(sizes, default=MIN_ROWS), weight.shape[1], generator=gen, dtype=weight.dtype)
+        x = x.to(weight.device)
         ref = linear(x[:MIN_ROWS], weight)
         for m in sizes:
             if not torch.equal(linear(x[:m], weight)[:MIN_ROWS], ref):
@@ -88,8 +89,8 @@ class RuntimeLinear:
         self.plugin = plugin  # a CUDA kernel callable, or None for the reference path
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.plugin is not None:
-            return self.plugin(x)
+        if self.plugin is not None:  # the 4-bit kernels take fp16 / bf16 activations
+            return self.plugin(x.to(torch.float16)).to(x.dtype)
         delta = None
         if self.lowrank is not None:
             a, b = self.lowrank
@@ -121,7 +122,8 @@ def _plain(state: CompressedLinearState) -> bool:
 
 
 def build_linear(modules: list[nn.Module], tile: int, device: torch.device) -> RuntimeLinear:
-    """A RuntimeLinear for `modules` (fused when they can be), float32 on CPU."""
+    """A RuntimeLinear for `modules` (fused when they can be), float32 on `device`; on CUDA a single
+    4-bit linear runs through its plugin op instead (fp16 activations)."""
     states = [_state(m) for m in modules]
     if device.type == "cuda" and len(states) == 1:
         from trtcompress.runtime.plugins import plugin_for

@@ -45,18 +45,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _to_float32(module: nn.Module) -> None:
-    """Float32 parameters and buffers, in place (norms, embeddings; no CompressedLinear inside)."""
+def _to_float32(module: nn.Module, device: torch.device) -> None:
+    """Float32 parameters on `device`, in place (norms; no CompressedLinear inside)."""
     for p in module.parameters():
-        p.data = p.data.float()
+        p.data = p.data.to(device, torch.float32)
 
 
 class _Layer:
     def __init__(self, layer: nn.Module, tile: int, device: torch.device) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
-        _to_float32(self.ln1)
-        _to_float32(self.ln2)
+        _to_float32(self.ln1, device)
+        _to_float32(self.ln2, device)
         self.qkv = build_group([attn.q_proj, attn.k_proj, attn.v_proj], tile, device)
         self.o = build_linear([attn.o_proj], tile, device)
         self.gate_up = build_group([mlp.gate_proj, mlp.up_proj], tile, device)
@@ -120,17 +120,17 @@ class BatchedModel:
             attn = layer.self_attn
             if getattr(attn, "q_norm", None) is not None or getattr(attn, "sliding_window", None):
                 raise NotImplementedError("the native runtime supports LLaMA-style attention only")
-        self.device = torch.device("cpu")
+        self.device = cache.tails["k"].device  # the cache's device is the runtime's
         self.cache = cache
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cache.head_dim
         self.scaling = getattr(inner.layers[0].self_attn, "scaling", self.head_dim**-0.5)
         self.vocab_size = cfg.vocab_size
-        self.embed = inner.embed_tokens.weight.detach().float()
+        self.embed = inner.embed_tokens.weight.detach().to(self.device, torch.float32)
         self.layers = [_Layer(layer, tile, self.device) for layer in inner.layers]
         self.norm = inner.norm
-        _to_float32(self.norm)
-        self.rotary = inner.rotary_emb
+        _to_float32(self.norm, self.device)
+        self.rotary = inner.rotary_emb.to(self.device)
         self.head = build_linear([model.get_output_embeddings()], tile, self.device)
         self.gemm_tile = tile
         if tile == 0:  # one GEMM per call: only if this BLAS is batch-invariant for these shapes
@@ -158,8 +158,9 @@ class BatchedModel:
     @torch.inference_mode()
     def forward(self, work: list[Work]) -> torch.Tensor:
         """Run one step; returns float32 logits `(S, vocab)` for the works that sample, in order."""
-        ids = torch.tensor([t for w in work for t in w.token_ids], dtype=torch.long)
-        positions = torch.cat([torch.arange(w.start, w.start + w.n) for w in work])
+        dev = self.device
+        ids = torch.tensor([t for w in work for t in w.token_ids], dtype=torch.long, device=dev)
+        positions = torch.cat([torch.arange(w.start, w.start + w.n, device=dev) for w in work])
         h = self.embed[ids]
         cos, sin = self.rotary(h[None], positions[None])
         cos, sin = cos[0, :, None], sin[0, :, None]  # (T, 1, D): broadcast over heads
@@ -173,7 +174,7 @@ class BatchedModel:
             v = v.reshape(t, self.n_kv, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            out = torch.empty(t, self.n_heads, self.head_dim)
+            out = torch.empty(t, self.n_heads, self.head_dim, device=dev)
             k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
             for lo, hi in groups:
                 scratch = self._keys_values(li, work[lo:hi], bounds[lo : hi + 1], k_t, v_t)
@@ -189,7 +190,7 @@ class BatchedModel:
         rows = [b - 1 for w, b in zip(work, bounds[1:], strict=True) if w.samples]
         if not rows:
             return torch.empty(0, self.vocab_size)
-        return self.head(self.norm(h[rows])).float()
+        return self.head(self.norm(h[rows])).float().cpu()  # sampling (seeded generators) runs on CPU
 
     def _groups(self, work: list[Work]) -> list[tuple[int, int]]:
         """Consecutive works whose scratches together hold at most `scratch_tokens` tokens (a work
@@ -208,7 +209,8 @@ class BatchedModel:
         start, n = w.start, w.n
         mask = None
         if n > 1:
-            mask = torch.arange(start + n)[None] <= (start + torch.arange(n))[:, None]
+            steps = torch.arange(start + n, device=q.device)
+            mask = steps[None] <= (start + steps[:n])[:, None]
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],
             kv[0][None],
@@ -237,7 +239,7 @@ class BatchedModel:
                     f"sequence {seq_id}: {seq.length} tokens committed, step starts at {start}"
                 )
             n_full = start // bs
-            kv = torch.empty(2, self.n_kv, start + w.n, self.head_dim)
+            kv = torch.empty(2, self.n_kv, start + w.n, self.head_dim, device=self.device)
             prefix = self.blocks.get(seq_id, layer) if n_full else None
             have = 0 if prefix is None else prefix.shape[2] // bs
             if have:

@@ -1,15 +1,20 @@
 """OpenAI Triton kernels for a paged KIVI/GEAR cache.
 
 `gear_decode_kernel`: one program per (sequence, KV head, split). It walks its share of the
-sequence's compressed blocks; per block it unpacks the codes and applies the group scale/zero in
-registers, adds the sparse outliers (compare-and-select against in-group indices; block-scope
-outliers in factored form too: their score term q[:, d_j]·ov_j scattered to token t_j, and their
-output term p[:, t_j]·ov_j scattered to channel d_j, each a small one-hot product on the tensor
-cores), takes the scores with the GQA group's queries (one `tl.dot`), adds the low-rank term in factored form
-((q·B)·Aᵀ for keys, (P·A)·Bᵀ for values), and updates an online softmax. The last split also takes
-the fp16 tail. K and V never exist in memory in dequantized form. Splits write (m, l, acc) partials
-that `gear_reduce_kernel` combines (split-K over the sequence for long contexts); with one split the
-program normalizes and writes the output itself (the form compiled AOT for TensorRT).
+sequence's compressed blocks. Per block: the packed key and value bytes are read as stored (16-byte
+vector loads) and the codes of each bit position become exact fp16 (inline PTX on a GPU: `prmt` +
+`sub.f16x2`, no int-to-float conversion); keys are never dequantized: their per-channel scale is
+folded into the queries ((q∘s)·c + q·z, one `tl.dot` per bit position, the score tiles interleaved
+back into token order); values are scaled by one fp16 fma. Then the sparse outliers (in-group ones by
+compare-and-select; block-scope ones in factored form, their score term q[:, d_j]·ov_j added at token
+t_j and their output term p[:, t_j]·ov_j at channel d_j, either by one-hot products on the tensor
+cores or, with `outlier_sums="runs"`, by a gather and prefix sums over the codec's sorted outliers),
+the low-rank term in factored form ((q·B)·Aᵀ for keys, (P·A)·Bᵀ for values), and an online softmax
+update. Without outliers the next block's loads are issued before this block's math. The last split
+also takes the fp16 tail, the first the exact sink tokens. K and V never exist in memory in
+dequantized form. Splits write (m, l, acc) partials that `gear_reduce_kernel` combines (split-K over
+the sequence for long contexts); with one split the program normalizes and writes the output itself
+(the form compiled AOT for TensorRT).
 
 `quant_pack_kernel`: the quantize-and-pack kernel used when a block fills: per row (group) of G
 elements, min/max over the non-outlier elements, fp16 scale/zero, `floor(x / s + 0.5)` codes packed
