@@ -1,0 +1,33 @@
+#!/bin/bash
+# Every GPU measurement of issues 5 and 6 in one call to a lent GPU machine (about 7-8 minutes on an
+# H100, compilation included), each step under its own time limit so one failure keeps the others:
+#   1. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations)
+#   2. benchmarks/gemm_gpu.py --gemv-only  W4A16 decode GEMV vs bf16 matmul
+#   3. benchmarks/runtime_gpu.py  native runtime vs HF generate, end to end (needs .gpu/, see below)
+# Run through the device tool as `bash benchmarks/gpu_session.sh` with carry [".gpu"] (and
+# "benchmarks/_gear_kernel_v1.py" if a copy of an older kernel should be timed beside the current one).
+# .gpu/ (git-ignored) holds what the GPU image lacks: .gpu/whl/*.whl (pydantic and its three
+# dependencies, for the runtime's config) and .gpu/model/ (SmolLM2-135M's config and tokenizer files);
+# the docstring of benchmarks/runtime_gpu.py gives the commands that fill it.
+# Results land in $OUT (the device tool brings them back); logs too.
+set -u
+export PYTHONPATH=$PWD
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+timeout 240 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
+echo "gear_attention rc $?"
+timeout 120 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_h100_gemv_tc.json" --gemv-only > "$OUT/gemm.log" 2>&1
+echo "gemm_gpu rc $?"
+if [ -d .gpu/whl ] && [ -d .gpu/model ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
+  PYTHONPATH=$PWD:/tmp/site timeout 150 python3 benchmarks/runtime_gpu.py "$OUT/runtime_gpu.json" \
+    --model .gpu/model > "$OUT/runtime.log" 2>&1
+  echo "runtime_gpu rc $?"
+else
+  echo "runtime_gpu skipped: .gpu/whl and .gpu/model were not carried"
+fi
+grep -h -E "speedup|correctness ok|wrote" "$OUT/gear.log" | tail -28 | cut -c1-220
+tail -4 "$OUT/gemm.log" | cut -c1-300
+[ -f "$OUT/runtime.log" ] && grep -v Warning "$OUT/runtime.log" | tail -12
