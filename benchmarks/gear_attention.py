@@ -182,9 +182,9 @@ def bench(fn) -> tuple[float, float]:
 
 
 def previous_kernel():
-    """The kernel this one replaces, when its copy sits beside this script (benchmarks/_gear_kernel_v1.py,
-    an uncommitted A/B file): timed on the same inputs in the same run."""
-    path = Path(__file__).with_name("_gear_kernel_v1.py")
+    """A previous kernel, when a copy of its kernel.py sits at .gpu/gear_kernel_previous.py (git-ignored,
+    carried to the GPU machine): timed on the same inputs in the same run."""
+    path = Path(__file__).resolve().parent.parent / ".gpu" / "gear_kernel_previous.py"
     if not path.exists():
         return None
     import importlib.util

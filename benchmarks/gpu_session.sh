@@ -4,8 +4,8 @@
 #   1. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations)
 #   2. benchmarks/gemm_gpu.py --gemv-only  W4A16 decode GEMV vs bf16 matmul
 #   3. benchmarks/runtime_gpu.py  native runtime vs HF generate, end to end (needs .gpu/, see below)
-# Run through the device tool as `bash benchmarks/gpu_session.sh` with carry [".gpu"] (and
-# "benchmarks/_gear_kernel_v1.py" if a copy of an older kernel should be timed beside the current one).
+# Run through the device tool as `bash benchmarks/gpu_session.sh` with carry [".gpu"]
+# (.gpu/gear_kernel_previous.py, if present: an older kernel.py timed beside the current one).
 # .gpu/ (git-ignored) holds what the GPU image lacks: .gpu/whl/*.whl (pydantic and its three
 # dependencies, for the runtime's config) and .gpu/model/ (SmolLM2-135M's config and tokenizer files);
 # the docstring of benchmarks/runtime_gpu.py gives the commands that fill it.
