@@ -193,43 +193,23 @@ def _run_sums(x, keys, NUM: tl.constexpr):
 
 
 @triton.jit
-def _key_outlier_scores(
-    q, oi_ptr, ov_ptr, base, N_OUT: tl.constexpr, PAD: tl.constexpr, T: tl.constexpr, G_PAD: tl.constexpr
-):  # fmt: skip
-    """Block-scope key outliers (flat index = channel * T + token, stored sorted by token) as their
-    score term, in chunks of <= 64: s[g, t_j] += q[g, d_j] * ov_j: the query tile gathered at the
-    outliers' channels, times their values, summed per token run (`_run_sums`). Slots past N_OUT read
-    token T - 1 and value 0, so the chunk stays sorted and they add nothing."""
+def _outlier_runs(src, oi_ptr, ov_ptr, base, N_OUT: tl.constexpr, PAD: tl.constexpr, M: tl.constexpr):
+    """Block-scope outliers whose flat index a * M + r is stored sorted by r, in chunks of <= 64:
+    out[:, r] += src[:, a] * value, summed per run of equal r (`_run_sums`). Keys (channel * T + token,
+    M = T; src = the query tile): their score terms per token. Values (token * D + channel, M = D;
+    src = the probabilities): their output terms per channel. Slots past N_OUT read r = M - 1 and value
+    0, so a chunk stays sorted and they add nothing."""
     OC: tl.constexpr = 64 if PAD > 64 else PAD
-    s = tl.zeros([G_PAD, T], tl.float32)
+    rows: tl.constexpr = src.shape[0]
+    out = tl.zeros([rows, M], tl.float32)
     for c in tl.static_range((N_OUT + OC - 1) // OC):
         j = c * OC + tl.arange(0, OC)
         jm = j < N_OUT
-        oi = tl.load(oi_ptr + base * N_OUT + j, mask=jm, other=T - 1).to(tl.int32)
+        oi = tl.load(oi_ptr + base * N_OUT + j, mask=jm, other=M - 1).to(tl.int32)
         ov = tl.load(ov_ptr + base * N_OUT + j, mask=jm, other=0.0).to(tl.float32)
-        qd = tl.gather(q, tl.broadcast_to((oi // T)[None, :], (G_PAD, OC)), axis=1)
-        s += _run_sums(qd * ov[None, :], oi % T, T)
-    return s
-
-
-@triton.jit
-def _value_outlier_acc(
-    p, oi_ptr, ov_ptr, base, N_OUT: tl.constexpr, PAD: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr
-):  # fmt: skip
-    """Block-scope value outliers (flat index = token * D + channel, stored sorted by channel) as their
-    output term, in chunks of <= 64: acc[g, d_j] += p[g, t_j] * ov_j: the probabilities gathered at the
-    outliers' tokens, times their values, summed per channel run (`_run_sums`). Slots past N_OUT read
-    channel D - 1 and value 0."""
-    OC: tl.constexpr = 64 if PAD > 64 else PAD
-    acc = tl.zeros([G_PAD, D], tl.float32)
-    for c in tl.static_range((N_OUT + OC - 1) // OC):
-        j = c * OC + tl.arange(0, OC)
-        jm = j < N_OUT
-        oi = tl.load(oi_ptr + base * N_OUT + j, mask=jm, other=D - 1).to(tl.int32)
-        ov = tl.load(ov_ptr + base * N_OUT + j, mask=jm, other=0.0).to(tl.float32)
-        pj = tl.gather(p, tl.broadcast_to((oi // D)[None, :], (G_PAD, OC)), axis=1)
-        acc += _run_sums(pj * ov[None, :], oi % D, D)
-    return acc
+        picked = tl.gather(src, tl.broadcast_to((oi // M)[None, :], (rows, OC)), axis=1)
+        out += _run_sums(picked * ov[None, :], oi % M, M)
+    return out
 
 
 @triton.jit
@@ -400,7 +380,7 @@ def _gear_decode(
             s += tl.dot(q, tl.trans(sk.to(tl.float16)))
         if OUT_BLOCK:
             if OUT_RUNS:
-                s += _key_outlier_scores(q32, koi_ptr, kov_ptr, bh, OUT_K, OUT_PAD, T, G_PAD)
+                s += _outlier_runs(q32, koi_ptr, kov_ptr, bh, OUT_K, OUT_PAD, T)
             else:
                 s += _key_outlier_scores_onehot(
                     q_ptr, q_rows, gmask, q_scale, koi_ptr, kov_ptr, bh, OUT_K, OUT_PAD, t, T, G_PAD
@@ -435,7 +415,7 @@ def _gear_decode(
         acc += tl.dot(p16, v)
         if OUT_BLOCK:
             if OUT_RUNS:
-                acc += _value_outlier_acc(p, voi_ptr, vov_ptr, bh, OUT_V, OUT_PAD, D, G_PAD)
+                acc += _outlier_runs(p, voi_ptr, vov_ptr, bh, OUT_V, OUT_PAD, D)
             else:
                 acc += _value_outlier_acc_onehot(p16, voi_ptr, vov_ptr, bh, OUT_V, OUT_PAD, t, d, T, D, G_PAD)
         for r in tl.static_range(RANK_V):  # (P·A)·Bᵀ

@@ -138,7 +138,7 @@ def w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, out_ptr, GROUP: tl.co
 
 # `_deq_asm`: $4 = 4 packed bytes b0..b3 (b0 lowest), outputs $0, $1 = fp16x2 (low nibbles of b0 b1, b2 b3),
 # $2, $3 = the same for the high nibbles (element 0 in the low half of a register)
-_ASM_HEAD: tl.constexpr = tl.constexpr(
+_ASM_HEAD = (
     "{\n"
     ".reg .b32 t0, t1, u0, u1, m;\n"
     "prmt.b32 t0, $4, 0, 0x4140;\n"  # bytes b0, 0, b1, 0: 16-bit lanes b0 | b1
@@ -150,9 +150,9 @@ _ASM_HEAD: tl.constexpr = tl.constexpr(
     "lop3.b32 $2, u0, 0x000F000F, 0x64006400, 0xEA;\n"
     "lop3.b32 $3, u1, 0x000F000F, 0x64006400, 0xEA;\n"
 )
-_ASM_TAIL: tl.constexpr = tl.constexpr(
-    "sub.f16x2 $0, $0, m;\nsub.f16x2 $1, $1, m;\nsub.f16x2 $2, $2, m;\nsub.f16x2 $3, $3, m;\n}"
-)
+_ASM_TAIL = "sub.f16x2 $0, $0, m;\nsub.f16x2 $1, $1, m;\nsub.f16x2 $2, $2, m;\nsub.f16x2 $3, $3, m;\n}"
+_ASM_SYMMETRIC: tl.constexpr = tl.constexpr(_ASM_HEAD + "mov.b32 m, 0x64086408;\n" + _ASM_TAIL)  # code - 8
+_ASM_CODES: tl.constexpr = tl.constexpr(_ASM_HEAD + "mov.b32 m, 0x64006400;\n" + _ASM_TAIL)  # code
 
 
 @triton.jit
@@ -161,24 +161,14 @@ def _deq_asm(byte, SYMMETRIC: tl.constexpr):
     fp16x2 pairs per nibble out): prmt spreads bytes to 16-bit lanes, lop3 ORs the nibble into the
     0x6400 exponent (fp16 1024 + code), sub.f16x2 removes 1032 (symmetric: code - 8) or 1024 (code).
     CUDA only (not under TRITON_INTERPRET)."""
-    if SYMMETRIC:
-        return tl.inline_asm_elementwise(
-            asm=_ASM_HEAD + "mov.b32 m, 0x64086408;\n" + _ASM_TAIL,
-            constraints="=r,=r,=r,=r,r",
-            args=[byte],
-            dtype=(tl.float16, tl.float16),
-            is_pure=True,
-            pack=4,
-        )
-    else:
-        return tl.inline_asm_elementwise(
-            asm=_ASM_HEAD + "mov.b32 m, 0x64006400;\n" + _ASM_TAIL,
-            constraints="=r,=r,=r,=r,r",
-            args=[byte],
-            dtype=(tl.float16, tl.float16),
-            is_pure=True,
-            pack=4,
-        )
+    return tl.inline_asm_elementwise(
+        asm=_ASM_SYMMETRIC if SYMMETRIC else _ASM_CODES,
+        constraints="=r,=r,=r,=r,r",
+        args=[byte],
+        dtype=(tl.float16, tl.float16),
+        is_pure=True,
+        pack=4,
+    )
 
 
 @triton.jit
