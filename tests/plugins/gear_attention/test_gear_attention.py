@@ -173,6 +173,29 @@ def test_block_outliers_are_stored_in_kernel_order() -> None:
         assert (axis.diff(dim=-1) >= 0).all(), kind
 
 
+@pytest.mark.parametrize("codec", ["gear-2bit", "kivi-2bit"])
+def test_kernel_returns_the_softmax_normaliser(codec: str) -> None:
+    """`return_lse` gives log Σ exp(scale·q·k) per query row: merging the cache's attention with an
+    extra exact key/value by it equals attention over the cache plus that key (what the runtime does
+    with a decode step's own token)."""
+    cache = _filled_cache(codec, [150, 40], sink=1, seed=11)
+    q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(3))
+    args, layout, scale = _inputs(cache, [0, 1]), layout_for_codec(cache.codec, 64, 1), 0.125
+    ref, ref_lse = gear_attention_reference(q, *args, layout, scale, **_sinks(cache), return_lse=True)
+    out, lse = gear_attention_triton(q, *args, layout, scale, return_lse=True, **_sinks(cache))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=0)
+    k_new, v_new = torch.randn(2, 2, 64), torch.randn(2, 2, 64)  # one extra token per sequence
+    s_new = (q.view(2, 2, 2, 64) * k_new[:, :, None]).sum(-1).view(2, 4) * scale
+    w = torch.sigmoid(s_new - lse)[..., None]  # the new token's share of the merged softmax
+    merged = out * (1 - w) + v_new.repeat_interleave(2, 1) * w
+    for b, s in enumerate([0, 1]):
+        k, v = cache.gather(0, s)
+        k, v = torch.cat([k, k_new[b, :, None]], 1), torch.cat([v, v_new[b, :, None]], 1)
+        p = torch.softmax(q[b].view(2, 2, 64) @ k.transpose(1, 2) * scale, -1)
+        torch.testing.assert_close(merged[b], (p @ v).reshape(4, 64), atol=ATOL, rtol=0)
+
+
 def test_kernel_refuses_3bit_codes() -> None:
     cache = _filled_cache("kivi-3bit", [70])
     layout = layout_for_codec(cache.codec, 64)

@@ -678,12 +678,16 @@ def gear_reduce_kernel(
     part_l_ptr,
     part_acc_ptr,
     out_ptr,
+    lse_ptr,
     H: tl.constexpr,
     GROUP: tl.constexpr,
     G_PAD: tl.constexpr,
     D: tl.constexpr,
     SPLITS: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
+    """Combines the splits' (m, l, acc) partials; with WRITE_LSE also the natural-log softmax
+    normaliser of each query row (so a caller can merge this attention with other keys)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     g = tl.arange(0, G_PAD)
@@ -705,6 +709,9 @@ def gear_reduce_kernel(
             part_acc_ptr + (row * G_PAD + g)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0
         )
     qh = h * GROUP + g
+    if WRITE_LSE:  # scores are in log2 units (q carries log2(e)): back to natural logs
+        lse = tl.where(l_tot > 0, (m_safe + tl.log2(l_tot)) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + b * H * GROUP + qh, lse, mask=gmask)
     l_tot = tl.where(gmask, l_tot, 1.0)
     tl.store(
         out_ptr + (b * H * GROUP + qh)[:, None] * D + d[None, :],
@@ -798,6 +805,7 @@ def gear_attention_triton(
     fast_unpack: bool | None = None,
     prefetch: bool | None = None,
     outlier_sums: str = "onehot",
+    return_lse: bool = False,
 ):
     """Launch the fused decode attention; same contract as `reference.gear_attention_reference`.
     `splits`/`num_warps`/`num_stages`: launch tuning (None: `default_splits`, Triton's default).
@@ -809,7 +817,10 @@ def gear_attention_triton(
     `outlier_sums`: how block-scope outliers reach their tokens / channels: "onehot" (one-hot
     products on the tensor cores; measured, the default) or "runs" (a gather, prefix sums and a
     histogram over the codec's sorted outliers: 31% fewer instructions per block in the sm_90 PTX for
-    gear-2bit, not yet timed on a GPU)."""
+    gear-2bit, not yet timed on a GPU).
+    `return_lse`: also return each query row's natural-log softmax normaliser `(B, Hq)` over the
+    cache's tokens (log Σ exp(scale·q·k)), to merge with attention over other keys (split-K is then
+    used even for short sequences: the reduce kernel writes it)."""
     import torch
 
     if layout.bits not in (2, 4):  # 3-bit codes straddle bytes: one byte is not a whole number of codes
@@ -829,6 +840,8 @@ def gear_attention_triton(
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
     max_blocks = block_table.shape[1]
     splits = splits or default_splits(max_blocks, bsz * h)  # a shape: no device sync, graph-capturable
+    if return_lse:
+        splits = max(splits, 2)  # the normaliser comes out of the reduce kernel
     out = torch.empty(bsz, hq, dim, dtype=torch.float32, device=q.device)
     part_m = torch.empty(bsz * h * splits * g_pad, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
@@ -873,11 +886,13 @@ def gear_attention_triton(
         num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )
+    lse = torch.empty(bsz, hq, dtype=torch.float32, device=q.device) if return_lse else out
     if splits > 1:
         gear_reduce_kernel[(bsz, h)](
-            part_m, part_l, part_acc, out, H=h, GROUP=group, G_PAD=g_pad, D=dim, SPLITS=splits
-        )
-    return out
+            part_m, part_l, part_acc, out, lse, H=h, GROUP=group, G_PAD=g_pad, D=dim, SPLITS=splits,
+            WRITE_LSE=return_lse,
+        )  # fmt: skip
+    return (out, lse) if return_lse else out
 
 
 def quant_pack_triton(x, bits: int, exclude=None):

@@ -115,12 +115,15 @@ def gear_attention_reference(
     scale: float,
     k_sink: torch.Tensor | None = None,
     v_sink: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """q `(B, Hq, D)` -> attention output `(B, Hq, D)` float32 (GQA: Hq a multiple of H).
-    With `layout.sink`, `k_sink`/`v_sink` `(S, H, sink, D)` replace the first block's first rows."""
+    With `layout.sink`, `k_sink`/`v_sink` `(S, H, sink, D)` replace the first block's first rows.
+    `return_lse`: also the softmax normaliser log Σ exp(scale·q·k) of each query row `(B, Hq)`."""
     bsz, hq, dim = q.shape
     h = k_tail.shape[1]
     out = torch.empty(bsz, hq, dim)
+    lse = torch.empty(bsz, hq)
     for b in range(bsz):
         ids = block_table[b, : int(num_blocks[b])].long()
         slot, n_tail = int(slots[b]), int(tail_lens[b])
@@ -133,6 +136,7 @@ def gear_attention_reference(
         k = torch.cat([ks, k_tail[slot, :, :n_tail].float()], 1)
         v = torch.cat([vs, v_tail[slot, :, :n_tail].float()], 1)
         qg = q[b].float().view(h, hq // h, dim)
-        probs = torch.softmax(qg @ k.transpose(1, 2) * scale, -1)
-        out[b] = (probs @ v).reshape(hq, dim)
-    return out
+        scores = qg @ k.transpose(1, 2) * scale
+        out[b] = (torch.softmax(scores, -1) @ v).reshape(hq, dim)
+        lse[b] = torch.logsumexp(scores, -1).reshape(hq)
+    return (out, lse) if return_lse else out
