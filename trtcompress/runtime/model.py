@@ -142,6 +142,9 @@ class BatchedModel:
                     lin.tile = FALLBACK_TILE
         self.blocks = DecompressedBlocks(decompressed_cache_bytes)
         self.scratch_tokens = scratch_tokens
+        from trtcompress.runtime.fused_attention import fused_decode_supported
+
+        self.fused_decode = fused_decode_supported(cache)  # decode tokens read the compressed blocks
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -165,7 +168,12 @@ class BatchedModel:
         cos, sin = self.rotary(h[None], positions[None])
         cos, sin = cos[0, :, None], sin[0, :, None]  # (T, 1, D): broadcast over heads
         bounds = torch.tensor([0] + [w.n for w in work]).cumsum(0).tolist()
-        groups = self._groups(work)
+        # Decode tokens attend from the compressed blocks through the fused kernel where it reads the
+        # cache; the other works (prompt chunks, or every work without it) through the scratch + SDPA.
+        fused = [i for i, w in enumerate(work) if self.fused_decode and w.n == 1 and w.start > 0]
+        rest = [i for i in range(len(work)) if i not in set(fused)]
+        groups = [rest[lo:hi] for lo, hi in self._groups([work[i] for i in rest])] if rest else []
+        fused_rows = torch.tensor([bounds[i] for i in fused], dtype=torch.long, device=dev)
         t = ids.shape[0]
         for li, layer in enumerate(self.layers):
             q, k, v = _run(layer.qkv, layer.ln1(h))
@@ -176,12 +184,13 @@ class BatchedModel:
             k = k * cos + _rotate_half(k) * sin
             out = torch.empty(t, self.n_heads, self.head_dim, device=dev)
             k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
-            for lo, hi in groups:
-                scratch = self._keys_values(li, work[lo:hi], bounds[lo : hi + 1], k_t, v_t)
-                for w, kv, a, b in zip(
-                    work[lo:hi], scratch, bounds[lo:hi], bounds[lo + 1 : hi + 1], strict=True
-                ):
-                    out[a:b] = self._attend(li, w, kv, q[a:b])
+            if fused:
+                out[fused_rows] = self._attend_fused(li, [work[i] for i in fused], q, k, v, fused_rows)
+            for members in groups:
+                spans = [(bounds[i], bounds[i + 1]) for i in members]
+                scratch = self._keys_values(li, [work[i] for i in members], spans, k_t, v_t)
+                for i, kv, (a, b) in zip(members, scratch, spans, strict=True):
+                    out[a:b] = self._attend(li, work[i], kv, q[a:b])
             h = h + layer.o(out.reshape(t, -1))
             gate, up = _run(layer.gate_up, layer.ln2(h))
             h = h + layer.down(layer.act(gate) * up)
@@ -222,16 +231,36 @@ class BatchedModel:
         self.cache.write(layer, w.seq.seq_id, kv[0, :, start:], kv[1, :, start:], phase=w.phase)
         return o.transpose(0, 1)
 
+    def _attend_fused(
+        self,
+        layer: int,
+        work: list[Work],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Decode tokens (one per work, at `rows` of the step) over their compressed cache plus
+        themselves, by the fused kernel (`fused_attention.py`); then their K/V go into the cache."""
+        from trtcompress.runtime.fused_attention import fused_decode_attention
+
+        seq_ids = [w.seq.seq_id for w in work]
+        out = fused_decode_attention(self.cache, layer, seq_ids, q[rows], k[rows], v[rows], self.scaling)
+        for w, row in zip(work, rows.tolist(), strict=True):
+            own_k, own_v = k[row : row + 1].transpose(0, 1), v[row : row + 1].transpose(0, 1)  # (H, 1, D)
+            self.cache.write(layer, w.seq.seq_id, own_k, own_v, phase=w.phase)
+        return out
+
     def _keys_values(
-        self, layer: int, work: list[Work], bounds: list[int], k: torch.Tensor, v: torch.Tensor
+        self, layer: int, work: list[Work], spans: list[tuple[int, int]], k: torch.Tensor, v: torch.Tensor
     ) -> list[torch.Tensor]:
         """Per work, the transient scratch `(2, H, start + n, D)` float32: the `start` committed tokens
         as the cache reproduces them (decompressed blocks, then the fp16 tail), then the step's exact
-        K/V (`k`, `v` `(H, T, D)`: columns `bounds[i]:bounds[i+1]` are work i's). Blocks that the
+        K/V (`k`, `v` `(H, T, D)`: columns `a:b` of `spans[i]` are work i's). Blocks that the
         decompressed-block cache does not hold are decompressed in one codec call for all works."""
         cache, bs = self.cache, self.cache.block_size
         scratch, missing = [], []
-        for w, a, b in zip(work, bounds[:-1], bounds[1:], strict=True):
+        for w, (a, b) in zip(work, spans, strict=True):
             seq_id, start = w.seq.seq_id, w.start
             seq = cache.seqs[seq_id]
             if seq.length != start:

@@ -710,7 +710,8 @@ def gear_reduce_kernel(
         )
     qh = h * GROUP + g
     if WRITE_LSE:  # scores are in log2 units (q carries log2(e)): back to natural logs
-        lse = tl.where(l_tot > 0, (m_safe + tl.log2(l_tot)) * 0.6931471805599453, float("-inf"))
+        has = l_tot > 0  # rows with at least one token (padding rows and empty sequences have none)
+        lse = tl.where(has, (m_safe + tl.log2(tl.where(has, l_tot, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(lse_ptr + b * H * GROUP + qh, lse, mask=gmask)
     l_tot = tl.where(gmask, l_tot, 1.0)
     tl.store(

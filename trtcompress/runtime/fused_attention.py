@@ -1,0 +1,79 @@
+"""Decode attention read straight from the compressed paged cache by the fused GEAR/KIVI kernel.
+
+A decode step's token attends to the sequence's committed tokens (compressed blocks, fp16 tail, sink
+tokens: what `plugins/gear_attention` reads without materializing K and V) and to its own exact key and
+value, which are not in the cache yet. The kernel returns the attention over the committed tokens with
+its softmax normaliser lse = log Σ exp(scale·q·k); the token's own score s joins it exactly:
+
+    out = out_cache · (1 - w) + v_own · w,   w = exp(s) / (exp(lse) + exp(s)) = sigmoid(s - lse)
+
+Used by `BatchedModel` for decode tokens on CUDA (and on CPU with `TRTCOMPRESS_GEAR_TRITON=1` under
+`TRITON_INTERPRET=1`, which is how the tests run it), when the cache's codec is one the kernel reads.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from trtcompress.kv.paged import PagedKVCache
+
+
+def fused_decode_supported(cache: PagedKVCache) -> bool:
+    """Whether the kernel reads this cache: KIVI / GEAR codes of 2 or 4 bits, blocks of one key group,
+    a head dim that is a power of two >= 16 (a tile of the kernel), on CUDA (or with
+    `TRTCOMPRESS_GEAR_TRITON=1`, the kernel interpreted on CPU)."""
+    from trtcompress.kv.gear import GearCodec
+    from trtcompress.kv.kivi import KiviCodec
+
+    codec = cache.codec
+    on_cuda = cache.tails["k"].device.type == "cuda"
+    if not (on_cuda or os.environ.get("TRTCOMPRESS_GEAR_TRITON") == "1"):
+        return False
+    readable = isinstance(codec, KiviCodec | GearCodec) and codec.bits in (2, 4)
+    dim = cache.head_dim
+    return readable and codec.group == cache.block_size and dim >= 16 and dim & (dim - 1) == 0
+
+
+def fused_decode_attention(
+    cache: PagedKVCache,
+    layer: int,
+    seq_ids: list[int],
+    q: torch.Tensor,
+    k_own: torch.Tensor,
+    v_own: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one decode token per sequence: q `(B, Hq, D)`, its own K/V `(B, H, D)`, over the
+    committed cache of `seq_ids` plus that token; `(B, Hq, D)` float32."""
+    from trtcompress.plugins.gear_attention.kernel import gear_attention_triton
+    from trtcompress.plugins.gear_attention.reference import layout_for_codec
+
+    dev = q.device
+    table, lengths = cache.block_table(seq_ids)
+    num_blocks = lengths // cache.block_size
+    layout = layout_for_codec(cache.codec, cache.head_dim, cache.sink_tokens)
+    sinks = {}
+    if cache.sink_tokens:
+        sinks = {"k_sink": cache.sinks["k"][layer], "v_sink": cache.sinks["v"][layer]}
+    out, lse = gear_attention_triton(
+        q.float(),
+        {name: pool[layer] for name, pool in cache.pools["k"].items()},
+        {name: pool[layer] for name, pool in cache.pools["v"].items()},
+        cache.tails["k"][layer],
+        cache.tails["v"][layer],
+        table.to(dev),
+        num_blocks.to(dev),
+        (lengths - num_blocks * cache.block_size).to(dev),
+        cache.tail_slots(seq_ids).to(dev),
+        layout,
+        scale,
+        return_lse=True,
+        **sinks,
+    )
+    bsz, hq, dim = q.shape
+    h = k_own.shape[1]
+    own = (q.float().view(bsz, h, hq // h, dim) * k_own.float()[:, :, None]).sum(-1).view(bsz, hq) * scale
+    w = torch.sigmoid(own - lse)[..., None]  # the token's share of the softmax over cache + itself
+    return out * (1 - w) + v_own.float().repeat_interleave(hq // h, 1) * w
