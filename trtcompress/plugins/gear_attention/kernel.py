@@ -817,7 +817,7 @@ def gear_attention_triton(
     extra live registers cost more than the overlap gains (8-18% slower), so off.
     `outlier_sums`: how block-scope outliers reach their tokens / channels: "onehot" (one-hot
     products on the tensor cores; measured, the default) or "runs" (a gather, prefix sums and a
-    histogram over the codec's sorted outliers: 31% fewer instructions per block in the sm_90 PTX for
+    histogram over the codec's sorted outliers: 35% fewer instructions per block in the sm_90 SASS for
     gear-2bit, not yet timed on a GPU).
     `return_lse`: also return each query row's natural-log softmax normaliser `(B, Hq)` over the
     cache's tokens (log Σ exp(scale·q·k)), to merge with attention over other keys (split-K is then
