@@ -9,8 +9,9 @@ M = 1 over a small grid (block sizes, split-K, then warps / stages around the be
 inline-PTX dequantization `deq_asm`; every config in try/except, failures recorded as strings in
 `gemv_tc_tuning`), runs the elementwise GEMV ("gemv") with its best config of the last H100 run, then
 times M = 1, 2, 4, 8, 16 (both GEMVs, gemv_tc also with bf16 x; the GEMM path at 16) and prefill
-M = 512 / 2048 (tl.dot GEMM), each against torch.matmul with the dequantized fp16 and bf16 weight
-(the same math). Every kernel result is checked against the reference first. Timings: median of
+M = 512 / 2048 (the tl.dot GEMM, and the tensor-core GEMV in row tiles, each tuned at M = 2048), each
+against torch.matmul with the dequantized fp16 and bf16 weight (the same math). Every kernel result
+is checked against the reference first. Timings: median of
 `triton.testing.do_bench` (CUDA events, L2 flushed between runs). `--gemv-only` skips the GEMM path,
 the prefill rows and W4A4. `--smoke` runs tiny shapes on CPU under TRITON_INTERPRET=1 (a check of the
 script itself, no timings worth reading; `deq_asm` fails there by design and is recorded as such).
@@ -152,6 +153,29 @@ def tune_gemm(x, qweight, scales) -> dict:
     return best[1]
 
 
+def tune_gemv_tc_prefill(x, qweight, scales) -> dict | None:
+    """The tensor-core GEMV's row tiles for prefill (M in `block_m`-row tiles): a few tile shapes."""
+    best = None
+    tiles = [(32, 32, 128, 4)] if SMOKE else [
+        (64, 64, 128, 4), (64, 128, 128, 4), (128, 64, 128, 8), (128, 128, 128, 8), (64, 64, 256, 4),
+        (128, 128, 256, 8),
+    ]  # fmt: skip
+    for bm, bn, bk, nw in tiles:
+        cfg = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=3)
+
+        def run(cfg=cfg):
+            return w4a16_gemm_triton(x, qweight, scales, None, GROUP, True, path="gemv_tc", **cfg)
+
+        try:
+            ms = bench(run)
+        except Exception as exc:
+            print(f"  skip gemv_tc prefill {cfg}: {type(exc).__name__}", file=sys.stderr)
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    return None if best is None else best[1]
+
+
 def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> tuple[list[dict], dict]:
     rows = []
     n = k = size
@@ -165,10 +189,12 @@ def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> tuple[li
     print(f"K=N={size}: gemv_tc config {tc_cfg} ({tuning['seconds']:.1f} s)", file=sys.stderr)
     gemv_cfg = old_gemv_config(k)
     x16 = torch.randn(16, k, device=DEVICE).half()
-    gemm_cfg = None
+    gemm_cfg = tc_prefill_cfg = None
     if not GEMV_ONLY:
-        gemm_cfg = tune_gemm(torch.randn(max(prefill_m), k, device=DEVICE).half(), qweight, scales)
-        print(f"K=N={size}: GEMM config {gemm_cfg}", file=sys.stderr)
+        xp = torch.randn(max(prefill_m), k, device=DEVICE).half()
+        gemm_cfg = tune_gemm(xp, qweight, scales)
+        tc_prefill_cfg = tune_gemv_tc_prefill(xp, qweight, scales)
+        print(f"K=N={size}: GEMM config {gemm_cfg}, gemv_tc prefill {tc_prefill_cfg}", file=sys.stderr)
     for m in decode_m + ([] if GEMV_ONLY else prefill_m):
         x = torch.randn(m, k, device=DEVICE).half() if m != 16 else x16
         xb = x.bfloat16()
@@ -181,6 +207,8 @@ def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> tuple[li
             paths += [("gemv", gemv_cfg), ("gemv_tc", tc_cfg)]
         if m >= 16 and gemm_cfg is not None:
             paths.append(("gemm", gemm_cfg))
+        if m > 16 and tc_prefill_cfg is not None:  # the tensor-core GEMV in row tiles
+            paths.append(("gemv_tc", tc_prefill_cfg))
         for path, cfg in paths:
 
             def run(x=x, path=path, cfg=cfg):

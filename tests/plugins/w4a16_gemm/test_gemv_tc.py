@@ -89,6 +89,16 @@ def test_gemv_tc_writes_every_output_once(split_k):
     _assert_matches(out.to(torch.float16), ref)
 
 
+@pytest.mark.parametrize(("m", "block_m", "split_k"), [(70, 32, 1), (40, 16, 2)])
+def test_gemv_tc_row_tiles_for_prefill(m: int, block_m: int, split_k: int) -> None:
+    """More rows than one tile (prefill): the grid's third axis walks M in `block_m`-row tiles, partial
+    last tile included; every output is written once."""
+    x, args = _inputs(96, 256, 64, False, m, torch.float16, seed=m)
+    kw = {"block_n": 32, "block_k": 128, "block_m": block_m, "split_k": split_k}
+    out = w4a16_gemm_triton(x, *args, path="gemv_tc", **kw)
+    _assert_matches(out, w4a16_gemm_reference(x, *args))
+
+
 @pytest.mark.parametrize(
     ("k", "group", "block_k", "fp_exp", "expected"),
     [

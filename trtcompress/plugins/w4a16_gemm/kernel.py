@@ -178,8 +178,9 @@ def w4a16_gemv_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
                          MASK_K: tl.constexpr, DEQ_ASM: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
     """Decode GEMV on tensor cores, A and B swapped: outᵀ (BLOCK_N, M_PAD) = W (BLOCK_N, K) @ xᵀ (K, M_PAD).
 
-    One program owns BLOCK_N weight rows (and a K range with SPLIT_K > 1), so every row of x (M <= M_PAD)
-    shares one read of the weight. Per group (sub-block of GB = min(GROUP, BLOCK_K) columns) it loads
+    One program owns BLOCK_N weight rows (and a K range with SPLIT_K > 1) and M_PAD rows of x (grid axis
+    2: one tile for decode, M <= M_PAD, where every row of x shares one read of the weight; several for
+    prefill). Per group (sub-block of GB = min(GROUP, BLOCK_K) columns) it loads
     the bytes as stored, makes codes without int->float conversions (magic numbers: the nibble ORed into
     the mantissa of fp16 1024 / bf16 128 is exactly 1024 + c / 128 + c), runs two `tl.dot`s (low
     nibbles x even columns, high nibbles x odd columns) and scales the fp32 partial product per row.
@@ -193,13 +194,14 @@ def w4a16_gemv_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)  # M_PAD-row tiles of x: one for decode, several for prefill
     GB: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K  # columns per sub-block (one group)
     NSUB: tl.constexpr = BLOCK_K // GB
     GH: tl.constexpr = GB // 2  # bytes per row and sub-block
     G = (K + GROUP - 1) // GROUP
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
-    rm = tl.arange(0, M_PAD)
+    rm = pid_m * M_PAD + tl.arange(0, M_PAD)
     m_ok = rm < M
     if IS_BF16:
         MAGIC: tl.constexpr = 128.0
@@ -384,7 +386,8 @@ def w4a16_gemm_triton(
     """x (M, K) fp16/bf16 -> (M, N) in x's dtype.
 
     `path`: "gemv" (elementwise GEMV, one program row per x row), "gemv_tc" (`w4a16_gemv_tc_kernel`:
-    tensor cores, all rows of x share one read of the weight; INT4 with aligned power-of-two groups,
+    tensor cores, up to `block_m` (at least 16) rows of x per program share one read of the weight, so
+    a larger M (prefill) runs as several row tiles; INT4 with aligned power-of-two groups,
     other formats (FP4, groups such as 48) fall back to "gemv" with the same blocks), "gemm" or "auto"
     (`decode` for M <= 8, else "gemm"). `deq_asm` (gemv_tc, fp16 x, CUDA only) makes the codes with
     inline PTX instead of Triton integer ops. `num_stages` is passed to the launch when given.
@@ -405,12 +408,12 @@ def w4a16_gemm_triton(
         if tc_group is None:
             path = "gemv"
         else:
-            m_pad = max(16, triton.next_power_of_2(m))
+            m_pad = min(max(16, triton.next_power_of_2(m)), max(16, block_m))  # rows of x per program
             out = (
                 torch.zeros(m, n, device=x.device, dtype=torch.float32) if split_k > 1 else x.new_empty(m, n)
             )
             is_bf16 = x.dtype == torch.bfloat16
-            grid = (triton.cdiv(n, block_n), split_k)
+            grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, m_pad))
             w4a16_gemv_tc_kernel[grid](
                 x, qweight, scales, z, m, n, k, qweight.stride(0), out, tc_group, bool(symmetric), block_n,
                 block_k, split_k, m_pad, is_bf16, k % block_k != 0, bool(deq_asm) and not is_bf16,
