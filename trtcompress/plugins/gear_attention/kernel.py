@@ -137,14 +137,15 @@ def _load_backbone(kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bh, d, t, D: 
 
 
 @triton.jit
-def _key_scores(qf, kb, ks, kz, BITS: tl.constexpr, ASM: tl.constexpr):
+def _key_scores(qf, q_real, kb, ks, kz, BITS: tl.constexpr, ASM: tl.constexpr):
     """qf·deq(Kq)ᵀ for one block (qf: fp32 queries), (G_PAD, T), without dequantizing: keys have one
     scale/zero per channel, so q·(s∘c + z) = (q∘s)·c + q·z. The codes at bit position i of the key
     bytes (D, T/PER) are those of tokens PER*j + i (one dot each); the PER score tiles are
     interleaved back into token order."""
     PER: tl.constexpr = 8 // BITS
-    qs = (qf * ks.to(tl.float32)[None, :]).to(tl.float16)
-    bias = tl.sum(qf * kz.to(tl.float32)[None, :], 1)
+    G_PAD: tl.constexpr = qf.shape[0]
+    qs = _pad_rows(q_real * ks.to(tl.float32)[None, :], G_PAD).to(tl.float16)
+    bias = tl.sum(_pad_rows(q_real * kz.to(tl.float32)[None, :], G_PAD), 1)
     c0, c1, c2, c3 = _split_codes(kb, BITS, ASM)
     s0 = tl.dot(qs, c0)
     s1 = tl.dot(qs, c1)
@@ -368,8 +369,7 @@ def _gear_decode(
     q = q32.to(tl.float16)
     q_rows = (b * H * GROUP + qh) * D  # row offsets of this program's queries (outlier gathers)
     GP: tl.constexpr = 2 if GROUP <= 2 else (4 if GROUP <= 4 else (8 if GROUP <= 8 else G_PAD))
-    if OUT_RUNS:
-        q_real = _real_rows(q32, GP)  # the outlier sums run on the group's real rows only
+    q_real = _real_rows(q32, GP)  # elementwise work runs on the group's real rows only
 
     n_blocks = tl.load(num_blocks_ptr + b)
     per_split = tl.cdiv(n_blocks, SPLITS)
@@ -398,7 +398,7 @@ def _gear_decode(
                 kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bh, d, t, D, T, VG, BITS
             )
         # ---- keys: rows are channels (D), per-channel scale/zero over the block's T tokens
-        s = _key_scores(q32, kb, ks, kz, BITS, ASM)  # (G_PAD, T)
+        s = _key_scores(q32, q_real, kb, ks, kz, BITS, ASM)  # (G_PAD, T)
         if not OUT_BLOCK and OUT_K > 0:  # in-group outliers: OUT_K (token, value) pairs per channel
             sk = tl.zeros([T, D], tl.float32)
             for o in tl.static_range(OUT_K):
