@@ -130,50 +130,43 @@ def tune_gemv_tc(x, qweight, scales) -> tuple[dict, list[dict]]:
     return best["config"], tried
 
 
-def tune_gemm(x, qweight, scales) -> dict:
+def _fastest(x, qweight, scales, path: str, configs: list[dict]) -> dict | None:
+    """The fastest of `configs` for `path` on x (configs that fail to compile or launch are skipped)."""
     best = None
-    tiles = [(16, 32, 32, 4)] if SMOKE else [
-        (16, 64, 64, 4), (16, 128, 64, 4), (32, 64, 128, 4), (64, 64, 64, 4), (64, 128, 64, 8),
-        (128, 128, 64, 8), (128, 64, 128, 8),
-    ]  # fmt: skip
-    for bm, bn, bk, nw in tiles:
-        cfg = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw)
+    for cfg in configs:
 
         def run(cfg=cfg):
-            return w4a16_gemm_triton(x, qweight, scales, None, GROUP, True, path="gemm", **cfg)
+            return w4a16_gemm_triton(x, qweight, scales, None, GROUP, True, path=path, **cfg)
 
         try:
             ms = bench(run)
         except Exception as exc:
-            print(f"  skip {cfg}: {type(exc).__name__}", file=sys.stderr)
-            continue
-        if best is None or ms < best[0]:
-            best = (ms, cfg)
-    assert best is not None
-    return best[1]
-
-
-def tune_gemv_tc_prefill(x, qweight, scales) -> dict | None:
-    """The tensor-core GEMV's row tiles for prefill (M in `block_m`-row tiles): a few tile shapes."""
-    best = None
-    tiles = [(32, 32, 128, 4)] if SMOKE else [
-        (64, 64, 128, 4), (64, 128, 128, 4), (128, 64, 128, 8), (128, 128, 128, 8), (64, 64, 256, 4),
-        (128, 128, 256, 8),
-    ]  # fmt: skip
-    for bm, bn, bk, nw in tiles:
-        cfg = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=3)
-
-        def run(cfg=cfg):
-            return w4a16_gemm_triton(x, qweight, scales, None, GROUP, True, path="gemv_tc", **cfg)
-
-        try:
-            ms = bench(run)
-        except Exception as exc:
-            print(f"  skip gemv_tc prefill {cfg}: {type(exc).__name__}", file=sys.stderr)
+            print(f"  skip {path} {cfg}: {type(exc).__name__}", file=sys.stderr)
             continue
         if best is None or ms < best[0]:
             best = (ms, cfg)
     return None if best is None else best[1]
+
+
+def tune_gemm(x, qweight, scales) -> dict:
+    tiles = [(16, 32, 32, 4)] if SMOKE else [
+        (16, 64, 64, 4), (16, 128, 64, 4), (32, 64, 128, 4), (64, 64, 64, 4), (64, 128, 64, 8),
+        (128, 128, 64, 8), (128, 64, 128, 8),
+    ]  # fmt: skip
+    configs = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw) for bm, bn, bk, nw in tiles]
+    best = _fastest(x, qweight, scales, "gemm", configs)
+    assert best is not None
+    return best
+
+
+def tune_gemv_tc_prefill(x, qweight, scales) -> dict | None:
+    """The tensor-core GEMV's row tiles for prefill (M in `block_m`-row tiles): a few tile shapes."""
+    tiles = [(32, 32, 128, 4)] if SMOKE else [
+        (64, 64, 128, 4), (64, 128, 128, 4), (128, 64, 128, 8), (128, 128, 128, 8), (64, 64, 256, 4),
+        (128, 128, 256, 8),
+    ]  # fmt: skip
+    configs = [dict(block_m=m, block_n=n, block_k=k, num_warps=w, num_stages=3) for m, n, k, w in tiles]
+    return _fastest(x, qweight, scales, "gemv_tc", configs)
 
 
 def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> tuple[list[dict], dict]:

@@ -14,10 +14,12 @@ Used by `BatchedModel` for decode tokens on CUDA (and on CPU with `TRTCOMPRESS_G
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from trtcompress.kv.paged import PagedKVCache
+from trtcompress.plugins.gear_attention.reference import GearLayout, layout_for_codec
 
 
 def fused_decode_supported(cache: PagedKVCache) -> bool:
@@ -36,24 +38,45 @@ def fused_decode_supported(cache: PagedKVCache) -> bool:
     return readable and codec.group == cache.block_size and dim >= 16 and dim & (dim - 1) == 0
 
 
+@dataclass(frozen=True)
+class FusedDecodeInputs:
+    """What the kernel needs of a step's decode sequences besides the layer's pools: the same for every
+    layer of the step (block tables change only between steps), so built once per step."""
+
+    seq_ids: list[int]
+    block_table: torch.Tensor
+    num_blocks: torch.Tensor
+    tail_lens: torch.Tensor
+    slots: torch.Tensor
+    layout: GearLayout
+
+
+def fused_decode_inputs(cache: PagedKVCache, seq_ids: list[int], device: torch.device) -> FusedDecodeInputs:
+    table, lengths = cache.block_table(seq_ids)
+    num_blocks = lengths // cache.block_size
+    return FusedDecodeInputs(
+        seq_ids,
+        table.to(device),
+        num_blocks.to(device),
+        (lengths - num_blocks * cache.block_size).to(device),
+        cache.tail_slots(seq_ids).to(device),
+        layout_for_codec(cache.codec, cache.head_dim, cache.sink_tokens),
+    )
+
+
 def fused_decode_attention(
     cache: PagedKVCache,
     layer: int,
-    seq_ids: list[int],
+    inputs: FusedDecodeInputs,
     q: torch.Tensor,
     k_own: torch.Tensor,
     v_own: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Attention of one decode token per sequence: q `(B, Hq, D)`, its own K/V `(B, H, D)`, over the
-    committed cache of `seq_ids` plus that token; `(B, Hq, D)` float32."""
+    """Attention of one decode token per sequence of `inputs`: q `(B, Hq, D)`, its own K/V `(B, H, D)`,
+    over the committed cache plus that token; `(B, Hq, D)` float32."""
     from trtcompress.plugins.gear_attention.kernel import gear_attention_triton
-    from trtcompress.plugins.gear_attention.reference import layout_for_codec
 
-    dev = q.device
-    table, lengths = cache.block_table(seq_ids)
-    num_blocks = lengths // cache.block_size
-    layout = layout_for_codec(cache.codec, cache.head_dim, cache.sink_tokens)
     sinks = {}
     if cache.sink_tokens:
         sinks = {"k_sink": cache.sinks["k"][layer], "v_sink": cache.sinks["v"][layer]}
@@ -63,11 +86,11 @@ def fused_decode_attention(
         {name: pool[layer] for name, pool in cache.pools["v"].items()},
         cache.tails["k"][layer],
         cache.tails["v"][layer],
-        table.to(dev),
-        num_blocks.to(dev),
-        (lengths - num_blocks * cache.block_size).to(dev),
-        cache.tail_slots(seq_ids).to(dev),
-        layout,
+        inputs.block_table,
+        inputs.num_blocks,
+        inputs.tail_lens,
+        inputs.slots,
+        inputs.layout,
         scale,
         return_lse=True,
         **sinks,

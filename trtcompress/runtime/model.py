@@ -30,6 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from trtcompress.kv.paged import PagedKVCache
+from trtcompress.runtime.fused_attention import (
+    FusedDecodeInputs,
+    fused_decode_attention,
+    fused_decode_inputs,
+    fused_decode_supported,
+)
 from trtcompress.runtime.linear import (
     FALLBACK_TILE,
     RuntimeLinear,
@@ -142,8 +148,6 @@ class BatchedModel:
                     lin.tile = FALLBACK_TILE
         self.blocks = DecompressedBlocks(decompressed_cache_bytes)
         self.scratch_tokens = scratch_tokens
-        from trtcompress.runtime.fused_attention import fused_decode_supported
-
         self.fused_decode = fused_decode_supported(cache)  # decode tokens read the compressed blocks
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -170,10 +174,13 @@ class BatchedModel:
         bounds = torch.tensor([0] + [w.n for w in work]).cumsum(0).tolist()
         # Decode tokens attend from the compressed blocks through the fused kernel where it reads the
         # cache; the other works (prompt chunks, or every work without it) through the scratch + SDPA.
-        fused = [i for i, w in enumerate(work) if self.fused_decode and w.n == 1 and w.start > 0]
-        rest = [i for i in range(len(work)) if i not in set(fused)]
+        by_kernel = [self.fused_decode and w.n == 1 and w.start > 0 for w in work]
+        fused = [i for i, f in enumerate(by_kernel) if f]
+        rest = [i for i, f in enumerate(by_kernel) if not f]
         groups = [rest[lo:hi] for lo, hi in self._groups([work[i] for i in rest])] if rest else []
-        fused_rows = torch.tensor([bounds[i] for i in fused], dtype=torch.long, device=dev)
+        if fused:  # the same for every layer of the step
+            fused_rows = torch.tensor([bounds[i] for i in fused], dtype=torch.long, device=dev)
+            fused_inputs = fused_decode_inputs(self.cache, [work[i].seq.seq_id for i in fused], dev)
         t = ids.shape[0]
         for li, layer in enumerate(self.layers):
             q, k, v = _run(layer.qkv, layer.ln1(h))
@@ -185,7 +192,9 @@ class BatchedModel:
             out = torch.empty(t, self.n_heads, self.head_dim, device=dev)
             k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
             if fused:
-                out[fused_rows] = self._attend_fused(li, [work[i] for i in fused], q, k, v, fused_rows)
+                out[fused_rows] = self._attend_fused(
+                    li, fused_inputs, [work[i] for i in fused], q, k, v, fused_rows
+                )
             for members in groups:
                 spans = [(bounds[i], bounds[i + 1]) for i in members]
                 scratch = self._keys_values(li, [work[i] for i in members], spans, k_t, v_t)
@@ -234,6 +243,7 @@ class BatchedModel:
     def _attend_fused(
         self,
         layer: int,
+        inputs: FusedDecodeInputs,
         work: list[Work],
         q: torch.Tensor,
         k: torch.Tensor,
@@ -242,10 +252,7 @@ class BatchedModel:
     ) -> torch.Tensor:
         """Decode tokens (one per work, at `rows` of the step) over their compressed cache plus
         themselves, by the fused kernel (`fused_attention.py`); then their K/V go into the cache."""
-        from trtcompress.runtime.fused_attention import fused_decode_attention
-
-        seq_ids = [w.seq.seq_id for w in work]
-        out = fused_decode_attention(self.cache, layer, seq_ids, q[rows], k[rows], v[rows], self.scaling)
+        out = fused_decode_attention(self.cache, layer, inputs, q[rows], k[rows], v[rows], self.scaling)
         for w, row in zip(work, rows.tolist(), strict=True):
             own_k, own_v = k[row : row + 1].transpose(0, 1), v[row : row + 1].transpose(0, 1)  # (H, 1, D)
             self.cache.write(layer, w.seq.seq_id, own_k, own_v, phase=w.phase)

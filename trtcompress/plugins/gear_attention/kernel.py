@@ -842,8 +842,8 @@ def gear_attention_triton(
     `fast_unpack`: unpack codes with inline PTX (None: on a GPU, not under TRITON_INTERPRET).
     `prefetch`: issue the next block's backbone loads before this block's math (register double
     buffering, so that a program's memory latency overlaps its own arithmetic). None: for caches
-    without outliers (KIVI: 1.13-1.29x faster on an H100 at 32k); with GEAR's outlier chunks the
-    extra live registers cost more than the overlap gains (8-18% slower), so off.
+    without outliers (KIVI: 1.15-1.29x faster on an H100 at 32k); with GEAR's outlier chunks the
+    extra live registers cost more than the overlap gains (8-21% slower), so off.
     `outlier_sums`: how block-scope outliers reach their tokens / channels: "onehot" (one-hot
     products on the tensor cores; measured, the default) or "runs" (a gather, prefix sums and a
     histogram over the codec's sorted outliers, on the GQA group's real query rows only: 2.1x fewer
