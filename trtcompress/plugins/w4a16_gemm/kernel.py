@@ -172,37 +172,16 @@ def _deq_asm(byte, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
-def w4a16_gemv_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr, GROUP: tl.constexpr,
-                         SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT_K: tl.constexpr, M_PAD: tl.constexpr, IS_BF16: tl.constexpr,
-                         MASK_K: tl.constexpr, DEQ_ASM: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
-    """Decode GEMV on tensor cores, A and B swapped: outᵀ (BLOCK_N, M_PAD) = W (BLOCK_N, K) @ xᵀ (K, M_PAD).
-
-    One program owns BLOCK_N weight rows (and a K range with SPLIT_K > 1) and M_PAD rows of x (grid axis
-    2: one tile for decode, M <= M_PAD, where every row of x shares one read of the weight; several for
-    prefill). Per group (sub-block of GB = min(GROUP, BLOCK_K) columns) it loads
-    the bytes as stored, makes codes without int->float conversions (magic numbers: the nibble ORed into
-    the mantissa of fp16 1024 / bf16 128 is exactly 1024 + c / 128 + c), runs two `tl.dot`s (low
-    nibbles x even columns, high nibbles x odd columns) and scales the fp32 partial product per row.
-    fp16: codes minus (1024 + zero) before the dot (exact). bf16: the magic codes go into the dot as they
-    are and sum((128 + c)·x) - (128 + z)·sum(x) is subtracted after it. INT4 only; GROUP and BLOCK_K
-    powers of two with one dividing the other (the launcher falls back to `w4a16_gemv_kernel` otherwise).
-    `stride_w` = bytes per weight row (a separate argument so that Triton specializes its divisibility by 16
-    and emits 16-byte loads); MASK_K = False when K is a multiple of BLOCK_K (no mask along K).
-    DOT_F32 (bf16 only) runs the dots on fp32 copies: for TRITON_INTERPRET, whose bf16 `tl.dot` is wrong
-    (triton 3.6: garbage even for plain loaded bf16 tiles); never on a GPU.
-    """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)  # M_PAD-row tiles of x: one for decode, several for prefill
+def _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, K, stride_w, rn, n_ok, rm, m_ok, k_start, k_end,
+                  GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  M_PAD: tl.constexpr, IS_BF16: tl.constexpr, MASK_K: tl.constexpr, DEQ_ASM: tl.constexpr,
+                  DOT_F32: tl.constexpr):  # fmt: skip
+    """fp32 (BLOCK_N, M_PAD) = W[rn, k_start:k_end] @ x[rm, k_start:k_end]ᵀ, on tensor cores (see
+    `w4a16_gemv_tc_kernel`); k_start a multiple of BLOCK_K."""
     GB: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K  # columns per sub-block (one group)
     NSUB: tl.constexpr = BLOCK_K // GB
     GH: tl.constexpr = GB // 2  # bytes per row and sub-block
     G = (K + GROUP - 1) // GROUP
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rm = pid_m * M_PAD + tl.arange(0, M_PAD)
-    m_ok = rm < M
     if IS_BF16:
         MAGIC: tl.constexpr = 128.0
     else:
@@ -210,9 +189,6 @@ def w4a16_gemv_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
     if SYMMETRIC:
         zero = tl.zeros((BLOCK_N,), tl.float32) + (MAGIC + 8.0)
         zero_h = zero.to(x_ptr.dtype.element_ty)
-    span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # K columns per split, whole blocks
-    k_start = pid_k * span
-    k_end = tl.minimum(k_start + span, K)
     acc = tl.zeros((BLOCK_N, M_PAD), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         for s in tl.static_range(NSUB):
@@ -225,9 +201,8 @@ def w4a16_gemv_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
             else:  # a mask constant along K keeps the 16-byte loads (and cp.async pipelining)
                 byte = tl.load(w_tile, mask=n_ok[:, None], other=0)
             cols = kg + tl.arange(0, GB)
-            xk = tl.load(
-                x_ptr + rm[:, None] * K + cols[None, :], mask=m_ok[:, None] & (cols < K)[None, :], other=0.0
-            )
+            x_mask = m_ok[:, None] & (cols < K)[None, :] if MASK_K else m_ok[:, None]  # constant along K:
+            xk = tl.load(x_ptr + rm[:, None] * K + cols[None, :], mask=x_mask, other=0.0)  # 16-byte loads
             x_lo, x_hi = tl.split(tl.reshape(xk, (M_PAD, GH, 2)))  # even / odd columns
             x_lo = tl.trans(x_lo)  # (GH, M_PAD)
             x_hi = tl.trans(x_hi)
@@ -261,12 +236,68 @@ def w4a16_gemv_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
                     part = tl.dot(c_hi, x_hi, part, out_dtype=tl.float32)
             scale = tl.load(s_ptr + rn * G + g, mask=n_ok, other=0.0).to(tl.float32)
             acc += part * scale[:, None]
-    out = out_ptr + rm[None, :] * N + rn[:, None]
-    mask = n_ok[:, None] & m_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    return acc
+
+
+@triton.jit
+def w4a16_gemv_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr, work_per_program,
+                         GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, M_PAD: tl.constexpr,
+                         IS_BF16: tl.constexpr, MASK_K: tl.constexpr, DEQ_ASM: tl.constexpr,
+                         DOT_F32: tl.constexpr, STREAM_K: tl.constexpr):  # fmt: skip
+    """Decode GEMV on tensor cores, A and B swapped: outᵀ (BLOCK_N, M_PAD) = W (BLOCK_N, K) @ xᵀ (K, M_PAD).
+
+    One program owns BLOCK_N weight rows (and a K range with SPLIT_K > 1) and M_PAD rows of x (grid axis
+    2: one tile for decode, M <= M_PAD, where every row of x shares one read of the weight; several for
+    prefill). Per group (sub-block of GB = min(GROUP, BLOCK_K) columns) it loads
+    the bytes as stored, makes codes without int->float conversions (magic numbers: the nibble ORed into
+    the mantissa of fp16 1024 / bf16 128 is exactly 1024 + c / 128 + c), runs two `tl.dot`s (low
+    nibbles x even columns, high nibbles x odd columns) and scales the fp32 partial product per row.
+    fp16: codes minus (1024 + zero) before the dot (exact). bf16: the magic codes go into the dot as they
+    are and sum((128 + c)·x) - (128 + z)·sum(x) is subtracted after it. INT4 only; GROUP and BLOCK_K
+    powers of two with one dividing the other (the launcher falls back to `w4a16_gemv_kernel` otherwise).
+    `stride_w` = bytes per weight row (a separate argument so that Triton specializes its divisibility by 16
+    and emits 16-byte loads); MASK_K = False when K is a multiple of BLOCK_K (no mask along K).
+    DOT_F32 (bf16 only) runs the dots on fp32 copies: for TRITON_INTERPRET, whose bf16 `tl.dot` is wrong
+    (triton 3.6: garbage even for plain loaded bf16 tiles); never on a GPU.
+    STREAM_K (grid axis 0 = a fixed number of programs, e.g. a few per SM): the cdiv(N, BLOCK_N) x
+    cdiv(K, BLOCK_K) steps are cut into equal runs of `work_per_program`, one per program, which adds
+    its partial sums atomically at the end of each row block it touches. Every program does the same
+    work, so no last wave of a few programs runs on an almost idle GPU (a split-K grid of 896 programs
+    on 132 SMs holding ~6 each runs 1.13 waves in 2 rounds).
+    """
+    pid_m = tl.program_id(2)  # M_PAD-row tiles of x: one for decode, several for prefill
+    rm = pid_m * M_PAD + tl.arange(0, M_PAD)
+    m_ok = rm < M
+    if STREAM_K:  # an equal share of all (row block, K block) steps, flushed at each row block's end
+        k_steps = tl.cdiv(K, BLOCK_K)
+        first = tl.program_id(0) * work_per_program
+        last = tl.minimum(first + work_per_program, tl.cdiv(N, BLOCK_N) * k_steps)  # exclusive
+        for nb in range(first // k_steps, tl.cdiv(last, k_steps)):
+            rn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = rn < N
+            k_start = tl.maximum(first - nb * k_steps, 0) * BLOCK_K
+            k_end = tl.minimum(tl.minimum(last - nb * k_steps, k_steps) * BLOCK_K, K)
+            acc = _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, K, stride_w, rn, n_ok, rm, m_ok, k_start, k_end,
+                                GROUP, SYMMETRIC, BLOCK_N, BLOCK_K, M_PAD, IS_BF16, MASK_K, DEQ_ASM,
+                                DOT_F32)  # fmt: skip
+            out = out_ptr + rm[None, :] * N + rn[:, None]
+            tl.atomic_add(out, acc, mask=n_ok[:, None] & m_ok[None, :])
     else:
-        tl.atomic_add(out, acc, mask=mask)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # K columns per split, whole blocks
+        k_start = tl.program_id(1) * span
+        k_end = tl.minimum(k_start + span, K)
+        acc = _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, K, stride_w, rn, n_ok, rm, m_ok, k_start, k_end,
+                            GROUP, SYMMETRIC, BLOCK_N, BLOCK_K, M_PAD, IS_BF16, MASK_K, DEQ_ASM,
+                            DOT_F32)  # fmt: skip
+        out = out_ptr + rm[None, :] * N + rn[:, None]
+        mask = n_ok[:, None] & m_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(out, acc, mask=mask)
 
 
 @triton.jit
@@ -351,6 +382,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device (a fixed 4 elsewhere: the interpreter runs programs one by one)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def gemv_tc_group(k: int, group: int, block_k: int, fp_exp: int = 0) -> int | None:
     """The GROUP constexpr `w4a16_gemv_tc_kernel` runs with, or None where it does not apply (FP4 codes,
     group sizes that are not powers of two or do not divide / fill BLOCK_K, dots shorter than 16).
@@ -382,6 +420,7 @@ def w4a16_gemm_triton(
     num_stages: int | None = None,
     deq_asm: bool = False,
     decode: str = "gemv",
+    stream_k: int = 0,
 ) -> torch.Tensor:
     """x (M, K) fp16/bf16 -> (M, N) in x's dtype.
 
@@ -391,6 +430,7 @@ def w4a16_gemm_triton(
     other formats (FP4, groups such as 48) fall back to "gemv" with the same blocks), "gemm" or "auto"
     (`decode` for M <= 8, else "gemm"). `deq_asm` (gemv_tc, fp16 x, CUDA only) makes the codes with
     inline PTX instead of Triton integer ops. `num_stages` is passed to the launch when given.
+    `stream_k` > 0 (gemv_tc): that many programs per SM share the work equally (`split_k` unused).
     """
     assert x.dim() == 2 and qweight.dim() == 2
     m, k = x.shape
@@ -409,17 +449,22 @@ def w4a16_gemm_triton(
             path = "gemv"
         else:
             m_pad = min(max(16, triton.next_power_of_2(m)), max(16, block_m))  # rows of x per program
-            out = (
-                torch.zeros(m, n, device=x.device, dtype=torch.float32) if split_k > 1 else x.new_empty(m, n)
-            )
+            atomic = split_k > 1 or stream_k > 0
+            out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
             is_bf16 = x.dtype == torch.bfloat16
             grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, m_pad))
+            work_per_program = 0
+            if stream_k > 0:
+                steps = triton.cdiv(n, block_n) * triton.cdiv(k, block_k)
+                programs = min(steps, stream_k * _multiprocessors(x.device))
+                work_per_program = triton.cdiv(steps, programs)
+                grid = (triton.cdiv(steps, work_per_program), 1, triton.cdiv(m, m_pad))
             w4a16_gemv_tc_kernel[grid](
-                x, qweight, scales, z, m, n, k, qweight.stride(0), out, tc_group, bool(symmetric), block_n,
-                block_k, split_k, m_pad, is_bf16, k % block_k != 0, bool(deq_asm) and not is_bf16,
-                is_bf16 and _interpreting(), **launch,
+                x, qweight, scales, z, m, n, k, qweight.stride(0), out, work_per_program, tc_group,
+                bool(symmetric), block_n, block_k, split_k, m_pad, is_bf16, k % block_k != 0,
+                bool(deq_asm) and not is_bf16, is_bf16 and _interpreting(), stream_k > 0, **launch,
             )  # fmt: skip
-            return out.to(x.dtype) if split_k > 1 else out
+            return out.to(x.dtype) if atomic else out
     if path == "gemv":
         out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split_k > 1 else x.new_empty(m, n)
         grid = (m, triton.cdiv(n, block_n), split_k)

@@ -1,10 +1,14 @@
 """`torch.ops.trtcompress.w4a16_gemm`: x @ W4ᵀ for a packed 4-bit weight (INT4 or FP4 codes).
 
-CUDA tensors run the Triton kernels (GEMV for M <= 8 rows, the `tl.dot` GEMM above); CPU tensors run
-`reference.py` (set `TRTCOMPRESS_GEMM_TRITON=1` with `TRITON_INTERPRET=1` to run the kernels on CPU).
-`TRTCOMPRESS_W4A16_DECODE` picks the decode kernel: "gemv_tc" (default: the tensor-core GEMV,
-`w4a16_gemv_tc_kernel`, for M <= 16, with `GEMV_TC_CONFIG`; on an H100 1.3-1.9x of a bf16 matmul at
-M = 1..16, BENCHMARKS.md) or "gemv" (the elementwise GEMV for M <= 8, which re-reads the weight per row).
+CUDA tensors run the Triton kernels; CPU tensors run `reference.py` (set `TRTCOMPRESS_GEMM_TRITON=1`
+with `TRITON_INTERPRET=1` to run the kernels on CPU). Which kernel, by rows of x (M):
+- decode, M <= 16: `TRTCOMPRESS_W4A16_DECODE` = "gemv_tc" (default: the tensor-core GEMV,
+  `w4a16_gemv_tc_kernel`, with `GEMV_TC_CONFIG`; on an H100 1.3-2.0x of a bf16 matmul at M = 1..16,
+  BENCHMARKS.md) or "gemv" (the elementwise GEMV for M <= 8, which re-reads the weight per row);
+- prefill, M > 16: `TRTCOMPRESS_W4A16_PREFILL` = "gemv_tc" (default: the same kernel in 128-row tiles,
+  `GEMV_TC_PREFILL_CONFIG`; on an H100 2.3-2.5x faster than the GEMM at M = 512 / 2048) or "gemm"
+  (`w4a16_gemm_kernel`). FP4 codes and groups the tensor-core GEMV does not take (not a power of two)
+  run the elementwise GEMV (decode) or the GEMM (prefill).
 `w4a16_linear(state)` turns a `CompressedLinearState` with a 4-bit weight into the op's arguments.
 """
 
@@ -17,20 +21,32 @@ import torch
 
 from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference
 
-# launch parameters of the "gemv_tc" decode path: the best of the H100 tuning at K = N = 4096, 11008 and
-# 14336 alike (benchmarks/results/gemm_gpu_h100_gemv_tc.json)
-GEMV_TC_CONFIG = {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 3}
+# launch parameters of the "gemv_tc" decode path: the best of the H100 tuning at M = 1 (second run, K = N
+# = 4096 and 11008; within 3% of the best at 14336, where the stream-K schedule won by 1%;
+# benchmarks/results/gemm_gpu_h100_gemv_tc.json)
+GEMV_TC_CONFIG = {"block_n": 64, "block_k": 256, "split_k": 8, "num_warps": 4, "num_stages": 3}
+# prefill (M > 16) in block_m-row tiles: the best of six tiles at K = N = 4096, M = 2048 on the H100
+# (benchmarks/results/gemm_gpu_h100_prefill_4096.json)
+GEMV_TC_PREFILL_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3}
 
 
 def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRTCOMPRESS_GEMM_TRITON") == "1"
 
 
-def _decode_kwargs(m: int) -> dict:
-    decode = os.environ.get("TRTCOMPRESS_W4A16_DECODE", "gemv_tc")
-    if decode == "gemv_tc" and m <= 16:  # one weight read serves up to 16 rows
-        return {"path": "gemv_tc", **GEMV_TC_CONFIG}
-    return {}
+def _kernel_kwargs(m: int, k: int, group_size: int, fp_exp: int) -> dict:
+    """`w4a16_gemm_triton` arguments for M rows of x (see the module docstring)."""
+    from trtcompress.plugins.w4a16_gemm.kernel import gemv_tc_group
+
+    group = group_size if group_size > 0 else k
+    if m <= 16:  # one weight read serves up to 16 rows
+        if os.environ.get("TRTCOMPRESS_W4A16_DECODE", "gemv_tc") == "gemv_tc":
+            return {"path": "gemv_tc", **GEMV_TC_CONFIG}  # falls back to "gemv" where it does not apply
+        return {}
+    prefill = os.environ.get("TRTCOMPRESS_W4A16_PREFILL", "gemv_tc")
+    if prefill == "gemv_tc" and gemv_tc_group(k, group, GEMV_TC_PREFILL_CONFIG["block_k"], fp_exp):
+        return {"path": "gemv_tc", **GEMV_TC_PREFILL_CONFIG}
+    return {"path": "gemm"}
 
 
 @torch.library.custom_op("trtcompress::w4a16_gemm", mutates_args=())
@@ -49,7 +65,7 @@ def w4a16_gemm(
     if _use_triton(x2) and x2.dtype in (torch.float16, torch.bfloat16):
         from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton
 
-        kwargs = _decode_kwargs(x2.shape[0])
+        kwargs = _kernel_kwargs(x2.shape[0], k, group_size, fp_exp)
         out = w4a16_gemm_triton(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man, **kwargs)
     else:
         out = w4a16_gemm_reference(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man)
