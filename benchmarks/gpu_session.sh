@@ -1,9 +1,9 @@
 #!/bin/bash
-# Every GPU measurement of issues 5 and 6 in one call to a lent GPU machine (about 8-9 minutes on an
+# Every GPU measurement of issues 5 and 6 in one call to a lent GPU machine (about 7-9 minutes on an
 # H100, compilation included), each step under its own time limit so one failure keeps the others:
-#   1. benchmarks/gemm_gpu.py --gemv-only  W4A16 decode GEMV vs bf16 matmul (3 sizes, stream-K included)
-#   2. benchmarks/runtime_gpu.py  native runtime vs HF generate, end to end (needs .gpu/, see below)
-#   3. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations)
+#   1. benchmarks/runtime_gpu.py  native runtime vs HF generate, end to end (needs .gpu/, see below)
+#   2. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations)
+#   3. benchmarks/gemm_gpu.py --gemv-only  W4A16 decode GEMV vs bf16 matmul (3 sizes, stream-K included)
 #   4. benchmarks/plugin_ptx_gpu.py run  the plugins' AOT PTX (if `prepare .gpu/ptx` ran on CPU)
 #   5. benchmarks/gemm_gpu.py --quick  prefill (GEMM and row-tiled tensor-core GEMV) and W4A4 at 4096
 # Run through the device tool as `bash benchmarks/gpu_session.sh` with carry [".gpu"]
@@ -19,18 +19,18 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 # most important first: a run cut short by the device's 600 s limit keeps what it measured
-timeout 150 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_h100_gemv_tc.json" --gemv-only > "$OUT/gemm.log" 2>&1
-echo "gemm_gpu (decode, 3 sizes) rc $?"
 if [ -d .gpu/whl ] && [ -d .gpu/model ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
-  PYTHONPATH=$PWD:/tmp/site timeout 120 python3 benchmarks/runtime_gpu.py "$OUT/runtime_gpu.json" \
+  PYTHONPATH=$PWD:/tmp/site timeout 170 python3 benchmarks/runtime_gpu.py "$OUT/runtime_gpu.json" \
     --model .gpu/model > "$OUT/runtime.log" 2>&1
   echo "runtime_gpu rc $?"
 else
   echo "runtime_gpu skipped: .gpu/whl and .gpu/model were not carried"
 fi
-timeout 200 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
+timeout 190 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
 echo "gear_attention rc $?"
+timeout 100 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_h100_gemv_tc.json" --gemv-only > "$OUT/gemm.log" 2>&1
+echo "gemm_gpu (decode, 3 sizes) rc $?"
 if [ -d .gpu/ptx ]; then  # the TensorRT plugins' AOT PTX through the CUDA driver (prepared on CPU)
   timeout 40 python3 benchmarks/plugin_ptx_gpu.py run .gpu/ptx "$OUT" > "$OUT/plugin_ptx.log" 2>&1
   echo "plugin_ptx_gpu rc $?"
@@ -42,3 +42,6 @@ tail -4 "$OUT/gemm.log" | cut -c1-300
 grep -h "prefill\|GEMM config" "$OUT/gemm_prefill.log" | tail -3 | cut -c1-300
 [ -f "$OUT/runtime.log" ] && grep -v Warning "$OUT/runtime.log" | tail -12
 [ -f "$OUT/plugin_ptx.log" ] && tail -3 "$OUT/plugin_ptx.log"
+# the device tool brings back at most 8 files: the logs travel as one archive
+(cd "$OUT" && tar czf logs.tgz ./*.log && rm -f ./*.log)
+ls "$OUT"

@@ -21,10 +21,11 @@ and on the GPU (carry: [".gpu"]): `pip install -q --no-index --no-deps --target 
 Measured, float32 on both sides (the runtime computes in float32), prompts of `--prompt` random token
 ids: HF `generate` at batch 1 and as one static batch of 16; the runtime (`deploy.device`) with 1, 8
 and 32 requests submitted at once (in-flight batching, offline `Engine.generate`), with the fp16 and
-the gear-2bit KV cache. Tokens/s = generated tokens / wall seconds of the whole call (prefill
-included, on both sides); the device is synchronized before each clock read. Results are written
-after every row, so a run cut short keeps what it measured. `--smoke` runs tiny sizes (CPU check of
-the script itself, numbers not worth reading).
+the gear-2bit KV cache (decode attention: the batched path, plus the per-sequence path at the
+largest level for an A/B in the same run; gear-2bit: the fused kernel). Tokens/s = generated tokens
+/ wall seconds of the whole call (prefill included, on both sides); the device is synchronized
+before each clock read. Results are written after every row, so a run cut short keeps what it
+measured. `--smoke` runs tiny sizes (CPU check of the script itself, numbers not worth reading).
 """
 
 from __future__ import annotations
@@ -101,6 +102,13 @@ def runtime_row(engine, ids: list[list[int]], new: int, device: str, codec: str)
             "mean_batch": sum(s.batch_size for s in steps) / max(len(steps), 1)}  # fmt: skip
 
 
+def decode_path(engine) -> str:
+    """Which attention the engine's decode tokens take (runtime/model.py)."""
+    if engine.model.fused_decode:
+        return "fused kernel"
+    return "batched" if engine.model.batched_decode else "per sequence"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -131,7 +139,9 @@ def main() -> None:
         result["rows"].append(row)
         out.write_text(json.dumps(result, indent=1))
         label = (
-            f"batch {row['batch']}" if "batch" in row else f"{row['concurrent']} concurrent, {row['kv']} KV"
+            f"batch {row['batch']}"
+            if "batch" in row
+            else f"{row['concurrent']} concurrent, {row['kv']} KV, {row['decode_attention']}"
         )
         print(f"{row['side']:15s} {label:28s} {row['tokens_per_s']:9.1f} tokens/s ({row['seconds']:.2f} s)",
               flush=True)  # fmt: skip
@@ -153,9 +163,15 @@ def main() -> None:
         except Exception as exc:
             result.setdefault("errors", []).append(f"runtime {codec}: {exc!r}"[:500])
             continue
-        for n in levels if codec == "fp16" else levels[:2]:
+        runs = [(n, True) for n in (levels if codec == "fp16" else levels[:2])]
+        if codec == "fp16" and engine.model.batched_decode:  # A/B: decode attention per sequence
+            runs.append((max(levels), False))
+        for n, batched in runs:
+            engine.model.batched_decode = batched and engine.model.batched_decode
             try:
-                record(runtime_row(engine, ids[:n], args.new, args.device, codec))
+                row = runtime_row(engine, ids[:n], args.new, args.device, codec)
+                row["decode_attention"] = decode_path(engine)
+                record(row)
             except Exception as exc:
                 result.setdefault("errors", []).append(f"runtime {codec} x{n}: {exc!r}"[:500])
     hf = {r["batch"]: r["tokens_per_s"] for r in result["rows"] if r["side"] == "HF generate"}

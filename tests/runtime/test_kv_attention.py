@@ -38,14 +38,22 @@ def _tokens() -> list[list[int]]:
 
 
 def _runtime_logits(
-    tiny_model_dir, codec: str, sink: int, budget: int, scratch: int = CAP
-) -> tuple[list, BatchedModel]:
-    """Logits after every token of both sequences (prompt: at its end only), from BatchedModel."""
+    tiny_model_dir, codec: str, sink: int, budget: int, scratch: int = CAP, batched: bool = True,
+    decode_scratch: int = 64 << 20,
+) -> tuple[list, BatchedModel]:  # fmt: skip
+    """Logits after every token of both sequences (prompt: at its end only), from BatchedModel; decode
+    tokens through the batched decode attention (`batched`, in batches of `decode_scratch` bytes) or
+    the per-sequence scratch + SDPA."""
     from trtcompress.models import load_model
 
     loaded = load_model(str(tiny_model_dir), log=lambda m: None)
     cache = cache_for_model(loaded.model, get_codec(codec), CAP, 2, BLOCK, sink)
-    model = BatchedModel(loaded.model, cache, 16, decompressed_cache_bytes=budget, scratch_tokens=scratch)
+    model = BatchedModel(
+        loaded.model, cache, 16, decompressed_cache_bytes=budget, scratch_tokens=scratch,
+        decode_scratch_bytes=decode_scratch,
+    )  # fmt: skip
+    assert model.batched_decode  # the probe finds it batch-invariant on CPU
+    model.batched_decode = batched
     seqs = []
     for i, ((prompt, _), toks) in enumerate(zip(LENGTHS, _tokens(), strict=True)):
         seqs.append(
@@ -97,11 +105,14 @@ def _decoder_logits(tiny_model_dir, codec: str, sink: int) -> list[torch.Tensor]
 
 
 @pytest.mark.parametrize(
-    ("codec", "sink"),
-    [("fp16", 0), ("int8", 0), ("fp8", 1), ("kivi-2bit", 0), ("gear-2bit", 0), ("gear-2bit", 1)],
-)
-def test_attention_from_compressed_blocks_matches_cached_decoder(tiny_model_dir, codec, sink):
-    got, _ = _runtime_logits(tiny_model_dir, codec, sink, budget=0)
+    ("codec", "sink", "batched"),
+    [
+        ("fp16", 0, True), ("int8", 0, True), ("fp8", 1, True), ("kivi-2bit", 0, True),
+        ("gear-2bit", 0, True), ("gear-2bit", 1, True), ("fp16", 0, False), ("gear-2bit", 1, False),
+    ],
+)  # fmt: skip
+def test_attention_from_compressed_blocks_matches_cached_decoder(tiny_model_dir, codec, sink, batched):
+    got, _ = _runtime_logits(tiny_model_dir, codec, sink, budget=0, batched=batched)
     want = _decoder_logits(tiny_model_dir, codec, sink)
     for g, w, (prompt, total) in zip(got, want, LENGTHS, strict=True):
         assert g.shape == w.shape == (total - prompt + 1, 512)
@@ -122,8 +133,10 @@ def test_decompressed_block_cache_and_grouping_change_nothing(tiny_model_dir, co
     some, part = _runtime_logits(tiny_model_dir, codec, 1, budget=everything // 2)
     every, full = _runtime_logits(tiny_model_dir, codec, 1, budget=1 << 30)
     alone, _ = _runtime_logits(tiny_model_dir, codec, 1, budget=0, scratch=1)  # one sequence per codec call
-    for a, b, c, d in zip(none, some, every, alone, strict=True):
-        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+    # batch invariance of the batched decode attention: one sequence per decode batch, same bits
+    single, _ = _runtime_logits(tiny_model_dir, codec, 1, budget=everything // 2, decode_scratch=1)
+    for a, b, c, d, e in zip(none, some, every, alone, single, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d) and torch.equal(a, e)
     assert 0 < part.decompressed_bytes <= everything // 2
     assert full.decompressed_bytes == everything == 245_760
     for seq_id in (0, 1):

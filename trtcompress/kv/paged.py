@@ -39,6 +39,17 @@ class SequenceState:
     length: int = 0  # committed tokens
 
 
+@dataclass(frozen=True)
+class TokenWrites:
+    """Where one new token per sequence goes in the tails: `PagedKVCache.token_writes`."""
+
+    seq_ids: list[int]
+    slots: torch.Tensor  # (B,) tail slot of each sequence
+    offsets: torch.Tensor  # (B,) position of the token in its tail
+    sinks: list[tuple[int, int, int]]  # (row, slot, position) of tokens that are sink tokens
+    full: list[tuple[int, int, str]]  # (row, seq_id, phase) of tokens that fill their tail
+
+
 class PagedKVCache:
     def __init__(
         self,
@@ -161,14 +172,49 @@ class PagedKVCache:
                     self.sinks[kind][layer, seq.slot, :, pos : pos + n_sink] = x[:, done : done + n_sink]
             pos, done = pos + take, done + take
             if pos % bs == 0:  # the tail is full: compress it into its block
-                block = seq.blocks[pos // bs - 1]
-                for kind in ("k", "v"):
-                    x = self.tails[kind][layer, seq.slot].float()
-                    if pos == bs and self.sink_tokens:  # the sink rows are read from the sink slot
-                        x[:, : self.sink_tokens] = x[:, self.sink_tokens :].mean(1, keepdim=True)
-                    fields = self.codec.compress(x, kind, phase=phase)
-                    for name, value in fields.items():
-                        self.pools[kind][name][layer, block] = value
+                self._compress_tail(layer, seq, pos, phase)
+
+    def _compress_tail(self, layer: int, seq: SequenceState, pos: int, phase: str) -> None:
+        """Compress the sequence's full tail (tokens up to `pos`, a multiple of the block size) into
+        its block."""
+        block = seq.blocks[pos // self.block_size - 1]
+        for kind in ("k", "v"):
+            x = self.tails[kind][layer, seq.slot].float()
+            if pos == self.block_size and self.sink_tokens:  # the sink rows are read from the sink slot
+                x[:, : self.sink_tokens] = x[:, self.sink_tokens :].mean(1, keepdim=True)
+            fields = self.codec.compress(x, kind, phase=phase)
+            for name, value in fields.items():
+                self.pools[kind][name][layer, block] = value
+
+    def token_writes(self, seq_ids: list[int], phases: list[str] | None = None) -> TokenWrites:
+        """Where one new token per sequence goes (see `write_tokens`): the same for every layer of a
+        step, so built once per step (after `reserve`, before `commit`)."""
+        bs, device = self.block_size, self.tails["k"].device
+        slots, offsets, sinks, full = [], [], [], []
+        for row, seq_id in enumerate(seq_ids):
+            seq = self.seqs[seq_id]
+            if (seq.length + 1) // bs > len(seq.blocks):
+                raise RuntimeError(f"sequence {seq_id}: call reserve() before writing 1 token")
+            slots.append(seq.slot)
+            offsets.append(seq.length % bs)
+            if seq.length < self.sink_tokens:
+                sinks.append((row, seq.slot, seq.length))
+            if (seq.length + 1) % bs == 0:
+                full.append((row, seq_id, phases[row] if phases else "decode"))
+        as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+        return TokenWrites(list(seq_ids), as_index(slots), as_index(offsets), sinks, full)
+
+    def write_tokens(self, layer: int, writes: TokenWrites, k: torch.Tensor, v: torch.Tensor) -> None:
+        """`write` of one token per sequence for a whole decode batch: `k`, `v` `(B, H, D)`, row i the
+        token of `writes.seq_ids[i]`. One indexed store per K/V; only the tokens that fill their block
+        (once every `block_size` steps) or are sink tokens take a per-sequence path."""
+        for kind, x in (("k", k), ("v", v)):
+            self.tails[kind][layer][writes.slots, :, writes.offsets] = x.to(torch.float16)
+            for row, slot, pos in writes.sinks:
+                self.sinks[kind][layer, slot, :, pos] = x[row]
+        for _row, seq_id, phase in writes.full:
+            seq = self.seqs[seq_id]
+            self._compress_tail(layer, seq, seq.length + 1, phase)
 
     def commit(self, seq_id: int, n_new: int) -> None:
         self.seqs[seq_id].length += n_new
@@ -205,20 +251,38 @@ class PagedKVCache:
         `sink_tokens` rows of a range that starts at block 0 taken from the sink slot."""
         bs, h, d = self.block_size, self.num_kv_heads, self.head_dim
         ranges = [(seq_id, start, max(start, stop)) for seq_id, start, stop in ranges]
-        ids = [b for seq_id, start, stop in ranges for b in self.seqs[seq_id].blocks[start:stop]]
+        blocks = self.decompress_block_ranges(layer, ranges)
         out: list[list[torch.Tensor]] = [[] for _ in ranges]
+        for x in blocks:
+            parts = x.split([stop - start for _, start, stop in ranges])
+            for row, ((_, start, stop), part) in enumerate(zip(ranges, parts, strict=True)):
+                out[row].append(part.permute(1, 0, 2, 3).reshape(h, (stop - start) * bs, d))
+        return [(k, v) for k, v in out]
+
+    def decompress_block_ranges(
+        self, layer: int, ranges: list[tuple[int, int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks of every `(seq_id, start, stop)` range in one codec call per K/V, concatenated in
+        range order: float32 K and V `(blocks, H, block, D)`, the sink rows of a sequence's block 0 taken
+        from its sink slot."""
+        bs, h, d = self.block_size, self.num_kv_heads, self.head_dim
+        ids = [b for seq_id, start, stop in ranges for b in self.seqs[seq_id].blocks[start:stop]]
+        out = []
         for kind in ("k", "v"):
             if ids:
                 x = self.codec.decompress(self.block_fields(layer, kind, ids), kind, bs, d)
             else:
                 x = self.tails[kind].new_zeros(0, h, bs, d, dtype=torch.float32)
-            parts = x.split([stop - start for _, start, stop in ranges])
-            for row, ((seq_id, start, stop), part) in enumerate(zip(ranges, parts, strict=True)):
-                y = part.permute(1, 0, 2, 3).reshape(h, (stop - start) * bs, d)
-                if start == 0 and stop > 0 and self.sink_tokens:
-                    y[:, : self.sink_tokens] = self.sinks[kind][layer, self.seqs[seq_id].slot].float()
-                out[row].append(y)
-        return [(k, v) for k, v in out]
+            if self.sink_tokens:
+                first = 0
+                for seq_id, start, stop in ranges:
+                    if start == 0 and stop > 0:
+                        x[first, :, : self.sink_tokens] = self.sinks[kind][
+                            layer, self.seqs[seq_id].slot
+                        ].float()
+                    first += max(0, stop - start)
+            out.append(x)
+        return out[0], out[1]
 
     def gather_tail(self, layer: int, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The fp16 tail (committed tokens of the block being filled), float32 `(H, n, D)`."""

@@ -2,20 +2,26 @@
 
 The step's tokens (decode tokens of some sequences, prompt chunks of others) are packed into one
 `(T, hidden)` matrix, so every linear layer is one batch-invariant GEMM for the whole batch (see
-linear.py); only attention is per sequence. Cache semantics are those of
+linear.py); so is the attention of decode tokens (one batched call per layer: the fused kernel
+straight from the compressed blocks, or `decode_attention.py` over decompressed blocks, both
+batch-invariant) and their cache writes (`PagedKVCache.write_tokens`); prompt chunks attend per
+sequence. Cache semantics are those of
 `trtcompress.kv.decode.CachedDecoder`: the step's own tokens attend to their exact K/V (causally),
 earlier tokens are seen as the cache reproduces them (compressed blocks decompressed, the fp16 tail,
 the fp16 sink tokens), and after the step the new K/V are appended (a full tail block is compressed
 by the codec).
 
-Attention reads the paged cache itself: per layer and sequence, the committed tokens are rebuilt from
+Prompt chunks (and decode tokens where neither batched path applies) read the paged cache per
+sequence: per layer and sequence, the committed tokens are rebuilt from
 the compressed blocks (`PagedKVCache.gather_blocks`, the codec's own decompression, sink rows from the
 sink slot) and the fp16 tail into a transient `(2, H, length + n, D)` float32 scratch, which also
 holds the step's exact K/V, and SDPA runs over it. Scratches live for one group of sequences in one
 layer: consecutive sequences of the step whose scratches hold at most `scratch_tokens` tokens together
 (the context length; a longer sequence alone) are decompressed in one codec call per K/V. So the KV
 memory a sequence holds between steps is what the cache accounts (`PagedKVCache.bytes_used`), and
-the transient scratch is bounded by one context's worth of tokens, whatever the batch. Since
+the transient scratch is bounded by one context's worth of tokens, whatever the batch (the batched
+decode attention's padded blocks by `decode_scratch_bytes`, 64 MiB: larger steps run in several
+batches). Since
 rebuilding every block at every step costs more than the attention itself at long contexts, a
 *bounded* cache of decompressed blocks (`DecompressedBlocks`, `deploy.kv_decompressed_cache_mb`, 0 =
 off) keeps the decompressed prefix of as many (sequence, layer) pairs as fit in its budget; its bytes
@@ -30,8 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from trtcompress.kv.paged import PagedKVCache
+from trtcompress.runtime.decode_attention import (
+    DecodeBatch,
+    batched_decode_attention,
+    chunk_decode_works,
+    decode_batch,
+    probe_invariance,
+)
 from trtcompress.runtime.fused_attention import (
-    FusedDecodeInputs,
     fused_decode_attention,
     fused_decode_inputs,
     fused_decode_supported,
@@ -95,14 +107,19 @@ class DecompressedBlocks:
     def get(self, seq_id: int, layer: int) -> torch.Tensor | None:
         return self.entries.get((seq_id, layer))
 
-    def offer(self, seq_id: int, layer: int, kv: torch.Tensor) -> None:
-        """Keep a copy of `kv` as the entry of (seq_id, layer) if that fits in the budget."""
+    def fits(self, seq_id: int, layer: int, nbytes: int) -> bool:
+        """Whether an entry of `nbytes` for (seq_id, layer) would fit in the budget."""
         old = self.entries.get((seq_id, layer))
         old_bytes = 0 if old is None else old.numel() * old.element_size()
+        return self.bytes - old_bytes + nbytes <= self.budget
+
+    def offer(self, seq_id: int, layer: int, kv: torch.Tensor) -> None:
+        """Keep a copy of `kv` as the entry of (seq_id, layer) if that fits in the budget."""
         new_bytes = kv.numel() * kv.element_size()
-        if self.bytes - old_bytes + new_bytes <= self.budget:
+        if self.fits(seq_id, layer, new_bytes):
+            old = self.entries.get((seq_id, layer))
+            self.bytes += new_bytes - (0 if old is None else old.numel() * old.element_size())
             self.entries[seq_id, layer] = kv.clone(memory_format=torch.contiguous_format)
-            self.bytes += new_bytes - old_bytes
 
     def forget(self, seq_id: int) -> None:
         for key in [key for key in self.entries if key[0] == seq_id]:
@@ -119,6 +136,7 @@ class BatchedModel:
         max_rows: int = 512,
         decompressed_cache_bytes: int = 0,
         scratch_tokens: int = 1024,
+        decode_scratch_bytes: int = 64 << 20,
     ) -> None:
         cfg = model.config
         inner = model.get_decoder()
@@ -149,6 +167,12 @@ class BatchedModel:
         self.blocks = DecompressedBlocks(decompressed_cache_bytes)
         self.scratch_tokens = scratch_tokens
         self.fused_decode = fused_decode_supported(cache)  # decode tokens read the compressed blocks
+        # the other decode tokens: one batched attention per layer where it is batch-invariant here
+        self.batched_decode = probe_invariance(
+            self.device, self.n_kv, self.n_heads, self.head_dim, cache.block_size
+        )
+        token_bytes = 2 * self.n_kv * self.head_dim * 4  # float32 K and V of one token
+        self.decode_scratch_tokens = max(1, decode_scratch_bytes // token_bytes)
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -173,14 +197,21 @@ class BatchedModel:
         cos, sin = cos[0, :, None], sin[0, :, None]  # (T, 1, D): broadcast over heads
         bounds = torch.tensor([0] + [w.n for w in work]).cumsum(0).tolist()
         # Decode tokens attend from the compressed blocks through the fused kernel where it reads the
-        # cache; the other works (prompt chunks, or every work without it) through the scratch + SDPA.
-        by_kernel = [self.fused_decode and w.n == 1 and w.start > 0 for w in work]
-        fused = [i for i, f in enumerate(by_kernel) if f]
-        rest = [i for i, f in enumerate(by_kernel) if not f]
+        # cache, else all at once from decompressed blocks (decode_attention.py, where batch-invariant);
+        # the other works (prompt chunks; decode tokens without either) through the scratch + SDPA.
+        decode = [i for i, w in enumerate(work) if w.n == 1 and w.start > 0]
+        fused = decode if self.fused_decode else []
+        batched = decode if self.batched_decode and not fused else []
+        taken = set(fused + batched)
+        rest = [i for i in range(len(work)) if i not in taken]
         groups = [rest[lo:hi] for lo, hi in self._groups([work[i] for i in rest])] if rest else []
-        if fused:  # the same for every layer of the step
-            fused_rows = torch.tensor([bounds[i] for i in fused], dtype=torch.long, device=dev)
-            fused_inputs = fused_decode_inputs(self.cache, [work[i].seq.seq_id for i in fused], dev)
+        writes, seq_ids = None, [work[i].seq.seq_id for i in decode]
+        if fused or batched:  # the same for every layer of the step
+            writes = self.cache.token_writes(seq_ids, [work[i].phase for i in decode])
+            decode_rows = torch.tensor([bounds[i] for i in decode], dtype=torch.long, device=dev)
+        if fused:
+            fused_inputs = fused_decode_inputs(self.cache, seq_ids, dev)
+        batches = self._decode_batches(work, batched, bounds) if batched else []
         t = ids.shape[0]
         for li, layer in enumerate(self.layers):
             q, k, v = _run(layer.qkv, layer.ln1(h))
@@ -192,9 +223,13 @@ class BatchedModel:
             out = torch.empty(t, self.n_heads, self.head_dim, device=dev)
             k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
             if fused:
-                out[fused_rows] = self._attend_fused(
-                    li, fused_inputs, [work[i] for i in fused], q, k, v, fused_rows
+                out[decode_rows] = fused_decode_attention(
+                    self.cache, li, fused_inputs, q[decode_rows], k[decode_rows], v[decode_rows], self.scaling
                 )
+            for batch in batches:
+                out[batch.rows] = self._attend_batch(li, batch, work, q, k, v)
+            if writes is not None:  # after every read of the layer's cache: the step's decode K/V
+                self.cache.write_tokens(li, writes, k[decode_rows], v[decode_rows])
             for members in groups:
                 spans = [(bounds[i], bounds[i + 1]) for i in members]
                 scratch = self._keys_values(li, [work[i] for i in members], spans, k_t, v_t)
@@ -240,23 +275,68 @@ class BatchedModel:
         self.cache.write(layer, w.seq.seq_id, kv[0, :, start:], kv[1, :, start:], phase=w.phase)
         return o.transpose(0, 1)
 
-    def _attend_fused(
+    def _decode_batches(self, work: list[Work], members: list[int], bounds: list[int]) -> list[DecodeBatch]:
+        """The step's batched decode works in batches whose padded blocks fit the decode scratch."""
+        bs = self.cache.block_size
+        starts = [work[i].start for i in members]
+        for i in members:
+            seq_id, start = work[i].seq.seq_id, work[i].start
+            if self.cache.seqs[seq_id].length != start:
+                committed = self.cache.seqs[seq_id].length
+                raise RuntimeError(f"sequence {seq_id}: {committed} tokens committed, step starts at {start}")
+        slots = self.cache.tail_slots([work[i].seq.seq_id for i in members])
+        out = []
+        for lo, hi in chunk_decode_works(starts, bs, self.decode_scratch_tokens):
+            chunk = members[lo:hi]
+            out.append(
+                decode_batch(chunk, [bounds[i] for i in chunk], starts[lo:hi], slots[lo:hi], bs, self.device)
+            )
+        return out
+
+    def _attend_batch(
         self,
         layer: int,
-        inputs: FusedDecodeInputs,
+        batch: DecodeBatch,
         work: list[Work],
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        rows: torch.Tensor,
     ) -> torch.Tensor:
-        """Decode tokens (one per work, at `rows` of the step) over their compressed cache plus
-        themselves, by the fused kernel (`fused_attention.py`); then their K/V go into the cache."""
-        out = fused_decode_attention(self.cache, layer, inputs, q[rows], k[rows], v[rows], self.scaling)
-        for w, row in zip(work, rows.tolist(), strict=True):
-            own_k, own_v = k[row : row + 1].transpose(0, 1), v[row : row + 1].transpose(0, 1)  # (H, 1, D)
-            self.cache.write(layer, w.seq.seq_id, own_k, own_v, phase=w.phase)
-        return out
+        """One decode token per work of `batch` over its committed tokens (laid out as whole blocks:
+        decompressed blocks, then the fp16 tail's block) plus itself: `batched_decode_attention`."""
+        cache, bs, h, d, dev = self.cache, self.cache.block_size, self.n_kv, self.head_dim, self.device
+        kv = torch.zeros(batch.size, batch.num_blocks, 2, h, bs, d, device=dev)
+        held, at, missing = [], [], []  # decompressed prefixes kept between steps, and their blocks
+        for row, i in enumerate(batch.works):
+            seq_id, n_full = work[i].seq.seq_id, batch.starts[row] // bs
+            prefix = self.blocks.get(seq_id, layer) if n_full else None
+            have = 0 if prefix is None else prefix.shape[2] // bs
+            if have:  # (2, H, have * bs, D) -> (have, 2, H, bs, D)
+                held.append(prefix.view(2, h, have, bs, d).permute(2, 0, 1, 3, 4))
+                at += [(row, j) for j in range(have)]
+            if have < n_full:
+                missing.append((row, seq_id, have, n_full))
+        if held:  # one copy for all sequences
+            rows, blocks = torch.tensor(at, device=dev).unbind(1)
+            kv[rows, blocks] = torch.cat(held)
+        if missing:  # one codec call per K/V and one copy for every sequence's missing blocks
+            k_blocks, v_blocks = cache.decompress_block_ranges(
+                layer, [(s, lo, hi) for _, s, lo, hi in missing]
+            )
+            rows, blocks = torch.tensor(
+                [(r, j) for r, _, lo, hi in missing for j in range(lo, hi)], device=dev
+            ).unbind(1)
+            kv[rows, blocks, 0] = k_blocks
+            kv[rows, blocks, 1] = v_blocks
+            for row, seq_id, _, hi in missing:
+                if self.blocks.fits(seq_id, layer, 2 * h * hi * bs * d * 4):
+                    prefix = kv[row, :hi].permute(1, 2, 0, 3, 4).reshape(2, h, hi * bs, d)
+                    self.blocks.offer(seq_id, layer, prefix)
+        ar = torch.arange(batch.size, device=self.device)
+        kv[ar, batch.tail_block, 0] = cache.tails["k"][layer][batch.slots].float()
+        kv[ar, batch.tail_block, 1] = cache.tails["v"][layer][batch.slots].float()
+        rows = batch.rows
+        return batched_decode_attention(q[rows], kv, batch.valid, k[rows], v[rows], self.scaling)
 
     def _keys_values(
         self, layer: int, work: list[Work], spans: list[tuple[int, int]], k: torch.Tensor, v: torch.Tensor

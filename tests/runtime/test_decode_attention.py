@@ -1,0 +1,112 @@
+"""`batched_decode_attention` (decode_attention.py): equals exact attention over the committed tokens
+plus the token itself, for GQA and lengths that end anywhere in a block; gives every sequence the same
+bits alone as in a padded batch of any size (the runtime's batch invariance); batches are cut to a
+token budget; and the paged cache's batched token writes equal per-sequence writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trtcompress.kv import get_codec
+from trtcompress.kv.paged import PagedKVCache
+from trtcompress.runtime.decode_attention import (
+    batched_decode_attention,
+    chunk_decode_works,
+    probe_invariance,
+)
+
+BLOCK = 16
+
+
+def _case(starts: list[int], heads: int, q_heads: int, dim: int, extra_blocks: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    nb = max(s // BLOCK for s in starts) + 1 + extra_blocks
+    q = torch.randn(len(starts), q_heads, dim, generator=gen)
+    kv = torch.randn(len(starts), nb, 2, heads, BLOCK, dim, generator=gen)
+    own = torch.randn(2, len(starts), heads, dim, generator=gen)
+    valid = torch.arange(nb * BLOCK).view(nb, BLOCK)[None] < torch.tensor(starts)[:, None, None]
+    return q, kv, valid, own[0], own[1]
+
+
+@pytest.mark.parametrize(("heads", "q_heads", "dim"), [(2, 6, 32), (1, 1, 16), (4, 8, 64)])
+def test_matches_exact_attention(heads: int, q_heads: int, dim: int) -> None:
+    starts = [1, BLOCK - 1, BLOCK, 2 * BLOCK + 3, 5 * BLOCK]
+    q, kv, valid, k_own, v_own = _case(starts, heads, q_heads, dim, extra_blocks=1, seed=heads + dim)
+    out = batched_decode_attention(q, kv, valid, k_own, v_own, dim**-0.5)
+    g = q_heads // heads
+    for i, n in enumerate(starts):
+        keys = kv[i, :, 0].transpose(0, 1).reshape(heads, -1, dim)[:, :n]  # (H, n, D) in token order
+        values = kv[i, :, 1].transpose(0, 1).reshape(heads, -1, dim)[:, :n]
+        keys = torch.cat([keys, k_own[i][:, None]], 1).repeat_interleave(g, 0)
+        values = torch.cat([values, v_own[i][:, None]], 1).repeat_interleave(g, 0)
+        want = torch.softmax(q[i][:, None] @ keys.transpose(1, 2) * dim**-0.5, -1) @ values
+        torch.testing.assert_close(out[i], want[:, 0], rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batch_invariant(seed: int) -> None:
+    gen = torch.Generator().manual_seed(100 + seed)
+    bsz = int(torch.randint(2, 40, (), generator=gen))
+    starts = torch.randint(1, 30 * BLOCK, (bsz,), generator=gen).tolist()
+    q, kv, valid, k_own, v_own = _case(starts, 3, 9, 64, extra_blocks=seed % 3, seed=seed)
+    batch = batched_decode_attention(q, kv, valid, k_own, v_own, 0.125)
+    for i, n in enumerate(starts):
+        own = n // BLOCK + 1  # only its own blocks
+        one = batched_decode_attention(q[i : i + 1], kv[i : i + 1, :own], valid[i : i + 1, :own],
+                                       k_own[i : i + 1], v_own[i : i + 1], 0.125)  # fmt: skip
+        assert torch.equal(one, batch[i : i + 1])
+    assert probe_invariance(torch.device("cpu"), 3, 9, 64, 64)
+
+
+def test_chunks_fit_the_token_budget() -> None:
+    starts = [10, 100, 20, 300, 5, 5]  # blocks of 16: 1, 7, 2, 19, 1, 1
+    assert chunk_decode_works(starts, BLOCK, 10**6) == [(0, 6)]
+    assert chunk_decode_works(starts, BLOCK, 1) == [(i, i + 1) for i in range(6)]
+    chunks = chunk_decode_works(starts, BLOCK, 2 * 7 * BLOCK)  # two works of up to 7 blocks
+    assert chunks == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    for lo, hi in chunks:
+        longest = max(s // BLOCK + 1 for s in starts[lo:hi])
+        assert hi - lo == 1 or (hi - lo) * longest * BLOCK <= 2 * 7 * BLOCK
+
+
+@pytest.mark.parametrize("sink", [0, 2])
+def test_token_writes_equal_per_sequence_writes(sink: int) -> None:
+    """Tails, sink slots and compressed blocks after batched one-token writes are those of `write`,
+    bit for bit, across block boundaries (a tail filled mid-batch is compressed)."""
+    gen = torch.Generator().manual_seed(sink)
+
+    def cache():
+        c = PagedKVCache(
+            get_codec("kivi-2bit"), 2, 2, 64, num_blocks=8, block_size=64, max_seqs=3, sink_tokens=sink
+        )
+        for s, n in enumerate([0, 62, 63]):  # the third fills its first block at the second token
+            c.add_sequence(s)
+            c.reserve(s, n + 2)
+            c.write(0, s, *torch.randn(2, 2, n, 64, generator=torch.Generator().manual_seed(s)))
+            c.write(1, s, *torch.randn(2, 2, n, 64, generator=torch.Generator().manual_seed(s)))
+            c.commit(s, n)
+        return c
+
+    one, batch = cache(), cache()
+    for _ in range(2):
+        k, v = torch.randn(2, 3, 2, 64, generator=gen)
+        writes = batch.token_writes([0, 1, 2])
+        for layer in (0, 1):
+            batch.write_tokens(layer, writes, k, v)
+            for s in range(3):
+                one.write(layer, s, k[s][:, None], v[s][:, None])
+        for s in range(3):
+            one.commit(s, 1)
+            batch.commit(s, 1)
+    for kind in ("k", "v"):
+        assert torch.equal(one.tails[kind], batch.tails[kind])
+        assert torch.equal(one.sinks[kind], batch.sinks[kind])
+        for name in one.pools[kind]:
+            assert torch.equal(one.pools[kind][name], batch.pools[kind][name])
+    short = PagedKVCache(get_codec("fp16"), 1, 2, 64, num_blocks=2, block_size=64, max_seqs=1)
+    short.add_sequence(0)
+    short.reserve(0, 63)  # no block yet: the 64th token would fill one
+    short.commit(0, 63)
+    with pytest.raises(RuntimeError, match="reserve"):
+        short.token_writes([0])
