@@ -1,10 +1,11 @@
 """Batched decode attention vs the per-sequence path in the native runtime, same run, same engine (CPU).
 
-    python benchmarks/runtime_decode_cpu.py OUT.json [--requests 32] [--new 64] [--reps 2]
+    python benchmarks/runtime_decode_cpu.py OUT.json [--requests 1,32] [--new 64] [--reps 2]
 
-SmolLM2-135M (real weights, float32), fp16 KV cache, `--requests` greedy requests of 64-token prompts
-from GSM8K questions submitted at once (offline `Engine.generate`, in-flight batching), `--new`
-tokens each (end id off, so both sides do the same work). The engine is built once; its decode tokens
+SmolLM2-135M (real weights, float32), fp16 KV cache, for each of `--requests`, that many greedy
+requests of 64-token prompts from GSM8K questions submitted at once (offline `Engine.generate`,
+in-flight batching), `--new` tokens each (end id off, so both sides do the same work). The engine is
+built once; its decode tokens
 go through `decode_attention.batched_decode_attention` (one batched attention per layer) or, with
 `BatchedModel.batched_decode` off, through a scratch + SDPA per sequence; the two alternate for
 `--reps` repetitions and the best of each is kept. Checks that both paths give the same greedy tokens.
@@ -69,7 +70,7 @@ def count_decode_step_ops(engine, prompts: list[list[int]]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--requests", default="1,32", help="comma-separated request counts")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
@@ -84,49 +85,54 @@ def main() -> None:
     model_dir = resolve_model("smollm2-135m", log=lambda m: None)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    questions = [p.question for p in gsm8k_problems(args.requests)]
-    prompts = [tokenizer(q)["input_ids"][:64] for q in questions]
+    levels = [int(n) for n in args.requests.split(",")]
+    questions = [p.question for p in gsm8k_problems(max(levels))]
+    all_prompts = [tokenizer(q)["input_ids"][:64] for q in questions]
     context = 64 + args.new + 1
-    config = DeployConfig(max_batch_size=args.requests, max_num_tokens=1024, max_seq_len=context,
-                          max_tokens_in_paged_kv_cache=args.requests * (context + 64))  # fmt: skip
+    config = DeployConfig(max_batch_size=max(levels), max_num_tokens=1024, max_seq_len=context,
+                          max_tokens_in_paged_kv_cache=max(levels) * (context + 64))  # fmt: skip
     engine = Engine(model, tokenizer, config, kv_codec=get_codec("fp16"))
     params = SamplingParams(max_tokens=args.new, end_id=-1)
-    engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2, end_id=-1))  # warm-up
-    best: dict[str, float] = {}
-    tokens: dict[str, list[list[int]]] = {}
-    for _ in range(args.reps):
-        for batched in (True, False):
-            engine.model.batched_decode = batched
-            name = "batched" if batched else "per_sequence"
-            t0 = time.perf_counter()
-            outs = engine.generate(prompts, params)
-            seconds = time.perf_counter() - t0
-            best[name] = min(best.get(name, float("inf")), seconds)
-            tokens[name] = [o.token_ids for o in outs]
-            print(f"{name:13s} {seconds:7.2f} s", flush=True)
-    step_ops = {}
-    for batched in (True, False):
-        engine.model.batched_decode = batched
-        step_ops["batched" if batched else "per_sequence"] = count_decode_step_ops(engine, prompts)
-    print(step_ops)
-    n_tokens = sum(len(t) for t in tokens["batched"])
+    engine.generate([all_prompts[0][:8]], SamplingParams(max_tokens=2, end_id=-1))  # warm-up
     result = {
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-        "requests": args.requests,
         "new_tokens": args.new,
         "prompt_tokens": 64,
         "kv": "fp16",
         "precision": "float32",
-        "best_seconds": best,
-        "tokens_per_s": {k: n_tokens / v for k, v in best.items()},
-        "speedup_batched": best["per_sequence"] / best["batched"],
-        "same_greedy_tokens": tokens["batched"] == tokens["per_sequence"],
-        "decode_step_ops": step_ops,
+        "levels": [],
     }
+    for n in levels:
+        prompts = all_prompts[:n]
+        best: dict[str, float] = {}
+        tokens: dict[str, list[list[int]]] = {}
+        for _ in range(args.reps):
+            for batched in (True, False):
+                engine.model.batched_decode = batched
+                name = "batched" if batched else "per_sequence"
+                t0 = time.perf_counter()
+                outs = engine.generate(prompts, params)
+                seconds = time.perf_counter() - t0
+                best[name] = min(best.get(name, float("inf")), seconds)
+                tokens[name] = [o.token_ids for o in outs]
+                print(f"{n:3d} requests {name:13s} {seconds:7.2f} s", flush=True)
+        step_ops = {}
+        for batched in (True, False):
+            engine.model.batched_decode = batched
+            step_ops["batched" if batched else "per_sequence"] = count_decode_step_ops(engine, prompts)
+        n_tokens = sum(len(t) for t in tokens["batched"])
+        result["levels"].append({
+            "requests": n,
+            "best_seconds": best,
+            "tokens_per_s": {k: n_tokens / v for k, v in best.items()},
+            "speedup_batched": best["per_sequence"] / best["batched"],
+            "same_greedy_tokens": tokens["batched"] == tokens["per_sequence"],
+            "decode_step_ops": step_ops,
+        })  # fmt: skip
+        print(json.dumps(result["levels"][-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

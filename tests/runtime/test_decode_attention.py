@@ -1,6 +1,6 @@
-"""`batched_decode_attention` (decode_attention.py): equals exact attention over the committed tokens
-plus the token itself, for GQA and lengths that end anywhere in a block; gives every sequence the same
-bits alone as in a padded batch of any size (the runtime's batch invariance); batches are cut to a
+"""`batched_decode_attention` (decode_attention.py): equals exact attention over each sequence's keys,
+for GQA and lengths that end anywhere in a block; gives every sequence the same bits alone as in a
+padded batch of any size (the runtime's batch invariance); a step's block layout; batches are cut to a
 token budget; and the paged cache's batched token writes equal per-sequence writes."""
 
 from __future__ import annotations
@@ -13,33 +13,33 @@ from trtcompress.kv.paged import PagedKVCache
 from trtcompress.runtime.decode_attention import (
     batched_decode_attention,
     chunk_decode_works,
+    decode_batch,
     probe_invariance,
 )
 
 BLOCK = 16
 
 
-def _case(starts: list[int], heads: int, q_heads: int, dim: int, extra_blocks: int, seed: int):
+def _case(lengths: list[int], heads: int, q_heads: int, dim: int, extra_blocks: int, seed: int):
+    """Random blocks of sequences with `lengths` keys each (the first `length` positions of their row of
+    blocks), `extra_blocks` all-padding blocks after the longest."""
     gen = torch.Generator().manual_seed(seed)
-    nb = max(s // BLOCK for s in starts) + 1 + extra_blocks
-    q = torch.randn(len(starts), q_heads, dim, generator=gen)
-    kv = torch.randn(len(starts), nb, 2, heads, BLOCK, dim, generator=gen)
-    own = torch.randn(2, len(starts), heads, dim, generator=gen)
-    valid = torch.arange(nb * BLOCK).view(nb, BLOCK)[None] < torch.tensor(starts)[:, None, None]
-    return q, kv, valid, own[0], own[1]
+    nb = max((n - 1) // BLOCK + 1 for n in lengths) + extra_blocks
+    q = torch.randn(len(lengths), q_heads, dim, generator=gen)
+    kv = torch.randn(2, len(lengths), nb, heads, BLOCK, dim, generator=gen)
+    masked = torch.arange(nb * BLOCK).view(nb, BLOCK)[None] >= torch.tensor(lengths)[:, None, None]
+    return q, kv, masked
 
 
 @pytest.mark.parametrize(("heads", "q_heads", "dim"), [(2, 6, 32), (1, 1, 16), (4, 8, 64)])
 def test_matches_exact_attention(heads: int, q_heads: int, dim: int) -> None:
-    starts = [1, BLOCK - 1, BLOCK, 2 * BLOCK + 3, 5 * BLOCK]
-    q, kv, valid, k_own, v_own = _case(starts, heads, q_heads, dim, extra_blocks=1, seed=heads + dim)
-    out = batched_decode_attention(q, kv, valid, k_own, v_own, dim**-0.5)
+    lengths = [1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 3, 5 * BLOCK]
+    q, kv, masked = _case(lengths, heads, q_heads, dim, extra_blocks=1, seed=heads + dim)
+    out = batched_decode_attention(q, kv, masked, dim**-0.5)
     g = q_heads // heads
-    for i, n in enumerate(starts):
-        keys = kv[i, :, 0].transpose(0, 1).reshape(heads, -1, dim)[:, :n]  # (H, n, D) in token order
-        values = kv[i, :, 1].transpose(0, 1).reshape(heads, -1, dim)[:, :n]
-        keys = torch.cat([keys, k_own[i][:, None]], 1).repeat_interleave(g, 0)
-        values = torch.cat([values, v_own[i][:, None]], 1).repeat_interleave(g, 0)
+    for i, n in enumerate(lengths):
+        keys = kv[0, i].transpose(0, 1).reshape(heads, -1, dim)[:, :n].repeat_interleave(g, 0)  # (Hq, n, D)
+        values = kv[1, i].transpose(0, 1).reshape(heads, -1, dim)[:, :n].repeat_interleave(g, 0)
         want = torch.softmax(q[i][:, None] @ keys.transpose(1, 2) * dim**-0.5, -1) @ values
         torch.testing.assert_close(out[i], want[:, 0], rtol=0, atol=2e-6)
 
@@ -48,15 +48,27 @@ def test_matches_exact_attention(heads: int, q_heads: int, dim: int) -> None:
 def test_batch_invariant(seed: int) -> None:
     gen = torch.Generator().manual_seed(100 + seed)
     bsz = int(torch.randint(2, 40, (), generator=gen))
-    starts = torch.randint(1, 30 * BLOCK, (bsz,), generator=gen).tolist()
-    q, kv, valid, k_own, v_own = _case(starts, 3, 9, 64, extra_blocks=seed % 3, seed=seed)
-    batch = batched_decode_attention(q, kv, valid, k_own, v_own, 0.125)
-    for i, n in enumerate(starts):
-        own = n // BLOCK + 1  # only its own blocks
-        one = batched_decode_attention(q[i : i + 1], kv[i : i + 1, :own], valid[i : i + 1, :own],
-                                       k_own[i : i + 1], v_own[i : i + 1], 0.125)  # fmt: skip
+    lengths = torch.randint(1, 30 * BLOCK, (bsz,), generator=gen).tolist()
+    q, kv, masked = _case(lengths, 3, 9, 64, extra_blocks=seed % 3, seed=seed)
+    batch = batched_decode_attention(q, kv, masked, 0.125)
+    for i, n in enumerate(lengths):
+        own = (n - 1) // BLOCK + 1  # only its own blocks
+        one = batched_decode_attention(q[i : i + 1], kv[:, i : i + 1, :own], masked[i : i + 1, :own], 0.125)
         assert torch.equal(one, batch[i : i + 1])
     assert probe_invariance(torch.device("cpu"), 3, 9, 64, 64)
+
+
+def test_decode_batch_layout() -> None:
+    """Row of blocks = [tail + the token itself, compressed blocks, padding]; masks and destinations."""
+    batch = decode_batch(
+        [3, 5], [7, 9], [0, 4], [BLOCK + 2, 0 * BLOCK + 5], torch.tensor([1, 0]), BLOCK, "cpu"
+    )
+    assert batch.num_blocks == 2 and batch.tail_lens.tolist() == [2, 5]
+    assert (~batch.masked[0, 0]).sum() == 3 and not batch.masked[
+        0, 1
+    ].any()  # 2 tail tokens + itself; block 0
+    assert (~batch.masked[1, 0]).sum() == 6 and batch.masked[1, 1].all()
+    assert batch.ranges == [(7, 0, 1), (9, 0, 0)] and batch.block_dest.tolist() == [1]
 
 
 def test_chunks_fit_the_token_budget() -> None:

@@ -137,8 +137,11 @@ def test_decompressed_block_cache_and_grouping_change_nothing(tiny_model_dir, co
     single, _ = _runtime_logits(tiny_model_dir, codec, 1, budget=everything // 2, decode_scratch=1)
     for a, b, c, d, e in zip(none, some, every, alone, single, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d) and torch.equal(a, e)
-    assert 0 < part.decompressed_bytes <= everything // 2
-    assert full.decompressed_bytes == everything == 245_760
+    if codec == "fp16":  # elementwise: decode steps decompress every block, only prompt chunks keep copies
+        assert 0 < part.decompressed_bytes <= full.decompressed_bytes < everything
+    else:
+        assert 0 < part.decompressed_bytes <= everything // 2
+        assert full.decompressed_bytes == everything == 245_760
     for seq_id in (0, 1):
         full.forget(seq_id)
     assert full.decompressed_bytes == 0 and not full.blocks.entries

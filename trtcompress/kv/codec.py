@@ -38,6 +38,9 @@ class KVCodec(ABC):
     name: str = ""
     #: The cache block size must be a multiple of this (keys quantized per channel need whole token groups).
     token_group: int = 1
+    #: Decompression is a cast or one scale per token: as cheap as copying an already decompressed
+    #: block, so the runtime keeps no decompressed copies of this codec's blocks for decode steps.
+    elementwise: bool = False
 
     @abstractmethod
     def layout(self, kind: Kind, tokens: int, dim: int) -> dict[str, FieldSpec]:

@@ -43,11 +43,11 @@ class SequenceState:
 class TokenWrites:
     """Where one new token per sequence goes in the tails: `PagedKVCache.token_writes`."""
 
-    seq_ids: list[int]
+    seq_ids: list[int]  # row i of a batch is the token of seq_ids[i]
     slots: torch.Tensor  # (B,) tail slot of each sequence
     offsets: torch.Tensor  # (B,) position of the token in its tail
     sinks: list[tuple[int, int, int]]  # (row, slot, position) of tokens that are sink tokens
-    full: list[tuple[int, int, str]]  # (row, seq_id, phase) of tokens that fill their tail
+    full: list[tuple[int, str]]  # (seq_id, phase) of the sequences whose tail the token fills
 
 
 class PagedKVCache:
@@ -200,7 +200,7 @@ class PagedKVCache:
             if seq.length < self.sink_tokens:
                 sinks.append((row, seq.slot, seq.length))
             if (seq.length + 1) % bs == 0:
-                full.append((row, seq_id, phases[row] if phases else "decode"))
+                full.append((seq_id, phases[row] if phases is not None else "decode"))
         as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
         return TokenWrites(list(seq_ids), as_index(slots), as_index(offsets), sinks, full)
 
@@ -208,11 +208,13 @@ class PagedKVCache:
         """`write` of one token per sequence for a whole decode batch: `k`, `v` `(B, H, D)`, row i the
         token of `writes.seq_ids[i]`. One indexed store per K/V; only the tokens that fill their block
         (once every `block_size` steps) or are sink tokens take a per-sequence path."""
+        if k.shape[0] != len(writes.seq_ids) or v.shape[0] != len(writes.seq_ids):
+            raise ValueError(f"{len(writes.seq_ids)} sequences, K/V for {k.shape[0]} / {v.shape[0]} tokens")
         for kind, x in (("k", k), ("v", v)):
             self.tails[kind][layer][writes.slots, :, writes.offsets] = x.to(torch.float16)
             for row, slot, pos in writes.sinks:
                 self.sinks[kind][layer, slot, :, pos] = x[row]
-        for _row, seq_id, phase in writes.full:
+        for seq_id, phase in writes.full:
             seq = self.seqs[seq_id]
             self._compress_tail(layer, seq, seq.length + 1, phase)
 

@@ -11,6 +11,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 class FP16Codec(KVCodec):
     name = "fp16"
+    elementwise = True
 
     def layout(self, kind: Kind, tokens: int, dim: int) -> dict[str, FieldSpec]:
         return {"data": FieldSpec((tokens, dim), torch.float16)}
@@ -27,6 +28,7 @@ class _ScaledCodec(KVCodec):
 
     code_dtype: torch.dtype
     qmax: float
+    elementwise = True
 
     def layout(self, kind: Kind, tokens: int, dim: int) -> dict[str, FieldSpec]:
         return {

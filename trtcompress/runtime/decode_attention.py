@@ -5,23 +5,28 @@ them: decompressed blocks, the fp16 tail, sink rows) and to their own exact K/V.
 few small ops (a scratch, its copies, one SDPA); on a GPU their launches, not the arithmetic, are the
 step's cost (an H100 profile of the runtime at 32 requests: per-sequence SDPA, scratch and cache-write
 calls took most of the step). Here every sequence's keys and values are laid out as whole
-`block_size`-token blocks of one padded `(B, NB, 2, H, block, D)` tensor and attended in block form:
+`block_size`-token blocks of one padded `(2, B, NB, H, block, D)` tensor and attended in block form:
 
-    s = q·Kᵀ per block (one bmm over all blocks), masked past each sequence's length;
-    m = max over blocks, tokens and the own score;  p = exp(s - m);
-    l = Σ_blocks Σ_tokens p + exp(s_own - m);  out = (Σ_blocks p·V + exp(s_own - m)·v_own) / l.
+    s = q·Kᵀ per block (one bmm over all blocks), masked outside each sequence's tokens;
+    m = max over blocks and tokens;  p = exp(s - m);  out = Σ_blocks p·V / Σ_blocks Σ_tokens p.
+
+The token's own exact K/V sits in its tail block right after the committed tail tokens (a tail holds
+fewer than `block` tokens, so there is always room).
 
 Batch invariance (a sequence's numbers must not depend on which others share its step, the
 runtime's rule for greedy outputs; see linear.py) holds because every reduction has a fixed shape or
 order: the bmm's per-block products (a fixed (G, block) x (block, D) problem per batch item), the
 token sums over exactly `block` entries, the block sums as a sequential `cumsum` (padding blocks add
 exact zeros at the end). SDPA over padded keys is not invariant (its kernels change with the padded
-length), and a bmm over D + 1 columns was not either, so l is summed separately. `probe_invariance`
-checks this on the device at start; where it fails the runtime keeps the per-sequence path.
+length), and a bmm over D + 1 columns was not either, so the softmax sum is taken separately. This
+holds on CPU; `probe_invariance` checks it on the device at start, and where it fails the runtime
+keeps the per-sequence path. On an H100 it fails (cuBLAS's batched GEMM changes with the batch count):
+making the GPU path invariant (e.g. bmm calls of a fixed batch count) is still to do.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,14 +34,19 @@ import torch
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """A step's batched decode tokens: the same for every layer, so built once per step."""
+    """A step's batched decode tokens: the same for every layer, so built once per step. Each sequence's
+    row of blocks is [its fp16 tail, its compressed blocks 0..n-1, padding]: the tail at a fixed place,
+    so it goes in with one slice copy."""
 
     works: list[int]  # indices into the step's works
+    seq_ids: list[int]
     rows: torch.Tensor  # (B,) rows of the step's token matrix
     starts: list[int]  # committed tokens per sequence
-    tail_block: torch.Tensor  # (B,) index of the block the fp16 tail fills
     slots: torch.Tensor  # (B,) tail slot per sequence
-    valid: torch.Tensor  # (B, NB, block) committed-token mask
+    tail_lens: torch.Tensor  # (B,) committed tokens in the tail: the own token goes right after them
+    masked: torch.Tensor  # (B, NB, block) positions that are neither committed tokens nor the own one
+    ranges: list[tuple[int, int, int]]  # (seq_id, 0, full blocks): the compressed blocks to read
+    block_dest: torch.Tensor  # (blocks,) flat (row * NB + 1 + j) place of each block of `ranges`
 
     @property
     def size(self) -> int:
@@ -44,21 +54,27 @@ class DecodeBatch:
 
     @property
     def num_blocks(self) -> int:
-        return self.valid.shape[1]
+        return self.masked.shape[1]
 
 
 def decode_batch(
-    works: list[int], rows: list[int], starts: list[int], slots: torch.Tensor, block: int, device
-) -> DecodeBatch:
-    n_full = torch.tensor([s // block for s in starts], dtype=torch.long)
-    nb = int(n_full.max()) + 1  # the tail's block included (possibly empty)
-    positions = torch.arange(nb * block).view(nb, block)
-    valid = positions[None] < torch.tensor(starts)[:, None, None]
-    as_device = lambda x: x.to(device)  # noqa: E731
-    rows_t = torch.tensor(rows, dtype=torch.long)
+    works: list[int], seq_ids: list[int], rows: list[int], starts: list[int], slots: torch.Tensor, block: int,
+    device,
+) -> DecodeBatch:  # fmt: skip
+    full = [s // block for s in starts]
+    nb = max(full) + 1  # the tail's block first (possibly empty)
+    tail = torch.tensor([s - n * block for s, n in zip(starts, full, strict=True)])
+    position = torch.arange(block)
+    masked = torch.ones(len(starts), nb, block, dtype=torch.bool)
+    masked[:, 0] = position[None] > tail[:, None]  # the tail's tokens, then the token itself
+    masked[:, 1:] = (torch.arange(nb - 1)[None] >= torch.tensor(full)[:, None])[:, :, None]
+    dest = [row * nb + 1 + j for row, n in enumerate(full) for j in range(n)]
+    ranges = [(seq_id, 0, n) for seq_id, n in zip(seq_ids, full, strict=True)]
+    as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     return DecodeBatch(
-        works, as_device(rows_t), list(starts), as_device(n_full), as_device(slots), as_device(valid)
-    )
+        works, list(seq_ids), as_index(rows), list(starts), slots.to(device, torch.long), tail.to(device),
+        masked.to(device), ranges, as_index(dest),
+    )  # fmt: skip
 
 
 def chunk_decode_works(starts: list[int], block: int, max_tokens: int) -> list[tuple[int, int]]:
@@ -75,61 +91,48 @@ def chunk_decode_works(starts: list[int], block: int, max_tokens: int) -> list[t
 
 
 def batched_decode_attention(
-    q: torch.Tensor,
-    kv_blocks: torch.Tensor,
-    valid: torch.Tensor,
-    k_own: torch.Tensor,
-    v_own: torch.Tensor,
-    scale: float,
+    q: torch.Tensor, kv_blocks: torch.Tensor, masked: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """q `(B, Hq, D)`, kv_blocks `(B, NB, 2, H, block, D)` float32, valid `(B, NB, block)`, the tokens'
-    own K/V `(B, H, D)` -> `(B, Hq, D)` float32 (query head j reads KV head j // (Hq / H))."""
-    bsz, nb, _, h, block, dim = kv_blocks.shape
+    """q `(B, Hq, D)`, kv_blocks `(2, B, NB, H, block, D)` float32 (K, V), masked `(B, NB, block)` (True:
+    not a key of that sequence) -> `(B, Hq, D)` float32 (query head j reads KV head j // (Hq / H))."""
+    _, bsz, nb, h, block, dim = kv_blocks.shape
     hq = q.shape[1]
     g = hq // h
-    qg = q.float().view(bsz, h, g, dim)
-    q_rows = qg[:, None].expand(bsz, nb, h, g, dim).reshape(-1, g, dim)
-    keys = kv_blocks[:, :, 0].reshape(-1, block, dim)
-    s = torch.bmm(q_rows, keys.transpose(1, 2)).view(bsz, nb, h, g, block) * scale
-    s = s.masked_fill(~valid[:, :, None, None, :], float("-inf"))
-    s_own = (qg * k_own.float()[:, :, None]).sum(-1) * scale  # (B, H, G)
-    m = torch.maximum(s.amax(dim=(1, 4)), s_own)
-    p = torch.exp(s - m[:, None, :, :, None])
-    w_own = torch.exp(s_own - m)
-    total = p.sum(-1).cumsum(1)[:, -1] + w_own  # sequential over blocks: padding adds exact zeros last
-    values = kv_blocks[:, :, 1].reshape(-1, block, dim)
-    acc = torch.bmm(p.reshape(-1, g, block), values).view(bsz, nb, h, g, dim).cumsum(1)[:, -1]
-    out = (acc + w_own[..., None] * v_own.float()[:, :, None]) / total[..., None]
-    return out.view(bsz, hq, dim)
+    q_rows = (q * scale).view(bsz, 1, h, g, dim).expand(bsz, nb, h, g, dim).reshape(-1, g, dim)
+    keys = kv_blocks[0].reshape(-1, block, dim)  # a view: K and V are contiguous halves
+    s = torch.bmm(q_rows, keys.transpose(1, 2)).view(bsz, nb, h, g, block)
+    s = s.masked_fill(masked[:, :, None, None, :], float("-inf"))
+    p = torch.exp(s - s.amax(dim=(1, 4), keepdim=True))
+    total = p.sum(-1).cumsum(1)[:, -1]  # sequential over blocks: padding adds exact zeros last
+    values = kv_blocks[1].reshape(-1, block, dim)
+    acc = torch.bmm(p.view(-1, g, block), values).view(bsz, nb, h, g, dim).cumsum(1)[:, -1]
+    return (acc / total[..., None]).view(bsz, hq, dim)
 
 
+@functools.cache
 def probe_invariance(device: torch.device, heads: int, q_heads: int, dim: int, block: int) -> bool:
-    """Whether `batched_decode_attention` gives every sequence the same bits alone as in a padded batch,
-    on this device and for these shapes (random data, lengths straddling blocks)."""
+    """Whether `batched_decode_attention` gives a sequence the same bits alone as in padded batches of 5,
+    9, 33 and 64 sequences, on this device and for these shapes (random data, lengths that end inside,
+    at the end of and just past a block; one all-padding block more than needed). Once per process."""
     gen = torch.Generator().manual_seed(0)
-    checked = [1, block - 1, block, 3 * block + 5, 7 * block + block // 2]
-    starts = checked + torch.randint(1, 16 * block, (27,), generator=gen).tolist()  # a 32-sequence step
-    nb = max(s // block for s in starts) + 2  # one all-padding block more than needed
-    bsz = len(starts)
+    checked = [1, block - 1, block, 2 * block + 5, 3 * block + block // 2]
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(device)
 
-    q, kv = rand(bsz, q_heads, dim), rand(bsz, nb, 2, heads, block, dim)
-    k_own, v_own = rand(bsz, heads, dim), rand(bsz, heads, dim)
-    valid = (torch.arange(nb * block).view(nb, block)[None] < torch.tensor(starts)[:, None, None]).to(device)
-    scale = dim**-0.5
-    batch = batched_decode_attention(q, kv, valid, k_own, v_own, scale)
-    for i, start in enumerate(checked):
-        own = start // block + 1
-        one = batched_decode_attention(
-            q[i : i + 1],
-            kv[i : i + 1, :own],
-            valid[i : i + 1, :own],
-            k_own[i : i + 1],
-            v_own[i : i + 1],
-            dim**-0.5,
-        )
-        if not torch.equal(one, batch[i : i + 1]):
+    def attend(q, kv, starts):
+        nb = kv.shape[2]
+        masked = torch.arange(nb * block).view(nb, block)[None] >= torch.tensor(starts)[:, None, None]
+        return batched_decode_attention(q, kv, masked.to(device), dim**-0.5)
+
+    q, kv = rand(len(checked), q_heads, dim), rand(2, len(checked), 4, heads, block, dim)
+    alone = [attend(q[i : i + 1], kv[:, i : i + 1, : s // block + 1], [s]) for i, s in enumerate(checked)]
+    for size in (5, 9, 33, 64):
+        extra = size - len(checked)
+        starts = checked + torch.randint(1, 4 * block, (extra,), generator=gen).tolist()
+        pad = rand(2, extra, 5, heads, block, dim)
+        batch_kv = torch.cat([torch.nn.functional.pad(kv, (0, 0, 0, 0, 0, 0, 0, 1)), pad], 1)
+        batch = attend(torch.cat([q, rand(extra, q_heads, dim)]), batch_kv, starts)
+        if not all(torch.equal(one, batch[i : i + 1]) for i, one in enumerate(alone)):
             return False
     return True

@@ -227,7 +227,7 @@ class BatchedModel:
                     self.cache, li, fused_inputs, q[decode_rows], k[decode_rows], v[decode_rows], self.scaling
                 )
             for batch in batches:
-                out[batch.rows] = self._attend_batch(li, batch, work, q, k, v)
+                out[batch.rows] = self._attend_batch(li, batch, q, k, v)
             if writes is not None:  # after every read of the layer's cache: the step's decode K/V
                 self.cache.write_tokens(li, writes, k[decode_rows], v[decode_rows])
             for members in groups:
@@ -284,12 +284,15 @@ class BatchedModel:
             if self.cache.seqs[seq_id].length != start:
                 committed = self.cache.seqs[seq_id].length
                 raise RuntimeError(f"sequence {seq_id}: {committed} tokens committed, step starts at {start}")
-        slots = self.cache.tail_slots([work[i].seq.seq_id for i in members])
+        seq_ids = [work[i].seq.seq_id for i in members]
+        slots = self.cache.tail_slots(seq_ids)
         out = []
         for lo, hi in chunk_decode_works(starts, bs, self.decode_scratch_tokens):
-            chunk = members[lo:hi]
+            rows = [bounds[i] for i in members[lo:hi]]
             out.append(
-                decode_batch(chunk, [bounds[i] for i in chunk], starts[lo:hi], slots[lo:hi], bs, self.device)
+                decode_batch(
+                    members[lo:hi], seq_ids[lo:hi], rows, starts[lo:hi], slots[lo:hi], bs, self.device
+                )
             )
         return out
 
@@ -297,46 +300,60 @@ class BatchedModel:
         self,
         layer: int,
         batch: DecodeBatch,
-        work: list[Work],
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
     ) -> torch.Tensor:
-        """One decode token per work of `batch` over its committed tokens (laid out as whole blocks:
-        decompressed blocks, then the fp16 tail's block) plus itself: `batched_decode_attention`."""
-        cache, bs, h, d, dev = self.cache, self.cache.block_size, self.n_kv, self.head_dim, self.device
-        kv = torch.zeros(batch.size, batch.num_blocks, 2, h, bs, d, device=dev)
-        held, at, missing = [], [], []  # decompressed prefixes kept between steps, and their blocks
-        for row, i in enumerate(batch.works):
-            seq_id, n_full = work[i].seq.seq_id, batch.starts[row] // bs
+        """One decode token per work of `batch` over its committed tokens plus itself, laid out as whole
+        blocks (the fp16 tail's block with the token's own K/V after it, then the decompressed blocks):
+        `batched_decode_attention`."""
+        cache, bs, h, d, rows = self.cache, self.cache.block_size, self.n_kv, self.head_dim, batch.rows
+        kv = torch.zeros(2, batch.size * batch.num_blocks, h, bs, d, device=self.device)
+        blocks = kv.view(2, batch.size, batch.num_blocks, h, bs, d)
+        blocks[0, :, 0] = cache.tails["k"][layer].index_select(0, batch.slots)
+        blocks[1, :, 0] = cache.tails["v"][layer].index_select(0, batch.slots)
+        own = torch.arange(batch.size, device=self.device), 0, slice(None), batch.tail_lens
+        blocks[0][own] = k[rows]  # the token's exact K/V right after its tail's committed tokens
+        blocks[1][own] = v[rows]
+        if cache.codec.elementwise or self.blocks.budget == 0:  # every block, one codec call per K/V
+            if len(batch.block_dest):
+                k_blocks, v_blocks = cache.decompress_block_ranges(layer, batch.ranges)
+                kv[0].index_copy_(0, batch.block_dest, k_blocks)
+                kv[1].index_copy_(0, batch.block_dest, v_blocks)
+        else:
+            self._decompressed_prefixes(layer, batch, kv)
+        return batched_decode_attention(q[rows], blocks, batch.masked, self.scaling)
+
+    def _decompressed_prefixes(self, layer: int, batch: DecodeBatch, kv: torch.Tensor) -> None:
+        """Put each sequence's compressed blocks into `kv` `(2, B * NB, H, block, D)` (row r's block j at
+        r * NB + 1 + j): the prefixes the bounded decompressed-block cache holds (one copy for all), the
+        rest decompressed in one codec call per K/V and offered to that cache."""
+        cache, bs, h, d, nb = self.cache, self.cache.block_size, self.n_kv, self.head_dim, batch.num_blocks
+        held, dest, missing = [], [], []
+        for row, (seq_id, start) in enumerate(zip(batch.seq_ids, batch.starts, strict=True)):
+            n_full = start // bs
             prefix = self.blocks.get(seq_id, layer) if n_full else None
             have = 0 if prefix is None else prefix.shape[2] // bs
-            if have:  # (2, H, have * bs, D) -> (have, 2, H, bs, D)
-                held.append(prefix.view(2, h, have, bs, d).permute(2, 0, 1, 3, 4))
-                at += [(row, j) for j in range(have)]
+            if have:  # (2, H, have * bs, D) -> (2, have, H, bs, D)
+                held.append(prefix.view(2, h, have, bs, d).transpose(1, 2))
+                dest += [row * nb + 1 + j for j in range(have)]
             if have < n_full:
                 missing.append((row, seq_id, have, n_full))
-        if held:  # one copy for all sequences
-            rows, blocks = torch.tensor(at, device=dev).unbind(1)
-            kv[rows, blocks] = torch.cat(held)
-        if missing:  # one codec call per K/V and one copy for every sequence's missing blocks
+        if held:
+            kv.index_copy_(1, torch.tensor(dest, device=self.device), torch.cat(held, 1))
+        if missing:
             k_blocks, v_blocks = cache.decompress_block_ranges(
                 layer, [(s, lo, hi) for _, s, lo, hi in missing]
             )
-            rows, blocks = torch.tensor(
-                [(r, j) for r, _, lo, hi in missing for j in range(lo, hi)], device=dev
-            ).unbind(1)
-            kv[rows, blocks, 0] = k_blocks
-            kv[rows, blocks, 1] = v_blocks
+            dest = [row * nb + 1 + j for row, _, lo, hi in missing for j in range(lo, hi)]
+            dest_t = torch.tensor(dest, device=self.device)
+            kv[0].index_copy_(0, dest_t, k_blocks)
+            kv[1].index_copy_(0, dest_t, v_blocks)
             for row, seq_id, _, hi in missing:
                 if self.blocks.fits(seq_id, layer, 2 * h * hi * bs * d * 4):
-                    prefix = kv[row, :hi].permute(1, 2, 0, 3, 4).reshape(2, h, hi * bs, d)
+                    first = row * nb + 1
+                    prefix = kv[:, first : first + hi].transpose(1, 2).reshape(2, h, hi * bs, d)
                     self.blocks.offer(seq_id, layer, prefix)
-        ar = torch.arange(batch.size, device=self.device)
-        kv[ar, batch.tail_block, 0] = cache.tails["k"][layer][batch.slots].float()
-        kv[ar, batch.tail_block, 1] = cache.tails["v"][layer][batch.slots].float()
-        rows = batch.rows
-        return batched_decode_attention(q[rows], kv, batch.valid, k[rows], v[rows], self.scaling)
 
     def _keys_values(
         self, layer: int, work: list[Work], spans: list[tuple[int, int]], k: torch.Tensor, v: torch.Tensor

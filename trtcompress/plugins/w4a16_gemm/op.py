@@ -8,7 +8,7 @@ with `TRITON_INTERPRET=1` to run the kernels on CPU). Which kernel, by rows of x
 - prefill, M > 16: `TRTCOMPRESS_W4A16_PREFILL` = "gemv_tc" (default: the same kernel in 128-row tiles,
   `GEMV_TC_PREFILL_CONFIG`; on an H100 2.3-2.5x faster than the GEMM at M = 512 / 2048) or "gemm"
   (`w4a16_gemm_kernel`). FP4 codes and groups the tensor-core GEMV does not take (not a power of two)
-  run the elementwise GEMV (decode) or the GEMM (prefill).
+  run the elementwise GEMV (up to 8 rows) or the GEMM.
 `w4a16_linear(state)` turns a `CompressedLinearState` with a 4-bit weight into the op's arguments.
 """
 
@@ -40,9 +40,10 @@ def _kernel_kwargs(m: int, k: int, group_size: int, fp_exp: int) -> dict:
 
     group = group_size if group_size > 0 else k
     if m <= 16:  # one weight read serves up to 16 rows
-        if os.environ.get("TRTCOMPRESS_W4A16_DECODE", "gemv_tc") == "gemv_tc":
-            return {"path": "gemv_tc", **GEMV_TC_CONFIG}  # falls back to "gemv" where it does not apply
-        return {}
+        decode = os.environ.get("TRTCOMPRESS_W4A16_DECODE", "gemv_tc")
+        if decode == "gemv_tc" and gemv_tc_group(k, group, GEMV_TC_CONFIG["block_k"], fp_exp):
+            return {"path": "gemv_tc", **GEMV_TC_CONFIG}
+        return {}  # "auto": the elementwise GEMV with its own launch defaults, or the GEMM past 8 rows
     prefill = os.environ.get("TRTCOMPRESS_W4A16_PREFILL", "gemv_tc")
     if prefill == "gemv_tc" and gemv_tc_group(k, group, GEMV_TC_PREFILL_CONFIG["block_k"], fp_exp):
         return {"path": "gemv_tc", **GEMV_TC_PREFILL_CONFIG}
