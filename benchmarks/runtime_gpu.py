@@ -104,9 +104,12 @@ def runtime_row(engine, ids: list[list[int]], new: int, device: str, codec: str)
 
 def decode_path(engine) -> str:
     """Which attention the engine's decode tokens take (runtime/model.py)."""
-    if engine.model.fused_decode:
+    model = engine.model
+    if model.fused_decode:
         return "fused kernel"
-    return "batched" if engine.model.batched_decode else "per sequence"
+    if not model.batched_decode:
+        return "per sequence"
+    return f"batched (bmm calls of {model.bmm_calls_of})" if model.bmm_calls_of else "batched"
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from trtcompress.runtime.decode_attention import (
     batched_decode_attention,
     chunk_decode_works,
     decode_batch,
+    invariant_bmm_calls,
     probe_invariance,
 )
 
@@ -122,3 +123,22 @@ def test_token_writes_equal_per_sequence_writes(sink: int) -> None:
     short.commit(0, 63)
     with pytest.raises(RuntimeError, match="reserve"):
         short.token_writes([0])
+
+
+@pytest.mark.parametrize("calls_of", [1, 7, 256])
+def test_fixed_size_bmm_calls(calls_of: int) -> None:
+    """The variant for GEMM libraries that pick kernels by batch count (`bmm_calls_of`): bmm calls of a
+    fixed size, the last zero-padded, the softmax sums as products; the same attention, and
+    batch-invariant too."""
+    lengths = [1, BLOCK, BLOCK + 1, 3 * BLOCK + 7, 2]
+    q, kv, masked = _case(lengths, 2, 6, 32, extra_blocks=1, seed=calls_of)
+    plain = batched_decode_attention(q, kv, masked, 0.2)
+    fixed = batched_decode_attention(q, kv, masked, 0.2, bmm_calls_of=calls_of)
+    torch.testing.assert_close(fixed, plain, rtol=0, atol=2e-6)
+    for i, n in enumerate(lengths):
+        own = (n - 1) // BLOCK + 1
+        one = batched_decode_attention(q[i : i + 1], kv[:, i : i + 1, :own], masked[i : i + 1, :own], 0.2,
+                                       bmm_calls_of=calls_of)  # fmt: skip
+        assert torch.equal(one, fixed[i : i + 1])
+    assert probe_invariance(torch.device("cpu"), 2, 6, 32, BLOCK, calls_of)
+    assert invariant_bmm_calls(torch.device("cpu"), 2, 6, 32, BLOCK) == 0  # one call is invariant on CPU

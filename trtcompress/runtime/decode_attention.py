@@ -19,9 +19,10 @@ order: the bmm's per-block products (a fixed (G, block) x (block, D) problem per
 token sums over exactly `block` entries, the block sums as a sequential `cumsum` (padding blocks add
 exact zeros at the end). SDPA over padded keys is not invariant (its kernels change with the padded
 length), and a bmm over D + 1 columns was not either, so the softmax sum is taken separately. This
-holds on CPU; `probe_invariance` checks it on the device at start, and where it fails the runtime
-keeps the per-sequence path. On an H100 it fails (cuBLAS's batched GEMM changes with the batch count):
-making the GPU path invariant (e.g. bmm calls of a fixed batch count) is still to do.
+holds on CPU. On an H100 one bmm call is not invariant (cuBLAS's batched GEMM changes with the batch
+count), so the products can also run as bmm calls of one fixed size (`bmm_calls_of`, the softmax sums
+as products too); `invariant_bmm_calls` probes the device at start and the runtime keeps the
+per-sequence path where neither holds (the fixed-size variant is untested on a GPU so far).
 """
 
 from __future__ import annotations
@@ -90,27 +91,63 @@ def chunk_decode_works(starts: list[int], block: int, max_tokens: int) -> list[t
     return [*ranges, (first, len(starts))]
 
 
+def _bmm(a: torch.Tensor, b: torch.Tensor, calls_of: int) -> torch.Tensor:
+    """torch.bmm(a, b); with `calls_of` > 0 as bmm calls of exactly that many matrices (the last one
+    zero-padded), so that a GEMM library that picks its kernel by batch count always picks the same."""
+    if calls_of <= 0:
+        return torch.bmm(a, b)
+    n = a.shape[0]
+    pad = -n % calls_of
+    if pad:
+        a = torch.cat([a, a.new_zeros(pad, *a.shape[1:])])
+        b = torch.cat([b, b.new_zeros(pad, *b.shape[1:])])
+    return torch.cat(
+        [torch.bmm(a[i : i + calls_of], b[i : i + calls_of]) for i in range(0, n + pad, calls_of)]
+    )[:n]
+
+
 def batched_decode_attention(
-    q: torch.Tensor, kv_blocks: torch.Tensor, masked: torch.Tensor, scale: float
+    q: torch.Tensor, kv_blocks: torch.Tensor, masked: torch.Tensor, scale: float, bmm_calls_of: int = 0
 ) -> torch.Tensor:
     """q `(B, Hq, D)`, kv_blocks `(2, B, NB, H, block, D)` float32 (K, V), masked `(B, NB, block)` (True:
-    not a key of that sequence) -> `(B, Hq, D)` float32 (query head j reads KV head j // (Hq / H))."""
+    not a key of that sequence) -> `(B, Hq, D)` float32 (query head j reads KV head j // (Hq / H)).
+    `bmm_calls_of` > 0: every matrix product (the softmax sums too) in bmm calls of that fixed size."""
     _, bsz, nb, h, block, dim = kv_blocks.shape
     hq = q.shape[1]
     g = hq // h
     q_rows = (q * scale).view(bsz, 1, h, g, dim).expand(bsz, nb, h, g, dim).reshape(-1, g, dim)
     keys = kv_blocks[0].reshape(-1, block, dim)  # a view: K and V are contiguous halves
-    s = torch.bmm(q_rows, keys.transpose(1, 2)).view(bsz, nb, h, g, block)
+    s = _bmm(q_rows, keys.transpose(1, 2), bmm_calls_of).view(bsz, nb, h, g, block)
     s = s.masked_fill(masked[:, :, None, None, :], float("-inf"))
     p = torch.exp(s - s.amax(dim=(1, 4), keepdim=True))
-    total = p.sum(-1).cumsum(1)[:, -1]  # sequential over blocks: padding adds exact zeros last
+    if bmm_calls_of > 0:  # the token sums as products too: no reduction kernel chosen by tensor size
+        ones = p.new_ones(1, block, 1).expand(p.numel() // (g * block), block, 1)
+        sums = _bmm(p.view(-1, g, block), ones, bmm_calls_of).view(bsz, nb, h, g)
+    else:
+        sums = p.sum(-1)
+    total = sums.cumsum(1)[:, -1]  # sequential over blocks: padding adds exact zeros last
     values = kv_blocks[1].reshape(-1, block, dim)
-    acc = torch.bmm(p.view(-1, g, block), values).view(bsz, nb, h, g, dim).cumsum(1)[:, -1]
+    acc = _bmm(p.view(-1, g, block), values, bmm_calls_of).view(bsz, nb, h, g, dim).cumsum(1)[:, -1]
     return (acc / total[..., None]).view(bsz, hq, dim)
 
 
+#: `bmm_calls_of` values tried in order by `invariant_bmm_calls`: one bmm call (CPU), then fixed-size calls
+BMM_CALL_SIZES = (0, 256)
+
+
 @functools.cache
-def probe_invariance(device: torch.device, heads: int, q_heads: int, dim: int, block: int) -> bool:
+def invariant_bmm_calls(device: torch.device, heads: int, q_heads: int, dim: int, block: int) -> int | None:
+    """The first `bmm_calls_of` of BMM_CALL_SIZES for which `probe_invariance` holds, None if none does."""
+    for calls_of in BMM_CALL_SIZES:
+        if probe_invariance(device, heads, q_heads, dim, block, calls_of):
+            return calls_of
+    return None
+
+
+@functools.cache
+def probe_invariance(
+    device: torch.device, heads: int, q_heads: int, dim: int, block: int, bmm_calls_of: int = 0
+) -> bool:
     """Whether `batched_decode_attention` gives a sequence the same bits alone as in padded batches of 5,
     9, 33 and 64 sequences, on this device and for these shapes (random data, lengths that end inside,
     at the end of and just past a block; one all-padding block more than needed). Once per process."""
@@ -123,7 +160,7 @@ def probe_invariance(device: torch.device, heads: int, q_heads: int, dim: int, b
     def attend(q, kv, starts):
         nb = kv.shape[2]
         masked = torch.arange(nb * block).view(nb, block)[None] >= torch.tensor(starts)[:, None, None]
-        return batched_decode_attention(q, kv, masked.to(device), dim**-0.5)
+        return batched_decode_attention(q, kv, masked.to(device), dim**-0.5, bmm_calls_of)
 
     q, kv = rand(len(checked), q_heads, dim), rand(2, len(checked), 4, heads, block, dim)
     alone = [attend(q[i : i + 1], kv[:, i : i + 1, : s // block + 1], [s]) for i, s in enumerate(checked)]

@@ -41,7 +41,7 @@ from trtcompress.runtime.decode_attention import (
     batched_decode_attention,
     chunk_decode_works,
     decode_batch,
-    probe_invariance,
+    invariant_bmm_calls,
 )
 from trtcompress.runtime.fused_attention import (
     fused_decode_attention,
@@ -168,9 +168,10 @@ class BatchedModel:
         self.scratch_tokens = scratch_tokens
         self.fused_decode = fused_decode_supported(cache)  # decode tokens read the compressed blocks
         # the other decode tokens: one batched attention per layer where it is batch-invariant here
-        self.batched_decode = probe_invariance(
+        self.bmm_calls_of = invariant_bmm_calls(
             self.device, self.n_kv, self.n_heads, self.head_dim, cache.block_size
         )
+        self.batched_decode = self.bmm_calls_of is not None
         token_bytes = 2 * self.n_kv * self.head_dim * 4  # float32 K and V of one token
         self.decode_scratch_tokens = max(1, decode_scratch_bytes // token_bytes)
 
@@ -322,7 +323,7 @@ class BatchedModel:
                 kv[1].index_copy_(0, batch.block_dest, v_blocks)
         else:
             self._decompressed_prefixes(layer, batch, kv)
-        return batched_decode_attention(q[rows], blocks, batch.masked, self.scaling)
+        return batched_decode_attention(q[rows], blocks, batch.masked, self.scaling, self.bmm_calls_of or 0)
 
     def _decompressed_prefixes(self, layer: int, batch: DecodeBatch, kv: torch.Tensor) -> None:
         """Put each sequence's compressed blocks into `kv` `(2, B * NB, H, block, D)` (row r's block j at
