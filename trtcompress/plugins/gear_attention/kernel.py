@@ -7,8 +7,8 @@ vector loads) and the codes of each bit position become exact fp16 (inline PTX o
 folded into the queries ((q∘s)·c + q·z, one `tl.dot` per bit position, the score tiles interleaved
 back into token order); values are scaled by one fp16 fma. Then the sparse outliers (in-group ones by
 compare-and-select; block-scope ones in factored form, their score term q[:, d_j]·ov_j added at token
-t_j and their output term p[:, t_j]·ov_j at channel d_j, either by one-hot products on the tensor
-cores or, with `outlier_sums="runs"`, by a gather and prefix sums over the codec's sorted outliers),
+t_j and their output term p[:, t_j]·ov_j at channel d_j, by default (`outlier_sums="runs"`) by a
+gather and prefix sums over the codec's sorted outliers, or by one-hot products on the tensor cores),
 the low-rank term in factored form ((q·B)·Aᵀ for keys, (P·A)·Bᵀ for values), and an online softmax
 update. Without outliers the next block's loads are issued before this block's math. The last split
 also takes the fp16 tail, the first the exact sink tokens. K and V never exist in memory in
