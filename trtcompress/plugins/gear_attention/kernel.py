@@ -482,7 +482,9 @@ def _gear_decode(
         tl.store(part_acc_ptr + (row * G_PAD + g)[:, None] * D + d[None, :], acc, mask=gmask[:, None])
 
 
-@triton.jit
+# max_blocks (the block table's width) grows with the longest sequence: left unspecialized, one compiled
+# kernel serves every width instead of a recompile when it leaves 1 or reaches a multiple of 16
+@triton.jit(do_not_specialize=["max_blocks"])
 def gear_decode_kernel(
     q_ptr,
     out_ptr,
