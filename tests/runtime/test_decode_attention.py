@@ -61,9 +61,7 @@ def test_batch_invariant(seed: int) -> None:
 
 def test_decode_batch_layout() -> None:
     """Row of blocks = [tail + the token itself, compressed blocks, padding]; masks and destinations."""
-    batch = decode_batch(
-        [3, 5], [7, 9], [0, 4], [BLOCK + 2, 0 * BLOCK + 5], torch.tensor([1, 0]), BLOCK, "cpu"
-    )
+    batch = decode_batch([7, 9], [0, 4], [BLOCK + 2, 0 * BLOCK + 5], torch.tensor([1, 0]), BLOCK, "cpu")
     assert batch.num_blocks == 2 and batch.tail_lens.tolist() == [2, 5]
     assert (~batch.masked[0, 0]).sum() == 3 and not batch.masked[
         0, 1

@@ -39,8 +39,8 @@ class DecodeBatch:
     row of blocks is [its fp16 tail, its compressed blocks 0..n-1, padding]: the tail at a fixed place,
     so it goes in with one slice copy."""
 
-    works: list[int]  # indices into the step's works
     seq_ids: list[int]
+    index: torch.Tensor  # (B,) 0..B-1: the batch row of each sequence
     rows: torch.Tensor  # (B,) rows of the step's token matrix
     starts: list[int]  # committed tokens per sequence
     slots: torch.Tensor  # (B,) tail slot per sequence
@@ -51,7 +51,7 @@ class DecodeBatch:
 
     @property
     def size(self) -> int:
-        return len(self.works)
+        return len(self.seq_ids)
 
     @property
     def num_blocks(self) -> int:
@@ -59,9 +59,8 @@ class DecodeBatch:
 
 
 def decode_batch(
-    works: list[int], seq_ids: list[int], rows: list[int], starts: list[int], slots: torch.Tensor, block: int,
-    device,
-) -> DecodeBatch:  # fmt: skip
+    seq_ids: list[int], rows: list[int], starts: list[int], slots: torch.Tensor, block: int, device
+) -> DecodeBatch:
     full = [s // block for s in starts]
     nb = max(full) + 1  # the tail's block first (possibly empty)
     tail = torch.tensor([s - n * block for s, n in zip(starts, full, strict=True)])
@@ -73,8 +72,8 @@ def decode_batch(
     ranges = [(seq_id, 0, n) for seq_id, n in zip(seq_ids, full, strict=True)]
     as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     return DecodeBatch(
-        works, list(seq_ids), as_index(rows), list(starts), slots.to(device, torch.long), tail.to(device),
-        masked.to(device), ranges, as_index(dest),
+        list(seq_ids), as_index(list(range(len(starts)))), as_index(rows), list(starts),
+        slots.to(device, torch.long), tail.to(device), masked.to(device), ranges, as_index(dest),
     )  # fmt: skip
 
 

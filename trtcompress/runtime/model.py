@@ -290,11 +290,7 @@ class BatchedModel:
         out = []
         for lo, hi in chunk_decode_works(starts, bs, self.decode_scratch_tokens):
             rows = [bounds[i] for i in members[lo:hi]]
-            out.append(
-                decode_batch(
-                    members[lo:hi], seq_ids[lo:hi], rows, starts[lo:hi], slots[lo:hi], bs, self.device
-                )
-            )
+            out.append(decode_batch(seq_ids[lo:hi], rows, starts[lo:hi], slots[lo:hi], bs, self.device))
         return out
 
     def _attend_batch(
@@ -313,7 +309,7 @@ class BatchedModel:
         blocks = kv.view(2, batch.size, batch.num_blocks, h, bs, d)
         blocks[0, :, 0] = cache.tails["k"][layer].index_select(0, batch.slots)
         blocks[1, :, 0] = cache.tails["v"][layer].index_select(0, batch.slots)
-        own = torch.arange(batch.size, device=self.device), 0, slice(None), batch.tail_lens
+        own = batch.index, 0, slice(None), batch.tail_lens
         blocks[0][own] = k[rows]  # the token's exact K/V right after its tail's committed tokens
         blocks[1][own] = v[rows]
         if cache.codec.elementwise or self.blocks.budget == 0:  # every block, one codec call per K/V

@@ -25,6 +25,7 @@ straddle blocks, odd per-channel K) take the element-wise dequantization path.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -382,6 +383,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     """SMs of a CUDA device (a fixed 4 elsewhere: the interpreter runs programs one by one)."""
     if device.type != "cuda":
