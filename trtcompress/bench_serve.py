@@ -153,6 +153,25 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _environment() -> dict:
+    """What sets CPU speed here: threads, OpenMP's wait policy (PASSIVE sleeps between ops, which
+    costs a many-small-ops decode step far more than HF's few large ones), the vector units."""
+    import os
+
+    import torch
+
+    from trtcompress.runtime.linear import onednn_available
+
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    return {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "avx512f": "avx512f" in flags,
+        "onednn_linear": onednn_available(),
+    }
+
+
 def run(target: str | Path, levels: list[int], num_requests: int, prompt_tokens: int, output_tokens: int,
         deploy_set: list[str], hf_baseline_on: bool, output: Path, log=print) -> dict:  # fmt: skip
     import os
@@ -215,6 +234,7 @@ def run(target: str | Path, levels: list[int], num_requests: int, prompt_tokens:
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
         "load_average_at_start": os.getloadavg(),
+        "environment": _environment(),
         "hf_baseline": baselines,
         "levels": results,
         "summary": summary,

@@ -38,11 +38,15 @@ def solo(tiny_int4_artifact):
     return lambda prompt, params=GREEDY: eng.generate([prompt], params)[0]
 
 
-@pytest.mark.parametrize("gemm_tile", [0, 16])
-def test_batched_equals_one_at_a_time(tiny_int4_artifact, gemm_tile):
-    engine = _engine(tiny_int4_artifact, gemm_tile=gemm_tile)
-    assert engine.model.gemm_tile == gemm_tile  # 0: this BLAS passed the batch-invariance probe
-    solo = _engine(tiny_int4_artifact, gemm_tile=gemm_tile)
+@pytest.mark.parametrize(("gemm_tile", "cpu_gemm"), [(0, "auto"), (16, "auto"), (0, "blas")])
+def test_batched_equals_one_at_a_time(tiny_int4_artifact, gemm_tile, cpu_gemm):
+    from trtcompress.runtime.linear import onednn_available
+
+    engine = _engine(tiny_int4_artifact, gemm_tile=gemm_tile, cpu_gemm=cpu_gemm)
+    assert engine.model.gemm_tile == gemm_tile  # 0: this GEMM passed the batch-invariance probe
+    expected = "onednn" if cpu_gemm == "auto" and onednn_available() else "blas"
+    assert engine.model.gemm_backend == expected
+    solo = _engine(tiny_int4_artifact, gemm_tile=gemm_tile, cpu_gemm=cpu_gemm)
     prompts = _prompts(10)
     outs = engine.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs, strict=True):
@@ -67,6 +71,22 @@ def test_probe_detects_batch_dependent_gemms():
     assert not probe_batch_invariance([w], 64, linear=drifting)
     x = torch.randn(3, 48)  # fewer rows than MIN_ROWS are padded, never a GEMV-shaped call
     assert torch.equal(tiled_linear(x, w, None, 0), tiled_linear(torch.cat([x, x]), w, None, 0)[:3])
+
+
+def test_onednn_linear_matches_blas_and_a_missing_onednn_is_a_clear_error(tiny_int4_artifact, monkeypatch):
+    import torch.nn.functional as F
+
+    from trtcompress.runtime import linear, model
+
+    if linear.onednn_available():
+        w, b, x = torch.randn(96, 48), torch.randn(96), torch.randn(7, 48)
+        got = linear.onednn_linear(x, linear.onednn_pack(w, 32), b)
+        torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        assert linear.probe_batch_invariance([linear.onednn_pack(w, 32)], 64, linear=linear.onednn_linear)
+    monkeypatch.setattr(model, "onednn_available", lambda: False)
+    assert _engine(tiny_int4_artifact).model.gemm_backend == "blas"  # auto falls back
+    with pytest.raises(RuntimeError, match=r"cpu_gemm is onednn .* set deploy\.cpu_gemm: blas"):
+        _engine(tiny_int4_artifact, cpu_gemm="onednn")
 
 
 def test_chunked_prefill_splits_long_prompts(tiny_int4_artifact):
@@ -141,6 +161,41 @@ def test_cancel_frees_the_request_and_others_continue(engine, solo):
     assert final[ra].finish_reason == "cancelled" and len(final[ra].token_ids) < 40
     assert final[rb].token_ids == solo(b).token_ids
     assert engine.cache.free_blocks == engine.cache.num_blocks
+
+
+def test_engine_loop_builds_the_engine_on_its_own_thread(tiny_int4_artifact, solo):
+    import threading
+
+    from trtcompress.runtime import EngineLoop
+
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return _engine(tiny_int4_artifact)
+
+    loop = EngineLoop(build)
+    try:
+        assert built_on == ["trtcompress-engine"]  # the thread that runs the steps, not the caller's
+        done, outs = threading.Event(), []
+        prompt = _prompts(1, seed=3)[0]
+
+        def collect(out):
+            outs.append(out)
+            if out.finished:
+                done.set()
+
+        loop.submit(prompt, GREEDY, collect)
+        assert done.wait(60)
+        assert outs[-1].token_ids == solo(prompt).token_ids
+    finally:
+        loop.shutdown()
+
+    def broken():
+        raise FileNotFoundError("no artifact at /nowhere")
+
+    with pytest.raises(FileNotFoundError, match="no artifact"):  # a failed build fails the constructor
+        EngineLoop(broken)
 
 
 def test_seeded_sampling_is_independent_of_the_batch(engine, solo):

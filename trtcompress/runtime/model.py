@@ -50,9 +50,11 @@ from trtcompress.runtime.fused_attention import (
 )
 from trtcompress.runtime.linear import (
     FALLBACK_TILE,
+    CpuGemm,
     RuntimeLinear,
     build_group,
     build_linear,
+    onednn_available,
     probe_batch_invariance,
 )
 from trtcompress.runtime.scheduler import Work
@@ -137,6 +139,7 @@ class BatchedModel:
         decompressed_cache_bytes: int = 0,
         scratch_tokens: int = 1024,
         decode_scratch_bytes: int = 64 << 20,
+        cpu_gemm: CpuGemm = "auto",
     ) -> None:
         cfg = model.config
         inner = model.get_decoder()
@@ -156,14 +159,20 @@ class BatchedModel:
         _to_float32(self.norm, self.device)
         self.rotary = inner.rotary_emb.to(self.device)
         self.head = build_linear([model.get_output_embeddings()], tile, self.device)
+        linears = [lin for layer in self.layers for group in (layer.qkv, layer.gate_up) for lin in group]
+        linears += [lin for layer in self.layers for lin in (layer.o, layer.down)] + [self.head]
+        self.gemm_backend = self._choose_cpu_gemm(cpu_gemm)
+        if self.gemm_backend == "onednn":
+            for lin in linears:
+                lin.use_onednn(max_rows)
         self.gemm_tile = tile
-        if tile == 0:  # one GEMM per call: only if this BLAS is batch-invariant for these shapes
-            linears = [lin for layer in self.layers for group in (layer.qkv, layer.gate_up) for lin in group]
-            linears += [lin for layer in self.layers for lin in (layer.o, layer.down)] + [self.head]
-            if not probe_batch_invariance([lin.weight for lin in linears if lin.plugin is None], max_rows):
-                self.gemm_tile = FALLBACK_TILE
-                for lin in linears:
-                    lin.tile = FALLBACK_TILE
+        dense = [lin for lin in linears if lin.plugin is None]
+        # one GEMM per call only if the GEMM is batch-invariant for these shapes
+        weights = [lin.weight for lin in dense]
+        if tile == 0 and dense and not probe_batch_invariance(weights, max_rows, linear=dense[0].linear):
+            self.gemm_tile = FALLBACK_TILE
+            for lin in linears:
+                lin.tile = FALLBACK_TILE
         self.blocks = DecompressedBlocks(decompressed_cache_bytes)
         self.scratch_tokens = scratch_tokens
         self.fused_decode = fused_decode_supported(cache)  # decode tokens read the compressed blocks
@@ -174,6 +183,20 @@ class BatchedModel:
         self.batched_decode = self.bmm_calls_of is not None
         token_bytes = 2 * self.n_kv * self.head_dim * 4  # float32 K and V of one token
         self.decode_scratch_tokens = max(1, decode_scratch_bytes // token_bytes)
+
+    def _choose_cpu_gemm(self, cpu_gemm: CpuGemm) -> str:
+        """The dense GEMM library of the CPU path: "onednn" or "blas" (CUDA: "cuda")."""
+        if cpu_gemm not in ("auto", "onednn", "blas"):
+            raise ValueError(f"cpu_gemm must be auto, onednn or blas, got {cpu_gemm!r}")
+        if self.device.type != "cpu":
+            return self.device.type
+        if cpu_gemm == "onednn" and not onednn_available():
+            raise RuntimeError(
+                f"deploy.cpu_gemm is onednn but this torch ({torch.__version__}) has no oneDNN linear "
+                "(torch.ops.mkldnn._reorder_linear_weight): install an x86-64 or aarch64 CPU wheel of torch, "
+                "or set deploy.cpu_gemm: blas"
+            )
+        return "onednn" if cpu_gemm != "blas" and onednn_available() else "blas"
 
     # ------------------------------------------------------------------------------ lifecycle
 

@@ -127,11 +127,16 @@ class TritonPythonModel:
         self.deploy = DeployConfig.model_validate_json(params["deploy"])
         self.default_max_tokens = int(params.get("default_max_tokens") or 16)
         self.logger = _pb().Logger
-        engine = Engine.from_path(params["artifact"], self.deploy, step_log=params.get("step_log") or None)
-        self.loop = EngineLoop(engine, on_error=lambda exc: self.logger.log_error(f"engine: {exc!r}"))
+        step_log = params.get("step_log") or None
+        self.loop = EngineLoop(  # built on the loop's thread: the one thread that runs torch (see EngineLoop)
+            lambda: Engine.from_path(params["artifact"], self.deploy, step_log=step_log),
+            on_error=lambda exc: self.logger.log_error(f"engine: {exc!r}"),
+        )
+        engine = self.loop.engine
         self.logger.log_info(
             f"trtcompress native runtime: {params['artifact']} (max_batch_size {self.deploy.max_batch_size}, "
-            f"max_num_tokens {self.deploy.max_num_tokens}, policy {self.deploy.batch_scheduler_policy})"
+            f"max_num_tokens {self.deploy.max_num_tokens}, policy {self.deploy.batch_scheduler_policy}, "
+            f"GEMMs {engine.model.gemm_backend} tile {engine.model.gemm_tile})"
         )
 
     def execute(self, requests: list[Any]) -> None:
