@@ -68,6 +68,37 @@ def test_decode_batch_layout() -> None:
     ].any()  # 2 tail tokens + itself; block 0
     assert (~batch.masked[1, 0]).sum() == 6 and batch.masked[1, 1].all()
     assert batch.ranges == [(7, 0, 1), (9, 0, 0)] and batch.block_dest.tolist() == [1]
+    assert batch.rows.tolist() == [0, 4]  # not consecutive: an index tensor
+    assert batch.padded_blocks is None  # no block tables given (a codec that is not elementwise)
+    # with block tables (elementwise codecs): every place after the tail's names a physical block,
+    # padding places the batch's first block; consecutive rows are a slice (no gather)
+    starts = [2 * BLOCK + 1, 3, BLOCK]
+    batch = decode_batch(
+        [1, 2, 3], [5, 6, 7], starts, torch.tensor([0, 1, 2]), BLOCK, "cpu", [[4, 8], [], [6]]
+    )
+    assert batch.rows == slice(5, 8) and batch.num_blocks == 3
+    assert batch.padded_blocks.tolist() == [4, 8, 4, 4, 6, 4]
+    assert batch.first_blocks.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8", "gear-2bit"])
+def test_decompress_blocks_into_equals_the_block_ranges(codec: str) -> None:
+    """The padded gather of the elementwise path reproduces `decompress_block_ranges` bit for bit,
+    written into a strided destination (repeats allowed)."""
+    cache = PagedKVCache(get_codec(codec), 2, 2, 64, num_blocks=6, block_size=64, max_seqs=2)
+    gen = torch.Generator().manual_seed(5)
+    for s, n in enumerate([130, 64]):
+        cache.add_sequence(s)
+        cache.reserve(s, n)
+        for layer in (0, 1):
+            cache.write(layer, s, *torch.randn(2, 2, n, 64, generator=gen))
+        cache.commit(s, n)
+    ids = cache.seqs[0].blocks[:2] + cache.seqs[1].blocks[:1] + cache.seqs[0].blocks[:1]
+    k_want, v_want = cache.decompress_block_ranges(1, [(0, 0, 2), (1, 0, 1), (0, 0, 1)])
+    out = torch.full((2, 4, 2, 2, 64, 64), float("nan"))  # every other place of a wider layout
+    cache.decompress_blocks_into(1, torch.tensor(ids), out[0, :, 0], out[1, :, 0])
+    assert torch.equal(out[0, :, 0], k_want) and torch.equal(out[1, :, 0], v_want)
+    assert out[:, :, 1].isnan().all()
 
 
 def test_chunks_fit_the_token_budget() -> None:

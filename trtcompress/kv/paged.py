@@ -286,6 +286,16 @@ class PagedKVCache:
             out.append(x)
         return out[0], out[1]
 
+    def decompress_blocks_into(
+        self, layer: int, ids: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor
+    ) -> None:
+        """Physical blocks `ids` (repeats allowed) decompressed into float32 `k_out` / `v_out` (any strides,
+        `len(ids)` blocks of `(H, block, D)`), one codec call per K/V. Sink rows are left as the block
+        holds them: a caller that reads a sequence's block 0 takes them from `sinks`."""
+        for kind, out in (("k", k_out), ("v", v_out)):
+            fields = {name: pool[layer].index_select(0, ids) for name, pool in self.pools[kind].items()}
+            self.codec.decompress_into(fields, kind, self.block_size, self.head_dim, out)
+
     def gather_tail(self, layer: int, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The fp16 tail (committed tokens of the block being filled), float32 `(H, n, D)`."""
         seq = self.seqs[seq_id]

@@ -22,6 +22,9 @@ class FP16Codec(KVCodec):
     def decompress(self, fields: Fields, kind: Kind, tokens: int, dim: int) -> torch.Tensor:
         return fields["data"].float()
 
+    def decompress_into(self, fields: Fields, kind: Kind, tokens: int, dim: int, out: torch.Tensor) -> None:
+        out.copy_(fields["data"].view(out.shape))  # one converting copy, no float32 temporary
+
 
 class _ScaledCodec(KVCodec):
     """Symmetric per-(token, head) scale: `x ≈ code * scale`, codes stored in `code_dtype`."""

@@ -41,13 +41,18 @@ class DecodeBatch:
 
     seq_ids: list[int]
     index: torch.Tensor  # (B,) 0..B-1: the batch row of each sequence
-    rows: torch.Tensor  # (B,) rows of the step's token matrix
+    rows: torch.Tensor | slice  # rows of the step's token matrix (a slice where they are consecutive)
     starts: list[int]  # committed tokens per sequence
     slots: torch.Tensor  # (B,) tail slot per sequence
     tail_lens: torch.Tensor  # (B,) committed tokens in the tail: the own token goes right after them
     masked: torch.Tensor  # (B, NB, block) positions that are neither committed tokens nor the own one
     ranges: list[tuple[int, int, int]]  # (seq_id, 0, full blocks): the compressed blocks to read
     block_dest: torch.Tensor  # (blocks,) flat (row * NB + 1 + j) place of each block of `ranges`
+    # (B * (NB - 1),) physical block of every block place after the tail's, padding places given the
+    # batch's first block (any finite block: masked keys get weight exactly 0), so an elementwise
+    # codec fills every place with one gather, without zeroing; None where the batch has no full block
+    padded_blocks: torch.Tensor | None = None
+    first_blocks: torch.Tensor | None = None  # (B,) bool: rows whose block 0 is compressed (sink rows)
 
     @property
     def size(self) -> int:
@@ -58,9 +63,23 @@ class DecodeBatch:
         return self.masked.shape[1]
 
 
+def as_rows(rows: list[int], device) -> torch.Tensor | slice:
+    """Row indices of a token matrix: a slice (a view, no gather) where they are consecutive."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
 def decode_batch(
-    seq_ids: list[int], rows: list[int], starts: list[int], slots: torch.Tensor, block: int, device
+    seq_ids: list[int],
+    rows: list[int],
+    starts: list[int],
+    slots: torch.Tensor,
+    block: int,
+    device,
+    tables: list[list[int]] | None = None,
 ) -> DecodeBatch:
+    """`tables`: each sequence's physical block ids (for `padded_blocks`)."""
     full = [s // block for s in starts]
     nb = max(full) + 1  # the tail's block first (possibly empty)
     tail = torch.tensor([s - n * block for s, n in zip(starts, full, strict=True)])
@@ -71,9 +90,17 @@ def decode_batch(
     dest = [row * nb + 1 + j for row, n in enumerate(full) for j in range(n)]
     ranges = [(seq_id, 0, n) for seq_id, n in zip(seq_ids, full, strict=True)]
     as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    padded = first = None
+    if tables is not None and nb > 1:
+        filler = next(t[0] for t, n in zip(tables, full, strict=True) if n)
+        padded = as_index(
+            [t[j] if j < n else filler for t, n in zip(tables, full, strict=True) for j in range(nb - 1)]
+        )
+        first = torch.tensor(full, device=device) > 0
     return DecodeBatch(
-        list(seq_ids), as_index(list(range(len(starts)))), as_index(rows), list(starts),
+        list(seq_ids), as_index(list(range(len(starts)))), as_rows(rows, device), list(starts),
         slots.to(device, torch.long), tail.to(device), masked.to(device), ranges, as_index(dest),
+        padded, first,
     )  # fmt: skip
 
 
@@ -117,8 +144,8 @@ def batched_decode_attention(
     q_rows = (q * scale).view(bsz, 1, h, g, dim).expand(bsz, nb, h, g, dim).reshape(-1, g, dim)
     keys = kv_blocks[0].reshape(-1, block, dim)  # a view: K and V are contiguous halves
     s = _bmm(q_rows, keys.transpose(1, 2), bmm_calls_of).view(bsz, nb, h, g, block)
-    s = s.masked_fill(masked[:, :, None, None, :], float("-inf"))
-    p = torch.exp(s - s.amax(dim=(1, 4), keepdim=True))
+    s = s.masked_fill_(masked[:, :, None, None, :], float("-inf"))  # in place: s is the bmm's own output
+    p = s.sub_(s.amax(dim=(1, 4), keepdim=True)).exp_()
     if bmm_calls_of > 0:  # the token sums as products too: no reduction kernel chosen by tensor size
         ones = p.new_ones(1, block, 1).expand(p.numel() // (g * block), block, 1)
         sums = _bmm(p.view(-1, g, block), ones, bmm_calls_of).view(bsz, nb, h, g)

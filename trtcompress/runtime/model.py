@@ -38,6 +38,7 @@ from torch import nn
 from trtcompress.kv.paged import PagedKVCache
 from trtcompress.runtime.decode_attention import (
     DecodeBatch,
+    as_rows,
     batched_decode_attention,
     chunk_decode_works,
     decode_batch,
@@ -232,10 +233,11 @@ class BatchedModel:
         writes, seq_ids = None, [work[i].seq.seq_id for i in decode]
         if fused or batched:  # the same for every layer of the step
             writes = self.cache.token_writes(seq_ids, [work[i].phase for i in decode])
-            decode_rows = torch.tensor([bounds[i] for i in decode], dtype=torch.long, device=dev)
+            decode_rows = as_rows([bounds[i] for i in decode], dev)
         if fused:
             fused_inputs = fused_decode_inputs(self.cache, seq_ids, dev)
         batches = self._decode_batches(work, batched, bounds) if batched else []
+        decode_scratch = self._decode_scratch(batches)
         t = ids.shape[0]
         for li, layer in enumerate(self.layers):
             q, k, v = _run(layer.qkv, layer.ln1(h))
@@ -251,7 +253,7 @@ class BatchedModel:
                     self.cache, li, fused_inputs, q[decode_rows], k[decode_rows], v[decode_rows], self.scaling
                 )
             for batch in batches:
-                out[batch.rows] = self._attend_batch(li, batch, q, k, v)
+                out[batch.rows] = self._attend_batch(li, batch, q, k, v, decode_scratch)
             if writes is not None:  # after every read of the layer's cache: the step's decode K/V
                 self.cache.write_tokens(li, writes, k[decode_rows], v[decode_rows])
             for members in groups:
@@ -310,11 +312,24 @@ class BatchedModel:
                 raise RuntimeError(f"sequence {seq_id}: {committed} tokens committed, step starts at {start}")
         seq_ids = [work[i].seq.seq_id for i in members]
         slots = self.cache.tail_slots(seq_ids)
+        tables = [self.cache.seqs[s].blocks for s in seq_ids] if self.cache.codec.elementwise else None
         out = []
         for lo, hi in chunk_decode_works(starts, bs, self.decode_scratch_tokens):
             rows = [bounds[i] for i in members[lo:hi]]
-            out.append(decode_batch(seq_ids[lo:hi], rows, starts[lo:hi], slots[lo:hi], bs, self.device))
+            table = None if tables is None else tables[lo:hi]
+            out.append(
+                decode_batch(seq_ids[lo:hi], rows, starts[lo:hi], slots[lo:hi], bs, self.device, table)
+            )
         return out
+
+    def _decode_scratch(self, batches: list[DecodeBatch]) -> torch.Tensor | None:
+        """One float32 buffer for the padded blocks of the step's largest decode batch, reused by every
+        batch and layer of the step (elementwise codecs only: their batches overwrite every place, so
+        nothing needs zeroing; a fresh multi-MB tensor per layer cost an allocation and page faults)."""
+        if not batches or not self.cache.codec.elementwise:
+            return None
+        per_place = 2 * self.n_kv * self.cache.block_size * self.head_dim
+        return torch.empty(max(b.size * b.num_blocks for b in batches) * per_place, device=self.device)
 
     def _attend_batch(
         self,
@@ -323,19 +338,33 @@ class BatchedModel:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        scratch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One decode token per work of `batch` over its committed tokens plus itself, laid out as whole
         blocks (the fp16 tail's block with the token's own K/V after it, then the decompressed blocks):
-        `batched_decode_attention`."""
+        `batched_decode_attention`. `scratch`: the step's buffer (`_decode_scratch`) for an elementwise
+        codec, whose places are all overwritten here; otherwise padding places must be zero."""
         cache, bs, h, d, rows = self.cache, self.cache.block_size, self.n_kv, self.head_dim, batch.rows
-        kv = torch.zeros(2, batch.size * batch.num_blocks, h, bs, d, device=self.device)
-        blocks = kv.view(2, batch.size, batch.num_blocks, h, bs, d)
+        shape, nb = (2, batch.size * batch.num_blocks, h, bs, d), batch.num_blocks
+        if scratch is not None:
+            kv = scratch[: 2 * batch.size * nb * h * bs * d].view(shape)
+        else:
+            kv = torch.zeros(shape, device=self.device)
+        blocks = kv.view(2, batch.size, nb, h, bs, d)
         blocks[0, :, 0] = cache.tails["k"][layer].index_select(0, batch.slots)
         blocks[1, :, 0] = cache.tails["v"][layer].index_select(0, batch.slots)
         own = batch.index, 0, slice(None), batch.tail_lens
         blocks[0][own] = k[rows]  # the token's exact K/V right after its tail's committed tokens
         blocks[1][own] = v[rows]
-        if cache.codec.elementwise or self.blocks.budget == 0:  # every block, one codec call per K/V
+        if scratch is not None:  # elementwise: every place after the tail's from one padded gather
+            if batch.padded_blocks is not None:
+                cache.decompress_blocks_into(layer, batch.padded_blocks, blocks[0, :, 1:], blocks[1, :, 1:])
+                if cache.sink_tokens:  # block 0's sink rows come from the sink slot
+                    n, first = cache.sink_tokens, batch.first_blocks
+                    for kind, i in (("k", 0), ("v", 1)):
+                        sinks = cache.sinks[kind][layer].index_select(0, batch.slots[first])
+                        blocks[i, :, 1][first, :, :n] = sinks.float()
+        elif cache.codec.elementwise or self.blocks.budget == 0:  # every block, one codec call per K/V
             if len(batch.block_dest):
                 k_blocks, v_blocks = cache.decompress_block_ranges(layer, batch.ranges)
                 kv[0].index_copy_(0, batch.block_dest, k_blocks)
