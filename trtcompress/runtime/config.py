@@ -65,8 +65,8 @@ class DeployConfig(BaseModel):
     )
     cpu_gemm: Literal["auto", "onednn", "blas"] = Field(
         "auto",
-        description="native runtime on CPU, dense GEMMs: onednn (weights reordered once at load; 2.5-3.3x "
-        "MKL on AVX-512 AMD CPUs), blas (F.linear: MKL / OpenBLAS), auto = onednn where torch has it",
+        description="native runtime on CPU, dense GEMMs: onednn (weights reordered once at load; 2.4-4.2x "
+        "MKL on an AVX-512 AMD CPU), blas (F.linear: MKL / OpenBLAS), auto = onednn where torch has it",
     )
     engine_dir: str | None = Field(
         None, description="TensorRT-LLM engine directory for the trtllm repository (default: ARTIFACT/engine)"
