@@ -21,11 +21,13 @@ and on the GPU (carry: [".gpu"]): `pip install -q --no-index --no-deps --target 
 Measured, float32 on both sides (the runtime computes in float32), prompts of `--prompt` random token
 ids: HF `generate` at batch 1 and as one static batch of 16; the runtime (`deploy.device`) with 1, 8
 and 32 requests submitted at once (in-flight batching, offline `Engine.generate`), with the fp16 and
-the gear-2bit KV cache (decode attention: the batched path, plus the per-sequence path at the
-largest level for an A/B in the same run; gear-2bit: the fused kernel). Tokens/s = generated tokens
-/ wall seconds of the whole call (prefill included, on both sides); the device is synchronized
-before each clock read. Results are written after every row, so a run cut short keeps what it
-measured. `--smoke` runs tiny sizes (CPU check of the script itself, numbers not worth reading).
+the gear-2bit KV cache (decode attention: one kernel launch per layer, `runtime/paged_attention.py`
+for fp16 and the fused GEAR kernel for gear-2bit; plus, for fp16 at the largest level, the torch path
+for an A/B in the same run: batched where it is batch-invariant on the device, else per sequence).
+Tokens/s = generated tokens / wall seconds of the whole call (prefill included, on both sides); the
+device is synchronized before each clock read. Results are written after every row, so a run cut
+short keeps what it measured. `--smoke` runs tiny sizes (CPU check of the script itself, numbers not
+worth reading).
 """
 
 from __future__ import annotations
@@ -172,11 +174,11 @@ def main() -> None:
         except Exception as exc:
             result.setdefault("errors", []).append(f"runtime {codec}: {exc!r}"[:500])
             continue
-        runs = [(n, True) for n in (levels if codec == "fp16" else levels[:2])]
-        if codec == "fp16" and engine.model.batched_decode:  # A/B: decode attention per sequence
+        runs = [(n, engine.model.fused_decode) for n in (levels if codec == "fp16" else levels[:2])]
+        if codec == "fp16" and engine.model.fused_decode:  # A/B: the torch decode attention
             runs.append((max(levels), False))
-        for n, batched in runs:
-            engine.model.batched_decode = batched and engine.model.batched_decode
+        for n, fused in runs:
+            engine.model.fused_decode = fused
             try:
                 row = runtime_row(engine, ids[:n], args.new, args.device, codec)
                 row["decode_attention"] = decode_path(engine)

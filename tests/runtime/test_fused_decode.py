@@ -1,5 +1,5 @@
-"""Decode tokens through the fused GEAR/KIVI kernel (interpreted on CPU) in the runtime: the same
-logits as the runtime's scratch + SDPA path over the same compressed cache, step after step.
+"""Decode tokens through the fused GEAR/KIVI kernel or the paged fp16 kernel (interpreted on CPU) in the
+runtime: the same logits as the runtime's scratch + SDPA path over the same cache, step after step.
 
 A small random LLaMA with a kernel-sized head (head dim 32, GQA 4/2), two sequences in the same ragged
 steps: prompt chunks (scratch path), then one token per step per sequence (fused path when enabled),
@@ -84,16 +84,16 @@ def _logits(codec: str, fused: bool, monkeypatch) -> tuple[list[torch.Tensor], b
     return [torch.stack(rows) for rows in logits], runtime.fused_decode
 
 
-@pytest.mark.parametrize("codec", ["gear-2bit", "kivi-2bit"])
+@pytest.mark.parametrize("codec", ["gear-2bit", "kivi-2bit", "fp16"])
 def test_fused_decode_matches_the_scratch_path(codec: str, monkeypatch) -> None:
     want, fused_want = _logits(codec, False, monkeypatch)
     got, fused_got = _logits(codec, True, monkeypatch)
     assert fused_got and not fused_want  # the two runs really took different attention paths
     for g, w in zip(got, want, strict=True):
-        # fp16 MMA operands in the kernel vs float32 SDPA over the decompressed scratch: logits of about
-        # 1 differ by up to 1.9e-3 after two layers (gear-2bit and kivi-2bit); leaving out the token's
-        # own key and value (no merge) moves them by 3.7e-2
-        torch.testing.assert_close(g, w, atol=5e-3, rtol=0)
+        # fp16 MMA operands in the GEAR/KIVI kernel vs float32 SDPA over the decompressed scratch: logits
+        # of about 1 differ by up to 1.9e-3 after two layers (gear-2bit and kivi-2bit); leaving out the
+        # token's own key and value (no merge) moves them by 3.7e-2. The fp16 kernel computes in fp32.
+        torch.testing.assert_close(g, w, atol=1e-5 if codec == "fp16" else 5e-3, rtol=0)
         assert torch.equal(g.argmax(-1), w.argmax(-1))
 
 
@@ -102,7 +102,9 @@ def test_fused_decode_is_not_used_where_the_kernel_cannot_read_the_cache(monkeyp
     from trtcompress.runtime.fused_attention import fused_decode_supported
 
     model = _model()
-    assert fused_decode_supported(cache_for_model(model, get_codec("gear-2bit"), 128, 1, 64, 0))
-    for codec in ("fp16", "int8", "kivi-3bit"):  # no packed 2/4-bit codes
+    for codec in ("gear-2bit", "fp16"):
+        assert fused_decode_supported(cache_for_model(model, get_codec(codec), 128, 1, 64, 0))
+    for codec in ("int8", "kivi-3bit"):  # neither packed 2/4-bit codes nor fp16
         assert not fused_decode_supported(cache_for_model(model, get_codec(codec), 128, 1, 64, 0))
     assert not fused_decode_supported(cache_for_model(model, get_codec("gear-2bit"), 128, 1, 128, 0))
+    assert not fused_decode_supported(cache_for_model(model, get_codec("fp16"), 128, 1, 48, 0))
