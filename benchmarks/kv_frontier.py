@@ -105,6 +105,14 @@ POINTS: list[tuple[str, str, str, dict[str, Any], int, int]] = [  # most importa
     ("gear-2bit buffer 32 (group 32)", "gear", "gear-2bit", {"group": 32}, 32, 1),
     ("int8", "baseline", "int8", {}, 64, 1),
     ("fp8", "baseline", "fp8", {}, 64, 1),
+    ("gear-2bit int8 outliers", "gear", "gear-2bit", {"outlier_dtype": "int8"}, 64, 1),
+]
+# Every GEAR point again with one-byte outlier corrections (fp8 E4M3 and one fp16 scale per block and
+# head instead of fp16 each): not read by the fused kernel yet, so ablations, not served settings.
+POINTS += [
+    (f"{label} [fp8 outliers]", family, name, options | {"outlier_dtype": "fp8"}, block, sink)
+    for label, family, name, options, block, sink in list(POINTS)
+    if family == "gear" and "outlier_dtype" not in options
 ]
 MAIN = ("kivi-2bit", "kivi-3bit", "kivi-4bit", "kivi-8bit")  # the KIVI curve: default cache (sink 1)
 

@@ -188,3 +188,46 @@ def test_range_search_never_worse_than_minmax() -> None:
     s1, z1 = search_params(x, 2, None, 1)  # one step = min/max
     s0, z0 = minmax_params(x, 2)
     assert torch.equal(s1, s0) and torch.equal(z1, z0)
+
+
+@pytest.mark.parametrize("outlier_dtype", ["int8", "fp8"])
+def test_one_byte_outlier_corrections(outlier_dtype: str) -> None:
+    """Block-scope corrections in one byte each plus one fp16 scale per block and head: the bytes drop
+    by one per outlier less the scale, every outlier still lands within its rounding, and what
+    decompression reproduces is what the low-rank residual and the layout were computed from."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 64, 64, generator=gen) * torch.where(
+        torch.rand(1, 1, 64, generator=gen) < 0.05, 9.0, 1.0
+    )
+    exact = get_codec("gear-2bit")
+    small = get_codec("gear-2bit", outlier_dtype=outlier_dtype)
+    for kind in ("k", "v"):
+        budget = exact.layout(kind, 64, 64)["out_val"].shape[0]
+        saved = exact.block_bytes(kind, 64, 64) - small.block_bytes(kind, 64, 64)
+        assert saved == budget - 2  # one byte per correction, plus a 2-byte scale
+        fields = small.compress(x, kind)
+        assert {k: v.shape for k, v in fields.items()} == {
+            k: (2, *spec.shape) for k, spec in small.layout(kind, 64, 64).items()
+        }
+        want = exact.decompress(exact.compress(x, kind), kind, 64, 64)
+        got = small.decompress(fields, kind, 64, 64)
+        # only the outliers move, each by at most the byte's rounding of its correction (1/254 of the
+        # largest correction of its block and head for int8, 1/16 of its own for fp8 E4M3) plus the fp16
+        # rounding of the exact one (1/2048)
+        largest = exact.compress(x, kind)["out_val"].float().abs().amax(-1)[:, None, None]
+        moved = (got - want).abs()
+        rounding = 1 / 254 if outlier_dtype == "int8" else 1 / 16
+        assert (moved <= 1.01 * largest * (rounding + 1 / 2048)).all()
+        assert ((moved > 0).flatten(1).sum(-1) <= budget).all()
+        assert ((got - x) ** 2).mean() < 1.05 * ((want - x) ** 2).mean()
+
+
+def test_outlier_dtype_is_validated_and_the_fused_kernel_declines_it() -> None:
+    from trtcompress.plugins.gear_attention.reference import layout_for_codec
+
+    with pytest.raises(ValueError, match="outlier_dtype must be one of"):
+        get_codec("gear-2bit", outlier_dtype="bf16")
+    with pytest.raises(ValueError, match="needs outlier_scope: block"):
+        get_codec("gear-2bit", outlier_dtype="fp8", outlier_scope="group")
+    with pytest.raises(ValueError, match="fp16 outlier corrections, not fp8"):
+        layout_for_codec(get_codec("gear-2bit", outlier_dtype="fp8"))

@@ -64,6 +64,35 @@ def _kernel_order(idx: torch.Tensor, kind: Kind, tokens: int, dim: int) -> torch
     return (idx % dim) * tokens + idx // dim
 
 
+# How block-scope outlier corrections are stored: fp16 (exact to fp16), or one byte each with one fp16
+# scale per block and head (int8: symmetric, scale = max |c| / 127; fp8: E4M3, scale = max |c| / 448,
+# about 3% relative error on every correction whatever its size). Only fp16 is read by the fused
+# decode-attention kernel (plugins/gear_attention); the others are decompressed by the codec.
+OUTLIER_DTYPES = {
+    "fp16": (torch.float16, 0.0),
+    "int8": (torch.int8, 127.0),
+    "fp8": (torch.float8_e4m3fn, 448.0),
+}
+
+
+def _store_corrections(correction: torch.Tensor, outlier_dtype: str) -> tuple[Fields, torch.Tensor]:
+    """(fields, the corrections as decompression will reproduce them) of float corrections `(..., n)`."""
+    dtype, qmax = OUTLIER_DTYPES[outlier_dtype]
+    if not qmax:
+        stored = correction.to(torch.float16)
+        return {"out_val": stored}, stored.float()
+    scale = (correction.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8).to(torch.float16)
+    y = correction / scale.float()
+    codes = torch.floor(y + 0.5).clamp_(-qmax, qmax).to(dtype) if dtype == torch.int8 else y.to(dtype)
+    return {"out_val": codes, "out_scale": scale}, codes.float() * scale.float()
+
+
+def _corrections(fields: Fields) -> torch.Tensor:
+    """The stored outlier corrections as float32 values."""
+    values = fields["out_val"].float()
+    return values * fields["out_scale"].float() if "out_scale" in fields else values
+
+
 def _int8_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (x.abs().amax(-2) / 127).clamp_min(1e-8).to(torch.float16)
     return torch.floor(x / scale.float()[..., None, :] + 0.5).clamp_(-127, 127).to(torch.int8), scale
@@ -88,9 +117,17 @@ class GearCodec(KiviCodec):
         value_outlier_std_power: float = 1.0,
         range_search: int = 0,
         range_min: float = 0.4,
+        outlier_dtype: Literal["fp16", "int8", "fp8"] = "fp16",
         name: str | None = None,
     ) -> None:
         super().__init__(bits, group)
+        if outlier_dtype not in OUTLIER_DTYPES:
+            raise ValueError(f"outlier_dtype must be one of {sorted(OUTLIER_DTYPES)}, got {outlier_dtype!r}")
+        if outlier_dtype != "fp16" and outlier_scope != "block":
+            raise ValueError(
+                "outlier_dtype int8 / fp8 (one scale per block and head) needs outlier_scope: block"
+            )
+        self.outlier_dtype = outlier_dtype
         if group > 256:
             raise ValueError("GEAR stores outlier indices as uint8: the group size must be <= 256")
         self.outlier_ratio = {
@@ -125,8 +162,10 @@ class GearCodec(KiviCodec):
         k = self._k(kind, tokens, dim)
         if k and self.outlier_scope == "block":
             budget = self._block_budget(kind, tokens, dim)
-            fields["out_val"] = FieldSpec((budget,), torch.float16)
+            fields["out_val"] = FieldSpec((budget,), OUTLIER_DTYPES[self.outlier_dtype][0])
             fields["out_idx"] = FieldSpec((budget,), torch.int16 if rows * n <= 2**15 else torch.int32)
+            if self.outlier_dtype != "fp16":
+                fields["out_scale"] = FieldSpec((1,), torch.float16)
         elif k:
             fields["out_val"] = FieldSpec((rows, n // gs * 2 * k), torch.float16)
             fields["out_idx"] = FieldSpec((rows, n // gs * 2 * k), torch.uint8)
@@ -192,9 +231,11 @@ class GearCodec(KiviCodec):
         idx = idx.gather(-1, _kernel_order(idx, kind, tokens, dim).argsort(-1))
         mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, idx, True).view_as(grouped)
         fields, deq = self._quantize(grouped, mask)
-        correction = (flat.gather(-1, idx) - deq.flatten(-3).gather(-1, idx)).to(torch.float16)
-        approx = deq.flatten(-3).scatter_add(-1, idx, correction.float()).view_as(grouped)
-        fields["out_val"] = correction
+        stored, correction = _store_corrections(
+            flat.gather(-1, idx) - deq.flatten(-3).gather(-1, idx), self.outlier_dtype
+        )
+        approx = deq.flatten(-3).scatter_add(-1, idx, correction).view_as(grouped)
+        fields |= stored
         fields["out_idx"] = idx.to(self.layout(kind, tokens, dim)["out_idx"].dtype)
         return fields | self._low_rank(x, approx, kind, phase)
 
@@ -233,7 +274,7 @@ class GearCodec(KiviCodec):
     def decompress(self, fields: Fields, kind: Kind, tokens: int, dim: int) -> torch.Tensor:
         grouped = self._dequantize(fields, kind, tokens, dim)
         if "out_val" in fields and self.outlier_scope == "block":
-            flat = grouped.flatten(-3).scatter_add(-1, fields["out_idx"].long(), fields["out_val"].float())
+            flat = grouped.flatten(-3).scatter_add(-1, fields["out_idx"].long(), _corrections(fields))
             grouped = flat.view_as(grouped)
         elif "out_val" in fields:
             shape = (*grouped.shape[:-1], -1)
@@ -259,6 +300,7 @@ class GearCodec(KiviCodec):
             "outlier_std_power": self.std_power,
             "range_search": self.range_search,
             "range_min": self.range_min,
+            "outlier_dtype": self.outlier_dtype,
         }
 
 

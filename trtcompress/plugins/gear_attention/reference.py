@@ -40,6 +40,11 @@ def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
     from trtcompress.kv.gear import GearCodec, outliers_per_side
 
     if isinstance(codec, GearCodec):
+        if codec.outlier_dtype != "fp16":
+            raise ValueError(
+                f"the fused GEAR kernel reads fp16 outlier corrections, not {codec.outlier_dtype} "
+                "(outlier_dtype: fp16, or decompress the blocks)"
+            )
         block_scope = codec.outlier_scope == "block"
         outliers = tuple(
             (codec._block_budget(k, codec.group, head_dim) if block_scope else
