@@ -46,13 +46,13 @@ def _chunk(seq) -> int:
     return min(48, seq.prompt_len - seq.num_computed) if seq.num_computed < seq.prompt_len else 1
 
 
-def _logits(codec: str, fused: bool, monkeypatch) -> tuple[list[torch.Tensor], bool]:
+def _logits(codec: str, fused: bool, monkeypatch, **options) -> tuple[list[torch.Tensor], bool]:
     if fused:
         monkeypatch.setenv("TRTCOMPRESS_GEAR_TRITON", "1")
     else:
         monkeypatch.delenv("TRTCOMPRESS_GEAR_TRITON", raising=False)
     model = _model()
-    cache = cache_for_model(model, get_codec(codec), 256, 2, 64, 1)
+    cache = cache_for_model(model, get_codec(codec, **options), 256, 2, 64, 1)
     runtime = BatchedModel(model, cache, 16)
     g = torch.Generator().manual_seed(3)
     tokens = [torch.randint(1, 256, (total,), generator=g).tolist() for _, total in LENGTHS]
@@ -84,10 +84,13 @@ def _logits(codec: str, fused: bool, monkeypatch) -> tuple[list[torch.Tensor], b
     return [torch.stack(rows) for rows in logits], runtime.fused_decode
 
 
-@pytest.mark.parametrize("codec", ["gear-2bit", "kivi-2bit", "fp16"])
-def test_fused_decode_matches_the_scratch_path(codec: str, monkeypatch) -> None:
-    want, fused_want = _logits(codec, False, monkeypatch)
-    got, fused_got = _logits(codec, True, monkeypatch)
+@pytest.mark.parametrize(
+    ("codec", "options"),
+    [("gear-2bit", {}), ("gear-2bit", {"outlier_dtype": "fp8"}), ("kivi-2bit", {}), ("fp16", {})],
+)
+def test_fused_decode_matches_the_scratch_path(codec: str, options: dict, monkeypatch) -> None:
+    want, fused_want = _logits(codec, False, monkeypatch, **options)
+    got, fused_got = _logits(codec, True, monkeypatch, **options)
     assert fused_got and not fused_want  # the two runs really took different attention paths
     for g, w in zip(got, want, strict=True):
         # fp16 MMA operands in the GEAR/KIVI kernel vs float32 SDPA over the decompressed scratch: logits
@@ -108,5 +111,5 @@ def test_fused_decode_is_not_used_where_the_kernel_cannot_read_the_cache(monkeyp
         assert not fused_decode_supported(cache_for_model(model, get_codec(codec), 128, 1, 64, 0))
     assert not fused_decode_supported(cache_for_model(model, get_codec("gear-2bit"), 128, 1, 128, 0))
     assert not fused_decode_supported(cache_for_model(model, get_codec("fp16"), 128, 1, 48, 0))
-    fp8_outliers = get_codec("gear-2bit", outlier_dtype="fp8")  # one-byte corrections: not read yet
-    assert not fused_decode_supported(cache_for_model(model, fp8_outliers, 128, 1, 64, 0))
+    fp8_outliers = get_codec("gear-2bit", outlier_dtype="fp8")  # one-byte corrections with block scales
+    assert fused_decode_supported(cache_for_model(model, fp8_outliers, 128, 1, 64, 0))

@@ -66,8 +66,8 @@ def _kernel_order(idx: torch.Tensor, kind: Kind, tokens: int, dim: int) -> torch
 
 # How block-scope outlier corrections are stored: fp16 (exact to fp16), or one byte each with one fp16
 # scale per block and head (int8: symmetric, scale = max |c| / 127; fp8: E4M3, scale = max |c| / 448,
-# about 3% relative error on every correction whatever its size). Only fp16 is read by the fused
-# decode-attention kernel (plugins/gear_attention); the others are decompressed by the codec.
+# about 3% relative error on every correction whatever its size). The fused decode-attention kernel
+# reads all three; the torch op and the TensorRT plugin read fp16 only.
 OUTLIER_DTYPES = {
     "fp16": (torch.float16, 0.0),
     "int8": (torch.int8, 127.0),
@@ -87,7 +87,7 @@ def _store_corrections(correction: torch.Tensor, outlier_dtype: str) -> tuple[Fi
     return {"out_val": codes, "out_scale": scale}, codes.float() * scale.float()
 
 
-def _corrections(fields: Fields) -> torch.Tensor:
+def outlier_values(fields: Fields) -> torch.Tensor:
     """The stored outlier corrections as float32 values."""
     values = fields["out_val"].float()
     return values * fields["out_scale"].float() if "out_scale" in fields else values
@@ -274,7 +274,7 @@ class GearCodec(KiviCodec):
     def decompress(self, fields: Fields, kind: Kind, tokens: int, dim: int) -> torch.Tensor:
         grouped = self._dequantize(fields, kind, tokens, dim)
         if "out_val" in fields and self.outlier_scope == "block":
-            flat = grouped.flatten(-3).scatter_add(-1, fields["out_idx"].long(), _corrections(fields))
+            flat = grouped.flatten(-3).scatter_add(-1, fields["out_idx"].long(), outlier_values(fields))
             grouped = flat.view_as(grouped)
         elif "out_val" in fields:
             shape = (*grouped.shape[:-1], -1)

@@ -49,8 +49,6 @@ def fused_decode_supported(cache: PagedKVCache) -> bool:
     if _is_fp16(cache):
         return _power_of_two(cache.block_size)
     readable = isinstance(codec, KiviCodec | GearCodec) and codec.bits in (2, 4)
-    if isinstance(codec, GearCodec) and codec.outlier_dtype != "fp16":  # one-byte corrections: not read
-        return False
     return readable and codec.group == cache.block_size
 
 

@@ -84,6 +84,8 @@ def _dense(q: torch.Tensor, cache: PagedKVCache, seqs: list[int], scale: float) 
         ("gear-4bit", [190], 2, 1, {"factor_dtype": "fp16", "outlier_scope": "block"}),
         ("kivi-2bit", [150], 2, 2, {}),
         ("kivi-4bit", [64, 128], 8, 1, {}),  # block-aligned: empty tails
+        ("gear-2bit", [200, 64, 37], 6, 2, {"sink": 1, "outlier_dtype": "fp8"}),  # one-byte outliers
+        ("gear-4bit", [129, 190], 2, 2, {"outlier_dtype": "int8"}),
     ],
 )
 def test_kernel_matches_reference(codec: str, lengths: list[int], q_heads: int, splits: int, options) -> None:
@@ -165,6 +167,22 @@ def test_outlier_sums_match_reference(dim: int, pile_on: str | None, sums: str) 
         gear_attention_triton(q, *args, layout, dim**-0.5, outlier_sums="scatter", **_sinks(cache))
 
 
+@pytest.mark.parametrize("sums", ["runs", "onehot"])
+@pytest.mark.parametrize("outlier_dtype", ["int8", "fp8"])
+def test_one_byte_outlier_values_match_reference(outlier_dtype: str, sums: str) -> None:
+    """Outlier corrections stored in one byte with one fp16 scale per block and head: both outlier
+    paths scale them in the kernel as the reference and the codec's decompression do."""
+    cache = _filled_cache("gear-2bit", [300, 90], seed=5, sink=1, outlier_dtype=outlier_dtype)
+    assert cache.pools["k"]["out_val"].element_size() == 1 and "out_scale" in cache.pools["v"]
+    q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(2))
+    args, layout = _inputs(cache, [0, 1]), layout_for_codec(cache.codec, 64, 1)
+    assert layout.outlier_scaled
+    ref = gear_attention_reference(q, *args, layout, 0.125, **_sinks(cache))
+    torch.testing.assert_close(ref, _dense(q, cache, [0, 1], 0.125), atol=1e-5, rtol=1e-5)
+    out = gear_attention_triton(q, *args, layout, 0.125, splits=2, outlier_sums=sums, **_sinks(cache))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
 def test_block_outliers_are_stored_in_kernel_order() -> None:
     """Keys sorted by token, values by channel: what the "runs" path sums over."""
     codec = get_codec("gear-2bit")
@@ -233,3 +251,13 @@ def test_custom_op_on_cpu_and_through_triton(monkeypatch) -> None:
     torch.library.opcheck(
         op, op_args_from_cache(q, cache, 0, [0, 1]), test_utils=("test_schema", "test_faketensor")
     )
+
+
+def test_custom_op_refuses_one_byte_outlier_values() -> None:
+    """The op (and the TensorRT plugin built on its inputs) reads fp16 corrections: a cache with
+    one-byte ones is refused by name, not read as if its bytes were fp16."""
+    from trtcompress.plugins.gear_attention.op import op_args_from_cache
+
+    cache = _filled_cache("gear-2bit", [100], outlier_dtype="int8")
+    with pytest.raises(ValueError, match="reads fp16 outlier corrections"):
+        op_args_from_cache(torch.randn(1, 2, 64), cache, 0, [0])

@@ -26,6 +26,13 @@ def test_aot_ptx_for_sm90() -> None:
         "    layout = layout_for_codec(get_codec('gear-2bit', outlier_scope=scope))\n"
         "    c = compile_gear_attention_ptx(layout, 3, 9, 64, 0.125)\n"
         "    out.append({'name': c.name, 'ptx': c.ptx, 'warps': c.num_warps})\n"
+        "fp8 = layout_for_codec(get_codec('gear-2bit', outlier_dtype='fp8'))\n"
+        "try:\n"  # one-byte outlier values: the plugin reads fp16 ones, and says so
+        "    compile_gear_attention_ptx(fp8, 3, 9, 64, 0.1)\n"
+        "except ValueError as exc:\n"
+        "    assert 'outlier_dtype: fp16' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('a one-byte outlier layout compiled for the plugin')\n"
         "print(json.dumps(out))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

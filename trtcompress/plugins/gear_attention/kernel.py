@@ -219,12 +219,13 @@ def _pad_rows(x, R: tl.constexpr):
 
 
 @triton.jit
-def _outlier_runs(src, oi_ptr, ov_ptr, base, N_OUT: tl.constexpr, PAD: tl.constexpr, M: tl.constexpr):
+def _outlier_runs(src, oi_ptr, ov_ptr, oscale, base, N_OUT: tl.constexpr, PAD: tl.constexpr, M: tl.constexpr):
     """Block-scope outliers whose flat index a * M + r is stored sorted by r, in chunks of <= 64:
     out[:, r] += src[:, a] * value, summed per run of equal r (`_run_sums`). Keys (channel * T + token,
     M = T; src = the query tile): their score terms per token. Values (token * D + channel, M = D;
     src = the probabilities): their output terms per channel. Slots past N_OUT read r = M - 1 and value
-    0, so a chunk stays sorted and they add nothing."""
+    0, so a chunk stays sorted and they add nothing. `oscale`: the block's scale of one-byte values (1.0
+    for fp16 ones)."""
     OC: tl.constexpr = 64 if PAD > 64 else PAD
     rows: tl.constexpr = src.shape[0]
     out = tl.zeros([rows, M], tl.float32)
@@ -232,7 +233,7 @@ def _outlier_runs(src, oi_ptr, ov_ptr, base, N_OUT: tl.constexpr, PAD: tl.conste
         j = c * OC + tl.arange(0, OC)
         jm = j < N_OUT
         oi = tl.load(oi_ptr + base * N_OUT + j, mask=jm, other=M - 1).to(tl.int32)
-        ov = tl.load(ov_ptr + base * N_OUT + j, mask=jm, other=0.0).to(tl.float32)
+        ov = tl.load(ov_ptr + base * N_OUT + j, mask=jm, other=0.0).to(tl.float32) * oscale
         picked = tl.gather(src, tl.broadcast_to((oi // M)[None, :], (rows, OC)), axis=1)
         out += _run_sums(picked * ov[None, :], oi % M, M)
     return out
@@ -240,7 +241,7 @@ def _outlier_runs(src, oi_ptr, ov_ptr, base, N_OUT: tl.constexpr, PAD: tl.conste
 
 @triton.jit
 def _key_outlier_scores_onehot(
-    q_ptr, q_rows, qmask, qscale, oi_ptr, ov_ptr, base, N_OUT: tl.constexpr, PAD: tl.constexpr,
+    q_ptr, q_rows, qmask, qscale, oi_ptr, ov_ptr, oscale, base, N_OUT: tl.constexpr, PAD: tl.constexpr,
     t, T: tl.constexpr, G_PAD: tl.constexpr,
 ):  # fmt: skip
     """Block-scope key outliers (flat index = channel * T + token) as their score term, in chunks of
@@ -253,7 +254,7 @@ def _key_outlier_scores_onehot(
         j = c * OC + tl.arange(0, OC)
         jm = j < N_OUT
         oi = tl.load(oi_ptr + base * N_OUT + j, mask=jm, other=0).to(tl.int32)
-        ov = tl.load(ov_ptr + base * N_OUT + j, mask=jm, other=0.0).to(tl.float32)
+        ov = tl.load(ov_ptr + base * N_OUT + j, mask=jm, other=0.0).to(tl.float32) * oscale
         qd = tl.load(q_ptr + q_rows[:, None] + (oi // T)[None, :], mask=qmask[:, None], other=0.0)
         contrib = (qd.to(tl.float32) * (qscale * ov)[None, :]).to(tl.float16)  # (G_PAD, OC)
         onehot = tl.where((oi % T)[:, None] == t[None, :], 1.0, 0.0).to(tl.float16)  # (OC, T)
@@ -263,7 +264,7 @@ def _key_outlier_scores_onehot(
 
 @triton.jit
 def _value_outlier_acc_onehot(
-    p16, oi_ptr, ov_ptr, base, N_OUT: tl.constexpr, PAD: tl.constexpr, t, d, T: tl.constexpr,
+    p16, oi_ptr, ov_ptr, oscale, base, N_OUT: tl.constexpr, PAD: tl.constexpr, t, d, T: tl.constexpr,
     D: tl.constexpr, G_PAD: tl.constexpr,
 ):  # fmt: skip
     """Block-scope value outliers (flat index = token * D + channel) as their output term, in chunks
@@ -275,7 +276,7 @@ def _value_outlier_acc_onehot(
         j = c * OC + tl.arange(0, OC)
         jm = j < N_OUT
         oi = tl.load(oi_ptr + base * N_OUT + j, mask=jm, other=0).to(tl.int32)
-        ov = tl.load(ov_ptr + base * N_OUT + j, mask=jm, other=0.0).to(tl.float16)
+        ov = (tl.load(ov_ptr + base * N_OUT + j, mask=jm, other=0.0).to(tl.float32) * oscale).to(tl.float16)
         pick_t = tl.where(t[:, None] == (oi // D)[None, :], 1.0, 0.0).to(tl.float16)
         pj = tl.dot(p16, pick_t)  # (G_PAD, OC): p at the outliers' tokens (exact: one term each)
         put_d = tl.where((oi % D)[:, None] == d[None, :], ov[:, None], 0.0).to(tl.float16)
@@ -333,6 +334,8 @@ def _gear_decode(
     vt_ptr,
     ksink_ptr,
     vsink_ptr,
+    kos_ptr,
+    vos_ptr,
     sm_scale,
     max_blocks,
     H: tl.constexpr,
@@ -354,6 +357,7 @@ def _gear_decode(
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
     OUT_RUNS: tl.constexpr,
+    OUT_SCALED: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -399,6 +403,11 @@ def _gear_decode(
             )
         # ---- keys: rows are channels (D), per-channel scale/zero over the block's T tokens
         s = _key_scores(q32, q_real, kb, ks, kz, BITS, ASM)  # (G_PAD, T)
+        k_osc = 1.0  # one-byte outlier values carry one fp16 scale per block and head
+        v_osc = 1.0
+        if OUT_SCALED:
+            k_osc = tl.load(kos_ptr + bh).to(tl.float32)
+            v_osc = tl.load(vos_ptr + bh).to(tl.float32)
         if not OUT_BLOCK and OUT_K > 0:  # in-group outliers: OUT_K (token, value) pairs per channel
             sk = tl.zeros([T, D], tl.float32)
             for o in tl.static_range(OUT_K):
@@ -408,10 +417,10 @@ def _gear_decode(
             s += tl.dot(q, tl.trans(sk.to(tl.float16)))
         if OUT_BLOCK:
             if OUT_RUNS:
-                s += _pad_rows(_outlier_runs(q_real, koi_ptr, kov_ptr, bh, OUT_K, OUT_PAD, T), G_PAD)
+                s += _pad_rows(_outlier_runs(q_real, koi_ptr, kov_ptr, k_osc, bh, OUT_K, OUT_PAD, T), G_PAD)
             else:
                 s += _key_outlier_scores_onehot(
-                    q_ptr, q_rows, gmask, q_scale, koi_ptr, kov_ptr, bh, OUT_K, OUT_PAD, t, T, G_PAD
+                    q_ptr, q_rows, gmask, q_scale, koi_ptr, kov_ptr, k_osc, bh, OUT_K, OUT_PAD, t, T, G_PAD
                 )
         for r in tl.static_range(RANK_K):  # (q·B)·Aᵀ
             fb = tl.load(kb_ptr + (bh * D + d) * RANK_K + r).to(tl.float32)
@@ -444,9 +453,11 @@ def _gear_decode(
         if OUT_BLOCK:
             if OUT_RUNS:
                 p_real = _real_rows(p, GP)
-                acc += _pad_rows(_outlier_runs(p_real, voi_ptr, vov_ptr, bh, OUT_V, OUT_PAD, D), G_PAD)
+                acc += _pad_rows(_outlier_runs(p_real, voi_ptr, vov_ptr, v_osc, bh, OUT_V, OUT_PAD, D), G_PAD)
             else:
-                acc += _value_outlier_acc_onehot(p16, voi_ptr, vov_ptr, bh, OUT_V, OUT_PAD, t, d, T, D, G_PAD)
+                acc += _value_outlier_acc_onehot(
+                    p16, voi_ptr, vov_ptr, v_osc, bh, OUT_V, OUT_PAD, t, d, T, D, G_PAD
+                )
         for r in tl.static_range(RANK_V):  # (P·A)·Bᵀ
             fb = tl.load(vb_ptr + (bh * D + d) * RANK_V + r).to(tl.float32)
             fa = tl.load(va_ptr + (bh * T + t) * RANK_V + r).to(tl.float32)
@@ -517,6 +528,8 @@ def gear_decode_kernel(
     vt_ptr,
     ksink_ptr,
     vsink_ptr,
+    kos_ptr,
+    vos_ptr,
     sm_scale,
     max_blocks,
     H: tl.constexpr,
@@ -538,6 +551,7 @@ def gear_decode_kernel(
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
     OUT_RUNS: tl.constexpr,
+    OUT_SCALED: tl.constexpr,
 ):
     """Grid (batch, KV heads, splits); the torch launcher's entry point."""
     _gear_decode(
@@ -572,6 +586,8 @@ def gear_decode_kernel(
         vt_ptr,
         ksink_ptr,
         vsink_ptr,
+        kos_ptr,
+        vos_ptr,
         sm_scale,
         max_blocks,
         H,
@@ -593,6 +609,7 @@ def gear_decode_kernel(
         ASM,
         PREFETCH,
         OUT_RUNS,
+        OUT_SCALED,
     )
 
 
@@ -679,6 +696,8 @@ def gear_decode_trt_kernel(
         vt_ptr,
         kt_ptr,  # no sink slots: the TensorRT plugin serves caches without sink tokens
         vt_ptr,
+        kt_ptr,  # no outlier scales: the plugin reads fp16 outlier corrections
+        vt_ptr,
         SM_SCALE,
         max_blocks,
         H,
@@ -700,6 +719,7 @@ def gear_decode_trt_kernel(
         ASM,
         PREFETCH,
         OUT_RUNS,
+        False,
     )
 
 
@@ -810,6 +830,16 @@ def _sink_args(k_sink, v_sink, layout, like) -> list:
     return [k_sink.to(torch.float16).contiguous(), v_sink.to(torch.float16).contiguous()]
 
 
+def _outlier_scale_args(k_fields: dict, v_fields: dict, layout, like) -> list:
+    """The per-block-head scales of one-byte outlier values `(blocks, H, 1)`, or placeholders."""
+    import torch
+
+    if not layout.outlier_scaled:
+        placeholder = torch.zeros(1, dtype=torch.float16, device=like.device)
+        return [placeholder, placeholder]
+    return [fields["out_scale"].contiguous() for fields in (k_fields, v_fields)]
+
+
 def default_splits(max_blocks: int, batch_heads: int, target_programs: int = 264) -> int:
     """Enough splits that batch x heads x splits fills the GPU (`target_programs`; 264 = 2 per SM on
     132 SMs), >= 2 blocks each; a power of two, so few kernel variants get compiled."""
@@ -894,6 +924,7 @@ def gear_attention_triton(
         k_tail.contiguous(),
         v_tail.contiguous(),
         *_sink_args(k_sink, v_sink, layout, q),
+        *_outlier_scale_args(k_fields, v_fields, layout, q),
         scale,
         max_blocks,
         H=h,
@@ -915,6 +946,7 @@ def gear_attention_triton(
         ASM=fast_unpack,
         PREFETCH=prefetch,
         OUT_RUNS=outlier_sums == "runs",
+        OUT_SCALED=layout.outlier_scaled,
         num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )

@@ -114,6 +114,11 @@ def op_args_from_cache(
     num_blocks = lengths // cache.block_size
     tail_lens = lengths - num_blocks * cache.block_size
     layout = layout_for_codec(cache.codec, cache.head_dim, cache.sink_tokens)
+    if layout.outlier_scaled:
+        raise ValueError(
+            "torch.ops.trtcompress.gear_attention reads fp16 outlier corrections; this cache stores them in "
+            "one byte (outlier_dtype fp8/int8): call kernel.gear_attention_triton (or the reference) instead"
+        )
     sink = cache.sink_tokens > 0
     fields = [cache.pools[kind].get(name) for kind in ("k", "v") for name in FIELDS]
     fields = [None if f is None else f[layer] for f in fields]

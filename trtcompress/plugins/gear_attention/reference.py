@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from trtcompress.kv.gear import outlier_values
 from trtcompress.kv.quant import unpack_bits
 
 Fields = dict[str, torch.Tensor]
@@ -33,6 +34,7 @@ class GearLayout:
     int8_factors: bool = True
     outlier_scope: str = "group"  # "block": `outliers` is a per-block budget with flat int16 indices
     sink: int = 0  # exact fp16 sink tokens at the start of every sequence (PagedKVCache.sink_tokens)
+    outlier_scaled: bool = False  # block-scope outlier values in one byte with an `out_scale` per block
 
 
 def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
@@ -40,11 +42,6 @@ def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
     from trtcompress.kv.gear import GearCodec, outliers_per_side
 
     if isinstance(codec, GearCodec):
-        if codec.outlier_dtype != "fp16":
-            raise ValueError(
-                f"the fused GEAR kernel reads fp16 outlier corrections, not {codec.outlier_dtype} "
-                "(outlier_dtype: fp16, or decompress the blocks)"
-            )
         block_scope = codec.outlier_scope == "block"
         outliers = tuple(
             (codec._block_budget(k, codec.group, head_dim) if block_scope else
@@ -61,6 +58,7 @@ def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
             rank=tuple(codec._slot_rank(k) for k in "kv"),
             int8_factors=codec.factor_dtype == "int8",
             sink=sink,
+            outlier_scaled=codec.outlier_dtype != "fp16",
         )
     return GearLayout(bits=codec.bits, block=codec.group, group=codec.group, sink=sink)
 
@@ -79,7 +77,7 @@ def dequant_keys(f: Fields, lay: GearLayout, dim: int) -> torch.Tensor:
     codes = unpack_bits(f["codes"], lay.bits, t).float()  # (n, H, D, T)
     x = codes * f["scale"].float() + f["zero"].float()  # scale/zero (n, H, D, 1)
     if lay.outliers[0] and lay.outlier_scope == "block":  # flat index = channel * T + token
-        x = x.flatten(-2).scatter_add(-1, f["out_idx"].long(), f["out_val"].float()).view_as(x)
+        x = x.flatten(-2).scatter_add(-1, f["out_idx"].long(), outlier_values(f)).view_as(x)
     elif lay.outliers[0]:
         x = x.scatter_add(-1, f["out_idx"].long(), f["out_val"].float())
     x = x.transpose(-1, -2)
@@ -95,7 +93,7 @@ def dequant_values(f: Fields, lay: GearLayout, dim: int) -> torch.Tensor:
     ng = dim // lay.group
     x = codes.unflatten(-1, (ng, lay.group)) * f["scale"].float()[..., None] + f["zero"].float()[..., None]
     if lay.outliers[1] and lay.outlier_scope == "block":  # flat index = token * D + channel
-        x = x.flatten(-3).scatter_add(-1, f["out_idx"].long(), f["out_val"].float()).view_as(x)
+        x = x.flatten(-3).scatter_add(-1, f["out_idx"].long(), outlier_values(f)).view_as(x)
     elif lay.outliers[1]:
         idx = f["out_idx"].long().unflatten(-1, (ng, -1))
         x = x.scatter_add(-1, idx, f["out_val"].float().unflatten(-1, (ng, -1)))

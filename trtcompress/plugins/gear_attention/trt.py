@@ -53,6 +53,11 @@ def compile_gear_attention_ptx(
     layout: GearLayout, heads: int, q_heads: int, head_dim: int, sm_scale: float, arch: int = 90
 ) -> CompiledPlugin:
     """PTX for `gear_decode_trt_kernel` specialized on the cache layout (runs on CPU, no GPU needed)."""
+    if layout.outlier_scaled:
+        raise ValueError(
+            "the TensorRT GEAR plugin reads fp16 outlier corrections; this cache stores them in one byte "
+            "(kv_cache outlier_dtype fp8/int8): build it with outlier_dtype: fp16"
+        )
     try:
         import triton
         from triton.backends.compiler import GPUTarget
