@@ -253,11 +253,21 @@ def test_custom_op_on_cpu_and_through_triton(monkeypatch) -> None:
     )
 
 
-def test_custom_op_refuses_one_byte_outlier_values() -> None:
-    """The op (and the TensorRT plugin built on its inputs) reads fp16 corrections: a cache with
-    one-byte ones is refused by name, not read as if its bytes were fp16."""
-    from trtcompress.plugins.gear_attention.op import op_args_from_cache
+@pytest.mark.parametrize("outlier_dtype", ["int8", "fp8"])
+def test_custom_op_reads_one_byte_outlier_values(outlier_dtype: str, monkeypatch) -> None:
+    """One-byte outlier values reach the op with their block scales (optional trailing arguments), on
+    the reference and through the kernel."""
+    from trtcompress.plugins.gear_attention.op import gear_attention_from_cache, op_args_from_cache
 
-    cache = _filled_cache("gear-2bit", [100], outlier_dtype="int8")
-    with pytest.raises(ValueError, match="reads fp16 outlier corrections"):
-        op_args_from_cache(torch.randn(1, 2, 64), cache, 0, [0])
+    cache = _filled_cache("gear-2bit", [100, 70], sink=1, outlier_dtype=outlier_dtype)
+    q = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(3))
+    ref = _dense(q, cache, [0, 1], 0.125)
+    torch.testing.assert_close(gear_attention_from_cache(q, cache, 0, [0, 1]), ref, atol=1e-5, rtol=1e-5)
+    monkeypatch.setenv("TRTCOMPRESS_GEAR_TRITON", "1")
+    torch.testing.assert_close(gear_attention_from_cache(q, cache, 0, [0, 1]), ref, atol=ATOL, rtol=0)
+    if outlier_dtype == "int8":  # torch's schema checker cannot compare float8 inputs (no fp8 mul on CPU)
+        monkeypatch.delenv("TRTCOMPRESS_GEAR_TRITON")
+        op = torch.ops.trtcompress.gear_attention.default
+        torch.library.opcheck(
+            op, op_args_from_cache(q, cache, 0, [0, 1]), test_utils=("test_schema", "test_faketensor")
+        )

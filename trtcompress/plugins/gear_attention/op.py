@@ -68,6 +68,8 @@ def gear_attention(
     int8_factors: bool,
     sink: int,
     scale: float,
+    k_out_scale: Opt = None,
+    v_out_scale: Opt = None,
 ) -> torch.Tensor:
     k, v = _unflatten(
         [
@@ -92,7 +94,12 @@ def gear_attention(
         ]
     )
     scope = "block" if k_out_idx is not None and k_out_idx.dtype == torch.int16 else "group"
-    layout = GearLayout(bits, block, group, (out_k, out_v), (rank_k, rank_v), int8_factors, scope, sink)
+    scaled = k_out_scale is not None  # one-byte outlier values with one scale per block and head
+    if scaled:
+        k["out_scale"], v["out_scale"] = k_out_scale, v_out_scale
+    layout = GearLayout(
+        bits, block, group, (out_k, out_v), (rank_k, rank_v), int8_factors, scope, sink, outlier_scaled=scaled
+    )
     args = (q, k, v, k_tail, v_tail, block_table, num_blocks, tail_lens, slots, layout, scale)
     if q.is_cuda or os.environ.get("TRTCOMPRESS_GEAR_TRITON") == "1":
         from trtcompress.plugins.gear_attention.kernel import gear_attention_triton
@@ -114,11 +121,6 @@ def op_args_from_cache(
     num_blocks = lengths // cache.block_size
     tail_lens = lengths - num_blocks * cache.block_size
     layout = layout_for_codec(cache.codec, cache.head_dim, cache.sink_tokens)
-    if layout.outlier_scaled:
-        raise ValueError(
-            "torch.ops.trtcompress.gear_attention reads fp16 outlier corrections; this cache stores them in "
-            "one byte (outlier_dtype fp8/int8): call kernel.gear_attention_triton (or the reference) instead"
-        )
     sink = cache.sink_tokens > 0
     fields = [cache.pools[kind].get(name) for kind in ("k", "v") for name in FIELDS]
     fields = [None if f is None else f[layer] for f in fields]
@@ -141,6 +143,7 @@ def op_args_from_cache(
         layout.int8_factors,
         layout.sink,
         scale if scale is not None else cache.head_dim**-0.5,
+        *(cache.pools[kind]["out_scale"][layer] if layout.outlier_scaled else None for kind in ("k", "v")),
     )
 
 
