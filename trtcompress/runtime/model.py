@@ -324,12 +324,17 @@ class BatchedModel:
 
     def _decode_scratch(self, batches: list[DecodeBatch]) -> torch.Tensor | None:
         """One float32 buffer for the padded blocks of the step's largest decode batch, reused by every
-        batch and layer of the step (elementwise codecs only: their batches overwrite every place, so
-        nothing needs zeroing; a fresh multi-MB tensor per layer cost an allocation and page faults)."""
-        if not batches or not self.cache.codec.elementwise:
+        batch and layer of the step (a fresh multi-MB tensor per layer cost an allocation, page faults
+        and, zeroed, a pass over it). Elementwise codecs overwrite every place of a batch (padding
+        places with any finite block); the others leave padding places as they are: zero from here, or
+        finite K/V an earlier batch or layer of the step wrote. Either way a masked key gets weight
+        exactly 0 (`batched_decode_attention`), so no number depends on what a padding place holds."""
+        if not batches:
             return None
         per_place = 2 * self.n_kv * self.cache.block_size * self.head_dim
-        return torch.empty(max(b.size * b.num_blocks for b in batches) * per_place, device=self.device)
+        size = max(b.size * b.num_blocks for b in batches) * per_place
+        alloc = torch.empty if self.cache.codec.elementwise else torch.zeros
+        return alloc(size, device=self.device)
 
     def _attend_batch(
         self,
@@ -342,8 +347,8 @@ class BatchedModel:
     ) -> torch.Tensor:
         """One decode token per work of `batch` over its committed tokens plus itself, laid out as whole
         blocks (the fp16 tail's block with the token's own K/V after it, then the decompressed blocks):
-        `batched_decode_attention`. `scratch`: the step's buffer (`_decode_scratch`) for an elementwise
-        codec, whose places are all overwritten here; otherwise padding places must be zero."""
+        `batched_decode_attention`. `scratch`: the step's buffer (`_decode_scratch`); without one, a
+        zeroed buffer of this batch's size."""
         cache, bs, h, d, rows = self.cache, self.cache.block_size, self.n_kv, self.head_dim, batch.rows
         shape, nb = (2, batch.size * batch.num_blocks, h, bs, d), batch.num_blocks
         if scratch is not None:
@@ -356,14 +361,13 @@ class BatchedModel:
         own = batch.index, 0, slice(None), batch.tail_lens
         blocks[0][own] = k[rows]  # the token's exact K/V right after its tail's committed tokens
         blocks[1][own] = v[rows]
-        if scratch is not None:  # elementwise: every place after the tail's from one padded gather
-            if batch.padded_blocks is not None:
-                cache.decompress_blocks_into(layer, batch.padded_blocks, blocks[0, :, 1:], blocks[1, :, 1:])
-                if cache.sink_tokens:  # block 0's sink rows come from the sink slot
-                    n, first = cache.sink_tokens, batch.first_blocks
-                    for kind, i in (("k", 0), ("v", 1)):
-                        sinks = cache.sinks[kind][layer].index_select(0, batch.slots[first])
-                        blocks[i, :, 1][first, :, :n] = sinks.float()
+        if cache.codec.elementwise and batch.padded_blocks is not None:  # every place: one padded gather
+            cache.decompress_blocks_into(layer, batch.padded_blocks, blocks[0, :, 1:], blocks[1, :, 1:])
+            if cache.sink_tokens:  # block 0's sink rows come from the sink slot
+                n, first = cache.sink_tokens, batch.first_blocks
+                for kind, i in (("k", 0), ("v", 1)):
+                    sinks = cache.sinks[kind][layer].index_select(0, batch.slots[first])
+                    blocks[i, :, 1][first, :, :n] = sinks.float()
         elif cache.codec.elementwise or self.blocks.budget == 0:  # every block, one codec call per K/V
             if len(batch.block_dest):
                 k_blocks, v_blocks = cache.decompress_block_ranges(layer, batch.ranges)
@@ -375,21 +379,20 @@ class BatchedModel:
 
     def _decompressed_prefixes(self, layer: int, batch: DecodeBatch, kv: torch.Tensor) -> None:
         """Put each sequence's compressed blocks into `kv` `(2, B * NB, H, block, D)` (row r's block j at
-        r * NB + 1 + j): the prefixes the bounded decompressed-block cache holds (one copy for all), the
-        rest decompressed in one codec call per K/V and offered to that cache."""
+        r * NB + 1 + j): the prefixes the bounded decompressed-block cache holds (one copy each, into
+        the row's consecutive places), the rest decompressed in one codec call per K/V and offered to
+        that cache."""
         cache, bs, h, d, nb = self.cache, self.cache.block_size, self.n_kv, self.head_dim, batch.num_blocks
-        held, dest, missing = [], [], []
+        missing = []
         for row, (seq_id, start) in enumerate(zip(batch.seq_ids, batch.starts, strict=True)):
             n_full = start // bs
             prefix = self.blocks.get(seq_id, layer) if n_full else None
             have = 0 if prefix is None else prefix.shape[2] // bs
             if have:  # (2, H, have * bs, D) -> (2, have, H, bs, D)
-                held.append(prefix.view(2, h, have, bs, d).transpose(1, 2))
-                dest += [row * nb + 1 + j for j in range(have)]
+                first = row * nb + 1
+                kv[:, first : first + have] = prefix.view(2, h, have, bs, d).transpose(1, 2)
             if have < n_full:
                 missing.append((row, seq_id, have, n_full))
-        if held:
-            kv.index_copy_(1, torch.tensor(dest, device=self.device), torch.cat(held, 1))
         if missing:
             k_blocks, v_blocks = cache.decompress_block_ranges(
                 layer, [(s, lo, hi) for _, s, lo, hi in missing]
