@@ -108,7 +108,8 @@ POINTS: list[tuple[str, str, str, dict[str, Any], int, int]] = [  # most importa
     ("gear-2bit int8 outliers", "gear", "gear-2bit", {"outlier_dtype": "int8"}, 64, 1),
 ]
 # Every GEAR point again with one-byte outlier corrections (fp8 E4M3 and one fp16 scale per block and
-# head instead of fp16 each): not read by the fused kernel yet, so ablations, not served settings.
+# head instead of fp16 each): read by the fused kernel and the op, not by the TensorRT plugin yet, so
+# not the default.
 POINTS += [
     (f"{label} [fp8 outliers]", family, name, options | {"outlier_dtype": "fp8"}, block, sink)
     for label, family, name, options, block, sink in list(POINTS)

@@ -16,6 +16,7 @@ carry options after a colon, e.g. `gear-2bit:outlier_dtype=fp8`.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 import time
@@ -30,7 +31,13 @@ def parse_codec(spec: str):
     from trtcompress.kv import get_codec
 
     name, _, rest = spec.partition(":")
-    options = dict(item.split("=", 1) for item in rest.split(",") if item)
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, value = item.split("=", 1)
+        try:  # numbers and booleans as such (key_rank=2), anything else as a string (outlier_dtype=fp8)
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
     return get_codec(name, **options)
 
 

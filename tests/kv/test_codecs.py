@@ -222,6 +222,23 @@ def test_one_byte_outlier_corrections(outlier_dtype: str) -> None:
         assert ((got - x) ** 2).mean() < 1.05 * ((want - x) ** 2).mean()
 
 
+@pytest.mark.parametrize("name", ["gear-2bit:fp8", "gear-2bit:int8", "fp8", "int8"])
+def test_a_zero_head_or_token_stays_finite(name: str) -> None:
+    """A block-head with nothing to correct (all zeros: pruned or silent heads) and an all-zero token
+    must decompress to finite values: their scales are clamped after the fp16 rounding (a zero scale
+    would store 0 / 0 = NaN)."""
+    codec_name, _, outlier_dtype = name.partition(":")
+    codec = get_codec(codec_name, **({"outlier_dtype": outlier_dtype} if outlier_dtype else {}))
+    x = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(1))
+    x[0] = 0.0  # a whole head
+    x[1, 5] = 0.0  # one token
+    x[1, 6] = 1e-7  # a token far below fp16's normal range
+    for kind in ("k", "v"):
+        out = codec.decompress(codec.compress(x, kind), kind, 64, 64)
+        assert torch.isfinite(out).all()
+        assert out[0].abs().max() < 1e-3  # the zero head stays (about) zero
+
+
 def test_outlier_dtype_is_validated() -> None:
     from trtcompress.plugins.gear_attention.reference import layout_for_codec
 

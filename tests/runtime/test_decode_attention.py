@@ -71,14 +71,15 @@ def test_decode_batch_layout() -> None:
     assert batch.rows.tolist() == [0, 4]  # not consecutive: an index tensor
     assert batch.padded_blocks is None  # no block tables given (a codec that is not elementwise)
     # with block tables (elementwise codecs): every place after the tail's names a physical block,
-    # padding places the batch's first block; consecutive rows are a slice (no gather)
+    # padding places the row's own first block (rows without one: the batch's first, then zeroed);
+    # consecutive rows are a slice (no gather)
     starts = [2 * BLOCK + 1, 3, BLOCK]
     batch = decode_batch(
         [1, 2, 3], [5, 6, 7], starts, torch.tensor([0, 1, 2]), BLOCK, "cpu", [[4, 8], [], [6]]
     )
     assert batch.rows == slice(5, 8) and batch.num_blocks == 3
-    assert batch.padded_blocks.tolist() == [4, 8, 4, 4, 6, 4]
-    assert batch.first_blocks.tolist() == [True, False, True]
+    assert batch.padded_blocks.tolist() == [4, 8, 4, 4, 6, 6]  # own first block; row 1: zeroed later
+    assert batch.first_blocks.tolist() == [True, False, True] and batch.empty_rows.tolist() == [1]
 
 
 @pytest.mark.parametrize("codec", ["fp16", "int8", "gear-2bit"])

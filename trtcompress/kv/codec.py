@@ -60,7 +60,7 @@ class KVCodec(ABC):
 
     def decompress_into(self, fields: Fields, kind: Kind, tokens: int, dim: int, out: torch.Tensor) -> None:
         """`decompress` written into `out` (float32, same number of blocks, any strides)."""
-        out.copy_(self.decompress(fields, kind, tokens, dim).view(out.shape))
+        out.copy_(self.decompress(fields, kind, tokens, dim).reshape(out.shape))
 
     def block_bytes(self, kind: Kind, tokens: int, dim: int, heads: int = 1) -> int:
         return heads * sum(spec.nbytes for spec in self.layout(kind, tokens, dim).values())

@@ -144,7 +144,12 @@ class PagedKVCache:
             raise ValueError(f"sequence {seq_id} is already in the cache")
         if not self._free_slots:
             raise CacheFullError(f"all {self.max_seqs} sequence slots are in use")
-        self.seqs[seq_id] = SequenceState(slot=self._free_slots.pop())
+        slot = self._free_slots.pop()
+        # No stale rows of the slot's previous sequence: attention masks them, but a masked inf there
+        # would still make 0 * inf = NaN in another sequence's output.
+        for kind in ("k", "v"):
+            self.tails[kind][:, slot] = 0
+        self.seqs[seq_id] = SequenceState(slot=slot)
 
     def reserve(self, seq_ids: list[int] | int, n_new: int) -> None:
         """Allocate the blocks that appending `n_new` tokens to each sequence will fill (all or nothing)."""

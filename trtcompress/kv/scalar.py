@@ -43,7 +43,8 @@ class _ScaledCodec(KVCodec):
         raise NotImplementedError
 
     def compress(self, x: torch.Tensor, kind: Kind, *, phase: str = "decode") -> Fields:
-        scale = (x.abs().amax(-1) / self.qmax).clamp_min(1e-8).to(torch.float16)
+        # clamped after the fp16 rounding (1e-8 would round to 0): an all-zero token gets codes 0, not NaN
+        scale = (x.abs().amax(-1) / self.qmax).to(torch.float16).clamp_min(2.0**-24)
         return {"codes": self._encode(x.float() / scale.float()[..., None]), "scale": scale}
 
     def decompress(self, fields: Fields, kind: Kind, tokens: int, dim: int) -> torch.Tensor:

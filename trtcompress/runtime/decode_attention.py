@@ -48,11 +48,14 @@ class DecodeBatch:
     masked: torch.Tensor  # (B, NB, block) positions that are neither committed tokens nor the own one
     ranges: list[tuple[int, int, int]]  # (seq_id, 0, full blocks): the compressed blocks to read
     block_dest: torch.Tensor  # (blocks,) flat (row * NB + 1 + j) place of each block of `ranges`
-    # (B * (NB - 1),) physical block of every block place after the tail's, padding places given the
-    # batch's first block (any finite block: masked keys get weight exactly 0), so an elementwise
-    # codec fills every place with one gather, without zeroing; None where the batch has no full block
+    # (B * (NB - 1),) physical block of every block place after the tail's, so an elementwise codec
+    # fills every place with one gather, without zeroing; padding places repeat the row's own first
+    # block (masked keys get weight exactly 0, and a row never reads another sequence's data, so one
+    # sequence's overflow cannot reach another), or the batch's first block for the rows in
+    # `empty_rows`, which are zeroed after the gather; None where the batch has no full block
     padded_blocks: torch.Tensor | None = None
     first_blocks: torch.Tensor | None = None  # (B,) bool: rows whose block 0 is compressed (sink rows)
+    empty_rows: torch.Tensor | None = None  # rows without a compressed block (None: there are none)
 
     @property
     def size(self) -> int:
@@ -90,17 +93,23 @@ def decode_batch(
     dest = [row * nb + 1 + j for row, n in enumerate(full) for j in range(n)]
     ranges = [(seq_id, 0, n) for seq_id, n in zip(seq_ids, full, strict=True)]
     as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-    padded = first = None
+    padded = first = empty = None
     if tables is not None and nb > 1:
         filler = next(t[0] for t, n in zip(tables, full, strict=True) if n)
         padded = as_index(
-            [t[j] if j < n else filler for t, n in zip(tables, full, strict=True) for j in range(nb - 1)]
+            [
+                t[min(j, n - 1)] if n else filler
+                for t, n in zip(tables, full, strict=True)
+                for j in range(nb - 1)
+            ]
         )
         first = torch.tensor(full, device=device) > 0
+        empty_rows = [row for row, n in enumerate(full) if not n]
+        empty = as_index(empty_rows) if empty_rows else None
     return DecodeBatch(
         list(seq_ids), as_index(list(range(len(starts)))), as_rows(rows, device), list(starts),
         slots.to(device, torch.long), tail.to(device), masked.to(device), ranges, as_index(dest),
-        padded, first,
+        padded, first, empty,
     )  # fmt: skip
 
 

@@ -86,7 +86,8 @@ def tiled_linear(
 def probe_batch_invariance(
     weights: list[torch.Tensor], max_rows: int, seed: int = 0, linear: Linear = F.linear
 ) -> bool:
-    """Whether `linear` gives every row the same bits for any M >= MIN_ROWS (sampled M up to max_rows)."""
+    """Whether `linear` gives every row the same bits for any M >= MIN_ROWS (sampled M up to max_rows) and
+    at any position in the batch."""
     gen = torch.Generator().manual_seed(seed)
     sizes = sorted(
         {m for m in (MIN_ROWS + 1, 7, 8, 16, 17, 33, 64, 100, max_rows) if MIN_ROWS < m <= max_rows}
@@ -96,11 +97,14 @@ def probe_batch_invariance(
         if tuple(weight.shape) in seen:
             continue
         seen.add(tuple(weight.shape))
-        x = torch.randn(max(sizes, default=MIN_ROWS), weight.shape[1], generator=gen, dtype=weight.dtype)
-        x = x.to(weight.device)
-        ref = linear(x[:MIN_ROWS], weight)
-        for m in sizes:
-            if not torch.equal(linear(x[:m], weight)[:MIN_ROWS], ref):
+        rows = max(sizes, default=MIN_ROWS)
+        x = torch.randn(rows, weight.shape[1], generator=gen, dtype=weight.dtype).to(weight.device)
+        ref = linear(x, weight)
+        # every row of every size (rows in an M-tail kernel too), and rows at other positions
+        if not torch.equal(linear(x.roll(5, 0), weight), ref.roll(5, 0)):
+            return False
+        for m in [MIN_ROWS, *sizes]:
+            if not torch.equal(linear(x[:m], weight), ref[:m]):
                 return False
     return True
 

@@ -326,9 +326,10 @@ class BatchedModel:
         """One float32 buffer for the padded blocks of the step's largest decode batch, reused by every
         batch and layer of the step (a fresh multi-MB tensor per layer cost an allocation, page faults
         and, zeroed, a pass over it). Elementwise codecs overwrite every place of a batch (padding
-        places with any finite block); the others leave padding places as they are: zero from here, or
-        finite K/V an earlier batch or layer of the step wrote. Either way a masked key gets weight
-        exactly 0 (`batched_decode_attention`), so no number depends on what a padding place holds."""
+        places with the row's own first block, or zeros); the others leave padding places as they
+        are: zero from here, or, when a step runs several decode batches, K/V an earlier batch wrote.
+        A masked key gets weight exactly 0 (`batched_decode_attention`), so no number depends on what
+        a padding place holds, as long as it is finite."""
         if not batches:
             return None
         per_place = 2 * self.n_kv * self.cache.block_size * self.head_dim
@@ -363,6 +364,8 @@ class BatchedModel:
         blocks[1][own] = v[rows]
         if cache.codec.elementwise and batch.padded_blocks is not None:  # every place: one padded gather
             cache.decompress_blocks_into(layer, batch.padded_blocks, blocks[0, :, 1:], blocks[1, :, 1:])
+            if batch.empty_rows is not None:  # they read another sequence's block: zero it
+                blocks[:, batch.empty_rows, 1:] = 0.0
             if cache.sink_tokens:  # block 0's sink rows come from the sink slot
                 n, first = cache.sink_tokens, batch.first_blocks
                 for kind, i in (("k", 0), ("v", 1)):

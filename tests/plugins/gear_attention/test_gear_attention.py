@@ -86,6 +86,7 @@ def _dense(q: torch.Tensor, cache: PagedKVCache, seqs: list[int], scale: float) 
         ("kivi-4bit", [64, 128], 8, 1, {}),  # block-aligned: empty tails
         ("gear-2bit", [200, 64, 37], 6, 2, {"sink": 1, "outlier_dtype": "fp8"}),  # one-byte outliers
         ("gear-4bit", [129, 190], 2, 2, {"outlier_dtype": "int8"}),
+        ("gear-2bit", [200, 90], 4, 2, {"outlier_dtype": "fp8", "key_outlier_ratio": 0.0}),  # values only
     ],
 )
 def test_kernel_matches_reference(codec: str, lengths: list[int], q_heads: int, splits: int, options) -> None:
@@ -259,7 +260,10 @@ def test_custom_op_reads_one_byte_outlier_values(outlier_dtype: str, monkeypatch
     the reference and through the kernel."""
     from trtcompress.plugins.gear_attention.op import gear_attention_from_cache, op_args_from_cache
 
-    cache = _filled_cache("gear-2bit", [100, 70], sink=1, outlier_dtype=outlier_dtype)
+    cache = _filled_cache(
+        "gear-2bit", [100, 70], sink=1, outlier_dtype=outlier_dtype, value_outlier_ratio=0.0
+    )
+    assert "out_scale" in cache.pools["k"] and "out_scale" not in cache.pools["v"]  # keys only
     q = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(3))
     ref = _dense(q, cache, [0, 1], 0.125)
     torch.testing.assert_close(gear_attention_from_cache(q, cache, 0, [0, 1]), ref, atol=1e-5, rtol=1e-5)

@@ -405,9 +405,11 @@ def _gear_decode(
         s = _key_scores(q32, q_real, kb, ks, kz, BITS, ASM)  # (G_PAD, T)
         k_osc = 1.0  # one-byte outlier values carry one fp16 scale per block and head
         v_osc = 1.0
-        if OUT_SCALED:
-            k_osc = tl.load(kos_ptr + bh).to(tl.float32)
-            v_osc = tl.load(vos_ptr + bh).to(tl.float32)
+        if OUT_SCALED:  # (a kind without outliers has no scales: its placeholder is never read)
+            if OUT_K > 0:
+                k_osc = tl.load(kos_ptr + bh).to(tl.float32)
+            if OUT_V > 0:
+                v_osc = tl.load(vos_ptr + bh).to(tl.float32)
         if not OUT_BLOCK and OUT_K > 0:  # in-group outliers: OUT_K (token, value) pairs per channel
             sk = tl.zeros([T, D], tl.float32)
             for o in tl.static_range(OUT_K):
@@ -834,10 +836,13 @@ def _outlier_scale_args(k_fields: dict, v_fields: dict, layout, like) -> list:
     """The per-block-head scales of one-byte outlier values `(blocks, H, 1)`, or placeholders."""
     import torch
 
+    placeholder = torch.zeros(1, dtype=torch.float16, device=like.device)
     if not layout.outlier_scaled:
-        placeholder = torch.zeros(1, dtype=torch.float16, device=like.device)
         return [placeholder, placeholder]
-    return [fields["out_scale"].contiguous() for fields in (k_fields, v_fields)]
+    return [
+        fields["out_scale"].contiguous() if "out_scale" in fields else placeholder
+        for fields in (k_fields, v_fields)
+    ]
 
 
 def default_splits(max_blocks: int, batch_heads: int, target_programs: int = 264) -> int:

@@ -94,9 +94,10 @@ def gear_attention(
         ]
     )
     scope = "block" if k_out_idx is not None and k_out_idx.dtype == torch.int16 else "group"
-    scaled = k_out_scale is not None  # one-byte outlier values with one scale per block and head
-    if scaled:
-        k["out_scale"], v["out_scale"] = k_out_scale, v_out_scale
+    scaled = k_out_scale is not None or v_out_scale is not None  # one-byte outlier values + block scales
+    for fields, out_scale in ((k, k_out_scale), (v, v_out_scale)):
+        if out_scale is not None:  # (a kind without outliers has none)
+            fields["out_scale"] = out_scale
     layout = GearLayout(
         bits, block, group, (out_k, out_v), (rank_k, rank_v), int8_factors, scope, sink, outlier_scaled=scaled
     )
@@ -143,7 +144,10 @@ def op_args_from_cache(
         layout.int8_factors,
         layout.sink,
         scale if scale is not None else cache.head_dim**-0.5,
-        *(cache.pools[kind]["out_scale"][layer] if layout.outlier_scaled else None for kind in ("k", "v")),
+        *(
+            cache.pools[kind]["out_scale"][layer] if "out_scale" in cache.pools[kind] else None
+            for kind in "kv"
+        ),
     )
 
 
