@@ -80,3 +80,43 @@ def test_shapes_the_kernel_cannot_tile_are_refused() -> None:
         paged_fp16_decode(torch.zeros(1, 2, 24), cache.pools["k"]["data"][0], cache.pools["v"]["data"][0],
                           cache.tails["k"][0], cache.tails["v"][0], torch.zeros(1, 1), torch.zeros(1),
                           torch.ones(1), torch.zeros(1), 1.0)  # fmt: skip
+
+
+def test_kernels_compile_for_sm90() -> None:
+    """No GPU here: the paged fp16 kernel and the GEAR kernel reading one-byte (fp8) outlier values
+    compile to sm_90 machine code (Triton + ptxas, in a fresh interpreter without TRITON_INTERPRET)."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from trtcompress.runtime.paged_attention import paged_fp16_decode_kernel as paged
+from trtcompress.plugins.gear_attention.kernel import gear_decode_kernel as gear
+
+def build(fn, types, consts):
+    sig = {n: "constexpr" if n in consts else types.get(n, "*fp16") for n in fn.arg_names}
+    ptrs = [i for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")]
+    src = ASTSource(fn, sig, consts, attrs={(i,): [["tt.divisibility", 16]] for i in ptrs})
+    return len(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"])
+
+out = {"paged": build(paged, {"q_ptr": "*fp32", "out_ptr": "*fp32", "lse_ptr": "*fp32", "table_ptr": "*i32",
+        "nblk_ptr": "*i32", "tail_ptr": "*i32", "slot_ptr": "*i32", "W": "i32"},
+        {"H": 3, "G": 3, "GP": 16, "BS": 64, "D": 64, "SINK": 1})}
+f32 = {n: "*fp32" for n in ("q_ptr", "out_ptr", "part_m_ptr", "part_l_ptr", "part_acc_ptr")}
+i32 = {n: "*i32" for n in ("block_table_ptr", "num_blocks_ptr", "tail_len_ptr", "slot_ptr")}
+other = {"kc_ptr": "*u8", "vc_ptr": "*u8", "koi_ptr": "*i16", "voi_ptr": "*i16", "kov_ptr": "*fp8e4nv",
+         "vov_ptr": "*fp8e4nv", "sm_scale": "fp32", "max_blocks": "i32"}
+consts = dict(H=3, GROUP=3, G_PAD=16, D=64, T=64, VG=1, BITS=2, OUT_K=123, OUT_V=61, RANK_K=0, RANK_V=0,
+              INT8_FACTORS=True, OUT_BLOCK=True, OUT_PAD=128, SINK=1, SPLITS=2, ASM=True, PREFETCH=False,
+              OUT_RUNS=True, OUT_SCALED=True)
+out["gear_fp8_outliers"] = build(gear, f32 | i32 | other, consts)
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sizes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sizes["paged"] > 0 and sizes["gear_fp8_outliers"] > 0
