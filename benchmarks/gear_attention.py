@@ -83,9 +83,11 @@ def random_pool(codec_name: str, batch: int, context: int, heads: int, dim: int,
 
 
 def filled_cache(codec_name: str, lengths: list[int], heads: int, dim: int, seed: int):
-    """A real cache (CPU): random K/V appended in two chunks per sequence, compressed by the codec."""
+    """A real cache (CPU): random K/V appended in two chunks per sequence, compressed by the codec
+    (`NAME:DTYPE`: the codec with `outlier_dtype` DTYPE, e.g. `gear-2bit:fp8`)."""
     gen = torch.Generator().manual_seed(seed)
-    codec = get_codec(codec_name)
+    name, _, outlier_dtype = codec_name.partition(":")
+    codec = get_codec(name, **({"outlier_dtype": outlier_dtype} if outlier_dtype else {}))
     cache = PagedKVCache(
         codec, 1, heads, dim, num_blocks=sum(n // 64 for n in lengths) + 1, max_seqs=len(lengths),
         sink_tokens=SINK,
@@ -121,6 +123,8 @@ CORRECTNESS_CASES = (  # codec, lengths, KV heads, query heads, head dim, splits
     ("gear-2bit", [1000, 333, 40], 3, 9, 64, 4, "onehot"),
     ("gear-4bit", [700], 3, 9, 64, 2, "runs"),
     ("kivi-2bit", [515, 64], 3, 6, 64, 1, "runs"),
+    ("gear-2bit:fp8", [1000, 333, 40], 3, 9, 64, 4, "runs"),  # one-byte outlier values + block scales
+    ("gear-2bit:fp8", [700], 8, 32, 128, 3, "onehot"),
 )
 
 
