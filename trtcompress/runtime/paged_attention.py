@@ -33,7 +33,9 @@ def _attend_rows(q, k, v, valid, m, denom, acc):
     return m_new, denom, acc
 
 
-@triton.jit
+# W (the block table's width) grows with the longest sequence: left unspecialized, so a serving run does
+# not recompile the kernel when it leaves 1 or reaches a multiple of 16 (as the GEAR kernel)
+@triton.jit(do_not_specialize=["W"])
 def paged_fp16_decode_kernel(
     q_ptr,  # (B, H * G, D) float32, pre-scaled
     k_pool,  # (blocks, H, BS, D) fp16: one layer's pool
