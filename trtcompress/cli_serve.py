@@ -6,6 +6,7 @@ Imports are lazy: `trtcompress --help` must not load torch, tritonclient or the 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import tempfile
 import threading
@@ -50,6 +51,16 @@ deploy_option = click.option(
 )
 
 
+def _environment_warning(env) -> str | None:
+    """What in the server's environment would slow the native runtime down, or None."""
+    if env.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE":
+        return (
+            "OMP_WAIT_POLICY=PASSIVE is set: the native runtime's many small CPU ops then wait for a "
+            "thread wake-up each (measured 0.92x of HF generate instead of 1.12x with MKL GEMMs); unset it"
+        )
+    return None
+
+
 @click.command()
 @click.argument("target", type=click.Path(exists=True, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="address the endpoints bind to")
@@ -90,6 +101,8 @@ def serve(
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if (warning := _environment_warning(os.environ)) is not None:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(
         f"starting tritonserver on {repo} (models: {', '.join(models)}); log: {server.log_file}", err=True
     )

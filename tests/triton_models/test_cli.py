@@ -69,3 +69,11 @@ def test_bench_serve_writes_results(served_artifact, tmp_path):
     assert one["errors"] == four["errors"] == 0 and four["requests"] == 8
     assert one["runtime"]["max_batch_size"] == 1 and four["runtime"]["max_batch_size"] > 1
     assert four["output_tokens_per_s"] > 0 and four["ttft_p50_s"] is not None
+
+
+def test_serve_warns_about_a_passive_openmp_wait_policy() -> None:
+    from trtcompress.cli_serve import _environment_warning
+
+    assert "unset it" in _environment_warning({"OMP_WAIT_POLICY": " passive "})
+    assert _environment_warning({"OMP_WAIT_POLICY": "ACTIVE"}) is None
+    assert _environment_warning({}) is None
