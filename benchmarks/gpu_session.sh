@@ -1,8 +1,11 @@
 #!/bin/bash
 # Every GPU measurement of issues 5 and 6 in one call to a lent GPU machine (about 7-9 minutes on an
 # H100, compilation included), each step under its own time limit so one failure keeps the others:
-#   1. benchmarks/runtime_gpu.py  native runtime vs HF generate, end to end (needs .gpu/, see below)
-#   2. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations)
+#   1. benchmarks/runtime_gpu.py  native runtime vs HF generate, end to end (needs .gpu/, see below);
+#      fp16 decode attention through runtime/paged_attention.py (first GPU run of that kernel), A/B
+#      against the torch path at 32 requests
+#   2. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations);
+#      its correctness cases include gear-2bit with one-byte (fp8) outlier values (first GPU check)
 #   3. benchmarks/gemm_gpu.py --gemv-only  W4A16 decode GEMV vs bf16 matmul (3 sizes, stream-K included)
 #   4. benchmarks/plugin_ptx_gpu.py run  the plugins' AOT PTX (if `prepare .gpu/ptx` ran on CPU)
 #   5. benchmarks/gemm_gpu.py --quick  prefill (GEMM and row-tiled tensor-core GEMV) and W4A4 at 4096
