@@ -99,6 +99,14 @@ def test_onednn_linear_matches_blas_and_a_missing_onednn_is_a_clear_error(tiny_i
         got = linear.onednn_linear(x, linear.onednn_pack(w, 32), b)
         torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
         assert linear.probe_batch_invariance([linear.onednn_pack(w, 32)], 64, linear=linear.onednn_linear)
+        # a low-rank branch (EoRA) goes through oneDNN too, and is probed with the main weight
+        lr_a, lr_b = torch.randn(96, 8) * 0.1, torch.randn(8, 48) * 0.1
+        lin = linear.RuntimeLinear(w.clone(), b, 0, lowrank=(lr_a, lr_b))
+        want = lin(x)
+        lin.use_onednn(32)
+        assert len(lin.gemm_weights) == 3 and all(t.is_mkldnn for t in lin.gemm_weights)
+        torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5)
+        assert linear.probe_batch_invariance(lin.gemm_weights, 64, linear=lin.linear)
     monkeypatch.setattr(model, "onednn_available", lambda: False)
     assert _engine(tiny_int4_artifact).model.gemm_backend == "blas"  # auto falls back
     with pytest.raises(RuntimeError, match=r"cpu_gemm is onednn .* set deploy\.cpu_gemm: blas"):

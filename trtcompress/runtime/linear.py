@@ -130,9 +130,18 @@ class RuntimeLinear:
         self.linear: Linear = F.linear  # the main GEMM; see use_onednn
 
     def use_onednn(self, rows_hint: int) -> None:
-        """Run the main GEMM through oneDNN with the weight reordered once (replacing the plain weight)."""
+        """Run the GEMMs (the low-rank branch's too) through oneDNN with the weights reordered once
+        (replacing the plain ones)."""
         if self.plugin is None and self.linear is F.linear:
             self.weight, self.linear = onednn_pack(self.weight, rows_hint), onednn_linear
+            if self.lowrank is not None:
+                a, b = self.lowrank
+                self.lowrank = (onednn_pack(a, rows_hint), onednn_pack(b, rows_hint))
+
+    @property
+    def gemm_weights(self) -> list[torch.Tensor]:
+        """Every weight this layer multiplies by (for the batch-invariance probe)."""
+        return [self.weight, *(self.lowrank or ())]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.plugin is not None:  # the 4-bit kernels take fp16 / bf16 activations
@@ -140,7 +149,9 @@ class RuntimeLinear:
         delta = None
         if self.lowrank is not None:
             a, b = self.lowrank
-            delta = tiled_linear(tiled_linear(x, b, None, self.tile), a, None, self.tile)
+            delta = tiled_linear(
+                tiled_linear(x, b, None, self.tile, self.linear), a, None, self.tile, self.linear
+            )
         if self.pre_scale is not None:
             x = x * self.pre_scale
         if self.act_quant is not None:

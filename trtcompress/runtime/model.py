@@ -169,7 +169,7 @@ class BatchedModel:
         self.gemm_tile = tile
         dense = [lin for lin in linears if lin.plugin is None]
         # one GEMM per call only if the GEMM is batch-invariant for these shapes
-        weights = [lin.weight for lin in dense]
+        weights = [w for lin in dense for w in lin.gemm_weights]
         if tile == 0 and dense and not probe_batch_invariance(weights, max_rows, linear=dense[0].linear):
             self.gemm_tile = FALLBACK_TILE
             for lin in linears:
