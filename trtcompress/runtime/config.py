@@ -65,7 +65,7 @@ class DeployConfig(BaseModel):
     )
     cpu_gemm: Literal["auto", "onednn", "blas"] = Field(
         "auto",
-        description="native runtime on CPU, dense GEMMs: onednn (weights reordered once at load; 2.0-4.2x "
+        description="native runtime on CPU, dense GEMMs: onednn (weights reordered once at load; 2.3-3.6x "
         "MKL on an AVX-512 AMD CPU), blas (F.linear: MKL / OpenBLAS), auto = onednn where torch has it",
     )
     engine_dir: str | None = Field(

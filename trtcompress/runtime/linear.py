@@ -9,8 +9,8 @@ step. Projections that read the same input and carry no activation quantizer or 
 CPU GEMM library (`deploy.cpu_gemm`). PyTorch's `F.linear` calls MKL's sgemm, which on AMD CPUs runs
 its AVX2 code even where the CPU has AVX-512, and repacks the weight at every call. oneDNN's linear with
 the weight reordered once at load (`onednn`, the same primitive PyTorch's own CPU inductor uses for
-frozen fp32 linears) runs the CPU's widest vector units: 3.2x MKL for SmolLM2's GEMMs at 32 rows, 4.2x
-at 4, 2.4x at 1,024 on this project's 2-core AMD EPYC (benchmarks/cpu_gemm.py). `auto` takes oneDNN
+frozen fp32 linears) runs the CPU's widest vector units: 2.4x MKL for SmolLM2's GEMMs at 32 rows, 3.6x
+at 4, 2.3x at 1,024 on this project's 2-core AMD EPYC (benchmarks/cpu_gemm.py). `auto` takes oneDNN
 where this torch has it; the reordered weight replaces the plain one (no second copy).
 
 CUDA: 4-bit weights run the plugin ops (`trtcompress::w4a16_gemm`, `trtcompress::w4a4_fp4_gemm`),
