@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4,16,32,64,1024")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
+    from trtcompress.bench_serve import cpu_environment
     from trtcompress.runtime.linear import (
         onednn_available,
         onednn_linear,
@@ -70,12 +71,12 @@ def main() -> None:
     rows_list = [int(r) for r in args.rows.split(",")]
     packed = [onednn_pack(w, max(rows_list)) for w in weights]
     packed_head = onednn_pack(head, max(rows_list))
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    env = cpu_environment()
     result = {
         "machine": platform.processor() or platform.machine(),
-        "avx512f": "avx512f" in flags,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "avx512f": env["avx512f"],
+        "torch": env["torch"],
+        "threads": env["torch_threads"],
         "rows": [],
     }
     with torch.inference_mode():

@@ -153,7 +153,7 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _environment() -> dict:
+def cpu_environment() -> dict:
     """What sets CPU speed here: threads, OpenMP's wait policy (PASSIVE sleeps between ops, which
     costs a many-small-ops decode step far more than HF's few large ones), the vector units."""
     import os
@@ -234,7 +234,7 @@ def run(target: str | Path, levels: list[int], num_requests: int, prompt_tokens:
         "prompt_tokens": prompt_tokens,
         "output_tokens": output_tokens,
         "load_average_at_start": os.getloadavg(),
-        "environment": _environment(),
+        "environment": cpu_environment(),
         "hf_baseline": baselines,
         "levels": results,
         "summary": summary,

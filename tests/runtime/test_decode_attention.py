@@ -71,14 +71,14 @@ def test_decode_batch_layout() -> None:
     assert batch.rows.tolist() == [0, 4]  # not consecutive: an index tensor
     assert batch.padded_blocks is None  # no block tables given (a codec that is not elementwise)
     # with block tables (elementwise codecs): every place after the tail's names a physical block,
-    # padding places the row's own first block (rows without one: the batch's first, then zeroed);
+    # padding places the row's own last block (rows without one: the batch's first, then zeroed);
     # consecutive rows are a slice (no gather)
     starts = [2 * BLOCK + 1, 3, BLOCK]
     batch = decode_batch(
         [1, 2, 3], [5, 6, 7], starts, torch.tensor([0, 1, 2]), BLOCK, "cpu", [[4, 8], [], [6]]
     )
     assert batch.rows == slice(5, 8) and batch.num_blocks == 3
-    assert batch.padded_blocks.tolist() == [4, 8, 4, 4, 6, 6]  # own first block; row 1: zeroed later
+    assert batch.padded_blocks.tolist() == [4, 8, 4, 4, 6, 6]  # own last block; row 1: zeroed later
     assert batch.first_blocks.tolist() == [True, False, True] and batch.empty_rows.tolist() == [1]
 
 

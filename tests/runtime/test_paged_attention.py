@@ -74,6 +74,15 @@ def test_a_sequence_gets_the_same_bits_in_any_batch() -> None:
     assert torch.equal(shuffled, out[order])
 
 
+def test_a_sequence_without_committed_tokens_gives_an_empty_softmax() -> None:
+    """Nothing to attend to: output 0 and lse -inf (no NaN), so merging the token's own K/V gives its
+    own value."""
+    cache = PagedKVCache(get_codec("fp16"), 1, HEADS, DIM, 4, BLOCK, 2, DEVICE)
+    cache.add_sequence(0)
+    out, lse = _attend(cache, [0], torch.randn(1, 4, DIM).to(DEVICE))
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
 def test_shapes_the_kernel_cannot_tile_are_refused() -> None:
     cache = PagedKVCache(get_codec("fp16"), 1, HEADS, 24, 4, BLOCK, 1, DEVICE)  # head dim 24
     with pytest.raises(ValueError, match="power-of-two D"):

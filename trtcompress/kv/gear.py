@@ -29,7 +29,7 @@ import torch
 
 from trtcompress.kv.codec import Fields, FieldSpec, Kind, register_codec
 from trtcompress.kv.kivi import KiviCodec
-from trtcompress.kv.quant import dequantize_rows, pack_bits, quantize_rows, search_params
+from trtcompress.kv.quant import absmax_scale, dequantize_rows, pack_bits, quantize_rows, search_params
 
 
 def outliers_per_side(ratio: float, group: int) -> int:
@@ -68,7 +68,6 @@ def _kernel_order(idx: torch.Tensor, kind: Kind, tokens: int, dim: int) -> torch
 # scale per block and head (int8: symmetric, scale = max |c| / 127; fp8: E4M3, scale = max |c| / 448,
 # about 3% relative error on every correction whatever its size). The fused decode-attention kernel
 # reads all three; the torch op and the TensorRT plugin read fp16 only.
-FP16_MIN = 2.0**-24  # the smallest positive fp16
 OUTLIER_DTYPES = {
     "fp16": (torch.float16, 0.0),
     "int8": (torch.int8, 127.0),
@@ -82,9 +81,9 @@ def _store_corrections(correction: torch.Tensor, outlier_dtype: str) -> tuple[Fi
     if not qmax:
         stored = correction.to(torch.float16)
         return {"out_val": stored}, stored.float()
-    # clamped after the fp16 rounding: a block with no correction at all (a zero head) must not get a
-    # zero scale (0 / 0 = NaN), and a subnormal scale must not push |y| past the code range
-    scale = (correction.abs().amax(-1, keepdim=True) / qmax).to(torch.float16).clamp_min(FP16_MIN)
+    # a block with no correction at all (a zero head) gets a nonzero scale; a subnormal scale must not
+    # push |y| past the code range
+    scale = absmax_scale(correction.abs().amax(-1, keepdim=True), qmax)
     y = (correction / scale.float()).clamp_(-qmax, qmax)
     codes = torch.floor(y + 0.5).to(dtype) if dtype == torch.int8 else y.to(dtype)
     return {"out_val": codes, "out_scale": scale}, codes.float() * scale.float()
@@ -97,7 +96,7 @@ def outlier_values(fields: Fields) -> torch.Tensor:
 
 
 def _int8_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = (x.abs().amax(-2) / 127).clamp_min(1e-8).to(torch.float16)
+    scale = absmax_scale(x.abs().amax(-2), 127)  # unused rank slots are zero columns
     return torch.floor(x / scale.float()[..., None, :] + 0.5).clamp_(-127, 127).to(torch.int8), scale
 
 

@@ -233,9 +233,9 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------------------------ views
 
-    def block_fields(self, layer: int, kind: Kind, blocks: list[int]) -> Fields:
-        ids = torch.tensor(blocks, dtype=torch.long, device=self.tails[kind].device)
-        return {name: pool[layer, ids] for name, pool in self.pools[kind].items()}
+    def block_fields(self, layer: int, kind: Kind, blocks: list[int] | torch.Tensor) -> Fields:
+        ids = torch.as_tensor(blocks, dtype=torch.long, device=self.tails[kind].device)
+        return {name: pool[layer].index_select(0, ids) for name, pool in self.pools[kind].items()}
 
     def gather(self, layer: int, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The committed keys and values as the codec reproduces them, float32 `(H, length, D)`."""
@@ -298,7 +298,7 @@ class PagedKVCache:
         `len(ids)` blocks of `(H, block, D)`), one codec call per K/V. Sink rows are left as the block
         holds them: a caller that reads a sequence's block 0 takes them from `sinks`."""
         for kind, out in (("k", k_out), ("v", v_out)):
-            fields = {name: pool[layer].index_select(0, ids) for name, pool in self.pools[kind].items()}
+            fields = self.block_fields(layer, kind, ids)
             self.codec.decompress_into(fields, kind, self.block_size, self.head_dim, out)
 
     def gather_tail(self, layer: int, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:

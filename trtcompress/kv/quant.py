@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+FP16_MIN = 2.0**-24  # the smallest positive fp16
+
+
+def absmax_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """The fp16 scale of symmetric codes in [-qmax, qmax] for groups whose largest |x| is `amax`,
+    clamped after the fp16 rounding: an all-zero group gets the smallest fp16, not 0 (0 / 0 = NaN codes)."""
+    return (amax / qmax).to(torch.float16).clamp_min(FP16_MIN)
 
 
 def levels(bits: int) -> int:

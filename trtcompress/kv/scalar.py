@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from trtcompress.kv.codec import Fields, FieldSpec, Kind, KVCodec, register_codec
+from trtcompress.kv.quant import absmax_scale
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -43,8 +44,7 @@ class _ScaledCodec(KVCodec):
         raise NotImplementedError
 
     def compress(self, x: torch.Tensor, kind: Kind, *, phase: str = "decode") -> Fields:
-        # clamped after the fp16 rounding (1e-8 would round to 0): an all-zero token gets codes 0, not NaN
-        scale = (x.abs().amax(-1) / self.qmax).to(torch.float16).clamp_min(2.0**-24)
+        scale = absmax_scale(x.abs().amax(-1), self.qmax)
         return {"codes": self._encode(x.float() / scale.float()[..., None]), "scale": scale}
 
     def decompress(self, fields: Fields, kind: Kind, tokens: int, dim: int) -> torch.Tensor:

@@ -49,7 +49,7 @@ class DecodeBatch:
     ranges: list[tuple[int, int, int]]  # (seq_id, 0, full blocks): the compressed blocks to read
     block_dest: torch.Tensor  # (blocks,) flat (row * NB + 1 + j) place of each block of `ranges`
     # (B * (NB - 1),) physical block of every block place after the tail's, so an elementwise codec
-    # fills every place with one gather, without zeroing; padding places repeat the row's own first
+    # fills every place with one gather, without zeroing; padding places repeat the row's own last
     # block (masked keys get weight exactly 0, and a row never reads another sequence's data, so one
     # sequence's overflow cannot reach another), or the batch's first block for the rows in
     # `empty_rows`, which are zeroed after the gather; None where the batch has no full block

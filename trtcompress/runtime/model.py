@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trtcompress.kv.paged import PagedKVCache
+from trtcompress.kv.paged import PagedKVCache, SequenceState
 from trtcompress.runtime.decode_attention import (
     DecodeBatch,
     as_rows,
@@ -301,15 +301,22 @@ class BatchedModel:
         self.cache.write(layer, w.seq.seq_id, kv[0, :, start:], kv[1, :, start:], phase=w.phase)
         return o.transpose(0, 1)
 
+    def _check_committed(self, w: Work) -> SequenceState:
+        """The work's cache state, after checking the step starts where the cache's tokens end."""
+        seq = self.cache.seqs[w.seq.seq_id]
+        if seq.length != w.start:
+            committed, start = seq.length, w.start
+            raise RuntimeError(
+                f"sequence {w.seq.seq_id}: {committed} tokens committed, step starts at {start}"
+            )
+        return seq
+
     def _decode_batches(self, work: list[Work], members: list[int], bounds: list[int]) -> list[DecodeBatch]:
         """The step's batched decode works in batches whose padded blocks fit the decode scratch."""
         bs = self.cache.block_size
         starts = [work[i].start for i in members]
         for i in members:
-            seq_id, start = work[i].seq.seq_id, work[i].start
-            if self.cache.seqs[seq_id].length != start:
-                committed = self.cache.seqs[seq_id].length
-                raise RuntimeError(f"sequence {seq_id}: {committed} tokens committed, step starts at {start}")
+            self._check_committed(work[i])
         seq_ids = [work[i].seq.seq_id for i in members]
         slots = self.cache.tail_slots(seq_ids)
         tables = [self.cache.seqs[s].blocks for s in seq_ids] if self.cache.codec.elementwise else None
@@ -326,7 +333,7 @@ class BatchedModel:
         """One float32 buffer for the padded blocks of the step's largest decode batch, reused by every
         batch and layer of the step (a fresh multi-MB tensor per layer cost an allocation, page faults
         and, zeroed, a pass over it). Elementwise codecs overwrite every place of a batch (padding
-        places with the row's own first block, or zeros); the others leave padding places as they
+        places with the row's own last block, or zeros); the others leave padding places as they
         are: zero from here, or, when a step runs several decode batches, K/V an earlier batch wrote.
         A masked key gets weight exactly 0 (`batched_decode_attention`), so no number depends on what
         a padding place holds, as long as it is finite."""
@@ -344,34 +351,31 @@ class BatchedModel:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        scratch: torch.Tensor | None = None,
+        scratch: torch.Tensor,
     ) -> torch.Tensor:
         """One decode token per work of `batch` over its committed tokens plus itself, laid out as whole
-        blocks (the fp16 tail's block with the token's own K/V after it, then the decompressed blocks):
-        `batched_decode_attention`. `scratch`: the step's buffer (`_decode_scratch`); without one, a
-        zeroed buffer of this batch's size."""
+        blocks (the fp16 tail's block with the token's own K/V after it, then the decompressed blocks)
+        in the step's buffer `scratch` (`_decode_scratch`): `batched_decode_attention`."""
         cache, bs, h, d, rows = self.cache, self.cache.block_size, self.n_kv, self.head_dim, batch.rows
-        shape, nb = (2, batch.size * batch.num_blocks, h, bs, d), batch.num_blocks
-        if scratch is not None:
-            kv = scratch[: 2 * batch.size * nb * h * bs * d].view(shape)
-        else:
-            kv = torch.zeros(shape, device=self.device)
+        nb = batch.num_blocks
+        kv = scratch[: 2 * batch.size * nb * h * bs * d].view(2, batch.size * nb, h, bs, d)
         blocks = kv.view(2, batch.size, nb, h, bs, d)
         blocks[0, :, 0] = cache.tails["k"][layer].index_select(0, batch.slots)
         blocks[1, :, 0] = cache.tails["v"][layer].index_select(0, batch.slots)
         own = batch.index, 0, slice(None), batch.tail_lens
         blocks[0][own] = k[rows]  # the token's exact K/V right after its tail's committed tokens
         blocks[1][own] = v[rows]
-        if cache.codec.elementwise and batch.padded_blocks is not None:  # every place: one padded gather
-            cache.decompress_blocks_into(layer, batch.padded_blocks, blocks[0, :, 1:], blocks[1, :, 1:])
-            if batch.empty_rows is not None:  # they read another sequence's block: zero it
-                blocks[:, batch.empty_rows, 1:] = 0.0
-            if cache.sink_tokens:  # block 0's sink rows come from the sink slot
-                n, first = cache.sink_tokens, batch.first_blocks
-                for kind, i in (("k", 0), ("v", 1)):
-                    sinks = cache.sinks[kind][layer].index_select(0, batch.slots[first])
-                    blocks[i, :, 1][first, :, :n] = sinks.float()
-        elif cache.codec.elementwise or self.blocks.budget == 0:  # every block, one codec call per K/V
+        if cache.codec.elementwise:  # every place after the tail's: one padded gather
+            if batch.padded_blocks is not None:
+                cache.decompress_blocks_into(layer, batch.padded_blocks, blocks[0, :, 1:], blocks[1, :, 1:])
+                if batch.empty_rows is not None:  # they read another sequence's block: zero it
+                    blocks[:, batch.empty_rows, 1:] = 0.0
+                if cache.sink_tokens:  # block 0's sink rows come from the sink slot
+                    n, first = cache.sink_tokens, batch.first_blocks
+                    for kind, i in (("k", 0), ("v", 1)):
+                        sinks = cache.sinks[kind][layer].index_select(0, batch.slots[first])
+                        blocks[i, :, 1][first, :, :n] = sinks.float()
+        elif self.blocks.budget == 0:  # every block, one codec call per K/V
             if len(batch.block_dest):
                 k_blocks, v_blocks = cache.decompress_block_ranges(layer, batch.ranges)
                 kv[0].index_copy_(0, batch.block_dest, k_blocks)
@@ -421,11 +425,7 @@ class BatchedModel:
         scratch, missing = [], []
         for w, (a, b) in zip(work, spans, strict=True):
             seq_id, start = w.seq.seq_id, w.start
-            seq = cache.seqs[seq_id]
-            if seq.length != start:
-                raise RuntimeError(
-                    f"sequence {seq_id}: {seq.length} tokens committed, step starts at {start}"
-                )
+            seq = self._check_committed(w)
             n_full = start // bs
             kv = torch.empty(2, self.n_kv, start + w.n, self.head_dim, device=self.device)
             prefix = self.blocks.get(seq_id, layer) if n_full else None

@@ -26,8 +26,9 @@ def _attend_rows(q, k, v, valid, m, denom, acc):
     s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (GP, BS)
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))
-    p = tl.exp(s - m_new[:, None])
-    alpha = tl.exp(m - m_new)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: no -inf - -inf = NaN
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
     denom = denom * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
     return m_new, denom, acc
@@ -88,7 +89,8 @@ def paged_fp16_decode_kernel(
     k = tl.load(k_tail + base + tile).to(tl.float32)
     v = tl.load(v_tail + base + tile).to(tl.float32)
     m, denom, acc = _attend_rows(q, k, v, ti < tail, m, denom, acc)
-    # a sequence with no committed token (never a decode step) would have denom = 0: guard the division
+    # a sequence with no committed token (never a decode step) has denom 0: output 0, lse -inf, so the
+    # caller's merge gives the token's own value
     safe = tl.where(denom > 0, denom, 1.0)
     tl.store(out_ptr + rows[:, None] * D + di[None, :], acc / safe[:, None], mask=(gi < G)[:, None])
     tl.store(lse_ptr + rows, m + tl.log(safe), mask=gi < G)
