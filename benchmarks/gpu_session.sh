@@ -15,14 +15,18 @@
 # dependencies, for the runtime's config) and .gpu/model/ (SmolLM2-135M's config and tokenizer files);
 # the docstring of benchmarks/runtime_gpu.py gives the commands that fill it.
 # Results land in $OUT (the device tool brings them back); logs too.
+# STEPS picks a subset (default: all), e.g. `STEPS="runtime gear" bash benchmarks/gpu_session.sh`.
 set -u
+STEPS=" ${STEPS:-runtime gear gemv ptx prefill} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 # most important first: a run cut short by the device's 600 s limit keeps what it measured
-if [ -d .gpu/whl ] && [ -d .gpu/model ]; then
+if ! want runtime; then :
+elif [ -d .gpu/whl ] && [ -d .gpu/model ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
   PYTHONPATH=$PWD:/tmp/site timeout 170 python3 benchmarks/runtime_gpu.py "$OUT/runtime_gpu.json" \
     --model .gpu/model > "$OUT/runtime.log" 2>&1
@@ -30,19 +34,19 @@ if [ -d .gpu/whl ] && [ -d .gpu/model ]; then
 else
   echo "runtime_gpu skipped: .gpu/whl and .gpu/model were not carried"
 fi
-timeout 190 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
-echo "gear_attention rc $?"
-timeout 100 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_h100_gemv_tc.json" --gemv-only > "$OUT/gemm.log" 2>&1
-echo "gemm_gpu (decode, 3 sizes) rc $?"
-if [ -d .gpu/ptx ]; then  # the TensorRT plugins' AOT PTX through the CUDA driver (prepared on CPU)
+want gear && timeout 190 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
+want gear && echo "gear_attention rc $?"
+want gemv && timeout 100 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_h100_gemv_tc.json" --gemv-only > "$OUT/gemm.log" 2>&1
+want gemv && echo "gemm_gpu (decode, 3 sizes) rc $?"
+if want ptx && [ -d .gpu/ptx ]; then  # the TensorRT plugins' AOT PTX through the CUDA driver (prepared on CPU)
   timeout 40 python3 benchmarks/plugin_ptx_gpu.py run .gpu/ptx "$OUT" > "$OUT/plugin_ptx.log" 2>&1
   echo "plugin_ptx_gpu rc $?"
 fi
-timeout 90 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_h100_prefill_4096.json" --quick > "$OUT/gemm_prefill.log" 2>&1
-echo "gemm_gpu (prefill + W4A4, K = N = 4096) rc $?"
-grep -h -E "speedup|correctness ok|wrote" "$OUT/gear.log" | tail -28 | cut -c1-220
-tail -4 "$OUT/gemm.log" | cut -c1-300
-grep -h "prefill\|GEMM config" "$OUT/gemm_prefill.log" | tail -3 | cut -c1-300
+want prefill && timeout 90 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_h100_prefill_4096.json" --quick > "$OUT/gemm_prefill.log" 2>&1
+want prefill && echo "gemm_gpu (prefill + W4A4, K = N = 4096) rc $?"
+[ -f "$OUT/gear.log" ] && grep -h -E "speedup|correctness ok|wrote" "$OUT/gear.log" | tail -28 | cut -c1-220
+[ -f "$OUT/gemm.log" ] && tail -4 "$OUT/gemm.log" | cut -c1-300
+[ -f "$OUT/gemm_prefill.log" ] && grep -h "prefill\|GEMM config" "$OUT/gemm_prefill.log" | tail -3 | cut -c1-300
 [ -f "$OUT/runtime.log" ] && grep -v Warning "$OUT/runtime.log" | tail -12
 [ -f "$OUT/plugin_ptx.log" ] && tail -3 "$OUT/plugin_ptx.log"
 # the device tool brings back at most 8 files: the logs travel as one archive
