@@ -20,25 +20,26 @@ from pathlib import Path
 import torch
 
 
-def _gear_case(codec_name: str, lengths: list[int], seed: int, **options) -> dict:
+def _gear_case(codec_name: str, lengths: list[int], seed: int, sink: int = 0, **options) -> dict:
     from trtcompress.kv import get_codec
     from trtcompress.kv.paged import PagedKVCache
     from trtcompress.plugins.aot import GEAR_SHAPE, compile_gear, gear_launch
     from trtcompress.plugins.gear_attention import gear_attention_reference, layout_for_codec
-    from trtcompress.plugins.gear_attention.kernel import FIELD_ORDER
+    from trtcompress.plugins.gear_attention.trt import FIELDS
 
     heads, q_heads, dim = GEAR_SHAPE["heads"], GEAR_SHAPE["q_heads"], GEAR_SHAPE["head_dim"]
     gen = torch.Generator().manual_seed(seed)
     codec = get_codec(codec_name, **options)
     cache = PagedKVCache(
-        codec, 1, heads, dim, num_blocks=sum(n // 64 for n in lengths) + 1, max_seqs=len(lengths)
-    )
+        codec, 1, heads, dim, num_blocks=sum(n // 64 for n in lengths) + 1, max_seqs=len(lengths),
+        sink_tokens=sink,
+    )  # fmt: skip
     for s, n in enumerate(lengths):
         cache.add_sequence(s)
         cache.reserve(s, n)
-        cache.write(
-            0, s, torch.randn(heads, n, dim, generator=gen) * 2, torch.randn(heads, n, dim, generator=gen)
-        )
+        k = torch.randn(heads, n, dim, generator=gen) * 2
+        k[:, :1] *= 5 if sink else 1  # a sink-like first token
+        cache.write(0, s, k, torch.randn(heads, n, dim, generator=gen))
         cache.commit(s, n)
     seqs = list(range(len(lengths)))
     table, lens = cache.block_table(seqs)
@@ -48,17 +49,23 @@ def _gear_case(codec_name: str, lengths: list[int], seed: int, **options) -> dic
     tails = (cache.tails["k"][0], cache.tails["v"][0])
     q = torch.randn(len(seqs), q_heads, dim, generator=gen).half()
     scale = dim**-0.5
-    layout = layout_for_codec(codec, dim)
+    layout = layout_for_codec(codec, dim, sink)
     args = (k_fields, v_fields, *tails, table, nb, lens - nb * 64, cache.tail_slots(seqs))
-    ref = gear_attention_reference(q.float(), *args, layout, scale)
-    kernel = compile_gear(codec_name, **options)
+    sinks = {"k_sink": cache.sinks["k"][0], "v_sink": cache.sinks["v"][0]} if sink else {}
+    ref = gear_attention_reference(q.float(), *args, layout, scale, **sinks)
+    kernel = compile_gear(codec_name, sink=sink, **options)
     placeholder = torch.zeros(1, dtype=torch.float16)
 
-    def fields(f):
-        return [f[n].contiguous() if n in f else placeholder for n in FIELD_ORDER]
+    def as_plugin_input(t: torch.Tensor) -> torch.Tensor:  # TensorRT has no fp8 input: E4M3 bits as INT8
+        return t.view(torch.int8) if t.dtype == torch.float8_e4m3fn else t
 
+    def fields(f):
+        return [as_plugin_input(f[n].contiguous()) if n in f else placeholder for n in FIELDS]
+
+    sink_inputs = [sinks[k].half().contiguous() for k in ("k_sink", "v_sink")] if sink else [placeholder] * 2
     i32 = [t.to(torch.int32).contiguous() for t in (table, nb, lens - nb * 64, cache.tail_slots(seqs))]
     inputs = [q, *i32, *fields(k_fields), *fields(v_fields), tails[0].contiguous(), tails[1].contiguous()]
+    inputs += sink_inputs
     launch = gear_launch(len(seqs), heads, table.shape[1], kernel)
     return {
         "plugin": kernel.plugin, "config": kernel.config, "name": kernel.name, "ptx": kernel.ptx,
@@ -123,9 +130,12 @@ def prepare(out_dir: Path) -> None:
     cases = [
         ("kivi-2bit", [150, 64], 0, {}),
         ("kivi-4bit", [128, 200, 37], 1, {}),
-        ("gear-2bit", [200, 64, 37], 2, {"outlier_scope": "block"}),
+        ("gear-2bit", [200, 64, 37], 2, {"outlier_dtype": "fp16"}),
         ("gear-2bit", [331], 3, {"outlier_scope": "group"}),
-        ("gear-4bit", [190, 129], 4, {}),
+        ("gear-4bit", [190, 129], 4, {}),  # the default: fp8 outlier values
+        ("gear-2bit", [200, 64, 37], 5, {"outlier_dtype": "fp8", "sink": 1}),
+        ("gear-2bit", [331, 70], 6, {"outlier_dtype": "int8"}),
+        ("kivi-2bit", [150, 64], 7, {"sink": 1}),
     ]
     for i, (codec, lengths, seed, options) in enumerate(cases):
         torch.save(_gear_case(codec, lengths, seed, **options), out_dir / f"case{i:02d}.pt")

@@ -46,28 +46,41 @@ class AotKernel:
 
 
 def gear_configs() -> Iterator[tuple[str, dict]]:
+    """Each codec without sink tokens: KIVI, GEAR with its defaults (block-scope outliers with fp8
+    values) and with fp16 values in both outlier scopes; then a sink token (the serving default) and
+    int8 outlier values."""
     for codec in GEAR_CODECS:
-        scopes = ("block", "group") if codec.startswith("gear") else (None,)
-        for scope in scopes:
-            options = {} if scope is None else {"outlier_scope": scope}
-            yield codec + ("" if scope is None else f"/{scope}"), {"codec": codec, **options}
+        if codec.startswith("kivi"):
+            yield codec, {"codec": codec}
+            continue
+        yield f"{codec}/block/fp8", {"codec": codec}
+        yield f"{codec}/block", {"codec": codec, "outlier_dtype": "fp16"}
+        yield f"{codec}/group", {"codec": codec, "outlier_scope": "group"}
+    yield "gear-2bit/block/fp8/sink1", {"codec": "gear-2bit", "sink": 1}
+    yield "gear-2bit/block/int8", {"codec": "gear-2bit", "outlier_dtype": "int8"}
+    yield "kivi-2bit/sink1", {"codec": "kivi-2bit", "sink": 1}
 
 
-def compile_gear(codec: str, arch: int = 90, **options) -> AotKernel:
+def compile_gear(codec: str, arch: int = 90, sink: int = 0, **options) -> AotKernel:
+    """PTX of the GEAR plugin for one codec (`options`: the codec's, e.g. outlier_scope, outlier_dtype)
+    and cache (`sink` tokens), at GEAR_SHAPE."""
     from trtcompress.kv import get_codec
     from trtcompress.plugins.gear_attention import layout_for_codec
     from trtcompress.plugins.gear_attention.trt import compile_gear_attention_ptx
 
     shape = GEAR_SHAPE
-    layout = layout_for_codec(get_codec(codec, **options), shape["head_dim"])
+    kv_codec = get_codec(codec, **options)
+    layout = layout_for_codec(kv_codec, shape["head_dim"], sink)
+    name = [codec]
+    if codec.startswith("gear"):
+        name += [kv_codec.outlier_scope] + ([kv_codec.outlier_dtype] if layout.outlier_scaled else [])
     start = time.perf_counter()
     c = compile_gear_attention_ptx(
         layout, shape["heads"], shape["q_heads"], shape["head_dim"], shape["head_dim"] ** -0.5, arch
     )
-    config = codec + (f"/{options['outlier_scope']}" if "outlier_scope" in options else "")
     return AotKernel(
         "trtcompress::gear_attention",
-        config,
+        "/".join(name) + (f"/sink{sink}" if sink else ""),
         c.name,
         c.ptx,
         c.num_warps,

@@ -249,8 +249,11 @@ def test_custom_op_on_cpu_and_through_triton(monkeypatch) -> None:
     torch.testing.assert_close(gear_attention_from_cache(q, cache, 0, [0, 1]), ref, atol=ATOL, rtol=0)
     monkeypatch.delenv("TRTCOMPRESS_GEAR_TRITON")
     op = torch.ops.trtcompress.gear_attention.default
+    # opcheck's schema test compares the inputs before and after with allclose, which torch does not
+    # implement for float8 on CPU: checked on a cache with fp16 outlier values (the schema is the same)
+    fp16_values = _filled_cache("gear-2bit", [100, 70], sink=1, outlier_dtype="fp16")
     torch.library.opcheck(
-        op, op_args_from_cache(q, cache, 0, [0, 1]), test_utils=("test_schema", "test_faketensor")
+        op, op_args_from_cache(q, fp16_values, 0, [0, 1]), test_utils=("test_schema", "test_faketensor")
     )
 
 
@@ -275,3 +278,37 @@ def test_custom_op_reads_one_byte_outlier_values(outlier_dtype: str, monkeypatch
         torch.library.opcheck(
             op, op_args_from_cache(q, cache, 0, [0, 1]), test_utils=("test_schema", "test_faketensor")
         )
+
+
+@pytest.mark.parametrize(
+    ("codec_name", "options", "sink"),
+    [
+        ("gear-2bit", {"outlier_dtype": "fp8"}, 1),
+        ("gear-2bit", {"outlier_dtype": "int8"}, 0),
+        ("kivi-2bit", {}, 1),
+    ],
+)
+def test_tensorrt_entry_reads_its_inputs_in_plugin_order(codec_name: str, options: dict, sink: int) -> None:
+    """`gear_decode_trt_kernel` (what the TensorRT plugin launches) given its inputs in the plugin's order
+    (trt.INPUT_NAMES: one-byte outlier scales and sink slots included) matches the reference."""
+    from trtcompress.plugins.gear_attention.kernel import gear_decode_trt_kernel
+    from trtcompress.plugins.gear_attention.trt import FIELDS, INPUT_NAMES, kernel_constants
+
+    heads, q_heads, dim = 3, 9, 64
+    cache = _filled_cache(codec_name, [200, 70], heads=heads, seed=11, sink=sink, **options)
+    args = _inputs(cache, [0, 1])
+    k_fields, v_fields, k_tail, v_tail, table, nb, tail_lens, slots = args
+    layout = layout_for_codec(cache.codec, dim, sink)
+    q = torch.randn(2, q_heads, dim, generator=torch.Generator().manual_seed(3))
+    ref = gear_attention_reference(q, *args, layout, 0.125, **_sinks(cache))
+    placeholder = torch.zeros(1, dtype=torch.float16)
+    sinks = [cache.sinks[k][0].contiguous() for k in "kv"] if sink else [placeholder, placeholder]
+    inputs = [q.half(), *(t.to(torch.int32).contiguous() for t in (table, nb, tail_lens, slots))]
+    for fields in (k_fields, v_fields):
+        inputs += [fields[n].contiguous() if n in fields else placeholder for n in FIELDS]
+    inputs += [k_tail.contiguous(), v_tail.contiguous(), *sinks]
+    assert len(inputs) == len(INPUT_NAMES)
+    out = torch.empty(2, q_heads, dim)
+    constants = kernel_constants(layout, heads, q_heads, dim, 0.125, asm=False)
+    gear_decode_trt_kernel[(2, heads, 1)](*inputs, table.shape[1], out, **constants)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)

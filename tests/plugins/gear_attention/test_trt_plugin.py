@@ -26,13 +26,9 @@ def test_aot_ptx_for_sm90() -> None:
         "    layout = layout_for_codec(get_codec('gear-2bit', outlier_scope=scope))\n"
         "    c = compile_gear_attention_ptx(layout, 3, 9, 64, 0.125)\n"
         "    out.append({'name': c.name, 'ptx': c.ptx, 'warps': c.num_warps})\n"
-        "fp8 = layout_for_codec(get_codec('gear-2bit', outlier_dtype='fp8'))\n"
-        "try:\n"  # one-byte outlier values: the plugin reads fp16 ones, and says so
-        "    compile_gear_attention_ptx(fp8, 3, 9, 64, 0.1)\n"
-        "except ValueError as exc:\n"
-        "    assert 'outlier_dtype: fp16' in str(exc), exc\n"
-        "else:\n"
-        "    raise AssertionError('a one-byte outlier layout compiled for the plugin')\n"
+        "fp8 = layout_for_codec(get_codec('gear-2bit', outlier_dtype='fp8'), 64, 1)\n"
+        "c = compile_gear_attention_ptx(fp8, 3, 9, 64, 0.125)\n"  # one-byte outliers + a sink token
+        "out.append({'name': c.name, 'ptx': c.ptx, 'warps': c.num_warps, 'fp8': True})\n"
         "print(json.dumps(out))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -44,9 +40,11 @@ def test_aot_ptx_for_sm90() -> None:
         assert ".visible .entry gear_decode_trt_kernel(" in out["ptx"]
         entry = out["ptx"][out["ptx"].index(".entry") :]
         entry = entry[: entry.index(")")]
-        # 25 input pointers + 1 int32 extra arg + 1 output (+ Triton's scratch pointers)
-        assert entry.count(".param") >= 27
+        # 29 input pointers + 1 int32 extra arg + 1 output (+ Triton's scratch pointers)
+        assert entry.count(".param") >= 31
         assert out["warps"] >= 1
+        if out.get("fp8"):  # the outlier values are read as E4M3 and converted in the kernel
+            assert "e4m3" in out["ptx"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

@@ -631,6 +631,7 @@ def gear_decode_trt_kernel(
     kas_ptr,
     kb_ptr,
     kbs_ptr,
+    kos_ptr,
     vc_ptr,
     vs_ptr,
     vz_ptr,
@@ -640,8 +641,11 @@ def gear_decode_trt_kernel(
     vas_ptr,
     vb_ptr,
     vbs_ptr,
+    vos_ptr,
     kt_ptr,
     vt_ptr,
+    ksink_ptr,
+    vsink_ptr,
     max_blocks,
     out_ptr,
     SM_SCALE: tl.constexpr,
@@ -659,13 +663,16 @@ def gear_decode_trt_kernel(
     INT8_FACTORS: tl.constexpr,
     OUT_BLOCK: tl.constexpr,
     OUT_PAD: tl.constexpr,
+    SINK: tl.constexpr,
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,
     OUT_RUNS: tl.constexpr,
+    OUT_SCALED: tl.constexpr,
 ):
     """TensorRT AOT entry: parameters in QDP order (inputs, int32 extra args, output), one split,
-    grid (batch, KV heads, 1). The partial-result pointers are never touched with SPLITS == 1.
-    No sink inputs: the plugin serves caches built with `sink_tokens=0` (SINK = 0 here)."""
+    grid (batch, KV heads, 1). The partial-result pointers are never touched with SPLITS == 1. The sink
+    slots (SINK > 0) and one-byte outlier scales (OUT_SCALED) are plugin inputs too; placeholders, never
+    read, where the cache has none."""
     _gear_decode(
         q_ptr,
         out_ptr,
@@ -696,10 +703,10 @@ def gear_decode_trt_kernel(
         vbs_ptr,
         kt_ptr,
         vt_ptr,
-        kt_ptr,  # no sink slots: the TensorRT plugin serves caches without sink tokens
-        vt_ptr,
-        kt_ptr,  # no outlier scales: the plugin reads fp16 outlier corrections
-        vt_ptr,
+        ksink_ptr,
+        vsink_ptr,
+        kos_ptr,
+        vos_ptr,
         SM_SCALE,
         max_blocks,
         H,
@@ -716,12 +723,12 @@ def gear_decode_trt_kernel(
         INT8_FACTORS,
         OUT_BLOCK,
         OUT_PAD,
-        0,
+        SINK,
         1,
         ASM,
         PREFETCH,
         OUT_RUNS,
-        False,
+        OUT_SCALED,
     )
 
 

@@ -94,12 +94,15 @@ def gear_attention(
         ]
     )
     scope = "block" if k_out_idx is not None and k_out_idx.dtype == torch.int16 else "group"
-    scaled = k_out_scale is not None or v_out_scale is not None  # one-byte outlier values + block scales
+    outlier_dtype = "fp16"
+    if k_out_scale is not None or v_out_scale is not None:  # one-byte outlier values + block scales
+        values = k_out_val if k_out_val is not None else v_out_val
+        outlier_dtype = "fp8" if values is not None and values.dtype == torch.float8_e4m3fn else "int8"
     for fields, out_scale in ((k, k_out_scale), (v, v_out_scale)):
         if out_scale is not None:  # (a kind without outliers has none)
             fields["out_scale"] = out_scale
     layout = GearLayout(
-        bits, block, group, (out_k, out_v), (rank_k, rank_v), int8_factors, scope, sink, outlier_scaled=scaled
+        bits, block, group, (out_k, out_v), (rank_k, rank_v), int8_factors, scope, sink, outlier_dtype
     )
     args = (q, k, v, k_tail, v_tail, block_table, num_blocks, tail_lens, slots, layout, scale)
     if q.is_cuda or os.environ.get("TRTCOMPRESS_GEAR_TRITON") == "1":

@@ -34,7 +34,12 @@ class GearLayout:
     int8_factors: bool = True
     outlier_scope: str = "group"  # "block": `outliers` is a per-block budget with flat int16 indices
     sink: int = 0  # exact fp16 sink tokens at the start of every sequence (PagedKVCache.sink_tokens)
-    outlier_scaled: bool = False  # block-scope outlier values in one byte with an `out_scale` per block
+    outlier_dtype: str = "fp16"  # block-scope outlier values: fp16, or one byte (int8 / fp8) + `out_scale`
+
+    @property
+    def outlier_scaled(self) -> bool:
+        """Outlier values stored in one byte, with one fp16 `out_scale` per block and head."""
+        return self.outlier_dtype != "fp16"
 
 
 def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
@@ -58,7 +63,7 @@ def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
             rank=tuple(codec._slot_rank(k) for k in "kv"),
             int8_factors=codec.factor_dtype == "int8",
             sink=sink,
-            outlier_scaled=codec.outlier_dtype != "fp16",
+            outlier_dtype=codec.outlier_dtype,
         )
     return GearLayout(bits=codec.bits, block=codec.group, group=codec.group, sink=sink)
 

@@ -6,10 +6,13 @@ time (REFERENCE section 3). `compile_gear_attention_ptx` needs only `triton` and
 plugin registration needs TensorRT >= 10.8 with `tensorrt.plugin`.
 
 Plugin inputs, in order (the kernel's parameter order; QDP appends int32 extra args, then outputs):
-q (B, Hq, D) fp16; block_table (B, M) int32; num_blocks, tail_lens, slots (B,) int32; the 9 key fields
-then the 9 value fields of one layer's pools (codes, scale, zero, out_val, out_idx, lr_a, lr_a_scale,
-lr_b, lr_b_scale; 1-element placeholders where the codec has none); k_tail, v_tail (S, H, T, D) fp16.
-TensorRT has no int16: block-scope outlier indices (int16) are passed bitcast to float16.
+q (B, Hq, D) fp16; block_table (B, M) int32; num_blocks, tail_lens, slots (B,) int32; the 10 key fields
+then the 10 value fields of one layer's pools (codes, scale, zero, out_val, out_idx, lr_a, lr_a_scale,
+lr_b, lr_b_scale, out_scale; 1-element placeholders where the codec has none); k_tail, v_tail (S, H, T, D)
+fp16; k_sink, v_sink (S, H, sink, D) fp16 (placeholders without sink tokens).
+TensorRT has no int16: block-scope outlier indices (int16) are passed bitcast to float16. One-byte
+outlier values (`outlier_dtype` int8 / fp8) travel as INT8; fp8 ones are E4M3 bits (`.view(torch.int8)`),
+which the kernel reads as float8e4nv.
 Extra arg: M (max blocks per sequence). Output: (B, Hq, D) fp32. Grid: (B, H, 1).
 """
 
@@ -36,28 +39,61 @@ class CompiledPlugin:
     grid_y: int  # KV heads
 
 
+OUTLIER_VALUE_TYPES = {"fp16": ("*fp16", "FP16"), "int8": ("*i8", "INT8"), "fp8": ("*fp8e4nv", "INT8")}
+
+
 def _signature(layout: GearLayout) -> dict[str, str]:
     factor = "*i8" if layout.int8_factors else "*fp16"
     index = "*i16" if layout.outlier_scope == "block" else "*u8"
-    types = ("*u8", "*fp16", "*fp16", "*fp16", index, factor, "*fp16", factor, "*fp16")
+    value = OUTLIER_VALUE_TYPES[layout.outlier_dtype][0]
+    types = ("*u8", "*fp16", "*fp16", value, index, factor, "*fp16", factor, "*fp16", "*fp16")
     sig = {"q_ptr": "*fp16", "block_table_ptr": "*i32", "num_blocks_ptr": "*i32", "tail_len_ptr": "*i32"}
     sig["slot_ptr"] = "*i32"
     names_k = ("kc_ptr", "ks_ptr", "kz_ptr", "kov_ptr", "koi_ptr", "ka_ptr", "kas_ptr", "kb_ptr", "kbs_ptr")
     names_v = ("vc_ptr", "vs_ptr", "vz_ptr", "vov_ptr", "voi_ptr", "va_ptr", "vas_ptr", "vb_ptr", "vbs_ptr")
-    sig |= dict(zip(names_k, types, strict=True)) | dict(zip(names_v, types, strict=True))
-    sig |= {"kt_ptr": "*fp16", "vt_ptr": "*fp16", "max_blocks": "i32", "out_ptr": "*fp32"}
+    sig |= dict(zip((*names_k, "kos_ptr"), types, strict=True))
+    sig |= dict(zip((*names_v, "vos_ptr"), types, strict=True))
+    sig |= {"kt_ptr": "*fp16", "vt_ptr": "*fp16", "ksink_ptr": "*fp16", "vsink_ptr": "*fp16"}
+    sig |= {"max_blocks": "i32", "out_ptr": "*fp32"}
     return sig
+
+
+def kernel_constants(
+    layout: GearLayout, heads: int, q_heads: int, head_dim: int, sm_scale: float, asm: bool = True
+) -> dict:
+    """The constexprs `gear_decode_trt_kernel` is compiled with for one cache layout and head shape
+    (`asm=False` only to run the kernel under TRITON_INTERPRET)."""
+    group = q_heads // heads
+    return {
+        "SM_SCALE": sm_scale,
+        "H": heads,
+        "GROUP": group,
+        "G_PAD": max(16, 1 << (group - 1).bit_length()),
+        "D": head_dim,
+        "T": layout.block,
+        "VG": head_dim // layout.group if head_dim % layout.group == 0 else 1,
+        "BITS": layout.bits,
+        "OUT_K": layout.outliers[0],
+        "OUT_V": layout.outliers[1],
+        "RANK_K": layout.rank[0],
+        "RANK_V": layout.rank[1],
+        "INT8_FACTORS": layout.int8_factors,
+        "OUT_BLOCK": layout.outlier_scope == "block",
+        "OUT_PAD": max(16, 1 << (max(layout.outliers) - 1).bit_length()),
+        "SINK": layout.sink,
+        "ASM": asm,  # PTX unpacking of the codes: the plugin runs on a GPU
+        "PREFETCH": not any(layout.outliers),  # as gear_attention_triton's default
+        # one-hot outlier sums: this PTX is the one run through the CUDA driver on an H100
+        # (benchmarks/plugin_ptx_gpu.py); "runs", faster in the Python op, is not yet checked that way
+        "OUT_RUNS": False,
+        "OUT_SCALED": layout.outlier_scaled,
+    }
 
 
 def compile_gear_attention_ptx(
     layout: GearLayout, heads: int, q_heads: int, head_dim: int, sm_scale: float, arch: int = 90
 ) -> CompiledPlugin:
     """PTX for `gear_decode_trt_kernel` specialized on the cache layout (runs on CPU, no GPU needed)."""
-    if layout.outlier_scaled:
-        raise ValueError(
-            "the TensorRT GEAR plugin reads fp16 outlier corrections; this cache stores them in one byte "
-            "(kv_cache outlier_dtype fp8/int8): build it with outlier_dtype: fp16"
-        )
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -67,30 +103,7 @@ def compile_gear_attention_ptx(
         ) from None
     from trtcompress.plugins.gear_attention.kernel import gear_decode_trt_kernel
 
-    group = q_heads // heads
-    vg = head_dim // layout.group if head_dim % layout.group == 0 else 1
-    constants = {
-        "SM_SCALE": sm_scale,
-        "H": heads,
-        "GROUP": group,
-        "G_PAD": max(16, triton.next_power_of_2(group)),
-        "D": head_dim,
-        "T": layout.block,
-        "VG": vg,
-        "BITS": layout.bits,
-        "OUT_K": layout.outliers[0],
-        "OUT_V": layout.outliers[1],
-        "RANK_K": layout.rank[0],
-        "RANK_V": layout.rank[1],
-        "INT8_FACTORS": layout.int8_factors,
-        "OUT_BLOCK": layout.outlier_scope == "block",
-        "OUT_PAD": max(16, triton.next_power_of_2(max(layout.outliers))),
-        "ASM": True,  # PTX unpacking of the codes: the plugin runs on a GPU
-        "PREFETCH": not any(layout.outliers),  # as gear_attention_triton's default
-        # one-hot outlier sums: this PTX is the one run through the CUDA driver on an H100
-        # (benchmarks/plugin_ptx_gpu.py); "runs", faster in the Python op, is not yet checked that way
-        "OUT_RUNS": False,
-    }
+    constants = kernel_constants(layout, heads, q_heads, head_dim, sm_scale)
     signature = _signature(layout) | dict.fromkeys(constants, "constexpr")
     src = triton.compiler.ASTSource(fn=gear_decode_trt_kernel, signature=signature, constexprs=constants)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
@@ -103,26 +116,43 @@ def compile_gear_attention_ptx(
     )
 
 
-FIELDS = ("codes", "scale", "zero", "out_val", "out_idx", "lr_a", "lr_a_scale", "lr_b", "lr_b_scale")
+FIELDS = (  # the kernel's FIELD_ORDER, then the one-byte outlier values' block scales
+    "codes", "scale", "zero", "out_val", "out_idx", "lr_a", "lr_a_scale", "lr_b", "lr_b_scale", "out_scale",
+)  # fmt: skip
 INPUT_NAMES = (
     "q", "block_table", "num_blocks", "tail_lens", "slots",
-    *(f"k_{f}" for f in FIELDS), *(f"v_{f}" for f in FIELDS), "k_tail", "v_tail",
+    *(f"k_{f}" for f in FIELDS), *(f"v_{f}" for f in FIELDS), "k_tail", "v_tail", "k_sink", "v_sink",
 )  # fmt: skip
 
 
-def io_types(out_k: int, out_v: int, rank_k: int, rank_v: int, int8_factors: int, block_outliers: int) -> str:
+def io_types(
+    out_k: int, out_v: int, rank_k: int, rank_v: int, int8_factors: int, block_outliers: int,
+    outlier_dtype: str = "fp16",
+) -> str:  # fmt: skip
     """The autotune type combination (inputs in INPUT_NAMES order, then the output) for one cache layout.
 
-    Absent fields (no outliers, no low-rank factors) are 1-element FP16 placeholders, as the torch op passes
-    them; block-scope outlier indices (int16) travel bitcast to FP16 (TensorRT has no int16)."""
+    Absent fields (no outliers, no low-rank factors, no one-byte outlier scales, no sink) are 1-element
+    FP16 placeholders, as the torch op passes them; block-scope outlier indices (int16) travel bitcast to
+    FP16 (TensorRT has no int16), one-byte outlier values as INT8."""
+    value_type = _outlier_value_type(outlier_dtype)
 
     def side(outliers: int, rank: int) -> list[str]:
         index = "FP16" if outliers == 0 or block_outliers else "UINT8"
+        value = value_type if outliers else "FP16"
         factor = "INT8" if rank and int8_factors else "FP16"
-        return ["UINT8", "FP16", "FP16", "FP16", index, factor, "FP16", factor, "FP16"]
+        return ["UINT8", "FP16", "FP16", value, index, factor, "FP16", factor, "FP16", "FP16"]
 
     types_ = ["FP16", "INT32", "INT32", "INT32", "INT32", *side(out_k, rank_k), *side(out_v, rank_v)]
-    return ", ".join([*types_, "FP16", "FP16", "FP32"])
+    return ", ".join([*types_, "FP16", "FP16", "FP16", "FP16", "FP32"])
+
+
+def _outlier_value_type(outlier_dtype: str) -> str:
+    if outlier_dtype not in OUTLIER_VALUE_TYPES:
+        raise ValueError(
+            f"gear_attention plugin: outlier_dtype must be one of {sorted(OUTLIER_VALUE_TYPES)}, "
+            f"got {outlier_dtype!r}"
+        )
+    return OUTLIER_VALUE_TYPES[outlier_dtype][1]
 
 
 def plugin_functions(trtp):
@@ -136,35 +166,44 @@ def plugin_functions(trtp):
     def register(
         q: D, block_table: D, num_blocks: D, tail_lens: D, slots: D,
         k_codes: D, k_scale: D, k_zero: D, k_out_val: D, k_out_idx: D, k_lr_a: D, k_lr_a_scale: D, k_lr_b: D,
-        k_lr_b_scale: D,
+        k_lr_b_scale: D, k_out_scale: D,
         v_codes: D, v_scale: D, v_zero: D, v_out_val: D, v_out_idx: D, v_lr_a: D, v_lr_a_scale: D, v_lr_b: D,
-        v_lr_b_scale: D,
-        k_tail: D, v_tail: D,
+        v_lr_b_scale: D, v_out_scale: D,
+        k_tail: D, v_tail: D, k_sink: D, v_sink: D,
         bits: int, block: int, group: int, out_k: int, out_v: int, rank_k: int, rank_v: int,
-        int8_factors: int, block_outliers: int, sm_scale: float,
+        int8_factors: int, block_outliers: int, sink: int, outlier_dtype: str, sm_scale: float,
     ) -> D:  # fmt: skip
         return _describe(q)
 
     def autotune(
         q, block_table, num_blocks, tail_lens, slots,
         k_codes, k_scale, k_zero, k_out_val, k_out_idx, k_lr_a, k_lr_a_scale, k_lr_b, k_lr_b_scale,
+        k_out_scale,
         v_codes, v_scale, v_zero, v_out_val, v_out_idx, v_lr_a, v_lr_a_scale, v_lr_b, v_lr_b_scale,
-        k_tail, v_tail,
-        out_k: int, out_v: int, rank_k: int, rank_v: int, int8_factors: int, block_outliers: int, outputs,
+        v_out_scale,
+        k_tail, v_tail, k_sink, v_sink,
+        out_k: int, out_v: int, rank_k: int, rank_v: int, int8_factors: int, block_outliers: int,
+        outlier_dtype: str, outputs,
     ):  # fmt: skip
-        types_ = io_types(out_k, out_v, rank_k, rank_v, int8_factors, block_outliers)
+        types_ = io_types(out_k, out_v, rank_k, rank_v, int8_factors, block_outliers, outlier_dtype)
         return [trtp.AutoTuneCombination(types_, "LINEAR")]
 
     def aot_impl(
         q, block_table, num_blocks, tail_lens, slots,
         k_codes, k_scale, k_zero, k_out_val, k_out_idx, k_lr_a, k_lr_a_scale, k_lr_b, k_lr_b_scale,
+        k_out_scale,
         v_codes, v_scale, v_zero, v_out_val, v_out_idx, v_lr_a, v_lr_a_scale, v_lr_b, v_lr_b_scale,
-        k_tail, v_tail,
+        v_out_scale,
+        k_tail, v_tail, k_sink, v_sink,
         bits: int, block: int, group: int, out_k: int, out_v: int, rank_k: int, rank_v: int,
-        int8_factors: int, block_outliers: int, sm_scale: float, outputs, tactic: int,
+        int8_factors: int, block_outliers: int, sink: int, outlier_dtype: str, sm_scale: float, outputs,
+        tactic: int,
     ) -> Result:  # fmt: skip
+        _outlier_value_type(outlier_dtype)
+        if outlier_dtype != "fp16" and not block_outliers:
+            raise ValueError("gear_attention plugin: one-byte outlier values need block-scope outliers")
         layout = GearLayout(bits, block, group, (out_k, out_v), (rank_k, rank_v), bool(int8_factors),
-                            "block" if block_outliers else "group")  # fmt: skip
+                            "block" if block_outliers else "group", sink, outlier_dtype)  # fmt: skip
         return _aot(trtp, q, block_table, k_tail, layout, sm_scale)
 
     return register, autotune, aot_impl
