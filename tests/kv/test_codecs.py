@@ -103,11 +103,15 @@ def test_gear_outliers_exact() -> None:
     x = _kv(3)
     x[0, 0, 17, 33] = 250.0
     x[0, 0, 40, 2] = -300.0
-    codec = get_codec("gear-2bit", rank=0)
+    codec = get_codec("gear-2bit", rank=0, outlier_dtype="fp16")
+    default = get_codec("gear-2bit", rank=0)  # fp8 E4M3 corrections: 3 mantissa bits
     for kind in ("k", "v"):  # exact up to the fp16 rounding of the stored correction (2**-11 relative)
         out = codec.decompress(codec.compress(x, kind), kind, 64, 64)
         assert out[0, 0, 17, 33].item() == pytest.approx(250.0, rel=2**-11)
         assert out[0, 0, 40, 2].item() == pytest.approx(-300.0, rel=2**-11)
+        out = default.decompress(default.compress(x, kind), kind, 64, 64)
+        assert out[0, 0, 17, 33].item() == pytest.approx(250.0, rel=2**-4)
+        assert out[0, 0, 40, 2].item() == pytest.approx(-300.0, rel=2**-4)
     assert (
         outliers_per_side(0.02, 64) == 1 and outliers_per_side(0.1, 64) == 4 and outliers_per_side(0, 64) == 0
     )
@@ -199,7 +203,7 @@ def test_one_byte_outlier_corrections(outlier_dtype: str) -> None:
     x = torch.randn(2, 64, 64, generator=gen) * torch.where(
         torch.rand(1, 1, 64, generator=gen) < 0.05, 9.0, 1.0
     )
-    exact = get_codec("gear-2bit")
+    exact = get_codec("gear-2bit", outlier_dtype="fp16")
     small = get_codec("gear-2bit", outlier_dtype=outlier_dtype)
     for kind in ("k", "v"):
         budget = exact.layout(kind, 64, 64)["out_val"].shape[0]
@@ -246,5 +250,8 @@ def test_outlier_dtype_is_validated() -> None:
         get_codec("gear-2bit", outlier_dtype="bf16")
     with pytest.raises(ValueError, match="needs outlier_scope: block"):
         get_codec("gear-2bit", outlier_dtype="fp8", outlier_scope="group")
-    assert layout_for_codec(get_codec("gear-2bit", outlier_dtype="fp8")).outlier_scaled
-    assert not layout_for_codec(get_codec("gear-2bit")).outlier_scaled
+    assert layout_for_codec(get_codec("gear-2bit")).outlier_dtype == "fp8"  # the default
+    assert layout_for_codec(get_codec("gear-4bit")).outlier_scaled
+    assert not layout_for_codec(get_codec("gear-2bit", outlier_dtype="fp16")).outlier_scaled
+    # the paper's in-group outliers keep fp16 values (one-byte ones need a block scale)
+    assert get_codec("gear-2bit", outlier_scope="group").outlier_dtype == "fp16"
