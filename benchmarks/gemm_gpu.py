@@ -6,9 +6,10 @@ Imports only `trtcompress/plugins/{w4a16_gemm,w4a4_fp4_gemm}/{kernel,reference}.
 triton; the package `__init__`s import nothing), so it runs on a GPU box without the project's other
 dependencies. For each K = N in {4096, 11008, 14336} it tunes the tensor-core GEMV ("gemv_tc") at
 M = 1 over a small grid (block sizes, split-K, then warps / stages around the best two, then the
-inline-PTX dequantization `deq_asm`, then the stream-K schedule; every config in try/except, failures
-recorded as strings in `gemv_tc_tuning`), runs the elementwise GEMV ("gemv") with its best config of
-the last H100 run, then times M = 1, 2, 4, 8, 16 (both GEMVs, gemv_tc also with bf16 x; the GEMM path
+inline-PTX dequantization `deq_asm`, then with `--stream-k` the stream-K schedule; every config in
+try/except, failures recorded as strings in `gemv_tc_tuning`) and the packed-fp16 GEMV ("gemv_h2",
+its own grid), runs the elementwise GEMV ("gemv") with its best config of the last H100 run, then
+times M = 1, 2, 4, 8, 16 (the three GEMVs, gemv_tc also with bf16 x; the GEMM path
 at 16) and prefill M = 512 / 2048 (the tl.dot GEMM, and the tensor-core GEMV in row tiles, each tuned
 at M = 2048), each against torch.matmul with the dequantized fp16 and bf16 weight (the same math).
 Every kernel result is checked against the reference first. Timings: median of
@@ -29,7 +30,8 @@ from pathlib import Path
 
 SMOKE = "--smoke" in sys.argv
 GEMV_ONLY = "--gemv-only" in sys.argv
-QUICK = "--quick" in sys.argv  # one size; the GEMV tuning without its stream-K stage
+QUICK = "--quick" in sys.argv  # one size
+STREAM_K = "--stream-k" in sys.argv  # tune gemv_tc's stream-K schedule too (no gain in the fourth run)
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -85,19 +87,19 @@ def old_gemv_config(k: int) -> dict:
     return OLD_GEMV_BEST.get(k, OLD_GEMV_BEST[4096])
 
 
-def _time_config(x, qweight, scales, ref, cfg) -> dict:
+def _time_config(x, qweight, scales, ref, cfg, path: str = "gemv_tc") -> dict:
     """{"config", "ms", "rel_err"} or {"config", "error"}: a config the compiler refuses, that fails at run
     time or differs from the reference."""
 
     def run():
-        return w4a16_gemm_triton(x, qweight, scales, None, GROUP, True, path="gemv_tc", **cfg)
+        return w4a16_gemm_triton(x, qweight, scales, None, GROUP, True, path=path, **cfg)
 
     try:
         rel = check(run(), ref)
         return {"config": cfg, "ms": bench(run), "rel_err": rel}
     except Exception as exc:
         msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        print(f"  gemv_tc {cfg}: {msg}", file=sys.stderr)
+        print(f"  {path} {cfg}: {msg}", file=sys.stderr)
         return {"config": cfg, "error": msg}
 
 
@@ -117,7 +119,7 @@ def tune_gemv_tc(x, qweight, scales) -> tuple[dict, list[dict]]:
             (64, 128, 8), (128, 256, 1), (128, 512, 1), (128, 256, 4), (64, 128, 1),
         ]  # fmt: skip
         warps_stages = [(4, 2), (4, 4), (8, 2), (8, 3), (8, 4)]
-        per_sm_counts = [] if QUICK else [1, 2, 3, 4, 6, 8]
+        per_sm_counts = [1, 2, 3, 4, 6, 8] if STREAM_K else []
     tried = []
     for bn, bk, sk in base:
         cfg = dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=3 if not SMOKE else 2)
@@ -138,6 +140,38 @@ def tune_gemv_tc(x, qweight, scales) -> tuple[dict, list[dict]]:
             for ns in (top["config"]["num_stages"], 4):
                 cfg = {**top["config"], "split_k": 1, "stream_k": per_sm, "num_stages": ns}
                 tried.append(_time_config(x, qweight, scales, ref, cfg))
+    best = min((t for t in tried if "ms" in t), key=lambda t: t["ms"])
+    return best["config"], tried
+
+
+def tune_gemv_h2(x, qweight, scales) -> tuple[dict, list[dict]]:
+    """Best packed-fp16 GEMV ("gemv_h2") config at x's M and every config tried. Stage 1: tiles and
+    split-K at 4 warps, 2 stages, fp16 runs of 8 bytes; stage 2: warps x stages around the best two;
+    stage 3: longer fp16 runs (16, 32 bytes) on the best."""
+    ref = w4a16_gemm_reference(x, qweight, scales, None, GROUP, True)
+    if SMOKE:
+        base, warps_stages = [(16, 128, 1), (32, 128, 2)], [(2, 1)]
+    else:
+        base = [
+            (16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 256, 8), (32, 512, 4), (64, 128, 8),
+            (64, 256, 2), (64, 256, 4), (64, 256, 8), (64, 512, 4), (128, 128, 4), (128, 256, 4),
+            (128, 256, 8), (32, 128, 16),
+        ]  # fmt: skip
+        warps_stages = [(2, 2), (4, 1), (4, 3), (8, 2), (8, 3)]
+    tried = []
+    for bn, bk, sk in base:
+        cfg = dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=2, h2_sub=8)
+        tried.append(_time_config(x, qweight, scales, ref, cfg, "gemv_h2"))
+    ok = sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
+    assert ok, "no gemv_h2 config ran"
+    for top in ok[:2]:
+        for nw, ns in warps_stages:
+            cfg = {**top["config"], "num_warps": nw, "num_stages": ns}
+            if cfg != top["config"]:
+                tried.append(_time_config(x, qweight, scales, ref, cfg, "gemv_h2"))
+    ok = sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
+    for sub in (16, 32):
+        tried.append(_time_config(x, qweight, scales, ref, {**ok[0]["config"], "h2_sub": sub}, "gemv_h2"))
     best = min((t for t in tried if "ms" in t), key=lambda t: t["ms"])
     return best["config"], tried
 
@@ -192,6 +226,10 @@ def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> tuple[li
     tc_cfg, tc_tried = tune_gemv_tc(x1, qweight, scales)
     tuning = {"K": k, "N": n, "M": 1, "best": tc_cfg, "seconds": time.perf_counter() - t0, "tried": tc_tried}
     print(f"K=N={size}: gemv_tc config {tc_cfg} ({tuning['seconds']:.1f} s)", file=sys.stderr)
+    t0 = time.perf_counter()
+    h2_cfg, h2_tried = tune_gemv_h2(x1, qweight, scales)
+    tuning["gemv_h2"] = {"best": h2_cfg, "seconds": time.perf_counter() - t0, "tried": h2_tried}
+    print(f"K=N={size}: gemv_h2 config {h2_cfg} ({tuning['gemv_h2']['seconds']:.1f} s)", file=sys.stderr)
     gemv_cfg = old_gemv_config(k)
     x16 = torch.randn(16, k, device=DEVICE).half()
     gemm_cfg = tc_prefill_cfg = None
@@ -209,7 +247,7 @@ def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> tuple[li
         row["bf16_matmul_ms"] = bench(lambda xb=xb: torch.matmul(xb, wbf.t()))
         paths = []
         if m <= 16:
-            paths += [("gemv", gemv_cfg), ("gemv_tc", tc_cfg)]
+            paths += [("gemv", gemv_cfg), ("gemv_tc", tc_cfg), ("gemv_h2", h2_cfg)]
         if m >= 16 and gemm_cfg is not None:
             paths.append(("gemm", gemm_cfg))
         if m > 16 and tc_prefill_cfg is not None:  # the tensor-core GEMV in row tiles

@@ -1,0 +1,54 @@
+"""Packed-fp16 decode GEMV (`w4a16_gemv_h2_kernel`, path "gemv_h2") == reference, interpreted on CPU:
+INT4 symmetric / asymmetric, groups 64 and 128 (and larger than the K block), split-K 1 and 2, several
+rows of x, partial last groups; its fp16 short sums stay within the fp16 output's tolerance at K = 4096;
+what it does not cover (bf16 x, FP4, group 48) falls back to the elementwise GEMV."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.plugins.w4a16_gemm.test_gemv_tc import _assert_matches, _inputs
+from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton
+from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_gemv_h2_matches_reference(symmetric, group, m, split_k):
+    x, args = _inputs(
+        96, 256, group, symmetric, m, torch.float16, seed=7 * group + 10 * m + split_k + symmetric
+    )
+    out = w4a16_gemm_triton(x, *args, path="gemv_h2", block_n=32, block_k=128, split_k=split_k, h2_sub=8)
+    _assert_matches(out, w4a16_gemm_reference(x, *args))
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "group", "block_k", "sub"),
+    [
+        (40, 224, 64, 128, 16),  # partial last group (3.5 groups), two groups per block
+        (40, 256, 256, 128, 8),  # group larger than the K block: two sub-blocks share a scale
+        (24, 192, 64, 64, 32),  # one group per block, the whole group in one fp16 run
+    ],
+)
+def test_gemv_h2_shapes(n, k, group, block_k, sub):
+    x, args = _inputs(n, k, group, False, 2, torch.float16, seed=n + k)
+    out = w4a16_gemm_triton(x, *args, path="gemv_h2", block_n=16, block_k=block_k, h2_sub=sub)
+    _assert_matches(out, w4a16_gemm_reference(x, *args))
+
+
+def test_gemv_h2_fp16_sums_stay_accurate_over_a_long_row():
+    x, args = _inputs(32, 4096, 128, True, 1, torch.float16, seed=3)
+    ref = w4a16_gemm_reference(x, *args).float()
+    out = w4a16_gemm_triton(x, *args, path="gemv_h2", block_n=32, block_k=256, split_k=4, h2_sub=16).float()
+    assert (out - ref).abs().max() / ref.abs().max() < 2e-3
+
+
+@pytest.mark.parametrize(("dtype", "group"), [(torch.bfloat16, 64), (torch.float16, 48)])
+def test_gemv_h2_falls_back_where_it_does_not_apply(dtype, group):
+    x, args = _inputs(32, 192, group, True, 1, dtype, seed=5)
+    out = w4a16_gemm_triton(x, *args, path="gemv_h2", block_n=16, block_k=64)
+    fallback = w4a16_gemm_triton(x, *args, path="gemv", block_n=16, block_k=64)
+    torch.testing.assert_close(out, fallback, rtol=0, atol=0)
