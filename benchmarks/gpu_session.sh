@@ -2,12 +2,11 @@
 # Every GPU measurement of issues 5 and 6 in one call to a lent GPU machine (about 7-9 minutes on an
 # H100, compilation included), each step under its own time limit so one failure keeps the others:
 #   1. benchmarks/runtime_gpu.py  native runtime vs HF generate, end to end (needs .gpu/, see below);
-#      fp16 decode attention through runtime/paged_attention.py (first GPU run of that kernel), A/B
-#      against the torch path at 32 requests
-#   2. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations);
-#      its correctness cases include gear-2bit with one-byte (fp8) outlier values (first GPU check)
-#   3. benchmarks/gemm_gpu.py --gemv-only  W4A16 decode GEMV vs bf16 matmul (3 sizes, stream-K included)
-#   4. benchmarks/plugin_ptx_gpu.py run  the plugins' AOT PTX (if `prepare .gpu/ptx` ran on CPU)
+#      fp16 decode attention through runtime/paged_attention.py, A/B against the torch path at 32
+#   2. benchmarks/plugin_ptx_gpu.py run  the plugins' AOT PTX (if `prepare .gpu/ptx` ran on CPU)
+#   3. benchmarks/gemm_gpu.py --gemv-only  W4A16 decode GEMVs (tensor-core and packed-fp16) vs bf16
+#      matmul, 3 sizes
+#   4. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations)
 #   5. benchmarks/gemm_gpu.py --quick  prefill (GEMM and row-tiled tensor-core GEMV) and W4A4 at 4096
 # Run through the device tool as `bash benchmarks/gpu_session.sh` with carry [".gpu"]
 # (.gpu/gear_kernel_previous.py, if present: an older kernel.py timed beside the current one).
@@ -34,18 +33,26 @@ elif [ -d .gpu/whl ] && [ -d .gpu/model ]; then
 else
   echo "runtime_gpu skipped: .gpu/whl and .gpu/model were not carried"
 fi
-want gear && timeout 190 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
-want gear && echo "gear_attention rc $?"
-want gemv && timeout 100 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_h100_gemv_tc.json" --gemv-only > "$OUT/gemm.log" 2>&1
-want gemv && echo "gemm_gpu (decode, 3 sizes) rc $?"
 if want ptx && [ -d .gpu/ptx ]; then  # the TensorRT plugins' AOT PTX through the CUDA driver (prepared on CPU)
   timeout 40 python3 benchmarks/plugin_ptx_gpu.py run .gpu/ptx "$OUT" > "$OUT/plugin_ptx.log" 2>&1
   echo "plugin_ptx_gpu rc $?"
 fi
-want prefill && timeout 90 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_h100_prefill_4096.json" --quick > "$OUT/gemm_prefill.log" 2>&1
+want gemv && timeout 160 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_gemv.json" --gemv-only > "$OUT/gemm.log" 2>&1
+want gemv && echo "gemm_gpu (decode, 3 sizes) rc $?"
+want gear && timeout 190 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
+want gear && echo "gear_attention rc $?"
+want prefill && timeout 90 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_prefill_4096.json" --quick > "$OUT/gemm_prefill.log" 2>&1
 want prefill && echo "gemm_gpu (prefill + W4A4, K = N = 4096) rc $?"
 [ -f "$OUT/gear.log" ] && grep -h -E "speedup|correctness ok|wrote" "$OUT/gear.log" | tail -28 | cut -c1-220
-[ -f "$OUT/gemm.log" ] && tail -4 "$OUT/gemm.log" | cut -c1-300
+[ -f "$OUT/gemm_gpu_gemv.json" ] && python3 -c "
+import json, sys
+d = json.load(open(sys.argv[1]))
+for r in d['w4a16']:
+    print(r['K'], r['M'], 'bf16 %.4f' % r['bf16_matmul_ms'],
+          *('%s %.4f %.2fx' % (p, r[f'w4a16_{p}_ms'], r[f'w4a16_{p}_speedup_vs_bf16']) for p in ('gemv_tc', 'gemv_h2')))
+for t in d['gemv_tc_tuning']:
+    print(t['K'], 'tc', t['best'], 'h2', t['gemv_h2']['best'])
+" "$OUT/gemm_gpu_gemv.json"
 [ -f "$OUT/gemm_prefill.log" ] && grep -h "prefill\|GEMM config" "$OUT/gemm_prefill.log" | tail -3 | cut -c1-300
 [ -f "$OUT/runtime.log" ] && grep -v Warning "$OUT/runtime.log" | tail -12
 [ -f "$OUT/plugin_ptx.log" ] && tail -3 "$OUT/plugin_ptx.log"
