@@ -83,6 +83,14 @@ def random_pool(codec_name: str, batch: int, context: int, heads: int, dim: int,
     return codec, layout, fields, table, full, tails, k_tail, sink, slots, nbytes
 
 
+def decode_tolerance(ref: torch.Tensor) -> float:
+    """What the kernel may differ from the fp32 reference by: it feeds fp16 operands (queries,
+    probabilities, values) to fp32-accumulating dots, so the error grows with the output's size:
+    1e-3 + 1e-3 * max|ref| (2e-3 for outputs of magnitude 1; rounding only the queries to fp16
+    already moves a gear-4bit reference of magnitude 3 by 1e-3)."""
+    return 1e-3 + 1e-3 * float(ref.abs().max())
+
+
 def filled_cache(codec_name: str, lengths: list[int], heads: int, dim: int, seed: int):
     """A real cache (CPU): random K/V appended in two chunks per sequence, compressed by the codec
     (`NAME:DTYPE`: the codec with `outlier_dtype` DTYPE, e.g. `gear-2bit:fp8`)."""
@@ -162,7 +170,8 @@ def correctness(device: str) -> list[dict]:
                 "sink_tokens": SINK,
                 "max_abs_err": err,
                 "ref_max_abs": ref.abs().max().item(),
-                "ok": bool(err < 2e-3),
+                "tolerance": decode_tolerance(ref),
+                "ok": bool(err <= decode_tolerance(ref)),
             }
         )
         print(

@@ -71,7 +71,8 @@ def _gear_case(codec_name: str, lengths: list[int], seed: int, sink: int = 0, **
         "plugin": kernel.plugin, "config": kernel.config, "name": kernel.name, "ptx": kernel.ptx,
         "entry_params": kernel.entry_params(), "inputs": inputs, "extra_args": list(launch["extra_args"]),
         "outputs": [torch.empty(len(seqs), q_heads, dim, dtype=torch.float32)], "grid": launch["grid"],
-        "block": launch["block"], "shared": launch["shared"], "reference": ref, "atol": 2e-3,
+        "block": launch["block"], "shared": launch["shared"], "reference": ref,
+        "atol": 1e-3 + 1e-3 * float(ref.abs().max()),  # fp16 operands, fp32 accumulation (gear_attention.py)
     }  # fmt: skip
 
 

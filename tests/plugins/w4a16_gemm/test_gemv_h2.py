@@ -52,3 +52,33 @@ def test_gemv_h2_falls_back_where_it_does_not_apply(dtype, group):
     out = w4a16_gemm_triton(x, *args, path="gemv_h2", block_n=16, block_k=64)
     fallback = w4a16_gemm_triton(x, *args, path="gemv", block_n=16, block_k=64)
     torch.testing.assert_close(out, fallback, rtol=0, atol=0)
+
+
+def test_op_runs_single_rows_of_fp16_on_gemv_h2(monkeypatch):
+    """The op's decode choice: M = 1 with fp16 x takes the packed-fp16 GEMV (its measured M = 1 default),
+    more rows or bf16 x the tensor-core GEMV, and `TRTCOMPRESS_W4A16_DECODE=gemv_tc` forces the latter."""
+    from trtcompress.plugins.w4a16_gemm import op
+    from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemv_h2_kernel, w4a16_gemv_tc_kernel
+
+    calls: list[str] = []
+    for name, kernel in (("gemv_h2", w4a16_gemv_h2_kernel), ("gemv_tc", w4a16_gemv_tc_kernel)):
+        real = kernel.run
+        monkeypatch.setattr(
+            kernel, "run", lambda *a, _n=name, _r=real, **kw: (calls.append(_n), _r(*a, **kw))[1]
+        )
+    monkeypatch.setenv("TRTCOMPRESS_GEMM_TRITON", "1")
+    monkeypatch.delenv("TRTCOMPRESS_W4A16_DECODE", raising=False)
+    monkeypatch.setitem(op.GEMV_TC_CONFIG, "block_k", 128)
+    monkeypatch.setitem(op.GEMV_H2_CONFIG, "block_n", 16)
+    for m, dtype, env, want in [
+        (1, torch.float16, None, "gemv_h2"),
+        (3, torch.float16, None, "gemv_tc"),
+        (1, torch.bfloat16, None, "gemv_tc"),
+        (1, torch.float16, "gemv_tc", "gemv_tc"),
+    ]:
+        if env:
+            monkeypatch.setenv("TRTCOMPRESS_W4A16_DECODE", env)
+        x, args = _inputs(40, 256, 64, True, m, dtype, seed=m)
+        calls.clear()
+        _assert_matches(op.w4a16_gemm(x, *args, 0, 0), w4a16_gemm_reference(x, *args))
+        assert calls == [want], (m, dtype, env, calls)

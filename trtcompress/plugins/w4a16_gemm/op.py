@@ -2,9 +2,13 @@
 
 CUDA tensors run the Triton kernels; CPU tensors run `reference.py` (set `TRTCOMPRESS_GEMM_TRITON=1`
 with `TRITON_INTERPRET=1` to run the kernels on CPU). Which kernel, by rows of x (M):
+- decode, M = 1 with fp16 x: the packed-fp16 GEMV (`w4a16_gemv_h2_kernel`, `GEMV_H2_CONFIG`; on an
+  H200 1.2x faster than the tensor-core GEMV at M = 1, 1.4-1.9x of a bf16 matmul, BENCHMARKS.md), unless
+  `TRTCOMPRESS_W4A16_DECODE` names another path;
 - decode, M <= 16: `TRTCOMPRESS_W4A16_DECODE` = "gemv_tc" (default: the tensor-core GEMV,
   `w4a16_gemv_tc_kernel`, with `GEMV_TC_CONFIG`; on an H100 1.3-2.0x of a bf16 matmul at M = 1..16,
-  BENCHMARKS.md) or "gemv" (the elementwise GEMV for M <= 8, which re-reads the weight per row);
+  every row of x sharing one read of the weight), "gemv_h2" (M = 1 only; other M take gemv_tc) or
+  "gemv" (the elementwise GEMV for M <= 8, which re-reads the weight per row);
 - prefill, M > 16: `TRTCOMPRESS_W4A16_PREFILL` = "gemv_tc" (default: the same kernel in 128-row tiles,
   `GEMV_TC_PREFILL_CONFIG`; on an H100 2.3-2.5x faster than the GEMM at M = 512 / 2048) or "gemm"
   (`w4a16_gemm_kernel`). FP4 codes and groups the tensor-core GEMV does not take (not a power of two)
@@ -25,6 +29,9 @@ from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference
 # = 4096 and 11008; within 3% of the best at 14336, where the stream-K schedule won by 1%;
 # benchmarks/results/gemm_gpu_h100_gemv_tc.json)
 GEMV_TC_CONFIG = {"block_n": 64, "block_k": 256, "split_k": 8, "num_warps": 4, "num_stages": 3}
+# the "gemv_h2" decode path at M = 1: the best of the H200 tuning at K = N = 11008 and 14336 (32-row
+# tiles were 1.5% faster at 4096; benchmarks/results/gemm_gpu_h200_gemv.json)
+GEMV_H2_CONFIG = {"block_n": 128, "block_k": 256, "split_k": 8, "num_warps": 4, "num_stages": 2, "h2_sub": 8}
 # prefill (M > 16) in block_m-row tiles: the best of six tiles at K = N = 4096, M = 2048 on the H100
 # (benchmarks/results/gemm_gpu_h100_prefill_4096.json)
 GEMV_TC_PREFILL_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3}
@@ -34,14 +41,21 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRTCOMPRESS_GEMM_TRITON") == "1"
 
 
-def _kernel_kwargs(m: int, k: int, group_size: int, fp_exp: int) -> dict:
+def _kernel_kwargs(m: int, k: int, group_size: int, fp_exp: int, dtype: torch.dtype = torch.float16) -> dict:
     """`w4a16_gemm_triton` arguments for M rows of x (see the module docstring)."""
     from trtcompress.plugins.w4a16_gemm.kernel import gemv_tc_group
 
     group = group_size if group_size > 0 else k
     if m <= 16:  # one weight read serves up to 16 rows
-        decode = os.environ.get("TRTCOMPRESS_W4A16_DECODE", "gemv_tc")
-        if decode == "gemv_tc" and gemv_tc_group(k, group, GEMV_TC_CONFIG["block_k"], fp_exp):
+        decode = os.environ.get("TRTCOMPRESS_W4A16_DECODE")
+        h2_ok = (
+            m == 1 and dtype == torch.float16 and gemv_tc_group(k, group, GEMV_H2_CONFIG["block_k"], fp_exp)
+        )
+        if decode in (None, "gemv_h2") and h2_ok:
+            return {"path": "gemv_h2", **GEMV_H2_CONFIG}
+        if decode in (None, "gemv_tc", "gemv_h2") and gemv_tc_group(
+            k, group, GEMV_TC_CONFIG["block_k"], fp_exp
+        ):
             return {"path": "gemv_tc", **GEMV_TC_CONFIG}
         return {}  # "auto": the elementwise GEMV with its own launch defaults, or the GEMM past 8 rows
     prefill = os.environ.get("TRTCOMPRESS_W4A16_PREFILL", "gemv_tc")
@@ -66,7 +80,7 @@ def w4a16_gemm(
     if _use_triton(x2) and x2.dtype in (torch.float16, torch.bfloat16):
         from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton
 
-        kwargs = _kernel_kwargs(x2.shape[0], k, group_size, fp_exp)
+        kwargs = _kernel_kwargs(x2.shape[0], k, group_size, fp_exp, x2.dtype)
         out = w4a16_gemm_triton(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man, **kwargs)
     else:
         out = w4a16_gemm_reference(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man)
