@@ -14,7 +14,8 @@ at 16) and prefill M = 512 / 2048 (the tl.dot GEMM, and the tensor-core GEMV in 
 at M = 2048), each against torch.matmul with the dequantized fp16 and bf16 weight (the same math).
 Every kernel result is checked against the reference first. Timings: median of
 `triton.testing.do_bench` (CUDA events, L2 flushed between runs). `--gemv-only` skips the GEMM path,
-the prefill rows and W4A4; `--quick` runs K = N = 4096 only. `--smoke` runs tiny shapes on CPU under
+the prefill rows and W4A4; `--h2-only` tunes only the packed-fp16 GEMV (gemv_tc with the op's
+config); `--quick` runs K = N = 4096 only. `--smoke` runs tiny shapes on CPU under
 TRITON_INTERPRET=1 (a check of the script itself, no timings worth reading; `deq_asm` fails there by
 design and is recorded as such).
 """
@@ -32,6 +33,7 @@ SMOKE = "--smoke" in sys.argv
 GEMV_ONLY = "--gemv-only" in sys.argv
 QUICK = "--quick" in sys.argv  # one size
 STREAM_K = "--stream-k" in sys.argv  # tune gemv_tc's stream-K schedule too (no gain in the fourth run)
+H2_ONLY = "--h2-only" in sys.argv  # tune the packed-fp16 GEMV only; gemv_tc runs with the op's config
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -147,7 +149,7 @@ def tune_gemv_tc(x, qweight, scales) -> tuple[dict, list[dict]]:
 def tune_gemv_h2(x, qweight, scales) -> tuple[dict, list[dict]]:
     """Best packed-fp16 GEMV ("gemv_h2") config at x's M and every config tried. Stage 1: tiles and
     split-K at 4 warps, 2 stages, fp16 runs of 8 bytes; stage 2: warps x stages around the best two;
-    stage 3: longer fp16 runs (16, 32 bytes) on the best."""
+    stage 3: longer fp16 runs (16, 32 bytes) on the best; stage 4: register prefetch on the best two."""
     ref = w4a16_gemm_reference(x, qweight, scales, None, GROUP, True)
     if SMOKE:
         base, warps_stages = [(16, 128, 1), (32, 128, 2)], [(2, 1)]
@@ -155,7 +157,8 @@ def tune_gemv_h2(x, qweight, scales) -> tuple[dict, list[dict]]:
         base = [
             (16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 256, 8), (32, 512, 4), (64, 128, 8),
             (64, 256, 2), (64, 256, 4), (64, 256, 8), (64, 512, 4), (128, 128, 4), (128, 256, 4),
-            (128, 256, 8), (32, 128, 16),
+            (128, 256, 8), (32, 128, 16), (128, 512, 8), (128, 256, 16), (256, 256, 4), (256, 256, 8),
+            (256, 128, 16),
         ]  # fmt: skip
         warps_stages = [(2, 2), (4, 1), (4, 3), (8, 2), (8, 3)]
     tried = []
@@ -172,6 +175,10 @@ def tune_gemv_h2(x, qweight, scales) -> tuple[dict, list[dict]]:
     ok = sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
     for sub in (16, 32):
         tried.append(_time_config(x, qweight, scales, ref, {**ok[0]["config"], "h2_sub": sub}, "gemv_h2"))
+    for top in ok[:2]:  # stage 4: register prefetch of the next group's bytes
+        for ns in (1, 2):
+            cfg = {**top["config"], "h2_prefetch": True, "num_stages": ns}
+            tried.append(_time_config(x, qweight, scales, ref, cfg, "gemv_h2"))
     best = min((t for t in tried if "ms" in t), key=lambda t: t["ms"])
     return best["config"], tried
 
@@ -223,7 +230,12 @@ def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> tuple[li
     wbf = w16.bfloat16()
     x1 = torch.randn(1, k, device=DEVICE).half()
     t0 = time.perf_counter()
-    tc_cfg, tc_tried = tune_gemv_tc(x1, qweight, scales)
+    if H2_ONLY:
+        from trtcompress.plugins.w4a16_gemm.op import GEMV_TC_CONFIG
+
+        tc_cfg, tc_tried = {**GEMV_TC_CONFIG, "deq_asm": DEVICE == "cuda"}, []
+    else:
+        tc_cfg, tc_tried = tune_gemv_tc(x1, qweight, scales)
     tuning = {"K": k, "N": n, "M": 1, "best": tc_cfg, "seconds": time.perf_counter() - t0, "tried": tc_tried}
     print(f"K=N={size}: gemv_tc config {tc_cfg} ({tuning['seconds']:.1f} s)", file=sys.stderr)
     t0 = time.perf_counter()

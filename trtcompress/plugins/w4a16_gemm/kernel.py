@@ -305,56 +305,86 @@ def w4a16_gemv_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
 def w4a16_gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr, GROUP: tl.constexpr,
                          SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SPLIT_K: tl.constexpr, SUB: tl.constexpr, MASK_K: tl.constexpr,
-                         DEQ_ASM: tl.constexpr):  # fmt: skip
+                         DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
     """Decode GEMV in packed fp16 (path "gemv_h2"): no tensor cores and no shared-memory staging of the
     weight. Grid (M, cdiv(N, BLOCK_N), SPLIT_K). Per group (or per BLOCK_K columns of a larger group)
     the bytes are read as stored and turned into fp16 codes (code - 8, or code - zero) by the
     magic-number PTX of `_deq_asm` (1.5 instructions per code, no conversions); the products with x are
     fp16 and summed in fp16 over runs of SUB bytes (2 * SUB products, as exllama's half2 dot products
-    do); only those short sums are widened to fp32, summed over the group and scaled. fp16 x only."""
+    do); only those short sums are widened to fp32, summed over the group and scaled. fp16 x only.
+    PREFETCH issues the next group's weight loads before this group's math (register double
+    buffering: the loop keeps a group of bytes in flight while it computes)."""
     pid_m = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     GB: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K  # columns per sub-block (one group)
     GH: tl.constexpr = GB // 2  # bytes per row and sub-block
-    G = (K + GROUP - 1) // GROUP
     span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # K columns per split, whole blocks
+    k_start = tl.program_id(2) * span
+    k_end = tl.minimum(k_start + span, K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(tl.program_id(2) * span, tl.minimum(tl.program_id(2) * span + span, K), BLOCK_K):
-        for s in tl.static_range(BLOCK_K // GB):
-            kg = tl.multiple_of(k0 + s * GB, 32)
-            g = kg // GROUP
-            jb = tl.multiple_of(kg // 2, 16) + tl.arange(0, GH)
-            w_tile = w_ptr + rn[:, None] * stride_w + jb[None, :]
-            cols = kg + tl.arange(0, GB)
-            if MASK_K:
-                byte = tl.load(w_tile, mask=n_ok[:, None] & (2 * jb < K)[None, :], other=0)
-                xk = tl.load(x_ptr + pid_m * K + cols, mask=cols < K, other=0.0)
-            else:
-                byte = tl.load(w_tile, mask=n_ok[:, None], other=0)
-                xk = tl.load(x_ptr + pid_m * K + cols)
-            x_lo, x_hi = tl.split(tl.reshape(xk, (GH, 2)))  # even / odd columns
-            if DEQ_ASM:
-                c_lo, c_hi = _deq_asm(byte, SYMMETRIC)
-            else:  # the same exact fp16 values with integer ops (TRITON_INTERPRET)
-                b16 = byte.to(tl.int16)
-                magic = 1032.0 if SYMMETRIC else 1024.0
-                c_lo = ((b16 & 0xF) | 0x6400).to(tl.float16, bitcast=True) - magic
-                c_hi = ((b16 >> 4) | 0x6400).to(tl.float16, bitcast=True) - magic
-            if not SYMMETRIC:
-                zero = tl.load(z_ptr + rn * G + g, mask=n_ok, other=0).to(tl.float16)
-                c_lo = c_lo - zero[:, None]
-                c_hi = c_hi - zero[:, None]
-            prod = c_lo * x_lo[None, :] + c_hi * x_hi[None, :]  # fp16
-            short = tl.sum(tl.reshape(prod, (BLOCK_N, GH // SUB, SUB)), axis=2, dtype=tl.float16)
-            part = tl.sum(short.to(tl.float32), axis=1)
-            scale = tl.load(s_ptr + rn * G + g, mask=n_ok, other=0.0).to(tl.float32)
-            acc += part * scale
+    if PREFETCH:
+        byte = _h2_bytes(w_ptr, K, stride_w, rn, n_ok, k_start, k_end, GH, MASK_K)
+        for kg in range(k_start, k_end, GB):
+            nxt = _h2_bytes(w_ptr, K, stride_w, rn, n_ok, kg + GB, k_end, GH, MASK_K)
+            acc += _h2_group(x_ptr, s_ptr, z_ptr, byte, pid_m, K, rn, n_ok, kg, GROUP, GB, SYMMETRIC, SUB,
+                             MASK_K, DEQ_ASM)  # fmt: skip
+            byte = nxt
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            for s in tl.static_range(BLOCK_K // GB):
+                kg = k0 + s * GB
+                byte = _h2_bytes(w_ptr, K, stride_w, rn, n_ok, kg, k_end, GH, MASK_K)
+                acc += _h2_group(x_ptr, s_ptr, z_ptr, byte, pid_m, K, rn, n_ok, kg, GROUP, GB, SYMMETRIC, SUB,
+                                 MASK_K, DEQ_ASM)  # fmt: skip
     out = out_ptr + pid_m * N + rn
     if SPLIT_K == 1:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
         tl.atomic_add(out, acc, mask=n_ok)
+
+
+@triton.jit
+def _h2_bytes(w_ptr, K, stride_w, rn, n_ok, kg, k_end, GH: tl.constexpr, MASK_K: tl.constexpr):
+    """The packed bytes of rows `rn`, columns kg .. kg + 2 * GH (zeros past k_end: a prefetch beyond the
+    split's last group reads nothing)."""
+    jb = tl.multiple_of(kg // 2, 16) + tl.arange(0, GH)
+    w_tile = w_ptr + rn[:, None] * stride_w + jb[None, :]
+    if MASK_K:
+        return tl.load(w_tile, mask=n_ok[:, None] & (2 * jb < k_end)[None, :], other=0)
+    return tl.load(w_tile, mask=n_ok[:, None] & (kg < k_end), other=0)
+
+
+@triton.jit
+def _h2_group(x_ptr, s_ptr, z_ptr, byte, pid_m, K, rn, n_ok, kg, GROUP: tl.constexpr,
+              GB: tl.constexpr, SYMMETRIC: tl.constexpr, SUB: tl.constexpr, MASK_K: tl.constexpr,
+              DEQ_ASM: tl.constexpr):  # fmt: skip
+    """fp32 (BLOCK_N,) = scale * sum((code - zero) * x) over the GB columns from kg (one group's)."""
+    GH: tl.constexpr = GB // 2
+    G = (K + GROUP - 1) // GROUP
+    g = kg // GROUP
+    cols = kg + tl.arange(0, GB)
+    if MASK_K:
+        xk = tl.load(x_ptr + pid_m * K + cols, mask=cols < K, other=0.0)
+    else:
+        xk = tl.load(x_ptr + pid_m * K + cols)
+    x_lo, x_hi = tl.split(tl.reshape(xk, (GH, 2)))  # even / odd columns
+    if DEQ_ASM:
+        c_lo, c_hi = _deq_asm(byte, SYMMETRIC)
+    else:  # the same exact fp16 values with integer ops (TRITON_INTERPRET)
+        b16 = byte.to(tl.int16)
+        magic = 1032.0 if SYMMETRIC else 1024.0
+        c_lo = ((b16 & 0xF) | 0x6400).to(tl.float16, bitcast=True) - magic
+        c_hi = ((b16 >> 4) | 0x6400).to(tl.float16, bitcast=True) - magic
+    if not SYMMETRIC:
+        zero = tl.load(z_ptr + rn * G + g, mask=n_ok, other=0).to(tl.float16)
+        c_lo = c_lo - zero[:, None]
+        c_hi = c_hi - zero[:, None]
+    prod = c_lo * x_lo[None, :] + c_hi * x_hi[None, :]  # fp16
+    short = tl.sum(tl.reshape(prod, (prod.shape[0], GH // SUB, SUB)), axis=2, dtype=tl.float16)
+    part = tl.sum(short.to(tl.float32), axis=1)
+    scale = tl.load(s_ptr + rn * G + g, mask=n_ok, other=0.0).to(tl.float32)
+    return part * scale
 
 
 @triton.jit
@@ -480,6 +510,7 @@ def w4a16_gemm_triton(
     decode: str = "gemv",
     stream_k: int = 0,
     h2_sub: int = 8,
+    h2_prefetch: bool = False,
 ) -> torch.Tensor:
     """x (M, K) fp16/bf16 -> (M, N) in x's dtype.
 
@@ -491,7 +522,8 @@ def w4a16_gemm_triton(
     inline PTX instead of Triton integer ops. `num_stages` is passed to the launch when given.
     `stream_k` > 0 (gemv_tc): that many programs per SM share the work equally (`split_k` unused).
     "gemv_h2" (`w4a16_gemv_h2_kernel`, fp16 x, INT4 with power-of-two groups; else "gemv"): packed fp16
-    products summed in fp16 over runs of `h2_sub` bytes.
+    products summed in fp16 over runs of `h2_sub` bytes (`h2_prefetch`: the next group's bytes loaded
+    before this group's math).
     """
     assert x.dim() == 2 and qweight.dim() == 2
     m, k = x.shape
@@ -536,7 +568,7 @@ def w4a16_gemm_triton(
             sub = min(h2_sub, min(h2_group, block_k) // 2)  # fp16 runs within one group's bytes
             w4a16_gemv_h2_kernel[(m, triton.cdiv(n, block_n), split_k)](
                 x, qweight, scales, z, m, n, k, qweight.stride(0), out, h2_group, bool(symmetric),
-                block_n, block_k, split_k, sub, k % block_k != 0, not _interpreting(), **launch,
+                block_n, block_k, split_k, sub, k % block_k != 0, not _interpreting(), h2_prefetch, **launch,
             )  # fmt: skip
             return out.to(x.dtype) if atomic else out
     if path == "gemv":
