@@ -149,7 +149,7 @@ def tune_gemv_tc(x, qweight, scales) -> tuple[dict, list[dict]]:
 def tune_gemv_h2(x, qweight, scales) -> tuple[dict, list[dict]]:
     """Best packed-fp16 GEMV ("gemv_h2") config at x's M and every config tried. Stage 1: tiles and
     split-K at 4 warps, 2 stages, fp16 runs of 8 bytes; stage 2: warps x stages around the best two;
-    stage 3: longer fp16 runs (16, 32 bytes) on the best; stage 4: register prefetch on the best two."""
+    stage 3: longer fp16 runs (16, 32 bytes) on the best."""
     ref = w4a16_gemm_reference(x, qweight, scales, None, GROUP, True)
     if SMOKE:
         base, warps_stages = [(16, 128, 1), (32, 128, 2)], [(2, 1)]
@@ -175,10 +175,6 @@ def tune_gemv_h2(x, qweight, scales) -> tuple[dict, list[dict]]:
     ok = sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
     for sub in (16, 32):
         tried.append(_time_config(x, qweight, scales, ref, {**ok[0]["config"], "h2_sub": sub}, "gemv_h2"))
-    for top in ok[:2]:  # stage 4: register prefetch of the next group's bytes
-        for ns in (1, 2):
-            cfg = {**top["config"], "h2_prefetch": True, "num_stages": ns}
-            tried.append(_time_config(x, qweight, scales, ref, cfg, "gemv_h2"))
     best = min((t for t in tried if "ms" in t), key=lambda t: t["ms"])
     return best["config"], tried
 

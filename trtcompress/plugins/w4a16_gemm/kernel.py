@@ -305,15 +305,15 @@ def w4a16_gemv_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
 def w4a16_gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr, GROUP: tl.constexpr,
                          SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          SPLIT_K: tl.constexpr, SUB: tl.constexpr, MASK_K: tl.constexpr,
-                         DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+                         DEQ_ASM: tl.constexpr):  # fmt: skip
     """Decode GEMV in packed fp16 (path "gemv_h2"): no tensor cores and no shared-memory staging of the
     weight. Grid (M, cdiv(N, BLOCK_N), SPLIT_K). Per group (or per BLOCK_K columns of a larger group)
     the bytes are read as stored and turned into fp16 codes (code - 8, or code - zero) by the
     magic-number PTX of `_deq_asm` (1.5 instructions per code, no conversions); the products with x are
     fp16 and summed in fp16 over runs of SUB bytes (2 * SUB products, as exllama's half2 dot products
     do); only those short sums are widened to fp32, summed over the group and scaled. fp16 x only.
-    PREFETCH issues the next group's weight loads before this group's math (register double
-    buffering: the loop keeps a group of bytes in flight while it computes)."""
+    (Loading the next group's bytes before this group's math, register double buffering, measured
+    1.2-2x slower on an H200: BENCHMARKS.md.)"""
     pid_m = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
@@ -323,20 +323,12 @@ def w4a16_gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
     k_start = tl.program_id(2) * span
     k_end = tl.minimum(k_start + span, K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if PREFETCH:
-        byte = _h2_bytes(w_ptr, K, stride_w, rn, n_ok, k_start, k_end, GH, MASK_K)
-        for kg in range(k_start, k_end, GB):
-            nxt = _h2_bytes(w_ptr, K, stride_w, rn, n_ok, kg + GB, k_end, GH, MASK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        for s in tl.static_range(BLOCK_K // GB):
+            kg = k0 + s * GB
+            byte = _h2_bytes(w_ptr, K, stride_w, rn, n_ok, kg, k_end, GH, MASK_K)
             acc += _h2_group(x_ptr, s_ptr, z_ptr, byte, pid_m, K, rn, n_ok, kg, GROUP, GB, SYMMETRIC, SUB,
                              MASK_K, DEQ_ASM)  # fmt: skip
-            byte = nxt
-    else:
-        for k0 in range(k_start, k_end, BLOCK_K):
-            for s in tl.static_range(BLOCK_K // GB):
-                kg = k0 + s * GB
-                byte = _h2_bytes(w_ptr, K, stride_w, rn, n_ok, kg, k_end, GH, MASK_K)
-                acc += _h2_group(x_ptr, s_ptr, z_ptr, byte, pid_m, K, rn, n_ok, kg, GROUP, GB, SYMMETRIC, SUB,
-                                 MASK_K, DEQ_ASM)  # fmt: skip
     out = out_ptr + pid_m * N + rn
     if SPLIT_K == 1:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -346,8 +338,7 @@ def w4a16_gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
 
 @triton.jit
 def _h2_bytes(w_ptr, K, stride_w, rn, n_ok, kg, k_end, GH: tl.constexpr, MASK_K: tl.constexpr):
-    """The packed bytes of rows `rn`, columns kg .. kg + 2 * GH (zeros past k_end: a prefetch beyond the
-    split's last group reads nothing)."""
+    """The packed bytes of rows `rn`, columns kg .. kg + 2 * GH (zeros past k_end)."""
     jb = tl.multiple_of(kg // 2, 16) + tl.arange(0, GH)
     w_tile = w_ptr + rn[:, None] * stride_w + jb[None, :]
     if MASK_K:
@@ -510,7 +501,6 @@ def w4a16_gemm_triton(
     decode: str = "gemv",
     stream_k: int = 0,
     h2_sub: int = 8,
-    h2_prefetch: bool = False,
 ) -> torch.Tensor:
     """x (M, K) fp16/bf16 -> (M, N) in x's dtype.
 
@@ -522,8 +512,7 @@ def w4a16_gemm_triton(
     inline PTX instead of Triton integer ops. `num_stages` is passed to the launch when given.
     `stream_k` > 0 (gemv_tc): that many programs per SM share the work equally (`split_k` unused).
     "gemv_h2" (`w4a16_gemv_h2_kernel`, fp16 x, INT4 with power-of-two groups; else "gemv"): packed fp16
-    products summed in fp16 over runs of `h2_sub` bytes (`h2_prefetch`: the next group's bytes loaded
-    before this group's math).
+    products summed in fp16 over runs of `h2_sub` bytes.
     """
     assert x.dim() == 2 and qweight.dim() == 2
     m, k = x.shape
@@ -568,7 +557,7 @@ def w4a16_gemm_triton(
             sub = min(h2_sub, min(h2_group, block_k) // 2)  # fp16 runs within one group's bytes
             w4a16_gemv_h2_kernel[(m, triton.cdiv(n, block_n), split_k)](
                 x, qweight, scales, z, m, n, k, qweight.stride(0), out, h2_group, bool(symmetric),
-                block_n, block_k, split_k, sub, k % block_k != 0, not _interpreting(), h2_prefetch, **launch,
+                block_n, block_k, split_k, sub, k % block_k != 0, not _interpreting(), **launch,
             )  # fmt: skip
             return out.to(x.dtype) if atomic else out
     if path == "gemv":
