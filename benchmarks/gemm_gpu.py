@@ -105,6 +105,23 @@ def _time_config(x, qweight, scales, ref, cfg, path: str = "gemv_tc") -> dict:
         return {"config": cfg, "error": msg}
 
 
+def _ranked(tried: list[dict]) -> list[dict]:
+    return sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
+
+
+def _tiles_then_launches(x, qweight, scales, ref, path: str, first: list[dict], warps_stages) -> list[dict]:
+    """Every config of `first` (tiles, split-K), then (warps, stages) around the best two: all tried."""
+    tried = [_time_config(x, qweight, scales, ref, cfg, path) for cfg in first]
+    ok = _ranked(tried)
+    assert ok, f"no {path} config ran"
+    for top in ok[:2]:
+        for nw, ns in warps_stages:
+            cfg = {**top["config"], "num_warps": nw, "num_stages": ns}
+            if cfg != top["config"]:
+                tried.append(_time_config(x, qweight, scales, ref, cfg, path))
+    return tried
+
+
 def tune_gemv_tc(x, qweight, scales) -> tuple[dict, list[dict]]:
     """Best gemv_tc config at x's M and every config tried. Stage 1: block sizes and split-K at 4 warps,
     3 stages; stage 2: warps x stages around the best two; stage 3: deq_asm on the best config; stage 4:
@@ -122,18 +139,12 @@ def tune_gemv_tc(x, qweight, scales) -> tuple[dict, list[dict]]:
         ]  # fmt: skip
         warps_stages = [(4, 2), (4, 4), (8, 2), (8, 3), (8, 4)]
         per_sm_counts = [1, 2, 3, 4, 6, 8] if STREAM_K else []
-    tried = []
-    for bn, bk, sk in base:
-        cfg = dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=3 if not SMOKE else 2)
-        tried.append(_time_config(x, qweight, scales, ref, cfg))
-    ok = sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
-    assert ok, "no gemv_tc config ran"
-    for top in ok[:2]:
-        for nw, ns in warps_stages:
-            cfg = {**top["config"], "num_warps": nw, "num_stages": ns}
-            if cfg != top["config"]:
-                tried.append(_time_config(x, qweight, scales, ref, cfg))
-    ok = sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
+    first = [
+        dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=3 if not SMOKE else 2)
+        for bn, bk, sk in base
+    ]
+    tried = _tiles_then_launches(x, qweight, scales, ref, "gemv_tc", first, warps_stages)
+    ok = _ranked(tried)
     tried.append(_time_config(x, qweight, scales, ref, {**ok[0]["config"], "deq_asm": True}))
     # stage 4: stream-K (equal runs of steps for a fixed number of programs per SM) on the best two
     # tiles with split-K off, over programs per SM and a deeper pipeline
@@ -161,18 +172,11 @@ def tune_gemv_h2(x, qweight, scales) -> tuple[dict, list[dict]]:
             (256, 128, 16),
         ]  # fmt: skip
         warps_stages = [(2, 2), (4, 1), (4, 3), (8, 2), (8, 3)]
-    tried = []
-    for bn, bk, sk in base:
-        cfg = dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=2, h2_sub=8)
-        tried.append(_time_config(x, qweight, scales, ref, cfg, "gemv_h2"))
-    ok = sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
-    assert ok, "no gemv_h2 config ran"
-    for top in ok[:2]:
-        for nw, ns in warps_stages:
-            cfg = {**top["config"], "num_warps": nw, "num_stages": ns}
-            if cfg != top["config"]:
-                tried.append(_time_config(x, qweight, scales, ref, cfg, "gemv_h2"))
-    ok = sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
+    first = [
+        dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=2, h2_sub=8) for bn, bk, sk in base
+    ]
+    tried = _tiles_then_launches(x, qweight, scales, ref, "gemv_h2", first, warps_stages)
+    ok = _ranked(tried)
     for sub in (16, 32):
         tried.append(_time_config(x, qweight, scales, ref, {**ok[0]["config"], "h2_sub": sub}, "gemv_h2"))
     best = min((t for t in tried if "ms" in t), key=lambda t: t["ms"])
