@@ -2,7 +2,8 @@
 # Every GPU measurement of issues 5 and 6 in one call to a lent GPU machine (about 7-9 minutes on an
 # H100, compilation included), each step under its own time limit so one failure keeps the others:
 #   1. benchmarks/runtime_gpu.py  native runtime vs HF generate, end to end (needs .gpu/, see below);
-#      fp16 decode attention through runtime/paged_attention.py, A/B against the torch path at 32
+#      fp16 first with deploy.cuda_graphs (first GPU run of runtime/cuda_graphs.py), then without it
+#      (paged decode kernel), A/B against the torch path at 32
 #   2. benchmarks/plugin_ptx_gpu.py run  the plugins' AOT PTX (if `prepare .gpu/ptx` ran on CPU)
 #   3. benchmarks/gemm_gpu.py --gemv-only  W4A16 decode GEMVs (tensor-core and packed-fp16) vs bf16
 #      matmul, 3 sizes

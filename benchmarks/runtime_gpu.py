@@ -24,6 +24,8 @@ and 32 requests submitted at once (in-flight batching, offline `Engine.generate`
 the gear-2bit KV cache (decode attention: one kernel launch per layer, `runtime/paged_attention.py`
 for fp16 and the fused GEAR kernel for gear-2bit; plus, for fp16 at the largest level, the torch path
 for an A/B in the same run: batched where it is batch-invariant on the device, else per sequence).
+On CUDA the fp16 rows run first with `deploy.cuda_graphs` (all-decode steps replayed from CUDA graphs;
+each level's graph captured in its warm-up, `graph_replays` counts the timed steps that replayed).
 Tokens/s = generated tokens / wall seconds of the whole call (prefill included, on both sides); the
 device is synchronized before each clock read. Results are written after every row, so a run cut
 short keeps what it measured. `--smoke` runs tiny sizes (CPU check of the script itself, numbers not
@@ -97,7 +99,10 @@ def runtime_row(engine, ids: list[list[int]], new: int, device: str, codec: str)
     long = min(2 * engine.cache.block_size + 8, engine.context_len - 2)
     if long > engine.cache.block_size:
         engine.generate([(ids[0] * (long // len(ids[0]) + 1))[:long]], warm)
+    if engine.model.graphs is not None:  # capture this batch size's graph outside the timing
+        engine.generate([x[:8] for x in ids], warm)
     sync(device)
+    replays = engine.model.graphs.replays if engine.model.graphs is not None else 0
     first = len(engine.steps)
     t0 = time.perf_counter()
     outs = engine.generate(ids, params)
@@ -107,14 +112,15 @@ def runtime_row(engine, ids: list[list[int]], new: int, device: str, codec: str)
     steps = list(engine.steps)[first:]
     return {"side": "native runtime", "kv": codec, "concurrent": len(ids), "seconds": seconds,
             "tokens": tokens, "tokens_per_s": tokens / seconds, "steps": len(steps),
-            "mean_batch": sum(s.batch_size for s in steps) / max(len(steps), 1)}  # fmt: skip
+            "mean_batch": sum(s.batch_size for s in steps) / max(len(steps), 1),
+            "graph_replays": engine.model.graphs.replays - replays if engine.model.graphs else 0}  # fmt: skip
 
 
 def decode_path(engine) -> str:
     """Which attention the engine's decode tokens take (runtime/model.py)."""
     model = engine.model
     if model.fused_decode:
-        return "fused kernel"
+        return "fused kernel" + (" + CUDA graphs" if model.graphs is not None else "")
     if not model.batched_decode:
         return "per sequence"
     return f"batched (bmm calls of {model.bmm_calls_of})" if model.bmm_calls_of else "batched"
@@ -163,19 +169,21 @@ def main() -> None:
         except Exception as exc:  # keep the other rows
             result.setdefault("errors", []).append(f"HF batch {batch}: {exc!r}"[:500])
     context = args.prompt + args.new + 1
-    for codec in ("fp16", "gear-2bit"):
+    # fp16 with all-decode steps replayed from CUDA graphs first (GPU only), then without, then gear-2bit
+    setups = [("fp16", True)] if args.device.startswith("cuda") else []
+    for codec, graphs in [*setups, ("fp16", False), ("gear-2bit", False)]:
         config = DeployConfig(
             device=args.device, max_batch_size=max(levels), max_num_tokens=max(256, args.prompt),
             max_seq_len=context, max_tokens_in_paged_kv_cache=max(levels) * (context + 64),
-            kv_decompressed_cache_mb=256,
+            kv_decompressed_cache_mb=256, cuda_graphs=graphs,
         )  # fmt: skip
         try:
             engine = Engine(copy.deepcopy(model), tokenizer, config, kv_codec=get_codec(codec))
         except Exception as exc:
-            result.setdefault("errors", []).append(f"runtime {codec}: {exc!r}"[:500])
+            result.setdefault("errors", []).append(f"runtime {codec} graphs={graphs}: {exc!r}"[:500])
             continue
         runs = [(n, engine.model.fused_decode) for n in (levels if codec == "fp16" else levels[:2])]
-        if codec == "fp16" and engine.model.fused_decode:  # A/B: the torch decode attention
+        if codec == "fp16" and engine.model.fused_decode and not graphs:  # A/B: the torch decode attention
             runs.append((max(levels), False))
         for n, fused in runs:
             engine.model.fused_decode = fused

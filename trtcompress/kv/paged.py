@@ -215,13 +215,41 @@ class PagedKVCache:
         (once every `block_size` steps) or are sink tokens take a per-sequence path."""
         if k.shape[0] != len(writes.seq_ids) or v.shape[0] != len(writes.seq_ids):
             raise ValueError(f"{len(writes.seq_ids)} sequences, K/V for {k.shape[0]} / {v.shape[0]} tokens")
+        self.write_token_tails(layer, writes.slots, writes.offsets, k, v)
         for kind, x in (("k", k), ("v", v)):
-            self.tails[kind][layer][writes.slots, :, writes.offsets] = x.to(torch.float16)
             for row, slot, pos in writes.sinks:
                 self.sinks[kind][layer, slot, :, pos] = x[row]
         for seq_id, phase in writes.full:
             seq = self.seqs[seq_id]
             self._compress_tail(layer, seq, seq.length + 1, phase)
+
+    def write_token_tails(
+        self, layer: int, slots: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """The tail part of `write_tokens`: row i of `k`, `v` `(B, H, D)` into tail slot `slots[i]` at
+        `offsets[i]`, one indexed store per K/V, no host-side decision (a CUDA graph can replay it)."""
+        self.tails["k"][layer][slots, :, offsets] = k.to(torch.float16)
+        self.tails["v"][layer][slots, :, offsets] = v.to(torch.float16)
+
+    def finish_token_writes(self, writes: TokenWrites) -> None:
+        """What `write_tokens` does besides the tails, for every layer at once, after the tails of all
+        layers were written (`write_token_tails`): sink tokens copied from their tail position, full
+        tails compressed into their blocks. Same result as `write_tokens` layer by layer: a layer's
+        compression touches only that layer."""
+        for _, slot, pos in writes.sinks:  # a sink token is in block 0: its tail position is `pos`
+            for kind in ("k", "v"):
+                self.sinks[kind][:, slot, :, pos] = self.tails[kind][:, slot, :, pos]
+        for seq_id, phase in writes.full:
+            seq = self.seqs[seq_id]
+            for layer in range(self.num_layers):
+                self._compress_tail(layer, seq, seq.length + 1, phase)
+
+    def take_slot(self) -> int:
+        """Take a tail slot out of circulation for good (no sequence gets it): a place where padding
+        rows of a fixed-size decode batch (a CUDA graph's) can write without touching a sequence."""
+        if not self._free_slots:
+            raise CacheFullError("no free tail slot to take")
+        return self._free_slots.pop()
 
     def commit(self, seq_id: int, n_new: int) -> None:
         self.seqs[seq_id].length += n_new

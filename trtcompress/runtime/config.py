@@ -50,6 +50,12 @@ class DeployConfig(BaseModel):
         description="native runtime device: cpu, or cuda[:N] (weights, paged KV cache and attention on the "
         "GPU; 4-bit linears through the W4A16 / W4A4 kernels)",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="native runtime on CUDA with an fp16 KV cache: replay steps of decode tokens only from "
+        "CUDA graphs captured per batch size (1, 2, 4, ... max_batch_size), one launch instead of a kernel "
+        "per operation",
+    )
     kv_decompressed_cache_mb: float = Field(
         64,
         ge=0,
@@ -89,6 +95,8 @@ class DeployConfig(BaseModel):
             raise ValueError(
                 f"max_num_tokens ({self.max_num_tokens}) must be >= max_batch_size + {what} = {need}"
             )
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise ValueError(f"cuda_graphs needs device: cuda (device is {self.device!r})")
         if self.max_tokens_in_paged_kv_cache < self.max_seq_len:
             raise ValueError(
                 f"max_tokens_in_paged_kv_cache ({self.max_tokens_in_paged_kv_cache}) must hold one sequence "

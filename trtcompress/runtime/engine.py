@@ -98,7 +98,7 @@ class Engine:
             head_dim,
             num_blocks,
             block_size,
-            max_seqs=self.config.max_batch_size,
+            max_seqs=self.config.max_batch_size + int(self.config.cuda_graphs),  # + the padding rows' slot
             device=device,
             sink_tokens=sink_tokens,
         )
@@ -111,6 +111,13 @@ class Engine:
             scratch_tokens=self.context_len,
             cpu_gemm=self.config.cpu_gemm,
         )
+        if self.config.cuda_graphs:
+            from trtcompress.runtime.cuda_graphs import DecodeGraphs, batch_buckets
+
+            max_blocks = -(-self.context_len // block_size)
+            self.model.graphs = DecodeGraphs(
+                self.model, self.cache.take_slot(), batch_buckets(self.config.max_batch_size), max_blocks
+            )
         self.scheduler = Scheduler(self.cache, self.config, on_free=lambda s: self.model.forget(s.seq_id))
         self.steps: deque[StepRecord] = deque(maxlen=100_000)
         self.step_log = Path(step_log) if step_log else None

@@ -100,7 +100,8 @@ def fused_decode_attention(
     h = k_own.shape[1]
     own = (q.float().view(bsz, h, hq // h, dim) * k_own.float()[:, :, None]).sum(-1).view(bsz, hq) * scale
     w = torch.sigmoid(own - lse)[..., None]  # the token's share of the softmax over cache + itself
-    return out * (1 - w) + v_own.float().repeat_interleave(hq // h, 1) * w
+    v_rows = v_own.float()[:, :, None].expand(bsz, h, hq // h, dim).reshape(bsz, hq, dim)  # GQA heads
+    return out * (1 - w) + v_rows * w
 
 
 def _fp16_attention(cache, layer, inputs, q, scale, sinks):

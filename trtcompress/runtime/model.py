@@ -31,6 +31,8 @@ speed only, never a number.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +47,7 @@ from trtcompress.runtime.decode_attention import (
     invariant_bmm_calls,
 )
 from trtcompress.runtime.fused_attention import (
+    FusedDecodeInputs,
     fused_decode_attention,
     fused_decode_inputs,
     fused_decode_supported,
@@ -59,6 +62,9 @@ from trtcompress.runtime.linear import (
     probe_batch_invariance,
 )
 from trtcompress.runtime.scheduler import Work
+
+if TYPE_CHECKING:
+    from trtcompress.runtime.cuda_graphs import DecodeGraphs
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -184,6 +190,7 @@ class BatchedModel:
         self.batched_decode = self.bmm_calls_of is not None
         token_bytes = 2 * self.n_kv * self.head_dim * 4  # float32 K and V of one token
         self.decode_scratch_tokens = max(1, decode_scratch_bytes // token_bytes)
+        self.graphs: DecodeGraphs | None = None  # all-decode steps from CUDA graphs (deploy.cuda_graphs)
 
     def _choose_cpu_gemm(self, cpu_gemm: CpuGemm) -> str:
         """The dense GEMM library of the CPU path: "onednn" or "blas" (CUDA: "cuda")."""
@@ -214,12 +221,13 @@ class BatchedModel:
     @torch.inference_mode()
     def forward(self, work: list[Work]) -> torch.Tensor:
         """Run one step; returns float32 logits `(S, vocab)` for the works that sample, in order."""
+        if self.graphs is not None and self.graphs.applies(work):
+            return self.graphs.run(work)
         dev = self.device
         ids = torch.tensor([t for w in work for t in w.token_ids], dtype=torch.long, device=dev)
         positions = torch.cat([torch.arange(w.start, w.start + w.n, device=dev) for w in work])
         h = self.embed[ids]
-        cos, sin = self.rotary(h[None], positions[None])
-        cos, sin = cos[0, :, None], sin[0, :, None]  # (T, 1, D): broadcast over heads
+        cos, sin = self._rope(h, positions)
         bounds = torch.tensor([0] + [w.n for w in work]).cumsum(0).tolist()
         # Decode tokens attend from the compressed blocks through the fused kernel where it reads the
         # cache, else all at once from decompressed blocks (decode_attention.py, where batch-invariant);
@@ -240,12 +248,7 @@ class BatchedModel:
         decode_scratch = self._decode_scratch(batches)
         t = ids.shape[0]
         for li, layer in enumerate(self.layers):
-            q, k, v = _run(layer.qkv, layer.ln1(h))
-            q = q.reshape(t, self.n_heads, self.head_dim)
-            k = k.reshape(t, self.n_kv, self.head_dim)
-            v = v.reshape(t, self.n_kv, self.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = self._qkv(layer, h, cos, sin)
             out = torch.empty(t, self.n_heads, self.head_dim, device=dev)
             k_t, v_t = k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
             if fused:
@@ -261,15 +264,55 @@ class BatchedModel:
                 scratch = self._keys_values(li, [work[i] for i in members], spans, k_t, v_t)
                 for i, kv, (a, b) in zip(members, scratch, spans, strict=True):
                     out[a:b] = self._attend(li, work[i], kv, q[a:b])
-            h = h + layer.o(out.reshape(t, -1))
-            gate, up = _run(layer.gate_up, layer.ln2(h))
-            h = h + layer.down(layer.act(gate) * up)
+            h = self._out_mlp(layer, h, out)
         for w in work:
             self.cache.commit(w.seq.seq_id, w.n)
         rows = [b - 1 for w, b in zip(work, bounds[1:], strict=True) if w.samples]
         if not rows:
             return torch.empty(0, self.vocab_size)
         return self.head(self.norm(h[rows])).float().cpu()  # sampling (seeded generators) runs on CPU
+
+    def _rope(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `(T, 1, D)` of the tokens' positions (broadcast over heads)."""
+        cos, sin = self.rotary(h[None], positions[None])
+        return cos[0, :, None], sin[0, :, None]
+
+    def _qkv(self, layer: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q `(T, Hq, D)`, k and v `(T, H, D)` of the layer's input `h`, q and k rotated."""
+        t = h.shape[0]
+        q, k, v = _run(layer.qkv, layer.ln1(h))
+        q = q.reshape(t, self.n_heads, self.head_dim)
+        k = k.reshape(t, self.n_kv, self.head_dim)
+        v = v.reshape(t, self.n_kv, self.head_dim)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def _out_mlp(self, layer: _Layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The layer's output: attention projection and MLP, each with its residual."""
+        h = h + layer.o(attn.reshape(h.shape[0], -1))
+        gate, up = _run(layer.gate_up, layer.ln2(h))
+        return h + layer.down(layer.act(gate) * up)
+
+    def decode_all(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        inputs: FusedDecodeInputs,
+        slots: torch.Tensor,
+        offsets: torch.Tensor,
+    ) -> torch.Tensor:
+        """float32 logits `(B, vocab)` of one decode token per row through every layer, attention by the
+        fused kernel (`inputs`), each token's K/V into tail `slots` at `offsets`
+        (`PagedKVCache.write_token_tails`; sink copies and block compression are the caller's:
+        `finish_token_writes`). Tensor operations only, no host-side decision and fixed shapes, so a
+        CUDA graph can replay it (`cuda_graphs.DecodeGraphs`); `forward` computes the same numbers."""
+        h = self.embed[ids]
+        cos, sin = self._rope(h, positions)
+        for li, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h, cos, sin)
+            out = fused_decode_attention(self.cache, li, inputs, q, k, v, self.scaling)
+            self.cache.write_token_tails(li, slots, offsets, k, v)
+            h = self._out_mlp(layer, h, out)
+        return self.head(self.norm(h)).float()
 
     def _groups(self, work: list[Work]) -> list[tuple[int, int]]:
         """Consecutive works whose scratches together hold at most `scratch_tokens` tokens (a work
