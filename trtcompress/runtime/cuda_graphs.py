@@ -69,7 +69,6 @@ class DecodeGraphs:
         self.model, self.pad_slot, self.max_blocks, self.capture = model, pad_slot, max_blocks, capture
         self.buckets = tuple(sorted(buckets))
         self.static: dict[int, _Static] = {}
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0  # steps run from a bucket (counted for tests and benchmarks)
 
     def applies(self, work: list[Work]) -> bool:
@@ -139,7 +138,7 @@ class DecodeGraphs:
                     self._step(st)
             torch.cuda.current_stream(dev).wait_stream(side)
             st.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(st.graph, pool=self.pool):
+            with torch.cuda.graph(st.graph):  # its own memory pool: buckets replay in any order
                 st.logits = self._step(st)
         self.static[bucket] = st
         return st
