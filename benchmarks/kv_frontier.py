@@ -107,13 +107,33 @@ POINTS: list[tuple[str, str, str, dict[str, Any], int, int]] = [  # most importa
     ("fp8", "baseline", "fp8", {}, 64, 1),
     ("gear-2bit int8 outliers", "gear", "gear-2bit", {"outlier_dtype": "int8"}, 64, 1),
 ]
-# Every GEAR point again with one-byte outlier corrections (fp8 E4M3 and one fp16 scale per block and
-# head instead of fp16 each): read by the fused kernel and the op, not by the TensorRT plugin yet, so
-# not the default.
+# The GEAR points above as measured first: fp16 outlier corrections (the default until the sixth
+# session). Every GEAR point again with one-byte outlier corrections (fp8 E4M3 and one fp16 scale per
+# block and head instead of fp16 each; today's default), and the points with a low-rank residual also
+# with int4 factors (two codes per byte, one fp16 scale per rank column; int8 is the default, which
+# the fused kernel reads).
+POINTS = [
+    (label, family, name, ({"outlier_dtype": "fp16"} | options) if family == "gear" else options, block, sink)
+    for label, family, name, options, block, sink in POINTS
+]
 POINTS += [
     (f"{label} [fp8 outliers]", family, name, options | {"outlier_dtype": "fp8"}, block, sink)
     for label, family, name, options, block, sink in list(POINTS)
-    if family == "gear" and "outlier_dtype" not in options
+    if family == "gear" and options["outlier_dtype"] == "fp16"
+]
+INT4_FACTORS = {"factor_dtype": "int4"}
+POINTS += [
+    (
+        label.replace("[fp8 outliers]", "[fp8 outliers + int4 factors]"),
+        family,
+        name,
+        options | INT4_FACTORS,
+        block,
+        sink,
+    )
+    for label, family, name, options, block, sink in list(POINTS)
+    if label.endswith("[fp8 outliers]")
+    and ("rank" in label or name == "gear-4bit" or options.get("key_rank"))
 ]
 MAIN = ("kivi-2bit", "kivi-3bit", "kivi-4bit", "kivi-8bit")  # the KIVI curve: default cache (sink 1)
 

@@ -113,3 +113,5 @@ def test_fused_decode_is_not_used_where_the_kernel_cannot_read_the_cache(monkeyp
     assert not fused_decode_supported(cache_for_model(model, get_codec("fp16"), 128, 1, 48, 0))
     fp8_outliers = get_codec("gear-2bit", outlier_dtype="fp8")  # one-byte corrections with block scales
     assert fused_decode_supported(cache_for_model(model, fp8_outliers, 128, 1, 64, 0))
+    int4_factors = get_codec("gear-2bit", key_rank=1, factor_dtype="int4")  # the kernel reads int8 ones
+    assert not fused_decode_supported(cache_for_model(model, int4_factors, 128, 1, 64, 0))

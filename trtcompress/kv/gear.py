@@ -95,9 +95,23 @@ def outlier_values(fields: Fields) -> torch.Tensor:
     return values * fields["out_scale"].float() if "out_scale" in fields else values
 
 
-def _int8_columns(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = absmax_scale(x.abs().amax(-2), 127)  # unused rank slots are zero columns
-    return torch.floor(x / scale.float()[..., None, :] + 0.5).clamp_(-127, 127).to(torch.int8), scale
+def _int_columns(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric integer codes in [-qmax, qmax] with one fp16 absmax scale per column (last dim)."""
+    scale = absmax_scale(x.abs().amax(-2), qmax)  # unused rank slots are zero columns
+    return torch.floor(x / scale.float()[..., None, :] + 0.5).clamp_(-qmax, qmax), scale
+
+
+def _pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
+    """Codes in [-7, 7] `(..., 2n, r)` -> uint8 `(..., n, r)`: rows 2i (low nibble) and 2i + 1 (high),
+    each stored as code + 8."""
+    u = (q + 8).to(torch.uint8)
+    return u[..., 0::2, :] | (u[..., 1::2, :] << 4)
+
+
+def _unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """`_pack_int4_rows` inverted: float codes `(..., 2n, r)`."""
+    lo, hi = (packed & 0xF).float() - 8, (packed >> 4).float() - 8
+    return torch.stack([lo, hi], -2).flatten(-3, -2)
 
 
 class GearCodec(KiviCodec):
@@ -113,7 +127,7 @@ class GearCodec(KiviCodec):
         key_rank: int = 2,
         value_rank: int = 2,
         power_iters: int = 3,
-        factor_dtype: Literal["int8", "fp16"] = "int8",
+        factor_dtype: Literal["int8", "int4", "fp16"] = "int8",
         outlier_scope: Literal["group", "block"] = "group",
         key_outlier_std_power: float = 1.0,
         value_outlier_std_power: float = 1.0,
@@ -141,6 +155,8 @@ class GearCodec(KiviCodec):
         # A prefill block may use more rank; its slot (and every block's) is sized for the larger.
         self.prefill_rank = prefill_rank
         self.power_iters = power_iters
+        if factor_dtype not in ("int8", "int4", "fp16"):
+            raise ValueError(f"factor_dtype must be int8, int4 or fp16, got {factor_dtype!r}")
         self.factor_dtype = factor_dtype
         self.outlier_scope = outlier_scope
         self.std_power = {"k": key_outlier_std_power, "v": value_outlier_std_power}
@@ -178,6 +194,17 @@ class GearCodec(KiviCodec):
                     "lr_a": FieldSpec((tokens, r), torch.int8),
                     "lr_a_scale": FieldSpec((r,), torch.float16),
                     "lr_b": FieldSpec((dim, r), torch.int8),
+                    "lr_b_scale": FieldSpec((r,), torch.float16),
+                }
+            elif self.factor_dtype == "int4":  # two codes per byte, along tokens / channels
+                if tokens % 2 or dim % 2:
+                    raise ValueError(
+                        f"int4 low-rank factors need an even block ({tokens}) and head dim ({dim})"
+                    )
+                fields |= {
+                    "lr_a": FieldSpec((tokens // 2, r), torch.uint8),
+                    "lr_a_scale": FieldSpec((r,), torch.float16),
+                    "lr_b": FieldSpec((dim // 2, r), torch.uint8),
                     "lr_b_scale": FieldSpec((r,), torch.float16),
                 }
             else:
@@ -259,15 +286,25 @@ class GearCodec(KiviCodec):
     def _store_factors(self, a: torch.Tensor, b: torch.Tensor) -> Fields:
         if self.factor_dtype == "fp16":
             return {"lr_a": a.to(torch.float16), "lr_b": b.to(torch.float16)}
-        qa, sa = _int8_columns(a)
-        qb, sb = _int8_columns(b)
-        return {"lr_a": qa, "lr_a_scale": sa, "lr_b": qb, "lr_b_scale": sb}
+        qmax = 7 if self.factor_dtype == "int4" else 127
+        (qa, sa), (qb, sb) = _int_columns(a, qmax), _int_columns(b, qmax)
+        if self.factor_dtype == "int4":
+            return {
+                "lr_a": _pack_int4_rows(qa),
+                "lr_a_scale": sa,
+                "lr_b": _pack_int4_rows(qb),
+                "lr_b_scale": sb,
+            }
+        return {"lr_a": qa.to(torch.int8), "lr_a_scale": sa, "lr_b": qb.to(torch.int8), "lr_b_scale": sb}
 
     def factors(self, fields: Fields) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Dequantized (A, B), or None without a low-rank term."""
         if "lr_a" not in fields:
             return None
-        a, b = fields["lr_a"].float(), fields["lr_b"].float()
+        a, b = fields["lr_a"], fields["lr_b"]
+        if a.dtype == torch.uint8:  # int4 codes, two per byte
+            a, b = _unpack_int4_rows(a), _unpack_int4_rows(b)
+        a, b = a.float(), b.float()
         if "lr_a_scale" in fields:
             a = a * fields["lr_a_scale"].float()[..., None, :]
             b = b * fields["lr_b_scale"].float()[..., None, :]

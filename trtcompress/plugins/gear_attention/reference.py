@@ -47,6 +47,11 @@ def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
     from trtcompress.kv.gear import GearCodec, outliers_per_side
 
     if isinstance(codec, GearCodec):
+        if codec.factor_dtype == "int4" and any(codec._slot_rank(k) for k in "kv"):
+            raise ValueError(
+                "the GEAR decode kernel reads int8 or fp16 low-rank factors; this codec packs them in int4 "
+                "(factor_dtype: int4): use factor_dtype int8 to serve it through the kernel"
+            )
         block_scope = codec.outlier_scope == "block"
         outliers = tuple(
             (codec._block_budget(k, codec.group, head_dim) if block_scope else
