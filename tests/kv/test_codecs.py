@@ -141,10 +141,10 @@ def test_gear_low_rank_helps_and_costs() -> None:
 def test_int4_factors_halve_the_low_rank_bytes() -> None:
     """factor_dtype int4: two codes per byte along tokens / channels, one fp16 scale per rank column;
     the residual it keeps is within a few percent of int8 factors' and still beats no low rank."""
-    from trtcompress.kv.gear import _pack_int4_rows, _unpack_int4_rows
+    from trtcompress.kv.gear import _pack_int4_rows, unpack_int4_rows
 
     codes = torch.randint(-7, 8, (3, 64, 2)).float()
-    assert torch.equal(_unpack_int4_rows(_pack_int4_rows(codes)), codes)
+    assert torch.equal(unpack_int4_rows(_pack_int4_rows(codes)), codes)
     x = _kv(5) + torch.randn(3, 2, 64, 1) @ torch.randn(3, 2, 1, 64) * 2
     plain = GearCodec(bits=2, rank=0)
     int8, int4 = GearCodec(bits=2, rank=2), GearCodec(bits=2, rank=2, factor_dtype="int4")
@@ -157,12 +157,12 @@ def test_int4_factors_halve_the_low_rank_bytes() -> None:
         GearCodec(bits=2, factor_dtype="int2")
 
 
-def test_int4_factors_are_not_served_by_the_kernel() -> None:
+def test_int4_factors_in_the_kernel_layout() -> None:
     from trtcompress.plugins.gear_attention.reference import layout_for_codec
 
-    with pytest.raises(ValueError, match="int8 or fp16 low-rank factors"):
-        layout_for_codec(get_codec("gear-2bit", key_rank=1, factor_dtype="int4"))
-    assert layout_for_codec(get_codec("gear-2bit", factor_dtype="int4")).rank == (0, 0)  # no factors held
+    layout = layout_for_codec(get_codec("gear-2bit", key_rank=1, factor_dtype="int4"))
+    assert layout.int4_factors and layout.int8_factors  # integer codes with column scales, packed
+    assert not layout_for_codec(get_codec("gear-2bit", key_rank=1)).int4_factors
 
 
 def test_prefill_rank_sizes_the_slot() -> None:

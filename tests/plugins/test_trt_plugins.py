@@ -47,7 +47,8 @@ def test_gear_attention_ptx_for_every_codec(aot_kernels) -> None:
     gear = {k["config"]: k for k in aot_kernels if k["plugin"] == "trtcompress::gear_attention"}
     assert set(gear) == {"kivi-2bit", "kivi-3bit", "kivi-4bit", "gear-2bit/block", "gear-2bit/group",
                          "gear-4bit/block", "gear-4bit/group", "gear-2bit/block/fp8", "gear-4bit/block/fp8",
-                         "gear-2bit/block/fp8/sink1", "gear-2bit/block/int8", "kivi-2bit/sink1"}  # fmt: skip
+                         "gear-2bit/block/fp8/sink1", "gear-2bit/block/int8", "kivi-2bit/sink1",
+                         "gear-4bit/block/fp8/int4f"}  # fmt: skip
     assert {name for name, _ in gear_configs()} == set(gear)  # each name says what was compiled
     for config, k in gear.items():
         assert k["name"] == "gear_decode_trt_kernel", config
@@ -90,7 +91,7 @@ def test_ptx_for_every_plugin_config_and_tactic(tmp_path_factory) -> None:
     assert all(k["name"] and ".target sm_90" in k["ptx"] for k in kernels), [
         k["unavailable"] for k in kernels
     ]
-    assert len(kernels) == 12 + 16 + 16
+    assert len(kernels) == 13 + 16 + 16
 
 
 def test_tactics_tiles_and_launch_parameters() -> None:
@@ -319,7 +320,7 @@ def test_gear_aot_impl_launch_and_types(monkeypatch):
     inputs = [_Desc(2, 9, 64), _Desc(2, 7), *[_Desc(2)] * 3, *[_Desc(1)] * 20, *tails, *sinks]
     assert len(inputs) == len(gear.INPUT_NAMES) == 29
     attrs = dict(bits=2, block=64, group=64, out_k=41, out_v=41, rank_k=1, rank_v=0, int8_factors=1,
-                 block_outliers=1, sink=1, outlier_dtype="fp8", sm_scale=0.125)  # fmt: skip
+                 int4_factors=0, block_outliers=1, sink=1, outlier_dtype="fp8", sm_scale=0.125)  # fmt: skip
     name, _, launch, extra = aot_impl(*inputs, **attrs, outputs=None, tactic=0)
     assert name == b"gear_decode_trt_kernel" and seen["shape"] == (3, 9, 64)
     assert seen["layout"].outlier_scope == "block" and seen["layout"].rank == (1, 0)
@@ -340,5 +341,11 @@ def test_gear_aot_impl_launch_and_types(monkeypatch):
         aot_impl(*inputs, **{**attrs, "outlier_dtype": "fp4"}, outputs=None, tactic=0)
     with pytest.raises(ValueError, match="block-scope outliers"):
         aot_impl(*inputs, **{**attrs, "block_outliers": 0}, outputs=None, tactic=0)
+    with pytest.raises(ValueError, match="int4 factors are integer codes"):
+        aot_impl(*inputs, **{**attrs, "int4_factors": 1, "int8_factors": 0}, outputs=None, tactic=0)
+    aot_impl(*inputs, **{**attrs, "int4_factors": 1}, outputs=None, tactic=0)
+    assert seen["layout"].int4_factors
+    int4 = gear.io_types(41, 41, 1, 0, 1, 1, "fp8", 1).split(", ")
+    assert int4[10] == int4[12] == "UINT8" and int4[20] == "FP16"  # key factors packed, no value rank
     group_scope = gear.io_types(41, 41, 1, 0, 1, 0).split(", ")
     assert group_scope[9] == "UINT8"  # group-scope outlier indices are uint8

@@ -86,7 +86,13 @@ def _logits(codec: str, fused: bool, monkeypatch, **options) -> tuple[list[torch
 
 @pytest.mark.parametrize(
     ("codec", "options"),
-    [("gear-2bit", {}), ("gear-2bit", {"outlier_dtype": "fp8"}), ("kivi-2bit", {}), ("fp16", {})],
+    [
+        ("gear-2bit", {"outlier_dtype": "fp16"}),
+        ("gear-2bit", {}),  # fp8 outlier values
+        ("gear-2bit", {"key_rank": 1, "factor_dtype": "int4"}),
+        ("kivi-2bit", {}),
+        ("fp16", {}),
+    ],
 )
 def test_fused_decode_matches_the_scratch_path(codec: str, options: dict, monkeypatch) -> None:
     want, fused_want = _logits(codec, False, monkeypatch, **options)
@@ -113,5 +119,5 @@ def test_fused_decode_is_not_used_where_the_kernel_cannot_read_the_cache(monkeyp
     assert not fused_decode_supported(cache_for_model(model, get_codec("fp16"), 128, 1, 48, 0))
     fp8_outliers = get_codec("gear-2bit", outlier_dtype="fp8")  # one-byte corrections with block scales
     assert fused_decode_supported(cache_for_model(model, fp8_outliers, 128, 1, 64, 0))
-    int4_factors = get_codec("gear-2bit", key_rank=1, factor_dtype="int4")  # the kernel reads int8 ones
-    assert not fused_decode_supported(cache_for_model(model, int4_factors, 128, 1, 64, 0))
+    int4_factors = get_codec("gear-2bit", key_rank=1, factor_dtype="int4")  # low rank, two codes per byte
+    assert fused_decode_supported(cache_for_model(model, int4_factors, 128, 1, 64, 0))

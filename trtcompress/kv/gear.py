@@ -108,7 +108,7 @@ def _pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
     return u[..., 0::2, :] | (u[..., 1::2, :] << 4)
 
 
-def _unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
     """`_pack_int4_rows` inverted: float codes `(..., 2n, r)`."""
     lo, hi = (packed & 0xF).float() - 8, (packed >> 4).float() - 8
     return torch.stack([lo, hi], -2).flatten(-3, -2)
@@ -303,7 +303,7 @@ class GearCodec(KiviCodec):
             return None
         a, b = fields["lr_a"], fields["lr_b"]
         if a.dtype == torch.uint8:  # int4 codes, two per byte
-            a, b = _unpack_int4_rows(a), _unpack_int4_rows(b)
+            a, b = unpack_int4_rows(a), unpack_int4_rows(b)
         a, b = a.float(), b.float()
         if "lr_a_scale" in fields:
             a = a * fields["lr_a_scale"].float()[..., None, :]

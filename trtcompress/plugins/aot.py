@@ -47,8 +47,8 @@ class AotKernel:
 
 def gear_configs() -> Iterator[tuple[str, dict]]:
     """Each codec without sink tokens: KIVI, GEAR with its defaults (block-scope outliers with fp8
-    values) and with fp16 values in both outlier scopes; then a sink token (the serving default) and
-    int8 outlier values."""
+    values) and with fp16 values in both outlier scopes; then a sink token (the serving default), int8
+    outlier values and int4 low-rank factors."""
     for codec in GEAR_CODECS:
         if codec.startswith("kivi"):
             yield codec, {"codec": codec}
@@ -58,6 +58,7 @@ def gear_configs() -> Iterator[tuple[str, dict]]:
         yield f"{codec}/group", {"codec": codec, "outlier_scope": "group"}
     yield "gear-2bit/block/fp8/sink1", {"codec": "gear-2bit", "sink": 1}
     yield "gear-2bit/block/int8", {"codec": "gear-2bit", "outlier_dtype": "int8"}
+    yield "gear-4bit/block/fp8/int4f", {"codec": "gear-4bit", "factor_dtype": "int4"}
     yield "kivi-2bit/sink1", {"codec": "kivi-2bit", "sink": 1}
 
 
@@ -74,6 +75,7 @@ def compile_gear(codec: str, arch: int = 90, sink: int = 0, **options) -> AotKer
     name = [codec]
     if codec.startswith("gear"):
         name += [kv_codec.outlier_scope] + ([kv_codec.outlier_dtype] if layout.outlier_scaled else [])
+        name += ["int4f"] if layout.int4_factors else []
     start = time.perf_counter()
     c = compile_gear_attention_ptx(
         layout, shape["heads"], shape["q_heads"], shape["head_dim"], shape["head_dim"] ** -0.5, arch

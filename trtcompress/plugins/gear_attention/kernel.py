@@ -302,6 +302,17 @@ def _attend_fp16(q, m_i, l_i, acc, k_ptr, v_ptr, offs, t, n_valid):
 
 
 @triton.jit
+def _factor_column(ptr, bh, idx, r, N: tl.constexpr, R: tl.constexpr, INT4: tl.constexpr):
+    """Column r of a block-head's low-rank factor `(N, R)` at rows `idx`, as float32 codes (values
+    for fp16 factors): int8 / fp16 one per element, or int4 two per byte along the rows (row 2i in the
+    low nibble, 2i + 1 in the high one, each stored as code + 8)."""
+    if INT4:
+        byte = tl.load(ptr + (bh * (N // 2) + idx // 2) * R + r).to(tl.int32)
+        return (((byte >> ((idx % 2) * 4)) & 0xF) - 8).to(tl.float32)
+    return tl.load(ptr + (bh * N + idx) * R + r).to(tl.float32)
+
+
+@triton.jit
 def _gear_decode(
     q_ptr,
     out_ptr,
@@ -350,6 +361,7 @@ def _gear_decode(
     RANK_K: tl.constexpr,
     RANK_V: tl.constexpr,
     INT8_FACTORS: tl.constexpr,
+    INT4_FACTORS: tl.constexpr,
     OUT_BLOCK: tl.constexpr,
     OUT_PAD: tl.constexpr,
     SINK: tl.constexpr,
@@ -425,8 +437,8 @@ def _gear_decode(
                     q_ptr, q_rows, gmask, q_scale, koi_ptr, kov_ptr, k_osc, bh, OUT_K, OUT_PAD, t, T, G_PAD
                 )
         for r in tl.static_range(RANK_K):  # (q·B)·Aᵀ
-            fb = tl.load(kb_ptr + (bh * D + d) * RANK_K + r).to(tl.float32)
-            fa = tl.load(ka_ptr + (bh * T + t) * RANK_K + r).to(tl.float32)
+            fb = _factor_column(kb_ptr, bh, d, r, D, RANK_K, INT4_FACTORS)
+            fa = _factor_column(ka_ptr, bh, t, r, T, RANK_K, INT4_FACTORS)
             if INT8_FACTORS:
                 fb = fb * tl.load(kbs_ptr + bh * RANK_K + r).to(tl.float32)
                 fa = fa * tl.load(kas_ptr + bh * RANK_K + r).to(tl.float32)
@@ -461,8 +473,8 @@ def _gear_decode(
                     p16, voi_ptr, vov_ptr, v_osc, bh, OUT_V, OUT_PAD, t, d, T, D, G_PAD
                 )
         for r in tl.static_range(RANK_V):  # (P·A)·Bᵀ
-            fb = tl.load(vb_ptr + (bh * D + d) * RANK_V + r).to(tl.float32)
-            fa = tl.load(va_ptr + (bh * T + t) * RANK_V + r).to(tl.float32)
+            fb = _factor_column(vb_ptr, bh, d, r, D, RANK_V, INT4_FACTORS)
+            fa = _factor_column(va_ptr, bh, t, r, T, RANK_V, INT4_FACTORS)
             if INT8_FACTORS:
                 fb = fb * tl.load(vbs_ptr + bh * RANK_V + r).to(tl.float32)
                 fa = fa * tl.load(vas_ptr + bh * RANK_V + r).to(tl.float32)
@@ -546,6 +558,7 @@ def gear_decode_kernel(
     RANK_K: tl.constexpr,
     RANK_V: tl.constexpr,
     INT8_FACTORS: tl.constexpr,
+    INT4_FACTORS: tl.constexpr,
     OUT_BLOCK: tl.constexpr,
     OUT_PAD: tl.constexpr,
     SINK: tl.constexpr,
@@ -604,6 +617,7 @@ def gear_decode_kernel(
         RANK_K,
         RANK_V,
         INT8_FACTORS,
+        INT4_FACTORS,
         OUT_BLOCK,
         OUT_PAD,
         SINK,
@@ -661,6 +675,7 @@ def gear_decode_trt_kernel(
     RANK_K: tl.constexpr,
     RANK_V: tl.constexpr,
     INT8_FACTORS: tl.constexpr,
+    INT4_FACTORS: tl.constexpr,
     OUT_BLOCK: tl.constexpr,
     OUT_PAD: tl.constexpr,
     SINK: tl.constexpr,
@@ -721,6 +736,7 @@ def gear_decode_trt_kernel(
         RANK_K,
         RANK_V,
         INT8_FACTORS,
+        INT4_FACTORS,
         OUT_BLOCK,
         OUT_PAD,
         SINK,
@@ -951,6 +967,7 @@ def gear_attention_triton(
         RANK_K=layout.rank[0],
         RANK_V=layout.rank[1],
         INT8_FACTORS=layout.int8_factors,
+        INT4_FACTORS=layout.int4_factors,
         OUT_BLOCK=layout.outlier_scope == "block",
         OUT_PAD=max(16, triton.next_power_of_2(max(layout.outliers))),
         SINK=layout.sink,

@@ -101,9 +101,12 @@ def gear_attention(
     for fields, out_scale in ((k, k_out_scale), (v, v_out_scale)):
         if out_scale is not None:  # (a kind without outliers has none)
             fields["out_scale"] = out_scale
+    factor = k_lr_a if k_lr_a is not None else v_lr_a
+    int4_factors = factor is not None and factor.dtype == torch.uint8  # two codes per byte
     layout = GearLayout(
-        bits, block, group, (out_k, out_v), (rank_k, rank_v), int8_factors, scope, sink, outlier_dtype
-    )
+        bits, block, group, (out_k, out_v), (rank_k, rank_v), int8_factors, scope, sink, outlier_dtype,
+        int4_factors,
+    )  # fmt: skip
     args = (q, k, v, k_tail, v_tail, block_table, num_blocks, tail_lens, slots, layout, scale)
     if q.is_cuda or os.environ.get("TRTCOMPRESS_GEAR_TRITON") == "1":
         from trtcompress.plugins.gear_attention.kernel import gear_attention_triton

@@ -35,6 +35,7 @@ class GearLayout:
     outlier_scope: str = "group"  # "block": `outliers` is a per-block budget with flat int16 indices
     sink: int = 0  # exact fp16 sink tokens at the start of every sequence (PagedKVCache.sink_tokens)
     outlier_dtype: str = "fp16"  # block-scope outlier values: fp16, or one byte (int8 / fp8) + `out_scale`
+    int4_factors: bool = False  # low-rank factor codes packed two per byte (with int8_factors' scales)
 
     @property
     def outlier_scaled(self) -> bool:
@@ -47,11 +48,6 @@ def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
     from trtcompress.kv.gear import GearCodec, outliers_per_side
 
     if isinstance(codec, GearCodec):
-        if codec.factor_dtype == "int4" and any(codec._slot_rank(k) for k in "kv"):
-            raise ValueError(
-                "the GEAR decode kernel reads int8 or fp16 low-rank factors; this codec packs them in int4 "
-                "(factor_dtype: int4): use factor_dtype int8 to serve it through the kernel"
-            )
         block_scope = codec.outlier_scope == "block"
         outliers = tuple(
             (codec._block_budget(k, codec.group, head_dim) if block_scope else
@@ -66,7 +62,8 @@ def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
             outliers=outliers,
             outlier_scope=codec.outlier_scope,
             rank=tuple(codec._slot_rank(k) for k in "kv"),
-            int8_factors=codec.factor_dtype == "int8",
+            int8_factors=codec.factor_dtype in ("int8", "int4"),  # integer codes with column scales
+            int4_factors=codec.factor_dtype == "int4",
             sink=sink,
             outlier_dtype=codec.outlier_dtype,
         )
@@ -74,7 +71,12 @@ def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
 
 
 def _factors(f: Fields) -> tuple[torch.Tensor, torch.Tensor]:
-    a, b = f["lr_a"].float(), f["lr_b"].float()
+    from trtcompress.kv.gear import unpack_int4_rows
+
+    a, b = f["lr_a"], f["lr_b"]
+    if a.dtype == torch.uint8:  # int4 codes, two per byte
+        a, b = unpack_int4_rows(a), unpack_int4_rows(b)
+    a, b = a.float(), b.float()
     if "lr_a_scale" in f:
         a = a * f["lr_a_scale"].float()[..., None, :]
         b = b * f["lr_b_scale"].float()[..., None, :]

@@ -43,7 +43,7 @@ OUTLIER_VALUE_TYPES = {"fp16": ("*fp16", "FP16"), "int8": ("*i8", "INT8"), "fp8"
 
 
 def _signature(layout: GearLayout) -> dict[str, str]:
-    factor = "*i8" if layout.int8_factors else "*fp16"
+    factor = "*u8" if layout.int4_factors else ("*i8" if layout.int8_factors else "*fp16")
     index = "*i16" if layout.outlier_scope == "block" else "*u8"
     value = OUTLIER_VALUE_TYPES[layout.outlier_dtype][0]
     types = ("*u8", "*fp16", "*fp16", value, index, factor, "*fp16", factor, "*fp16", "*fp16")
@@ -78,6 +78,7 @@ def kernel_constants(
         "RANK_K": layout.rank[0],
         "RANK_V": layout.rank[1],
         "INT8_FACTORS": layout.int8_factors,
+        "INT4_FACTORS": layout.int4_factors,
         "OUT_BLOCK": layout.outlier_scope == "block",
         "OUT_PAD": max(16, 1 << (max(layout.outliers) - 1).bit_length()),
         "SINK": layout.sink,
@@ -127,19 +128,20 @@ INPUT_NAMES = (
 
 def io_types(
     out_k: int, out_v: int, rank_k: int, rank_v: int, int8_factors: int, block_outliers: int,
-    outlier_dtype: str = "fp16",
+    outlier_dtype: str = "fp16", int4_factors: int = 0,
 ) -> str:  # fmt: skip
     """The autotune type combination (inputs in INPUT_NAMES order, then the output) for one cache layout.
 
     Absent fields (no outliers, no low-rank factors, no one-byte outlier scales, no sink) are 1-element
     FP16 placeholders, as the torch op passes them; block-scope outlier indices (int16) travel bitcast to
-    FP16 (TensorRT has no int16), one-byte outlier values as INT8."""
+    FP16 (TensorRT has no int16), one-byte outlier values as INT8, int4 factor codes as UINT8 (two per
+    byte)."""
     value_type = _outlier_value_type(outlier_dtype)
 
     def side(outliers: int, rank: int) -> list[str]:
         index = "FP16" if outliers == 0 or block_outliers else "UINT8"
         value = value_type if outliers else "FP16"
-        factor = "INT8" if rank and int8_factors else "FP16"
+        factor = ("UINT8" if int4_factors else "INT8") if rank and int8_factors else "FP16"
         return ["UINT8", "FP16", "FP16", value, index, factor, "FP16", factor, "FP16", "FP16"]
 
     types_ = ["FP16", "INT32", "INT32", "INT32", "INT32", *side(out_k, rank_k), *side(out_v, rank_v)]
@@ -171,7 +173,8 @@ def plugin_functions(trtp):
         v_lr_b_scale: D, v_out_scale: D,
         k_tail: D, v_tail: D, k_sink: D, v_sink: D,
         bits: int, block: int, group: int, out_k: int, out_v: int, rank_k: int, rank_v: int,
-        int8_factors: int, block_outliers: int, sink: int, outlier_dtype: str, sm_scale: float,
+        int8_factors: int, int4_factors: int, block_outliers: int, sink: int, outlier_dtype: str,
+        sm_scale: float,
     ) -> D:  # fmt: skip
         return _describe(q)
 
@@ -182,10 +185,12 @@ def plugin_functions(trtp):
         v_codes, v_scale, v_zero, v_out_val, v_out_idx, v_lr_a, v_lr_a_scale, v_lr_b, v_lr_b_scale,
         v_out_scale,
         k_tail, v_tail, k_sink, v_sink,
-        out_k: int, out_v: int, rank_k: int, rank_v: int, int8_factors: int, block_outliers: int,
-        outlier_dtype: str, outputs,
+        out_k: int, out_v: int, rank_k: int, rank_v: int, int8_factors: int, int4_factors: int,
+        block_outliers: int, outlier_dtype: str, outputs,
     ):  # fmt: skip
-        types_ = io_types(out_k, out_v, rank_k, rank_v, int8_factors, block_outliers, outlier_dtype)
+        types_ = io_types(
+            out_k, out_v, rank_k, rank_v, int8_factors, block_outliers, outlier_dtype, int4_factors
+        )
         return [trtp.AutoTuneCombination(types_, "LINEAR")]
 
     def aot_impl(
@@ -196,14 +201,17 @@ def plugin_functions(trtp):
         v_out_scale,
         k_tail, v_tail, k_sink, v_sink,
         bits: int, block: int, group: int, out_k: int, out_v: int, rank_k: int, rank_v: int,
-        int8_factors: int, block_outliers: int, sink: int, outlier_dtype: str, sm_scale: float, outputs,
-        tactic: int,
+        int8_factors: int, int4_factors: int, block_outliers: int, sink: int, outlier_dtype: str,
+        sm_scale: float, outputs, tactic: int,
     ) -> Result:  # fmt: skip
         _outlier_value_type(outlier_dtype)
         if outlier_dtype != "fp16" and not block_outliers:
             raise ValueError("gear_attention plugin: one-byte outlier values need block-scope outliers")
+        if int4_factors and not int8_factors:
+            raise ValueError("gear_attention plugin: int4 factors are integer codes: set int8_factors too")
         layout = GearLayout(bits, block, group, (out_k, out_v), (rank_k, rank_v), bool(int8_factors),
-                            "block" if block_outliers else "group", sink, outlier_dtype)  # fmt: skip
+                            "block" if block_outliers else "group", sink, outlier_dtype,
+                            bool(int4_factors))  # fmt: skip
         return _aot(trtp, q, block_table, k_tail, layout, sm_scale)
 
     return register, autotune, aot_impl
