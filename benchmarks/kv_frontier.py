@@ -135,7 +135,24 @@ POINTS += [
     if label.endswith("[fp8 outliers]")
     and ("rank" in label or name == "gear-4bit" or options.get("key_rank"))
 ]
+# Each GEAR setting in its most compact form (fp8 outliers, int4 factors where it has a low rank) also
+# with fp8 group scales and zeros (`scale_dtype: fp8`, one fp16 maximum per block and head; read by
+# decompression only); KIVI with the same metadata gives the second curve these are compared with.
+FP8_SCALES = {"scale_dtype": "fp8"}
+_compact: dict[str, tuple] = {}
+for _p in POINTS:
+    for _suffix in (" [fp8 outliers]", " [fp8 outliers + int4 factors]"):  # the second one wins
+        if _p[0].endswith(_suffix):
+            _compact[_p[0].removesuffix(_suffix)] = _p
+POINTS += [
+    (label[:-1] + " + fp8 scales]", family, name, options | FP8_SCALES, block, sink)
+    for label, family, name, options, block, sink in _compact.values()
+]
+POINTS += [
+    (f"{k} [fp8 scales]", "kivi", k, FP8_SCALES, 64, 1) for k in ("kivi-2bit", "kivi-3bit", "kivi-4bit")
+]
 MAIN = ("kivi-2bit", "kivi-3bit", "kivi-4bit", "kivi-8bit")  # the KIVI curve: default cache (sink 1)
+MAIN_FP8_SCALES = tuple(f"{k} [fp8 scales]" for k in MAIN[:3])  # KIVI with fp8 scales and zeros
 
 
 def make_codec(name: str, options: dict[str, Any]) -> KVCodec:
@@ -146,10 +163,13 @@ def make_codec(name: str, options: dict[str, Any]) -> KVCodec:
     return get_codec(name, **options)
 
 
-def kivi_curve_at(points: list[dict], x: float, key: str, sink: bool = True) -> float | None:
+def kivi_curve_at(
+    points: list[dict], x: float, key: str, sink: bool = True, labels: tuple[str, ...] | None = None
+) -> float | None:
     """The KIVI curve (straight segments between KIVI points, block 64, with or without the sink
-    token like the point compared with it) at `x` bytes/token."""
-    labels = MAIN if sink else tuple(f"{m} no sink" for m in MAIN)
+    token like the point compared with it; or between the points `labels`) at `x` bytes/token."""
+    if labels is None:
+        labels = MAIN if sink else tuple(f"{m} no sink" for m in MAIN)
     kivi = sorted(
         (p["kv_bytes_per_token"], p[key]) for p in points if p["label"] in labels and p.get(key) is not None
     )
@@ -170,16 +190,14 @@ def plot(points: list[dict], path: Path, context: int) -> None:
         (axes[0], "ppl_ratio", "perplexity ratio vs fp16 cache"),
         (axes[1], "gsm8k_kl", "GSM8K answer KL vs fp16 cache (nats/token)"),
     ):
-        for sink, style, label in (
-            (True, "o-", "KIVI 2/3/4/8-bit (sink 1)"),
-            (False, "o--", "KIVI, no sink"),
+        for names, style, color, label in (
+            (MAIN, "o-", "tab:blue", "KIVI 2/3/4/8-bit (sink 1)"),
+            (tuple(f"{m} no sink" for m in MAIN), "o--", "lightsteelblue", "KIVI, no sink"),
+            (MAIN_FP8_SCALES, "o:", "tab:green", "KIVI 2/3/4-bit, fp8 scales"),
         ):
-            names = MAIN if sink else tuple(f"{m} no sink" for m in MAIN)
             kivi = sorted((p["kv_bytes_ratio"] * 100, p[key]) for p in points if p["label"] in names)
             if kivi:
-                ax.plot(
-                    *zip(*kivi, strict=True), style, color="tab:blue", alpha=1 if sink else 0.5, label=label
-                )
+                ax.plot(*zip(*kivi, strict=True), style, color=color, label=label)
         for p in points:
             x, y = p["kv_bytes_ratio"] * 100, p[key]
             if p["family"] == "gear":
@@ -258,6 +276,9 @@ def finish(result: dict, points: list[dict], out_json: Path) -> dict:
             curve = kivi_curve_at(points, p["kv_bytes_per_token"], key, sink)
             p[f"kivi_curve_{key}"] = curve
             p[f"below_kivi_{key}"] = None if curve is None or p["family"] != "gear" else p[key] < curve
+            if "fp8 scales" in p["label"] and sink:  # also against KIVI with the same fp8 metadata
+                curve = kivi_curve_at(points, p["kv_bytes_per_token"], key, labels=MAIN_FP8_SCALES)
+                p[f"kivi_fp8_scales_curve_{key}"] = curve
     result = result | {"points": points}
     out_json.write_text(json.dumps(result, indent=1))
     plot(points, out_json.with_suffix(".png"), result["context"])

@@ -282,3 +282,29 @@ def test_outlier_dtype_is_validated() -> None:
     assert not layout_for_codec(get_codec("gear-2bit", outlier_dtype="fp16")).outlier_scaled
     # the paper's in-group outliers keep fp16 values (one-byte ones need a block scale)
     assert get_codec("gear-2bit", outlier_scope="group").outlier_dtype == "fp16"
+
+
+@pytest.mark.parametrize("name", ["kivi-2bit", "gear-2bit"])
+def test_fp8_scales_and_zeros(name: str) -> None:
+    """scale_dtype fp8: group scales and zeros as float8 E4M3 with one fp16 maximum each per block and
+    head (one byte each instead of two); codes computed with the rounded values, so the error stays
+    close to fp16 metadata; a silent head stays finite (scales never round to 0)."""
+    from trtcompress.plugins.gear_attention.reference import layout_for_codec
+
+    x = _kv(7)
+    x[0, 1] = 0.0  # a silent head
+    fp16, fp8 = get_codec(name), get_codec(name, scale_dtype="fp8")
+    groups = 64 * 1  # rows x groups per block and head (64 channels x 1 group of 64 tokens; 64 x 1)
+    for kind in ("k", "v"):
+        assert fp16.block_bytes(kind, 64, 64) - fp8.block_bytes(kind, 64, 64) == 2 * groups - 4
+        fields = fp8.compress(x, kind)
+        assert fields["scale"].dtype == fields["zero"].dtype == torch.float8_e4m3fn
+        assert fields["scale_max"].shape == (3, 2, 1)
+        got = fp8.decompress(fields, kind, 64, 64)
+        want = fp16.decompress(fp16.compress(x, kind), kind, 64, 64)
+        assert torch.isfinite(got).all() and got[0, 1].abs().max() < 1e-3
+        assert _rel(got, x) < 1.1 * _rel(want, x)
+    with pytest.raises(ValueError, match="fp16 group scales and zeros"):
+        layout_for_codec(fp8)
+    with pytest.raises(ValueError, match="scale_dtype must be one of"):
+        get_codec(name, scale_dtype="bf16")

@@ -121,3 +121,5 @@ def test_fused_decode_is_not_used_where_the_kernel_cannot_read_the_cache(monkeyp
     assert fused_decode_supported(cache_for_model(model, fp8_outliers, 128, 1, 64, 0))
     int4_factors = get_codec("gear-2bit", key_rank=1, factor_dtype="int4")  # low rank, two codes per byte
     assert fused_decode_supported(cache_for_model(model, int4_factors, 128, 1, 64, 0))
+    fp8_scales = get_codec("gear-2bit", scale_dtype="fp8")  # the kernel reads fp16 scales and zeros
+    assert not fused_decode_supported(cache_for_model(model, fp8_scales, 128, 1, 64, 0))

@@ -29,7 +29,7 @@ import torch
 
 from trtcompress.kv.codec import Fields, FieldSpec, Kind, register_codec
 from trtcompress.kv.kivi import KiviCodec
-from trtcompress.kv.quant import absmax_scale, dequantize_rows, pack_bits, quantize_rows, search_params
+from trtcompress.kv.quant import absmax_scale, search_params
 
 
 def outliers_per_side(ratio: float, group: int) -> int:
@@ -134,9 +134,10 @@ class GearCodec(KiviCodec):
         range_search: int = 0,
         range_min: float = 0.4,
         outlier_dtype: Literal["fp16", "int8", "fp8"] = "fp16",
+        scale_dtype: Literal["fp16", "fp8"] = "fp16",
         name: str | None = None,
     ) -> None:
-        super().__init__(bits, group)
+        super().__init__(bits, group, scale_dtype)
         if outlier_dtype not in OUTLIER_DTYPES:
             raise ValueError(f"outlier_dtype must be one of {sorted(OUTLIER_DTYPES)}, got {outlier_dtype!r}")
         if outlier_dtype != "fp16" and outlier_scope != "block":
@@ -244,10 +245,7 @@ class GearCodec(KiviCodec):
         if not self.range_search:
             return super()._quantize(grouped, exclude)
         scale, zero = search_params(grouped, self.bits, exclude, self.range_search, self.range_min)
-        codes = quantize_rows(grouped, scale, zero, self.bits)
-        deq = dequantize_rows(codes, scale, zero)
-        flat = codes.reshape(*codes.shape[:-2], -1)
-        return {"codes": pack_bits(flat, self.bits), "scale": scale, "zero": zero}, deq
+        return self._quantize_with(grouped, scale, zero)
 
     def _compress_block_scope(self, x: torch.Tensor, grouped: torch.Tensor, kind: Kind, phase: str) -> Fields:
         """Outliers chosen across the whole block (per head) by distance from their group's mean in

@@ -8,7 +8,17 @@ from typing import Any
 import torch
 
 from trtcompress.kv.codec import Fields, FieldSpec, Kind, KVCodec, register_codec
-from trtcompress.kv.quant import dequantize_rows, minmax_params, pack_bits, quantize_rows, unpack_bits
+from trtcompress.kv.quant import (
+    absmax_scale,
+    dequantize_rows,
+    minmax_params,
+    pack_bits,
+    quantize_rows,
+    unpack_bits,
+)
+
+SCALE_DTYPES = ("fp16", "fp8")
+FP8_MAX = 448.0  # largest float8 E4M3
 
 
 def value_group(dim: int, group: int) -> int:
@@ -25,11 +35,26 @@ def from_rows(rows: torch.Tensor, kind: Kind) -> torch.Tensor:
     return rows.transpose(-1, -2) if kind == "k" else rows
 
 
+def _fp8_with_max(x: torch.Tensor, positive: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`x` `(..., rows, groups)` as float8 E4M3 times one fp16 maximum per leading index (block and
+    head): (codes, maximum `(..., 1)`, the float32 values they reproduce). `positive` (scales): at least
+    the smallest subnormal, never 0 (a zero scale would divide by zero)."""
+    top = absmax_scale(x.abs().amax((-2, -1)), FP8_MAX)[..., None]  # (..., 1) fp16
+    unit = top.float()[..., None]
+    codes = (x.float() / unit).to(torch.float8_e4m3fn)
+    if positive:
+        codes = codes.float().clamp_min(2.0**-9).to(torch.float8_e4m3fn)
+    return codes, top, codes.float() * unit
+
+
 class KiviCodec(KVCodec):
-    def __init__(self, bits: int = 2, group: int = 64) -> None:
+    def __init__(self, bits: int = 2, group: int = 64, scale_dtype: str = "fp16") -> None:
+        if scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
         self.bits = bits
         self.group = group
         self.token_group = group
+        self.scale_dtype = scale_dtype  # fp8: scale and zero as E4M3 with one fp16 maximum per block-head
         self.name = f"kivi-{bits}bit"
 
     # Geometry: rows of `n` elements split into groups of `gs`.
@@ -42,6 +67,14 @@ class KiviCodec(KVCodec):
 
     def layout(self, kind: Kind, tokens: int, dim: int) -> dict[str, FieldSpec]:
         rows, n, gs = self._geometry(kind, tokens, dim)
+        if self.scale_dtype == "fp8":
+            return {
+                "codes": FieldSpec((rows, n * self.bits // 8), torch.uint8),
+                "scale": FieldSpec((rows, n // gs), torch.float8_e4m3fn),
+                "zero": FieldSpec((rows, n // gs), torch.float8_e4m3fn),
+                "scale_max": FieldSpec((1,), torch.float16),
+                "zero_max": FieldSpec((1,), torch.float16),
+            }
         return {
             "codes": FieldSpec((rows, n * self.bits // 8), torch.uint8),
             "scale": FieldSpec((rows, n // gs), torch.float16),
@@ -57,11 +90,31 @@ class KiviCodec(KVCodec):
     def _quantize(
         self, grouped: torch.Tensor, exclude: torch.Tensor | None = None
     ) -> tuple[Fields, torch.Tensor]:
-        scale, zero = minmax_params(grouped, self.bits, exclude)
+        return self._quantize_with(grouped, *minmax_params(grouped, self.bits, exclude))
+
+    def _quantize_with(
+        self, grouped: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+    ) -> tuple[Fields, torch.Tensor]:
+        """Codes for the chosen fp16 (scale, zero) of every group, after rounding them to the stored
+        format (fp8: the codes are computed with the values decompression will use)."""
+        meta: Fields = {"scale": scale, "zero": zero}
+        if self.scale_dtype == "fp8":
+            s8, s_max, scale = _fp8_with_max(scale, positive=True)
+            z8, z_max, zero = _fp8_with_max(zero, positive=False)
+            meta = {"scale": s8, "zero": z8, "scale_max": s_max, "zero_max": z_max}
         codes = quantize_rows(grouped, scale, zero, self.bits)
         deq = dequantize_rows(codes, scale, zero)
         flat = codes.reshape(*codes.shape[:-2], -1)
-        return {"codes": pack_bits(flat, self.bits), "scale": scale, "zero": zero}, deq
+        return {"codes": pack_bits(flat, self.bits)} | meta, deq
+
+    def scale_zero(self, fields: Fields) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-group (scale, zero) as stored values (float32 for fp8 ones)."""
+        if "scale_max" not in fields:
+            return fields["scale"], fields["zero"]
+        return (
+            fields["scale"].float() * fields["scale_max"].float()[..., None],
+            fields["zero"].float() * fields["zero_max"].float()[..., None],
+        )
 
     def compress(self, x: torch.Tensor, kind: Kind, *, phase: str = "decode") -> Fields:
         fields, _ = self._quantize(self._grouped(x, kind))
@@ -72,7 +125,7 @@ class KiviCodec(KVCodec):
         _, n, gs = self._geometry(kind, tokens, dim)
         codes = unpack_bits(fields["codes"], self.bits, n)
         codes = codes.reshape(*codes.shape[:-1], n // gs, gs)
-        return dequantize_rows(codes, fields["scale"], fields["zero"])
+        return dequantize_rows(codes, *self.scale_zero(fields))
 
     def _ungroup(self, grouped: torch.Tensor, kind: Kind) -> torch.Tensor:
         return from_rows(grouped.reshape(*grouped.shape[:-2], -1), kind)
@@ -81,7 +134,7 @@ class KiviCodec(KVCodec):
         return self._ungroup(self._dequantize(fields, kind, tokens, dim), kind)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "bits": self.bits, "group": self.group}
+        return {"name": self.name, "bits": self.bits, "group": self.group, "scale_dtype": self.scale_dtype}
 
 
 for _bits in (2, 3, 4):

@@ -47,6 +47,12 @@ def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
     """The GearLayout of a KiviCodec or GearCodec (blocks of `codec.group` tokens)."""
     from trtcompress.kv.gear import GearCodec, outliers_per_side
 
+    if getattr(codec, "scale_dtype", "fp16") != "fp16":
+        raise ValueError(
+            "the GEAR decode kernel reads fp16 group scales and zeros; this codec stores them as fp8 "
+            "(scale_dtype: fp8), which only decompression reads: use scale_dtype fp16 to serve it through "
+            "the kernel"
+        )
     if isinstance(codec, GearCodec):
         block_scope = codec.outlier_scope == "block"
         outliers = tuple(
