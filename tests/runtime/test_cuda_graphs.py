@@ -13,16 +13,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is first imported
 
-from tests.runtime.test_fused_decode import LENGTHS, _model, _Tokenizer
+from tests.runtime.test_fused_decode import _model, run_steps
 from trtcompress.kv import get_codec
 from trtcompress.kv.decode import cache_for_model
 from trtcompress.kv.paged import PagedKVCache
 from trtcompress.runtime.config import DeployConfig
 from trtcompress.runtime.cuda_graphs import DecodeGraphs, batch_buckets
 from trtcompress.runtime.model import BatchedModel
-from trtcompress.runtime.sampling import SamplingParams
-from trtcompress.runtime.scheduler import Work
-from trtcompress.runtime.sequence import Sequence, TextStream
 
 
 def _run(graphs: bool, monkeypatch) -> tuple[list[torch.Tensor], int]:
@@ -33,34 +30,7 @@ def _run(graphs: bool, monkeypatch) -> tuple[list[torch.Tensor], int]:
     pad_slot = cache.take_slot()
     if graphs:  # one bucket of 4: every all-decode step carries 2 or 3 padding rows
         runtime.graphs = DecodeGraphs(runtime, pad_slot, (4,), max_blocks=4, capture=False)
-    g = torch.Generator().manual_seed(3)
-    tokens = [torch.randint(1, 256, (total,), generator=g).tolist() for _, total in LENGTHS]
-    seqs = []
-    for i, ((prompt, _), toks) in enumerate(zip(LENGTHS, tokens, strict=True)):
-        seqs.append(Sequence(i, str(i), toks[:prompt], SamplingParams(), TextStream(_Tokenizer(), ()), None,
-                             frozenset(), 256))  # fmt: skip
-        cache.add_sequence(i)
-    logits: list[list[torch.Tensor]] = [[], []]
-    while any(s.num_computed < total for s, (_, total) in zip(seqs, LENGTHS, strict=True)):
-        work = [
-            Work(
-                s,
-                s.num_computed,
-                min(48, s.prompt_len - s.num_computed) if s.num_computed < s.prompt_len else 1,
-            )
-            for s, (_, total) in zip(seqs, LENGTHS, strict=True)
-            if s.num_computed < total
-        ]
-        for w in work:
-            cache.reserve(w.seq.seq_id, w.n)
-        out = runtime.forward(work)
-        for w, row in zip([w for w in work if w.samples], out, strict=True):
-            logits[w.seq.seq_id].append(row)
-        for w in work:
-            w.seq.num_computed += w.n
-            if w.samples and len(w.seq.tokens) < len(tokens[w.seq.seq_id]):
-                w.seq.tokens.append(tokens[w.seq.seq_id][len(w.seq.tokens)])  # teacher forcing
-    return [torch.stack(rows) for rows in logits], runtime.graphs.replays if graphs else 0
+    return run_steps(runtime, cache), runtime.graphs.replays if graphs else 0
 
 
 def test_graph_steps_give_the_forward_logits(monkeypatch) -> None:

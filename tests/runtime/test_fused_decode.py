@@ -54,6 +54,12 @@ def _logits(codec: str, fused: bool, monkeypatch, **options) -> tuple[list[torch
     model = _model()
     cache = cache_for_model(model, get_codec(codec, **options), 256, 2, 64, 1)
     runtime = BatchedModel(model, cache, 16)
+    return run_steps(runtime, cache), runtime.fused_decode
+
+
+def run_steps(runtime: BatchedModel, cache) -> list[torch.Tensor]:
+    """LENGTHS' two sequences through `runtime.forward` in ragged steps (48-token prompt chunks, then one
+    token per step, teacher-forced random tokens); the logits of every sampled token, per sequence."""
     g = torch.Generator().manual_seed(3)
     tokens = [torch.randint(1, 256, (total,), generator=g).tolist() for _, total in LENGTHS]
     seqs = []
@@ -81,7 +87,7 @@ def _logits(codec: str, fused: bool, monkeypatch, **options) -> tuple[list[torch
             w.seq.num_computed += w.n
             if w.samples and len(w.seq.tokens) < len(tokens[w.seq.seq_id]):
                 w.seq.tokens.append(tokens[w.seq.seq_id][len(w.seq.tokens)])  # teacher forcing
-    return [torch.stack(rows) for rows in logits], runtime.fused_decode
+    return [torch.stack(rows) for rows in logits]
 
 
 @pytest.mark.parametrize(
