@@ -138,6 +138,7 @@ def prepare(out_dir: Path) -> None:
         ("gear-2bit", [331, 70], 6, {"outlier_dtype": "int8"}),
         ("kivi-2bit", [150, 64], 7, {"sink": 1}),
         ("gear-4bit", [190, 129], 8, {"factor_dtype": "int4"}),
+        ("gear-2bit", [200, 64, 37], 9, {"scale_dtype": "fp8", "sink": 1}),
     ]
     for i, (codec, lengths, seed, options) in enumerate(cases):
         torch.save(_gear_case(codec, lengths, seed, **options), out_dir / f"case{i:02d}.pt")

@@ -48,13 +48,13 @@ def test_gear_attention_ptx_for_every_codec(aot_kernels) -> None:
     assert set(gear) == {"kivi-2bit", "kivi-3bit", "kivi-4bit", "gear-2bit/block", "gear-2bit/group",
                          "gear-4bit/block", "gear-4bit/group", "gear-2bit/block/fp8", "gear-4bit/block/fp8",
                          "gear-2bit/block/fp8/sink1", "gear-2bit/block/int8", "kivi-2bit/sink1",
-                         "gear-4bit/block/fp8/int4f"}  # fmt: skip
+                         "gear-4bit/block/fp8/int4f", "gear-2bit/block/fp8/fp8s/sink1"}  # fmt: skip
     assert {name for name, _ in gear_configs()} == set(gear)  # each name says what was compiled
     for config, k in gear.items():
         assert k["name"] == "gear_decode_trt_kernel", config
         assert ".target sm_90" in k["ptx"] and f".visible .entry {k['name']}(" in k["ptx"], config
-        # 29 inputs + max_blocks + the output + Triton 3.6's two scratch pointers
-        assert k["entry_params"] == 33, config
+        # 33 inputs + max_blocks + the output + Triton 3.6's two scratch pointers
+        assert k["entry_params"] == 37, config
         assert k["num_warps"] >= 1 and 0 < k["shared"] <= 48 * 1024, config  # no opt-in shared memory needed
 
 
@@ -91,7 +91,7 @@ def test_ptx_for_every_plugin_config_and_tactic(tmp_path_factory) -> None:
     assert all(k["name"] and ".target sm_90" in k["ptx"] for k in kernels), [
         k["unavailable"] for k in kernels
     ]
-    assert len(kernels) == 13 + 16 + 16
+    assert len(kernels) == 14 + 16 + 16
 
 
 def test_tactics_tiles_and_launch_parameters() -> None:
@@ -317,10 +317,11 @@ def test_gear_aot_impl_launch_and_types(monkeypatch):
     monkeypatch.setattr(gear, "compile_gear_attention_ptx", fake_compile)
     _, autotune, aot_impl = gear.plugin_functions(_stub_trtp())
     tails, sinks = [_Desc(4, 3, 64, 64)] * 2, [_Desc(4, 3, 1, 64)] * 2
-    inputs = [_Desc(2, 9, 64), _Desc(2, 7), *[_Desc(2)] * 3, *[_Desc(1)] * 20, *tails, *sinks]
-    assert len(inputs) == len(gear.INPUT_NAMES) == 29
+    inputs = [_Desc(2, 9, 64), _Desc(2, 7), *[_Desc(2)] * 3, *[_Desc(1)] * 24, *tails, *sinks]
+    assert len(inputs) == len(gear.INPUT_NAMES) == 33
     attrs = dict(bits=2, block=64, group=64, out_k=41, out_v=41, rank_k=1, rank_v=0, int8_factors=1,
-                 int4_factors=0, block_outliers=1, sink=1, outlier_dtype="fp8", sm_scale=0.125)  # fmt: skip
+                 int4_factors=0, block_outliers=1, sink=1, outlier_dtype="fp8", scales_fp8=0,
+                 sm_scale=0.125)  # fmt: skip
     name, _, launch, extra = aot_impl(*inputs, **attrs, outputs=None, tactic=0)
     assert name == b"gear_decode_trt_kernel" and seen["shape"] == (3, 9, 64)
     assert seen["layout"].outlier_scope == "block" and seen["layout"].rank == (1, 0)
@@ -331,12 +332,15 @@ def test_gear_aot_impl_launch_and_types(monkeypatch):
     tune = {k: v for k, v in attrs.items() if k not in ("bits", "block", "group", "sink", "sm_scale")}
     (combo,) = autotune(*inputs, **tune, outputs=None)
     types = [t.strip() for t in combo.io_types.split(",")]
-    assert len(types) == 30 and types[-1] == "FP32" and types[25:29] == ["FP16"] * 4  # tails, sinks
+    assert len(types) == 34 and types[-1] == "FP32" and types[29:33] == ["FP16"] * 4  # tails, sinks
     # keys: fp8 outlier values travel as INT8 bits, their block scales as FP16
-    assert types[5:15] == ["UINT8", "FP16", "FP16", "INT8", "FP16", "INT8", "FP16", "INT8", "FP16", "FP16"]
-    assert types[15:25] == ["UINT8", "FP16", "FP16", "INT8", "FP16", "FP16", "FP16", "FP16", "FP16", "FP16"]
+    key = ["UINT8", "FP16", "FP16", "INT8", "FP16", "INT8", "FP16", "INT8", "FP16", "FP16", "FP16", "FP16"]
+    assert types[5:17] == key
+    assert types[17:29] == ["UINT8", "FP16", "FP16", "INT8", *["FP16"] * 8]  # no value rank
     fp16_values = gear.io_types(41, 41, 1, 0, 1, 1, "fp16").split(", ")
-    assert fp16_values[8] == "FP16" and fp16_values[18] == "FP16"
+    assert fp16_values[8] == "FP16" and fp16_values[20] == "FP16"
+    fp8_scales = gear.io_types(41, 41, 1, 0, 1, 1, "fp8", 0, 1).split(", ")
+    assert fp8_scales[6:8] == fp8_scales[18:20] == ["INT8", "INT8"]  # fp8 scale / zero bits
     with pytest.raises(ValueError, match="outlier_dtype must be one of"):
         aot_impl(*inputs, **{**attrs, "outlier_dtype": "fp4"}, outputs=None, tactic=0)
     with pytest.raises(ValueError, match="block-scope outliers"):
@@ -346,6 +350,6 @@ def test_gear_aot_impl_launch_and_types(monkeypatch):
     aot_impl(*inputs, **{**attrs, "int4_factors": 1}, outputs=None, tactic=0)
     assert seen["layout"].int4_factors
     int4 = gear.io_types(41, 41, 1, 0, 1, 1, "fp8", 1).split(", ")
-    assert int4[10] == int4[12] == "UINT8" and int4[20] == "FP16"  # key factors packed, no value rank
+    assert int4[10] == int4[12] == "UINT8" and int4[22] == "FP16"  # key factors packed, no value rank
     group_scope = gear.io_types(41, 41, 1, 0, 1, 0).split(", ")
     assert group_scope[9] == "UINT8"  # group-scope outlier indices are uint8

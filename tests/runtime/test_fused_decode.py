@@ -96,6 +96,7 @@ def run_steps(runtime: BatchedModel, cache) -> list[torch.Tensor]:
         ("gear-2bit", {"outlier_dtype": "fp16"}),
         ("gear-2bit", {}),  # fp8 outlier values
         ("gear-2bit", {"key_rank": 1, "factor_dtype": "int4"}),
+        ("gear-2bit", {"scale_dtype": "fp8"}),
         ("kivi-2bit", {}),
         ("fp16", {}),
     ],
@@ -108,8 +109,13 @@ def test_fused_decode_matches_the_scratch_path(codec: str, options: dict, monkey
         # fp16 MMA operands in the GEAR/KIVI kernel vs float32 SDPA over the decompressed scratch: logits
         # of about 1 differ by up to 1.9e-3 after two layers (gear-2bit and kivi-2bit); leaving out the
         # token's own key and value (no merge) moves them by 3.7e-2. The fp16 kernel computes in fp32.
-        torch.testing.assert_close(g, w, atol=1e-5 if codec == "fp16" else 5e-3, rtol=0)
-        assert torch.equal(g.argmax(-1), w.argmax(-1))
+        atol = 1e-5 if codec == "fp16" else 5e-3
+        torch.testing.assert_close(g, w, atol=atol, rtol=0)
+        # the same greedy token wherever the top two logits are further apart than twice that (this
+        # random model has near ties: one step of the fp8-scale cache sits 1e-3 from one)
+        top2 = w.topk(2, -1).values
+        clear = top2[:, 0] - top2[:, 1] > 2 * atol
+        assert clear.float().mean() > 0.75 and torch.equal(g.argmax(-1)[clear], w.argmax(-1)[clear])
 
 
 def test_fused_decode_is_not_used_where_the_kernel_cannot_read_the_cache(monkeypatch) -> None:
@@ -127,5 +133,5 @@ def test_fused_decode_is_not_used_where_the_kernel_cannot_read_the_cache(monkeyp
     assert fused_decode_supported(cache_for_model(model, fp8_outliers, 128, 1, 64, 0))
     int4_factors = get_codec("gear-2bit", key_rank=1, factor_dtype="int4")  # low rank, two codes per byte
     assert fused_decode_supported(cache_for_model(model, int4_factors, 128, 1, 64, 0))
-    fp8_scales = get_codec("gear-2bit", scale_dtype="fp8")  # the kernel reads fp16 scales and zeros
-    assert not fused_decode_supported(cache_for_model(model, fp8_scales, 128, 1, 64, 0))
+    fp8_scales = get_codec("gear-2bit", scale_dtype="fp8")  # fp8 group scales with block maxima
+    assert fused_decode_supported(cache_for_model(model, fp8_scales, 128, 1, 64, 0))

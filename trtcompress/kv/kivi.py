@@ -37,14 +37,15 @@ def from_rows(rows: torch.Tensor, kind: Kind) -> torch.Tensor:
 
 def _fp8_with_max(x: torch.Tensor, positive: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`x` `(..., rows, groups)` as float8 E4M3 times one fp16 maximum per leading index (block and
-    head): (codes, maximum `(..., 1)`, the float32 values they reproduce). `positive` (scales): at least
-    the smallest subnormal, never 0 (a zero scale would divide by zero)."""
+    head): (codes, maximum `(..., 1)`, the values they stand for: fp16(code x maximum), the same fp16
+    numbers every reader forms). `positive` (scales): at least the smallest subnormal, never 0 (a zero
+    scale would divide by zero)."""
     top = absmax_scale(x.abs().amax((-2, -1)), FP8_MAX)[..., None]  # (..., 1) fp16
     unit = top.float()[..., None]
     codes = (x.float() / unit).to(torch.float8_e4m3fn)
     if positive:
         codes = codes.float().clamp_min(2.0**-9).to(torch.float8_e4m3fn)
-    return codes, top, codes.float() * unit
+    return codes, top, (codes.float() * unit).to(torch.float16)
 
 
 class KiviCodec(KVCodec):
@@ -108,12 +109,12 @@ class KiviCodec(KVCodec):
         return {"codes": pack_bits(flat, self.bits)} | meta, deq
 
     def scale_zero(self, fields: Fields) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group (scale, zero) as stored values (float32 for fp8 ones)."""
+        """Per-group fp16 (scale, zero): as stored, or fp16(fp8 code x its block-head maximum)."""
         if "scale_max" not in fields:
             return fields["scale"], fields["zero"]
         return (
-            fields["scale"].float() * fields["scale_max"].float()[..., None],
-            fields["zero"].float() * fields["zero_max"].float()[..., None],
+            (fields["scale"].float() * fields["scale_max"].float()[..., None]).to(torch.float16),
+            (fields["zero"].float() * fields["zero_max"].float()[..., None]).to(torch.float16),
         )
 
     def compress(self, x: torch.Tensor, kind: Kind, *, phase: str = "decode") -> Fields:

@@ -48,7 +48,7 @@ class AotKernel:
 def gear_configs() -> Iterator[tuple[str, dict]]:
     """Each codec without sink tokens: KIVI, GEAR with its defaults (block-scope outliers with fp8
     values) and with fp16 values in both outlier scopes; then a sink token (the serving default), int8
-    outlier values and int4 low-rank factors."""
+    outlier values, int4 low-rank factors and fp8 group scales."""
     for codec in GEAR_CODECS:
         if codec.startswith("kivi"):
             yield codec, {"codec": codec}
@@ -59,6 +59,7 @@ def gear_configs() -> Iterator[tuple[str, dict]]:
     yield "gear-2bit/block/fp8/sink1", {"codec": "gear-2bit", "sink": 1}
     yield "gear-2bit/block/int8", {"codec": "gear-2bit", "outlier_dtype": "int8"}
     yield "gear-4bit/block/fp8/int4f", {"codec": "gear-4bit", "factor_dtype": "int4"}
+    yield "gear-2bit/block/fp8/fp8s/sink1", {"codec": "gear-2bit", "scale_dtype": "fp8", "sink": 1}
     yield "kivi-2bit/sink1", {"codec": "kivi-2bit", "sink": 1}
 
 
@@ -76,6 +77,7 @@ def compile_gear(codec: str, arch: int = 90, sink: int = 0, **options) -> AotKer
     if codec.startswith("gear"):
         name += [kv_codec.outlier_scope] + ([kv_codec.outlier_dtype] if layout.outlier_scaled else [])
         name += ["int4f"] if layout.int4_factors else []
+    name += ["fp8s"] if layout.scales_fp8 else []
     start = time.perf_counter()
     c = compile_gear_attention_ptx(
         layout, shape["heads"], shape["q_heads"], shape["head_dim"], shape["head_dim"] ** -0.5, arch

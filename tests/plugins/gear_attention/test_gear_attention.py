@@ -86,6 +86,8 @@ def _dense(q: torch.Tensor, cache: PagedKVCache, seqs: list[int], scale: float) 
         ("kivi-4bit", [64, 128], 8, 1, {}),  # block-aligned: empty tails
         ("gear-2bit", [200, 64, 37], 6, 2, {"sink": 1, "outlier_dtype": "fp8"}),  # one-byte outliers
         ("gear-2bit", [200, 70], 6, 2, {"key_rank": 2, "value_rank": 1, "factor_dtype": "int4"}),  # nibbles
+        ("gear-2bit", [200, 64, 37], 6, 2, {"sink": 1, "scale_dtype": "fp8"}),  # fp8 scales + block maxima
+        ("kivi-2bit", [150, 64], 4, 1, {"scale_dtype": "fp8"}),
         ("gear-4bit", [129, 190], 2, 2, {"outlier_dtype": "int8"}),
         ("gear-2bit", [200, 90], 4, 2, {"outlier_dtype": "fp8", "key_outlier_ratio": 0.0}),  # values only
     ],
@@ -288,6 +290,7 @@ def test_custom_op_reads_one_byte_outlier_values(outlier_dtype: str, monkeypatch
         ("gear-2bit", {"outlier_dtype": "int8"}, 0),
         ("kivi-2bit", {}, 1),
         ("gear-4bit", {"factor_dtype": "int4"}, 1),  # key rank 1, its factors two codes per byte
+        ("gear-2bit", {"scale_dtype": "fp8"}, 1),  # fp8 group scales with block maxima
     ],
 )
 def test_tensorrt_entry_reads_its_inputs_in_plugin_order(codec_name: str, options: dict, sink: int) -> None:

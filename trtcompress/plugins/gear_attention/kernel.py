@@ -313,6 +313,19 @@ def _factor_column(ptr, bh, idx, r, N: tl.constexpr, R: tl.constexpr, INT4: tl.c
 
 
 @triton.jit
+def _stored_scale_zero(s, z, sm_ptr, zm_ptr, bh, FP8: tl.constexpr):
+    """A block-head's fp16 group scales and zeros: as stored, or fp16(fp8 code x its fp16 maximum),
+    the numbers the codec's decompression forms."""
+    if FP8:  # (one return: the compiler types every return statement)
+        scale = (s.to(tl.float32) * tl.load(sm_ptr + bh).to(tl.float32)).to(tl.float16)
+        zero = (z.to(tl.float32) * tl.load(zm_ptr + bh).to(tl.float32)).to(tl.float16)
+    else:
+        scale = s
+        zero = z
+    return scale, zero
+
+
+@triton.jit
 def _gear_decode(
     q_ptr,
     out_ptr,
@@ -347,6 +360,10 @@ def _gear_decode(
     vsink_ptr,
     kos_ptr,
     vos_ptr,
+    ksm_ptr,
+    kzm_ptr,
+    vsm_ptr,
+    vzm_ptr,
     sm_scale,
     max_blocks,
     H: tl.constexpr,
@@ -370,6 +387,7 @@ def _gear_decode(
     PREFETCH: tl.constexpr,
     OUT_RUNS: tl.constexpr,
     OUT_SCALED: tl.constexpr,
+    SCALES_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -414,7 +432,8 @@ def _gear_decode(
                 kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, bh, d, t, D, T, VG, BITS
             )
         # ---- keys: rows are channels (D), per-channel scale/zero over the block's T tokens
-        s = _key_scores(q32, q_real, kb, ks, kz, BITS, ASM)  # (G_PAD, T)
+        k_scale, k_zero = _stored_scale_zero(ks, kz, ksm_ptr, kzm_ptr, bh, SCALES_FP8)
+        s = _key_scores(q32, q_real, kb, k_scale, k_zero, BITS, ASM)  # (G_PAD, T)
         k_osc = 1.0  # one-byte outlier values carry one fp16 scale per block and head
         v_osc = 1.0
         if OUT_SCALED:  # (a kind without outliers has no scales: its placeholder is never read)
@@ -454,7 +473,8 @@ def _gear_decode(
         acc = acc * alpha[:, None]
         m_i = m_new
         # ---- values: rows are tokens, groups of D / VG channels
-        v = _value_tile(vb, vs, vz, D, T, VG, BITS, ASM)  # (T, D) fp16
+        v_scale, v_zero = _stored_scale_zero(vs, vz, vsm_ptr, vzm_ptr, bh, SCALES_FP8)
+        v = _value_tile(vb, v_scale, v_zero, D, T, VG, BITS, ASM)  # (T, D) fp16
         if not OUT_BLOCK:
             for o in tl.static_range(OUT_V * VG):
                 oi = tl.load(voi_ptr + (bh * T + t) * (OUT_V * VG) + o).to(tl.int32) + (o // OUT_V) * (
@@ -544,6 +564,10 @@ def gear_decode_kernel(
     vsink_ptr,
     kos_ptr,
     vos_ptr,
+    ksm_ptr,
+    kzm_ptr,
+    vsm_ptr,
+    vzm_ptr,
     sm_scale,
     max_blocks,
     H: tl.constexpr,
@@ -567,6 +591,7 @@ def gear_decode_kernel(
     PREFETCH: tl.constexpr,
     OUT_RUNS: tl.constexpr,
     OUT_SCALED: tl.constexpr,
+    SCALES_FP8: tl.constexpr,
 ):
     """Grid (batch, KV heads, splits); the torch launcher's entry point."""
     _gear_decode(
@@ -603,6 +628,10 @@ def gear_decode_kernel(
         vsink_ptr,
         kos_ptr,
         vos_ptr,
+        ksm_ptr,
+        kzm_ptr,
+        vsm_ptr,
+        vzm_ptr,
         sm_scale,
         max_blocks,
         H,
@@ -626,6 +655,7 @@ def gear_decode_kernel(
         PREFETCH,
         OUT_RUNS,
         OUT_SCALED,
+        SCALES_FP8,
     )
 
 
@@ -646,6 +676,8 @@ def gear_decode_trt_kernel(
     kb_ptr,
     kbs_ptr,
     kos_ptr,
+    ksm_ptr,
+    kzm_ptr,
     vc_ptr,
     vs_ptr,
     vz_ptr,
@@ -656,6 +688,8 @@ def gear_decode_trt_kernel(
     vb_ptr,
     vbs_ptr,
     vos_ptr,
+    vsm_ptr,
+    vzm_ptr,
     kt_ptr,
     vt_ptr,
     ksink_ptr,
@@ -683,11 +717,12 @@ def gear_decode_trt_kernel(
     PREFETCH: tl.constexpr,
     OUT_RUNS: tl.constexpr,
     OUT_SCALED: tl.constexpr,
+    SCALES_FP8: tl.constexpr,
 ):
     """TensorRT AOT entry: parameters in QDP order (inputs, int32 extra args, output), one split,
     grid (batch, KV heads, 1). The partial-result pointers are never touched with SPLITS == 1. The sink
-    slots (SINK > 0) and one-byte outlier scales (OUT_SCALED) are plugin inputs too; placeholders, never
-    read, where the cache has none."""
+    slots (SINK > 0), one-byte outlier scales (OUT_SCALED) and fp8 group scales' maxima (SCALES_FP8) are
+    plugin inputs too; placeholders, never read, where the cache has none."""
     _gear_decode(
         q_ptr,
         out_ptr,
@@ -722,6 +757,10 @@ def gear_decode_trt_kernel(
         vsink_ptr,
         kos_ptr,
         vos_ptr,
+        ksm_ptr,
+        kzm_ptr,
+        vsm_ptr,
+        vzm_ptr,
         SM_SCALE,
         max_blocks,
         H,
@@ -745,6 +784,7 @@ def gear_decode_trt_kernel(
         PREFETCH,
         OUT_RUNS,
         OUT_SCALED,
+        SCALES_FP8,
     )
 
 
@@ -868,6 +908,18 @@ def _outlier_scale_args(k_fields: dict, v_fields: dict, layout, like) -> list:
     ]
 
 
+def _scale_max_args(k_fields: dict, v_fields: dict, like) -> list:
+    """The fp16 maxima of fp8 group scales and zeros (`scale_dtype: fp8`), K then V, or placeholders."""
+    import torch
+
+    placeholder = torch.zeros(1, dtype=torch.float16, device=like.device)
+    return [
+        fields[name].contiguous() if name in fields else placeholder
+        for fields in (k_fields, v_fields)
+        for name in ("scale_max", "zero_max")
+    ]
+
+
 def default_splits(max_blocks: int, batch_heads: int, target_programs: int = 264) -> int:
     """Enough splits that batch x heads x splits fills the GPU (`target_programs`; 264 = 2 per SM on
     132 SMs), >= 2 blocks each; a power of two, so few kernel variants get compiled."""
@@ -953,6 +1005,7 @@ def gear_attention_triton(
         v_tail.contiguous(),
         *_sink_args(k_sink, v_sink, layout, q),
         *_outlier_scale_args(k_fields, v_fields, layout, q),
+        *_scale_max_args(k_fields, v_fields, q),
         scale,
         max_blocks,
         H=h,
@@ -976,6 +1029,7 @@ def gear_attention_triton(
         PREFETCH=prefetch,
         OUT_RUNS=outlier_sums == "runs",
         OUT_SCALED=layout.outlier_scaled,
+        SCALES_FP8=layout.scales_fp8,
         num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )

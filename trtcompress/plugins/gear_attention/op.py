@@ -70,6 +70,10 @@ def gear_attention(
     scale: float,
     k_out_scale: Opt = None,
     v_out_scale: Opt = None,
+    k_scale_max: Opt = None,
+    k_zero_max: Opt = None,
+    v_scale_max: Opt = None,
+    v_zero_max: Opt = None,
 ) -> torch.Tensor:
     k, v = _unflatten(
         [
@@ -101,11 +105,15 @@ def gear_attention(
     for fields, out_scale in ((k, k_out_scale), (v, v_out_scale)):
         if out_scale is not None:  # (a kind without outliers has none)
             fields["out_scale"] = out_scale
+    scales_fp8 = k_scale_max is not None  # fp8 group scales and zeros with fp16 maxima
+    for fields, maxima in ((k, (k_scale_max, k_zero_max)), (v, (v_scale_max, v_zero_max))):
+        if scales_fp8:
+            fields["scale_max"], fields["zero_max"] = maxima
     factor = k_lr_a if k_lr_a is not None else v_lr_a
     int4_factors = factor is not None and factor.dtype == torch.uint8  # two codes per byte
     layout = GearLayout(
         bits, block, group, (out_k, out_v), (rank_k, rank_v), int8_factors, scope, sink, outlier_dtype,
-        int4_factors,
+        int4_factors, scales_fp8,
     )  # fmt: skip
     args = (q, k, v, k_tail, v_tail, block_table, num_blocks, tail_lens, slots, layout, scale)
     if q.is_cuda or os.environ.get("TRTCOMPRESS_GEAR_TRITON") == "1":
@@ -153,6 +161,11 @@ def op_args_from_cache(
         *(
             cache.pools[kind]["out_scale"][layer] if "out_scale" in cache.pools[kind] else None
             for kind in "kv"
+        ),
+        *(
+            cache.pools[kind][name][layer] if name in cache.pools[kind] else None
+            for kind in "kv"
+            for name in ("scale_max", "zero_max")
         ),
     )
 

@@ -36,6 +36,7 @@ class GearLayout:
     sink: int = 0  # exact fp16 sink tokens at the start of every sequence (PagedKVCache.sink_tokens)
     outlier_dtype: str = "fp16"  # block-scope outlier values: fp16, or one byte (int8 / fp8) + `out_scale`
     int4_factors: bool = False  # low-rank factor codes packed two per byte (with int8_factors' scales)
+    scales_fp8: bool = False  # group scales and zeros as fp8 with fp16 maxima `scale_max` / `zero_max`
 
     @property
     def outlier_scaled(self) -> bool:
@@ -47,12 +48,6 @@ def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
     """The GearLayout of a KiviCodec or GearCodec (blocks of `codec.group` tokens)."""
     from trtcompress.kv.gear import GearCodec, outliers_per_side
 
-    if getattr(codec, "scale_dtype", "fp16") != "fp16":
-        raise ValueError(
-            "the GEAR decode kernel reads fp16 group scales and zeros; this codec stores them as fp8 "
-            "(scale_dtype: fp8), which only decompression reads: use scale_dtype fp16 to serve it through "
-            "the kernel"
-        )
     if isinstance(codec, GearCodec):
         block_scope = codec.outlier_scope == "block"
         outliers = tuple(
@@ -72,8 +67,15 @@ def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
             int4_factors=codec.factor_dtype == "int4",
             sink=sink,
             outlier_dtype=codec.outlier_dtype,
+            scales_fp8=codec.scale_dtype == "fp8",
         )
-    return GearLayout(bits=codec.bits, block=codec.group, group=codec.group, sink=sink)
+    return GearLayout(
+        bits=codec.bits,
+        block=codec.group,
+        group=codec.group,
+        sink=sink,
+        scales_fp8=codec.scale_dtype == "fp8",
+    )
 
 
 def _factors(f: Fields) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,11 +91,21 @@ def _factors(f: Fields) -> tuple[torch.Tensor, torch.Tensor]:
     return a, b
 
 
+def _scale_zero(f: Fields) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scales and zeros as float32: fp16 as stored, or fp16(fp8 code x its block-head maximum)."""
+    if "scale_max" not in f:
+        return f["scale"].float(), f["zero"].float()
+    scale = (f["scale"].float() * f["scale_max"].float()[..., None]).to(torch.float16)
+    zero = (f["zero"].float() * f["zero_max"].float()[..., None]).to(torch.float16)
+    return scale.float(), zero.float()
+
+
 def dequant_keys(f: Fields, lay: GearLayout, dim: int) -> torch.Tensor:
     """Key blocks `(n, H, T, D)` from their fields (per-channel groups over the block's tokens)."""
     t = lay.block
     codes = unpack_bits(f["codes"], lay.bits, t).float()  # (n, H, D, T)
-    x = codes * f["scale"].float() + f["zero"].float()  # scale/zero (n, H, D, 1)
+    scale, zero = _scale_zero(f)
+    x = codes * scale + zero  # scale/zero (n, H, D, 1)
     if lay.outliers[0] and lay.outlier_scope == "block":  # flat index = channel * T + token
         x = x.flatten(-2).scatter_add(-1, f["out_idx"].long(), outlier_values(f)).view_as(x)
     elif lay.outliers[0]:
@@ -109,7 +121,8 @@ def dequant_values(f: Fields, lay: GearLayout, dim: int) -> torch.Tensor:
     """Value blocks `(n, H, T, D)` (per-token groups of `group` channels)."""
     codes = unpack_bits(f["codes"], lay.bits, dim).float()  # (n, H, T, D)
     ng = dim // lay.group
-    x = codes.unflatten(-1, (ng, lay.group)) * f["scale"].float()[..., None] + f["zero"].float()[..., None]
+    scale, zero = _scale_zero(f)
+    x = codes.unflatten(-1, (ng, lay.group)) * scale[..., None] + zero[..., None]
     if lay.outliers[1] and lay.outlier_scope == "block":  # flat index = token * D + channel
         x = x.flatten(-3).scatter_add(-1, f["out_idx"].long(), outlier_values(f)).view_as(x)
     elif lay.outliers[1]:

@@ -6,10 +6,11 @@ time (REFERENCE section 3). `compile_gear_attention_ptx` needs only `triton` and
 plugin registration needs TensorRT >= 10.8 with `tensorrt.plugin`.
 
 Plugin inputs, in order (the kernel's parameter order; QDP appends int32 extra args, then outputs):
-q (B, Hq, D) fp16; block_table (B, M) int32; num_blocks, tail_lens, slots (B,) int32; the 10 key fields
-then the 10 value fields of one layer's pools (codes, scale, zero, out_val, out_idx, lr_a, lr_a_scale,
-lr_b, lr_b_scale, out_scale; 1-element placeholders where the codec has none); k_tail, v_tail (S, H, T, D)
-fp16; k_sink, v_sink (S, H, sink, D) fp16 (placeholders without sink tokens).
+q (B, Hq, D) fp16; block_table (B, M) int32; num_blocks, tail_lens, slots (B,) int32; the 12 key fields
+then the 12 value fields of one layer's pools (codes, scale, zero, out_val, out_idx, lr_a, lr_a_scale,
+lr_b, lr_b_scale, out_scale, scale_max, zero_max; 1-element placeholders where the codec has none);
+k_tail, v_tail (S, H, T, D) fp16; k_sink, v_sink (S, H, sink, D) fp16 (placeholders without sink tokens).
+fp8 group scales and zeros (`scale_dtype: fp8`) travel as INT8 bits like fp8 outlier values.
 TensorRT has no int16: block-scope outlier indices (int16) are passed bitcast to float16. One-byte
 outlier values (`outlier_dtype` int8 / fp8) travel as INT8; fp8 ones are E4M3 bits (`.view(torch.int8)`),
 which the kernel reads as float8e4nv.
@@ -46,13 +47,14 @@ def _signature(layout: GearLayout) -> dict[str, str]:
     factor = "*u8" if layout.int4_factors else ("*i8" if layout.int8_factors else "*fp16")
     index = "*i16" if layout.outlier_scope == "block" else "*u8"
     value = OUTLIER_VALUE_TYPES[layout.outlier_dtype][0]
-    types = ("*u8", "*fp16", "*fp16", value, index, factor, "*fp16", factor, "*fp16", "*fp16")
+    meta = "*fp8e4nv" if layout.scales_fp8 else "*fp16"
+    types = ("*u8", meta, meta, value, index, factor, "*fp16", factor, "*fp16", "*fp16", "*fp16", "*fp16")
     sig = {"q_ptr": "*fp16", "block_table_ptr": "*i32", "num_blocks_ptr": "*i32", "tail_len_ptr": "*i32"}
     sig["slot_ptr"] = "*i32"
     names_k = ("kc_ptr", "ks_ptr", "kz_ptr", "kov_ptr", "koi_ptr", "ka_ptr", "kas_ptr", "kb_ptr", "kbs_ptr")
     names_v = ("vc_ptr", "vs_ptr", "vz_ptr", "vov_ptr", "voi_ptr", "va_ptr", "vas_ptr", "vb_ptr", "vbs_ptr")
-    sig |= dict(zip((*names_k, "kos_ptr"), types, strict=True))
-    sig |= dict(zip((*names_v, "vos_ptr"), types, strict=True))
+    sig |= dict(zip((*names_k, "kos_ptr", "ksm_ptr", "kzm_ptr"), types, strict=True))
+    sig |= dict(zip((*names_v, "vos_ptr", "vsm_ptr", "vzm_ptr"), types, strict=True))
     sig |= {"kt_ptr": "*fp16", "vt_ptr": "*fp16", "ksink_ptr": "*fp16", "vsink_ptr": "*fp16"}
     sig |= {"max_blocks": "i32", "out_ptr": "*fp32"}
     return sig
@@ -88,6 +90,7 @@ def kernel_constants(
         # (benchmarks/plugin_ptx_gpu.py); "runs", faster in the Python op, is not yet checked that way
         "OUT_RUNS": False,
         "OUT_SCALED": layout.outlier_scaled,
+        "SCALES_FP8": layout.scales_fp8,
     }
 
 
@@ -117,8 +120,9 @@ def compile_gear_attention_ptx(
     )
 
 
-FIELDS = (  # the kernel's FIELD_ORDER, then the one-byte outlier values' block scales
+FIELDS = (  # the kernel's FIELD_ORDER, then the one-byte outlier values' and fp8 scales' block maxima
     "codes", "scale", "zero", "out_val", "out_idx", "lr_a", "lr_a_scale", "lr_b", "lr_b_scale", "out_scale",
+    "scale_max", "zero_max",
 )  # fmt: skip
 INPUT_NAMES = (
     "q", "block_table", "num_blocks", "tail_lens", "slots",
@@ -128,7 +132,7 @@ INPUT_NAMES = (
 
 def io_types(
     out_k: int, out_v: int, rank_k: int, rank_v: int, int8_factors: int, block_outliers: int,
-    outlier_dtype: str = "fp16", int4_factors: int = 0,
+    outlier_dtype: str = "fp16", int4_factors: int = 0, scales_fp8: int = 0,
 ) -> str:  # fmt: skip
     """The autotune type combination (inputs in INPUT_NAMES order, then the output) for one cache layout.
 
@@ -142,7 +146,8 @@ def io_types(
         index = "FP16" if outliers == 0 or block_outliers else "UINT8"
         value = value_type if outliers else "FP16"
         factor = ("UINT8" if int4_factors else "INT8") if rank and int8_factors else "FP16"
-        return ["UINT8", "FP16", "FP16", value, index, factor, "FP16", factor, "FP16", "FP16"]
+        meta = "INT8" if scales_fp8 else "FP16"
+        return ["UINT8", meta, meta, value, index, factor, "FP16", factor, "FP16", "FP16", "FP16", "FP16"]
 
     types_ = ["FP16", "INT32", "INT32", "INT32", "INT32", *side(out_k, rank_k), *side(out_v, rank_v)]
     return ", ".join([*types_, "FP16", "FP16", "FP16", "FP16", "FP32"])
@@ -168,41 +173,49 @@ def plugin_functions(trtp):
     def register(
         q: D, block_table: D, num_blocks: D, tail_lens: D, slots: D,
         k_codes: D, k_scale: D, k_zero: D, k_out_val: D, k_out_idx: D, k_lr_a: D, k_lr_a_scale: D, k_lr_b: D,
-        k_lr_b_scale: D, k_out_scale: D,
+        k_lr_b_scale: D, k_out_scale: D, k_scale_max: D, k_zero_max: D,
         v_codes: D, v_scale: D, v_zero: D, v_out_val: D, v_out_idx: D, v_lr_a: D, v_lr_a_scale: D, v_lr_b: D,
-        v_lr_b_scale: D, v_out_scale: D,
+        v_lr_b_scale: D, v_out_scale: D, v_scale_max: D, v_zero_max: D,
         k_tail: D, v_tail: D, k_sink: D, v_sink: D,
         bits: int, block: int, group: int, out_k: int, out_v: int, rank_k: int, rank_v: int,
         int8_factors: int, int4_factors: int, block_outliers: int, sink: int, outlier_dtype: str,
-        sm_scale: float,
+        scales_fp8: int, sm_scale: float,
     ) -> D:  # fmt: skip
         return _describe(q)
 
     def autotune(
         q, block_table, num_blocks, tail_lens, slots,
         k_codes, k_scale, k_zero, k_out_val, k_out_idx, k_lr_a, k_lr_a_scale, k_lr_b, k_lr_b_scale,
-        k_out_scale,
+        k_out_scale, k_scale_max, k_zero_max,
         v_codes, v_scale, v_zero, v_out_val, v_out_idx, v_lr_a, v_lr_a_scale, v_lr_b, v_lr_b_scale,
-        v_out_scale,
+        v_out_scale, v_scale_max, v_zero_max,
         k_tail, v_tail, k_sink, v_sink,
         out_k: int, out_v: int, rank_k: int, rank_v: int, int8_factors: int, int4_factors: int,
-        block_outliers: int, outlier_dtype: str, outputs,
+        block_outliers: int, outlier_dtype: str, scales_fp8: int, outputs,
     ):  # fmt: skip
         types_ = io_types(
-            out_k, out_v, rank_k, rank_v, int8_factors, block_outliers, outlier_dtype, int4_factors
+            out_k,
+            out_v,
+            rank_k,
+            rank_v,
+            int8_factors,
+            block_outliers,
+            outlier_dtype,
+            int4_factors,
+            scales_fp8,
         )
         return [trtp.AutoTuneCombination(types_, "LINEAR")]
 
     def aot_impl(
         q, block_table, num_blocks, tail_lens, slots,
         k_codes, k_scale, k_zero, k_out_val, k_out_idx, k_lr_a, k_lr_a_scale, k_lr_b, k_lr_b_scale,
-        k_out_scale,
+        k_out_scale, k_scale_max, k_zero_max,
         v_codes, v_scale, v_zero, v_out_val, v_out_idx, v_lr_a, v_lr_a_scale, v_lr_b, v_lr_b_scale,
-        v_out_scale,
+        v_out_scale, v_scale_max, v_zero_max,
         k_tail, v_tail, k_sink, v_sink,
         bits: int, block: int, group: int, out_k: int, out_v: int, rank_k: int, rank_v: int,
         int8_factors: int, int4_factors: int, block_outliers: int, sink: int, outlier_dtype: str,
-        sm_scale: float, outputs, tactic: int,
+        scales_fp8: int, sm_scale: float, outputs, tactic: int,
     ) -> Result:  # fmt: skip
         _outlier_value_type(outlier_dtype)
         if outlier_dtype != "fp16" and not block_outliers:
@@ -211,7 +224,7 @@ def plugin_functions(trtp):
             raise ValueError("gear_attention plugin: int4 factors are integer codes: set int8_factors too")
         layout = GearLayout(bits, block, group, (out_k, out_v), (rank_k, rank_v), bool(int8_factors),
                             "block" if block_outliers else "group", sink, outlier_dtype,
-                            bool(int4_factors))  # fmt: skip
+                            bool(int4_factors), bool(scales_fp8))  # fmt: skip
         return _aot(trtp, q, block_table, k_tail, layout, sm_scale)
 
     return register, autotune, aot_impl
