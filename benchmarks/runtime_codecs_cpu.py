@@ -44,7 +44,7 @@ def parse_codec(spec: str):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", nargs="?", default="benchmarks/results/runtime_codecs_cpu.json")
-    ap.add_argument("--codecs", default="fp16,gear-2bit,gear-2bit:outlier_dtype=fp8,kivi-2bit")
+    ap.add_argument("--codecs", default="fp16,gear-2bit,gear-2bit:outlier_dtype=fp16,kivi-2bit")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--reps", type=int, default=2)

@@ -114,6 +114,21 @@ def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], -2).flatten(-3, -2)
 
 
+def low_rank_factors(fields: Fields) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Dequantized low-rank factors (A, B) of stored fields (fp16, int8 or packed int4 codes with
+    column scales), or None without a low-rank term."""
+    if "lr_a" not in fields:
+        return None
+    a, b = fields["lr_a"], fields["lr_b"]
+    if a.dtype == torch.uint8:  # int4 codes, two per byte
+        a, b = unpack_int4_rows(a), unpack_int4_rows(b)
+    a, b = a.float(), b.float()
+    if "lr_a_scale" in fields:
+        a = a * fields["lr_a_scale"].float()[..., None, :]
+        b = b * fields["lr_b_scale"].float()[..., None, :]
+    return a, b
+
+
 class GearCodec(KiviCodec):
     def __init__(
         self,
@@ -295,19 +310,6 @@ class GearCodec(KiviCodec):
             }
         return {"lr_a": qa.to(torch.int8), "lr_a_scale": sa, "lr_b": qb.to(torch.int8), "lr_b_scale": sb}
 
-    def factors(self, fields: Fields) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Dequantized (A, B), or None without a low-rank term."""
-        if "lr_a" not in fields:
-            return None
-        a, b = fields["lr_a"], fields["lr_b"]
-        if a.dtype == torch.uint8:  # int4 codes, two per byte
-            a, b = unpack_int4_rows(a), unpack_int4_rows(b)
-        a, b = a.float(), b.float()
-        if "lr_a_scale" in fields:
-            a = a * fields["lr_a_scale"].float()[..., None, :]
-            b = b * fields["lr_b_scale"].float()[..., None, :]
-        return a, b
-
     def decompress(self, fields: Fields, kind: Kind, tokens: int, dim: int) -> torch.Tensor:
         grouped = self._dequantize(fields, kind, tokens, dim)
         if "out_val" in fields and self.outlier_scope == "block":
@@ -318,7 +320,7 @@ class GearCodec(KiviCodec):
             idx = fields["out_idx"].long().reshape(shape)
             grouped = grouped.scatter_add(-1, idx, fields["out_val"].float().reshape(shape))
         x = self._ungroup(grouped, kind)
-        ab = self.factors(fields)
+        ab = low_rank_factors(fields)
         if ab is not None:
             x = x + ab[0] @ ab[1].transpose(-1, -2)
         return x

@@ -48,6 +48,17 @@ def _fp8_with_max(x: torch.Tensor, positive: bool) -> tuple[torch.Tensor, torch.
     return codes, top, (codes.float() * unit).to(torch.float16)
 
 
+def group_scale_zero(fields: Fields) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group fp16 (scale, zero) of stored fields: as stored, or fp16(fp8 code x its block-head
+    maximum) (`scale_dtype: fp8`; the decode kernel forms the same numbers)."""
+    if "scale_max" not in fields:
+        return fields["scale"], fields["zero"]
+    return (
+        (fields["scale"].float() * fields["scale_max"].float()[..., None]).to(torch.float16),
+        (fields["zero"].float() * fields["zero_max"].float()[..., None]).to(torch.float16),
+    )
+
+
 class KiviCodec(KVCodec):
     def __init__(self, bits: int = 2, group: int = 64, scale_dtype: str = "fp16") -> None:
         if scale_dtype not in SCALE_DTYPES:
@@ -108,15 +119,6 @@ class KiviCodec(KVCodec):
         flat = codes.reshape(*codes.shape[:-2], -1)
         return {"codes": pack_bits(flat, self.bits)} | meta, deq
 
-    def scale_zero(self, fields: Fields) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-group fp16 (scale, zero): as stored, or fp16(fp8 code x its block-head maximum)."""
-        if "scale_max" not in fields:
-            return fields["scale"], fields["zero"]
-        return (
-            (fields["scale"].float() * fields["scale_max"].float()[..., None]).to(torch.float16),
-            (fields["zero"].float() * fields["zero_max"].float()[..., None]).to(torch.float16),
-        )
-
     def compress(self, x: torch.Tensor, kind: Kind, *, phase: str = "decode") -> Fields:
         fields, _ = self._quantize(self._grouped(x, kind))
         return fields
@@ -126,7 +128,7 @@ class KiviCodec(KVCodec):
         _, n, gs = self._geometry(kind, tokens, dim)
         codes = unpack_bits(fields["codes"], self.bits, n)
         codes = codes.reshape(*codes.shape[:-1], n // gs, gs)
-        return dequantize_rows(codes, *self.scale_zero(fields))
+        return dequantize_rows(codes, *group_scale_zero(fields))
 
     def _ungroup(self, grouped: torch.Tensor, kind: Kind) -> torch.Tensor:
         return from_rows(grouped.reshape(*grouped.shape[:-2], -1), kind)

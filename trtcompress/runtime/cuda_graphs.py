@@ -82,16 +82,16 @@ class DecodeGraphs:
         seq_ids = [w.seq.seq_id for w in work]
         writes = cache.token_writes(seq_ids, [w.phase for w in work])
         table = torch.zeros(bucket, self.max_blocks, dtype=torch.int32)
-        meta = torch.zeros(6, bucket, dtype=torch.long)  # ids, positions, blocks, tail, slot, offset
+        # ids, positions, full blocks, tail tokens (= where the new token goes in the tail), slot
+        meta = torch.zeros(5, bucket, dtype=torch.long)
         meta[4] = self.pad_slot  # padding rows: no blocks, an empty tail, the reserved slot
         for row, w in enumerate(work):
             seq = cache.seqs[w.seq.seq_id]
             full = seq.length // cache.block_size
             table[row, :full] = torch.tensor(seq.blocks[:full], dtype=torch.int32)
             meta[:, row] = torch.tensor(
-                [w.token_ids[0], w.start, full, seq.length - full * cache.block_size, seq.slot,
-                 seq.length % cache.block_size]
-            )  # fmt: skip
+                [w.token_ids[0], w.start, full, seq.length - full * cache.block_size, seq.slot]
+            )
         st.ids.copy_(meta[0])
         st.positions.copy_(meta[1])
         st.inputs.block_table.copy_(table)
@@ -99,7 +99,7 @@ class DecodeGraphs:
         st.inputs.tail_lens.copy_(meta[3])
         st.inputs.slots.copy_(meta[4])
         st.slots.copy_(meta[4])
-        st.offsets.copy_(meta[5])
+        st.offsets.copy_(meta[3])
         if st.graph is not None:
             st.graph.replay()
             logits = st.logits

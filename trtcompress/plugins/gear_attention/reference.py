@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trtcompress.kv.gear import outlier_values
+from trtcompress.kv.gear import low_rank_factors, outlier_values
+from trtcompress.kv.kivi import group_scale_zero
 from trtcompress.kv.quant import unpack_bits
 
 Fields = dict[str, torch.Tensor]
@@ -78,33 +79,11 @@ def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
     )
 
 
-def _factors(f: Fields) -> tuple[torch.Tensor, torch.Tensor]:
-    from trtcompress.kv.gear import unpack_int4_rows
-
-    a, b = f["lr_a"], f["lr_b"]
-    if a.dtype == torch.uint8:  # int4 codes, two per byte
-        a, b = unpack_int4_rows(a), unpack_int4_rows(b)
-    a, b = a.float(), b.float()
-    if "lr_a_scale" in f:
-        a = a * f["lr_a_scale"].float()[..., None, :]
-        b = b * f["lr_b_scale"].float()[..., None, :]
-    return a, b
-
-
-def _scale_zero(f: Fields) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group scales and zeros as float32: fp16 as stored, or fp16(fp8 code x its block-head maximum)."""
-    if "scale_max" not in f:
-        return f["scale"].float(), f["zero"].float()
-    scale = (f["scale"].float() * f["scale_max"].float()[..., None]).to(torch.float16)
-    zero = (f["zero"].float() * f["zero_max"].float()[..., None]).to(torch.float16)
-    return scale.float(), zero.float()
-
-
 def dequant_keys(f: Fields, lay: GearLayout, dim: int) -> torch.Tensor:
     """Key blocks `(n, H, T, D)` from their fields (per-channel groups over the block's tokens)."""
     t = lay.block
     codes = unpack_bits(f["codes"], lay.bits, t).float()  # (n, H, D, T)
-    scale, zero = _scale_zero(f)
+    scale, zero = (t.float() for t in group_scale_zero(f))
     x = codes * scale + zero  # scale/zero (n, H, D, 1)
     if lay.outliers[0] and lay.outlier_scope == "block":  # flat index = channel * T + token
         x = x.flatten(-2).scatter_add(-1, f["out_idx"].long(), outlier_values(f)).view_as(x)
@@ -112,7 +91,7 @@ def dequant_keys(f: Fields, lay: GearLayout, dim: int) -> torch.Tensor:
         x = x.scatter_add(-1, f["out_idx"].long(), f["out_val"].float())
     x = x.transpose(-1, -2)
     if lay.rank[0]:
-        a, b = _factors(f)
+        a, b = low_rank_factors(f)
         x = x + a @ b.transpose(-1, -2)
     return x
 
@@ -121,7 +100,7 @@ def dequant_values(f: Fields, lay: GearLayout, dim: int) -> torch.Tensor:
     """Value blocks `(n, H, T, D)` (per-token groups of `group` channels)."""
     codes = unpack_bits(f["codes"], lay.bits, dim).float()  # (n, H, T, D)
     ng = dim // lay.group
-    scale, zero = _scale_zero(f)
+    scale, zero = (t.float() for t in group_scale_zero(f))
     x = codes.unflatten(-1, (ng, lay.group)) * scale[..., None] + zero[..., None]
     if lay.outliers[1] and lay.outlier_scope == "block":  # flat index = token * D + channel
         x = x.flatten(-3).scatter_add(-1, f["out_idx"].long(), outlier_values(f)).view_as(x)
@@ -130,7 +109,7 @@ def dequant_values(f: Fields, lay: GearLayout, dim: int) -> torch.Tensor:
         x = x.scatter_add(-1, idx, f["out_val"].float().unflatten(-1, (ng, -1)))
     x = x.flatten(-2)
     if lay.rank[1]:
-        a, b = _factors(f)
+        a, b = low_rank_factors(f)
         x = x + a @ b.transpose(-1, -2)
     return x
 

@@ -326,7 +326,7 @@ def w4a16_gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
     for k0 in range(k_start, k_end, BLOCK_K):
         for s in tl.static_range(BLOCK_K // GB):
             kg = k0 + s * GB
-            byte = _h2_bytes(w_ptr, K, stride_w, rn, n_ok, kg, k_end, GH, MASK_K)
+            byte = _h2_bytes(w_ptr, K, stride_w, rn, n_ok, kg, GH, MASK_K)
             acc += _h2_group(x_ptr, s_ptr, z_ptr, byte, pid_m, K, rn, n_ok, kg, GROUP, GB, SYMMETRIC, SUB,
                              MASK_K, DEQ_ASM)  # fmt: skip
     out = out_ptr + pid_m * N + rn
@@ -337,13 +337,13 @@ def w4a16_gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
 
 
 @triton.jit
-def _h2_bytes(w_ptr, K, stride_w, rn, n_ok, kg, k_end, GH: tl.constexpr, MASK_K: tl.constexpr):
-    """The packed bytes of rows `rn`, columns kg .. kg + 2 * GH (zeros past k_end)."""
+def _h2_bytes(w_ptr, K, stride_w, rn, n_ok, kg, GH: tl.constexpr, MASK_K: tl.constexpr):
+    """The packed bytes of rows `rn`, columns kg .. kg + 2 * GH (zeros past K)."""
     jb = tl.multiple_of(kg // 2, 16) + tl.arange(0, GH)
     w_tile = w_ptr + rn[:, None] * stride_w + jb[None, :]
     if MASK_K:
-        return tl.load(w_tile, mask=n_ok[:, None] & (2 * jb < k_end)[None, :], other=0)
-    return tl.load(w_tile, mask=n_ok[:, None] & (kg < k_end), other=0)
+        return tl.load(w_tile, mask=n_ok[:, None] & (2 * jb < K)[None, :], other=0)
+    return tl.load(w_tile, mask=n_ok[:, None], other=0)  # constant along K: 16-byte loads
 
 
 @triton.jit
