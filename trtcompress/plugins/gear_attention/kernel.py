@@ -800,41 +800,39 @@ def gear_reduce_kernel(
     G_PAD: tl.constexpr,
     D: tl.constexpr,
     SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
     WRITE_LSE: tl.constexpr,
 ):
-    """Combines the splits' (m, l, acc) partials; with WRITE_LSE also the natural-log softmax
-    normaliser of each query row (so a caller can merge this attention with other keys)."""
+    """Combines the splits' (m, l, acc) partials of one query row (grid: batch, KV heads, GQA group);
+    with WRITE_LSE also its natural-log softmax normaliser (so a caller can merge this attention with
+    other keys). All splits are read by one load per tensor, not one after another: a loop over the
+    splits would wait out a memory round trip per split (at batch 1 with 32 splits, 64 of them)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    g = tl.arange(0, G_PAD)
+    g = tl.program_id(2)
     d = tl.arange(0, D)
-    gmask = g < GROUP  # padded rows were never written: read as empty
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    for sp in range(SPLITS):
-        m = tl.maximum(
-            m, tl.load(part_m_ptr + ((b * H + h) * SPLITS + sp) * G_PAD + g, mask=gmask, other=float("-inf"))
-        )
+    sp = tl.arange(0, SPLITS_PAD)  # SPLITS rounded up to a power of two
+    smask = sp < SPLITS
+    row = ((b * H + h) * SPLITS + sp) * G_PAD + g  # this query row in every split's partials
+    m_all = tl.load(part_m_ptr + row, mask=smask, other=float("-inf"))
+    m = tl.max(m_all, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l_tot = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
-    for sp in range(SPLITS):
-        row = (b * H + h) * SPLITS + sp
-        w = tl.exp2(tl.load(part_m_ptr + row * G_PAD + g, mask=gmask, other=float("-inf")) - m_safe)
-        l_tot += w * tl.load(part_l_ptr + row * G_PAD + g, mask=gmask, other=0.0)
-        acc += w[:, None] * tl.load(
-            part_acc_ptr + (row * G_PAD + g)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0
-        )
-    qh = h * GROUP + g
+    w = tl.exp2(m_all - m_safe)  # splits without tokens (m = -inf) weigh 0
+    l_tot = tl.sum(w * tl.load(part_l_ptr + row, mask=smask, other=0.0), 0)
+    CHUNK: tl.constexpr = 32 if SPLITS_PAD > 32 else SPLITS_PAD  # (CHUNK, D) fp32 tiles stay in registers
+    acc = tl.zeros([D], tl.float32)
+    for c in tl.static_range(SPLITS_PAD // CHUNK):  # unrolled: the chunks' loads are independent
+        spc = c * CHUNK + tl.arange(0, CHUNK)
+        rowc = ((b * H + h) * SPLITS + spc) * G_PAD + g
+        mc = tl.load(part_m_ptr + rowc, mask=spc < SPLITS, other=float("-inf"))
+        part = tl.load(part_acc_ptr + rowc[:, None] * D + d[None, :], mask=(spc < SPLITS)[:, None], other=0.0)
+        acc += tl.sum(tl.exp2(mc - m_safe)[:, None] * part, 0)
+    qh = b * H * GROUP + h * GROUP + g
     if WRITE_LSE:  # scores are in log2 units (q carries log2(e)): back to natural logs
-        has = l_tot > 0  # rows with at least one token (padding rows and empty sequences have none)
+        has = l_tot > 0  # a row with at least one token (an empty sequence has none)
         lse = tl.where(has, (m_safe + tl.log2(tl.where(has, l_tot, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(lse_ptr + b * H * GROUP + qh, lse, mask=gmask)
-    l_tot = tl.where(gmask, l_tot, 1.0)
-    tl.store(
-        out_ptr + (b * H * GROUP + qh)[:, None] * D + d[None, :],
-        acc / l_tot[:, None],
-        mask=(g < GROUP)[:, None],
-    )
+        tl.store(lse_ptr + qh, lse)
+    tl.store(out_ptr + qh * D + d, acc / l_tot)
 
 
 @triton.jit
@@ -1035,9 +1033,9 @@ def gear_attention_triton(
     )
     lse = torch.empty(bsz, hq, dtype=torch.float32, device=q.device) if return_lse else out
     if splits > 1:
-        gear_reduce_kernel[(bsz, h)](
+        gear_reduce_kernel[(bsz, h, group)](
             part_m, part_l, part_acc, out, lse, H=h, GROUP=group, G_PAD=g_pad, D=dim, SPLITS=splits,
-            WRITE_LSE=return_lse,
+            SPLITS_PAD=triton.next_power_of_2(splits), WRITE_LSE=return_lse,
         )  # fmt: skip
     return (out, lse) if return_lse else out
 
