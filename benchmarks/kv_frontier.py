@@ -112,8 +112,17 @@ POINTS: list[tuple[str, str, str, dict[str, Any], int, int]] = [  # most importa
 # block and head instead of fp16 each; today's default), and the points with a low-rank residual also
 # with int4 factors (two codes per byte, one fp16 scale per rank column; int8 is the default, which
 # the fused kernel reads).
+# The base points keep fp16 group scales explicitly (gear-2bit's default is fp8 since the seventh
+# session); the "+ fp8 scales" points below add them.
 POINTS = [
-    (label, family, name, ({"outlier_dtype": "fp16"} | options) if family == "gear" else options, block, sink)
+    (
+        label,
+        family,
+        name,
+        ({"outlier_dtype": "fp16", "scale_dtype": "fp16"} | options) if family == "gear" else options,
+        block,
+        sink,
+    )
     for label, family, name, options, block, sink in POINTS
 ]
 POINTS += [

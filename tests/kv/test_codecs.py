@@ -293,7 +293,7 @@ def test_fp8_scales_and_zeros(name: str) -> None:
 
     x = _kv(7)
     x[0, 1] = 0.0  # a silent head
-    fp16, fp8 = get_codec(name), get_codec(name, scale_dtype="fp8")
+    fp16, fp8 = get_codec(name, scale_dtype="fp16"), get_codec(name, scale_dtype="fp8")
     groups = 64 * 1  # rows x groups per block and head (64 channels x 1 group of 64 tokens; 64 x 1)
     for kind in ("k", "v"):
         assert fp16.block_bytes(kind, 64, 64) - fp8.block_bytes(kind, 64, 64) == 2 * groups - 4

@@ -46,9 +46,10 @@ def aot_kernels(tmp_path_factory) -> list[dict]:
 def test_gear_attention_ptx_for_every_codec(aot_kernels) -> None:
     gear = {k["config"]: k for k in aot_kernels if k["plugin"] == "trtcompress::gear_attention"}
     assert set(gear) == {"kivi-2bit", "kivi-3bit", "kivi-4bit", "gear-2bit/block", "gear-2bit/group",
-                         "gear-4bit/block", "gear-4bit/group", "gear-2bit/block/fp8", "gear-4bit/block/fp8",
-                         "gear-2bit/block/fp8/sink1", "gear-2bit/block/int8", "kivi-2bit/sink1",
-                         "gear-4bit/block/fp8/int4f", "gear-2bit/block/fp8/fp8s/sink1"}  # fmt: skip
+                         "gear-4bit/block", "gear-4bit/group", "gear-2bit/block/fp8/fp8s",
+                         "gear-4bit/block/fp8", "gear-2bit/block/fp8/fp8s/sink1", "gear-2bit/block/fp8/sink1",
+                         "gear-2bit/block/int8/fp8s", "kivi-2bit/sink1",
+                         "gear-4bit/block/fp8/int4f"}  # fmt: skip
     assert {name for name, _ in gear_configs()} == set(gear)  # each name says what was compiled
     for config, k in gear.items():
         assert k["name"] == "gear_decode_trt_kernel", config

@@ -47,19 +47,21 @@ class AotKernel:
 
 def gear_configs() -> Iterator[tuple[str, dict]]:
     """Each codec without sink tokens: KIVI, GEAR with its defaults (block-scope outliers with fp8
-    values) and with fp16 values in both outlier scopes; then a sink token (the serving default), int8
-    outlier values, int4 low-rank factors and fp8 group scales."""
+    values; gear-2bit also fp8 group scales) and with fp16 values and scales in both outlier scopes;
+    then a sink token (the serving default) with the defaults and with fp16 scales, int8 outlier
+    values and int4 low-rank factors."""
+    fp16_scales = {"scale_dtype": "fp16"}
     for codec in GEAR_CODECS:
         if codec.startswith("kivi"):
             yield codec, {"codec": codec}
             continue
-        yield f"{codec}/block/fp8", {"codec": codec}
-        yield f"{codec}/block", {"codec": codec, "outlier_dtype": "fp16"}
-        yield f"{codec}/group", {"codec": codec, "outlier_scope": "group"}
-    yield "gear-2bit/block/fp8/sink1", {"codec": "gear-2bit", "sink": 1}
-    yield "gear-2bit/block/int8", {"codec": "gear-2bit", "outlier_dtype": "int8"}
+        yield f"{codec}/block/fp8" + ("/fp8s" if codec == "gear-2bit" else ""), {"codec": codec}
+        yield f"{codec}/block", {"codec": codec, "outlier_dtype": "fp16"} | fp16_scales
+        yield f"{codec}/group", {"codec": codec, "outlier_scope": "group"} | fp16_scales
+    yield "gear-2bit/block/fp8/fp8s/sink1", {"codec": "gear-2bit", "sink": 1}
+    yield "gear-2bit/block/fp8/sink1", {"codec": "gear-2bit", "sink": 1} | fp16_scales
+    yield "gear-2bit/block/int8/fp8s", {"codec": "gear-2bit", "outlier_dtype": "int8"}
     yield "gear-4bit/block/fp8/int4f", {"codec": "gear-4bit", "factor_dtype": "int4"}
-    yield "gear-2bit/block/fp8/fp8s/sink1", {"codec": "gear-2bit", "scale_dtype": "fp8", "sink": 1}
     yield "kivi-2bit/sink1", {"codec": "kivi-2bit", "sink": 1}
 
 

@@ -253,8 +253,9 @@ def test_custom_op_on_cpu_and_through_triton(monkeypatch) -> None:
     monkeypatch.delenv("TRTCOMPRESS_GEAR_TRITON")
     op = torch.ops.trtcompress.gear_attention.default
     # opcheck's schema test compares the inputs before and after with allclose, which torch does not
-    # implement for float8 on CPU: checked on a cache with fp16 outlier values (the schema is the same)
-    fp16_values = _filled_cache("gear-2bit", [100, 70], sink=1, outlier_dtype="fp16")
+    # implement for float8 on CPU: checked on a cache with fp16 outlier values and group scales (the
+    # schema is the same)
+    fp16_values = _filled_cache("gear-2bit", [100, 70], sink=1, outlier_dtype="fp16", scale_dtype="fp16")
     torch.library.opcheck(
         op, op_args_from_cache(q, fp16_values, 0, [0, 1]), test_utils=("test_schema", "test_faketensor")
     )
@@ -266,9 +267,8 @@ def test_custom_op_reads_one_byte_outlier_values(outlier_dtype: str, monkeypatch
     the reference and through the kernel."""
     from trtcompress.plugins.gear_attention.op import gear_attention_from_cache, op_args_from_cache
 
-    cache = _filled_cache(
-        "gear-2bit", [100, 70], sink=1, outlier_dtype=outlier_dtype, value_outlier_ratio=0.0
-    )
+    options = {"outlier_dtype": outlier_dtype, "value_outlier_ratio": 0.0, "scale_dtype": "fp16"}
+    cache = _filled_cache("gear-2bit", [100, 70], sink=1, **options)  # fp16 scales: see opcheck below
     assert "out_scale" in cache.pools["k"] and "out_scale" not in cache.pools["v"]  # keys only
     q = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(3))
     ref = _dense(q, cache, [0, 1], 0.125)
