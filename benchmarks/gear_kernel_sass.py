@@ -51,14 +51,17 @@ def _tools() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def _compile(fn, signature: dict[str, str], constants: dict, num_warps: int = 4):
+def _compile(fn, signature: dict[str, str], constants: dict, num_warps: int = 4, aligned: tuple = ()):
+    """sm_90 code for `fn`: pointers 16-byte aligned, and the integers named in `aligned` multiples of
+    16, as Triton's launcher specializes them (a row stride that is not known to be one rules out
+    vector loads)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = {n: "constexpr" if n in constants else signature.get(n, "*fp16") for n in fn.arg_names}
-    ptrs = [i for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")]
-    src = ASTSource(fn, sig, constants, attrs={(i,): [["tt.divisibility", 16]] for i in ptrs})
+    div16 = [i for i, n in enumerate(fn.arg_names) if sig[n].startswith("*") or n in aligned]
+    src = ASTSource(fn, sig, constants, attrs={(i,): [["tt.divisibility", 16]] for i in div16})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 

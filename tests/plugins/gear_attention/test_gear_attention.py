@@ -187,6 +187,20 @@ def test_one_byte_outlier_values_match_reference(outlier_dtype: str, sums: str) 
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("splits", [5, 48])
+def test_split_k_reduce_with_many_and_empty_splits(splits: int) -> None:
+    """The reduce kernel reads every split's partials at once (a power-of-two tile, masked past the
+    split count; chunks of 32 past 32 splits): with more splits than blocks most splits are empty
+    (m = -inf, weight 0), and the output and the normaliser still equal the reference."""
+    cache = _filled_cache("gear-2bit", [300, 100], sink=1, seed=4)
+    q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(6))
+    args, layout = _inputs(cache, [0, 1]), layout_for_codec(cache.codec, 64, 1)
+    ref, ref_lse = gear_attention_reference(q, *args, layout, 0.125, **_sinks(cache), return_lse=True)
+    out, lse = gear_attention_triton(q, *args, layout, 0.125, splits=splits, return_lse=True, **_sinks(cache))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=ATOL, rtol=0)
+
+
 def test_block_outliers_are_stored_in_kernel_order() -> None:
     """Keys sorted by token, values by channel: what the "runs" path sums over."""
     codec = get_codec("gear-2bit")
