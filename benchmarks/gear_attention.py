@@ -317,10 +317,13 @@ def gpu() -> None:
                         "kv_bytes": nbytes,
                         "fp16_bytes": fp16_bytes,
                     }
-                    if baseline is not None and not layout.outlier_scaled:  # the previous kernel (it
-                        # reads fp16 outlier values only), same inputs, same run
-                        row["previous_kernel_ms"] = bench(lambda a=args, kw=kw: baseline(*a, **kw))[0]
-                        row["speedup_vs_previous"] = row["previous_kernel_ms"] / ms
+                    if baseline is not None:  # the previous kernel, same inputs, same run (an older
+                        # one may not read every layout: its error is recorded instead)
+                        try:
+                            row["previous_kernel_ms"] = bench(lambda a=args, kw=kw: baseline(*a, **kw))[0]
+                            row["speedup_vs_previous"] = row["previous_kernel_ms"] / ms
+                        except Exception as exc:
+                            row["previous_kernel_error"] = f"{type(exc).__name__}: {exc}"[:300]
                     if context == 32768 and heads == 8 and ":" not in codec_name:
                         row["tuning"] = tune(gear_attention_triton, args, kw, table.shape[1], batch * heads)
                         best = min(

@@ -131,14 +131,14 @@ def prepare(out_dir: Path) -> None:
     cases = [
         ("kivi-2bit", [150, 64], 0, {}),
         ("kivi-4bit", [128, 200, 37], 1, {}),
-        ("gear-2bit", [200, 64, 37], 2, {"outlier_dtype": "fp16"}),
-        ("gear-2bit", [331], 3, {"outlier_scope": "group"}),
+        ("gear-2bit", [200, 64, 37], 2, {"outlier_dtype": "fp16", "scale_dtype": "fp16"}),
+        ("gear-2bit", [331], 3, {"outlier_scope": "group", "scale_dtype": "fp16"}),
         ("gear-4bit", [190, 129], 4, {}),  # the default: fp8 outlier values
-        ("gear-2bit", [200, 64, 37], 5, {"outlier_dtype": "fp8", "sink": 1}),
-        ("gear-2bit", [331, 70], 6, {"outlier_dtype": "int8"}),
+        ("gear-2bit", [200, 64, 37], 5, {"outlier_dtype": "fp8", "sink": 1, "scale_dtype": "fp16"}),
+        ("gear-2bit", [331, 70], 6, {"outlier_dtype": "int8"}),  # (with the default fp8 scales)
         ("kivi-2bit", [150, 64], 7, {"sink": 1}),
         ("gear-4bit", [190, 129], 8, {"factor_dtype": "int4"}),
-        ("gear-2bit", [200, 64, 37], 9, {"scale_dtype": "fp8", "sink": 1}),
+        ("gear-2bit", [200, 64, 37], 9, {"sink": 1}),  # the serving default: fp8 outliers and scales
     ]
     for i, (codec, lengths, seed, options) in enumerate(cases):
         torch.save(_gear_case(codec, lengths, seed, **options), out_dir / f"case{i:02d}.pt")
