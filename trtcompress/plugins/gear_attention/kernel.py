@@ -219,14 +219,19 @@ def _pad_rows(x, R: tl.constexpr):
 
 
 @triton.jit
-def _outlier_runs(src, oi_ptr, ov_ptr, oscale, base, N_OUT: tl.constexpr, PAD: tl.constexpr, M: tl.constexpr):
-    """Block-scope outliers whose flat index a * M + r is stored sorted by r, in chunks of <= 64:
+def _outlier_runs(src, oi_ptr, ov_ptr, oscale, base, N_OUT: tl.constexpr, PAD: tl.constexpr, M: tl.constexpr,
+                  src_ptr, src_mask, src_scale, FROM_MEMORY: tl.constexpr):  # fmt: skip
+    """Block-scope outliers whose flat index a * M + r is stored sorted by r, in chunks of <= 128:
     out[:, r] += src[:, a] * value, summed per run of equal r (`_run_sums`). Keys (channel * T + token,
-    M = T; src = the query tile): their score terms per token. Values (token * D + channel, M = D;
-    src = the probabilities): their output terms per channel. Slots past N_OUT read r = M - 1 and value
-    0, so a chunk stays sorted and they add nothing. `oscale`: the block's scale of one-byte values (1.0
-    for fp16 ones)."""
-    OC: tl.constexpr = 64 if PAD > 64 else PAD
+    M = T): their score terms per token, src = the queries, read from memory (FROM_MEMORY: `src` holds
+    the real rows' offsets at `src_ptr`, masked by `src_mask`, times `src_scale`; L1-resident, and a
+    gather from registers would go through shared memory). Values (token * D + channel, M = D): their
+    output terms per channel, src = the probabilities (registers, `tl.gather`). Slots past N_OUT read
+    r = M - 1 and value 0, so a chunk stays sorted and they add nothing. `oscale`: the block's scale of
+    one-byte values (1.0 for fp16 ones). Chunks of 128: on sm_90 fewer instructions per block than 64
+    (2,166 against 2,848 with the key path from memory, 74 barriers against 104) or 256 (2,868: longer
+    scans) for gear-2bit at head dim 128 (benchmarks/gear_kernel_sass.py)."""
+    OC: tl.constexpr = 128 if PAD > 128 else PAD
     rows: tl.constexpr = src.shape[0]
     out = tl.zeros([rows, M], tl.float32)
     for c in tl.static_range((N_OUT + OC - 1) // OC):
@@ -234,7 +239,11 @@ def _outlier_runs(src, oi_ptr, ov_ptr, oscale, base, N_OUT: tl.constexpr, PAD: t
         jm = j < N_OUT
         oi = tl.load(oi_ptr + base * N_OUT + j, mask=jm, other=M - 1).to(tl.int32)
         ov = tl.load(ov_ptr + base * N_OUT + j, mask=jm, other=0.0).to(tl.float32) * oscale
-        picked = tl.gather(src, tl.broadcast_to((oi // M)[None, :], (rows, OC)), axis=1)
+        if FROM_MEMORY:
+            picked = tl.load(src_ptr + src[:, None] + (oi // M)[None, :], mask=src_mask[:, None], other=0.0)
+            picked = picked.to(tl.float32) * src_scale
+        else:
+            picked = tl.gather(src, tl.broadcast_to((oi // M)[None, :], (rows, OC)), axis=1)
         out += _run_sums(picked * ov[None, :], oi % M, M)
     return out
 
@@ -450,7 +459,10 @@ def _gear_decode(
             s += tl.dot(q, tl.trans(sk.to(tl.float16)))
         if OUT_BLOCK:
             if OUT_RUNS:
-                s += _pad_rows(_outlier_runs(q_real, koi_ptr, kov_ptr, k_osc, bh, OUT_K, OUT_PAD, T), G_PAD)
+                g_real = tl.arange(0, GP)  # the group's real query rows, read from memory
+                k_runs = _outlier_runs((b * H * GROUP + h * GROUP + g_real) * D, koi_ptr, kov_ptr, k_osc, bh,
+                                       OUT_K, OUT_PAD, T, q_ptr, g_real < GROUP, q_scale, True)  # fmt: skip
+                s += _pad_rows(k_runs, G_PAD)
             else:
                 s += _key_outlier_scores_onehot(
                     q_ptr, q_rows, gmask, q_scale, koi_ptr, kov_ptr, k_osc, bh, OUT_K, OUT_PAD, t, T, G_PAD
@@ -487,7 +499,9 @@ def _gear_decode(
         if OUT_BLOCK:
             if OUT_RUNS:
                 p_real = _real_rows(p, GP)
-                acc += _pad_rows(_outlier_runs(p_real, voi_ptr, vov_ptr, v_osc, bh, OUT_V, OUT_PAD, D), G_PAD)
+                v_runs = _outlier_runs(p_real, voi_ptr, vov_ptr, v_osc, bh, OUT_V, OUT_PAD, D, q_ptr, gmask,
+                                       1.0, False)  # fmt: skip
+                acc += _pad_rows(v_runs, G_PAD)
             else:
                 acc += _value_outlier_acc_onehot(
                     p16, voi_ptr, vov_ptr, v_osc, bh, OUT_V, OUT_PAD, t, d, T, D, G_PAD
@@ -956,8 +970,9 @@ def gear_attention_triton(
     extra live registers cost more than the overlap gains (8-21% slower), so off.
     `outlier_sums`: how block-scope outliers reach their tokens / channels: "runs" (the default: a
     gather, prefix sums and a histogram over the codec's sorted outliers, on the GQA group's real
-    query rows only; 2.1x fewer sm_90 instructions per gear-2bit block, and on an H100 at 32k
-    2.0-2.2x faster than "onehot") or "onehot" (one-hot products on the tensor cores).
+    query rows only; on an H100 at 32k 2.0-2.2x faster than "onehot"; since then the keys' queries
+    come from memory and the chunks hold 128: 3.1x fewer sm_90 instructions per gear-2bit block than
+    "onehot", not yet timed on a GPU) or "onehot" (one-hot products on the tensor cores).
     `return_lse`: also return each query row's natural-log softmax normaliser `(B, Hq)` over the
     cache's tokens (log Σ exp(scale·q·k)), to merge with attention over other keys (split-K is then
     used even for short sequences: the reduce kernel writes it)."""
