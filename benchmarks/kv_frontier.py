@@ -49,6 +49,7 @@ POINTS: list[tuple[str, str, str, dict[str, Any], int, int]] = [  # most importa
     ("kivi-4bit no sink", "kivi", "kivi-4bit", {}, 64, 0),
     ("gear-4bit no sink", "gear", "gear-4bit", {}, 64, 0),
     ("kivi-8bit", "kivi", "kivi-8bit", {}, 64, 1),
+    ("kivi-8bit no sink", "kivi", "kivi-8bit", {}, 64, 0),  # the no-sink curve past 4.5 bits
     ("gear-2bit key rank 2", "gear", "gear-2bit", {"key_rank": 2}, 64, 1),
     ("gear-2bit key rank 2 no sink", "gear", "gear-2bit", {"key_rank": 2}, 64, 0),
     (
@@ -156,6 +157,16 @@ for _p in POINTS:
 POINTS += [
     (label[:-1] + " + fp8 scales]", family, name, options | FP8_SCALES, block, sink)
     for label, family, name, options, block, sink in _compact.values()
+]
+# gear-2bit's default form since the seventh session (fp8 outliers, int8 factors, fp8 scales) for the
+# settings with a low rank, whose most compact form above has int4 factors.
+_labels = {p[0] for p in POINTS}
+POINTS += [
+    (label[:-1] + " + fp8 scales]", family, name, options | FP8_SCALES, block, sink)
+    for label, family, name, options, block, sink in list(POINTS)
+    if label.endswith("[fp8 outliers]")
+    and name == "gear-2bit"
+    and label[:-1] + " + fp8 scales]" not in _labels
 ]
 POINTS += [
     (f"{k} [fp8 scales]", "kivi", k, FP8_SCALES, 64, 1) for k in ("kivi-2bit", "kivi-3bit", "kivi-4bit")
