@@ -98,10 +98,8 @@ def sass_summary(compiled) -> dict:
 
 
 def decode_kernel(codec_name: str, options: dict, launch: dict) -> dict:
-    import triton
-
     from trtcompress.kv import get_codec
-    from trtcompress.plugins.gear_attention.kernel import gear_decode_kernel
+    from trtcompress.plugins.gear_attention.kernel import gear_decode_kernel, layout_constants
     from trtcompress.plugins.gear_attention.reference import layout_for_codec
 
     codec = get_codec(codec_name, **options)
@@ -118,30 +116,10 @@ def decode_kernel(codec_name: str, options: dict, launch: dict) -> dict:
     for kind in "kv":
         for field, spec in codec.layout(kind, layout.block, DIM).items():
             sig[f"{kind}{names[field]}_ptr"] = dtype[str(spec.dtype)]
-    constants = dict(
-        H=HEADS,
-        GROUP=group,
-        G_PAD=max(16, triton.next_power_of_2(group)),
-        D=DIM,
-        T=layout.block,
-        VG=DIM // layout.group if DIM % layout.group == 0 else 1,
-        BITS=layout.bits,
-        OUT_K=layout.outliers[0],
-        OUT_V=layout.outliers[1],
-        RANK_K=layout.rank[0],
-        RANK_V=layout.rank[1],
-        INT8_FACTORS=layout.int8_factors,
-        INT4_FACTORS=layout.int4_factors,
-        OUT_BLOCK=layout.outlier_scope == "block",
-        OUT_PAD=max(16, triton.next_power_of_2(max(layout.outliers))),
-        SINK=layout.sink,
-        SPLITS=SPLITS,
-        ASM=True,
-        PREFETCH=not any(layout.outliers),
-        OUT_RUNS=launch.get("outlier_sums", "runs") == "runs",
-        OUT_SCALED=layout.outlier_scaled,
-        SCALES_FP8=layout.scales_fp8,
-    )  # fmt: skip  (as gear_attention_triton's launch)
+    constants = layout_constants(  # as gear_attention_triton launches it
+        layout, HEADS, group, DIM, splits=SPLITS, asm=True, prefetch=not any(layout.outliers),
+        outlier_sums=launch.get("outlier_sums", "runs"),
+    )  # fmt: skip
     return {"layout": repr(layout)} | sass_summary(_compile(gear_decode_kernel, sig, constants))
 
 

@@ -932,6 +932,37 @@ def _scale_max_args(k_fields: dict, v_fields: dict, like) -> list:
     ]
 
 
+def layout_constants(
+    layout, heads: int, group: int, dim: int, *, splits: int, asm: bool, prefetch: bool, outlier_sums: str
+) -> dict:
+    """The constexprs `gear_decode_kernel` is specialized on, for a cache layout, `heads` KV heads with
+    `group` query heads each of head dim `dim`, and the launch choices (see `gear_attention_triton`)."""
+    return {
+        "H": heads,
+        "GROUP": group,
+        "G_PAD": max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
+        "D": dim,
+        "T": layout.block,
+        "VG": dim // layout.group if dim % layout.group == 0 else 1,
+        "BITS": layout.bits,
+        "OUT_K": layout.outliers[0],
+        "OUT_V": layout.outliers[1],
+        "RANK_K": layout.rank[0],
+        "RANK_V": layout.rank[1],
+        "INT8_FACTORS": layout.int8_factors,
+        "INT4_FACTORS": layout.int4_factors,
+        "OUT_BLOCK": layout.outlier_scope == "block",
+        "OUT_PAD": max(16, triton.next_power_of_2(max(layout.outliers))),
+        "SINK": layout.sink,
+        "SPLITS": splits,
+        "ASM": asm,
+        "PREFETCH": prefetch,
+        "OUT_RUNS": outlier_sums == "runs",
+        "OUT_SCALED": layout.outlier_scaled,
+        "SCALES_FP8": layout.scales_fp8,
+    }
+
+
 def default_splits(max_blocks: int, batch_heads: int, target_programs: int = 264) -> int:
     """Enough splits that batch x heads x splits fills the GPU (`target_programs`; 264 = 2 per SM on
     132 SMs), >= 2 blocks each; a power of two, so few kernel variants get compiled."""
@@ -992,16 +1023,18 @@ def gear_attention_triton(
     bsz, hq, dim = q.shape
     h = k_tail.shape[1]
     group = hq // h
-    g_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
     max_blocks = block_table.shape[1]
     splits = splits or default_splits(max_blocks, bsz * h)  # a shape: no device sync, graph-capturable
     if return_lse:
         splits = max(splits, 2)  # the normaliser comes out of the reduce kernel
+    constants = layout_constants(
+        layout, h, group, dim, splits=splits, asm=fast_unpack, prefetch=prefetch, outlier_sums=outlier_sums
+    )
+    g_pad = constants["G_PAD"]
     out = torch.empty(bsz, hq, dim, dtype=torch.float32, device=q.device)
     part_m = torch.empty(bsz * h * splits * g_pad, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(bsz * h * splits * g_pad * dim, dtype=torch.float32, device=q.device)
-    vg = dim // layout.group if dim % layout.group == 0 else 1
     gear_decode_kernel[(bsz, h, splits)](
         q.contiguous(),
         out,
@@ -1021,28 +1054,7 @@ def gear_attention_triton(
         *_scale_max_args(k_fields, v_fields, q),
         scale,
         max_blocks,
-        H=h,
-        GROUP=group,
-        G_PAD=g_pad,
-        D=dim,
-        T=layout.block,
-        VG=vg,
-        BITS=layout.bits,
-        OUT_K=layout.outliers[0],
-        OUT_V=layout.outliers[1],
-        RANK_K=layout.rank[0],
-        RANK_V=layout.rank[1],
-        INT8_FACTORS=layout.int8_factors,
-        INT4_FACTORS=layout.int4_factors,
-        OUT_BLOCK=layout.outlier_scope == "block",
-        OUT_PAD=max(16, triton.next_power_of_2(max(layout.outliers))),
-        SINK=layout.sink,
-        SPLITS=splits,
-        ASM=fast_unpack,
-        PREFETCH=prefetch,
-        OUT_RUNS=outlier_sums == "runs",
-        OUT_SCALED=layout.outlier_scaled,
-        SCALES_FP8=layout.scales_fp8,
+        **constants,
         num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}),
     )

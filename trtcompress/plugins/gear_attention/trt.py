@@ -64,34 +64,19 @@ def kernel_constants(
     layout: GearLayout, heads: int, q_heads: int, head_dim: int, sm_scale: float, asm: bool = True
 ) -> dict:
     """The constexprs `gear_decode_trt_kernel` is compiled with for one cache layout and head shape
-    (`asm=False` only to run the kernel under TRITON_INTERPRET)."""
-    group = q_heads // heads
-    return {
-        "SM_SCALE": sm_scale,
-        "H": heads,
-        "GROUP": group,
-        "G_PAD": max(16, 1 << (group - 1).bit_length()),
-        "D": head_dim,
-        "T": layout.block,
-        "VG": head_dim // layout.group if head_dim % layout.group == 0 else 1,
-        "BITS": layout.bits,
-        "OUT_K": layout.outliers[0],
-        "OUT_V": layout.outliers[1],
-        "RANK_K": layout.rank[0],
-        "RANK_V": layout.rank[1],
-        "INT8_FACTORS": layout.int8_factors,
-        "INT4_FACTORS": layout.int4_factors,
-        "OUT_BLOCK": layout.outlier_scope == "block",
-        "OUT_PAD": max(16, 1 << (max(layout.outliers) - 1).bit_length()),
-        "SINK": layout.sink,
-        "ASM": asm,  # PTX unpacking of the codes: the plugin runs on a GPU
-        "PREFETCH": not any(layout.outliers),  # as gear_attention_triton's default
+    (`asm=False` only to run the kernel under TRITON_INTERPRET): the decode kernel's, one split (the
+    entry has no SPLITS parameter), the softmax scale baked in."""
+    from trtcompress.plugins.gear_attention.kernel import layout_constants
+
+    constants = layout_constants(
+        layout, heads, q_heads // heads, head_dim, splits=1, asm=asm,  # ASM: PTX unpacking on the GPU
+        prefetch=not any(layout.outliers),  # as gear_attention_triton's default
         # one-hot outlier sums: this PTX is the one run through the CUDA driver on an H100
         # (benchmarks/plugin_ptx_gpu.py); "runs", faster in the Python op, is not yet checked that way
-        "OUT_RUNS": False,
-        "OUT_SCALED": layout.outlier_scaled,
-        "SCALES_FP8": layout.scales_fp8,
-    }
+        outlier_sums="onehot",
+    )  # fmt: skip
+    del constants["SPLITS"]
+    return {"SM_SCALE": sm_scale} | constants
 
 
 def compile_gear_attention_ptx(
