@@ -29,7 +29,7 @@ import torch
 
 from trtcompress.kv.codec import Fields, FieldSpec, Kind, register_codec
 from trtcompress.kv.kivi import KiviCodec
-from trtcompress.kv.quant import absmax_scale, search_params
+from trtcompress.kv.quant import FP8_MAX, absmax_scale, search_params
 
 
 def outliers_per_side(ratio: float, group: int) -> int:
@@ -71,7 +71,7 @@ def _kernel_order(idx: torch.Tensor, kind: Kind, tokens: int, dim: int) -> torch
 OUTLIER_DTYPES = {
     "fp16": (torch.float16, 0.0),
     "int8": (torch.int8, 127.0),
-    "fp8": (torch.float8_e4m3fn, 448.0),
+    "fp8": (torch.float8_e4m3fn, FP8_MAX),
 }
 
 

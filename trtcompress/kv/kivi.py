@@ -9,6 +9,7 @@ import torch
 
 from trtcompress.kv.codec import Fields, FieldSpec, Kind, KVCodec, register_codec
 from trtcompress.kv.quant import (
+    FP8_MAX,
     absmax_scale,
     dequantize_rows,
     minmax_params,
@@ -18,7 +19,6 @@ from trtcompress.kv.quant import (
 )
 
 SCALE_DTYPES = ("fp16", "fp8")
-FP8_MAX = 448.0  # largest float8 E4M3
 
 
 def value_group(dim: int, group: int) -> int:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 
 from trtcompress.kv.codec import Fields, FieldSpec, Kind, KVCodec, register_codec
-from trtcompress.kv.quant import absmax_scale
-
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+from trtcompress.kv.quant import FP8_MAX, absmax_scale
 
 
 class FP16Codec(KVCodec):

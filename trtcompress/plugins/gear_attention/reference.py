@@ -83,7 +83,7 @@ def dequant_keys(f: Fields, lay: GearLayout, dim: int) -> torch.Tensor:
     """Key blocks `(n, H, T, D)` from their fields (per-channel groups over the block's tokens)."""
     t = lay.block
     codes = unpack_bits(f["codes"], lay.bits, t).float()  # (n, H, D, T)
-    scale, zero = (t.float() for t in group_scale_zero(f))
+    scale, zero = (s.float() for s in group_scale_zero(f))
     x = codes * scale + zero  # scale/zero (n, H, D, 1)
     if lay.outliers[0] and lay.outlier_scope == "block":  # flat index = channel * T + token
         x = x.flatten(-2).scatter_add(-1, f["out_idx"].long(), outlier_values(f)).view_as(x)
@@ -100,7 +100,7 @@ def dequant_values(f: Fields, lay: GearLayout, dim: int) -> torch.Tensor:
     """Value blocks `(n, H, T, D)` (per-token groups of `group` channels)."""
     codes = unpack_bits(f["codes"], lay.bits, dim).float()  # (n, H, T, D)
     ng = dim // lay.group
-    scale, zero = (t.float() for t in group_scale_zero(f))
+    scale, zero = (s.float() for s in group_scale_zero(f))
     x = codes.unflatten(-1, (ng, lay.group)) * scale[..., None] + zero[..., None]
     if lay.outliers[1] and lay.outlier_scope == "block":  # flat index = token * D + channel
         x = x.flatten(-3).scatter_add(-1, f["out_idx"].long(), outlier_values(f)).view_as(x)
