@@ -58,14 +58,21 @@ def test_gemv_h2_falls_back_where_it_does_not_apply(dtype, group):
     torch.testing.assert_close(out, fallback, rtol=0, atol=0)
 
 
-def test_op_runs_single_rows_of_fp16_on_gemv_h2(monkeypatch):
-    """The op's decode choice: M = 1 with fp16 x takes the packed-fp16 GEMV (its measured M = 1 default),
-    more rows or bf16 x the tensor-core GEMV, and `TRTCOMPRESS_W4A16_DECODE=gemv_tc` forces the latter."""
+def test_op_runs_single_rows_of_fp16_on_gemv_lop3(monkeypatch):
+    """The op's decode choice: M = 1 with fp16 x takes the lop3 GEMV (its measured M = 1 default), K not
+    a multiple of 8 the packed-fp16 GEMV, more rows or bf16 x the tensor-core GEMV, and
+    `TRTCOMPRESS_W4A16_DECODE` = gemv_h2 / gemv_tc forces those."""
     from trtcompress.plugins.w4a16_gemm import op
+    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import w4a16_gemv_lop3_kernel
     from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemv_h2_kernel, w4a16_gemv_tc_kernel
 
     calls: list[str] = []
-    for name, kernel in (("gemv_h2", w4a16_gemv_h2_kernel), ("gemv_tc", w4a16_gemv_tc_kernel)):
+    kernels = (
+        ("gemv_lop3", w4a16_gemv_lop3_kernel),
+        ("gemv_h2", w4a16_gemv_h2_kernel),
+        ("gemv_tc", w4a16_gemv_tc_kernel),
+    )
+    for name, kernel in kernels:
         real = kernel.run
         monkeypatch.setattr(
             kernel, "run", lambda *a, _n=name, _r=real, **kw: (calls.append(_n), _r(*a, **kw))[1]
@@ -74,15 +81,18 @@ def test_op_runs_single_rows_of_fp16_on_gemv_h2(monkeypatch):
     monkeypatch.delenv("TRTCOMPRESS_W4A16_DECODE", raising=False)
     monkeypatch.setitem(op.GEMV_TC_CONFIG, "block_k", 128)
     monkeypatch.setitem(op.GEMV_H2_CONFIG, "block_n", 16)
-    for m, dtype, env, want in [
-        (1, torch.float16, None, "gemv_h2"),
-        (3, torch.float16, None, "gemv_tc"),
-        (1, torch.bfloat16, None, "gemv_tc"),
-        (1, torch.float16, "gemv_tc", "gemv_tc"),
+    monkeypatch.setitem(op.GEMV_LOP3_CONFIG, "block_n", 16)
+    for m, k, dtype, env, want in [
+        (1, 256, torch.float16, None, "gemv_lop3"),
+        (1, 252, torch.float16, None, "gemv_h2"),
+        (3, 256, torch.float16, None, "gemv_tc"),
+        (1, 256, torch.bfloat16, None, "gemv_tc"),
+        (1, 256, torch.float16, "gemv_h2", "gemv_h2"),
+        (1, 256, torch.float16, "gemv_tc", "gemv_tc"),
     ]:
         if env:
             monkeypatch.setenv("TRTCOMPRESS_W4A16_DECODE", env)
-        x, args = _inputs(40, 256, 64, True, m, dtype, seed=m)
+        x, args = _inputs(40, k, 64, True, m, dtype, seed=m)
         calls.clear()
         _assert_matches(op.w4a16_gemm(x, *args, 0, 0), w4a16_gemm_reference(x, *args))
-        assert calls == [want], (m, dtype, env, calls)
+        assert calls == [want], (m, k, dtype, env, calls)

@@ -501,6 +501,8 @@ def w4a16_gemm_triton(
     decode: str = "gemv",
     stream_k: int = 0,
     h2_sub: int = 8,
+    prefetch: bool = False,
+    last_sums: bool = False,
 ) -> torch.Tensor:
     """x (M, K) fp16/bf16 -> (M, N) in x's dtype.
 
@@ -558,6 +560,28 @@ def w4a16_gemm_triton(
             w4a16_gemv_h2_kernel[(m, triton.cdiv(n, block_n), split_k)](
                 x, qweight, scales, z, m, n, k, qweight.stride(0), out, h2_group, bool(symmetric),
                 block_n, block_k, split_k, sub, k % block_k != 0, not _interpreting(), **launch,
+            )  # fmt: skip
+            return out.to(x.dtype) if atomic else out
+    if path == "gemv_lop3":
+        from trtcompress.plugins.w4a16_gemm.gemv_lop3 import split_counters, w4a16_gemv_lop3_kernel
+
+        lop3_group = gemv_tc_group(k, group, block_k, fp_exp)
+        words_ok = k % 8 == 0 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 16 == 0
+        words_ok = words_ok and x.data_ptr() % 4 == 0  # x read as fp16 pairs
+        if lop3_group is None or x.dtype != torch.float16 or not words_ok:
+            path = "gemv"
+        else:
+            atomic = split_k > 1 and not last_sums
+            out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
+            grid = (m, triton.cdiv(n, block_n), split_k)
+            part = counts = out  # any pointer where they are not used
+            if split_k > 1 and last_sums:
+                part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
+                counts = split_counters(x.device, m * grid[1])
+            w4a16_gemv_lop3_kernel[grid](
+                x, qweight, scales, z, m, n, k, qweight.stride(0) // 4, out, part, counts, lop3_group,
+                bool(symmetric), block_n, block_k, split_k, k % block_k != 0, not _interpreting(),
+                bool(prefetch), bool(last_sums), triton.next_power_of_2(split_k), **launch,
             )  # fmt: skip
             return out.to(x.dtype) if atomic else out
     if path == "gemv":

@@ -2,13 +2,14 @@
 
 CUDA tensors run the Triton kernels; CPU tensors run `reference.py` (set `TRTCOMPRESS_GEMM_TRITON=1`
 with `TRITON_INTERPRET=1` to run the kernels on CPU). Which kernel, by rows of x (M):
-- decode, M = 1 with fp16 x: the packed-fp16 GEMV (`w4a16_gemv_h2_kernel`, `GEMV_H2_CONFIG`; on an
-  H200 1.2x faster than the tensor-core GEMV at M = 1, 1.4-1.9x of a bf16 matmul, BENCHMARKS.md), unless
-  `TRTCOMPRESS_W4A16_DECODE` names another path;
+- decode, M = 1 with fp16 x: the lop3 GEMV on 32-bit weight words (`gemv_lop3.py`, `GEMV_LOP3_CONFIG`:
+  one kernel per call, its split-K partials added by the last split; on an H200, replayed from CUDA
+  graphs, 1.9-2.3x of a bf16 matmul, BENCHMARKS.md), K not a multiple of 8 the packed-fp16 GEMV
+  (`w4a16_gemv_h2_kernel`, `GEMV_H2_CONFIG`), unless `TRTCOMPRESS_W4A16_DECODE` names another path;
 - decode, M <= 16: `TRTCOMPRESS_W4A16_DECODE` = "gemv_tc" (default: the tensor-core GEMV,
   `w4a16_gemv_tc_kernel`, with `GEMV_TC_CONFIG`; on an H100 1.3-2.0x of a bf16 matmul at M = 1..16,
-  every row of x sharing one read of the weight), "gemv_h2" (M = 1 only; other M take gemv_tc) or
-  "gemv" (the elementwise GEMV for M <= 8, which re-reads the weight per row);
+  every row of x sharing one read of the weight), "gemv_lop3" / "gemv_h2" (M = 1 only; other M take
+  gemv_tc) or "gemv" (the elementwise GEMV for M <= 8, which re-reads the weight per row);
 - prefill, M > 16: `TRTCOMPRESS_W4A16_PREFILL` = "gemv_tc" (default: the same kernel in 128-row tiles,
   `GEMV_TC_PREFILL_CONFIG`; on an H100 2.3-2.5x faster than the GEMM at M = 512 / 2048) or "gemm"
   (`w4a16_gemm_kernel`). FP4 codes and groups the tensor-core GEMV does not take (not a power of two)
@@ -32,6 +33,14 @@ GEMV_TC_CONFIG = {"block_n": 64, "block_k": 256, "split_k": 8, "num_warps": 4, "
 # the "gemv_h2" decode path at M = 1: the best of the H200 tuning at K = N = 11008 and 14336 (32-row
 # tiles were 1.5% faster at 4096; benchmarks/results/gemm_gpu_h200_gemv.json)
 GEMV_H2_CONFIG = {"block_n": 128, "block_k": 256, "split_k": 8, "num_warps": 4, "num_stages": 2, "h2_sub": 8}
+# the "gemv_lop3" decode path at M = 1 (the default for fp16 x): the best of the H200 tuning at K = N =
+# 14336, replayed from CUDA graphs with the weight read from HBM (benchmarks/gemv_graphs_gpu.py,
+# benchmarks/results/gemv_graphs_gpu_h200.json; smaller layers tuned best with split-K 16 at 4096 and
+# 64-row tiles at 11008, where this config without prefetching was 1.5x / 1.2x slower than their best)
+GEMV_LOP3_CONFIG = {
+    "block_n": 128, "block_k": 256, "split_k": 8, "num_warps": 4, "num_stages": 3, "last_sums": True,
+    "prefetch": True,
+}  # fmt: skip
 # prefill (M > 16) in block_m-row tiles: the best of six tiles at K = N = 4096, M = 2048 on the H100
 # (benchmarks/results/gemm_gpu_h100_prefill_4096.json)
 GEMV_TC_PREFILL_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3}
@@ -48,12 +57,14 @@ def _kernel_kwargs(m: int, k: int, group_size: int, fp_exp: int, dtype: torch.dt
     group = group_size if group_size > 0 else k
     if m <= 16:  # one weight read serves up to 16 rows
         decode = os.environ.get("TRTCOMPRESS_W4A16_DECODE")
-        h2_ok = (
-            m == 1 and dtype == torch.float16 and gemv_tc_group(k, group, GEMV_H2_CONFIG["block_k"], fp_exp)
-        )
-        if decode in (None, "gemv_h2") and h2_ok:
+        single_fp16 = m == 1 and dtype == torch.float16
+        lop3_ok = single_fp16 and k % 8 == 0 and gemv_tc_group(k, group, GEMV_LOP3_CONFIG["block_k"], fp_exp)
+        if decode in (None, "gemv_lop3") and lop3_ok:
+            return {"path": "gemv_lop3", **GEMV_LOP3_CONFIG}
+        h2_ok = single_fp16 and gemv_tc_group(k, group, GEMV_H2_CONFIG["block_k"], fp_exp)
+        if decode in (None, "gemv_h2", "gemv_lop3") and h2_ok:
             return {"path": "gemv_h2", **GEMV_H2_CONFIG}
-        if decode in (None, "gemv_tc", "gemv_h2") and gemv_tc_group(
+        if decode in (None, "gemv_tc", "gemv_h2", "gemv_lop3") and gemv_tc_group(
             k, group, GEMV_TC_CONFIG["block_k"], fp_exp
         ):
             return {"path": "gemv_tc", **GEMV_TC_CONFIG}

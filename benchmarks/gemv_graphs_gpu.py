@@ -1,0 +1,240 @@
+"""W4A16 decode GEMVs vs bf16 matmul as a serving decode step runs them: replayed from CUDA graphs, L2 cold.
+
+    python benchmarks/gemv_graphs_gpu.py OUT.json [--quick]
+    python benchmarks/gemv_graphs_gpu.py OUT.json --smoke   # CPU: the script itself, interpreted, tiny
+
+`benchmarks/gemm_gpu.py` times each call eagerly (`do_bench`): a Triton launch costs the CPU 10-30 us,
+so small GEMVs (and the split-K paths' zero-fill and cast kernels) are partly timed as launch gaps,
+which the native runtime's CUDA graphs (`deploy.cuda_graphs`) never pay. Here every timed call is
+replayed from one captured graph, the same way for the bf16 `torch.matmul` baseline and the kernels,
+and each graph cycles through enough copies of the weight (at least 256 MB in all, over the H100/H200's
+50 MB L2) that every call reads its weight from HBM, as a model's layers do.
+
+For K = N in {4096, 11008, 14336}: the lop3 GEMV ("gemv_lop3", `plugins/w4a16_gemm/gemv_lop3.py`) is
+tuned at M = 1 (`tune_lop3`: tiles / split-K / one-kernel split-K sums, warps x stages, prefetching),
+every config checked against the reference before and after its graph replays (its PTX runs only
+here); then M = 1, 2, 4, 8, 16 time bf16 matmul,
+gemv_lop3 (best config), the op's M = 1 path gemv_h2 (`GEMV_H2_CONFIG`) and gemv_tc (`GEMV_TC_CONFIG`,
+PTX dequantization), plus eager `do_bench` times of bf16 and the best GEMV for comparison with the
+eager tables. The asymmetric (zero-point) PTX is checked once at the first size. Needs torch + triton.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton  # noqa: E402
+from trtcompress.plugins.w4a16_gemm.op import GEMV_H2_CONFIG, GEMV_TC_CONFIG  # noqa: E402
+from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference  # noqa: E402
+
+DEVICE = "cpu" if SMOKE else "cuda"
+GROUP = 128
+ROTATE_BYTES = 256 << 20  # weight copies per graph: at least this much, 5x the L2
+CALLS = 32  # calls per graph replay, cycling through the copies (4096's int4 weight: 32 of 31 copies)
+LOP3_TILES = [  # (block_n, block_k, split_k)
+    (32, 256, 1), (64, 256, 1), (32, 512, 2), (64, 256, 2), (64, 256, 4), (64, 512, 4), (128, 256, 4),
+    (64, 256, 8), (128, 128, 8), (128, 256, 8), (128, 512, 8), (256, 256, 4), (256, 256, 8), (128, 256, 16),
+]  # fmt: skip
+WARPS_STAGES = [(2, 1), (4, 2), (8, 1), (4, 3)]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    err = (out.float() - ref.float()).abs().max().item() / (ref.float().abs().max().item() + 1e-6)
+    if err > 1e-2:
+        raise AssertionError(f"kernel differs from the reference: relative max error {err:.3g}")
+    return err
+
+
+def graph_ms(fns: list) -> float:
+    """Median ms per call of CALLS calls cycling through `fns`, replayed from one CUDA graph."""
+    for fn in fns:
+        fn()  # compile / allocate outside the capture
+    if SMOKE:
+        return eager_ms(fns[0])
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS):
+            fns[i % len(fns)]()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(15):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / CALLS)
+    return sorted(times)[len(times) // 2]
+
+
+def eager_ms(fn) -> float:
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    return float(triton.testing.do_bench(fn))
+
+
+def copies_for(nbytes: int) -> int:
+    return 2 if SMOKE else max(2, -(-ROTATE_BYTES // nbytes))
+
+
+def int4_copies(n: int, k: int, count: int, symmetric: bool = True) -> list[tuple]:
+    out = []
+    for i in range(count):
+        g = torch.Generator(device=DEVICE).manual_seed(i)
+        qweight = torch.randint(0, 256, (n, k // 2), generator=g, device=DEVICE, dtype=torch.uint8)
+        scales = (torch.rand(n, k // GROUP, generator=g, device=DEVICE) * 0.01 + 0.001).half()
+        zeros = None
+        if not symmetric:
+            zeros = torch.randint(0, 16, (n, k // GROUP), generator=g, device=DEVICE, dtype=torch.uint8)
+        out.append((qweight, scales, zeros, GROUP, symmetric))
+    return out
+
+
+def kernel_fns(x: torch.Tensor, weights: list[tuple], path: str, cfg: dict) -> list:
+    return [lambda w=w: w4a16_gemm_triton(x, *w, path=path, **cfg) for w in weights]
+
+
+def time_path(x, weights, path: str, cfg: dict, ref: torch.Tensor) -> dict:
+    """{"config", "ms", "rel_err"} or {"config", "error"} (a config that fails must not stop the run)."""
+    try:
+        err = rel_err(w4a16_gemm_triton(x, *weights[0], path=path, **cfg), ref)
+        ms = graph_ms(kernel_fns(x, weights, path, cfg))
+        rel_err(w4a16_gemm_triton(x, *weights[0], path=path, **cfg), ref)  # state after the replays
+        return {"config": cfg, "ms": ms, "rel_err": err}
+    except Exception as exc:
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        print(f"  {path} {cfg}: {msg}", file=sys.stderr, flush=True)
+        return {"config": cfg, "error": msg}
+
+
+def tune_lop3(x, weights) -> tuple[dict, list[dict]]:
+    """Stage 1: tiles x split-K, split-K partials added atomically (fp32 out, zero fill and cast kernels
+    around the GEMV) or by the last split (`last_sums`, one kernel); stage 2: warps x stages around the
+    best two; stage 3: the prefetching loop on the best three."""
+    ref = w4a16_gemm_reference(x, *weights[0])
+    tiles = [(16, 128, 1), (16, 64, 2)] if SMOKE else LOP3_TILES
+    first = [
+        dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=1, last_sums=last)
+        for bn, bk, sk in tiles
+        for last in ((False, True) if sk > 1 else (False,))
+    ]
+    tried = [time_path(x, weights, "gemv_lop3", cfg, ref) for cfg in first]
+    assert any("ms" in t for t in tried), "no gemv_lop3 config ran"
+    for top in _ranked(tried)[:2]:
+        for nw, ns in WARPS_STAGES[:1] if SMOKE else WARPS_STAGES:
+            cfg = {**top["config"], "num_warps": nw, "num_stages": ns}
+            if cfg != top["config"]:
+                tried.append(time_path(x, weights, "gemv_lop3", cfg, ref))
+    for top in _ranked(tried)[:3]:
+        tried.append(time_path(x, weights, "gemv_lop3", {**top["config"], "prefetch": True}, ref))
+    return _ranked(tried)[0]["config"], tried
+
+
+def _ranked(tried: list[dict]) -> list[dict]:
+    return sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
+
+
+def bench_size(size: int, result: dict) -> None:
+    n = k = size
+    weights = int4_copies(n, k, copies_for(n * k // 2))
+    bf16 = [torch.randn(n, k, device=DEVICE).bfloat16() for _ in range(copies_for(n * k * 2))]
+    x1 = torch.randn(1, k, device=DEVICE).half()
+    t0 = time.perf_counter()
+    best, tried = tune_lop3(x1, weights)
+    result["tuning"].append({"K": k, "best": best, "seconds": time.perf_counter() - t0, "tried": tried})
+    print(f"K=N={size}: gemv_lop3 {best} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if not result["asymmetric_check"]:
+        asym = int4_copies(n, k, 1, symmetric=False)[0]
+        result["asymmetric_check"] = {"K": k, "config": best} | {
+            "rel_err": rel_err(
+                w4a16_gemm_triton(x1, *asym, path="gemv_lop3", **best), w4a16_gemm_reference(x1, *asym)
+            )
+        }
+    paths = {
+        "gemv_lop3": best,
+        "gemv_h2": GEMV_H2_CONFIG,
+        "gemv_tc": {**GEMV_TC_CONFIG, "deq_asm": not SMOKE},
+    }
+    for m in (1, 4) if SMOKE else (1, 2, 4, 8, 16):
+        x = x1 if m == 1 else torch.randn(m, k, device=DEVICE).half()
+        xb = x.bfloat16()
+        row = {"K": k, "N": n, "M": m, "int4_copies": len(weights), "bf16_copies": len(bf16)}
+        row["bf16_graph_ms"] = graph_ms([lambda w=w, xb=xb: torch.matmul(xb, w.t()) for w in bf16])
+        row["bf16_eager_ms"] = eager_ms(lambda xb=xb: torch.matmul(xb, bf16[0].t()))
+        ref = w4a16_gemm_reference(x, *weights[0])
+        for path, cfg in paths.items():
+            if path == "gemv_h2" and m > 1:
+                continue  # M = 1 only in the op
+            timed = time_path(x, weights, path, cfg, ref)
+            row[f"{path}_graph_ms"] = timed.get("ms")
+            row[f"{path}_error"] = timed.get("error")
+            if "ms" in timed:
+                row[f"{path}_speedup_vs_bf16"] = row["bf16_graph_ms"] / timed["ms"]
+        row["gemv_lop3_eager_ms"] = eager_ms(
+            lambda x=x: w4a16_gemm_triton(x, *weights[0], path="gemv_lop3", **best)
+        )
+        weight_bytes = n * k // 2 + n * (k // GROUP) * 2
+        if row.get("gemv_lop3_graph_ms"):
+            row["gemv_lop3_weight_GBps"] = weight_bytes / (row["gemv_lop3_graph_ms"] * 1e-3) / 1e9
+        row["bf16_weight_GBps"] = n * k * 2 / (row["bf16_graph_ms"] * 1e-3) / 1e9
+        result["rows"].append(row)
+        print(
+            f"K=N={size} M={m:2d} bf16 {row['bf16_graph_ms']:.4f} ms ({row['bf16_weight_GBps']:.0f} GB/s)  "
+            + "  ".join(
+                f"{p} {row[f'{p}_graph_ms']:.4f} ({row[f'{p}_speedup_vs_bf16']:.2f}x)"
+                for p in paths
+                if row.get(f"{p}_graph_ms")
+            ),
+            flush=True,
+        )
+
+
+def main() -> None:
+    out_path = Path(sys.argv[1])
+    sizes = [256] if SMOKE else [4096] if "--quick" in sys.argv else [4096, 11008, 14336]
+    start = time.perf_counter()
+    result = {
+        "device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "weight": "INT4 symmetric, group 128, fp16 scales (4.125 bits/weight); fp16 x (bf16 baseline)",
+        "timing": f"median ms per call of {CALLS} calls replayed from one CUDA graph, weights rotated over "
+        f">= {ROTATE_BYTES >> 20} MB of copies (L2 cold)",
+        "asymmetric_check": None,
+        "tuning": [],
+        "rows": [],
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for size in sizes:
+        bench_size(size, result)
+        if not SMOKE:
+            torch.cuda.empty_cache()  # the last size's weight copies
+        result["seconds"] = time.perf_counter() - start
+        out_path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out_path} ({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

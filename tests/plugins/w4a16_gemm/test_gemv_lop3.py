@@ -1,0 +1,160 @@
+"""Decode GEMV on 32-bit weight words (`w4a16_gemv_lop3_kernel`, path "gemv_lop3") == reference,
+interpreted on CPU (the integer twin of its lop3 PTX): INT4 symmetric / asymmetric, groups 64 and 128
+(and larger than the K block), split-K 1 and 2, several rows of x, a K that ends inside a block; what it
+does not take (bf16 x, FP4, group 48, K not a multiple of 8) falls back to the elementwise GEMV. The PTX
+itself compiles for sm_90 here (its machine-code cost is guarded below) and is checked against the
+reference on a GPU by benchmarks/gemm_gpu.py before any timing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.plugins.w4a16_gemm.test_gemv_tc import _assert_matches, _inputs
+from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton
+from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("group", [64, 128])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_gemv_lop3_matches_reference(symmetric, group, m, split_k):
+    x, args = _inputs(
+        96, 256, group, symmetric, m, torch.float16, seed=7 * group + 10 * m + split_k + symmetric
+    )
+    out = w4a16_gemm_triton(x, *args, path="gemv_lop3", block_n=32, block_k=128, split_k=split_k)
+    _assert_matches(out, w4a16_gemm_reference(x, *args))
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "group", "block_k"),
+    [
+        (40, 224, 64, 128),  # K ends inside a block (3.5 groups): masked words and x
+        (40, 256, 256, 128),  # group larger than the K block: two sub-blocks share a scale
+        (24, 192, 32, 64),  # one run of 4 words per group
+    ],
+)
+def test_gemv_lop3_shapes(n, k, group, block_k):
+    x, args = _inputs(n, k, group, False, 2, torch.float16, seed=n + k)
+    ref = w4a16_gemm_reference(x, *args)
+    for split_k in (1, 3):
+        _assert_matches(
+            w4a16_gemm_triton(x, *args, path="gemv_lop3", block_n=16, block_k=block_k, split_k=split_k), ref
+        )
+
+
+@pytest.mark.parametrize("split_k", [1, 3, 4])
+@pytest.mark.parametrize(("prefetch", "last_sums"), [(True, False), (False, True), (True, True)])
+def test_gemv_lop3_prefetch_and_last_split_sums(prefetch, last_sums, split_k):
+    """The prefetching loop and the one-kernel split-K (the last split of a tile adds the partials): same
+    results, K ending inside a block, and every launch leaves the arrival counters at zero."""
+    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import split_counters
+
+    for m, k in ((1, 224), (3, 256)):
+        x, args = _inputs(40, k, 64, m == 1, m, torch.float16, seed=split_k + m)
+        ref = w4a16_gemm_reference(x, *args)
+        for _ in range(2):  # the second call reuses the counters the first left behind
+            out = w4a16_gemm_triton(
+                x, *args, path="gemv_lop3", block_n=16, block_k=128, split_k=split_k, prefetch=prefetch,
+                last_sums=last_sums,
+            )  # fmt: skip
+            assert out.dtype == torch.float16
+            _assert_matches(out, ref)
+        assert not split_counters(x.device, 1).any()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "group", "k"), [(torch.bfloat16, 64, 192), (torch.float16, 48, 192), (torch.float16, 64, 196)]
+)
+def test_gemv_lop3_falls_back_where_it_does_not_apply(dtype, group, k):
+    x, args = _inputs(32, k, group, True, 1, dtype, seed=5)
+    out = w4a16_gemm_triton(x, *args, path="gemv_lop3", block_n=16, block_k=64)
+    fallback = w4a16_gemm_triton(x, *args, path="gemv", block_n=16, block_k=64)
+    torch.testing.assert_close(out, fallback, rtol=0, atol=0)
+
+
+def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
+    """Execute the straight-line PTX of `gemv_lop3._run_asm` on 32-bit registers (fp16x2 math in numpy,
+    fma rounded once): a CPU check of the bit tricks themselves, which the interpreter cannot run."""
+    import numpy as np
+
+    def h2(v: int) -> np.ndarray:
+        return np.array([v & 0xFFFF, v >> 16], dtype=np.uint16).view(np.float16).astype(np.float64)
+
+    def pack(a: np.ndarray) -> int:
+        lo, hi = a.astype(np.float16).view(np.uint16)
+        return int(lo) | int(hi) << 16
+
+    def val(tok: str) -> int:
+        return int(tok, 0) if tok[0].isdigit() else regs[tok]
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32" and rest.startswith("{"):  # unpack fp16x2 into two .f16 registers
+            dst, src = rest.split("}, ")
+            lo_name, hi_name = (t.strip() for t in dst.strip("{").split(","))
+            regs[lo_name], regs[hi_name] = val(src) & 0xFFFF, val(src) >> 16
+            continue
+        d, *a = (t.strip() for t in rest.split(","))
+        if op == "lop3.b32":
+            assert a[3] == "0xEA"
+            regs[d] = (val(a[0]) & val(a[1])) | val(a[2])
+        elif op == "shr.b32":
+            regs[d] = val(a[0]) >> int(a[1])
+        elif op == "mov.b32":
+            regs[d] = val(a[0])
+        elif op == "sub.f16x2":
+            regs[d] = pack(h2(val(a[0])) - h2(val(a[1])))
+        elif op == "add.f16x2":
+            regs[d] = pack(h2(val(a[0])) + h2(val(a[1])))
+        elif op == "mul.f16x2":
+            regs[d] = pack(h2(val(a[0])) * h2(val(a[1])))
+        elif op == "fma.rn.f16x2":
+            regs[d] = pack(h2(val(a[0])) * h2(val(a[1])) + h2(val(a[2])))
+        elif op == "cvt.f32.f16":
+            regs[d] = float(np.array(val(a[0]), dtype=np.uint16).view(np.float16))
+        elif op == "add.f32":
+            regs[d] = regs[a[0]] + regs[a[1]]
+        else:
+            raise AssertionError(f"unexpected PTX: {line}")
+    return regs
+
+
+def _prmt(a: int, b: int, select: int) -> int:
+    """PTX prmt.b32 (default mode): byte k of the result = byte select[4k:4k+4] of (b:a)."""
+    both = a | b << 32
+    return sum(((both >> (8 * ((select >> (4 * k)) & 7))) & 0xFF) << (8 * k) for k in range(4))
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_lop3_ptx_pairs_each_code_with_its_column(symmetric):
+    """The PTX of one run (4 words = 32 codes) against the plain sum of (code - zero) * x (asymmetric:
+    with the kernel's correction by the PTX sum of x)."""
+    import numpy as np
+
+    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import HIGH_HALVES, LOW_HALVES, _run_asm, _x_sum_asm
+
+    rng = np.random.default_rng(11 + symmetric)
+    for _ in range(20):
+        words = rng.integers(0, 2**32, 4, dtype=np.uint64)
+        x = rng.standard_normal(32).astype(np.float16)
+        zero = 8 if symmetric else int(rng.integers(0, 16))
+        regs = {f"${4 + w}": int(words[w]) for w in range(4)}
+        x_words = x.view(np.uint32)  # what the kernel loads: x[2j] | x[2j + 1] << 16
+        for w in range(4):  # P_i of word w from x's words 4w .. 4w + 3, by the kernel's prmt selectors
+            a = [int(v) for v in x_words[4 * w : 4 * w + 4]]
+            for i, (lo, hi, sel) in enumerate(
+                [(0, 2, LOW_HALVES), (0, 2, HIGH_HALVES), (1, 3, LOW_HALVES), (1, 3, HIGH_HALVES)]
+            ):
+                regs[f"${8 + 4 * i + w}"] = _prmt(a[lo], a[hi], int(sel.value, 16))
+        got = _run_ptx(_run_asm(), dict(regs))["$0"]  # sum of (code - 8) * x
+        if not symmetric:  # the kernel's zero-point correction: + (8 - zero) * sum(x) (PTX-summed)
+            x_regs = {f"${r - 4}": v for r, v in ((int(k[1:]), v) for k, v in regs.items()) if r >= 8}
+            got += (8 - zero) * _run_ptx(_x_sum_asm(), x_regs)["$0"]
+        codes = [(int(words[w]) >> (4 * i)) & 0xF for w in range(4) for i in range(8)]
+        want = sum((c - zero) * float(v) for c, v in zip(codes, x, strict=True))
+        assert abs(got - want) <= 2e-3 * np.abs(x).sum() * 8, (got, want)

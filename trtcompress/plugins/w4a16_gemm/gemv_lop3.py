@@ -1,0 +1,265 @@
+"""Decode GEMV on 32-bit weight words (path "gemv_lop3"): Marlin's lop3 dequantization in Triton.
+
+The packed INT4 weight (N, K / 2) bytes is read as int32 words, 8 codes each: word w of a row holds
+columns 8w .. 8w + 7, nibble i = column 8w + i. One `lop3` (AND a mask, OR fp16's 1024 exponent) turns
+two nibbles 16 bits apart into an fp16x2 pair 1024 + code, so a word takes one shift, four lop3 and
+four fp16x2 corrections (sub 1024 + zero, or fma by 1/16 for the high nibbles) for its 8 codes: 9
+instructions, where `w4a16_gemv_h2_kernel` spends 12 (two byte permutes more, and one more correction)
+and Triton's own packing of the pairs adds more. The pairs come out as columns (0, 4), (1, 5), (2, 6),
+(3, 7) of the word, so x is paired the same way once per program and group (P_i = (x[8w + i],
+x[8w + 4 + i]), shared by every row) instead of reordering the weight on disk. Per run of 4 words
+(16 bytes, one vector load) the 32 products are summed in fp16x2 by four fma per word and widened to
+fp32 once; runs are scaled per group and summed in fp32, and threads are reduced once at the end.
+
+CUDA only for the PTX; under TRITON_INTERPRET the same sums are made with integer ops in fp32 (what the
+CPU tests check; the PTX is checked against the reference on the GPU by benchmarks/gemm_gpu.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+RUN: tl.constexpr = tl.constexpr(4)  # words per vector load (16 bytes) and per fp16 partial sum: 32 products
+
+# $0..$3: fp32 outputs (the run's sum in $0, the others 0), $4..$7: the run's 4 words, then the x pairs
+# P0..P3 of the 4 words ($8..$11 = P0 of words 0..3, $12.. P1, $16.. P2, $20.. P3). The codes come out
+# as code - 8 (exact in fp16): 1024 + c - 1032 for the low nibbles, (1024 + 16 c) / 16 - 72 for the high.
+_WORD = """lop3.b32 c0, $W, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 c1, $W, 0x00F000F0, 0x64006400, 0xEA;
+shr.b32 t, $W, 8;
+lop3.b32 c2, t, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 c3, t, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 c0, c0, lo_bias;
+fma.rn.f16x2 c1, c1, sixteenth, hi_bias;
+sub.f16x2 c2, c2, lo_bias;
+fma.rn.f16x2 c3, c3, sixteenth, hi_bias;
+"""
+_WIDEN = ["mov.b32 {ha, hb}, h;", "cvt.f32.f16 fa, ha;", "cvt.f32.f16 fb, hb;", "add.f32 $0, fa, fb;"]
+_ZEROS = ["mov.b32 $1, 0;", "mov.b32 $2, 0;", "mov.b32 $3, 0;", "}"]
+
+
+def _run_asm() -> str:
+    """sum over a run of 4 words of (code - 8) * x: 4 fp16x2 fma per word, widened to fp32 once."""
+    body = ["{", ".reg .b32 c0, c1, c2, c3, t, h, lo_bias, hi_bias, sixteenth;", ".reg .f16 ha, hb;"]
+    body += [".reg .f32 fa, fb;", "mov.b32 sixteenth, 0x2C002C00;"]  # 1/16: the high nibble sits 4 bits up
+    body += ["mov.b32 lo_bias, 0x64086408;", "mov.b32 hi_bias, 0xD480D480;"]  # 1032, -72
+    for w in range(RUN.value):
+        body.append(_WORD.replace("$W", f"${4 + w}"))
+        pairs = [f"${8 + 4 * i + w}" for i in range(4)]  # P0..P3 of word w
+        first = f"mul.f16x2 h, c0, {pairs[0]};" if w == 0 else f"fma.rn.f16x2 h, c0, {pairs[0]}, h;"
+        body += [first] + [f"fma.rn.f16x2 h, c{i}, {pairs[i]}, h;" for i in (1, 2, 3)]
+    return "\n".join(body + _WIDEN + _ZEROS)
+
+
+def _x_sum_asm() -> str:
+    """sum of the run's 32 x (P0..P3 of its 4 words, $4..$19): the zero-point correction's factor."""
+    regs = [f"${r}" for r in range(4, 20)]
+    body = [
+        "{",
+        ".reg .b32 h;",
+        ".reg .f16 ha, hb;",
+        ".reg .f32 fa, fb;",
+        f"add.f16x2 h, {regs[0]}, {regs[1]};",
+    ]
+    body += [f"add.f16x2 h, h, {r};" for r in regs[2:]]
+    return "\n".join(body + _WIDEN + _ZEROS)
+
+
+_RUN_SUMS: tl.constexpr = tl.constexpr(_run_asm())
+_X_SUMS: tl.constexpr = tl.constexpr(_x_sum_asm())
+# one register per 32-bit element: 4 outputs, then 4 per argument (words, P0..P3)
+_CONSTRAINTS_RUN: tl.constexpr = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 20))
+_CONSTRAINTS_X: tl.constexpr = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 16))
+
+# prmt selectors: bytes 0-3 of a, 4-7 of b; (a.lo, b.lo) and (a.hi, b.hi)
+LOW_HALVES: tl.constexpr = tl.constexpr("0x5410")
+HIGH_HALVES: tl.constexpr = tl.constexpr("0x7632")
+
+
+@triton.jit
+def _interleave(a, b, SELECT: tl.constexpr):
+    """int32 fp16x2 from two fp16x2 by one prmt (SELECT: LOW_HALVES or HIGH_HALVES)."""
+    return tl.inline_asm_elementwise(
+        asm="prmt.b32 $0, $1, $2, " + SELECT + ";", constraints="=r,r,r", args=[a, b], dtype=tl.int32,
+        is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _x_words(x_ptr, word, x_ok, j: tl.constexpr, MASK_K: tl.constexpr):
+    """x columns 8w + 2j, 8w + 2j + 1 of every word w as one int32 fp16x2 (one 4-byte load)."""
+    ptr = x_ptr.to(tl.pointer_type(tl.int32)) + word * 4 + j
+    if MASK_K:
+        return tl.load(ptr, mask=x_ok, other=0)
+    return tl.load(ptr)
+
+
+@triton.jit
+def _x_at(x_ptr, xcol, i: tl.constexpr, x_ok, MASK_K: tl.constexpr):
+    """x at column i of every word (zeros past K)."""
+    if MASK_K:
+        return tl.load(x_ptr + xcol + i, mask=x_ok, other=0.0)
+    return tl.load(x_ptr + xcol + i)
+
+
+@triton.jit
+def _x_pairs(x_ptr, word, x_ok, MASK_K: tl.constexpr):
+    """(P0, P1, P2, P3), each int32 (1, WORDS): P_i of word w = fp16x2 (x[8w + i], x[8w + 4 + i])."""
+    a0 = _x_words(x_ptr, word, x_ok, 0, MASK_K)  # (x0, x1)
+    a1 = _x_words(x_ptr, word, x_ok, 1, MASK_K)  # (x2, x3)
+    a2 = _x_words(x_ptr, word, x_ok, 2, MASK_K)  # (x4, x5)
+    a3 = _x_words(x_ptr, word, x_ok, 3, MASK_K)  # (x6, x7)
+    p0 = _interleave(a0, a2, LOW_HALVES)  # (x0, x4)
+    p1 = _interleave(a0, a2, HIGH_HALVES)  # (x1, x5)
+    p2 = _interleave(a1, a3, LOW_HALVES)  # (x2, x6)
+    p3 = _interleave(a1, a3, HIGH_HALVES)  # (x3, x7)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _run_sums(words, x_ptr, word, x_ok, zero, SYMMETRIC: tl.constexpr, MASK_K: tl.constexpr):
+    """fp32 (BLOCK_N, WORDS / 4): per run of 4 words, the sum of (code - zero) * x by the lop3 PTX, which
+    makes code - 8; a zero point adds (8 - zero) * sum(x), summed once per run for all rows."""
+    p0, p1, p2, p3 = _x_pairs(x_ptr, word, x_ok, MASK_K)
+    out = tl.inline_asm_elementwise(
+        asm=_RUN_SUMS, constraints=_CONSTRAINTS_RUN, args=[words, p0, p1, p2, p3], dtype=tl.float32,
+        is_pure=True, pack=RUN,
+    )  # fmt: skip
+    sums = _first_of_runs(out)
+    if not SYMMETRIC:
+        x_sums = tl.inline_asm_elementwise(
+            asm=_X_SUMS, constraints=_CONSTRAINTS_X, args=[p0, p1, p2, p3], dtype=tl.float32, is_pure=True,
+            pack=RUN,
+        )  # fmt: skip
+        sums += (8 - zero).to(tl.float32) * _first_of_runs(x_sums)
+    return sums
+
+
+@triton.jit
+def _first_of_runs(t):
+    """(R, WORDS) -> (R, WORDS / 4): the first element of every run of 4 (in-thread: no data moves)."""
+    even, _ = tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 4, 2, 2)))
+    first, _ = tl.split(even)
+    return first
+
+
+@triton.jit
+def _run_sums_int(words, x_ptr, xcol, x_ok, zero, MASK_K: tl.constexpr):
+    """The same sums with integer ops in fp32 (TRITON_INTERPRET, where PTX cannot run)."""
+    acc = tl.zeros(words.shape, dtype=tl.float32)
+    for i in tl.static_range(8):
+        xi = _x_at(x_ptr, xcol, i, x_ok, MASK_K).to(tl.float32)
+        code = ((words >> (4 * i)) & 0xF).to(tl.float32)
+        acc += (code - zero) * xi
+    return tl.sum(tl.reshape(acc, (acc.shape[0], acc.shape[1] // 4, 4)), axis=2)
+
+
+@triton.jit
+def _load_words(words_ptr, row_off, n_ok, kg, k_end, K, WORDS: tl.constexpr, MASK_K: tl.constexpr):
+    """(BLOCK_N, WORDS) int32 words of columns kg .. kg + 8 * WORDS (zeros past K and from k_end on)."""
+    word = (tl.multiple_of(kg // 8, 4) + tl.arange(0, WORDS))[None, :]
+    mask = n_ok[:, None] & (kg < k_end)
+    if MASK_K:
+        mask = mask & (word * 8 < K)
+    return tl.load(words_ptr + row_off + word, mask=mask, other=0)
+
+
+@triton.jit
+def _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, K, G, GROUP: tl.constexpr, WORDS: tl.constexpr,
+                SYMMETRIC: tl.constexpr, MASK_K: tl.constexpr, DEQ_ASM: tl.constexpr):  # fmt: skip
+    """fp32 (BLOCK_N, WORDS / 4): the runs' sums of (code - zero) * x times the rows' scales."""
+    g = kg // GROUP
+    word = (tl.multiple_of(kg // 8, 4) + tl.arange(0, WORDS))[None, :]
+    x_ok = word * 8 < K
+    if SYMMETRIC:
+        zero = tl.full((words.shape[0], 1), 8, tl.int32)
+    else:
+        zero = tl.load(z_ptr + rn[:, None] * G + g, mask=n_ok[:, None], other=0).to(tl.int32)
+    if DEQ_ASM:
+        sums = _run_sums(words, x_row, word, x_ok, zero, SYMMETRIC, MASK_K)
+    else:
+        sums = _run_sums_int(words, x_row, word * 8, x_ok, zero.to(tl.float32), MASK_K)
+    # (BLOCK_N, 1) in the words' layout: no layout conversion through shared memory
+    scale = tl.load(s_ptr + rn[:, None] * G + g, mask=n_ok[:, None], other=0.0).to(tl.float32)
+    return sums * scale
+
+
+@triton.jit
+def w4a16_gemv_lop3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_words, out_ptr, part_ptr, count_ptr,
+                           GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MASK_K: tl.constexpr,
+                           DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, LAST_SUMS: tl.constexpr,
+                           SPLIT_PAD: tl.constexpr):  # fmt: skip
+    """Grid (M, cdiv(N, BLOCK_N), SPLIT_K); fp16 x; K a multiple of 8, rows `stride_words` int32 apart.
+    One step per sub-block of GB = min(GROUP, BLOCK_K) columns: (BLOCK_N, GB / 8) words, one scale (and
+    zero) per row. PREFETCH: the next step's words are loaded before this step's math (their latency
+    hides behind it). Split-K: with LAST_SUMS each split stores its fp32 partial sums in `part`
+    (SPLIT_K, M, N) and counts itself in `count` (M, cdiv(N, BLOCK_N), zero before the launch, left
+    zero after it); the last split of a tile adds the partials and stores the output in x's dtype. So a
+    decode step runs one kernel, where adding partials atomically into an fp32 `out` needs a zero fill
+    before it and a cast after it."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    GB: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K
+    WORDS: tl.constexpr = GB // 8  # per row and step
+    words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
+    G = (K + GROUP - 1) // GROUP
+    span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = tl.program_id(2) * span
+    k_end = tl.minimum(k_start + span, K)
+    row_off = rn[:, None] * stride_words
+    acc = tl.zeros((BLOCK_N, WORDS // RUN), dtype=tl.float32)
+    x_row = x_ptr + pid_m * K
+    if PREFETCH:
+        words = _load_words(words_ptr, row_off, n_ok, k_start, k_end, K, WORDS, MASK_K)
+        for kg in range(k_start, k_end, GB):
+            ahead = _load_words(words_ptr, row_off, n_ok, kg + GB, k_end, K, WORDS, MASK_K)
+            acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, K, G, GROUP, WORDS, SYMMETRIC,
+                               MASK_K, DEQ_ASM)  # fmt: skip
+            words = ahead
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            for s in tl.static_range(BLOCK_K // GB):
+                kg = k0 + s * GB
+                words = _load_words(words_ptr, row_off, n_ok, kg, k_end, K, WORDS, MASK_K)
+                acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, K, G, GROUP, WORDS, SYMMETRIC,
+                                   MASK_K, DEQ_ASM)  # fmt: skip
+    total = tl.sum(acc, axis=1)
+    out = out_ptr + pid_m * N + rn
+    if SPLIT_K == 1:
+        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+    elif LAST_SUMS:
+        tl.store(part_ptr + (tl.program_id(2) * M + pid_m) * N + rn, total, mask=n_ok)
+        tl.debug_barrier()  # every thread's partials are written before the count (release, gpu scope)
+        count = count_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            splits = tl.arange(0, SPLIT_PAD)[:, None]  # SPLIT_K rounded up to a power of two
+            parts = tl.load(
+                part_ptr + (splits * M + pid_m) * N + rn[None, :],
+                mask=(splits < SPLIT_K) & n_ok[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )  # fmt: skip  (L2: never a stale L1 line)
+            tl.store(out, tl.sum(parts, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+            tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+    else:
+        tl.atomic_add(out, total, mask=n_ok)
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for LAST_SUMS launches, one buffer per device and stream (kernels of
+    one stream run one after another; every launch leaves its counters at zero), grown on demand."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (str(device), stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < size:
+        counters = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = counters
+    return counters
