@@ -2,13 +2,15 @@
 # Every GPU measurement of issues 5 and 6 in one call to a lent GPU machine (about 7-9 minutes on an
 # H100, compilation included), each step under its own time limit so one failure keeps the others:
 #   1. benchmarks/runtime_gpu.py  native runtime vs HF generate, end to end (needs .gpu/, see below);
-#      fp16 first with deploy.cuda_graphs (first GPU run of runtime/cuda_graphs.py), then without it
+#      fp16 first with deploy.cuda_graphs (runtime/cuda_graphs.py), then without it
 #      (paged decode kernel), A/B against the torch path at 32
 #   2. benchmarks/plugin_ptx_gpu.py run  the plugins' AOT PTX (if `prepare .gpu/ptx` ran on CPU)
 #   3. benchmarks/gemm_gpu.py --gemv-only  W4A16 decode GEMVs (tensor-core and packed-fp16) vs bf16
 #      matmul, 3 sizes
 #   4. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations)
 #   5. benchmarks/gemm_gpu.py --quick  prefill (GEMM and row-tiled tensor-core GEMV) and W4A4 at 4096
+#   6. benchmarks/gemv_graphs_gpu.py  decode GEMVs (lop3, packed-fp16, tensor-core) vs bf16 matmul,
+#      replayed from CUDA graphs with the weights read from HBM (about 35 s on an H200)
 # Run through the device tool as `bash benchmarks/gpu_session.sh` with carry [".gpu"]
 # (.gpu/gear_kernel_previous.py, if present: an older kernel.py timed beside the current one).
 # .gpu/ (git-ignored) holds what the GPU image lacks: .gpu/whl/*.whl (pydantic and its three
@@ -17,7 +19,7 @@
 # Results land in $OUT (the device tool brings them back); logs too.
 # STEPS picks a subset (default: all), e.g. `STEPS="runtime gear" bash benchmarks/gpu_session.sh`.
 set -u
-STEPS=" ${STEPS:-runtime gear gemv ptx prefill} "
+STEPS=" ${STEPS:-runtime gear graphs gemv ptx prefill} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/gpu-out}
@@ -42,6 +44,8 @@ want gemv && timeout 160 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_gemv.json
 want gemv && echo "gemm_gpu (decode, 3 sizes) rc $?"
 want gear && timeout 190 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
 want gear && echo "gear_attention rc $?"
+want graphs && timeout 120 python3 benchmarks/gemv_graphs_gpu.py "$OUT/gemv_graphs_gpu.json" > "$OUT/gemv_graphs.log" 2>&1
+want graphs && echo "gemv_graphs_gpu rc $?"
 want prefill && timeout 90 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_prefill_4096.json" --quick > "$OUT/gemm_prefill.log" 2>&1
 want prefill && echo "gemm_gpu (prefill + W4A4, K = N = 4096) rc $?"
 [ -f "$OUT/gear.log" ] && grep -h -E "speedup|correctness ok|wrote" "$OUT/gear.log" | tail -28 | cut -c1-220
@@ -54,6 +58,7 @@ for r in d['w4a16']:
 for t in d['gemv_tc_tuning']:
     print(t['K'], 'tc', t['best'], 'h2', t['gemv_h2']['best'])
 " "$OUT/gemm_gpu_gemv.json"
+[ -f "$OUT/gemv_graphs.log" ] && grep -h "M= 1\|wrote" "$OUT/gemv_graphs.log" | cut -c1-200
 [ -f "$OUT/gemm_prefill.log" ] && grep -h "prefill\|GEMM config" "$OUT/gemm_prefill.log" | tail -3 | cut -c1-300
 [ -f "$OUT/runtime.log" ] && grep -v Warning "$OUT/runtime.log" | tail -12
 [ -f "$OUT/plugin_ptx.log" ] && tail -3 "$OUT/plugin_ptx.log"
