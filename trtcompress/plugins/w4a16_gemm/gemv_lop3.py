@@ -3,16 +3,18 @@
 The packed INT4 weight (N, K / 2) bytes is read as int32 words, 8 codes each: word w of a row holds
 columns 8w .. 8w + 7, nibble i = column 8w + i. One `lop3` (AND a mask, OR fp16's 1024 exponent) turns
 two nibbles 16 bits apart into an fp16x2 pair 1024 + code, so a word takes one shift, four lop3 and
-four fp16x2 corrections (sub 1024 + zero, or fma by 1/16 for the high nibbles) for its 8 codes: 9
-instructions, where `w4a16_gemv_h2_kernel` spends 12 (two byte permutes more, and one more correction)
-and Triton's own packing of the pairs adds more. The pairs come out as columns (0, 4), (1, 5), (2, 6),
-(3, 7) of the word, so x is paired the same way once per program and group (P_i = (x[8w + i],
-x[8w + 4 + i]), shared by every row) instead of reordering the weight on disk. Per run of 4 words
-(16 bytes, one vector load) the 32 products are summed in fp16x2 by four fma per word and widened to
-fp32 once; runs are scaled per group and summed in fp32, and threads are reduced once at the end.
+four fp16x2 corrections (sub 1032, or fma by 1/16 minus 72 for the high nibbles) to make code - 8 for
+its 8 codes: 9 instructions, where `w4a16_gemv_h2_kernel` spends 12 (two byte permutes more, and one
+more correction) and Triton's own packing of the pairs adds more. The pairs come out as columns (0, 4),
+(1, 5), (2, 6), (3, 7) of the word, so x is paired the same way once per program and group (P_i =
+(x[8w + i], x[8w + 4 + i]), shared by every row) instead of reordering the weight on disk. Per run of 4
+words (16 bytes, one vector load) the 32 products are summed in fp16x2 by four fma per word and widened
+to fp32 once; a zero point z adds (8 - z) * sum(x) per run; runs are scaled per group and summed in
+fp32, and threads are reduced once at the end.
 
 CUDA only for the PTX; under TRITON_INTERPRET the same sums are made with integer ops in fp32 (what the
-CPU tests check; the PTX is checked against the reference on the GPU by benchmarks/gemm_gpu.py).
+CPU tests check, with a CPU emulation of the PTX itself; on a GPU benchmarks/gemv_graphs_gpu.py checks
+the kernel against the reference before timing it).
 """
 
 from __future__ import annotations
