@@ -136,24 +136,33 @@ def test_lop3_ptx_pairs_each_code_with_its_column(symmetric):
     with the kernel's correction by the PTX sum of x)."""
     import numpy as np
 
-    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import HIGH_HALVES, LOW_HALVES, _run_asm, _x_sum_asm
+    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import (
+        HIGH_HALVES,
+        LOW_HALVES,
+        _run_asm,
+        _x_sum_asm,
+        pair_operand,
+        word_operand,
+    )
 
     rng = np.random.default_rng(11 + symmetric)
     for _ in range(20):
         words = rng.integers(0, 2**32, 4, dtype=np.uint64)
         x = rng.standard_normal(32).astype(np.float16)
         zero = 8 if symmetric else int(rng.integers(0, 16))
-        regs = {f"${4 + w}": int(words[w]) for w in range(4)}
+        pairs = {}
         x_words = x.view(np.uint32)  # what the kernel loads: x[2j] | x[2j + 1] << 16
         for w in range(4):  # P_i of word w from x's words 4w .. 4w + 3, by the kernel's prmt selectors
             a = [int(v) for v in x_words[4 * w : 4 * w + 4]]
             for i, (lo, hi, sel) in enumerate(
                 [(0, 2, LOW_HALVES), (0, 2, HIGH_HALVES), (1, 3, LOW_HALVES), (1, 3, HIGH_HALVES)]
             ):
-                regs[f"${8 + 4 * i + w}"] = _prmt(a[lo], a[hi], int(sel.value, 16))
-        got = _run_ptx(_run_asm(), dict(regs))["$0"]  # sum of (code - 8) * x
+                pairs[(i, w)] = _prmt(a[lo], a[hi], int(sel.value, 16))
+        regs = {word_operand(w): int(words[w]) for w in range(4)}
+        regs |= {pair_operand(i, w): v for (i, w), v in pairs.items()}
+        got = _run_ptx(_run_asm(), regs)["$0"]  # sum of (code - 8) * x
         if not symmetric:  # the kernel's zero-point correction: + (8 - zero) * sum(x) (PTX-summed)
-            x_regs = {f"${r - 4}": v for r, v in ((int(k[1:]), v) for k, v in regs.items()) if r >= 8}
+            x_regs = {pair_operand(i, w, first=1): v for (i, w), v in pairs.items()}
             got += (8 - zero) * _run_ptx(_x_sum_asm(), x_regs)["$0"]
         codes = [(int(words[w]) >> (4 * i)) & 0xF for w in range(4) for i in range(8)]
         want = sum((c - zero) * float(v) for c, v in zip(codes, x, strict=True))

@@ -25,9 +25,9 @@ import triton.language as tl
 
 RUN: tl.constexpr = tl.constexpr(4)  # words per vector load (16 bytes) and per fp16 partial sum: 32 products
 
-# $0..$3: fp32 outputs (the run's sum in $0, the others 0), $4..$7: the run's 4 words, then the x pairs
-# P0..P3 of the 4 words ($8..$11 = P0 of words 0..3, $12.. P1, $16.. P2, $20.. P3). The codes come out
-# as code - 8 (exact in fp16): 1024 + c - 1032 for the low nibbles, (1024 + 16 c) / 16 - 72 for the high.
+# Operands of `_run_asm` (one instance per run, pack 1): $0 the fp32 sum, $1..$4 the run's 4 words, then
+# the x pairs: P_i of word w in ${5 + 4i + w}. The codes come out as code - 8 (exact in fp16):
+# 1024 + c - 1032 for the low nibbles, (1024 + 16 c) / 16 - 72 for the high ones.
 _WORD = """lop3.b32 c0, $W, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 c1, $W, 0x00F000F0, 0x64006400, 0xEA;
 shr.b32 t, $W, 8;
@@ -38,8 +38,15 @@ fma.rn.f16x2 c1, c1, sixteenth, hi_bias;
 sub.f16x2 c2, c2, lo_bias;
 fma.rn.f16x2 c3, c3, sixteenth, hi_bias;
 """
-_WIDEN = ["mov.b32 {ha, hb}, h;", "cvt.f32.f16 fa, ha;", "cvt.f32.f16 fb, hb;", "add.f32 $0, fa, fb;"]
-_ZEROS = ["mov.b32 $1, 0;", "mov.b32 $2, 0;", "mov.b32 $3, 0;", "}"]
+_WIDEN = ["mov.b32 {ha, hb}, h;", "cvt.f32.f16 fa, ha;", "cvt.f32.f16 fb, hb;", "add.f32 $0, fa, fb;", "}"]
+
+
+def word_operand(w: int) -> str:
+    return f"${1 + w}"
+
+
+def pair_operand(i: int, w: int, first: int = 5) -> str:
+    return f"${first + 4 * i + w}"
 
 
 def _run_asm() -> str:
@@ -48,16 +55,16 @@ def _run_asm() -> str:
     body += [".reg .f32 fa, fb;", "mov.b32 sixteenth, 0x2C002C00;"]  # 1/16: the high nibble sits 4 bits up
     body += ["mov.b32 lo_bias, 0x64086408;", "mov.b32 hi_bias, 0xD480D480;"]  # 1032, -72
     for w in range(RUN.value):
-        body.append(_WORD.replace("$W", f"${4 + w}"))
-        pairs = [f"${8 + 4 * i + w}" for i in range(4)]  # P0..P3 of word w
+        body.append(_WORD.replace("$W", word_operand(w)))
+        pairs = [pair_operand(i, w) for i in range(4)]
         first = f"mul.f16x2 h, c0, {pairs[0]};" if w == 0 else f"fma.rn.f16x2 h, c0, {pairs[0]}, h;"
         body += [first] + [f"fma.rn.f16x2 h, c{i}, {pairs[i]}, h;" for i in (1, 2, 3)]
-    return "\n".join(body + _WIDEN + _ZEROS)
+    return "\n".join(body + _WIDEN)
 
 
 def _x_sum_asm() -> str:
-    """sum of the run's 32 x (P0..P3 of its 4 words, $4..$19): the zero-point correction's factor."""
-    regs = [f"${r}" for r in range(4, 20)]
+    """sum of a run's 32 x (its pairs: P_i of word w in ${1 + 4i + w}): the zero-point correction."""
+    regs = [pair_operand(i, w, first=1) for i in range(4) for w in range(RUN.value)]
     body = [
         "{",
         ".reg .b32 h;",
@@ -66,14 +73,13 @@ def _x_sum_asm() -> str:
         f"add.f16x2 h, {regs[0]}, {regs[1]};",
     ]
     body += [f"add.f16x2 h, h, {r};" for r in regs[2:]]
-    return "\n".join(body + _WIDEN + _ZEROS)
+    return "\n".join(body + _WIDEN)
 
 
 _RUN_SUMS: tl.constexpr = tl.constexpr(_run_asm())
 _X_SUMS: tl.constexpr = tl.constexpr(_x_sum_asm())
-# one register per 32-bit element: 4 outputs, then 4 per argument (words, P0..P3)
-_CONSTRAINTS_RUN: tl.constexpr = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 20))
-_CONSTRAINTS_X: tl.constexpr = tl.constexpr(",".join(["=r"] * 4 + ["r"] * 16))
+_CONSTRAINTS_RUN: tl.constexpr = tl.constexpr(",".join(["=r"] + ["r"] * 20))  # out; 4 words, 16 pairs
+_CONSTRAINTS_X: tl.constexpr = tl.constexpr(",".join(["=r"] + ["r"] * 16))  # out; 16 pairs
 
 # prmt selectors: bytes 0-3 of a, 4-7 of b; (a.lo, b.lo) and (a.hi, b.hi)
 LOW_HALVES: tl.constexpr = tl.constexpr("0x5410")
@@ -123,28 +129,37 @@ def _x_pairs(x_ptr, word, x_ok, MASK_K: tl.constexpr):
 @triton.jit
 def _run_sums(words, x_ptr, word, x_ok, zero, SYMMETRIC: tl.constexpr, MASK_K: tl.constexpr):
     """fp32 (BLOCK_N, WORDS / 4): per run of 4 words, the sum of (code - zero) * x by the lop3 PTX, which
-    makes code - 8; a zero point adds (8 - zero) * sum(x), summed once per run for all rows."""
+    makes code - 8; a zero point adds (8 - zero) * sum(x), summed once per run for all rows. The PTX
+    runs once per run on its 4 words split out of the tile (elementwise, pack 1: which registers hold
+    a run's words is then Triton's business, whatever layout it picks)."""
     p0, p1, p2, p3 = _x_pairs(x_ptr, word, x_ok, MASK_K)
-    out = tl.inline_asm_elementwise(
-        asm=_RUN_SUMS, constraints=_CONSTRAINTS_RUN, args=[words, p0, p1, p2, p3], dtype=tl.float32,
-        is_pure=True, pack=RUN,
+    w0, w1, w2, w3 = _run_parts(words)
+    a0, a1, a2, a3 = _run_parts(p0)
+    b0, b1, b2, b3 = _run_parts(p1)
+    c0, c1, c2, c3 = _run_parts(p2)
+    d0, d1, d2, d3 = _run_parts(p3)
+    sums = tl.inline_asm_elementwise(
+        asm=_RUN_SUMS, constraints=_CONSTRAINTS_RUN,
+        args=[w0, w1, w2, w3, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3],
+        dtype=tl.float32, is_pure=True, pack=1,
     )  # fmt: skip
-    sums = _first_of_runs(out)
     if not SYMMETRIC:
         x_sums = tl.inline_asm_elementwise(
-            asm=_X_SUMS, constraints=_CONSTRAINTS_X, args=[p0, p1, p2, p3], dtype=tl.float32, is_pure=True,
-            pack=RUN,
+            asm=_X_SUMS, constraints=_CONSTRAINTS_X,
+            args=[a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3],
+            dtype=tl.float32, is_pure=True, pack=1,
         )  # fmt: skip
-        sums += (8 - zero).to(tl.float32) * _first_of_runs(x_sums)
+        sums += (8 - zero).to(tl.float32) * x_sums
     return sums
 
 
 @triton.jit
-def _first_of_runs(t):
-    """(R, WORDS) -> (R, WORDS / 4): the first element of every run of 4 (in-thread: no data moves)."""
-    even, _ = tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 4, 2, 2)))
-    first, _ = tl.split(even)
-    return first
+def _run_parts(t):
+    """(R, WORDS) -> the 4 words of every run as 4 tensors (R, WORDS / 4)."""
+    even, odd = tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 4, 2, 2)))
+    first, third = tl.split(even)
+    second, fourth = tl.split(odd)
+    return first, second, third, fourth
 
 
 @triton.jit
@@ -197,11 +212,11 @@ def w4a16_gemv_lop3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_words, ou
     """Grid (M, cdiv(N, BLOCK_N), SPLIT_K); fp16 x; K a multiple of 8, rows `stride_words` int32 apart.
     One step per sub-block of GB = min(GROUP, BLOCK_K) columns: (BLOCK_N, GB / 8) words, one scale (and
     zero) per row. PREFETCH: the next step's words are loaded before this step's math (their latency
-    hides behind it). Split-K: with LAST_SUMS each split stores its fp32 partial sums in `part`
-    (SPLIT_K, M, N) and counts itself in `count` (M, cdiv(N, BLOCK_N), zero before the launch, left
-    zero after it); the last split of a tile adds the partials and stores the output in x's dtype. So a
-    decode step runs one kernel, where adding partials atomically into an fp32 `out` needs a zero fill
-    before it and a cast after it."""
+    hides behind it). Split-K: with LAST_SUMS
+    each split stores its fp32 partial sums in `part` (SPLIT_K, M, N) and counts itself in `count` (M,
+    cdiv(N, BLOCK_N), zero before the launch, left zero after it); the last split of a tile adds the
+    partials and stores the output in x's dtype. So a decode step runs one kernel, where adding partials
+    atomically into an fp32 `out` needs a zero fill before it and a cast after it."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -1,0 +1,66 @@
+"""The lop3 decode GEMV's machine-code cost per weight byte (sm_90, compiled on this CPU machine by Triton's
+own ptxas): a guard against changes that blow up its loop. The op's default launch (`GEMV_LOP3_CONFIG`,
+one 128-column group per loop step with prefetching: 128 rows x 64 bytes over 128 threads, 64 bytes per
+thread per step) measured 327 instructions per step with Triton 3.6 (5.1 per byte), against 868 per
+128 bytes (6.8 per byte) for the packed-fp16 GEMV it replaced; its GPU time is in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+CODE = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+from gear_kernel_sass import _compile, sass_summary
+from trtcompress.plugins.w4a16_gemm.gemv_lop3 import w4a16_gemv_lop3_kernel
+from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemv_h2_kernel
+from trtcompress.plugins.w4a16_gemm.op import GEMV_H2_CONFIG, GEMV_LOP3_CONFIG
+
+ints = {n: "i32" for n in ("M", "N", "K", "stride_w", "stride_words")}
+sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*fp16",
+       "part_ptr": "*fp32", "count_ptr": "*i32"} | ints
+lop3 = GEMV_LOP3_CONFIG
+out = {}
+for sym in (True, False):
+    consts = dict(GROUP=128, SYMMETRIC=sym, BLOCK_N=lop3["block_n"], BLOCK_K=lop3["block_k"],
+                  SPLIT_K=lop3["split_k"], MASK_K=False, DEQ_ASM=True, PREFETCH=lop3["prefetch"],
+                  LAST_SUMS=lop3["last_sums"], SPLIT_PAD=lop3["split_k"])
+    out["lop3_sym" if sym else "lop3_asym"] = sass_summary(_compile(
+        w4a16_gemv_lop3_kernel, sig, consts, lop3["num_warps"], aligned=("K", "stride_words")))
+h2 = GEMV_H2_CONFIG
+consts = dict(GROUP=128, SYMMETRIC=True, BLOCK_N=h2["block_n"], BLOCK_K=h2["block_k"], SPLIT_K=h2["split_k"],
+              SUB=h2["h2_sub"], MASK_K=False, DEQ_ASM=True)
+out["h2"] = sass_summary(_compile(w4a16_gemv_h2_kernel, sig | {"out_ptr": "*fp32"}, consts, h2["num_warps"],
+                                  aligned=("K", "stride_w")))
+print(json.dumps(out))
+"""
+
+
+def test_lop3_gemv_loop_cost_on_sm90() -> None:
+    from trtcompress.plugins.w4a16_gemm.op import GEMV_H2_CONFIG, GEMV_LOP3_CONFIG
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
+    proc = subprocess.run(
+        [sys.executable, "-c", CODE], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cost = json.loads(proc.stdout.strip().splitlines()[-1])
+    lop3 = GEMV_LOP3_CONFIG
+    threads = 32 * lop3["num_warps"]
+    step_bytes = lop3["block_n"] * 64 // threads  # one 128-column group (64 bytes a row) per step
+    h2_bytes = (
+        GEMV_H2_CONFIG["block_n"] * GEMV_H2_CONFIG["block_k"] // 2 // (32 * GEMV_H2_CONFIG["num_warps"])
+    )
+    sym, asym, h2 = cost["lop3_sym"], cost["lop3_asym"], cost["h2"]
+    per_byte = sym["loop_instructions"] / step_bytes
+    assert per_byte <= 5.5, sym  # 5.1 with Triton 3.6
+    assert h2["loop_instructions"] / h2_bytes > 1.25 * per_byte, (h2, sym)
+    assert sym["stack_bytes"] == 0 and asym["stack_bytes"] == 0  # no register spill
+    assert sym["by_class"].get("BAR", 0) <= 2, sym  # one layout conversion per step at most
+    assert asym["loop_instructions"] < 2 * sym["loop_instructions"], asym  # the zero-point correction
