@@ -24,8 +24,9 @@ and 32 requests submitted at once (in-flight batching, offline `Engine.generate`
 the gear-2bit KV cache (decode attention: one kernel launch per layer, `runtime/paged_attention.py`
 for fp16 and the fused GEAR kernel for gear-2bit; plus, for fp16 at the largest level, the torch path
 for an A/B in the same run: batched where it is batch-invariant on the device, else per sequence).
-On CUDA the fp16 rows run first with `deploy.cuda_graphs` (all-decode steps replayed from CUDA graphs;
-each level's graph captured in its warm-up, `graph_replays` counts the timed steps that replayed).
+On CUDA the fp16 and gear-2bit rows run first with `deploy.cuda_graphs` (all-decode steps replayed
+from CUDA graphs; each level's graph captured in its warm-up, `graph_replays` counts the timed steps
+that replayed).
 Tokens/s = generated tokens / wall seconds of the whole call (prefill included, on both sides); the
 device is synchronized before each clock read. Results are written after every row, so a run cut
 short keeps what it measured. `--smoke` runs tiny sizes (CPU check of the script itself, numbers not
@@ -169,8 +170,8 @@ def main() -> None:
         except Exception as exc:  # keep the other rows
             result.setdefault("errors", []).append(f"HF batch {batch}: {exc!r}"[:500])
     context = args.prompt + args.new + 1
-    # fp16 with all-decode steps replayed from CUDA graphs first (GPU only), then without, then gear-2bit
-    setups = [("fp16", True)] if args.device.startswith("cuda") else []
+    # fp16 and gear-2bit with all-decode steps replayed from CUDA graphs first (GPU only), then without
+    setups = [("fp16", True), ("gear-2bit", True)] if args.device.startswith("cuda") else []
     for codec, graphs in [*setups, ("fp16", False), ("gear-2bit", False)]:
         config = DeployConfig(
             device=args.device, max_batch_size=max(levels), max_num_tokens=max(256, args.prompt),
@@ -182,7 +183,7 @@ def main() -> None:
         except Exception as exc:
             result.setdefault("errors", []).append(f"runtime {codec} graphs={graphs}: {exc!r}"[:500])
             continue
-        runs = [(n, engine.model.fused_decode) for n in (levels if codec == "fp16" else levels[:2])]
+        runs = [(n, engine.model.fused_decode) for n in (levels if codec == "fp16" or graphs else levels[:2])]
         if codec == "fp16" and engine.model.fused_decode and not graphs:  # A/B: the torch decode attention
             runs.append((max(levels), False))
         for n, fused in runs:

@@ -1,6 +1,7 @@
 """All-decode steps through `DecodeGraphs` (the CUDA-graph path), run eagerly on CPU (`capture=False`:
-the same static step, the paged fp16 kernel interpreted): the same logits as `BatchedModel.forward`
-step after step, padding rows included, across block boundaries; the cache writes it splits off
+the same static step, the paged fp16 kernel or the fused GEAR kernel interpreted): the same logits as
+`BatchedModel.forward` step after step, padding rows included, across block boundaries (compressed
+blocks filled during graph steps included); the cache writes it splits off
 (`write_token_tails` + `finish_token_writes`) equal `write_tokens`; configuration errors."""
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from trtcompress.runtime.cuda_graphs import DecodeGraphs, batch_buckets
 from trtcompress.runtime.model import BatchedModel
 
 
-def _run(graphs: bool, monkeypatch) -> tuple[list[torch.Tensor], int]:
-    monkeypatch.setenv("TRTCOMPRESS_GEAR_TRITON", "1")  # the fused (paged kernel) path on CPU
+def _run(graphs: bool, monkeypatch, codec: str = "fp16") -> tuple[list[torch.Tensor], int]:
+    monkeypatch.setenv("TRTCOMPRESS_GEAR_TRITON", "1")  # the fused (paged / GEAR kernel) path on CPU
     model = _model()
-    cache = cache_for_model(model, get_codec("fp16"), 256, 3, 64, 1)  # 2 sequences + the padding slot
+    cache = cache_for_model(model, get_codec(codec), 256, 3, 64, 1)  # 2 sequences + the padding slot
     runtime = BatchedModel(model, cache, 16)
     pad_slot = cache.take_slot()
     if graphs:  # one bucket of 4: every all-decode step carries 2 or 3 padding rows
@@ -33,9 +34,12 @@ def _run(graphs: bool, monkeypatch) -> tuple[list[torch.Tensor], int]:
     return run_steps(runtime, cache), runtime.graphs.replays if graphs else 0
 
 
-def test_graph_steps_give_the_forward_logits(monkeypatch) -> None:
-    want, _ = _run(False, monkeypatch)
-    got, replays = _run(True, monkeypatch)
+@pytest.mark.parametrize("codec", ["fp16", "gear-2bit"])
+def test_graph_steps_give_the_forward_logits(monkeypatch, codec) -> None:
+    """gear-2bit: the fused GEAR kernel reads compressed blocks; the blocks that fill during graph steps
+    are compressed after the replay, the eager path compresses them layer by layer: same logits."""
+    want, _ = _run(False, monkeypatch, codec)
+    got, replays = _run(True, monkeypatch, codec)
     assert replays >= 60  # most steps were all-decode steps of the static path
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=0)
@@ -77,8 +81,11 @@ def test_buckets_and_configuration_errors(monkeypatch) -> None:
         DeployConfig(cuda_graphs=True)
     monkeypatch.setenv("TRTCOMPRESS_GEAR_TRITON", "1")
     model = _model()
-    gear = BatchedModel(model, cache_for_model(model, get_codec("gear-2bit"), 128, 2, 64, 0), 16)
-    with pytest.raises(ValueError, match="fp16 KV cache"):
+    int8 = BatchedModel(model, cache_for_model(model, get_codec("int8"), 128, 2, 64, 0), 16)
+    with pytest.raises(ValueError, match="a KV cache one of them reads"):  # no fused kernel reads int8
+        DecodeGraphs(int8, 1, (1,), 2, capture=False)
+    gear = BatchedModel(model, cache_for_model(model, get_codec("gear-2bit"), 256, 2, 128, 0), 16)
+    with pytest.raises(ValueError, match="blocks of one key group"):  # blocks of 128, groups of 64
         DecodeGraphs(gear, 1, (1,), 2, capture=False)
     fp16 = BatchedModel(model, cache_for_model(model, get_codec("fp16"), 128, 2, 64, 0), 16)
     with pytest.raises(ValueError, match="need a CUDA device"):

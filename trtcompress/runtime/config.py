@@ -52,9 +52,9 @@ class DeployConfig(BaseModel):
     )
     cuda_graphs: bool = Field(
         False,
-        description="native runtime on CUDA with an fp16 KV cache: replay steps of decode tokens only from "
-        "CUDA graphs captured per batch size (1, 2, 4, ... max_batch_size), one launch instead of a kernel "
-        "per operation",
+        description="native runtime on CUDA with a KV cache a fused decode kernel reads (fp16, or 2/4-bit "
+        "KIVI/GEAR with blocks of one key group): replay steps of decode tokens only from CUDA graphs "
+        "captured per batch size (1, 2, 4, ... max_batch_size), one launch instead of a kernel per operation",
     )
     kv_decompressed_cache_mb: float = Field(
         64,

@@ -15,8 +15,11 @@ padding that attends to nothing and writes its K/V into a tail slot no sequence 
 commit. Block tables are `max_blocks` wide (the context's blocks), so sequences that grow never need a
 new graph.
 
-Applies to steps whose every work is one decode token, on the fp16 cache through the paged Triton
-kernel (`fused_decode_supported`); every other step runs `BatchedModel.forward` as before. The graph
+Applies to steps whose every work is one decode token, on any cache a fused decode kernel reads
+(`fused_decode_supported`: fp16 through the paged Triton kernel, 2/4-bit KIVI and GEAR through the
+fused GEAR kernel, whose launch depends on shapes only); every other step runs `BatchedModel.forward`
+as before. For a compressed cache the graph writes the new tokens into the fp16 tails, and the blocks
+that fill are compressed on the host after the replay (`finish_token_writes`), as in eager steps. The graph
 runs `BatchedModel.decode_all`, the same operations as the eager fused path, so a sequence's numbers
 do not depend on whether its step was replayed (the GEMMs are batch-invariant, checked at start;
 tested on CPU with `capture=False`, which runs the same static step eagerly).
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trtcompress.runtime.fused_attention import FusedDecodeInputs
+from trtcompress.runtime.fused_attention import FusedDecodeInputs, decode_layout
 from trtcompress.runtime.scheduler import Work
 
 
@@ -57,12 +60,11 @@ class _Static:
 
 class DecodeGraphs:
     def __init__(self, model, pad_slot: int, buckets: tuple[int, ...], max_blocks: int, capture: bool = True):
-        from trtcompress.runtime.fused_attention import _is_fp16
-
-        if not model.fused_decode or not _is_fp16(model.cache):
+        if not model.fused_decode:
             raise ValueError(
-                "CUDA graphs replay the fp16 cache's paged decode kernel: they need deploy.device cuda and "
-                "an fp16 KV cache (kv_cache.codec fp16) with a power-of-two block size"
+                "CUDA graphs replay the fused decode kernels: they need deploy.device cuda and a KV cache "
+                "one of them reads (fp16 with a power-of-two block size, or 2/4-bit KIVI/GEAR with blocks "
+                "of one key group, kv_cache.block_size = the codec's group) and a power-of-two head dim"
             )
         if capture and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the runtime runs on {model.device}")
@@ -126,7 +128,9 @@ class DecodeGraphs:
         st = _Static(
             ids=torch.zeros(bucket, dtype=torch.long, device=dev),
             positions=torch.zeros(bucket, dtype=torch.long, device=dev),
-            inputs=FusedDecodeInputs([], table, i32(), i32(), slots.to(torch.int32), None),
+            inputs=FusedDecodeInputs(
+                [], table, i32(), i32(), slots.to(torch.int32), decode_layout(self.model.cache)
+            ),
             slots=slots,
             offsets=torch.zeros(bucket, dtype=torch.long, device=dev),
         )

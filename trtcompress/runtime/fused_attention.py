@@ -65,6 +65,11 @@ class FusedDecodeInputs:
     layout: GearLayout | None  # None: the fp16 codec
 
 
+def decode_layout(cache: PagedKVCache) -> GearLayout | None:
+    """What the fused GEAR/KIVI kernel reads of this cache's blocks (None: the fp16 paged kernel)."""
+    return None if _is_fp16(cache) else layout_for_codec(cache.codec, cache.head_dim, cache.sink_tokens)
+
+
 def fused_decode_inputs(cache: PagedKVCache, seq_ids: list[int], device: torch.device) -> FusedDecodeInputs:
     table, lengths = cache.block_table(seq_ids)
     num_blocks = lengths // cache.block_size
@@ -74,7 +79,7 @@ def fused_decode_inputs(cache: PagedKVCache, seq_ids: list[int], device: torch.d
         num_blocks.to(device),
         (lengths - num_blocks * cache.block_size).to(device),
         cache.tail_slots(seq_ids).to(device),
-        None if _is_fp16(cache) else layout_for_codec(cache.codec, cache.head_dim, cache.sink_tokens),
+        decode_layout(cache),
     )
 
 
