@@ -167,3 +167,32 @@ def test_lop3_ptx_pairs_each_code_with_its_column(symmetric):
         codes = [(int(words[w]) >> (4 * i)) & 0xF for w in range(4) for i in range(8)]
         want = sum((c - zero) * float(v) for c, v in zip(codes, x, strict=True))
         assert abs(got - want) <= 2e-3 * np.abs(x).sum() * 8, (got, want)
+
+
+@pytest.mark.parametrize(
+    ("path", "options"),
+    [
+        ("gemv_tc", {}),
+        ("gemv_h2", {}),
+        ("gemv_lop3", {}),
+        ("gemv_lop3", {"prefetch": True, "last_sums": True}),
+    ],
+)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_decode_gemvs_read_no_scale_past_k(path, options, symmetric):
+    """K = 96 in a 256-column block: the sub-blocks past K have no group. Their scales (and zeros) must
+    not be read: here the memory after the scales holds NaN, which 0 * NaN would carry into the last
+    row's output (a CI run caught this as a 1-in-many NaN, depending on what followed the tensor)."""
+    x, (qweight, scales, zeros, group, sym) = _inputs(24, 96, 64, symmetric, 3, torch.float16, seed=9)
+    poisoned = torch.full((scales.numel() + 64,), float("nan"), dtype=torch.float16)
+    poisoned[: scales.numel()] = scales.flatten()
+    scales = poisoned[: scales.numel()].view(scales.shape)
+    if zeros is not None:
+        padded = torch.full((zeros.numel() + 64,), 255, dtype=torch.uint8)
+        padded[: zeros.numel()] = zeros.flatten()
+        zeros = padded[: zeros.numel()].view(zeros.shape)
+    args = (qweight, scales, zeros, group, sym)
+    for m in (1, 3):
+        out = w4a16_gemm_triton(x[:m], *args, path=path, block_n=16, block_k=256, split_k=1, **options)
+        assert torch.isfinite(out).all(), (path, m)
+        _assert_matches(out, w4a16_gemm_reference(x[:m], *args))

@@ -188,18 +188,19 @@ def _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, K, G, GROUP: tl.conste
                 SYMMETRIC: tl.constexpr, MASK_K: tl.constexpr, DEQ_ASM: tl.constexpr):  # fmt: skip
     """fp32 (BLOCK_N, WORDS / 4): the runs' sums of (code - zero) * x times the rows' scales."""
     g = kg // GROUP
+    g_ok = (n_ok & (kg < K))[:, None] if MASK_K else n_ok[:, None]  # no scale or zero past K to read
     word = (tl.multiple_of(kg // 8, 4) + tl.arange(0, WORDS))[None, :]
     x_ok = word * 8 < K
     if SYMMETRIC:
         zero = tl.full((words.shape[0], 1), 8, tl.int32)
     else:
-        zero = tl.load(z_ptr + rn[:, None] * G + g, mask=n_ok[:, None], other=0).to(tl.int32)
+        zero = tl.load(z_ptr + rn[:, None] * G + g, mask=g_ok, other=0).to(tl.int32)
     if DEQ_ASM:
         sums = _run_sums(words, x_row, word, x_ok, zero, SYMMETRIC, MASK_K)
     else:
         sums = _run_sums_int(words, x_row, word * 8, x_ok, zero.to(tl.float32), MASK_K)
     # (BLOCK_N, 1) in the words' layout: no layout conversion through shared memory
-    scale = tl.load(s_ptr + rn[:, None] * G + g, mask=n_ok[:, None], other=0.0).to(tl.float32)
+    scale = tl.load(s_ptr + rn[:, None] * G + g, mask=g_ok, other=0.0).to(tl.float32)
     return sums * scale
 
 

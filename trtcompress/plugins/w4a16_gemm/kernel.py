@@ -195,6 +195,7 @@ def _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, K, stride_w, rn, n_ok, rm, m_ok, k
         for s in tl.static_range(NSUB):
             kg = tl.multiple_of(k0 + s * GB, 32)  # GB >= 32 (`gemv_tc_group`): 16-byte aligned bytes
             g = kg // GROUP
+            g_ok = n_ok & (kg < K) if MASK_K else n_ok  # a sub-block past K has no scale (or zero) to read
             jb = tl.multiple_of(kg // 2, 16) + tl.arange(0, GH)
             w_tile = w_ptr + rn[:, None] * stride_w + jb[None, :]
             if MASK_K:  # the last K block is partial
@@ -208,7 +209,7 @@ def _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, K, stride_w, rn, n_ok, rm, m_ok, k
             x_lo = tl.trans(x_lo)  # (GH, M_PAD)
             x_hi = tl.trans(x_hi)
             if not SYMMETRIC:
-                zero = tl.load(z_ptr + rn * G + g, mask=n_ok, other=0).to(tl.float32) + MAGIC
+                zero = tl.load(z_ptr + rn * G + g, mask=g_ok, other=0).to(tl.float32) + MAGIC
                 zero_h = zero.to(x_ptr.dtype.element_ty)
             if DEQ_ASM:  # fp16 only: codes - 8 (symmetric) or codes, from PTX
                 c_lo, c_hi = _deq_asm(byte, SYMMETRIC)
@@ -235,7 +236,7 @@ def _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, K, stride_w, rn, n_ok, rm, m_ok, k
                     c_hi = ((b16 >> 4) | 0x6400).to(tl.float16, bitcast=True) - zero_h[:, None]
                     part = tl.dot(c_lo, x_lo, out_dtype=tl.float32)
                     part = tl.dot(c_hi, x_hi, part, out_dtype=tl.float32)
-            scale = tl.load(s_ptr + rn * G + g, mask=n_ok, other=0.0).to(tl.float32)
+            scale = tl.load(s_ptr + rn * G + g, mask=g_ok, other=0.0).to(tl.float32)
             acc += part * scale[:, None]
     return acc
 
@@ -354,6 +355,7 @@ def _h2_group(x_ptr, s_ptr, z_ptr, byte, pid_m, K, rn, n_ok, kg, GROUP: tl.const
     GH: tl.constexpr = GB // 2
     G = (K + GROUP - 1) // GROUP
     g = kg // GROUP
+    g_ok = n_ok & (kg < K) if MASK_K else n_ok  # a sub-block past K has no scale (or zero) to read
     cols = kg + tl.arange(0, GB)
     if MASK_K:
         xk = tl.load(x_ptr + pid_m * K + cols, mask=cols < K, other=0.0)
@@ -368,13 +370,13 @@ def _h2_group(x_ptr, s_ptr, z_ptr, byte, pid_m, K, rn, n_ok, kg, GROUP: tl.const
         c_lo = ((b16 & 0xF) | 0x6400).to(tl.float16, bitcast=True) - magic
         c_hi = ((b16 >> 4) | 0x6400).to(tl.float16, bitcast=True) - magic
     if not SYMMETRIC:
-        zero = tl.load(z_ptr + rn * G + g, mask=n_ok, other=0).to(tl.float16)
+        zero = tl.load(z_ptr + rn * G + g, mask=g_ok, other=0).to(tl.float16)
         c_lo = c_lo - zero[:, None]
         c_hi = c_hi - zero[:, None]
     prod = c_lo * x_lo[None, :] + c_hi * x_hi[None, :]  # fp16
     short = tl.sum(tl.reshape(prod, (prod.shape[0], GH // SUB, SUB)), axis=2, dtype=tl.float16)
     part = tl.sum(short.to(tl.float32), axis=1)
-    scale = tl.load(s_ptr + rn * G + g, mask=n_ok, other=0.0).to(tl.float32)
+    scale = tl.load(s_ptr + rn * G + g, mask=g_ok, other=0.0).to(tl.float32)
     return part * scale
 
 
