@@ -21,6 +21,7 @@ eager tables. The asymmetric (zero-point) PTX is checked once at the first size.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -36,13 +37,13 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton  # noqa: E402
-from trtcompress.plugins.w4a16_gemm.op import GEMV_H2_CONFIG, GEMV_TC_CONFIG  # noqa: E402
+from trtcompress.plugins.w4a16_gemm.op import GEMV_H2_CONFIG, GEMV_LOP3_CONFIG, GEMV_TC_CONFIG  # noqa: E402
 from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference  # noqa: E402
 
 DEVICE = "cpu" if SMOKE else "cuda"
 GROUP = 128
 ROTATE_BYTES = 256 << 20  # weight copies per graph: at least this much, 5x the L2
-CALLS = 32  # calls per graph replay, cycling through the copies (4096's int4 weight: 32 of 31 copies)
+CALLS = 32  # calls per graph replay, cycling through the copies (4096's int4 weight: 32 copies)
 LOP3_TILES = [  # (block_n, block_k, split_k): one group per step
     (32, 256, 1), (64, 256, 1), (32, 512, 2), (64, 256, 2), (64, 256, 4), (64, 512, 4), (128, 256, 4),
     (64, 256, 8), (128, 128, 8), (128, 256, 8), (128, 512, 8), (256, 256, 4), (256, 256, 8), (128, 256, 16),
@@ -57,11 +58,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return err
 
 
-def graph_ms(fns: list) -> float:
-    """Median ms per call of CALLS calls cycling through `fns`, replayed from one CUDA graph."""
+def graph_ms(fns: list, check=None) -> float:
+    """Median ms per call of CALLS calls cycling through `fns`, replayed from one CUDA graph. `check`
+    (optional) gets the output of the graph's last call and its index in `fns` after the replays: the
+    graph's own result, not an eager rerun's."""
     for fn in fns:
         fn()  # compile / allocate outside the capture
     if SMOKE:
+        if check is not None:
+            check(fns[-1](), len(fns) - 1)
         return eager_ms(fns[0])
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
@@ -73,7 +78,7 @@ def graph_ms(fns: list) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for i in range(CALLS):
-            fns[i % len(fns)]()
+            last = fns[i % len(fns)]()
     for _ in range(3):
         graph.replay()
     times = []
@@ -84,6 +89,8 @@ def graph_ms(fns: list) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / CALLS)
+    if check is not None:
+        check(last, (CALLS - 1) % len(fns))
     return sorted(times)[len(times) // 2]
 
 
@@ -104,10 +111,10 @@ def int4_copies(n: int, k: int, count: int, symmetric: bool = True) -> list[tupl
     for i in range(count):
         g = torch.Generator(device=DEVICE).manual_seed(i)
         qweight = torch.randint(0, 256, (n, k // 2), generator=g, device=DEVICE, dtype=torch.uint8)
-        scales = (torch.rand(n, k // GROUP, generator=g, device=DEVICE) * 0.01 + 0.001).half()
+        scales = (torch.rand(n, -(-k // GROUP), generator=g, device=DEVICE) * 0.01 + 0.001).half()
         zeros = None
         if not symmetric:
-            zeros = torch.randint(0, 16, (n, k // GROUP), generator=g, device=DEVICE, dtype=torch.uint8)
+            zeros = torch.randint(0, 16, (n, -(-k // GROUP)), generator=g, device=DEVICE, dtype=torch.uint8)
         out.append((qweight, scales, zeros, GROUP, symmetric))
     return out
 
@@ -117,11 +124,15 @@ def kernel_fns(x: torch.Tensor, weights: list[tuple], path: str, cfg: dict) -> l
 
 
 def time_path(x, weights, path: str, cfg: dict, ref: torch.Tensor) -> dict:
-    """{"config", "ms", "rel_err"} or {"config", "error"} (a config that fails must not stop the run)."""
+    """{"config", "ms", "rel_err"} or {"config", "error"} (a config that fails must not stop the run):
+    checked eagerly first, then the graph's own last output after its replays."""
     try:
         err = rel_err(w4a16_gemm_triton(x, *weights[0], path=path, **cfg), ref)
-        ms = graph_ms(kernel_fns(x, weights, path, cfg))
-        rel_err(w4a16_gemm_triton(x, *weights[0], path=path, **cfg), ref)  # state after the replays
+
+        def graph_check(out: torch.Tensor, i: int) -> None:
+            rel_err(out, ref if i == 0 else w4a16_gemm_reference(x, *weights[i]))
+
+        ms = graph_ms(kernel_fns(x, weights, path, cfg), graph_check)
         return {"config": cfg, "ms": ms, "rel_err": err}
     except Exception as exc:
         msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -175,6 +186,7 @@ def bench_size(size: int, result: dict) -> None:
         }
     paths = {
         "gemv_lop3": best,
+        "gemv_lop3_op": GEMV_LOP3_CONFIG,  # what the op runs at every size (tuned at 14336)
         "gemv_h2": GEMV_H2_CONFIG,
         "gemv_tc": {**GEMV_TC_CONFIG, "deq_asm": not SMOKE},
     }
@@ -188,7 +200,7 @@ def bench_size(size: int, result: dict) -> None:
         for path, cfg in paths.items():
             if path == "gemv_h2" and m > 1:
                 continue  # M = 1 only in the op
-            timed = time_path(x, weights, path, cfg, ref)
+            timed = time_path(x, weights, path.removesuffix("_op"), cfg, ref)
             row[f"{path}_graph_ms"] = timed.get("ms")
             row[f"{path}_error"] = timed.get("error")
             if "ms" in timed:
@@ -196,7 +208,7 @@ def bench_size(size: int, result: dict) -> None:
         row["gemv_lop3_eager_ms"] = eager_ms(
             lambda x=x: w4a16_gemm_triton(x, *weights[0], path="gemv_lop3", **best)
         )
-        weight_bytes = n * k // 2 + n * (k // GROUP) * 2
+        weight_bytes = n * k // 2 + n * -(-k // GROUP) * 2
         if row.get("gemv_lop3_graph_ms"):
             row["gemv_lop3_weight_GBps"] = weight_bytes / (row["gemv_lop3_graph_ms"] * 1e-3) / 1e9
         row["bf16_weight_GBps"] = n * k * 2 / (row["bf16_graph_ms"] * 1e-3) / 1e9
@@ -210,6 +222,26 @@ def bench_size(size: int, result: dict) -> None:
             ),
             flush=True,
         )
+
+
+ODD_SHAPES = [(1536, 576), (200, 576), (4160, 4096)]  # (N, K): SmolLM2's K, partial row tiles, a tail
+
+
+def odd_shape_checks() -> list[dict]:
+    """The op's M = 1 / 2 launch (`GEMV_LOP3_CONFIG`) against the reference where the timed sizes are
+    all aligned: K = 576 (a partial last K block), N not a multiple of the row tile; symmetric and with
+    zero points, eagerly and replayed from a graph."""
+    rows = []
+    for (n, k), sym, m in itertools.product(ODD_SHAPES if not SMOKE else [(40, 192)], (True, False), (1, 2)):
+        weights = int4_copies(n, k, 2, symmetric=sym)
+        x = torch.randn(m, k, device=DEVICE).half()
+        ref = w4a16_gemm_reference(x, *weights[0])
+        timed = time_path(x, weights, "gemv_lop3", GEMV_LOP3_CONFIG, ref)
+        rows.append({"N": n, "K": k, "M": m, "symmetric": sym} | timed)
+        print(
+            f"check N={n} K={k} M={m} {'sym' if sym else 'asym'}: {timed.get('rel_err', timed.get('error'))}"
+        )
+    return rows
 
 
 def main() -> None:
@@ -228,6 +260,8 @@ def main() -> None:
         "rows": [],
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    result["odd_shape_checks"] = odd_shape_checks()
+    out_path.write_text(json.dumps(result, indent=1))
     for size in sizes:
         bench_size(size, result)
         if not SMOKE:

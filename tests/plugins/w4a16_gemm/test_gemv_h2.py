@@ -59,8 +59,8 @@ def test_gemv_h2_falls_back_where_it_does_not_apply(dtype, group):
 
 
 def test_op_runs_single_rows_of_fp16_on_gemv_lop3(monkeypatch):
-    """The op's decode choice: M = 1 with fp16 x takes the lop3 GEMV (its measured M = 1 default), K not
-    a multiple of 8 the packed-fp16 GEMV, more rows or bf16 x the tensor-core GEMV, and
+    """The op's decode choice: M = 1 or 2 with fp16 x takes the lop3 GEMV (measured faster there), M = 1
+    with K not a multiple of 8 the packed-fp16 GEMV, more rows or bf16 x the tensor-core GEMV, and
     `TRTCOMPRESS_W4A16_DECODE` = gemv_h2 / gemv_tc forces those."""
     from trtcompress.plugins.w4a16_gemm import op
     from trtcompress.plugins.w4a16_gemm.gemv_lop3 import w4a16_gemv_lop3_kernel
@@ -85,6 +85,7 @@ def test_op_runs_single_rows_of_fp16_on_gemv_lop3(monkeypatch):
     for m, k, dtype, env, want in [
         (1, 256, torch.float16, None, "gemv_lop3"),
         (1, 252, torch.float16, None, "gemv_h2"),
+        (2, 256, torch.float16, None, "gemv_lop3"),
         (3, 256, torch.float16, None, "gemv_tc"),
         (1, 256, torch.bfloat16, None, "gemv_tc"),
         (1, 256, torch.float16, "gemv_h2", "gemv_h2"),

@@ -14,7 +14,9 @@ fp32, and threads are reduced once at the end.
 
 CUDA only for the PTX; under TRITON_INTERPRET the same sums are made with integer ops in fp32 (what the
 CPU tests check, with a CPU emulation of the PTX itself; on a GPU benchmarks/gemv_graphs_gpu.py checks
-the kernel against the reference before timing it).
+the kernel against the reference before timing it). Range: each fp16x2 lane sums 16 products (code - 8)
+* x, and the zero-point correction 32 x, in fp16 before widening: activations up to a few hundred in
+magnitude are safe (|x| ~ 512 with extreme codes could overflow), as for `w4a16_gemv_h2_kernel`.
 """
 
 from __future__ import annotations
@@ -272,8 +274,14 @@ _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 def split_counters(device: torch.device, size: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters for LAST_SUMS launches, one buffer per device and stream (kernels of
-    one stream run one after another; every launch leaves its counters at zero), grown on demand."""
+    """Zeroed int32 arrival counters for LAST_SUMS launches. Every launch leaves its counters at zero, so
+    launches that run one after another can share them: one buffer per device and stream, grown on
+    demand (a dropped buffer is freed in stream order, after the launches that used it). Under CUDA-graph
+    capture a fresh buffer per launch instead: its zero fill is recorded in the graph (a fill node per
+    replay), so a graph never depends on counters another graph or stream left, nor on a buffer that
+    was never zeroed because its fill was captured, not run."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(size, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     key = (str(device), stream)
     counters = _COUNTERS.get(key)

@@ -516,7 +516,11 @@ def w4a16_gemm_triton(
     inline PTX instead of Triton integer ops. `num_stages` is passed to the launch when given.
     `stream_k` > 0 (gemv_tc): that many programs per SM share the work equally (`split_k` unused).
     "gemv_h2" (`w4a16_gemv_h2_kernel`, fp16 x, INT4 with power-of-two groups; else "gemv"): packed fp16
-    products summed in fp16 over runs of `h2_sub` bytes.
+    products summed in fp16 over runs of `h2_sub` bytes. "gemv_lop3" (`gemv_lop3.py`, fp16 x, INT4 with
+    power-of-two groups, K a multiple of 8, 4-byte aligned weight and x; else "gemv_h2"): the weight as
+    int32 words, lop3 dequantization in PTX; `prefetch` loads the next group's words before this group's
+    math, `last_sums` (split-K) lets the last split of a tile add the fp32 partials and store the
+    output (one kernel: no zero fill before it nor cast after it).
     """
     assert x.dim() == 2 and qweight.dim() == 2
     m, k = x.shape
@@ -551,27 +555,15 @@ def w4a16_gemm_triton(
                 bool(deq_asm) and not is_bf16, is_bf16 and _interpreting(), stream_k > 0, **launch,
             )  # fmt: skip
             return out.to(x.dtype) if atomic else out
-    if path == "gemv_h2":
-        h2_group = gemv_tc_group(k, group, block_k, fp_exp)
-        if h2_group is None or x.dtype != torch.float16:
-            path = "gemv"
-        else:
-            atomic = split_k > 1
-            out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
-            sub = min(h2_sub, min(h2_group, block_k) // 2)  # fp16 runs within one group's bytes
-            w4a16_gemv_h2_kernel[(m, triton.cdiv(n, block_n), split_k)](
-                x, qweight, scales, z, m, n, k, qweight.stride(0), out, h2_group, bool(symmetric),
-                block_n, block_k, split_k, sub, k % block_k != 0, not _interpreting(), **launch,
-            )  # fmt: skip
-            return out.to(x.dtype) if atomic else out
     if path == "gemv_lop3":
         from trtcompress.plugins.w4a16_gemm.gemv_lop3 import split_counters, w4a16_gemv_lop3_kernel
 
         lop3_group = gemv_tc_group(k, group, block_k, fp_exp)
-        words_ok = k % 8 == 0 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 16 == 0
-        words_ok = words_ok and x.data_ptr() % 4 == 0  # x read as fp16 pairs
+        # weight bytes and x read as int32 words: 4-byte alignment (Triton vectorizes where it sees 16)
+        words_ok = k % 8 == 0 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 4 == 0
+        words_ok = words_ok and x.data_ptr() % 4 == 0
         if lop3_group is None or x.dtype != torch.float16 or not words_ok:
-            path = "gemv"
+            path = "gemv_h2"  # which falls back to "gemv" where it does not apply either
         else:
             atomic = split_k > 1 and not last_sums
             out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
@@ -584,6 +576,19 @@ def w4a16_gemm_triton(
                 x, qweight, scales, z, m, n, k, qweight.stride(0) // 4, out, part, counts, lop3_group,
                 bool(symmetric), block_n, block_k, split_k, k % block_k != 0, not _interpreting(),
                 bool(prefetch), bool(last_sums), triton.next_power_of_2(split_k), **launch,
+            )  # fmt: skip
+            return out.to(x.dtype) if atomic else out
+    if path == "gemv_h2":
+        h2_group = gemv_tc_group(k, group, block_k, fp_exp)
+        if h2_group is None or x.dtype != torch.float16:
+            path = "gemv"
+        else:
+            atomic = split_k > 1
+            out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
+            sub = min(h2_sub, min(h2_group, block_k) // 2)  # fp16 runs within one group's bytes
+            w4a16_gemv_h2_kernel[(m, triton.cdiv(n, block_n), split_k)](
+                x, qweight, scales, z, m, n, k, qweight.stride(0), out, h2_group, bool(symmetric),
+                block_n, block_k, split_k, sub, k % block_k != 0, not _interpreting(), **launch,
             )  # fmt: skip
             return out.to(x.dtype) if atomic else out
     if path == "gemv":

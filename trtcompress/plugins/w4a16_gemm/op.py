@@ -2,14 +2,16 @@
 
 CUDA tensors run the Triton kernels; CPU tensors run `reference.py` (set `TRTCOMPRESS_GEMM_TRITON=1`
 with `TRITON_INTERPRET=1` to run the kernels on CPU). Which kernel, by rows of x (M):
-- decode, M = 1 with fp16 x: the lop3 GEMV on 32-bit weight words (`gemv_lop3.py`, `GEMV_LOP3_CONFIG`:
-  one kernel per call, its split-K partials added by the last split; on an H200, replayed from CUDA
-  graphs, 1.9-2.3x of a bf16 matmul, BENCHMARKS.md), K not a multiple of 8 the packed-fp16 GEMV
-  (`w4a16_gemv_h2_kernel`, `GEMV_H2_CONFIG`), unless `TRTCOMPRESS_W4A16_DECODE` names another path;
+- decode, M = 1 or 2 with fp16 x: the lop3 GEMV on 32-bit weight words (`gemv_lop3.py`,
+  `GEMV_LOP3_CONFIG`: one kernel per call, its split-K partials added by the last split; on an H200,
+  replayed from CUDA graphs, 2.26x of a bf16 matmul at K = N = 14336 with this config, 1.9-2.4x at
+  4096-14336 with each size's tuned one, BENCHMARKS.md); M = 1 with K not a multiple of 8 the
+  packed-fp16 GEMV (`w4a16_gemv_h2_kernel`, `GEMV_H2_CONFIG`); unless `TRTCOMPRESS_W4A16_DECODE` names
+  another path;
 - decode, M <= 16: `TRTCOMPRESS_W4A16_DECODE` = "gemv_tc" (default: the tensor-core GEMV,
   `w4a16_gemv_tc_kernel`, with `GEMV_TC_CONFIG`; on an H100 1.3-2.0x of a bf16 matmul at M = 1..16,
-  every row of x sharing one read of the weight), "gemv_lop3" / "gemv_h2" (M = 1 only; other M take
-  gemv_tc) or "gemv" (the elementwise GEMV for M <= 8, which re-reads the weight per row);
+  every row of x sharing one read of the weight), "gemv_lop3" (M <= 2) / "gemv_h2" (M = 1; other M
+  take gemv_tc) or "gemv" (the elementwise GEMV for M <= 8, which re-reads the weight per row);
 - prefill, M > 16: `TRTCOMPRESS_W4A16_PREFILL` = "gemv_tc" (default: the same kernel in 128-row tiles,
   `GEMV_TC_PREFILL_CONFIG`; on an H100 2.3-2.5x faster than the GEMM at M = 512 / 2048) or "gemm"
   (`w4a16_gemm_kernel`). FP4 codes and groups the tensor-core GEMV does not take (not a power of two)
@@ -57,11 +59,14 @@ def _kernel_kwargs(m: int, k: int, group_size: int, fp_exp: int, dtype: torch.dt
     group = group_size if group_size > 0 else k
     if m <= 16:  # one weight read serves up to 16 rows
         decode = os.environ.get("TRTCOMPRESS_W4A16_DECODE")
-        single_fp16 = m == 1 and dtype == torch.float16
-        lop3_ok = single_fp16 and k % 8 == 0 and gemv_tc_group(k, group, GEMV_LOP3_CONFIG["block_k"], fp_exp)
+        fp16 = dtype == torch.float16
+        # gemv_lop3 re-reads the weight per row of x: faster than gemv_tc at 1 and 2 rows, not at 4
+        lop3_ok = (
+            fp16 and m <= 2 and k % 8 == 0 and gemv_tc_group(k, group, GEMV_LOP3_CONFIG["block_k"], fp_exp)
+        )
         if decode in (None, "gemv_lop3") and lop3_ok:
             return {"path": "gemv_lop3", **GEMV_LOP3_CONFIG}
-        h2_ok = single_fp16 and gemv_tc_group(k, group, GEMV_H2_CONFIG["block_k"], fp_exp)
+        h2_ok = fp16 and m == 1 and gemv_tc_group(k, group, GEMV_H2_CONFIG["block_k"], fp_exp)
         if decode in (None, "gemv_h2", "gemv_lop3") and h2_ok:
             return {"path": "gemv_h2", **GEMV_H2_CONFIG}
         if decode in (None, "gemv_tc", "gemv_h2", "gemv_lop3") and gemv_tc_group(
