@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton  # noqa: E402
-from trtcompress.plugins.w4a16_gemm.op import GEMV_H2_CONFIG, GEMV_LOP3_CONFIG, GEMV_TC_CONFIG  # noqa: E402
+from trtcompress.plugins.w4a16_gemm.op import GEMV_H2_CONFIG, GEMV_TC_CONFIG, gemv_lop3_config  # noqa: E402
 from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference  # noqa: E402
 
 DEVICE = "cpu" if SMOKE else "cuda"
@@ -186,7 +186,7 @@ def bench_size(size: int, result: dict) -> None:
         }
     paths = {
         "gemv_lop3": best,
-        "gemv_lop3_op": GEMV_LOP3_CONFIG,  # what the op runs at every size (tuned at 14336)
+        "gemv_lop3_op": gemv_lop3_config(n, k),  # what the op runs for this weight
         "gemv_h2": GEMV_H2_CONFIG,
         "gemv_tc": {**GEMV_TC_CONFIG, "deq_asm": not SMOKE},
     }
@@ -228,7 +228,7 @@ ODD_SHAPES = [(1536, 576), (200, 576), (4160, 4096)]  # (N, K): SmolLM2's K, par
 
 
 def odd_shape_checks() -> list[dict]:
-    """The op's M = 1 / 2 launch (`GEMV_LOP3_CONFIG`) against the reference where the timed sizes are
+    """The op's M = 1 / 2 launch (`gemv_lop3_config`) against the reference where the timed sizes are
     all aligned: K = 576 (a partial last K block), N not a multiple of the row tile; symmetric and with
     zero points, eagerly and replayed from a graph."""
     rows = []
@@ -236,7 +236,7 @@ def odd_shape_checks() -> list[dict]:
         weights = int4_copies(n, k, 2, symmetric=sym)
         x = torch.randn(m, k, device=DEVICE).half()
         ref = w4a16_gemm_reference(x, *weights[0])
-        timed = time_path(x, weights, "gemv_lop3", GEMV_LOP3_CONFIG, ref)
+        timed = time_path(x, weights, "gemv_lop3", gemv_lop3_config(n, k), ref)
         rows.append({"N": n, "K": k, "M": m, "symmetric": sym} | timed)
         print(
             f"check N={n} K={k} M={m} {'sym' if sym else 'asym'}: {timed.get('rel_err', timed.get('error'))}"

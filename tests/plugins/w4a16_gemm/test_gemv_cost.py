@@ -1,8 +1,9 @@
 """The lop3 decode GEMV's machine-code cost per weight byte (sm_90, compiled on this CPU machine by Triton's
-own ptxas): a guard against changes that blow up its loop. The op's default launch (`GEMV_LOP3_CONFIG`,
-one 128-column group per loop step with prefetching: 128 rows x 64 bytes over 128 threads, 64 bytes per
-thread per step) measured 327 instructions per step with Triton 3.6 (5.1 per byte), against 868 per
-128 bytes (6.8 per byte) for the packed-fp16 GEMV it replaced; its GPU time is in BENCHMARKS.md."""
+own ptxas): a guard against changes that blow up its loop. The op's launch for the largest layers
+(`GEMV_LOP3_CONFIG`, one 128-column group per loop step with prefetching: 128 rows x 64 bytes over 128
+threads, 64 bytes per thread per step) measured 327 instructions per step with Triton 3.6 (5.1 per
+byte), against 868 per 128 bytes (6.8 per byte) for the packed-fp16 GEMV it replaced; its GPU time is
+in BENCHMARKS.md."""
 
 from __future__ import annotations
 

@@ -81,7 +81,6 @@ def test_op_runs_single_rows_of_fp16_on_gemv_lop3(monkeypatch):
     monkeypatch.delenv("TRTCOMPRESS_W4A16_DECODE", raising=False)
     monkeypatch.setitem(op.GEMV_TC_CONFIG, "block_k", 128)
     monkeypatch.setitem(op.GEMV_H2_CONFIG, "block_n", 16)
-    monkeypatch.setitem(op.GEMV_LOP3_CONFIG, "block_n", 16)
     for m, k, dtype, env, want in [
         (1, 256, torch.float16, None, "gemv_lop3"),
         (1, 252, torch.float16, None, "gemv_h2"),
@@ -97,3 +96,17 @@ def test_op_runs_single_rows_of_fp16_on_gemv_lop3(monkeypatch):
         calls.clear()
         _assert_matches(op.w4a16_gemm(x, *args, 0, 0), w4a16_gemm_reference(x, *args))
         assert calls == [want], (m, k, dtype, env, calls)
+
+
+def test_lop3_launch_by_weight_size():
+    """The lop3 GEMV's launch follows the measured best per weight size (op.GEMV_LOP3_CONFIGS)."""
+    from trtcompress.plugins.w4a16_gemm.op import GEMV_LOP3_CONFIG, gemv_lop3_config
+
+    small, mid, large = (
+        gemv_lop3_config(576, 576),
+        gemv_lop3_config(11008, 11008),
+        gemv_lop3_config(14336, 14336),
+    )
+    assert (small["split_k"], small["num_warps"]) == (16, 2) and gemv_lop3_config(4096, 4096) == small
+    assert mid["block_n"] == 64 and large == GEMV_LOP3_CONFIG and large["block_n"] == 128
+    assert all(c["last_sums"] and c["prefetch"] for c in (small, mid, large))

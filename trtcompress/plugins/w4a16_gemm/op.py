@@ -2,10 +2,10 @@
 
 CUDA tensors run the Triton kernels; CPU tensors run `reference.py` (set `TRTCOMPRESS_GEMM_TRITON=1`
 with `TRITON_INTERPRET=1` to run the kernels on CPU). Which kernel, by rows of x (M):
-- decode, M = 1 or 2 with fp16 x: the lop3 GEMV on 32-bit weight words (`gemv_lop3.py`,
-  `GEMV_LOP3_CONFIG`: one kernel per call, its split-K partials added by the last split; on an H200,
-  replayed from CUDA graphs, 2.26x of a bf16 matmul at K = N = 14336 with this config, 1.9-2.4x at
-  4096-14336 with each size's tuned one, BENCHMARKS.md); M = 1 with K not a multiple of 8 the
+- decode, M = 1 or 2 with fp16 x: the lop3 GEMV on 32-bit weight words (`gemv_lop3.py`, launch by
+  weight size, `gemv_lop3_config`: one kernel per call, its split-K partials added by the last split;
+  on an H200, replayed from CUDA graphs, 1.9-2.4x of a bf16 matmul at K = N = 4096-14336 with these
+  configs, BENCHMARKS.md); M = 1 with K not a multiple of 8 the
   packed-fp16 GEMV (`w4a16_gemv_h2_kernel`, `GEMV_H2_CONFIG`); unless `TRTCOMPRESS_W4A16_DECODE` names
   another path;
 - decode, M <= 16: `TRTCOMPRESS_W4A16_DECODE` = "gemv_tc" (default: the tensor-core GEMV,
@@ -35,14 +35,26 @@ GEMV_TC_CONFIG = {"block_n": 64, "block_k": 256, "split_k": 8, "num_warps": 4, "
 # the "gemv_h2" decode path at M = 1: the best of the H200 tuning at K = N = 11008 and 14336 (32-row
 # tiles were 1.5% faster at 4096; benchmarks/results/gemm_gpu_h200_gemv.json)
 GEMV_H2_CONFIG = {"block_n": 128, "block_k": 256, "split_k": 8, "num_warps": 4, "num_stages": 2, "h2_sub": 8}
-# the "gemv_lop3" decode path at M = 1 (the default for fp16 x): the best of the H200 tuning at K = N =
-# 14336, replayed from CUDA graphs with the weight read from HBM (benchmarks/gemv_graphs_gpu.py,
-# benchmarks/results/gemv_graphs_gpu_h200.json; smaller layers tuned best with split-K 16 at 4096 and
-# 64-row tiles at 11008, where this config without prefetching was 1.5x / 1.2x slower than their best)
-GEMV_LOP3_CONFIG = {
-    "block_n": 128, "block_k": 256, "split_k": 8, "num_warps": 4, "num_stages": 3, "last_sums": True,
-    "prefetch": True,
-}  # fmt: skip
+# the "gemv_lop3" decode path (fp16 x, M <= 2): the best configs of the H200 tuning, replayed from CUDA
+# graphs with the weight read from HBM (benchmarks/gemv_graphs_gpu.py, two runs:
+# benchmarks/results/gemv_graphs_gpu_h200*.json), by weight size N * K: split-K 16 on 2 warps at
+# 4096 x 4096 (1.88-1.90x of bf16), 64-row tiles at 11008 x 11008 (2.34-2.37x), 128-row tiles at
+# 14336 x 14336 (2.26-2.30x); all with the one-kernel split-K sums and prefetching
+GEMV_LOP3_CONFIGS = (  # (largest N * K, config), the first that fits
+    (4096 * 4096, {"block_n": 128, "block_k": 256, "split_k": 16, "num_warps": 2, "num_stages": 1}),
+    (11008 * 11008, {"block_n": 64, "block_k": 256, "split_k": 8, "num_warps": 4, "num_stages": 3}),
+    (None, {"block_n": 128, "block_k": 256, "split_k": 8, "num_warps": 4, "num_stages": 3}),
+)
+GEMV_LOP3_OPTIONS = {"last_sums": True, "prefetch": True}
+GEMV_LOP3_CONFIG = {**GEMV_LOP3_CONFIGS[-1][1], **GEMV_LOP3_OPTIONS}  # the largest layers'
+
+
+def gemv_lop3_config(n: int, k: int) -> dict:
+    """The lop3 GEMV's launch for an (N, K) weight (`GEMV_LOP3_CONFIGS`)."""
+    config = next(cfg for limit, cfg in GEMV_LOP3_CONFIGS if limit is None or n * k <= limit)
+    return {**config, **GEMV_LOP3_OPTIONS}
+
+
 # prefill (M > 16) in block_m-row tiles: the best of six tiles at K = N = 4096, M = 2048 on the H100
 # (benchmarks/results/gemm_gpu_h100_prefill_4096.json)
 GEMV_TC_PREFILL_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3}
@@ -52,8 +64,10 @@ def _use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRTCOMPRESS_GEMM_TRITON") == "1"
 
 
-def _kernel_kwargs(m: int, k: int, group_size: int, fp_exp: int, dtype: torch.dtype = torch.float16) -> dict:
-    """`w4a16_gemm_triton` arguments for M rows of x (see the module docstring)."""
+def _kernel_kwargs(
+    m: int, k: int, group_size: int, fp_exp: int, dtype: torch.dtype = torch.float16, n: int = 0
+) -> dict:
+    """`w4a16_gemm_triton` arguments for M rows of x and an (N, K) weight (see the module docstring)."""
     from trtcompress.plugins.w4a16_gemm.kernel import gemv_tc_group
 
     group = group_size if group_size > 0 else k
@@ -65,7 +79,7 @@ def _kernel_kwargs(m: int, k: int, group_size: int, fp_exp: int, dtype: torch.dt
             fp16 and m <= 2 and k % 8 == 0 and gemv_tc_group(k, group, GEMV_LOP3_CONFIG["block_k"], fp_exp)
         )
         if decode in (None, "gemv_lop3") and lop3_ok:
-            return {"path": "gemv_lop3", **GEMV_LOP3_CONFIG}
+            return {"path": "gemv_lop3", **gemv_lop3_config(n, k)}
         h2_ok = fp16 and m == 1 and gemv_tc_group(k, group, GEMV_H2_CONFIG["block_k"], fp_exp)
         if decode in (None, "gemv_h2", "gemv_lop3") and h2_ok:
             return {"path": "gemv_h2", **GEMV_H2_CONFIG}
@@ -96,7 +110,7 @@ def w4a16_gemm(
     if _use_triton(x2) and x2.dtype in (torch.float16, torch.bfloat16):
         from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton
 
-        kwargs = _kernel_kwargs(x2.shape[0], k, group_size, fp_exp, x2.dtype)
+        kwargs = _kernel_kwargs(x2.shape[0], k, group_size, fp_exp, x2.dtype, qweight.shape[0])
         out = w4a16_gemm_triton(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man, **kwargs)
     else:
         out = w4a16_gemm_reference(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man)
