@@ -215,11 +215,11 @@ def w4a16_gemv_lop3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_words, ou
     """Grid (M, cdiv(N, BLOCK_N), SPLIT_K); fp16 x; K a multiple of 8, rows `stride_words` int32 apart.
     One step per sub-block of GB = min(GROUP, BLOCK_K) columns: (BLOCK_N, GB / 8) words, one scale (and
     zero) per row. PREFETCH: the next step's words are loaded before this step's math (their latency
-    hides behind it). Split-K: with LAST_SUMS
-    each split stores its fp32 partial sums in `part` (SPLIT_K, M, N) and counts itself in `count` (M,
-    cdiv(N, BLOCK_N), zero before the launch, left zero after it); the last split of a tile adds the
-    partials and stores the output in x's dtype. So a decode step runs one kernel, where adding partials
-    atomically into an fp32 `out` needs a zero fill before it and a cast after it."""
+    hides behind it). Split-K: with LAST_SUMS each split stores its fp32 partial sums in `part`
+    (SPLIT_K, M, N) and counts itself in `count` (M, cdiv(N, BLOCK_N), zero before the launch, left
+    zero after it); the last split of a tile adds the partials and stores the output in x's dtype. So a
+    decode step runs one kernel, where adding partials atomically into an fp32 `out` needs a zero fill
+    before it and a cast after it."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -38,8 +38,9 @@ GEMV_H2_CONFIG = {"block_n": 128, "block_k": 256, "split_k": 8, "num_warps": 4, 
 # the "gemv_lop3" decode path (fp16 x, M <= 2): the best configs of the H200 tuning, replayed from CUDA
 # graphs with the weight read from HBM (benchmarks/gemv_graphs_gpu.py, two runs:
 # benchmarks/results/gemv_graphs_gpu_h200*.json), by weight size N * K: split-K 16 on 2 warps at
-# 4096 x 4096 (1.88-1.90x of bf16), 64-row tiles at 11008 x 11008 (2.34-2.37x), 128-row tiles at
-# 14336 x 14336 (2.26-2.30x); all with the one-kernel split-K sums and prefetching
+# 4096 x 4096 (1.89-1.92x of the same run's bf16 matmul), 64-row tiles at 11008 x 11008 (2.33-2.37x),
+# 128-row tiles at 14336 x 14336 (2.25x, first run; the second timed 512-column blocks instead, 2.30x);
+# all with the one-kernel split-K sums and prefetching
 GEMV_LOP3_CONFIGS = (  # (largest N * K, config), the first that fits
     (4096 * 4096, {"block_n": 128, "block_k": 256, "split_k": 16, "num_warps": 2, "num_stages": 1}),
     (11008 * 11008, {"block_n": 64, "block_k": 256, "split_k": 8, "num_warps": 4, "num_stages": 3}),
@@ -65,7 +66,7 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 
 def _kernel_kwargs(
-    m: int, k: int, group_size: int, fp_exp: int, dtype: torch.dtype = torch.float16, n: int = 0
+    m: int, n: int, k: int, group_size: int, fp_exp: int, dtype: torch.dtype = torch.float16
 ) -> dict:
     """`w4a16_gemm_triton` arguments for M rows of x and an (N, K) weight (see the module docstring)."""
     from trtcompress.plugins.w4a16_gemm.kernel import gemv_tc_group
@@ -110,7 +111,7 @@ def w4a16_gemm(
     if _use_triton(x2) and x2.dtype in (torch.float16, torch.bfloat16):
         from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton
 
-        kwargs = _kernel_kwargs(x2.shape[0], k, group_size, fp_exp, x2.dtype, qweight.shape[0])
+        kwargs = _kernel_kwargs(x2.shape[0], qweight.shape[0], k, group_size, fp_exp, x2.dtype)
         out = w4a16_gemm_triton(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man, **kwargs)
     else:
         out = w4a16_gemm_reference(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man)
