@@ -29,8 +29,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 HEADS, Q_HEADS, DIM, SPLITS = 8, 32, 128, 4
-CLASSES = ("HMMA", "LDS", "LDSM", "STS", "BAR", "SHFL", "LDG", "STG", "ATOMS", "PRMT", "MUFU", "LDL",
-           "STL", "F2FP", "HADD2", "HFMA2", "HMUL2", "FFMA", "FMUL", "FADD", "FSEL", "ISETP")  # fmt: skip
+CLASSES = ("HMMA", "LDS", "LDSM", "STS", "BAR", "SHFL", "LDG", "LDGSTS", "STG", "ATOMS", "PRMT", "MUFU",
+           "LDL", "STL", "F2FP", "HADD2", "HFMA2", "HMUL2", "FFMA", "FMUL", "FADD", "FSEL",
+           "ISETP")  # fmt: skip
 # (label, codec, codec options, launcher options)
 CASES = (
     ("kivi-2bit", "kivi-2bit", {}, {}),

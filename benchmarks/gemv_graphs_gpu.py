@@ -11,7 +11,8 @@ and each graph cycles through enough copies of the weight (at least 256 MB in al
 50 MB L2) that every call reads its weight from HBM, as a model's layers do.
 
 For K = N in {4096, 11008, 14336}: the lop3 GEMV ("gemv_lop3", `plugins/w4a16_gemm/gemv_lop3.py`) is
-tuned at M = 1 (`tune_lop3`: tiles / split-K / one-kernel split-K sums, warps x stages, prefetching),
+tuned at M = 1 (`tune_lop3`: tiles / split-K / one-kernel split-K sums, warps x stages, prefetching
+one or two steps ahead, cp.async pipelines),
 every config checked against the reference before and after its graph replays (its PTX runs only
 here); then M = 1, 2, 4, 8, 16 time bf16 matmul,
 gemv_lop3 (best config), the op's M = 1 path gemv_h2 (`GEMV_H2_CONFIG`) and gemv_tc (`GEMV_TC_CONFIG`,
@@ -49,6 +50,7 @@ LOP3_TILES = [  # (block_n, block_k, split_k): one group per step
     (64, 256, 8), (128, 128, 8), (128, 256, 8), (128, 512, 8), (256, 256, 4), (256, 256, 8), (128, 256, 16),
 ]  # fmt: skip
 WARPS_STAGES = [(2, 1), (4, 2), (8, 1), (4, 3)]
+DEEP_STAGES = (3, 4)  # `stages` of Triton's cp.async pipeline of the words (gemv_lop3, no prefetch)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -143,7 +145,9 @@ def time_path(x, weights, path: str, cfg: dict, ref: torch.Tensor) -> dict:
 def tune_lop3(x, weights) -> tuple[dict, list[dict]]:
     """Stage 1: tiles x split-K with the split-K partials added by the last split (`last_sums`, one
     kernel; the eighth session's first run measured the atomic alternative 1.03-1.29x slower); stage 2:
-    warps x stages around the best two; stage 3: the prefetching loop toggled on the best three."""
+    warps x stages around the best two; stage 3: the prefetching loop toggled on the best three; stage 4:
+    deeper queues of weight loads on the best three (prefetch two steps ahead, or Triton's cp.async
+    pipeline with DEEP_STAGES stages)."""
     ref = w4a16_gemm_reference(x, *weights[0])
     tiles = [(16, 128, 1), (16, 64, 2)] if SMOKE else LOP3_TILES
     first = [
@@ -161,6 +165,12 @@ def tune_lop3(x, weights) -> tuple[dict, list[dict]]:
         toggled = {**top["config"], "prefetch": not top["config"].get("prefetch", False)}
         if all(t["config"] != toggled for t in tried):
             tried.append(time_path(x, weights, "gemv_lop3", toggled, ref))
+    for top in _ranked(tried)[:3]:  # more weight bytes in flight: two steps ahead, or cp.async stages
+        deeper = [{**top["config"], "prefetch": 2}]
+        deeper += [{**top["config"], "prefetch": False, "stages": st} for st in DEEP_STAGES]
+        for cfg in deeper[:2] if SMOKE else deeper:
+            if all(t["config"] != cfg for t in tried):
+                tried.append(time_path(x, weights, "gemv_lop3", cfg, ref))
     return _ranked(tried)[0]["config"], tried
 
 

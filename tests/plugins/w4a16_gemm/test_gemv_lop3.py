@@ -46,10 +46,14 @@ def test_gemv_lop3_shapes(n, k, group, block_k):
 
 
 @pytest.mark.parametrize("split_k", [1, 3, 4])
-@pytest.mark.parametrize(("prefetch", "last_sums"), [(True, False), (False, True), (True, True)])
-def test_gemv_lop3_prefetch_and_last_split_sums(prefetch, last_sums, split_k):
-    """The prefetching loop and the one-kernel split-K (the last split of a tile adds the partials): same
-    results, K ending inside a block, and every launch leaves the arrival counters at zero."""
+@pytest.mark.parametrize(
+    ("prefetch", "last_sums", "stages"),
+    [(True, False, 0), (False, True, 0), (True, True, 0), (2, True, 0), (False, True, 3)],
+)
+def test_gemv_lop3_prefetch_and_last_split_sums(prefetch, last_sums, stages, split_k):
+    """The prefetching loops (one or two steps ahead, or Triton's pipeline) and the one-kernel split-K
+    (the last split of a tile adds the partials): same results, K ending inside a block, and every
+    launch leaves the arrival counters at zero."""
     from trtcompress.plugins.w4a16_gemm.gemv_lop3 import split_counters
 
     for m, k in ((1, 224), (3, 256)):
@@ -58,7 +62,7 @@ def test_gemv_lop3_prefetch_and_last_split_sums(prefetch, last_sums, split_k):
         for _ in range(2):  # the second call reuses the counters the first left behind
             out = w4a16_gemm_triton(
                 x, *args, path="gemv_lop3", block_n=16, block_k=128, split_k=split_k, prefetch=prefetch,
-                last_sums=last_sums,
+                last_sums=last_sums, stages=stages,
             )  # fmt: skip
             assert out.dtype == torch.float16
             _assert_matches(out, ref)
@@ -75,68 +79,13 @@ def test_gemv_lop3_falls_back_where_it_does_not_apply(dtype, group, k):
     torch.testing.assert_close(out, fallback, rtol=0, atol=0)
 
 
-def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
-    """Execute the straight-line PTX of `gemv_lop3._run_asm` on 32-bit registers (fp16x2 math in numpy,
-    fma rounded once): a CPU check of the bit tricks themselves, which the interpreter cannot run."""
-    import numpy as np
-
-    def h2(v: int) -> np.ndarray:
-        return np.array([v & 0xFFFF, v >> 16], dtype=np.uint16).view(np.float16).astype(np.float64)
-
-    def pack(a: np.ndarray) -> int:
-        lo, hi = a.astype(np.float16).view(np.uint16)
-        return int(lo) | int(hi) << 16
-
-    def val(tok: str) -> int:
-        return int(tok, 0) if tok[0].isdigit() else regs[tok]
-
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line[0] in "{}." or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        if op == "mov.b32" and rest.startswith("{"):  # unpack fp16x2 into two .f16 registers
-            dst, src = rest.split("}, ")
-            lo_name, hi_name = (t.strip() for t in dst.strip("{").split(","))
-            regs[lo_name], regs[hi_name] = val(src) & 0xFFFF, val(src) >> 16
-            continue
-        d, *a = (t.strip() for t in rest.split(","))
-        if op == "lop3.b32":
-            assert a[3] == "0xEA"
-            regs[d] = (val(a[0]) & val(a[1])) | val(a[2])
-        elif op == "shr.b32":
-            regs[d] = val(a[0]) >> int(a[1])
-        elif op == "mov.b32":
-            regs[d] = val(a[0])
-        elif op == "sub.f16x2":
-            regs[d] = pack(h2(val(a[0])) - h2(val(a[1])))
-        elif op == "add.f16x2":
-            regs[d] = pack(h2(val(a[0])) + h2(val(a[1])))
-        elif op == "mul.f16x2":
-            regs[d] = pack(h2(val(a[0])) * h2(val(a[1])))
-        elif op == "fma.rn.f16x2":
-            regs[d] = pack(h2(val(a[0])) * h2(val(a[1])) + h2(val(a[2])))
-        elif op == "cvt.f32.f16":
-            regs[d] = float(np.array(val(a[0]), dtype=np.uint16).view(np.float16))
-        elif op == "add.f32":
-            regs[d] = regs[a[0]] + regs[a[1]]
-        else:
-            raise AssertionError(f"unexpected PTX: {line}")
-    return regs
-
-
-def _prmt(a: int, b: int, select: int) -> int:
-    """PTX prmt.b32 (default mode): byte k of the result = byte select[4k:4k+4] of (b:a)."""
-    both = a | b << 32
-    return sum(((both >> (8 * ((select >> (4 * k)) & 7))) & 0xFF) << (8 * k) for k in range(4))
-
-
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 def test_lop3_ptx_pairs_each_code_with_its_column(symmetric):
     """The PTX of one run (4 words = 32 codes) against the plain sum of (code - zero) * x (asymmetric:
     with the kernel's correction by the PTX sum of x)."""
     import numpy as np
 
+    from tests.plugins.ptx_emulation import prmt, run_ptx
     from trtcompress.plugins.w4a16_gemm.gemv_lop3 import (
         HIGH_HALVES,
         LOW_HALVES,
@@ -154,17 +103,17 @@ def test_lop3_ptx_pairs_each_code_with_its_column(symmetric):
         pairs = {}
         x_words = x.view(np.uint32)  # what the kernel loads: x[2j] | x[2j + 1] << 16
         for w in range(4):  # P_i of word w from x's words 4w .. 4w + 3, by the kernel's prmt selectors
-            a = [int(v) for v in x_words[4 * w : 4 * w + 4]]
+            a = [np.uint64(v) for v in x_words[4 * w : 4 * w + 4]]
             for i, (lo, hi, sel) in enumerate(
                 [(0, 2, LOW_HALVES), (0, 2, HIGH_HALVES), (1, 3, LOW_HALVES), (1, 3, HIGH_HALVES)]
             ):
-                pairs[(i, w)] = _prmt(a[lo], a[hi], int(sel.value, 16))
-        regs = {word_operand(w): int(words[w]) for w in range(4)}
+                pairs[(i, w)] = prmt(a[lo], a[hi], int(sel.value, 16))
+        regs = {word_operand(w): np.uint64(words[w]) for w in range(4)}
         regs |= {pair_operand(i, w): v for (i, w), v in pairs.items()}
-        got = _run_ptx(_run_asm(), regs)["$0"]  # sum of (code - 8) * x
+        got = float(run_ptx(_run_asm(), regs)["$0"])  # sum of (code - 8) * x
         if not symmetric:  # the kernel's zero-point correction: + (8 - zero) * sum(x) (PTX-summed)
             x_regs = {pair_operand(i, w, first=1): v for (i, w), v in pairs.items()}
-            got += (8 - zero) * _run_ptx(_x_sum_asm(), x_regs)["$0"]
+            got += (8 - zero) * float(run_ptx(_x_sum_asm(), x_regs)["$0"])
         codes = [(int(words[w]) >> (4 * i)) & 0xF for w in range(4) for i in range(8)]
         want = sum((c - zero) * float(v) for c, v in zip(codes, x, strict=True))
         assert abs(got - want) <= 2e-3 * np.abs(x).sum() * 8, (got, want)
@@ -198,3 +147,26 @@ def test_decode_gemvs_read_no_scale_past_k(path, options, symmetric):
         out = w4a16_gemm_triton(x[:m], *args, path=path, block_n=16, block_k=256, split_k=split_k, **options)
         assert torch.isfinite(out).all(), (path, m)
         _assert_matches(out, w4a16_gemm_reference(x[:m], *args))
+
+
+@pytest.mark.parametrize(
+    ("path", "options"),
+    [
+        ("gemv_lop3", {}),
+        ("gemv_lop3", {"prefetch": True, "last_sums": True}),  # the op's launch
+        ("gemv_lop3", {"prefetch": 2, "last_sums": True}),
+        ("gemv_lop3", {"stages": 3, "last_sums": True}),
+        ("gemv_h2", {}),
+        ("gemv_tc", {"deq_asm": True}),
+    ],
+)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_decode_gemv_ptx_paths_match_reference(emulated_ptx, path, options, symmetric):
+    """The kernels as a GPU runs them, inline PTX included (emulated on the CPU): x loads, pairing,
+    the 4-word runs Triton splits out of the tile, zero points, K ending inside a block, split-K."""
+    for m, n, k, split_k in ((1, 40, 256, 1), (2, 24, 224, 3), (1, 72, 576, 2)):
+        if path == "gemv_h2" and m > 1:
+            continue
+        x, args = _inputs(n, k, 64, symmetric, m, torch.float16, seed=n + k + m + symmetric)
+        out = w4a16_gemm_triton(x, *args, path=path, block_n=16, block_k=128, split_k=split_k, **options)
+        _assert_matches(out, w4a16_gemm_reference(x, *args))

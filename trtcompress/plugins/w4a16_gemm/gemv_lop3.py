@@ -98,15 +98,6 @@ def _interleave(a, b, SELECT: tl.constexpr):
 
 
 @triton.jit
-def _x_words(x_ptr, word, x_ok, j: tl.constexpr, MASK_K: tl.constexpr):
-    """x columns 8w + 2j, 8w + 2j + 1 of every word w as one int32 fp16x2 (one 4-byte load)."""
-    ptr = x_ptr.to(tl.pointer_type(tl.int32)) + word * 4 + j
-    if MASK_K:
-        return tl.load(ptr, mask=x_ok, other=0)
-    return tl.load(ptr)
-
-
-@triton.jit
 def _x_at(x_ptr, xcol, i: tl.constexpr, x_ok, MASK_K: tl.constexpr):
     """x at column i of every word (zeros past K)."""
     if MASK_K:
@@ -117,10 +108,12 @@ def _x_at(x_ptr, xcol, i: tl.constexpr, x_ok, MASK_K: tl.constexpr):
 @triton.jit
 def _x_pairs(x_ptr, word, x_ok, MASK_K: tl.constexpr):
     """(P0, P1, P2, P3), each int32 (1, WORDS): P_i of word w = fp16x2 (x[8w + i], x[8w + 4 + i])."""
-    a0 = _x_words(x_ptr, word, x_ok, 0, MASK_K)  # (x0, x1)
-    a1 = _x_words(x_ptr, word, x_ok, 1, MASK_K)  # (x2, x3)
-    a2 = _x_words(x_ptr, word, x_ok, 2, MASK_K)  # (x4, x5)
-    a3 = _x_words(x_ptr, word, x_ok, 3, MASK_K)  # (x6, x7)
+    ptr = x_ptr.to(tl.pointer_type(tl.int32)) + word[:, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    # (1, WORDS, 4): a word's 8 columns as 4 fp16x2, one 16-byte load
+    quads = tl.load(ptr, mask=x_ok[:, :, None], other=0) if MASK_K else tl.load(ptr)
+    even, odd = tl.split(tl.reshape(quads, (quads.shape[0], quads.shape[1], 2, 2)))
+    a0, a2 = tl.split(even)  # (x0, x1), (x4, x5)
+    a1, a3 = tl.split(odd)  # (x2, x3), (x6, x7)
     p0 = _interleave(a0, a2, LOW_HALVES)  # (x0, x4)
     p1 = _interleave(a0, a2, HIGH_HALVES)  # (x1, x5)
     p2 = _interleave(a1, a3, LOW_HALVES)  # (x2, x6)
@@ -211,11 +204,15 @@ def w4a16_gemv_lop3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_words, ou
                            GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MASK_K: tl.constexpr,
                            DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, LAST_SUMS: tl.constexpr,
-                           SPLIT_PAD: tl.constexpr):  # fmt: skip
+                           SPLIT_PAD: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     """Grid (M, cdiv(N, BLOCK_N), SPLIT_K); fp16 x; K a multiple of 8, rows `stride_words` int32 apart.
     One step per sub-block of GB = min(GROUP, BLOCK_K) columns: (BLOCK_N, GB / 8) words, one scale (and
-    zero) per row. PREFETCH: the next step's words are loaded before this step's math (their latency
-    hides behind it). Split-K: with LAST_SUMS each split stores its fp32 partial sums in `part`
+    zero) per row. PREFETCH 1 (2): the next step's (next two steps') words are loaded before this step's
+    math, their latency hidden behind it, in registers. STAGES > 1 without PREFETCH: Triton's software
+    pipeline instead, cp.async copies of the words (and x) STAGES - 1 steps ahead into shared memory
+    (on sm_90 it also moves the math to one row per thread, which pairs x for 16 words a thread
+    instead of 4: 397 instructions per step against 313, for a deeper queue of loads; which wins is a
+    GPU measurement). Split-K: with LAST_SUMS each split stores its fp32 partial sums in `part`
     (SPLIT_K, M, N) and counts itself in `count` (M, cdiv(N, BLOCK_N), zero before the launch, left
     zero after it); the last split of a tile adds the partials and stores the output in x's dtype. So a
     decode step runs one kernel, where adding partials atomically into an fp32 `out` needs a zero fill
@@ -234,13 +231,27 @@ def w4a16_gemv_lop3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_words, ou
     row_off = rn[:, None] * stride_words
     acc = tl.zeros((BLOCK_N, WORDS // RUN), dtype=tl.float32)
     x_row = x_ptr + pid_m * K
-    if PREFETCH:
+    if PREFETCH == 2:  # two steps of words in flight behind this step's math
+        words = _load_words(words_ptr, row_off, n_ok, k_start, k_end, K, WORDS, MASK_K)
+        after = _load_words(words_ptr, row_off, n_ok, k_start + GB, k_end, K, WORDS, MASK_K)
+        for kg in range(k_start, k_end, GB):
+            ahead = _load_words(words_ptr, row_off, n_ok, kg + 2 * GB, k_end, K, WORDS, MASK_K)
+            acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, K, G, GROUP, WORDS, SYMMETRIC,
+                               MASK_K, DEQ_ASM)  # fmt: skip
+            words = after
+            after = ahead
+    elif PREFETCH:
         words = _load_words(words_ptr, row_off, n_ok, k_start, k_end, K, WORDS, MASK_K)
         for kg in range(k_start, k_end, GB):
             ahead = _load_words(words_ptr, row_off, n_ok, kg + GB, k_end, K, WORDS, MASK_K)
             acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, K, G, GROUP, WORDS, SYMMETRIC,
                                MASK_K, DEQ_ASM)  # fmt: skip
             words = ahead
+    elif STAGES > 0:  # Triton's software pipeline: cp.async copies of STAGES - 1 steps into shared memory
+        for kg in tl.range(k_start, k_end, GB, num_stages=STAGES):
+            words = _load_words(words_ptr, row_off, n_ok, kg, k_end, K, WORDS, MASK_K)
+            acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, K, G, GROUP, WORDS, SYMMETRIC,
+                               MASK_K, DEQ_ASM)  # fmt: skip
     else:
         for k0 in range(k_start, k_end, BLOCK_K):
             for s in tl.static_range(BLOCK_K // GB):

@@ -503,8 +503,9 @@ def w4a16_gemm_triton(
     decode: str = "gemv",
     stream_k: int = 0,
     h2_sub: int = 8,
-    prefetch: bool = False,
+    prefetch: bool | int = False,
     last_sums: bool = False,
+    stages: int = 0,
 ) -> torch.Tensor:
     """x (M, K) fp16/bf16 -> (M, N) in x's dtype.
 
@@ -519,8 +520,10 @@ def w4a16_gemm_triton(
     products summed in fp16 over runs of `h2_sub` bytes. "gemv_lop3" (`gemv_lop3.py`, fp16 x, INT4 with
     power-of-two groups, K a multiple of 8, 4-byte aligned weight and x; else "gemv_h2"): the weight as
     int32 words, lop3 dequantization in PTX; `prefetch` loads the next group's words before this group's
-    math, `last_sums` (split-K) lets the last split of a tile add the fp32 partials and store the
-    output (one kernel: no zero fill before it nor cast after it).
+    math (2: the next two groups'), `stages` > 1 (without prefetch) has Triton's software pipeline copy
+    the words of `stages` - 1 groups ahead into shared memory with cp.async, `last_sums` (split-K)
+    lets the last split of a tile add the fp32 partials and store the output (one kernel: no zero
+    fill before it nor cast after it).
     """
     assert x.dim() == 2 and qweight.dim() == 2
     m, k = x.shape
@@ -575,7 +578,8 @@ def w4a16_gemm_triton(
             w4a16_gemv_lop3_kernel[grid](
                 x, qweight, scales, z, m, n, k, qweight.stride(0) // 4, out, part, counts, lop3_group,
                 bool(symmetric), block_n, block_k, split_k, k % block_k != 0, not _interpreting(),
-                bool(prefetch), bool(last_sums), triton.next_power_of_2(split_k), **launch,
+                int(prefetch), bool(last_sums), triton.next_power_of_2(split_k), 0 if prefetch else stages,
+                **launch,
             )  # fmt: skip
             return out.to(x.dtype) if atomic else out
     if path == "gemv_h2":
