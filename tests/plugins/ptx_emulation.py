@@ -84,6 +84,8 @@ def run_ptx(asm: str, regs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             if a[3] != "0xEA":  # (a & b) | c: the only truth table the kernels use
                 raise AssertionError(f"unexpected lop3 table: {line}")
             regs[d] = (val(a[0]) & val(a[1])) | val(a[2])
+        elif op == "and.b32":
+            regs[d] = val(a[0]) & val(a[1])
         elif op == "shr.b32":
             regs[d] = (val(a[0]) & MASK32) >> U(int(a[1]))
         elif op == "mov.b32":

@@ -105,6 +105,28 @@ def test_kernel_matches_reference(codec: str, lengths: list[int], q_heads: int, 
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("codec", "options"),
+    [
+        ("kivi-2bit", {}),
+        ("gear-2bit", {"sink": 1, "outlier_dtype": "fp8", "scale_dtype": "fp8"}),  # the serving default
+        ("gear-4bit", {"factor_dtype": "int4"}),
+    ],
+)
+def test_kernel_ptx_unpack_matches_reference(codec: str, options) -> None:
+    """The kernel as a GPU runs it: the codes unpacked by its inline PTX (emulated on the CPU, the
+    interpreter cannot run PTX), 2- and 4-bit, four bytes per instance."""
+    from tests.plugins.ptx_emulation import interpreted_inline_asm
+
+    cache = _filled_cache(codec, [200, 70], seed=9, **options)
+    q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(4))
+    args, layout = _inputs(cache, [0, 1]), layout_for_codec(cache.codec, 64, cache.sink_tokens)
+    ref = gear_attention_reference(q, *args, layout, 0.125, **_sinks(cache))
+    with interpreted_inline_asm():
+        out = gear_attention_triton(q, *args, layout, 0.125, splits=2, fast_unpack=True, **_sinks(cache))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("scope", ["group", "block"])
 def test_kernel_head_dim_128_two_value_groups(scope: str) -> None:
     cache = _filled_cache("gear-2bit", [140], heads=1, dim=128, seed=5, outlier_scope=scope)
