@@ -20,24 +20,14 @@ CODE = """
 import json, sys
 sys.path.insert(0, "benchmarks")
 from gear_kernel_sass import _compile, sass_summary
-from trtcompress.plugins.w4a16_gemm.gemv_lop3 import w4a16_gemv_lop3_kernel
+from gemv_sass import SIGNATURE, variant_cost
 from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemv_h2_kernel
 from trtcompress.plugins.w4a16_gemm.op import GEMV_H2_CONFIG, GEMV_LOP3_CONFIG
 
-ints = {n: "i32" for n in ("M", "N", "K", "stride_w", "stride_words")}
-sig = {"x_ptr": "*fp16", "w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*fp16",
-       "part_ptr": "*fp32", "count_ptr": "*i32"} | ints
-lop3 = GEMV_LOP3_CONFIG
-out = {}
-for sym in (True, False):
-    consts = dict(GROUP=128, SYMMETRIC=sym, BLOCK_N=lop3["block_n"], BLOCK_K=lop3["block_k"],
-                  SPLIT_K=lop3["split_k"], MASK_K=False, DEQ_ASM=True, PREFETCH=lop3["prefetch"],
-                  LAST_SUMS=lop3["last_sums"], SPLIT_PAD=lop3["split_k"], STAGES=0)
-    out["lop3_sym" if sym else "lop3_asym"] = sass_summary(_compile(
-        w4a16_gemv_lop3_kernel, sig, consts, lop3["num_warps"], aligned=("K", "stride_words")))
-consts.update(SYMMETRIC=True, PREFETCH=0, STAGES=3)  # Triton's pipeline instead of register prefetching
-out["lop3_stages"] = sass_summary(_compile(
-    w4a16_gemv_lop3_kernel, sig, consts, lop3["num_warps"], aligned=("K", "stride_words")))
+lop3 = GEMV_LOP3_CONFIG  # (PREFETCH, STAGES): the op's prefetching; Triton's pipeline instead
+out = {"lop3_sym": variant_cost(lop3, True, 1, 0), "lop3_asym": variant_cost(lop3, False, 1, 0),
+       "lop3_stages": variant_cost(lop3, True, 0, 3)}
+sig = SIGNATURE | {"stride_w": "i32"}
 h2 = GEMV_H2_CONFIG
 consts = dict(GROUP=128, SYMMETRIC=True, BLOCK_N=h2["block_n"], BLOCK_K=h2["block_k"], SPLIT_K=h2["split_k"],
               SUB=h2["h2_sub"], MASK_K=False, DEQ_ASM=True)
