@@ -15,7 +15,8 @@ tuned at M = 1 (`tune_lop3`: tiles / split-K / one-kernel split-K sums, warps x 
 one or two steps ahead, cp.async pipelines),
 every config checked against the reference before and after its graph replays (its PTX runs only
 here); then M = 1, 2, 4, 8, 16 time bf16 matmul,
-gemv_lop3 (best config), the op's M = 1 path gemv_h2 (`GEMV_H2_CONFIG`) and gemv_tc (`GEMV_TC_CONFIG`,
+gemv_lop3 (best config; at M <= 2 also over `GroupMajorWeight` copies, whose per-step tiles are contiguous
+in memory), the op's M = 1 path gemv_h2 (`GEMV_H2_CONFIG`) and gemv_tc (`GEMV_TC_CONFIG`,
 PTX dequantization), plus eager `do_bench` times of bf16 and the best GEMV for comparison with the
 eager tables. The asymmetric (zero-point) PTX is checked once at the first size. Needs torch + triton.
 """
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+from trtcompress.plugins.w4a16_gemm.gemv_lop3 import GroupMajorWeight, gemv_lop3_group_major  # noqa: E402
 from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton  # noqa: E402
 from trtcompress.plugins.w4a16_gemm.op import GEMV_H2_CONFIG, GEMV_TC_CONFIG, gemv_lop3_config  # noqa: E402
 from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference  # noqa: E402
@@ -50,6 +52,7 @@ LOP3_TILES = [  # (block_n, block_k, split_k): one group per step
     (64, 256, 8), (128, 128, 8), (128, 256, 8), (128, 512, 8), (256, 256, 4), (256, 256, 8), (128, 256, 16),
 ]  # fmt: skip
 WARPS_STAGES = [(2, 1), (4, 2), (8, 1), (4, 3)]
+GROUP_MAJOR = "gemv_lop3_group_major"  # the best lop3 launch over the contiguous-per-step weight layout
 DEEP_STAGES = (3, 4)  # `stages` of Triton's cp.async pipeline of the words (gemv_lop3, no prefetch)
 
 
@@ -121,20 +124,25 @@ def int4_copies(n: int, k: int, count: int, symmetric: bool = True) -> list[tupl
     return out
 
 
-def kernel_fns(x: torch.Tensor, weights: list[tuple], path: str, cfg: dict) -> list:
+def kernel_fns(x: torch.Tensor, weights: list, path: str, cfg: dict) -> list:
+    """One call per weight copy; path "gemv_lop3_group_major": `weights` are `GroupMajorWeight`s."""
+    if path == GROUP_MAJOR:
+        return [lambda w=w: gemv_lop3_group_major(x, w, **cfg) for w in weights]
     return [lambda w=w: w4a16_gemm_triton(x, *w, path=path, **cfg) for w in weights]
 
 
-def time_path(x, weights, path: str, cfg: dict, ref: torch.Tensor) -> dict:
+def time_path(x, weights, path: str, cfg: dict, ref: torch.Tensor, layouts: list | None = None) -> dict:
     """{"config", "ms", "rel_err"} or {"config", "error"} (a config that fails must not stop the run):
-    checked eagerly first, then the graph's own last output after its replays."""
+    checked eagerly first, then the graph's own last output after its replays. `layouts`: the
+    weights in the layout the path reads, when not the op's (`weights` then only give references)."""
     try:
-        err = rel_err(w4a16_gemm_triton(x, *weights[0], path=path, **cfg), ref)
+        fns = kernel_fns(x, layouts or weights, path, cfg)
+        err = rel_err(fns[0](), ref)
 
         def graph_check(out: torch.Tensor, i: int) -> None:
             rel_err(out, ref if i == 0 else w4a16_gemm_reference(x, *weights[i]))
 
-        ms = graph_ms(kernel_fns(x, weights, path, cfg), graph_check)
+        ms = graph_ms(fns, graph_check)
         return {"config": cfg, "ms": ms, "rel_err": err}
     except Exception as exc:
         msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -197,9 +205,11 @@ def bench_size(size: int, result: dict) -> None:
     paths = {
         "gemv_lop3": best,
         "gemv_lop3_op": gemv_lop3_config(n, k),  # what the op runs for this weight
+        GROUP_MAJOR: best,
         "gemv_h2": GEMV_H2_CONFIG,
         "gemv_tc": {**GEMV_TC_CONFIG, "deq_asm": not SMOKE},
     }
+    group_major = [GroupMajorWeight.from_packed(q, s, z, g, k) for q, s, z, g, _ in weights]
     for m in (1, 4) if SMOKE else (1, 2, 4, 8, 16):
         x = x1 if m == 1 else torch.randn(m, k, device=DEVICE).half()
         xb = x.bfloat16()
@@ -208,9 +218,10 @@ def bench_size(size: int, result: dict) -> None:
         row["bf16_eager_ms"] = eager_ms(lambda xb=xb: torch.matmul(xb, bf16[0].t()))
         ref = w4a16_gemm_reference(x, *weights[0])
         for path, cfg in paths.items():
-            if path == "gemv_h2" and m > 1:
-                continue  # M = 1 only in the op
-            timed = time_path(x, weights, path.removesuffix("_op"), cfg, ref)
+            if (path == "gemv_h2" and m > 1) or (path == GROUP_MAJOR and m > 2):
+                continue  # M = 1 only in the op; the lop3 GEMV serves M <= 2
+            layouts = group_major if path == GROUP_MAJOR else None
+            timed = time_path(x, weights, path.removesuffix("_op"), cfg, ref, layouts)
             row[f"{path}_graph_ms"] = timed.get("ms")
             row[f"{path}_error"] = timed.get("error")
             if "ms" in timed:

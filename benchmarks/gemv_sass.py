@@ -5,7 +5,8 @@
 Compiles `w4a16_gemv_lop3_kernel` for sm_90 with Triton's own ptxas (as `gear_kernel_sass.py` does for
 the GEAR kernel) for each of the op's launches (`GEMV_LOP3_CONFIGS`), symmetric and with zero points,
 and for each way of keeping weight loads in flight: prefetching one step ahead (the op's), two steps
-ahead, or Triton's cp.async pipeline with 3 or 4 stages. Per variant: the loop's instructions per step
+ahead, or Triton's cp.async pipeline with 3 or 4 stages; and the op's prefetching over a
+`GroupMajorWeight` (contiguous per step). Per variant: the loop's instructions per step
 and per weight byte a thread reads, its instruction classes, registers, stack and shared memory, the
 weight bytes a thread has in flight, and those of a whole SM at the occupancy that registers and shared
 memory allow (`resident_ctas`; Little's law: ~4.8 TB/s over ~1 us of latency needs ~28 KiB per SM of
@@ -29,11 +30,12 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile, not interpret
 from gear_kernel_sass import RESULTS, _compile, sass_summary
 
 GROUP = 128
-VARIANTS = {  # name: (PREFETCH, STAGES)
-    "prefetch 1 (op)": (1, 0),
-    "prefetch 2": (2, 0),
-    "cp.async 3 stages": (0, 3),
-    "cp.async 4 stages": (0, 4),
+VARIANTS = {  # name: (PREFETCH, STAGES, GROUP_MAJOR)
+    "prefetch 1 (op)": (1, 0, False),
+    "prefetch 2": (2, 0, False),
+    "cp.async 3 stages": (0, 3, False),
+    "cp.async 4 stages": (0, 4, False),
+    "group-major, prefetch 1": (1, 0, True),
 }
 SIGNATURE = {
     "x_ptr": "*fp16", "w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*fp16",
@@ -41,13 +43,15 @@ SIGNATURE = {
 }  # fmt: skip
 
 
-def variant_cost(config: dict, symmetric: bool, prefetch: int, stages: int) -> dict:
+def variant_cost(
+    config: dict, symmetric: bool, prefetch: int, stages: int, group_major: bool = False
+) -> dict:
     from trtcompress.plugins.w4a16_gemm.gemv_lop3 import w4a16_gemv_lop3_kernel
 
     constants = dict(
         GROUP=GROUP, SYMMETRIC=symmetric, BLOCK_N=config["block_n"], BLOCK_K=config["block_k"],
         SPLIT_K=config["split_k"], MASK_K=False, DEQ_ASM=True, PREFETCH=prefetch, LAST_SUMS=True,
-        SPLIT_PAD=config["split_k"], STAGES=stages,
+        SPLIT_PAD=config["split_k"], STAGES=stages, GROUP_MAJOR=group_major,
     )  # fmt: skip
     compiled = _compile(
         w4a16_gemv_lop3_kernel, SIGNATURE, constants, config["num_warps"], aligned=("K", "stride_words")
@@ -82,13 +86,13 @@ def main() -> None:
     rows = []
     for limit, config in GEMV_LOP3_CONFIGS:
         for symmetric in (True, False):
-            for name, (prefetch, stages) in VARIANTS.items():
-                cost = variant_cost(config, symmetric, prefetch, stages)
+            for name, (prefetch, stages, group_major) in VARIANTS.items():
+                cost = variant_cost(config, symmetric, prefetch, stages, group_major)
                 row = {"weights_up_to": limit, "config": config, "symmetric": symmetric, "variant": name}
                 rows.append(row | cost)
                 print(
                     f"{limit!s:>9} bn={config['block_n']:<3} warps={config['num_warps']} "
-                    f"{'sym ' if symmetric else 'asym'} {name:<18} loop {cost['loop_instructions']:>4} "
+                    f"{'sym ' if symmetric else 'asym'} {name:<23} loop {cost['loop_instructions']:>4} "
                     f"({cost['instructions_per_weight_byte']:.2f}/B) regs {cost['registers']:>3} "
                     f"stack {cost['stack_bytes']} smem {cost['shared_bytes']:>5} "
                     f"in flight {cost['weight_bytes_in_flight_per_thread']} B/thread, "

@@ -10,7 +10,8 @@
 #   4. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations)
 #   5. benchmarks/gemm_gpu.py --quick  prefill (GEMM and row-tiled tensor-core GEMV) and W4A4 at 4096
 #   6. benchmarks/gemv_graphs_gpu.py  decode GEMVs (lop3, packed-fp16, tensor-core) vs bf16 matmul,
-#      replayed from CUDA graphs with the weights read from HBM (about 35 s on an H200)
+#      replayed from CUDA graphs with the weights read from HBM (35-50 s on an H200 before the ninth
+#      session added the deeper-queue configs and the group-major layout to its tuning)
 # Run through the device tool as `bash benchmarks/gpu_session.sh` with carry [".gpu"]
 # (.gpu/gear_kernel_previous.py, if present: an older kernel.py timed beside the current one).
 # .gpu/ (git-ignored) holds what the GPU image lacks: .gpu/whl/*.whl (pydantic and its three
@@ -44,7 +45,7 @@ want gemv && timeout 160 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_gemv.json
 want gemv && echo "gemm_gpu (decode, 3 sizes) rc $?"
 want gear && timeout 190 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
 want gear && echo "gear_attention rc $?"
-want graphs && timeout 120 python3 benchmarks/gemv_graphs_gpu.py "$OUT/gemv_graphs_gpu.json" > "$OUT/gemv_graphs.log" 2>&1
+want graphs && timeout 200 python3 benchmarks/gemv_graphs_gpu.py "$OUT/gemv_graphs_gpu.json" > "$OUT/gemv_graphs.log" 2>&1
 want graphs && echo "gemv_graphs_gpu rc $?"
 want prefill && timeout 90 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_prefill_4096.json" --quick > "$OUT/gemm_prefill.log" 2>&1
 want prefill && echo "gemm_gpu (prefill + W4A4, K = N = 4096) rc $?"

@@ -1,9 +1,9 @@
 """The lop3 decode GEMV's machine-code cost per weight byte (sm_90, compiled on this CPU machine by Triton's
 own ptxas): a guard against changes that blow up its loop. The op's launch for the largest layers
 (`GEMV_LOP3_CONFIG`, one 128-column group per loop step with prefetching: 128 rows x 64 bytes over 128
-threads, 64 bytes per thread per step) measured 313 instructions per step with Triton 3.6 (4.9 per
+threads, 64 bytes per thread per step) measured 301 instructions per step with Triton 3.6 (4.7 per
 byte; 327 before x was read as one 16-byte load per word), against 868 per 128 bytes (6.8 per byte)
-for the packed-fp16 GEMV it replaced; with zero points 491 (565 before). Its GPU time is in
+for the packed-fp16 GEMV it replaced; with zero points 478 (565 before). Its GPU time is in
 BENCHMARKS.md."""
 
 from __future__ import annotations
@@ -54,11 +54,11 @@ def test_lop3_gemv_loop_cost_on_sm90() -> None:
     )
     sym, asym, h2 = cost["lop3_sym"], cost["lop3_asym"], cost["h2"]
     per_byte = sym["loop_instructions"] / step_bytes
-    assert per_byte <= 5.5, sym  # 5.1 with Triton 3.6
+    assert per_byte <= 5.5, sym  # 4.7 with Triton 3.6
     assert h2["loop_instructions"] / h2_bytes > 1.25 * per_byte, (h2, sym)
     assert sym["stack_bytes"] == 0  # no register spill
-    # with zero points ptxas (Triton 3.6) keeps one loop-invariant word on the stack at 72 registers and
-    # reloads it once per step (one LDL per 64 weight bytes a thread); anything more is a blow-up
+    # with zero points ptxas (Triton 3.6) has kept one loop-invariant word on the stack in some forms of
+    # this loop, reloaded once per step (one LDL per 64 weight bytes a thread); anything more is a blow-up
     assert asym["stack_bytes"] <= 8 and asym["by_class"].get("LDL", 0) <= 1, asym
     assert sym["by_class"].get("BAR", 0) <= 2, sym  # one layout conversion per step at most
     assert asym["loop_instructions"] < 2 * sym["loop_instructions"], asym  # the zero-point correction

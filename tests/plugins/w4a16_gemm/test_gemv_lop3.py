@@ -170,3 +170,44 @@ def test_decode_gemv_ptx_paths_match_reference(emulated_ptx, path, options, symm
         x, args = _inputs(n, k, 64, symmetric, m, torch.float16, seed=n + k + m + symmetric)
         out = w4a16_gemm_triton(x, *args, path=path, block_n=16, block_k=128, split_k=split_k, **options)
         _assert_matches(out, w4a16_gemm_reference(x, *args))
+
+
+def _group_major_cases():
+    # (m, n, k, group, symmetric, launch): K ending inside a chunk (576 = 4.5 chunks), N not a multiple
+    # of the row tile, group 64 (two steps a chunk), split-K with and without the last-split sums
+    return [
+        (1, 40, 576, 64, True, {"block_n": 16, "block_k": 128, "split_k": 2}),
+        (2, 24, 256, 128, False, {"block_n": 16, "block_k": 128, "split_k": 1}),
+        (1, 72, 576, 128, False, {"block_n": 32, "block_k": 256, "split_k": 3, "prefetch": 2}),
+        (1, 40, 384, 64, True, {"block_n": 16, "block_k": 64, "split_k": 2, "last_sums": False}),
+        (1, 40, 320, 64, False, {"block_n": 16, "block_k": 128, "split_k": 2, "prefetch": 0, "stages": 3}),
+    ]
+
+
+@pytest.mark.parametrize("ptx", [False, True], ids=["interpreted", "ptx"])
+def test_gemv_lop3_group_major_weight_matches_reference(ptx, request):
+    """The same kernel over a `GroupMajorWeight` (column chunks outermost, scales (G, N)): the reference's
+    result, with the integer twin and with the PTX (emulated)."""
+    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import GroupMajorWeight, gemv_lop3_group_major
+
+    if ptx:
+        request.getfixturevalue("emulated_ptx")
+    for m, n, k, group, symmetric, launch in _group_major_cases():
+        x, (qweight, scales, zeros, _, _) = _inputs(n, k, group, symmetric, m, torch.float16, seed=n + k)
+        weight = GroupMajorWeight.from_packed(qweight, scales, zeros, group, k)
+        assert weight.words.shape == (-(-k // 128), n, 16) and weight.scales.shape == (-(-k // group), n)
+        out = gemv_lop3_group_major(x, weight, **launch)
+        _assert_matches(out, w4a16_gemm_reference(x, qweight, scales, zeros, group, symmetric))
+
+
+def test_group_major_weight_refuses_what_it_cannot_hold():
+    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import GroupMajorWeight, gemv_lop3_group_major
+
+    x, (qweight, scales, zeros, _, _) = _inputs(16, 256, 256, True, 1, torch.float16, seed=1)
+    with pytest.raises(ValueError, match="K a multiple of 8"):
+        GroupMajorWeight.from_packed(qweight[:, :100], scales, zeros, 256, 256)
+    weight = GroupMajorWeight.from_packed(qweight, scales, zeros, 256, 256)
+    with pytest.raises(ValueError, match="at most 128 columns"):  # group and block_k 256: 2 chunks a step
+        gemv_lop3_group_major(x, weight, block_k=256)
+    with pytest.raises(ValueError, match="fp16 x"):
+        gemv_lop3_group_major(x.bfloat16(), weight, block_k=128)

@@ -21,11 +21,15 @@ magnitude are safe (|x| ~ 512 with extreme codes could overflow), as for `w4a16_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 RUN: tl.constexpr = tl.constexpr(4)  # words per vector load (16 bytes) and per fp16 partial sum: 32 products
+CHUNK_WORDS: tl.constexpr = tl.constexpr(16)  # GroupMajorWeight: a row's words per column chunk (64 bytes)
+CHUNK_COLUMNS: tl.constexpr = tl.constexpr(128)
 
 # Operands of `_run_asm` (one instance per run, pack 1): $0 the fp32 sum, $1..$4 the run's 4 words, then
 # the x pairs: P_i of word w in ${5 + 4i + w}. The codes come out as code - 8 (exact in fp16):
@@ -169,33 +173,43 @@ def _run_sums_int(words, x_ptr, xcol, x_ok, zero, MASK_K: tl.constexpr):
 
 
 @triton.jit
-def _load_words(words_ptr, row_off, n_ok, kg, k_end, K, WORDS: tl.constexpr, MASK_K: tl.constexpr):
-    """(BLOCK_N, WORDS) int32 words of columns kg .. kg + 8 * WORDS (zeros past K and from k_end on)."""
+def _load_words(w_rows, n_ok, kg, k_end, K, chunk_stride, WORDS: tl.constexpr,
+                MASK_K: tl.constexpr, GROUP_MAJOR: tl.constexpr):  # fmt: skip
+    """(BLOCK_N, WORDS) int32 words of columns kg .. kg + 8 * WORDS (zeros past K and from k_end on) of
+    the rows that start at `w_rows`: at word kg / 8 of each row, or (GROUP_MAJOR) in column chunk
+    kg / CHUNK_COLUMNS, `chunk_stride` words per chunk, of which each row holds CHUNK_WORDS."""
     word = (tl.multiple_of(kg // 8, 4) + tl.arange(0, WORDS))[None, :]
     mask = n_ok[:, None] & (kg < k_end)
     if MASK_K:
         mask = mask & (word * 8 < K)
-    return tl.load(words_ptr + row_off + word, mask=mask, other=0)
+    if GROUP_MAJOR:
+        chunk = kg // CHUNK_COLUMNS
+        in_chunk = tl.multiple_of((kg - chunk * CHUNK_COLUMNS) // 8, 4) + tl.arange(0, WORDS)
+        word = (chunk * chunk_stride + in_chunk)[None, :]
+    return tl.load(w_rows + word, mask=mask, other=0)
 
 
 @triton.jit
-def _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, K, G, GROUP: tl.constexpr, WORDS: tl.constexpr,
-                SYMMETRIC: tl.constexpr, MASK_K: tl.constexpr, DEQ_ASM: tl.constexpr):  # fmt: skip
-    """fp32 (BLOCK_N, WORDS / 4): the runs' sums of (code - zero) * x times the rows' scales."""
+def _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP: tl.constexpr, WORDS: tl.constexpr,
+                SYMMETRIC: tl.constexpr, MASK_K: tl.constexpr, DEQ_ASM: tl.constexpr,
+                GROUP_MAJOR: tl.constexpr):  # fmt: skip
+    """fp32 (BLOCK_N, WORDS / 4): the runs' sums of (code - zero) * x times the rows' scales (scales and
+    zeros (N, G), or (G, N) with GROUP_MAJOR: one group's rows side by side)."""
     g = kg // GROUP
+    meta = rn[:, None] + g * N if GROUP_MAJOR else rn[:, None] * G + g
     g_ok = (n_ok & (kg < K))[:, None] if MASK_K else n_ok[:, None]  # no scale or zero past K to read
     word = (tl.multiple_of(kg // 8, 4) + tl.arange(0, WORDS))[None, :]
     x_ok = word * 8 < K
     if SYMMETRIC:
         zero = tl.full((words.shape[0], 1), 8, tl.int32)
     else:
-        zero = tl.load(z_ptr + rn[:, None] * G + g, mask=g_ok, other=0).to(tl.int32)
+        zero = tl.load(z_ptr + meta, mask=g_ok, other=0).to(tl.int32)
     if DEQ_ASM:
         sums = _run_sums(words, x_row, word, x_ok, zero, SYMMETRIC, MASK_K)
     else:
         sums = _run_sums_int(words, x_row, word * 8, x_ok, zero.to(tl.float32), MASK_K)
     # (BLOCK_N, 1) in the words' layout: no layout conversion through shared memory
-    scale = tl.load(s_ptr + rn[:, None] * G + g, mask=g_ok, other=0.0).to(tl.float32)
+    scale = tl.load(s_ptr + meta, mask=g_ok, other=0.0).to(tl.float32)
     return sums * scale
 
 
@@ -204,14 +218,16 @@ def w4a16_gemv_lop3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_words, ou
                            GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MASK_K: tl.constexpr,
                            DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, LAST_SUMS: tl.constexpr,
-                           SPLIT_PAD: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
-    """Grid (M, cdiv(N, BLOCK_N), SPLIT_K); fp16 x; K a multiple of 8, rows `stride_words` int32 apart.
+                           SPLIT_PAD: tl.constexpr, STAGES: tl.constexpr,
+                           GROUP_MAJOR: tl.constexpr):  # fmt: skip
+    """Grid (M, cdiv(N, BLOCK_N), SPLIT_K); fp16 x; K a multiple of 8, rows `stride_words` int32 apart
+    (GROUP_MAJOR: the `GroupMajorWeight` layout, `stride_words` words per column chunk).
     One step per sub-block of GB = min(GROUP, BLOCK_K) columns: (BLOCK_N, GB / 8) words, one scale (and
     zero) per row. PREFETCH 1 (2): the next step's (next two steps') words are loaded before this step's
     math, their latency hidden behind it, in registers. STAGES > 1 without PREFETCH: Triton's software
     pipeline instead, cp.async copies of the words (and x) STAGES - 1 steps ahead into shared memory
     (on sm_90 it also moves the math to one row per thread, which pairs x for 16 words a thread
-    instead of 4: 397 instructions per step against 313, for a deeper queue of loads; which wins is a
+    instead of 4: 396 instructions per step against 301, for a deeper queue of loads; which wins is a
     GPU measurement). Split-K: with LAST_SUMS each split stores its fp32 partial sums in `part`
     (SPLIT_K, M, N) and counts itself in `count` (M, cdiv(N, BLOCK_N), zero before the launch, left
     zero after it); the last split of a tile adds the partials and stores the output in x's dtype. So a
@@ -228,37 +244,37 @@ def w4a16_gemv_lop3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_words, ou
     span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = tl.program_id(2) * span
     k_end = tl.minimum(k_start + span, K)
-    row_off = rn[:, None] * stride_words
+    w_rows = words_ptr + rn[:, None] * (CHUNK_WORDS if GROUP_MAJOR else stride_words)  # (BLOCK_N, 1)
     acc = tl.zeros((BLOCK_N, WORDS // RUN), dtype=tl.float32)
     x_row = x_ptr + pid_m * K
     if PREFETCH == 2:  # two steps of words in flight behind this step's math
-        words = _load_words(words_ptr, row_off, n_ok, k_start, k_end, K, WORDS, MASK_K)
-        after = _load_words(words_ptr, row_off, n_ok, k_start + GB, k_end, K, WORDS, MASK_K)
+        words = _load_words(w_rows, n_ok, k_start, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
+        after = _load_words(w_rows, n_ok, k_start + GB, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
         for kg in range(k_start, k_end, GB):
-            ahead = _load_words(words_ptr, row_off, n_ok, kg + 2 * GB, k_end, K, WORDS, MASK_K)
-            acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, K, G, GROUP, WORDS, SYMMETRIC,
-                               MASK_K, DEQ_ASM)  # fmt: skip
+            ahead = _load_words(w_rows, n_ok, kg + 2 * GB, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
+            acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP, WORDS,
+                               SYMMETRIC, MASK_K, DEQ_ASM, GROUP_MAJOR)  # fmt: skip
             words = after
             after = ahead
     elif PREFETCH:
-        words = _load_words(words_ptr, row_off, n_ok, k_start, k_end, K, WORDS, MASK_K)
+        words = _load_words(w_rows, n_ok, k_start, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
         for kg in range(k_start, k_end, GB):
-            ahead = _load_words(words_ptr, row_off, n_ok, kg + GB, k_end, K, WORDS, MASK_K)
-            acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, K, G, GROUP, WORDS, SYMMETRIC,
-                               MASK_K, DEQ_ASM)  # fmt: skip
+            ahead = _load_words(w_rows, n_ok, kg + GB, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
+            acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP, WORDS,
+                               SYMMETRIC, MASK_K, DEQ_ASM, GROUP_MAJOR)  # fmt: skip
             words = ahead
     elif STAGES > 0:  # Triton's software pipeline: cp.async copies of STAGES - 1 steps into shared memory
         for kg in tl.range(k_start, k_end, GB, num_stages=STAGES):
-            words = _load_words(words_ptr, row_off, n_ok, kg, k_end, K, WORDS, MASK_K)
-            acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, K, G, GROUP, WORDS, SYMMETRIC,
-                               MASK_K, DEQ_ASM)  # fmt: skip
+            words = _load_words(w_rows, n_ok, kg, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
+            acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP, WORDS,
+                               SYMMETRIC, MASK_K, DEQ_ASM, GROUP_MAJOR)  # fmt: skip
     else:
         for k0 in range(k_start, k_end, BLOCK_K):
             for s in tl.static_range(BLOCK_K // GB):
                 kg = k0 + s * GB
-                words = _load_words(words_ptr, row_off, n_ok, kg, k_end, K, WORDS, MASK_K)
-                acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, K, G, GROUP, WORDS, SYMMETRIC,
-                                   MASK_K, DEQ_ASM)  # fmt: skip
+                words = _load_words(w_rows, n_ok, kg, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
+                acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP, WORDS,
+                                   SYMMETRIC, MASK_K, DEQ_ASM, GROUP_MAJOR)  # fmt: skip
     total = tl.sum(acc, axis=1)
     out = out_ptr + pid_m * N + rn
     if SPLIT_K == 1:
@@ -300,3 +316,98 @@ def split_counters(device: torch.device, size: int) -> torch.Tensor:
         counters = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
         _COUNTERS[key] = counters
     return counters
+
+
+@dataclass(frozen=True)
+class GroupMajorWeight:
+    """An INT4 weight laid out for the lop3 GEMV's loads: column chunks of CHUNK_COLUMNS (128 columns, a
+    row's 16 words) outermost, every row's words of a chunk side by side, so that the (rows x 64 bytes)
+    a program reads per step are one contiguous piece of memory (a warp's 16-byte loads cover 512
+    contiguous bytes) instead of 64-byte pieces one row apart. Scales and zeros are stored (G, N) for
+    the same reason. K is padded with zero codes to whole chunks (the matching x is masked to zero).
+    Only the lop3 GEMV reads it (`gemv_lop3_group_major`)."""
+
+    words: torch.Tensor  # int32 (chunks, N, CHUNK_WORDS)
+    scales: torch.Tensor  # (G, N)
+    zeros: torch.Tensor | None  # uint8 (G, N), None when symmetric
+    k: int
+    group_size: int
+
+    @property
+    def n(self) -> int:
+        return self.words.shape[1]
+
+    @classmethod
+    def from_packed(
+        cls, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, k: int
+    ) -> GroupMajorWeight:
+        """From the op's layout: `qweight` uint8 (N, K / 2) (two codes a byte, low nibble first), scales and
+        zeros (N, G)."""
+        n, row_bytes = qweight.shape
+        if qweight.dtype != torch.uint8 or row_bytes != (k + 1) // 2 or k % 8:
+            raise ValueError(
+                f"expected a uint8 (N, K / 2) weight with K a multiple of 8, got {tuple(qweight.shape)} "
+                f"{qweight.dtype} for K = {k}"
+            )
+        chunk_bytes = 4 * CHUNK_WORDS.value
+        chunks = -(-row_bytes // chunk_bytes)
+        padded = torch.zeros(n, chunks * chunk_bytes, dtype=torch.uint8, device=qweight.device)
+        padded[:, :row_bytes] = qweight
+        words = padded.view(torch.int32).view(n, chunks, CHUNK_WORDS.value).transpose(0, 1).contiguous()
+        return cls(
+            words,
+            scales.t().contiguous(),
+            None if zeros is None else zeros.t().contiguous(),
+            k,
+            group_size if group_size > 0 else k,
+        )
+
+
+def gemv_lop3_group_major(
+    x: torch.Tensor,
+    weight: GroupMajorWeight,
+    block_n: int = 128,
+    block_k: int = 256,
+    split_k: int = 8,
+    num_warps: int = 4,
+    num_stages: int | None = None,
+    prefetch: bool | int = True,
+    last_sums: bool = True,
+    stages: int = 0,
+) -> torch.Tensor:
+    """x (M, K) fp16 @ Wᵀ for a `GroupMajorWeight`: `w4a16_gemv_lop3_kernel` with GROUP_MAJOR (launch
+    options as `w4a16_gemm_triton`'s for path "gemv_lop3"). The group (and block_k) must be powers of
+    two from 32 with a step of at most one chunk: min(group, block_k) <= 128."""
+    from trtcompress.plugins.w4a16_gemm.kernel import _interpreting, gemv_tc_group
+
+    m, k = x.shape
+    n = weight.n
+    group = gemv_tc_group(k, weight.group_size, block_k)
+    if (
+        k != weight.k
+        or x.dtype != torch.float16
+        or group is None
+        or min(group, block_k) > CHUNK_COLUMNS.value
+    ):
+        raise ValueError(
+            f"gemv_lop3_group_major takes fp16 x with K = {weight.k} and a power-of-two group and block_k "
+            f"(steps of at most {CHUNK_COLUMNS.value} columns); got x {tuple(x.shape)} {x.dtype}, "
+            f"group {weight.group_size}, block_k {block_k}"
+        )
+    x = x.contiguous()
+    symmetric = weight.zeros is None
+    atomic = split_k > 1 and not last_sums
+    out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
+    grid = (m, triton.cdiv(n, block_n), split_k)
+    part = counts = out  # any pointer where they are not used
+    if split_k > 1 and last_sums:
+        part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
+        counts = split_counters(x.device, m * grid[1])
+    launch = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+    z = weight.words if symmetric else weight.zeros  # any pointer when symmetric: never read
+    w4a16_gemv_lop3_kernel[grid](
+        x, weight.words, weight.scales, z, m, n, k, n * CHUNK_WORDS.value, out, part, counts, group,
+        symmetric, block_n, block_k, split_k, k % block_k != 0, not _interpreting(), int(prefetch),
+        bool(last_sums), triton.next_power_of_2(split_k), 0 if prefetch else stages, True, **launch,
+    )  # fmt: skip
+    return out.to(x.dtype) if atomic else out

@@ -579,7 +579,7 @@ def w4a16_gemm_triton(
                 x, qweight, scales, z, m, n, k, qweight.stride(0) // 4, out, part, counts, lop3_group,
                 bool(symmetric), block_n, block_k, split_k, k % block_k != 0, not _interpreting(),
                 int(prefetch), bool(last_sums), triton.next_power_of_2(split_k), 0 if prefetch else stages,
-                **launch,
+                False, **launch,
             )  # fmt: skip
             return out.to(x.dtype) if atomic else out
     if path == "gemv_h2":
