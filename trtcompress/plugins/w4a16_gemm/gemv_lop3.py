@@ -378,10 +378,9 @@ def gemv_lop3_group_major(
     """x (M, K) fp16 @ Wᵀ for a `GroupMajorWeight`: `w4a16_gemv_lop3_kernel` with GROUP_MAJOR (launch
     options as `w4a16_gemm_triton`'s for path "gemv_lop3"). The group (and block_k) must be powers of
     two from 32 with a step of at most one chunk: min(group, block_k) <= 128."""
-    from trtcompress.plugins.w4a16_gemm.kernel import _interpreting, gemv_tc_group
+    from trtcompress.plugins.w4a16_gemm.kernel import gemv_tc_group
 
-    m, k = x.shape
-    n = weight.n
+    k = x.shape[1]
     group = gemv_tc_group(k, weight.group_size, block_k)
     if (
         k != weight.k
@@ -394,8 +393,51 @@ def gemv_lop3_group_major(
             f"(steps of at most {CHUNK_COLUMNS.value} columns); got x {tuple(x.shape)} {x.dtype}, "
             f"group {weight.group_size}, block_k {block_k}"
         )
-    x = x.contiguous()
-    symmetric = weight.zeros is None
+    launch = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+    return launch_lop3(
+        x.contiguous(),
+        weight.words,
+        weight.scales,
+        weight.words if weight.zeros is None else weight.zeros,  # any pointer when symmetric: never read
+        n=weight.n,
+        stride_words=weight.n * CHUNK_WORDS.value,
+        group=group,
+        symmetric=weight.zeros is None,
+        group_major=True,
+        block_n=block_n,
+        block_k=block_k,
+        split_k=split_k,
+        launch=launch,
+        prefetch=prefetch,
+        last_sums=last_sums,
+        stages=stages,
+    )
+
+
+def launch_lop3(
+    x: torch.Tensor,
+    words: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    *,
+    n: int,
+    stride_words: int,
+    group: int,
+    symmetric: bool,
+    group_major: bool,
+    block_n: int,
+    block_k: int,
+    split_k: int,
+    launch: dict,
+    prefetch: bool | int,
+    last_sums: bool,
+    stages: int,
+) -> torch.Tensor:
+    """`w4a16_gemv_lop3_kernel` on contiguous fp16 x (M, K): the output (M, N) in x's dtype (split-K
+    partials added atomically into fp32 and cast, or by the last split with `last_sums`)."""
+    from trtcompress.plugins.w4a16_gemm.kernel import _interpreting
+
+    m, k = x.shape
     atomic = split_k > 1 and not last_sums
     out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
     grid = (m, triton.cdiv(n, block_n), split_k)
@@ -403,11 +445,9 @@ def gemv_lop3_group_major(
     if split_k > 1 and last_sums:
         part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
         counts = split_counters(x.device, m * grid[1])
-    launch = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
-    z = weight.words if symmetric else weight.zeros  # any pointer when symmetric: never read
     w4a16_gemv_lop3_kernel[grid](
-        x, weight.words, weight.scales, z, m, n, k, n * CHUNK_WORDS.value, out, part, counts, group,
-        symmetric, block_n, block_k, split_k, k % block_k != 0, not _interpreting(), int(prefetch),
-        bool(last_sums), triton.next_power_of_2(split_k), 0 if prefetch else stages, True, **launch,
+        x, words, scales, zeros, m, n, k, stride_words, out, part, counts, group, bool(symmetric), block_n,
+        block_k, split_k, k % block_k != 0, not _interpreting(), int(prefetch), bool(last_sums),
+        triton.next_power_of_2(split_k), 0 if prefetch else stages, group_major, **launch,
     )  # fmt: skip
     return out.to(x.dtype) if atomic else out

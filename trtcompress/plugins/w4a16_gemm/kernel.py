@@ -559,7 +559,7 @@ def w4a16_gemm_triton(
             )  # fmt: skip
             return out.to(x.dtype) if atomic else out
     if path == "gemv_lop3":
-        from trtcompress.plugins.w4a16_gemm.gemv_lop3 import split_counters, w4a16_gemv_lop3_kernel
+        from trtcompress.plugins.w4a16_gemm.gemv_lop3 import launch_lop3
 
         lop3_group = gemv_tc_group(k, group, block_k, fp_exp)
         # weight bytes and x read as int32 words: 4-byte alignment (Triton vectorizes where it sees 16)
@@ -568,20 +568,24 @@ def w4a16_gemm_triton(
         if lop3_group is None or x.dtype != torch.float16 or not words_ok:
             path = "gemv_h2"  # which falls back to "gemv" where it does not apply either
         else:
-            atomic = split_k > 1 and not last_sums
-            out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
-            grid = (m, triton.cdiv(n, block_n), split_k)
-            part = counts = out  # any pointer where they are not used
-            if split_k > 1 and last_sums:
-                part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
-                counts = split_counters(x.device, m * grid[1])
-            w4a16_gemv_lop3_kernel[grid](
-                x, qweight, scales, z, m, n, k, qweight.stride(0) // 4, out, part, counts, lop3_group,
-                bool(symmetric), block_n, block_k, split_k, k % block_k != 0, not _interpreting(),
-                int(prefetch), bool(last_sums), triton.next_power_of_2(split_k), 0 if prefetch else stages,
-                False, **launch,
-            )  # fmt: skip
-            return out.to(x.dtype) if atomic else out
+            return launch_lop3(
+                x,
+                qweight,
+                scales,
+                z,
+                n=n,
+                stride_words=qweight.stride(0) // 4,
+                group=lop3_group,
+                symmetric=symmetric,
+                group_major=False,
+                block_n=block_n,
+                block_k=block_k,
+                split_k=split_k,
+                launch=launch,
+                prefetch=prefetch,
+                last_sums=last_sums,
+                stages=stages,
+            )
     if path == "gemv_h2":
         h2_group = gemv_tc_group(k, group, block_k, fp_exp)
         if h2_group is None or x.dtype != torch.float16:
