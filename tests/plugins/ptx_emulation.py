@@ -35,7 +35,10 @@ def _pack(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def prmt(a: np.ndarray, b: np.ndarray, select: int) -> np.ndarray:
-    """PTX prmt.b32 (default mode): byte k of the result = byte select[4k:4k+4] (0-7) of (b:a)."""
+    """PTX prmt.b32 (default mode): byte k of the result = byte select[4k:4k+4] (0-7) of (b:a). A
+    selector nibble with its sign-replicate bit (8) set is not emulated."""
+    if any((select >> (4 * k)) & 8 for k in range(4)):
+        raise AssertionError(f"prmt selector {select:#x} replicates signs: not emulated")
     both = (np.asarray(a, dtype=U) & MASK32) | (np.asarray(b, dtype=U) & MASK32) << U(32)
     out = np.zeros_like(both)
     for k in range(4):
@@ -115,10 +118,24 @@ def _from_bits(bits: np.ndarray, np_dtype: np.dtype) -> np.ndarray:
 
 def emulate_inline_asm(asm: str, constraints: str, arrays: list[np.ndarray], out_dtypes: list, pack: int):
     """The outputs of `tl.inline_asm_elementwise(asm, constraints, args, dtype, pack=pack)` for
-    inputs `arrays` (broadcast to one shape): `pack` consecutive elements per instance, packed into
-    32-bit registers lowest element first (as Triton passes them), outputs unpacked the same way."""
+    inputs `arrays` (broadcast to one shape). With pack > 1 an instance gets `pack` elements packed
+    into 32-bit registers, lowest element first; which elements share an instance is up to Triton's
+    register layout on a GPU, so the PTX must treat them as independent lanes: it is run with two
+    different groupings of the elements and must give the same results (else AssertionError)."""
     shape = np.broadcast_shapes(*(a.shape for a in arrays))
     flat = [np.broadcast_to(a, shape).reshape(-1) for a in arrays]
+    outs = _emulate_flat(asm, constraints, flat, out_dtypes, pack)
+    if pack > 1:  # regroup: element i joins the instance of element i + 1
+        shifted = _emulate_flat(asm, constraints, [np.roll(a, -1) for a in flat], out_dtypes, pack)
+        for a, b in zip(outs, shifted, strict=True):
+            if not np.array_equal(np.roll(b, 1).view(f"u{a.itemsize}"), a.view(f"u{a.itemsize}")):
+                raise AssertionError("the PTX mixes the elements of one instance: its result would depend on "
+                                     "Triton's register layout")  # fmt: skip
+    return [o.reshape(shape) for o in outs]
+
+
+def _emulate_flat(asm: str, constraints: str, flat: list[np.ndarray], out_dtypes: list, pack: int):
+    """`emulate_inline_asm` on flat inputs: consecutive elements share an instance."""
     count = flat[0].size if flat else 1
     if count % pack:
         raise AssertionError(f"{count} elements do not split into instances of {pack}")
@@ -156,7 +173,7 @@ def emulate_inline_asm(asm: str, constraints: str, arrays: list[np.ndarray], out
                         lanes[:, r * per_reg + e] = value
                     else:
                         lanes[:, r * per_reg + e] = _from_bits(value >> U(8 * width * e), dt)
-        outs.append(lanes.reshape(shape))
+        outs.append(lanes.reshape(-1))
     return outs
 
 
