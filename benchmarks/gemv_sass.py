@@ -9,7 +9,7 @@ ahead, or Triton's cp.async pipeline with 3 or 4 stages; and the op's prefetchin
 `GroupMajorWeight` (contiguous per step). Per variant: the loop's instructions per step
 and per weight byte a thread reads, its instruction classes, registers, stack and shared memory, the
 weight bytes a thread has in flight, and those of a whole SM at the occupancy that registers and shared
-memory allow (`resident_ctas`; Little's law: ~4.8 TB/s over ~1 us of latency needs ~28 KiB per SM of
+memory allow (`resident_ctas`; Little's law: ~4.8 TB/s over ~1 us of latency needs ~35 KiB per SM of
 the H200's 132). Not a timing: `gemv_graphs_gpu.py` on a GPU is.
 
 Default output: benchmarks/results/gemv_lop3_sass.json.

@@ -56,10 +56,7 @@ def test_lop3_gemv_loop_cost_on_sm90() -> None:
     per_byte = sym["loop_instructions"] / step_bytes
     assert per_byte <= 5.5, sym  # 4.7 with Triton 3.6
     assert h2["loop_instructions"] / h2_bytes > 1.25 * per_byte, (h2, sym)
-    assert sym["stack_bytes"] == 0  # no register spill
-    # with zero points ptxas (Triton 3.6) has kept one loop-invariant word on the stack in some forms of
-    # this loop, reloaded once per step (one LDL per 64 weight bytes a thread); anything more is a blow-up
-    assert asym["stack_bytes"] <= 8 and asym["by_class"].get("LDL", 0) <= 1, asym
+    assert sym["stack_bytes"] == 0 and asym["stack_bytes"] == 0  # no register spill
     assert sym["by_class"].get("BAR", 0) <= 2, sym  # one layout conversion per step at most
     assert asym["loop_instructions"] < 2 * sym["loop_instructions"], asym  # the zero-point correction
     staged = cost["lop3_stages"]["by_class"]  # the words (and x) copied ahead by cp.async, not loaded

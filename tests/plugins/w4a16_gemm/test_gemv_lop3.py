@@ -211,3 +211,13 @@ def test_group_major_weight_refuses_what_it_cannot_hold():
         gemv_lop3_group_major(x, weight, block_k=256)
     with pytest.raises(ValueError, match="fp16 x"):
         gemv_lop3_group_major(x.bfloat16(), weight, block_k=128)
+    with pytest.raises(ValueError, match=r"scales must be \(N, groups\) = \(16, 1\)"):
+        GroupMajorWeight.from_packed(qweight, scales.t(), zeros, 256, 256)
+    with pytest.raises(ValueError, match="prefetch is 0, 1 or 2"):
+        gemv_lop3_group_major(x, weight, block_k=128, prefetch=3)
+    x2 = torch.randn(1, 257).half()[:, 1:]  # 2-byte aligned: read as int32 words from a copy
+    weight = GroupMajorWeight.from_packed(qweight, scales.repeat(1, 2), zeros, 128, 256)
+    _assert_matches(
+        gemv_lop3_group_major(x2, weight, block_n=16, block_k=128, split_k=1),
+        w4a16_gemm_reference(x2, qweight, scales.repeat(1, 2), zeros, 128, True),
+    )

@@ -349,6 +349,13 @@ class GroupMajorWeight:
                 f"expected a uint8 (N, K / 2) weight with K a multiple of 8, got {tuple(qweight.shape)} "
                 f"{qweight.dtype} for K = {k}"
             )
+        groups = -(-k // (group_size if group_size > 0 else k))
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            if t is not None and tuple(t.shape) != (n, groups):
+                raise ValueError(
+                    f"{name} must be (N, groups) = ({n}, {groups}) for K = {k} and group size "
+                    f"{group_size}, got {tuple(t.shape)}"
+                )
         chunk_bytes = 4 * CHUNK_WORDS.value
         chunks = -(-row_bytes // chunk_bytes)
         padded = torch.zeros(n, chunks * chunk_bytes, dtype=torch.uint8, device=qweight.device)
@@ -393,9 +400,12 @@ def gemv_lop3_group_major(
             f"(steps of at most {CHUNK_COLUMNS.value} columns); got x {tuple(x.shape)} {x.dtype}, "
             f"group {weight.group_size}, block_k {block_k}"
         )
+    x = x.contiguous()
+    if x.data_ptr() % 4:  # x is read as int32 words
+        x = x.clone()
     launch = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
     return launch_lop3(
-        x.contiguous(),
+        x,
         weight.words,
         weight.scales,
         weight.words if weight.zeros is None else weight.zeros,  # any pointer when symmetric: never read
@@ -437,6 +447,8 @@ def launch_lop3(
     partials added atomically into fp32 and cast, or by the last split with `last_sums`)."""
     from trtcompress.plugins.w4a16_gemm.kernel import _interpreting
 
+    if prefetch not in (0, 1, 2):  # False / True count as 0 / 1
+        raise ValueError(f"prefetch is 0, 1 or 2 steps ahead, not {prefetch!r}")
     m, k = x.shape
     atomic = split_k > 1 and not last_sums
     out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
