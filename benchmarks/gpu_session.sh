@@ -1,17 +1,17 @@
 #!/bin/bash
-# Every GPU measurement of issues 5 and 6 in one call to a lent GPU machine (about 7-9 minutes on an
-# H100, compilation included), each step under its own time limit so one failure keeps the others:
+# Every GPU measurement of issues 5 and 6 through a lent GPU machine, each step under its own time
+# limit so one failure keeps the others, in this order:
 #   1. benchmarks/runtime_gpu.py  native runtime vs HF generate, end to end (needs .gpu/, see below);
 #      fp16 first with deploy.cuda_graphs (runtime/cuda_graphs.py), then without it
 #      (paged decode kernel), A/B against the torch path at 32
-#   2. benchmarks/plugin_ptx_gpu.py run  the plugins' AOT PTX (if `prepare .gpu/ptx` ran on CPU)
-#   3. benchmarks/gemm_gpu.py --gemv-only  W4A16 decode GEMVs (tensor-core and packed-fp16) vs bf16
-#      matmul, 3 sizes
-#   4. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations)
-#   5. benchmarks/gemm_gpu.py --quick  prefill (GEMM and row-tiled tensor-core GEMV) and W4A4 at 4096
-#   6. benchmarks/gemv_graphs_gpu.py  decode GEMVs (lop3, packed-fp16, tensor-core) vs bf16 matmul,
+#   2. benchmarks/gemv_graphs_gpu.py  decode GEMVs (lop3, packed-fp16, tensor-core) vs bf16 matmul,
 #      replayed from CUDA graphs with the weights read from HBM (35-50 s on an H200 before the ninth
 #      session added the deeper-queue configs and the group-major layout to its tuning)
+#   3. benchmarks/plugin_ptx_gpu.py run  the plugins' AOT PTX (if `prepare .gpu/ptx` ran on CPU)
+#   4. benchmarks/gemm_gpu.py --gemv-only  W4A16 decode GEMVs (tensor-core and packed-fp16) vs bf16
+#      matmul, 3 sizes, eager timing
+#   5. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations)
+#   6. benchmarks/gemm_gpu.py --quick  prefill (GEMM and row-tiled tensor-core GEMV) and W4A4 at 4096
 # Run through the device tool as `bash benchmarks/gpu_session.sh` with carry [".gpu"]
 # (.gpu/gear_kernel_previous.py, if present: an older kernel.py timed beside the current one).
 # .gpu/ (git-ignored) holds what the GPU image lacks: .gpu/whl/*.whl (pydantic and its three
@@ -27,7 +27,9 @@ OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-# most important first: a run cut short by the device's 600 s limit keeps what it measured
+# most important first: a run cut short by the device's 600 s limit keeps what it measured. The steps'
+# limits add up to more than one call may run (600 s): run a subset per call, e.g.
+# STEPS="runtime graphs" (at most 370 s), then STEPS="gear" (190 s) if device time is left
 if ! want runtime; then :
 elif [ -d .gpu/whl ] && [ -d .gpu/model ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
@@ -37,6 +39,8 @@ elif [ -d .gpu/whl ] && [ -d .gpu/model ]; then
 else
   echo "runtime_gpu skipped: .gpu/whl and .gpu/model were not carried"
 fi
+want graphs && timeout 200 python3 benchmarks/gemv_graphs_gpu.py "$OUT/gemv_graphs_gpu.json" > "$OUT/gemv_graphs.log" 2>&1
+want graphs && echo "gemv_graphs_gpu rc $?"
 if want ptx && [ -d .gpu/ptx ]; then  # the TensorRT plugins' AOT PTX through the CUDA driver (prepared on CPU)
   timeout 40 python3 benchmarks/plugin_ptx_gpu.py run .gpu/ptx "$OUT" > "$OUT/plugin_ptx.log" 2>&1
   echo "plugin_ptx_gpu rc $?"
@@ -45,8 +49,6 @@ want gemv && timeout 160 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_gemv.json
 want gemv && echo "gemm_gpu (decode, 3 sizes) rc $?"
 want gear && timeout 190 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
 want gear && echo "gear_attention rc $?"
-want graphs && timeout 200 python3 benchmarks/gemv_graphs_gpu.py "$OUT/gemv_graphs_gpu.json" > "$OUT/gemv_graphs.log" 2>&1
-want graphs && echo "gemv_graphs_gpu rc $?"
 want prefill && timeout 90 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_prefill_4096.json" --quick > "$OUT/gemm_prefill.log" 2>&1
 want prefill && echo "gemm_gpu (prefill + W4A4, K = N = 4096) rc $?"
 [ -f "$OUT/gear.log" ] && grep -h -E "speedup|correctness ok|wrote" "$OUT/gear.log" | tail -28 | cut -c1-220
