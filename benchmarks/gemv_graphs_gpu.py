@@ -12,13 +12,13 @@ and each graph cycles through enough copies of the weight (at least 256 MB in al
 
 For K = N in {4096, 11008, 14336}: the lop3 GEMV ("gemv_lop3", `plugins/w4a16_gemm/gemv_lop3.py`) is
 tuned at M = 1 (`tune_lop3`: tiles / split-K / one-kernel split-K sums, warps x stages, prefetching
-one or two steps ahead, cp.async pipelines),
-every config checked against the reference before and after its graph replays (its PTX runs only
-here); then M = 1, 2, 4, 8, 16 time bf16 matmul,
-gemv_lop3 (best config; at M <= 2 also over `GroupMajorWeight` copies, whose per-step tiles are contiguous
-in memory), the op's M = 1 path gemv_h2 (`GEMV_H2_CONFIG`) and gemv_tc (`GEMV_TC_CONFIG`,
-PTX dequantization), plus eager `do_bench` times of bf16 and the best GEMV for comparison with the
-eager tables. The asymmetric (zero-point) PTX is checked once at the first size. Needs torch + triton.
+one or two steps ahead, cp.async pipelines), every config checked against the reference before and
+after its graph replays (its PTX runs only here); then M = 1, 2, 4, 8, 16 time bf16 matmul, gemv_lop3
+(best config; at M <= 2 also over `GroupMajorWeight` copies, whose per-step tiles are contiguous in
+memory, and at M = 2 with both rows of x in one program, `rows=2`), the op's M = 1 path gemv_h2
+(`GEMV_H2_CONFIG`) and gemv_tc (`GEMV_TC_CONFIG`, PTX dequantization), plus eager `do_bench` times of
+bf16 and the best GEMV for comparison with the eager tables. The asymmetric (zero-point) PTX is
+checked once at the first size. Needs torch + triton.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ LOP3_TILES = [  # (block_n, block_k, split_k): one group per step
 ]  # fmt: skip
 WARPS_STAGES = [(2, 1), (4, 2), (8, 1), (4, 3)]
 GROUP_MAJOR = "gemv_lop3_group_major"  # the best lop3 launch over the contiguous-per-step weight layout
+TWO_ROWS = "gemv_lop3_2rows"  # the best lop3 launch with both rows of x in one program (M = 2)
 DEEP_STAGES = (3, 4)  # `stages` of Triton's cp.async pipeline of the words (gemv_lop3, no prefetch)
 
 
@@ -205,17 +206,13 @@ def bench_size(size: int, result: dict) -> None:
     paths = {
         "gemv_lop3": best,
         "gemv_lop3_op": gemv_lop3_config(n, k),  # what the op runs for this weight
-        GROUP_MAJOR: {
-            "prefetch": False,
-            "last_sums": False,
-            "stages": 0,
-            **best,
-        },  # same launch as gemv_lop3's
+        GROUP_MAJOR: {"prefetch": False, "last_sums": False, "stages": 0, **best},  # gemv_lop3's launch
+        TWO_ROWS: {**best, "rows": 2},  # M = 2: one weight read for both rows of x
         "gemv_h2": GEMV_H2_CONFIG,
         "gemv_tc": {**GEMV_TC_CONFIG, "deq_asm": not SMOKE},
     }
     group_major = [GroupMajorWeight.from_packed(q, s, z, g, k) for q, s, z, g, _ in weights]
-    for m in (1, 4) if SMOKE else (1, 2, 4, 8, 16):
+    for m in (1, 2, 4) if SMOKE else (1, 2, 4, 8, 16):
         x = x1 if m == 1 else torch.randn(m, k, device=DEVICE).half()
         xb = x.bfloat16()
         row = {"K": k, "N": n, "M": m, "int4_copies": len(weights), "bf16_copies": len(bf16)}
@@ -223,10 +220,15 @@ def bench_size(size: int, result: dict) -> None:
         row["bf16_eager_ms"] = eager_ms(lambda xb=xb: torch.matmul(xb, bf16[0].t()))
         ref = w4a16_gemm_reference(x, *weights[0])
         for path, cfg in paths.items():
-            if (path == "gemv_h2" and m > 1) or (path == GROUP_MAJOR and m > 2):
+            if (
+                (path == "gemv_h2" and m > 1)
+                or (path == GROUP_MAJOR and m > 2)
+                or (path == TWO_ROWS and m != 2)
+            ):
                 continue  # M = 1 only in the op; the lop3 GEMV serves M <= 2
             layouts = group_major if path == GROUP_MAJOR else None
-            timed = time_path(x, weights, path.removesuffix("_op"), cfg, ref, layouts)
+            kernel = "gemv_lop3" if path in ("gemv_lop3_op", TWO_ROWS) else path
+            timed = time_path(x, weights, kernel, cfg, ref, layouts)
             row[f"{path}_graph_ms"] = timed.get("ms")
             row[f"{path}_error"] = timed.get("error")
             if "ms" in timed:

@@ -6,11 +6,12 @@ Compiles `w4a16_gemv_lop3_kernel` for sm_90 with Triton's own ptxas (as `gear_ke
 the GEAR kernel) for each of the op's launches (`GEMV_LOP3_CONFIGS`), symmetric and with zero points,
 and for each way of keeping weight loads in flight: prefetching one step ahead (the op's), two steps
 ahead, or Triton's cp.async pipeline with 3 or 4 stages; and the op's prefetching over a
-`GroupMajorWeight` (contiguous per step). Per variant: the loop's instructions per step
-and per weight byte a thread reads, its instruction classes, registers, stack and shared memory, the
-weight bytes a thread has in flight, and those of a whole SM at the occupancy that registers and shared
-memory allow (`resident_ctas`; Little's law: ~4.8 TB/s over ~1 us of latency needs ~35 KiB per SM of
-the H200's 132). Not a timing: `gemv_graphs_gpu.py` on a GPU is.
+`GroupMajorWeight` (contiguous per step) or with two rows of x per program (ROWS = 2: the weight read
+and its codes made once for both; per weight byte it then serves two outputs). Per variant: the loop's
+instructions per step and per weight byte a thread reads, its instruction classes, registers, stack and
+shared memory, the weight bytes a thread has in flight, and those of a whole SM at the occupancy that
+registers and shared memory allow (`resident_ctas`; Little's law: ~4.8 TB/s over ~1 us of latency
+needs ~35 KiB per SM of the H200's 132). Not a timing: `gemv_graphs_gpu.py` on a GPU is.
 
 Default output: benchmarks/results/gemv_lop3_sass.json.
 """
@@ -30,12 +31,13 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile, not interpret
 from gear_kernel_sass import RESULTS, _compile, sass_summary
 
 GROUP = 128
-VARIANTS = {  # name: (PREFETCH, STAGES, GROUP_MAJOR)
-    "prefetch 1 (op)": (1, 0, False),
-    "prefetch 2": (2, 0, False),
-    "cp.async 3 stages": (0, 3, False),
-    "cp.async 4 stages": (0, 4, False),
-    "group-major, prefetch 1": (1, 0, True),
+VARIANTS = {  # name: (PREFETCH, STAGES, GROUP_MAJOR, ROWS)
+    "prefetch 1 (op)": (1, 0, False, 1),
+    "prefetch 2": (2, 0, False, 1),
+    "cp.async 3 stages": (0, 3, False, 1),
+    "cp.async 4 stages": (0, 4, False, 1),
+    "group-major, prefetch 1": (1, 0, True, 1),
+    "2 rows of x, prefetch 1": (1, 0, False, 2),
 }
 SIGNATURE = {
     "x_ptr": "*fp16", "w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8", "out_ptr": "*fp16",
@@ -44,14 +46,14 @@ SIGNATURE = {
 
 
 def variant_cost(
-    config: dict, symmetric: bool, prefetch: int, stages: int, group_major: bool = False
+    config: dict, symmetric: bool, prefetch: int, stages: int, group_major: bool = False, rows: int = 1
 ) -> dict:
     from trtcompress.plugins.w4a16_gemm.gemv_lop3 import w4a16_gemv_lop3_kernel
 
     constants = dict(
         GROUP=GROUP, SYMMETRIC=symmetric, BLOCK_N=config["block_n"], BLOCK_K=config["block_k"],
         SPLIT_K=config["split_k"], MASK_K=False, DEQ_ASM=True, PREFETCH=prefetch, LAST_SUMS=True,
-        SPLIT_PAD=config["split_k"], STAGES=stages, GROUP_MAJOR=group_major,
+        SPLIT_PAD=config["split_k"], STAGES=stages, GROUP_MAJOR=group_major, ROWS=rows,
     )  # fmt: skip
     compiled = _compile(
         w4a16_gemv_lop3_kernel, SIGNATURE, constants, config["num_warps"], aligned=("K", "stride_words")
@@ -86,8 +88,8 @@ def main() -> None:
     rows = []
     for limit, config in GEMV_LOP3_CONFIGS:
         for symmetric in (True, False):
-            for name, (prefetch, stages, group_major) in VARIANTS.items():
-                cost = variant_cost(config, symmetric, prefetch, stages, group_major)
+            for name, (prefetch, stages, group_major, x_rows) in VARIANTS.items():
+                cost = variant_cost(config, symmetric, prefetch, stages, group_major, x_rows)
                 row = {"weights_up_to": limit, "config": config, "symmetric": symmetric, "variant": name}
                 rows.append(row | cost)
                 print(

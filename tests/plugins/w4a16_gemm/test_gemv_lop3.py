@@ -221,3 +221,32 @@ def test_group_major_weight_refuses_what_it_cannot_hold():
         gemv_lop3_group_major(x2, weight, block_n=16, block_k=128, split_k=1),
         w4a16_gemm_reference(x2, qweight, scales.repeat(1, 2), zeros, 128, True),
     )
+
+
+@pytest.mark.parametrize("ptx", [False, True], ids=["interpreted", "ptx"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+def test_gemv_lop3_two_rows_per_program(ptx, symmetric, request):
+    """rows=2: one program serves two rows of x from one read of the weight (the PTX makes the codes
+    once for both): M = 2 and 3 (the last program's second row absent), split-K with and without the
+    last-split sums, K ending inside a block, the group-major layout."""
+    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import GroupMajorWeight, gemv_lop3_group_major
+
+    if ptx:
+        request.getfixturevalue("emulated_ptx")
+    for m, k, launch in (
+        (2, 256, {"split_k": 1}),
+        (3, 576, {"split_k": 3, "prefetch": True, "last_sums": True}),
+        (3, 320, {"split_k": 2}),
+        (2, 576, {"split_k": 2, "prefetch": 2, "last_sums": True}),
+    ):
+        x, args = _inputs(40, k, 64, symmetric, m, torch.float16, seed=m + k + symmetric)
+        ref = w4a16_gemm_reference(x, *args)
+        out = w4a16_gemm_triton(x, *args, path="gemv_lop3", block_n=16, block_k=128, rows=2, **launch)
+        _assert_matches(out, ref)
+        weight = GroupMajorWeight.from_packed(*args[:4], k)
+        _assert_matches(gemv_lop3_group_major(x, weight, block_n=16, block_k=128, rows=2, **launch), ref)
+    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import split_counters
+
+    assert not split_counters(x.device, 1).any()
+    with pytest.raises(ValueError, match="1 or 2 rows"):
+        w4a16_gemm_triton(x, *args, path="gemv_lop3", block_n=16, block_k=128, rows=4)

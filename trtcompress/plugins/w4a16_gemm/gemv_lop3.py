@@ -31,9 +31,10 @@ RUN: tl.constexpr = tl.constexpr(4)  # words per vector load (16 bytes) and per 
 CHUNK_WORDS: tl.constexpr = tl.constexpr(16)  # GroupMajorWeight: a row's words per column chunk (64 bytes)
 CHUNK_COLUMNS: tl.constexpr = tl.constexpr(128)
 
-# Operands of `_run_asm` (one instance per run, pack 1): $0 the fp32 sum, $1..$4 the run's 4 words, then
-# the x pairs: P_i of word w in ${5 + 4i + w}. The codes come out as code - 8 (exact in fp16):
-# 1024 + c - 1032 for the low nibbles, (1024 + 16 c) / 16 - 72 for the high ones.
+# Operands of `_run_asm(rows)` (one instance per run, pack 1): $0 .. the fp32 sums of each row of x, then
+# the run's 4 words, then each row's x pairs: P_i of word w in ${first + 4i + w} (`pair_operand`); one
+# row: $0 the sum, $1..$4 the words, P_i of word w in ${5 + 4i + w}. The codes come out as code - 8
+# (exact in fp16): 1024 + c - 1032 for the low nibbles, (1024 + 16 c) / 16 - 72 for the high ones.
 _WORD = """lop3.b32 c0, $W, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 c1, $W, 0x00F000F0, 0x64006400, 0xEA;
 shr.b32 t, $W, 8;
@@ -44,28 +45,48 @@ fma.rn.f16x2 c1, c1, sixteenth, hi_bias;
 sub.f16x2 c2, c2, lo_bias;
 fma.rn.f16x2 c3, c3, sixteenth, hi_bias;
 """
-_WIDEN = ["mov.b32 {ha, hb}, h;", "cvt.f32.f16 fa, ha;", "cvt.f32.f16 fb, hb;", "add.f32 $0, fa, fb;", "}"]
 
 
-def word_operand(w: int) -> str:
-    return f"${1 + w}"
+def _widen(h: str, out: str) -> list[str]:
+    """fp32 `out` = the sum of fp16x2 register `h`'s two halves."""
+    return [
+        f"mov.b32 {{ha, hb}}, {h};",
+        "cvt.f32.f16 fa, ha;",
+        "cvt.f32.f16 fb, hb;",
+        f"add.f32 {out}, fa, fb;",
+    ]
+
+
+def word_operand(w: int, rows: int = 1) -> str:
+    return f"${rows + w}"
 
 
 def pair_operand(i: int, w: int, first: int = 5) -> str:
     return f"${first + 4 * i + w}"
 
 
-def _run_asm() -> str:
-    """sum over a run of 4 words of (code - 8) * x: 4 fp16x2 fma per word, widened to fp32 once."""
-    body = ["{", ".reg .b32 c0, c1, c2, c3, t, h, lo_bias, hi_bias, sixteenth;", ".reg .f16 ha, hb;"]
-    body += [".reg .f32 fa, fb;", "mov.b32 sixteenth, 0x2C002C00;"]  # 1/16: the high nibble sits 4 bits up
+def first_pair(row: int, rows: int = 1) -> int:
+    """The operand number of row `row`'s first x pair in `_run_asm(rows)`."""
+    return rows + RUN.value + 16 * row
+
+
+def _run_asm(rows: int = 1) -> str:
+    """Per row of x, the sum over a run of 4 words of (code - 8) * x: the codes made once, then 4 fp16x2
+    fma per word and row, widened to fp32 once per row."""
+    sums = [f"h{r}" for r in range(rows)]
+    body = ["{", f".reg .b32 c0, c1, c2, c3, t, {', '.join(sums)}, lo_bias, hi_bias, sixteenth;"]
+    body += [".reg .f16 ha, hb;", ".reg .f32 fa, fb;"]
+    body += ["mov.b32 sixteenth, 0x2C002C00;"]  # 1/16: the high nibble sits 4 bits up
     body += ["mov.b32 lo_bias, 0x64086408;", "mov.b32 hi_bias, 0xD480D480;"]  # 1032, -72
     for w in range(RUN.value):
-        body.append(_WORD.replace("$W", word_operand(w)))
-        pairs = [pair_operand(i, w) for i in range(4)]
-        first = f"mul.f16x2 h, c0, {pairs[0]};" if w == 0 else f"fma.rn.f16x2 h, c0, {pairs[0]}, h;"
-        body += [first] + [f"fma.rn.f16x2 h, c{i}, {pairs[i]}, h;" for i in (1, 2, 3)]
-    return "\n".join(body + _WIDEN)
+        body.append(_WORD.replace("$W", word_operand(w, rows)))
+        for r, h in enumerate(sums):
+            pairs = [pair_operand(i, w, first_pair(r, rows)) for i in range(4)]
+            first = f"mul.f16x2 {h}, c0, {pairs[0]};" if w == 0 else f"fma.rn.f16x2 {h}, c0, {pairs[0]}, {h};"
+            body += [first] + [f"fma.rn.f16x2 {h}, c{i}, {pairs[i]}, {h};" for i in (1, 2, 3)]
+    for r, h in enumerate(sums):
+        body += _widen(h, f"${r}")
+    return "\n".join([*body, "}"])
 
 
 def _x_sum_asm() -> str:
@@ -79,12 +100,14 @@ def _x_sum_asm() -> str:
         f"add.f16x2 h, {regs[0]}, {regs[1]};",
     ]
     body += [f"add.f16x2 h, h, {r};" for r in regs[2:]]
-    return "\n".join(body + _WIDEN)
+    return "\n".join(body + _widen("h", "$0") + ["}"])
 
 
 _RUN_SUMS: tl.constexpr = tl.constexpr(_run_asm())
+_RUN_SUMS2: tl.constexpr = tl.constexpr(_run_asm(2))  # two rows of x share the codes
 _X_SUMS: tl.constexpr = tl.constexpr(_x_sum_asm())
 _CONSTRAINTS_RUN: tl.constexpr = tl.constexpr(",".join(["=r"] + ["r"] * 20))  # out; 4 words, 16 pairs
+_CONSTRAINTS_RUN2: tl.constexpr = tl.constexpr(",".join(["=r"] * 2 + ["r"] * 36))  # 2 outs; words, 2 x 16
 _CONSTRAINTS_X: tl.constexpr = tl.constexpr(",".join(["=r"] + ["r"] * 16))  # out; 16 pairs
 
 # prmt selectors: bytes 0-3 of a, 4-7 of b; (a.lo, b.lo) and (a.hi, b.hi)
@@ -126,30 +149,62 @@ def _x_pairs(x_ptr, word, x_ok, MASK_K: tl.constexpr):
 
 
 @triton.jit
-def _run_sums(words, x_ptr, word, x_ok, zero, SYMMETRIC: tl.constexpr, MASK_K: tl.constexpr):
-    """fp32 (BLOCK_N, WORDS / 4): per run of 4 words, the sum of (code - zero) * x by the lop3 PTX, which
-    makes code - 8; a zero point adds (8 - zero) * sum(x), summed once per run for all rows. The PTX
-    runs once per run on its 4 words split out of the tile (elementwise, pack 1: which registers hold
-    a run's words is then Triton's business, whatever layout it picks)."""
+def _pair_parts(x_ptr, word, x_ok, MASK_K: tl.constexpr):
+    """The x pairs of `_x_pairs` split per run like the words: 16 tensors (1, WORDS / 4), P_i of word w
+    at 4 i + w."""
     p0, p1, p2, p3 = _x_pairs(x_ptr, word, x_ok, MASK_K)
-    w0, w1, w2, w3 = _run_parts(words)
     a0, a1, a2, a3 = _run_parts(p0)
     b0, b1, b2, b3 = _run_parts(p1)
     c0, c1, c2, c3 = _run_parts(p2)
     d0, d1, d2, d3 = _run_parts(p3)
-    sums = tl.inline_asm_elementwise(
-        asm=_RUN_SUMS, constraints=_CONSTRAINTS_RUN,
-        args=[w0, w1, w2, w3, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3],
+    return a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3
+
+
+@triton.jit
+def _x_run_sums(a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3, zero):
+    """(8 - zero) * the sum of each run's 32 x (its pairs, as `_pair_parts` gives them): the zero-point
+    correction."""
+    x_sums = tl.inline_asm_elementwise(
+        asm=_X_SUMS, constraints=_CONSTRAINTS_X,
+        args=[a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3],
         dtype=tl.float32, is_pure=True, pack=1,
     )  # fmt: skip
-    if not SYMMETRIC:
-        x_sums = tl.inline_asm_elementwise(
-            asm=_X_SUMS, constraints=_CONSTRAINTS_X,
-            args=[a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3],
+    return (8 - zero).to(tl.float32) * x_sums
+
+
+@triton.jit
+def _run_sums(words, x_ptr, K, word, x_ok, zero, SYMMETRIC: tl.constexpr, MASK_K: tl.constexpr,
+              ROWS: tl.constexpr, row1_ok):  # fmt: skip
+    """fp32 (BLOCK_N, WORDS / 4) per row of x (ROWS 1 or 2, the second K further on, `row1_ok`): per run
+    of 4 words, the sum of (code - zero) * x by the lop3 PTX, which makes code - 8 (once for both
+    rows); a zero point adds (8 - zero) * sum(x), summed once per run for all weight rows. The PTX runs
+    once per run on its 4 words split out of the tile (elementwise, pack 1: which registers hold a
+    run's words is then Triton's business, whatever layout it picks). One row: (sums, sums)."""
+    w0, w1, w2, w3 = _run_parts(words)
+    a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _pair_parts(x_ptr, word, x_ok, MASK_K)
+    if ROWS == 1:
+        sums = tl.inline_asm_elementwise(
+            asm=_RUN_SUMS, constraints=_CONSTRAINTS_RUN,
+            args=[w0, w1, w2, w3, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3],
             dtype=tl.float32, is_pure=True, pack=1,
         )  # fmt: skip
-        sums += (8 - zero).to(tl.float32) * x_sums
-    return sums
+        if not SYMMETRIC:
+            sums += _x_run_sums(a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3, zero)
+        sums1 = sums
+    else:
+        e0, e1, e2, e3, f0, f1, f2, f3, g0, g1, g2, g3, h0, h1, h2, h3 = _pair_parts(
+            x_ptr + K, word, x_ok & row1_ok, True
+        )
+        sums, sums1 = tl.inline_asm_elementwise(
+            asm=_RUN_SUMS2, constraints=_CONSTRAINTS_RUN2,
+            args=[w0, w1, w2, w3, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3,
+                  e0, e1, e2, e3, f0, f1, f2, f3, g0, g1, g2, g3, h0, h1, h2, h3],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=1,
+        )  # fmt: skip
+        if not SYMMETRIC:
+            sums += _x_run_sums(a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3, zero)
+            sums1 += _x_run_sums(e0, e1, e2, e3, f0, f1, f2, f3, g0, g1, g2, g3, h0, h1, h2, h3, zero)
+    return sums, sums1
 
 
 @triton.jit
@@ -190,11 +245,12 @@ def _load_words(w_rows, n_ok, kg, k_end, K, chunk_stride, WORDS: tl.constexpr,
 
 
 @triton.jit
-def _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP: tl.constexpr, WORDS: tl.constexpr,
-                SYMMETRIC: tl.constexpr, MASK_K: tl.constexpr, DEQ_ASM: tl.constexpr,
-                GROUP_MAJOR: tl.constexpr):  # fmt: skip
-    """fp32 (BLOCK_N, WORDS / 4): the runs' sums of (code - zero) * x times the rows' scales (scales and
-    zeros (N, G), or (G, N) with GROUP_MAJOR: one group's rows side by side)."""
+def _group_sums(acc, acc1, words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP: tl.constexpr,
+                WORDS: tl.constexpr, SYMMETRIC: tl.constexpr, MASK_K: tl.constexpr, DEQ_ASM: tl.constexpr,
+                GROUP_MAJOR: tl.constexpr, ROWS: tl.constexpr, row1_ok):  # fmt: skip
+    """(acc, acc1) plus the runs' sums of (code - zero) * x times the rows' scales, fp32 (BLOCK_N,
+    WORDS / 4), per row of x (acc1: the second, with ROWS 2; scales and zeros (N, G), or (G, N) with
+    GROUP_MAJOR: one group's rows side by side)."""
     g = kg // GROUP
     meta = rn[:, None] + g * N if GROUP_MAJOR else rn[:, None] * G + g
     g_ok = (n_ok & (kg < K))[:, None] if MASK_K else n_ok[:, None]  # no scale or zero past K to read
@@ -205,12 +261,17 @@ def _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP: tl.con
     else:
         zero = tl.load(z_ptr + meta, mask=g_ok, other=0).to(tl.int32)
     if DEQ_ASM:
-        sums = _run_sums(words, x_row, word, x_ok, zero, SYMMETRIC, MASK_K)
+        sums, sums1 = _run_sums(words, x_row, K, word, x_ok, zero, SYMMETRIC, MASK_K, ROWS, row1_ok)
     else:
         sums = _run_sums_int(words, x_row, word * 8, x_ok, zero.to(tl.float32), MASK_K)
+        sums1 = sums
+        if ROWS == 2:
+            sums1 = _run_sums_int(words, x_row + K, word * 8, x_ok & row1_ok, zero.to(tl.float32), True)
     # (BLOCK_N, 1) in the words' layout: no layout conversion through shared memory
     scale = tl.load(s_ptr + meta, mask=g_ok, other=0.0).to(tl.float32)
-    return sums * scale
+    if ROWS == 2:
+        acc1 += sums1 * scale
+    return acc + sums * scale, acc1
 
 
 @triton.jit
@@ -218,10 +279,11 @@ def w4a16_gemv_lop3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_words, ou
                            GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, MASK_K: tl.constexpr,
                            DEQ_ASM: tl.constexpr, PREFETCH: tl.constexpr, LAST_SUMS: tl.constexpr,
-                           SPLIT_PAD: tl.constexpr, STAGES: tl.constexpr,
-                           GROUP_MAJOR: tl.constexpr):  # fmt: skip
-    """Grid (M, cdiv(N, BLOCK_N), SPLIT_K); fp16 x; K a multiple of 8, rows `stride_words` int32 apart
-    (GROUP_MAJOR: the `GroupMajorWeight` layout, `stride_words` words per column chunk).
+                           SPLIT_PAD: tl.constexpr, STAGES: tl.constexpr, GROUP_MAJOR: tl.constexpr,
+                           ROWS: tl.constexpr):  # fmt: skip
+    """Grid (cdiv(M, ROWS), cdiv(N, BLOCK_N), SPLIT_K); fp16 x; K a multiple of 8, rows `stride_words`
+    int32 apart (GROUP_MAJOR: the `GroupMajorWeight` layout, `stride_words` words per column chunk).
+    ROWS (1 or 2) rows of x per program: with 2 the weight is read and its codes made once for both.
     One step per sub-block of GB = min(GROUP, BLOCK_K) columns: (BLOCK_N, GB / 8) words, one scale (and
     zero) per row. PREFETCH 1 (2): the next step's (next two steps') words are loaded before this step's
     math, their latency hidden behind it, in registers. STAGES > 1 without PREFETCH: Triton's software
@@ -229,10 +291,10 @@ def w4a16_gemv_lop3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_words, ou
     (on sm_90 it also moves the math to one row per thread, which pairs x for 16 words a thread
     instead of 4: 396 instructions per step against 301, for a deeper queue of loads; which wins is a
     GPU measurement). Split-K: with LAST_SUMS each split stores its fp32 partial sums in `part`
-    (SPLIT_K, M, N) and counts itself in `count` (M, cdiv(N, BLOCK_N), zero before the launch, left
-    zero after it); the last split of a tile adds the partials and stores the output in x's dtype. So a
-    decode step runs one kernel, where adding partials atomically into an fp32 `out` needs a zero fill
-    before it and a cast after it."""
+    (SPLIT_K, M, N) and counts itself in `count` (cdiv(M, ROWS), cdiv(N, BLOCK_N), zero before the
+    launch, left zero after it); the last split of a tile adds the partials and stores the output in
+    x's dtype. So a decode step runs one kernel, where adding partials atomically into an fp32 `out`
+    needs a zero fill before it and a cast after it."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -246,55 +308,77 @@ def w4a16_gemv_lop3_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_words, ou
     k_end = tl.minimum(k_start + span, K)
     w_rows = words_ptr + rn[:, None] * (CHUNK_WORDS if GROUP_MAJOR else stride_words)  # (BLOCK_N, 1)
     acc = tl.zeros((BLOCK_N, WORDS // RUN), dtype=tl.float32)
-    x_row = x_ptr + pid_m * K
+    acc1 = tl.zeros((BLOCK_N, WORDS // RUN), dtype=tl.float32)  # the second row of x (ROWS 2)
+    m0 = pid_m * ROWS
+    row1_ok = m0 + 1 < M
+    x_row = x_ptr + m0 * K
     if PREFETCH == 2:  # two steps of words in flight behind this step's math
         words = _load_words(w_rows, n_ok, k_start, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
         after = _load_words(w_rows, n_ok, k_start + GB, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
         for kg in range(k_start, k_end, GB):
             ahead = _load_words(w_rows, n_ok, kg + 2 * GB, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
-            acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP, WORDS,
-                               SYMMETRIC, MASK_K, DEQ_ASM, GROUP_MAJOR)  # fmt: skip
+            acc, acc1 = _group_sums(acc, acc1, words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP,
+                                    WORDS, SYMMETRIC, MASK_K, DEQ_ASM, GROUP_MAJOR, ROWS,
+                                    row1_ok)  # fmt: skip
             words = after
             after = ahead
     elif PREFETCH:
         words = _load_words(w_rows, n_ok, k_start, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
         for kg in range(k_start, k_end, GB):
             ahead = _load_words(w_rows, n_ok, kg + GB, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
-            acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP, WORDS,
-                               SYMMETRIC, MASK_K, DEQ_ASM, GROUP_MAJOR)  # fmt: skip
+            acc, acc1 = _group_sums(acc, acc1, words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP,
+                                    WORDS, SYMMETRIC, MASK_K, DEQ_ASM, GROUP_MAJOR, ROWS,
+                                    row1_ok)  # fmt: skip
             words = ahead
     elif STAGES > 0:  # Triton's software pipeline: cp.async copies of STAGES - 1 steps into shared memory
         for kg in tl.range(k_start, k_end, GB, num_stages=STAGES):
             words = _load_words(w_rows, n_ok, kg, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
-            acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP, WORDS,
-                               SYMMETRIC, MASK_K, DEQ_ASM, GROUP_MAJOR)  # fmt: skip
+            acc, acc1 = _group_sums(acc, acc1, words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP,
+                                    WORDS, SYMMETRIC, MASK_K, DEQ_ASM, GROUP_MAJOR, ROWS,
+                                    row1_ok)  # fmt: skip
     else:
         for k0 in range(k_start, k_end, BLOCK_K):
             for s in tl.static_range(BLOCK_K // GB):
                 kg = k0 + s * GB
                 words = _load_words(w_rows, n_ok, kg, k_end, K, stride_words, WORDS, MASK_K, GROUP_MAJOR)
-                acc += _group_sums(words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP, WORDS,
-                                   SYMMETRIC, MASK_K, DEQ_ASM, GROUP_MAJOR)  # fmt: skip
+                acc, acc1 = _group_sums(acc, acc1, words, x_row, s_ptr, z_ptr, rn, n_ok, kg, N, K, G, GROUP,
+                                        WORDS, SYMMETRIC, MASK_K, DEQ_ASM, GROUP_MAJOR, ROWS,
+                                        row1_ok)  # fmt: skip
     total = tl.sum(acc, axis=1)
-    out = out_ptr + pid_m * N + rn
+    total1 = tl.sum(acc1, axis=1)
+    ok1 = n_ok & row1_ok
     if SPLIT_K == 1:
-        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+        tl.store(out_ptr + m0 * N + rn, total.to(out_ptr.dtype.element_ty), mask=n_ok)
+        if ROWS == 2:
+            tl.store(out_ptr + (m0 + 1) * N + rn, total1.to(out_ptr.dtype.element_ty), mask=ok1)
     elif LAST_SUMS:
-        tl.store(part_ptr + (tl.program_id(2) * M + pid_m) * N + rn, total, mask=n_ok)
+        tl.store(part_ptr + (tl.program_id(2) * M + m0) * N + rn, total, mask=n_ok)
+        if ROWS == 2:
+            tl.store(part_ptr + (tl.program_id(2) * M + m0 + 1) * N + rn, total1, mask=ok1)
         tl.debug_barrier()  # every thread's partials are written before the count (release, gpu scope)
         count = count_ptr + pid_m * tl.num_programs(1) + pid_n
         if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
-            splits = tl.arange(0, SPLIT_PAD)[:, None]  # SPLIT_K rounded up to a power of two
-            parts = tl.load(
-                part_ptr + (splits * M + pid_m) * N + rn[None, :],
-                mask=(splits < SPLIT_K) & n_ok[None, :],
-                other=0.0,
-                cache_modifier=".cg",
-            )  # fmt: skip  (L2: never a stale L1 line)
-            tl.store(out, tl.sum(parts, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+            _add_partials(part_ptr, out_ptr, m0, M, N, rn, n_ok, SPLIT_K, SPLIT_PAD)
+            if ROWS == 2:
+                _add_partials(part_ptr, out_ptr, m0 + 1, M, N, rn, ok1, SPLIT_K, SPLIT_PAD)
             tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")  # ready for the next launch
     else:
-        tl.atomic_add(out, total, mask=n_ok)
+        tl.atomic_add(out_ptr + m0 * N + rn, total, mask=n_ok)
+        if ROWS == 2:
+            tl.atomic_add(out_ptr + (m0 + 1) * N + rn, total1, mask=ok1)
+
+
+@triton.jit
+def _add_partials(part_ptr, out_ptr, m, M, N, rn, ok, SPLIT_K: tl.constexpr, SPLIT_PAD: tl.constexpr):
+    """out[m, rn] = the sum of the SPLIT_K fp32 partials of row m, in out's dtype (the last split)."""
+    splits = tl.arange(0, SPLIT_PAD)[:, None]  # SPLIT_K rounded up to a power of two
+    parts = tl.load(
+        part_ptr + (splits * M + m) * N + rn[None, :],
+        mask=(splits < SPLIT_K) & ok[None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    )  # fmt: skip  (L2: never a stale L1 line)
+    tl.store(out_ptr + m * N + rn, tl.sum(parts, axis=0).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 _COUNTERS: dict[tuple, torch.Tensor] = {}
@@ -381,6 +465,7 @@ def gemv_lop3_group_major(
     prefetch: bool | int = True,
     last_sums: bool = True,
     stages: int = 0,
+    rows: int = 1,
 ) -> torch.Tensor:
     """x (M, K) fp16 @ Wᵀ for a `GroupMajorWeight`: `w4a16_gemv_lop3_kernel` with GROUP_MAJOR (launch
     options as `w4a16_gemm_triton`'s for path "gemv_lop3"). The group (and block_k) must be powers of
@@ -421,6 +506,7 @@ def gemv_lop3_group_major(
         prefetch=prefetch,
         last_sums=last_sums,
         stages=stages,
+        rows=rows,
     )
 
 
@@ -442,24 +528,28 @@ def launch_lop3(
     prefetch: bool | int,
     last_sums: bool,
     stages: int,
+    rows: int = 1,
 ) -> torch.Tensor:
     """`w4a16_gemv_lop3_kernel` on contiguous fp16 x (M, K): the output (M, N) in x's dtype (split-K
-    partials added atomically into fp32 and cast, or by the last split with `last_sums`)."""
+    partials added atomically into fp32 and cast, or by the last split with `last_sums`); `rows` (1 or
+    2) rows of x per program."""
     from trtcompress.plugins.w4a16_gemm.kernel import _interpreting
 
     if prefetch not in (0, 1, 2):  # False / True count as 0 / 1
         raise ValueError(f"prefetch is 0, 1 or 2 steps ahead, not {prefetch!r}")
+    if rows not in (1, 2):
+        raise ValueError(f"the lop3 GEMV takes 1 or 2 rows of x per program, not {rows!r}")
     m, k = x.shape
     atomic = split_k > 1 and not last_sums
     out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
-    grid = (m, triton.cdiv(n, block_n), split_k)
+    grid = (triton.cdiv(m, rows), triton.cdiv(n, block_n), split_k)
     part = counts = out  # any pointer where they are not used
     if split_k > 1 and last_sums:
         part = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32)
-        counts = split_counters(x.device, m * grid[1])
+        counts = split_counters(x.device, grid[0] * grid[1])
     w4a16_gemv_lop3_kernel[grid](
         x, words, scales, zeros, m, n, k, stride_words, out, part, counts, group, bool(symmetric), block_n,
         block_k, split_k, k % block_k != 0, not _interpreting(), int(prefetch), bool(last_sums),
-        triton.next_power_of_2(split_k), 0 if prefetch else stages, group_major, **launch,
+        triton.next_power_of_2(split_k), 0 if prefetch else stages, group_major, rows, **launch,
     )  # fmt: skip
     return out.to(x.dtype) if atomic else out

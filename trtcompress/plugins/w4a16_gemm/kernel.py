@@ -506,6 +506,7 @@ def w4a16_gemm_triton(
     prefetch: bool | int = False,
     last_sums: bool = False,
     stages: int = 0,
+    rows: int = 1,
 ) -> torch.Tensor:
     """x (M, K) fp16/bf16 -> (M, N) in x's dtype.
 
@@ -523,7 +524,8 @@ def w4a16_gemm_triton(
     math (2: the next two groups'), `stages` > 1 (without prefetch) has Triton's software pipeline copy
     the words of `stages` - 1 groups ahead into shared memory with cp.async, `last_sums` (split-K)
     lets the last split of a tile add the fp32 partials and store the output (one kernel: no zero
-    fill before it nor cast after it).
+    fill before it nor cast after it), `rows` = 2 has each program serve two rows of x with one read of
+    the weight.
     """
     assert x.dim() == 2 and qweight.dim() == 2
     m, k = x.shape
@@ -585,6 +587,7 @@ def w4a16_gemm_triton(
                 prefetch=prefetch,
                 last_sums=last_sums,
                 stages=stages,
+                rows=rows,
             )
     if path == "gemv_h2":
         h2_group = gemv_tc_group(k, group, block_k, fp_exp)
