@@ -307,3 +307,52 @@ def test_fp8_scales_and_zeros(name: str) -> None:
     assert layout_for_codec(fp8).scales_fp8 and not layout_for_codec(fp16).scales_fp8
     with pytest.raises(ValueError, match="scale_dtype must be one of"):
         get_codec(name, scale_dtype="bf16")
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("gear-2bit", {}), ("gear-2bit", {"outlier_dtype": "fp16", "scale_dtype": "fp16", "range_search": 0})],
+)
+def test_a_key_channel_taken_whole_by_outliers_stays_finite(name: str, options: dict) -> None:
+    """A large two-valued key channel (±100) is all outliers: its group has no element left to quantize.
+    Its range must not become (inf, -inf): that made the group, and through the block's shared fp8
+    scales the whole block-head, NaN."""
+    k = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(3))
+    k[0, :, 5] = 100.0 * (torch.arange(64) % 2 * 2 - 1)
+    codec = get_codec(name, **options)
+    out = codec.decompress(codec.compress(k.half().float(), "k"), "k", 64, 64)
+    assert torch.isfinite(out).all()
+    assert (out - k).abs().max() < 8  # fp8 corrections of ±100 carry ~6% error; the rest is 2-bit
+
+
+def test_group_outliers_of_a_tied_group_are_distinct() -> None:
+    """Top and bottom outliers of an all-equal group: distinct elements, each corrected once."""
+    codec = get_codec("gear-2bit", outlier_scope="group", outlier_dtype="fp16", scale_dtype="fp16")
+    k = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(4))
+    k[0, :, 3] = 0.3
+    fields = codec.compress(k, "k")
+    idx = fields["out_idx"][0, 3].long()
+    assert idx.unique().numel() == idx.numel()
+    out = codec.decompress(fields, "k", 64, 64)
+    assert (out[0, :, 3] - k[0, :, 3].half().float()).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("gear-2bit", {"outlier_scope": "blok"}, "outlier_scope must be"),
+        ("gear-2bit", {"outlier_ratio": 1.5}, "outlier ratio must be in"),
+        ("gear-2bit", {"outlier_ratio": -0.1}, "outlier ratio must be in"),
+        ("gear-2bit", {"outlier_scope": "group", "outlier_ratio": 0.99}, "leave part of each group"),
+        ("gear-2bit", {"rank": -1}, "rank must be a whole number"),
+        ("gear-2bit", {"rank": 2.5}, "rank must be a whole number"),
+        ("gear-2bit", {"rank": 1, "power_iters": 0}, "power_iters must be"),
+        ("gear-2bit", {"prefill_rank": 4}, "prefill_rank sizes a low-rank residual"),
+        ("gear-4bit", {"bits": 2}, "the codec's name sets its bits"),
+        ("kivi-2bit", {"bits": 4}, "the codec's name sets its bits"),
+        ("kivi-2bit", {"group": 0}, "group must be a positive"),
+    ],
+)
+def test_invalid_codec_options_are_refused(name: str, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        get_codec(name, **options)

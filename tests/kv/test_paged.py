@@ -141,3 +141,31 @@ def test_sink_tokens_are_kept_exact_and_counted() -> None:
     assert cache.bytes_allocated() == plain.bytes_allocated() + sinks
     with pytest.raises(ValueError, match="sink_tokens"):
         PagedKVCache(get_codec("fp16"), 1, H, D, num_blocks=1, block_size=BS, sink_tokens=BS)
+
+
+def test_reserving_again_before_commit_allocates_nothing_twice() -> None:
+    """A reservation not (fully) committed already holds its blocks: reserving again (or one sequence
+    twice in a call) must neither count them as negative need nor pop from an empty free list."""
+    cache = PagedKVCache(get_codec("kivi-2bit"), 1, 1, 64, num_blocks=3, max_seqs=2)
+    cache.add_sequence(0)
+    cache.add_sequence(1)
+    cache.reserve(0, 128)  # two blocks for a step of 128 tokens, of which one is committed
+    cache.commit(0, 1)
+    cache.reserve([1, 1], 63)
+    cache.commit(1, 63)
+    assert cache.blocks_needed(0, 1) == 0 and cache.free_blocks == 1
+    assert not cache.can_reserve([0, 1], 66)  # sequence 1 needs 2 blocks, 1 is free
+    with pytest.raises(CacheFullError):
+        cache.reserve([0, 1], 66)
+    assert cache.free_blocks == 1 and len(cache.seqs[0].blocks) == 2 and not cache.seqs[1].blocks
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_keys_or_values_are_refused_by_name(bad: float) -> None:
+    cache = _cache()
+    cache.add_sequence(0)
+    k, v = torch.randn(2, 70, 64), torch.randn(2, 70, 64)
+    v[1, 10, 7] = bad
+    cache.reserve(0, 70)
+    with pytest.raises(ValueError, match="non-finite values in layer 0, block 0"):
+        cache.write(0, 0, k, v)

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 
 from trtcompress.kv.codec import Fields, FieldSpec, Kind, register_codec
-from trtcompress.kv.kivi import KiviCodec
+from trtcompress.kv.kivi import KiviCodec, named_bits_factory
 from trtcompress.kv.quant import FP8_MAX, absmax_scale, search_params
 
 
@@ -153,6 +153,8 @@ class GearCodec(KiviCodec):
         name: str | None = None,
     ) -> None:
         super().__init__(bits, group, scale_dtype)
+        if outlier_scope not in ("block", "group"):
+            raise ValueError(f"outlier_scope must be 'block' or 'group', got {outlier_scope!r}")
         if outlier_dtype not in OUTLIER_DTYPES:
             raise ValueError(f"outlier_dtype must be one of {sorted(OUTLIER_DTYPES)}, got {outlier_dtype!r}")
         if outlier_dtype != "fp16" and outlier_scope != "block":
@@ -166,8 +168,30 @@ class GearCodec(KiviCodec):
             "k": outlier_ratio if key_outlier_ratio is None else key_outlier_ratio,
             "v": outlier_ratio if value_outlier_ratio is None else value_outlier_ratio,
         }
+        for kind, ratio in self.outlier_ratio.items():
+            # group scope keeps the top and bottom k of a group: 2k < group leaves a backbone to quantize
+            if not 0 <= ratio < 1 or (
+                outlier_scope == "group" and 2 * outliers_per_side(ratio, group) >= group
+            ):
+                raise ValueError(
+                    f"{'key' if kind == 'k' else 'value'} outlier ratio must be in [0, 1) and leave "
+                    f"part of each group quantized, got {ratio!r}"
+                )
         # `rank` sets both; keys get more by default in gear-2bit (their error costs more on SmolLM2).
         self.rank = {"k": key_rank, "v": value_rank} if rank is None else {"k": rank, "v": rank}
+        for what, value in (
+            ("key rank", self.rank["k"]),
+            ("value rank", self.rank["v"]),
+            ("prefill_rank", prefill_rank),
+        ):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{what} must be a whole number >= 0, got {value!r}")
+        if prefill_rank is not None and not any(self.rank.values()):
+            raise ValueError(
+                "prefill_rank sizes a low-rank residual: set rank (or key_rank / value_rank) > 0"
+            )
+        if any(self.rank.values()) and (not isinstance(power_iters, int) or power_iters < 1):
+            raise ValueError(f"power_iters must be >= 1 with a low-rank residual, got {power_iters!r}")
         # A prefill block may use more rank; its slot (and every block's) is sized for the larger.
         self.prefill_rank = prefill_rank
         self.power_iters = power_iters
@@ -241,9 +265,10 @@ class GearCodec(KiviCodec):
         if k and self.outlier_scope == "block":
             return self._compress_block_scope(x, grouped, kind, phase)
         if k:
-            top = grouped.topk(k, -1).indices
-            bottom = grouped.topk(k, -1, largest=False).indices
-            idx = torch.cat([top, bottom], -1)  # (..., rows, groups, 2k)
+            # one sort for both ends: two topk calls can pick the same element of a tied group twice
+            # (its correction then added twice); 2k < group elements are distinct
+            order = grouped.argsort(dim=-1, stable=True)
+            idx = torch.cat([order[..., -k:].flip(-1), order[..., :k]], -1)  # (..., rows, groups, 2k)
             mask = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, idx, True)
         fields, deq = self._quantize(grouped, mask)
         approx = deq
@@ -350,7 +375,8 @@ def _gear_factory(bits: int, **defaults: Any):
         drop |= {f"{kind}_outlier_ratio" for kind in ("key", "value") if "outlier_ratio" in options}
         if options.get("outlier_scope") == "group":  # the paper's in-group outliers keep fp16 values
             drop.add("outlier_dtype")
-        return GearCodec(bits=bits, **({k: v for k, v in defaults.items() if k not in drop} | options))
+        kept = {k: v for k, v in defaults.items() if k not in drop}
+        return named_bits_factory(GearCodec, bits, **kept)(**options)
 
     return factory
 

@@ -63,6 +63,10 @@ class KiviCodec(KVCodec):
     def __init__(self, bits: int = 2, group: int = 64, scale_dtype: str = "fp16") -> None:
         if scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype!r}")
+        if bits not in (2, 3, 4) or isinstance(bits, bool):
+            raise ValueError(f"KIVI/GEAR codes are 2, 3 or 4 bits, got {bits!r}")
+        if not isinstance(group, int) or isinstance(group, bool) or group <= 0:
+            raise ValueError(f"group must be a positive number of elements, got {group!r}")
         self.bits = bits
         self.group = group
         self.token_group = group
@@ -140,5 +144,20 @@ class KiviCodec(KVCodec):
         return {"name": self.name, "bits": self.bits, "group": self.group, "scale_dtype": self.scale_dtype}
 
 
+def named_bits_factory(cls: type, bits: int, **defaults: Any):
+    """A factory for the codec named after its bit width: options override `defaults`, but not the
+    bits the name states (`kivi-2bit` with bits: 4 is a contradiction, not a 4-bit codec)."""
+
+    def factory(**options: Any):
+        if "bits" in options:
+            raise ValueError(
+                f"the codec's name sets its bits ({bits}); choose the codec of the other width "
+                f"instead of bits: {options['bits']!r}"
+            )
+        return cls(bits=bits, **(defaults | options))
+
+    return factory
+
+
 for _bits in (2, 3, 4):
-    register_codec(f"kivi-{_bits}bit")(lambda bits=_bits, **kw: KiviCodec(bits=bits, **kw))
+    register_codec(f"kivi-{_bits}bit")(named_bits_factory(KiviCodec, _bits))

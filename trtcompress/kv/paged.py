@@ -131,11 +131,13 @@ class PagedKVCache:
 
     def can_reserve(self, seq_ids: list[int], n_new: int) -> bool:
         """Whether `reserve(seq_ids, n_new)` would succeed (a scheduler's admission check)."""
-        return sum(self.blocks_needed(s, n_new) for s in seq_ids) <= len(self._free_blocks)
+        return sum(self.blocks_needed(s, n_new) for s in dict.fromkeys(seq_ids)) <= len(self._free_blocks)
 
     def blocks_needed(self, seq_id: int, n_new: int) -> int:
+        """Blocks to allocate before `n_new` more tokens: none where a reservation not yet committed
+        already holds them."""
         seq = self.seqs[seq_id]
-        return (seq.length + n_new) // self.block_size - len(seq.blocks)
+        return max(0, (seq.length + n_new) // self.block_size - len(seq.blocks))
 
     # -------------------------------------------------------------------------------- lifecycle
 
@@ -153,7 +155,7 @@ class PagedKVCache:
 
     def reserve(self, seq_ids: list[int] | int, n_new: int) -> None:
         """Allocate the blocks that appending `n_new` tokens to each sequence will fill (all or nothing)."""
-        ids = [seq_ids] if isinstance(seq_ids, int) else seq_ids
+        ids = [seq_ids] if isinstance(seq_ids, int) else list(dict.fromkeys(seq_ids))  # each sequence once
         needed = [self.blocks_needed(s, n_new) for s in ids]
         if sum(needed) > len(self._free_blocks):
             raise CacheFullError(f"need {sum(needed)} blocks, {len(self._free_blocks)} free")
@@ -185,6 +187,12 @@ class PagedKVCache:
         block = seq.blocks[pos // self.block_size - 1]
         for kind in ("k", "v"):
             x = self.tails[kind][layer, seq.slot].float()
+            if not torch.isfinite(x).all():  # one inf would spread through a block's shared scales
+                raise ValueError(
+                    f"non-finite {'keys' if kind == 'k' else 'values'} in layer {layer}, block "
+                    f"{pos // self.block_size - 1} (tokens {pos - self.block_size}-{pos - 1}) of a sequence: "
+                    "the model produced inf or NaN (fp16 overflow?), which no KV codec can store"
+                )
             if pos == self.block_size and self.sink_tokens:  # the sink rows are read from the sink slot
                 x[:, : self.sink_tokens] = x[:, self.sink_tokens :].mean(1, keepdim=True)
             fields = self.codec.compress(x, kind, phase=phase)

@@ -27,15 +27,25 @@ def levels(bits: int) -> int:
     return 2**bits - 1
 
 
+def row_range(x: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) per row over the elements where `exclude` is not True. A row with every element
+    excluded (all of a group kept exact as outliers) takes its whole range: its codes are then never
+    used, but its scale and zero must stay finite (an empty range is (inf, -inf), which would make
+    the row's dequantized values, and through the block's shared fp8 scales the whole block, NaN)."""
+    lo, hi = x.amin(-1), x.amax(-1)
+    if exclude is None:
+        return lo, hi
+    empty = exclude.all(-1)
+    lo = torch.where(empty, lo, x.masked_fill(exclude, float("inf")).amin(-1))
+    hi = torch.where(empty, hi, x.masked_fill(exclude, float("-inf")).amax(-1))
+    return lo, hi
+
+
 def minmax_params(
     x: torch.Tensor, bits: int, exclude: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16 (scale, min) per row; elements where `exclude` is True do not widen the range."""
-    if exclude is None:
-        lo, hi = x.amin(-1), x.amax(-1)
-    else:
-        lo = x.masked_fill(exclude, float("inf")).amin(-1)
-        hi = x.masked_fill(exclude, float("-inf")).amax(-1)
+    lo, hi = row_range(x, exclude)
     # The stored (fp16) parameters are the ones used to quantize, so decode matches encode exactly.
     scale = ((hi - lo) / levels(bits)).clamp_min(1e-5).to(torch.float16)
     return scale, lo.to(torch.float16)
@@ -51,11 +61,7 @@ def search_params(
     min/max already serves best keeps min/max.
     """
     x = x.float()
-    if exclude is None:
-        lo, hi = x.amin(-1), x.amax(-1)
-    else:
-        lo = x.masked_fill(exclude, float("inf")).amin(-1)
-        hi = x.masked_fill(exclude, float("-inf")).amax(-1)
+    lo, hi = row_range(x, exclude)
     shrink = torch.linspace(1.0, min_shrink, steps, device=x.device)
     mid, half = ((hi + lo) / 2)[..., None], ((hi - lo) / 2)[..., None] * shrink  # (..., steps)
     scale = (2 * half / levels(bits)).clamp_min(1e-5).to(torch.float16)

@@ -269,11 +269,13 @@ def test_quant_pack_kernel_bit_exact(bits: int) -> None:
     x = torch.randn(12, 64, generator=gen) * 3
     exclude = torch.zeros(12, 64, dtype=torch.bool)
     exclude[torch.arange(12), torch.randint(0, 64, (12,), generator=gen)] = True
+    exclude[3] = True  # every element of a row kept exact as an outlier: the row keeps its whole range
     for ex in (None, exclude):
         codes, scale, zero = quant_pack_triton(x, bits, ex)
         s, z = minmax_params(x, bits, ex)
         assert torch.equal(scale, s) and torch.equal(zero, z)
         assert torch.equal(codes, pack_bits(quantize_rows(x, s, z, bits), bits))
+        assert torch.isfinite(s.float()).all() and torch.isfinite(z.float()).all()
 
 
 def test_custom_op_on_cpu_and_through_triton(monkeypatch) -> None:
@@ -353,3 +355,48 @@ def test_tensorrt_entry_reads_its_inputs_in_plugin_order(codec_name: str, option
     constants = kernel_constants(layout, heads, q_heads, dim, 0.125, asm=False)
     gear_decode_trt_kernel[(2, heads, 1)](*inputs, table.shape[1], out, **constants)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_an_empty_sequence_attends_to_nothing(splits: int) -> None:
+    """A sequence with no tokens yet (a CUDA-graph padding row: no blocks, empty tail): zeros from the
+    kernel, as from the reference, not 0 / 0; the other rows unaffected."""
+    cache = _filled_cache("kivi-2bit", [100, 0, 70], seed=2)  # sequence 1 holds nothing
+    seqs = [0, 1, 2]
+    q = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(5))
+    args, layout = _inputs(cache, seqs), layout_for_codec(cache.codec, 64)
+    ref = gear_attention_reference(q, *args, layout, 0.125)
+    assert not ref[1].any()
+    out = gear_attention_triton(q, *args, layout, 0.125, splits=splits)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+
+
+def test_head_dim_32_takes_one_value_group_per_token() -> None:
+    """A head dim that is not a multiple of the codec's group (32 < 64): one value group per token, as
+    the codec stores it (`value_group`), in the reference, the op and the kernel."""
+    from trtcompress.plugins.gear_attention.op import gear_attention_from_cache
+
+    cache = _filled_cache("gear-2bit", [150], heads=2, dim=32, seed=6)
+    q = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(7))
+    dense = _dense(q, cache, [0], 32**-0.5)
+    args, layout = _inputs(cache, [0]), layout_for_codec(cache.codec, 32)
+    torch.testing.assert_close(
+        gear_attention_reference(q, *args, layout, 32**-0.5), dense, atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(gear_attention_from_cache(q, cache, 0, [0]), dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        gear_attention_triton(q, *args, layout, 32**-0.5, splits=2), dense, atol=ATOL, rtol=0
+    )
+
+
+def test_op_reads_value_outliers_when_keys_have_none() -> None:
+    """Block-scope outliers on values only (key_outlier_ratio 0): the op must not take the values'
+    indices for group-scope ones because the keys have none."""
+    from trtcompress.plugins.gear_attention.op import gear_attention_from_cache
+
+    cache = _filled_cache("gear-2bit", [150], seed=8, key_outlier_ratio=0.0)
+    assert "out_idx" not in cache.pools["k"] and "out_idx" in cache.pools["v"]
+    q = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(
+        gear_attention_from_cache(q, cache, 0, [0]), _dense(q, cache, [0], 0.125), atol=1e-5, rtol=1e-5
+    )

@@ -533,7 +533,8 @@ def _gear_decode(
 
     if SPLITS == 1:
         o_ptr = out_ptr + (b * H * GROUP + qh)[:, None] * D + d[None, :]
-        tl.store(o_ptr, acc / l_i[:, None], mask=gmask[:, None])
+        # an empty sequence (no blocks, no tail: a CUDA-graph padding row) gives zeros, as the reference
+        tl.store(o_ptr, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], mask=gmask[:, None])
     else:
         row = (b * H + h) * SPLITS + split  # only the group's real rows (G_PAD pads to 16)
         tl.store(part_m_ptr + row * G_PAD + g, m_i, mask=gmask)
@@ -846,7 +847,7 @@ def gear_reduce_kernel(
         has = l_tot > 0  # a row with at least one token (an empty sequence has none)
         lse = tl.where(has, (m_safe + tl.log2(tl.where(has, l_tot, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(lse_ptr + qh, lse)
-    tl.store(out_ptr + qh * D + d, acc / l_tot)
+    tl.store(out_ptr + qh * D + d, acc / tl.where(l_tot > 0, l_tot, 1.0))  # an empty sequence: zeros
 
 
 @triton.jit
@@ -863,13 +864,13 @@ def quant_pack_kernel(
     row = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, G)
     x = tl.load(x_ptr + row * G + i).to(tl.float32)
-    if HAS_EXCLUDE:
+    lo = tl.min(x, 0)
+    hi = tl.max(x, 0)
+    if HAS_EXCLUDE:  # as `quant.row_range`: a row with every element excluded keeps its whole range
         ex = tl.load(exclude_ptr + row * G + i) != 0
-        lo = tl.min(tl.where(ex, float("inf"), x), 0)
-        hi = tl.max(tl.where(ex, float("-inf"), x), 0)
-    else:
-        lo = tl.min(x, 0)
-        hi = tl.max(x, 0)
+        kept = tl.sum((~ex).to(tl.int32), 0) > 0
+        lo = tl.where(kept, tl.min(tl.where(ex, float("inf"), x), 0), lo)
+        hi = tl.where(kept, tl.max(tl.where(ex, float("-inf"), x), 0), hi)
     levels: tl.constexpr = (1 << BITS) - 1
     scale = tl.maximum((hi - lo) / levels, 1e-5).to(tl.float16)
     zero = lo.to(tl.float16)

@@ -97,7 +97,8 @@ def gear_attention(
             v_lr_b_scale,
         ]
     )
-    scope = "block" if k_out_idx is not None and k_out_idx.dtype == torch.int16 else "group"
+    out_idx = k_out_idx if k_out_idx is not None else v_out_idx  # keys may have no outliers, values some
+    scope = "block" if out_idx is not None and out_idx.dtype in (torch.int16, torch.int32) else "group"
     outlier_dtype = "fp16"
     if k_out_scale is not None or v_out_scale is not None:  # one-byte outlier values + block scales
         values = k_out_val if k_out_val is not None else v_out_val

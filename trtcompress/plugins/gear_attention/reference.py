@@ -97,11 +97,15 @@ def dequant_keys(f: Fields, lay: GearLayout, dim: int) -> torch.Tensor:
 
 
 def dequant_values(f: Fields, lay: GearLayout, dim: int) -> torch.Tensor:
-    """Value blocks `(n, H, T, D)` (per-token groups of `group` channels)."""
+    """Value blocks `(n, H, T, D)` (per-token groups of `group` channels, or of the whole head when
+    the head dim is not a multiple of the group: the codec's `value_group`)."""
+    from trtcompress.kv.kivi import value_group
+
     codes = unpack_bits(f["codes"], lay.bits, dim).float()  # (n, H, T, D)
-    ng = dim // lay.group
+    gs = value_group(dim, lay.group)
+    ng = dim // gs
     scale, zero = (s.float() for s in group_scale_zero(f))
-    x = codes.unflatten(-1, (ng, lay.group)) * scale[..., None] + zero[..., None]
+    x = codes.unflatten(-1, (ng, gs)) * scale[..., None] + zero[..., None]
     if lay.outliers[1] and lay.outlier_scope == "block":  # flat index = token * D + channel
         x = x.flatten(-3).scatter_add(-1, f["out_idx"].long(), outlier_values(f)).view_as(x)
     elif lay.outliers[1]:
