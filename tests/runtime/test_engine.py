@@ -281,6 +281,11 @@ def test_stop_conditions_and_streaming(engine, solo):
         ("hello", SamplingParams(temperature=-1.0), "temperature"),
         ("hello", SamplingParams(top_p=0.0), "top_p"),
         ([600], SamplingParams(), "token ids"),
+        ("hello", SamplingParams(end_id=10**9), "end_id must be a token id below"),
+        ("hello", SamplingParams(stop="xyz"), "stop must be a list of strings"),  # not 3 one-letter stops
+        ("hello", SamplingParams(temperature=1.0, top_k=2.5), "top_k must be an integer"),
+        ("hello", SamplingParams(temperature=1.0, seed=1.5), "seed must be an integer"),
+        ("hello", SamplingParams(max_tokens=True), "max_tokens must be a positive integer"),
     ],
 )
 def test_invalid_requests_are_refused(engine, prompt, params, match):
@@ -299,3 +304,57 @@ def test_device_is_validated_and_a_missing_gpu_is_a_clear_error(tiny_int4_artifa
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="sees no CUDA device"):
             _engine(tiny_int4_artifact, device="cuda")
+
+
+def test_a_tiny_temperature_samples_the_top_token(engine, solo):
+    """Any temperature > 0 gives finite probabilities (the logits are shifted to a top of 0 before the
+    division): 1e-39 overflowed them to inf, NaN probabilities crashed the step and so every request
+    in flight."""
+    prompt = _prompts(1, seed=5)[0]
+    out = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=1e-39, seed=1))[0]
+    assert out.token_ids == solo(prompt, SamplingParams(max_tokens=8)).token_ids
+
+
+def test_generate_queues_nothing_when_one_prompt_is_refused(engine):
+    with pytest.raises(RequestError, match="empty"):
+        engine.generate(["the river", ""], GREEDY)
+    assert not engine.has_work()
+
+
+def test_a_failed_step_also_fails_requests_submitted_during_it(tiny_int4_artifact):
+    """EngineLoop fails every request in flight when a step raises; one submitted while that step ran
+    (still in the engine's inbox) is failed with them, not left to run for nobody."""
+    import threading
+
+    from trtcompress.runtime import EngineLoop
+
+    engine = _engine(tiny_int4_artifact)
+    real_step, calls = engine.step, []
+    outs: dict[str, list] = {"first": [], "late": []}
+    done = {name: threading.Event() for name in outs}
+
+    def collector(name):
+        def collect(out):
+            outs[name].append(out)
+            if out.finished:
+                done[name].set()
+
+        return collect
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 1:  # a request arrives while the step runs, then the step fails
+            loop.submit("late request", GREEDY, collector("late"))
+            raise RuntimeError("injected failure")
+        return real_step()
+
+    engine.step = failing_step
+    loop = EngineLoop(engine)
+    try:
+        loop.submit("first request", GREEDY, collector("first"))
+        assert done["first"].wait(30) and done["late"].wait(30)
+        assert outs["first"][-1].finish_reason.startswith("error: injected")
+        assert outs["late"][-1].finish_reason.startswith("error: injected")
+        assert not engine.has_work() and len(outs["late"]) == 1  # nothing generated for it afterwards
+    finally:
+        loop.shutdown()

@@ -116,3 +116,25 @@ def test_endpoints_bind_to_localhost(server):
         assert client.is_server_live() and time.perf_counter() - t0 < 5
     finally:
         client.close()
+
+
+def test_a_non_decoupled_model_refuses_streaming_and_serves_the_rest(served_artifact, tmp_path):
+    """`deploy.decoupled: false` sends one response per request: a streamed request gets a clear error
+    (it used to hang, its second response refused, and kept the server from stopping), a plain one an
+    answer; the server still stops cleanly."""
+    from trtcompress.runtime.config import DeployConfig
+    from trtcompress.serve import Server
+    from trtcompress.triton_models.native import write_native_repository
+
+    deploy = DeployConfig(**{**DEPLOY, "decoupled": False})
+    srv = Server(
+        write_native_repository(tmp_path / "repo", served_artifact, deploy), log_file=tmp_path / "log"
+    )
+    srv.start(timeout=240)
+    try:
+        with pytest.raises(ClientError, match="stream needs the decoupled model"):
+            generate_http(srv.endpoints.http, MODEL, "the river flows", max_tokens=4, stream=True, timeout=60)
+        out = generate_http(srv.endpoints.http, MODEL, "the river flows", max_tokens=4, timeout=60)
+        assert out.finish_reason == "length" and out.text
+    finally:
+        assert srv.stop() == 0

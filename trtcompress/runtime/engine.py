@@ -157,6 +157,12 @@ class Engine:
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
         """Validate and queue a request (thread-safe); it joins the batch at the next step."""
+        return self._queue([self._prepare(prompt, params, request_id)])[0]
+
+    def _prepare(
+        self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None
+    ) -> Sequence:
+        """The validated sequence of a request, not yet queued (RequestError names what is wrong)."""
         params = params or SamplingParams()
         params.check()
         if isinstance(prompt, str) and not prompt:
@@ -176,6 +182,10 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the context of "
                 f"{self.context_len} tokens; ask for at most {self.context_len - len(ids)} new tokens"
             )
+        if params.end_id is not None and params.end_id >= self.model.vocab_size:
+            raise RequestError(
+                f"end_id must be a token id below {self.model.vocab_size}, or -1, got {params.end_id}"
+            )
         request_id = request_id or uuid.uuid4().hex
         eos = self.eos_ids
         if params.end_id is not None:
@@ -192,12 +202,19 @@ class Engine:
             eos_ids=eos,
             max_len=self.context_len,
         )
+        return seq
+
+    def _queue(self, seqs: list[Sequence]) -> list[str]:
+        """Queue prepared sequences, all or none (a request id already in flight refuses them all)."""
         with self._lock:
-            if request_id in self._by_request:
-                raise RequestError(f"request id {request_id!r} is already in flight")
-            self._by_request[request_id] = seq
-            self._inbox.append(seq)
-        return request_id
+            ids = [seq.request_id for seq in seqs]
+            busy = [rid for rid in ids if rid in self._by_request]
+            if busy or len(set(ids)) < len(ids):
+                raise RequestError(f"request id {(busy or ids)[0]!r} is already in flight")
+            for seq in seqs:
+                self._by_request[seq.request_id] = seq
+                self._inbox.append(seq)
+        return ids
 
     def cancel(self, request_id: str) -> None:
         """Stop a request (thread-safe); its last output has finish_reason 'cancelled'."""
@@ -274,7 +291,8 @@ class Engine:
         """Run prompts to completion (all admitted as the batch allows); final outputs in order."""
         prompts = list(prompts)
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        # every prompt validated before any is queued: a refused one leaves nothing behind
+        ids = self._queue([self._prepare(p, sp, None) for p, sp in zip(prompts, plist, strict=True)])
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             for out in self.step():
@@ -379,8 +397,10 @@ class EngineLoop:
             self._callbacks.pop(rid, None)
             with contextlib.suppress(Exception):
                 callback(RequestOutput(rid, "", [], "", [], True, f"error: {exc}", 0))
-        with self.engine._lock:
+        with self.engine._lock:  # requests submitted during the failed step are failed too, not run
             self.engine._by_request.clear()
+            self.engine._inbox.clear()
+            self.engine._cancel.clear()
 
     def shutdown(self) -> None:
         with self._wake:

@@ -31,24 +31,33 @@ class SamplingParams:
 
     def check(self) -> None:
         """Raise RequestError naming the first invalid field."""
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens}")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
+        if not _whole(self.max_tokens) or self.max_tokens <= 0:
+            raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, int | float) or not math.isfinite(self.temperature):
+            raise RequestError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.temperature < 0:
             raise RequestError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise RequestError(f"seed must be in [0, 2**63), got {self.seed}")
+        if not _whole(self.top_k) or self.top_k < 0:
+            raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, int | float) or not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed < 2**63):
+            raise RequestError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.stop, str) or not isinstance(self.stop, tuple | list):
+            raise RequestError(f"stop must be a list of strings, got {self.stop!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop strings must be non-empty strings")
-        if self.end_id is not None and self.end_id < -1:
-            raise RequestError(f"end_id must be a token id, or -1 for none, got {self.end_id}")
+        if self.end_id is not None and (not _whole(self.end_id) or self.end_id < -1):
+            raise RequestError(f"end_id must be a token id, or -1 for none, got {self.end_id!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _whole(value: object) -> bool:
+    """An integer that is not a bool (True is an int to Python, not a token count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:
@@ -79,7 +88,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list)
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
             continue
-        filtered = filter_logits(logits[row] / p.temperature, p.top_k, p.top_p)
+        # shifted so that the top logit is 0 before dividing: any temperature > 0, however small,
+        # then gives finite probabilities (the others go to -inf or stay very negative)
+        scaled = (logits[row] - logits[row].max()) / p.temperature
+        filtered = filter_logits(scaled, p.top_k, p.top_p)
         probs = filtered.softmax(-1)
         out[row] = int(torch.multinomial(probs, 1, generator=gen).item())
     return out

@@ -49,8 +49,11 @@ def _text(value: Any, name: str) -> str:
     return str(value)
 
 
-def parse_request(request: Any, default_max_tokens: int) -> tuple[str, SamplingParams, bool]:
-    """(prompt, sampling parameters, stream) from a Triton request; RequestError names what is wrong."""
+def parse_request(
+    request: Any, default_max_tokens: int, decoupled: bool = True
+) -> tuple[str, SamplingParams, bool]:
+    """(prompt, sampling parameters, stream) from a Triton request; RequestError names what is wrong.
+    Streaming needs the decoupled transaction policy (a non-decoupled model sends one response)."""
     params_json = request.parameters() if hasattr(request, "parameters") else "{}"
     extra = set(json.loads(params_json or "{}"))
     if extra:  # HTTP generate turns JSON keys that are not inputs into request parameters
@@ -79,7 +82,13 @@ def parse_request(request: Any, default_max_tokens: int) -> tuple[str, SamplingP
         end_id=get("end_id", int, None),
     )
     params.check()
-    return prompt, params, bool(get("stream", bool, False))
+    stream = bool(get("stream", bool, False))
+    if stream and not decoupled:
+        raise RequestError(
+            "stream needs the decoupled model (deploy.decoupled: true); this one sends one response "
+            "per request"
+        )
+    return prompt, params, stream
 
 
 class _Responder:
@@ -144,7 +153,9 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                prompt, params, stream = parse_request(request, self.default_max_tokens)
+                prompt, params, stream = parse_request(
+                    request, self.default_max_tokens, self.deploy.decoupled
+                )
                 prefix = "" if self.deploy.exclude_input_in_output else prompt
                 responder = _Responder(sender, stream, prefix, self.loop.cancel)
                 responder.request_id = self.loop.submit(prompt, params, responder)
