@@ -79,3 +79,15 @@ def test_invalid_parameters(bad):
 def test_rejects_non_2d():
     with pytest.raises(ValueError, match="2-D"):
         intgrid.quantize_groups(torch.randn(4, 4, 4), 4, 0, True)
+
+
+def test_scales_stay_finite_and_positive_at_the_fp16_limits():
+    """A group beyond fp16's range clamps its scale to the largest fp16 (it rounded to inf: NaN
+    weights); one that underflows fp16 gets scale 1 after the cast (it stored 0: a zero row)."""
+    huge = torch.tensor([[1e6, -3.0, 2.0, 1.0]])
+    tiny = torch.full((1, 4), 1e-7) * torch.tensor([1.0, -2.0, 3.0, 0.5])
+    for w, symmetric in ((huge, True), (huge, False), (tiny, True), (tiny, False)):
+        scale, zero = intgrid.group_scale_zero(w, 4, symmetric)
+        assert torch.isfinite(scale).all() and (scale > 0).all(), (w, symmetric, scale)
+        codes = intgrid.quantize_to_codes(w, scale[:, None], zero[:, None], 4)
+        assert torch.isfinite(intgrid.dequantize_codes(codes, scale[:, None], zero[:, None])).all()

@@ -58,3 +58,18 @@ def test_format_names_and_dicts():
     assert format_from_dict(fmt.to_dict()) == fmt
     with pytest.raises(ValueError):
         IntFormat(1, 0, True)
+
+
+def test_a_pruned_fp4_state_round_trips_through_its_tensors():
+    """A masked state with an FP format: its meta has no "bits" key (the format's dict does not), which
+    `from_tensors` read directly."""
+    from trtcompress.compressed.formats import NVFP4
+    from trtcompress.compressed.sparsity import SparsityMask
+
+    g = torch.Generator().manual_seed(0)
+    w, keep = torch.randn(6, 32, generator=g), torch.rand(6, 32, generator=g) > 0.4
+    state = CompressedLinearState(
+        6, 32, quantized=QuantizedWeight.round_to_nearest(w, NVFP4), mask=SparsityMask.from_bool(keep)
+    )
+    again = CompressedLinearState.from_tensors(state.meta(), state.tensors())
+    assert torch.equal(again.weight(), state.weight())

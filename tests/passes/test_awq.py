@@ -76,6 +76,29 @@ def test_fold_into_a_compressed_producer_rescales_its_rows_exactly(tiny_model_di
     assert err_folded < 3 * err_int8 + 1e-3  # same function up to quantization (scales stay fp16-exact)
 
 
+def test_a_fold_reaches_a_producer_compressed_by_an_earlier_sweep(tiny_model_dir):
+    """up_proj INT8-quantized in one sweep, then a second sweep folds a scale into it from down_proj's
+    group without compressing it again: the restored state must carry the fold (it used to be put back
+    unfolded, so down_proj saw inputs `scale` times too large)."""
+    from trtcompress.models import load_model
+
+    ref = load_model(str(tiny_model_dir), log=print).model
+    model = load_model(str(tiny_model_dir), log=print).model
+    GSQPass(GSQConfig(bits=8, group_size=0, targets=["up_proj"])).apply(model, PassContext())
+    ids = torch.randint(1, 512, (2, 40))
+    with torch.no_grad():
+        base = ref(input_ids=ids).logits
+        err_int8 = (model(input_ids=ids).logits - base).abs().max()
+    up = model.model.layers[0].mlp.up_proj.state.weight().clone()
+    run_sequential(
+        model, [RandomFold(FoldConfig(targets=["down_proj"]))], PassContext(calibration=_calibration())
+    )
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.state.weight(), up)  # the fold reached it
+    with torch.no_grad():
+        err = (model(input_ids=ids).logits - base).abs().max()
+    assert err < 3 * err_int8 + 1e-3  # the same function up to the INT8 error
+
+
 def test_scale_search_never_worse_than_plain_rounding():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 64, generator=g) * torch.linspace(0.1, 8, 64)  # a few salient channels

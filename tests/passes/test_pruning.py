@@ -35,6 +35,13 @@ def test_mask_that_is_not_nm_is_refused():
         SparsityMask.from_bool(torch.ones(2, 6, dtype=torch.bool), "2:4")
 
 
+def test_row_mask_prunes_floor_of_the_exact_fraction():
+    """100 * 0.29 is 28.999... in binary: 29 pruned per row, not 28 (SparseGPT rounds the same count)."""
+    for in_f, sparsity, pruned in ((100, 0.29, 29), (100, 0.57, 57), (50, 0.58, 29), (10, 0.25, 2)):
+        keep = row_mask(torch.rand(2, in_f, generator=_gen()), sparsity)
+        assert (keep.shape[1] - keep.sum(1) == pruned).all(), (in_f, sparsity)
+
+
 def test_unstructured_row_mask_prunes_the_same_count_per_row():
     keep = row_mask(torch.rand(10, 50, generator=_gen()), 0.3)
     assert torch.equal(keep.sum(1), torch.full((10,), 35))

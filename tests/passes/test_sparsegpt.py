@@ -152,3 +152,14 @@ def test_activation_aware_2of4_beats_magnitude_on_smollm2(smollm2_dir):
         ppl[preset] = report.ppl
     assert ppl["sparse24-wanda"] < 0.2 * ppl["sparse24-magnitude"], ppl
     assert ppl["sparse24-sparsegpt"] <= 1.1 * ppl["sparse24-wanda"], ppl
+
+
+def test_nm_pattern_with_quantization_needs_groups_of_whole_nm_groups():
+    """Each quantization group's N:M masks are chosen with its scale: a group size that does not hold
+    whole groups of M is refused when configured (it crashed mid-compression)."""
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="group_size divisible by 32"):
+        SparseGPTConfig(pattern="8:32", bits=4, group_size=16)
+    SparseGPTConfig(pattern="4:8", bits=4, group_size=16)  # 16 holds two groups of 8
+    SparseGPTConfig(pattern="2:4", bits=4, group_size=0)  # per channel: the row, a multiple of M

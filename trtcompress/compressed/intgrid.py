@@ -63,9 +63,11 @@ def group_scale_zero(
         wmax, wmin = wmax.clamp(min=0), wmin.clamp(max=0)
         scale = (wmax - wmin) / (2**bits - 1)
         zero = None
-    # An all-zero group would give scale 0; any positive scale encodes it exactly.
+    # Stored as fp16: clamped to its largest finite value (a group with |w| ~ 1e6 would round to inf and
+    # dequantize to NaN), and a zero scale (an all-zero group, or one that underflows fp16) replaced by
+    # 1 after the cast, since any positive scale encodes such a group as well as fp16 can.
+    scale = scale.clamp(max=torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scale = scale.to(SCALE_DTYPE).float()
     if zero is None:
         zero = torch.clamp(torch.round(-wmin / scale), 0, 2**bits - 1)
     return scale, zero

@@ -15,6 +15,7 @@ hardware 2:4 can trust it.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -141,9 +142,10 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep the highest scores of each row, pruning floor(in * sparsity) per row (Wanda's per-output rule)."""
+    """Keep the highest scores of each row, pruning floor(in * sparsity) per row (Wanda's per-output rule;
+    floored with a tolerance: 100 * 0.29 is 28.999... in binary, and prunes 29)."""
     in_f = scores.shape[1]
-    pruned = int(in_f * sparsity)
+    pruned = math.floor(in_f * sparsity + 1e-9)
     keep = torch.ones_like(scores, dtype=torch.bool)
     if pruned:
         keep.scatter_(1, scores.topk(pruned, dim=1, largest=False).indices, False)

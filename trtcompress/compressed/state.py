@@ -445,7 +445,7 @@ class CompressedLinearState:
         mask = None
         if "sparsity" in meta:
             mask = SparsityMask(tensors["mask"], in_f, meta["sparsity"]["pattern"])
-            bits = int(meta["quant"]["bits"]) if "quant" in meta else None
+            bits = format_from_dict(meta["quant"]).bits if "quant" in meta else None
             tensors = expand_tensors(tensors, mask, bits)
         if "quant" in meta:
             fmt = format_from_dict(meta["quant"])

@@ -72,7 +72,7 @@ class GroupHandle:
     group: LinearGroup
     layer: nn.Module
     members: dict[str, nn.Linear]  # full module name -> the (float) linear used during the sweep
-    previous: dict[str, CompressedLinearState | None]  # state before this sweep, if already compressed
+    previous: dict[str, CompressedLinearState | None]  # state before this sweep, if compressed (shared)
     linears: dict[str, nn.Linear]  # every linear of the layer (shared by the layer's groups)
     states: dict[str, CompressedLinearState]  # new states of the layer's linears (shared)
     input_scale: torch.Tensor | None = None  # group input is divided by this (AWQ), per input channel
@@ -103,6 +103,9 @@ class GroupHandle:
         if name in self.linears:
             if name in self.states:  # already compressed in this sweep: rescale its stored rows exactly
                 self.set_state(name, self.states[name].scale_rows(1.0 / scale))
+            elif self.previous.get(name) is not None:  # compressed by an earlier sweep, none in this one:
+                # its restored state must carry the fold too (`_finish_layer` puts it back)
+                self.set_state(name, self.previous[name].scale_rows(1.0 / scale))
             else:
                 linear = self.linears[name]
                 linear.weight.data /= scale[:, None].to(linear.weight.dtype)
@@ -326,9 +329,9 @@ def _prepare_layer(model: nn.Module, layer: nn.Module, index: int) -> list[Group
     handles: list[GroupHandle] = []
     linears: dict[str, nn.Linear] = {}
     states: dict[str, CompressedLinearState] = {}
+    previous: dict[str, CompressedLinearState | None] = {}  # shared: a fold may reach another group's
     for group in LLAMA_GROUPS:
         members: dict[str, nn.Linear] = {}
-        previous: dict[str, CompressedLinearState | None] = {}
         for rel in group.linears:
             name = layer_prefix(index) + rel
             linear, state = _as_float_linear(layer.get_submodule(rel))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from trtcompress.compressed import intgrid
 from trtcompress.compressed.formats import IntFormat
@@ -102,6 +102,10 @@ def _sparsegpt(
     hinv, damp_used, retries = inverse_hessian_cholesky(h, damp)
 
     g = intgrid.effective_group_size(in_f, fmt.group_size) if fmt else 0
+    if nm is not None and fmt and g % nm[1]:  # each group's N:M masks are chosen with its scale
+        raise ValueError(
+            f"{pattern} sparsity with quantization needs a group size divisible by {nm[1]}, got {g}"
+        )
     if fmt:  # blocks aligned to quantization groups, so a group never straddles two blocks
         block_size = g if g >= block_size else g * max(1, block_size // g)
     if nm is not None:
@@ -181,6 +185,16 @@ class SparseGPTConfig(PruneConfig):
         if v not in SUPPORTED_GROUP_SIZES:
             raise ValueError(f"group_size must be one of {list(SUPPORTED_GROUP_SIZES)} (0 = per channel)")
         return v
+
+    @model_validator(mode="after")
+    def _groups_hold_whole_nm_groups(self) -> SparseGPTConfig:
+        nm = parse_nm(self.pattern)
+        if nm is not None and self.bits is not None and self.group_size % nm[1]:
+            raise ValueError(
+                f"pattern {self.pattern} with bits needs group_size divisible by {nm[1]} (each quantization "
+                f"group's N:M masks are chosen with its scale), got {self.group_size}"
+            )
+        return self
 
     @property
     def format(self) -> IntFormat | None:
