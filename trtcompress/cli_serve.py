@@ -171,10 +171,15 @@ def generate(
 def repo_cmd(artifact, output, kind, engine_dir, deploy_set):
     """Generate a Triton model repository for ARTIFACT (every config.pbtxt validated)."""
     from trtcompress.triton_models import generate_repository
-    from trtcompress.triton_models.pbtxt import validate_repository
+    from trtcompress.triton_models.pbtxt import RepositoryError, validate_repository
 
     deploy = _deploy(artifact, deploy_set)
-    path = generate_repository(kind, artifact, output, deploy, engine_dir=engine_dir)
+    try:
+        path = generate_repository(kind, artifact, output, deploy, engine_dir=engine_dir)
+    except OSError as exc:  # a file where the repository's directories go, permissions
+        raise RepositoryError(
+            f"{output}: cannot write the repository ({exc.strerror}: {exc.filename})"
+        ) from None
     models = validate_repository(path)
     click.echo(f"wrote {path}: {', '.join(sorted(models))}")
 

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -137,6 +138,10 @@ def test_atomic_directory_refuses_existing_and_replaces_with_force(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old").write_text("old")
+    with pytest.raises(ArtifactError, match="not an artifact"), native.atomic_directory(target, force=True):
+        pass  # --force replaces artifacts only
+    assert (target / "old").read_text() == "old"
+    (target / native.MANIFEST).write_text("{}")
     with pytest.raises(ArtifactError, match="already exists"), native.atomic_directory(target):
         pass
     with pytest.raises(RuntimeError), native.atomic_directory(target, force=True) as tmp:
@@ -147,6 +152,9 @@ def test_atomic_directory_refuses_existing_and_replaces_with_force(tmp_path):
         (tmp / "new").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it, not mkdtemp's 0700
 
 
 def test_qwen2_biases_survive_the_roundtrip(tiny_qwen2_dir, tmp_path):

@@ -152,3 +152,87 @@ def test_cli_flags_land_in_the_saved_recipe(tiny_model_dir, tmp_path):
     assert recipe["name"] == "mine"
     assert recipe["passes"][0] | {"bits": 3, "group_size": 32, "symmetric": False} == recipe["passes"][0]
     assert recipe["eval"]["enabled"] is False
+
+
+def test_an_nm_pattern_survives_overrides_and_the_manifest(tiny_model_dir, tmp_path):
+    """A 1:4 recipe built with a CLI override (which dumps and re-validates the recipe) and then
+    evaluated (which validates the manifest's recipe): the unset `sparsity` used to dump as 0.5 and
+    contradict the pattern."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text('passes:\n  - method: magnitude\n    pattern: "1:4"\neval: {enabled: false}\n')
+    out = tmp_path / "nm"
+    result = run_cli("build", str(tiny_model_dir), "--recipe", str(recipe), "-o", str(out), "--name", "x")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["passes"][0]["sparsity"] is None
+    result = run_cli("eval", str(out), "--no-reference", "--json", *TINY_EVAL_FLAGS)
+    assert result.returncode == 0, result.stderr
+
+
+def test_an_invalid_target_regex_fails_the_recipe(tiny_model_dir, tmp_path):
+    result = run_cli(
+        "build",
+        str(tiny_model_dir),
+        "-o",
+        str(tmp_path / "o"),
+        "--no-eval",
+        "--set",
+        'passes.0.targets=["re:["]',
+    )
+    _one_line_error(result, "invalid regular expression 're:['")
+
+
+@pytest.mark.parametrize("damage", ["missing", "nan", "shape"])
+def test_a_damaged_checkpoint_is_refused_by_tensor(tiny_model_dir, tmp_path, damage):
+    """A checkpoint lacking a tensor (which would load randomly initialised), holding NaN, or a tensor
+    of the wrong shape: one error line naming the tensor, no artifact."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    tensors = load_file(model / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    if damage == "missing":
+        del tensors[name]
+    elif damage == "nan":
+        tensors["model.layers.0.input_layernorm.weight"][3] = float("nan")
+        name = "model.layers.0.input_layernorm.weight"
+    else:
+        tensors[name] = tensors[name][:, :-8].contiguous()
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    result = run_cli("build", str(model), "-o", str(tmp_path / "o"), "--no-eval", "--quiet")
+    _one_line_error(result, name)
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_output_dir_is_checked_before_evaluating(built, tmp_path):
+    out, _ = built
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = run_cli("eval", str(out), "--no-reference", "--output-dir", str(blocker), *TINY_EVAL_FLAGS)
+    _one_line_error(result, "cannot create the directory")
+
+
+def test_repo_refuses_a_tampered_artifact_and_a_path_as_model_name(built, tmp_path):
+    import shutil
+
+    out, _ = built
+    copy = shutil.copytree(out, tmp_path / "copy")
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    _one_line_error(run_cli("repo", str(copy), "-o", str(tmp_path / "r")), "model.safetensors")
+    result = run_cli("repo", str(out), "-o", str(tmp_path / "r2"), "--deploy", "model_name=..")
+    assert result.returncode == 2 and "names a directory" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # nothing written beside it
+
+
+def test_force_replaces_artifacts_only(tiny_model_dir, tmp_path):
+    """--force must not delete a directory that is not an artifact (a parent of artifacts, a model)."""
+    keep = tmp_path / "keep"
+    (keep / "sub").mkdir(parents=True)
+    (keep / "sub" / "data").write_text("precious")
+    result = run_cli("build", str(tiny_model_dir), "-o", str(keep), "--force", "--no-eval", "--quiet")
+    _one_line_error(result, "is not an artifact")
+    assert (keep / "sub" / "data").read_text() == "precious"

@@ -116,6 +116,12 @@ def test_kept_width_is_rounded_and_bad_ratios_are_refused(tiny_model):
             [StructuredPass(StructuredConfig(ffn_ratio=0.0, head_ratio=0.1))],
             PassContext(calibration=_calib(2, 16)),
         )
+    with pytest.raises(CompressionError, match="keeps all 160"):  # 160 channels in multiples of 256
+        run_sequential(
+            tiny_model.model,
+            [StructuredPass(StructuredConfig(ffn_ratio=0.25, round_to=256))],
+            PassContext(calibration=_calib(2, 16)),
+        )
 
 
 @pytest.mark.parametrize("compensate", [False, True])

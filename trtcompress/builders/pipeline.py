@@ -39,8 +39,7 @@ def build(
     if recipe.gates and not recipe.eval.enabled:
         raise RecipeError("the recipe declares gates but eval.enabled is false: gates need an evaluation")
     out = Path(out)
-    if out.exists() and not force:  # fail before spending minutes on compression
-        raise native.ArtifactError(f"{out} already exists; pass --force to replace it")
+    native.check_output(out, force)  # fail before spending minutes on compression
     if recipe.export.engine.enabled:  # refuse before any work or any file when TensorRT-LLM is missing
         from trtcompress.builders.engine import require_trtllm
 

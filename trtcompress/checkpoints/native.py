@@ -49,8 +49,7 @@ def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
     that looks complete. With `force`, an existing `target` is replaced only after the new one is ready.
     """
     target = target.resolve()
-    if target.exists() and not force:
-        raise ArtifactError(f"{target} already exists; pass --force to replace it")
+    check_output(target, force)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -62,12 +61,30 @@ def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "artifact")
+        umask = os.umask(0)  # mkdtemp made it 0700: give the artifact the permissions of a mkdir
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output(target: Path, force: bool) -> None:
+    """Raise ArtifactError unless an artifact may be written to `target`: nothing there, or with
+    `force` an artifact (a directory with a manifest) or an empty directory, never anything else (a
+    directory holding other artifacts, a model, a file)."""
+    if not target.exists():
+        return
+    if not force:
+        raise ArtifactError(f"{target} already exists; pass --force to replace it")
+    if not (target.is_dir() and ((target / MANIFEST).is_file() or not any(target.iterdir()))):
+        raise ArtifactError(
+            f"{target} exists and is not an artifact (no {MANIFEST}); --force replaces artifacts only, "
+            "not other files or directories: choose another output path"
+        )
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from trtcompress.checkpoints import native
-from trtcompress.errors import ModelError, RecipeError
+from trtcompress.errors import ModelError, RecipeError, TrtcompressError
 from trtcompress.eval.harness import EvalReport, evaluate
 from trtcompress.eval.report import plot_report
 from trtcompress.models import PACKAGED_MODELS, load_model
-from trtcompress.recipe import Recipe, load_recipe, with_overrides
+from trtcompress.recipe import load_recipe, parse_recipe, with_overrides
 from trtcompress.ui import UI
 
 
@@ -19,6 +19,15 @@ def _is_artifact(target: str) -> bool:
     if target.lower() in PACKAGED_MODELS and not path.exists():
         return False
     return (path / native.MANIFEST).exists() or (path.is_dir() and not (path / "config.json").exists())
+
+
+def _check_output_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way (FileExistsError, NotADirectoryError), permissions
+        raise TrtcompressError(
+            f"--output-dir {directory}: cannot create the directory ({exc.strerror})"
+        ) from None
 
 
 def _write_outputs(report: EvalReport, directory: Path) -> None:
@@ -38,6 +47,8 @@ def evaluate_target(
 ) -> EvalReport:
     ui = ui or UI(quiet=True)
     overrides = overrides or []
+    if output_dir is not None:  # checked before the evaluation, not after it
+        _check_output_dir(output_dir)
     if _is_artifact(target):
         if recipe_spec:
             raise RecipeError(
@@ -46,7 +57,9 @@ def evaluate_target(
         artifact = native.load_artifact(Path(target))
         if artifact.status == "failed_gates":
             ui.log(f"note: {target} failed its gates at build time")
-        recipe = with_overrides(Recipe.model_validate(artifact.manifest["recipe"]), overrides)
+        recipe = with_overrides(
+            parse_recipe(artifact.manifest["recipe"], f"{target}/manifest.json"), overrides
+        )
         reference = None
         if recipe.eval.reference:
             spec = reference_spec or artifact.manifest["source"]["model"]

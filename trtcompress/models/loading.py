@@ -79,9 +79,33 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, log=print) -> Load
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # mismatched shapes reported (and refused below by name) rather than raised as "see the report"
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        )
     except Exception as exc:  # transformers/safetensors raise many types for a corrupt checkpoint
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: cannot load the checkpoint ({first_line})") from None
+    _check_loaded(model, info, path)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, spec=spec)
+
+
+def _check_loaded(model: torch.nn.Module, info: dict, path: Path) -> None:
+    """A checkpoint that lacks tensors would leave them randomly initialised, and a non-finite weight
+    poisons every output: both are errors naming the tensor, not a model that loads."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [k for k in info.get("missing_keys", []) if not (tied and k.endswith("lm_head.weight"))]
+    if missing:
+        shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model needs: {shown}")
+    mismatched = sorted(info.get("mismatched_keys", []), key=str)  # (name, stored shape, expected shape)
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        raise ModelError(
+            f"{path}: {len(mismatched)} tensor(s) of the wrong shape in the checkpoint, e.g. {name}: "
+            f"stored {tuple(stored)}, the config implies {tuple(expected)}"
+        )
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ModelError(f"{path}: tensor {name} holds non-finite values (inf or NaN)")

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.progress import Progress
 from torch import nn
 
 from trtcompress.compressed.linear import CompressedLinear, linear_state, set_module
 from trtcompress.compressed.state import CompressedLinearState
 from trtcompress.errors import CompressionError
-from trtcompress.passes.targets import select_linears
+from trtcompress.passes.targets import check_patterns, select_linears
 
 
 class PassConfig(BaseModel):
@@ -35,6 +35,12 @@ class PassConfig(BaseModel):
     method: str
     targets: list[str] = Field(default_factory=lambda: ["*"], description="module-name patterns to compress")
     exclude: list[str] = Field(default_factory=lambda: ["lm_head"], description="patterns left uncompressed")
+
+    @field_validator("targets", "exclude")
+    @classmethod
+    def _valid_patterns(cls, v: list[str]) -> list[str]:
+        check_patterns(v)
+        return v
 
 
 @dataclass

@@ -33,7 +33,7 @@ from trtcompress.errors import CompressionError
 from trtcompress.passes.base import PassConfig, PassContext, register_pass
 from trtcompress.passes.engine import HESSIAN, CalibratedPass, GroupHandle, GroupStats
 from trtcompress.passes.pruning import DTYPES
-from trtcompress.passes.targets import matches_any
+from trtcompress.passes.targets import check_patterns, matches_any
 
 
 def eora_factors(
@@ -89,6 +89,7 @@ class EoRAConfig(PassConfig):
         bad = {k: r for k, r in v.items() if r < 0}
         if bad:
             raise ValueError(f"ranks must be >= 0 (0 = no correction), got {bad}")
+        check_patterns(v)
         return v
 
     def rank_for(self, name: str) -> int:

@@ -23,5 +23,5 @@ class MagnitudePass(LinearPass):
     def compress_linear(self, name: str, state: CompressedLinearState) -> CompressedLinearState:
         check_divisible(name, state.in_features, self.config)
         weight = state.weight()
-        keep = make_mask(weight.abs(), self.config.pattern, self.config.sparsity)
+        keep = make_mask(weight.abs(), self.config.pattern, self.config.target_sparsity)
         return pruned_state(weight, keep, self.config, state.bias)

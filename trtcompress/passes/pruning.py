@@ -26,8 +26,8 @@ class PruneConfig(PassConfig):
     pattern: str = Field(
         "2:4", description="'N:M' (keep N of every M inputs, e.g. 2:4, 4:8) or 'unstructured'"
     )
-    sparsity: float = Field(
-        0.5, ge=0, lt=1, description="fraction pruned (unstructured only; N:M prunes 1 - N/M)"
+    sparsity: float | None = Field(
+        None, ge=0, lt=1, description="fraction pruned (unstructured: default 0.5; N:M prunes 1 - N/M)"
     )
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="storage dtype of the kept values of a pruned (not quantized) layer"
@@ -42,7 +42,9 @@ class PruneConfig(PassConfig):
     @model_validator(mode="after")
     def _sparsity_matches_pattern(self) -> PruneConfig:
         nm = parse_nm(self.pattern)
-        if nm is not None and "sparsity" in self.model_fields_set:
+        # None (not given) rather than a 0.5 default: a dumped recipe (overrides, a manifest) validates
+        # again whatever its N:M pattern
+        if nm is not None and self.sparsity is not None:
             n, m = nm
             if abs(self.sparsity - (1 - n / m)) > 1e-9:
                 raise ValueError(
@@ -57,7 +59,9 @@ class PruneConfig(PassConfig):
     @property
     def target_sparsity(self) -> float:
         nm = self.nm
-        return self.sparsity if nm is None else 1 - nm[0] / nm[1]
+        if nm is not None:
+            return 1 - nm[0] / nm[1]
+        return 0.5 if self.sparsity is None else self.sparsity
 
 
 def check_divisible(name: str, in_features: int, config: PruneConfig) -> None:

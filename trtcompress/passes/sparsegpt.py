@@ -215,7 +215,7 @@ class SparseGPTPass(CalibratedPass):
         for name, w in zip(names, weights, strict=True):
             check_divisible(name, w.shape[1], cfg)
         result = sparsegpt_prune(
-            torch.cat(weights), stats.hessian, cfg.pattern, cfg.sparsity, fmt=cfg.format,
+            torch.cat(weights), stats.hessian, cfg.pattern, cfg.target_sparsity, fmt=cfg.format,
             block_size=cfg.block_size, damp=cfg.damp, clip_shrink=cfg.clip_shrink,
         )  # fmt: skip
         if result.retries:

@@ -110,6 +110,12 @@ class StructuredPass(CalibratedPass):
                 return
             width = weight.shape[1]
             n_keep = kept_ffn_width(width, self.config.ffn_ratio, self.config.round_to)
+            if n_keep >= width:  # rounding to whole multiples of round_to kept every channel
+                raise CompressionError(
+                    f"{group.prefix}mlp: ffn_ratio {self.config.ffn_ratio} of {width} channels in "
+                    f"multiples of round_to {self.config.round_to} keeps all {width}; lower round_to or "
+                    "raise ffn_ratio"
+                )
             plan.ffn_keep = importance.topk(n_keep).indices.sort().values
             keep = plan.ffn_keep
         else:

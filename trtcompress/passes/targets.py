@@ -16,6 +16,17 @@ from torch import nn
 from trtcompress.compressed.linear import CompressedLinear
 
 
+def check_patterns(patterns: Iterable[str]) -> None:
+    """Raise ValueError naming the first `re:` pattern that is not a valid regular expression (so a
+    recipe fails when it is validated, not after the model is loaded)."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {pattern!r}: {exc}") from None
+
+
 def matches(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None

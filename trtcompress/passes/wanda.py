@@ -102,5 +102,5 @@ class WandaPass(CalibratedPass):
             weight = group.weight(name)
             check_divisible(name, weight.shape[1], self.config)
             scores = wanda_scores(weight, sq_norms, self._gradients.get(name), self.config.gradient_scale)
-            keep = make_mask(scores, self.config.pattern, self.config.sparsity)
+            keep = make_mask(scores, self.config.pattern, self.config.target_sparsity)
             group.set_state(name, pruned_state(weight, keep, self.config, group.members[name].bias))

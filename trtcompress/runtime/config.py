@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SchedulerPolicy = Literal["guaranteed_no_evict", "max_utilization"]
 
@@ -84,6 +84,13 @@ class DeployConfig(BaseModel):
     def prefill_chunk(self) -> int:
         """Prompt tokens one step may take for one sequence."""
         return self.context_chunk_size if self.enable_chunked_context else self.max_seq_len
+
+    @field_validator("model_name")
+    @classmethod
+    def _not_a_path(cls, v: str) -> str:
+        if v in (".", ".."):  # the model's directory in the repository: never the repository or above it
+            raise ValueError(f"model_name {v!r} names a directory, not a model")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> DeployConfig:

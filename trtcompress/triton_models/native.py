@@ -9,7 +9,6 @@ inside the one model (`trtcompress/triton_models/native_model.py`), which owns a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from trtcompress.runtime.config import DeployConfig
@@ -81,9 +80,14 @@ def write_native_repository(
 
 
 def deploy_from_artifact(artifact: Path) -> DeployConfig:
-    """The recipe's `deploy:` section recorded in the artifact (defaults when absent)."""
-    manifest = Path(artifact) / "manifest.json"
-    if manifest.is_file():
-        recipe = json.loads(manifest.read_text()).get("recipe") or {}
+    """The recipe's `deploy:` section recorded in the artifact (defaults when absent). The artifact is
+    authenticated first (manifest and file checksums, as `inspect` does): a repository must not serve
+    an edited or corrupt one."""
+    from trtcompress.checkpoints import native
+
+    if (Path(artifact) / native.MANIFEST).exists():
+        manifest = native.read_manifest(Path(artifact))
+        native.verify_files(Path(artifact), manifest)
+        recipe = manifest.get("recipe") or {}
         return DeployConfig.model_validate(recipe.get("deploy") or {})
     return DeployConfig()
