@@ -122,3 +122,27 @@ def test_fp8_kv_cache_scales_in_the_hf_layout(tiny_model, tmp_path):
         with pytest.raises(ExportError, match="FP8 KV-cache scales only"):
             write_hf_checkpoint(tiny_model.model, None, tmp_path / codec, kv_cache=codec)
         assert not (tmp_path / codec).exists()
+
+
+def test_qwen2_biases_are_in_the_hf_checkpoint(tiny_qwen2_dir, tmp_path):
+    """Qwen2's q/k/v projections have biases: the HF layout must carry them (they were dropped, and the
+    checkpoint computed another model), for quantized and dense linears alike."""
+    from trtcompress.models import load_model
+
+    loaded = load_model(str(tiny_qwen2_dir), log=print)
+    with torch.no_grad():
+        for layer in loaded.model.model.layers:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                getattr(layer.self_attn, name).bias.normal_(
+                    0, 0.5, generator=torch.Generator().manual_seed(1)
+                )
+    recipe = Recipe.model_validate(
+        {"passes": [{"method": "gsq", "bits": 4, "group_size": 32, "exclude": ["lm_head", "v_proj"]}]}
+    )
+    compress_model(loaded.model, loaded.tokenizer, recipe)
+    write_hf_checkpoint(loaded.model, loaded.tokenizer, tmp_path / "hf")
+    tensors = load_file(str(tmp_path / "hf/model.safetensors"))
+    for name in ("q_proj", "k_proj", "v_proj"):  # q, k quantized; v dense (excluded)
+        stored = tensors[f"model.layers.1.self_attn.{name}.bias"].float()
+        expected = getattr(loaded.model.model.layers[1].self_attn, name).bias.float()
+        torch.testing.assert_close(stored, expected, atol=1e-3, rtol=1e-3)  # fp16

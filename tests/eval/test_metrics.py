@@ -77,3 +77,25 @@ def test_greedy_exact_match_runs_and_scores(tiny_model):
     )
     score = metrics.greedy_exact_match(tiny_model.model, tiny_model.tokenizer, [problem], max_new_tokens=4)
     assert score in (0.0, 1.0)
+
+
+def test_answers_get_no_special_tokens_and_windows_stay_in_the_trained_range(tiny_model):
+    """A tokenizer that prepends BOS: the prompt keeps it, the answer (which continues the prompt) must
+    not, or a BOS mid-sequence is scored as the first answer token. And a perplexity window longer
+    than the model's positions is refused rather than measured past the trained range."""
+    from tokenizers import processors
+
+    from trtcompress.errors import RecipeError
+
+    tok = tiny_model.tokenizer
+    bos = tok.convert_ids_to_tokens(0)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, 0)]
+    )
+    problem = Problem(question="2 + 2?", answer="2 + 2 = 4\n#### 4", final="4")
+    prompt, answer = metrics.encode_problem(tok, problem)
+    assert prompt[0] == 0 and 0 not in answer
+    assert answer == tok(problem.completion, add_special_tokens=False).input_ids
+    positions = tiny_model.model.config.max_position_embeddings
+    with pytest.raises(RecipeError, match="exceeds the model's"):
+        metrics.perplexity(tiny_model.model, list(range(2 * positions + 2)), positions + 1)

@@ -102,6 +102,12 @@ def _kv_algo(model: nn.Module, kv_cache: str | None, scales: tuple[float, ...] |
     return "FP8"
 
 
+def _write_bias(state, name: str, tensors: dict, torch_dtype) -> None:
+    """A linear's bias (Qwen2's q/k/v projections have them) in the model's dtype, quantized or not."""
+    if state.bias is not None:
+        tensors[f"{name}.bias"] = state.bias.detach().to(torch_dtype).contiguous()
+
+
 def _quantized_kind(state, name: str, tensors: dict, excluded: list, torch_dtype) -> str | None:
     """The HF quantization kind of a linear; a dense one is written as is and listed as excluded (None)."""
     kind = classify(state, target="hf")
@@ -140,6 +146,7 @@ def write_hf_checkpoint(
                 pqs_seen = []
                 for name in members:
                     state = linear_state(layer.get_submodule(name))
+                    _write_bias(state, f"{prefix}.{name}", tensors, torch_dtype)
                     kind = _quantized_kind(state, f"{prefix}.{name}", tensors, excluded, torch_dtype)
                     if kind is None:
                         continue
@@ -159,6 +166,7 @@ def write_hf_checkpoint(
                 tensors[f"{prefix}.{norm_name}.weight"] = norm.to(torch_dtype)
             for name in OWN_PQS:
                 state = linear_state(layer.get_submodule(name))
+                _write_bias(state, f"{prefix}.{name}", tensors, torch_dtype)
                 kind = _quantized_kind(state, f"{prefix}.{name}", tensors, excluded, torch_dtype)
                 if kind is None:
                     continue

@@ -286,9 +286,10 @@ def emit(
         weight = (signed * parts.scales.float()).to(dtype)
         if not torch.equal(requantized_codes(weight, parts.bits), signed):
             raise ExportError(
-                f"{kind}: TensorRT-LLM re-quantizes these weights per channel at load (scale = max|w| / "
-                f"{2 ** (parts.bits - 1) - 1}) and would not get the same codes (a row does not reach the "
-                "largest code, e.g. after GPTQ); use a group-wise int4 recipe (W4A16_AWQ layout) instead"
+                f"{kind}: TensorRT-LLM re-quantizes these weights per channel at load, each tensor-"
+                f"parallel shard on its own (scale = max|w| / {2 ** (parts.bits - 1) - 1}), and would not "
+                "get the same codes: a row (or a shard's part of it, with tp_size > 1) does not reach the "
+                "largest code, e.g. after GPTQ; use tp_size 1, or a group-wise int4 recipe (W4A16_AWQ layout)"
             )
         out["weight"] = weight
         return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from trtcompress.errors import RecipeError
 from trtcompress.eval.datasets import Problem
 
 Tick = Callable[[int], None]
@@ -45,6 +46,11 @@ def perplexity(
 ) -> PerplexityResult:
     if len(ids) < context:
         raise ValueError(f"perplexity needs at least one window of {context} tokens, got {len(ids)}")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions is not None and context > positions:  # positions past the trained range: a meaningless ppl
+        raise RecipeError(
+            f"eval.context {context} exceeds the model's {positions} positions (max_position_embeddings)"
+        )
     n_windows = len(ids) // context
     total, count, per_window = 0.0, 0, []
     for w in range(n_windows):
@@ -69,8 +75,12 @@ class FidelityResult:
     per_problem_kl: list[float] = field(default_factory=list)
 
 
-def _encode(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
-    return tokenizer(problem.prompt).input_ids, tokenizer(problem.completion).input_ids
+def encode_problem(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids): the prompt as the tokenizer encodes a text (BOS where it adds one), the
+    answer, which continues it, without special tokens (a BOS there would sit mid-sequence and be
+    scored as an answer token)."""
+    answer = tokenizer(problem.completion, add_special_tokens=False).input_ids
+    return tokenizer(problem.prompt).input_ids, answer
 
 
 class FidelityAccumulator:
@@ -122,7 +132,7 @@ def answer_fidelity(
     tick: Tick | None = None,
 ) -> FidelityResult:
     """Score the gold answers of `problems` with `model` (and against `reference` if given)."""
-    encoded = [_encode(tokenizer, p) for p in problems]
+    encoded = [encode_problem(tokenizer, p) for p in problems]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
     totals = FidelityAccumulator(problems)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from trtcompress.eval.datasets import Problem
-from trtcompress.eval.metrics import FidelityAccumulator, FidelityResult, PerplexityResult
+from trtcompress.eval.metrics import FidelityAccumulator, FidelityResult, PerplexityResult, encode_problem
 from trtcompress.kv.codec import KVCodec
 from trtcompress.kv.decode import CachedDecoder, cache_for_model
 from trtcompress.kv.scalar import FP16Codec
@@ -100,8 +100,7 @@ def answer_logits(
     """Per problem: (log-probs at the answer-predicting positions, gold answer ids)."""
     out = []
     for problem in problems:
-        prompt = tokenizer(problem.prompt).input_ids
-        answer = tokenizer(problem.completion).input_ids
+        prompt, answer = encode_problem(tokenizer, problem)  # no BOS inside the sequence
         total = len(prompt) + len(answer)
         cache = cache_for_model(model, codec, total + block_size, 1, block_size, sink_tokens)
         dec = CachedDecoder(model, cache)
