@@ -111,6 +111,10 @@ def load_level(grpc_url: str, model: str, prompts: list[str], concurrency: int, 
     }
 
 
+def _num(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def _batch_stats(step_log: Path, start_line: int) -> tuple[dict, int]:
     lines = step_log.read_text().splitlines() if step_log.exists() else []
     steps = [json.loads(line) for line in lines[start_line:]]
@@ -213,21 +217,22 @@ def run(target: str | Path, levels: list[int], num_requests: int, prompt_tokens:
             results.append(level)
             tps, rps, ttft = level["output_tokens_per_s"], level["requests_per_s"], level["ttft_p50_s"]
             batch = level["runtime"]["mean_batch_size"]
-            log(f"concurrency {c}: {tps:.1f} tokens/s, {rps:.2f} req/s, TTFT p50 {ttft:.2f} s, "
-                f"errors {level['errors']}, mean batch {batch:.1f}")  # fmt: skip
-    top = max(results, key=lambda lv: lv["output_tokens_per_s"])
+            log(f"concurrency {c}: {_num(tps, '.1f')} tokens/s, {_num(rps, '.2f')} req/s, "
+                f"TTFT p50 {_num(ttft, '.2f')} s, errors {level['errors']}, "
+                f"mean batch {_num(batch, '.1f')}")  # fmt: skip
+    top = max(results, key=lambda lv: lv["output_tokens_per_s"] or 0.0)
+    best = top["output_tokens_per_s"] or None  # a level where every request failed measured nothing
+    one = next((lv["output_tokens_per_s"] for lv in results if lv["concurrency"] == 1), None)
     summary = {
         "title": f"{path.name}: {prompt_tokens}-token prompts, {output_tokens} new tokens, "
         f"max_batch_size {deploy.max_batch_size}, {os.cpu_count()} CPUs",
-        "best_tokens_per_s": top["output_tokens_per_s"],
-        "best_concurrency": top["concurrency"],
-        "vs_one_at_a_time": top["output_tokens_per_s"] / results[0]["output_tokens_per_s"]
-        if results
-        else None,
+        "best_tokens_per_s": best,
+        "best_concurrency": top["concurrency"] if best else None,
+        "vs_one_at_a_time": best / one if best and one else None,  # against the concurrency-1 level
         "errors": sum(lv["errors"] for lv in results),
     }
     for base in baselines:
-        summary[f"vs_hf_batch{base['batch']}"] = top["output_tokens_per_s"] / base["tokens_per_s"]
+        summary[f"vs_hf_batch{base['batch']}"] = best / base["tokens_per_s"] if best else None
     result = {
         "target": str(path),
         "deploy": deploy.model_dump(),

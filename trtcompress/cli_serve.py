@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -106,17 +107,22 @@ def serve(
     click.echo(
         f"starting tritonserver on {repo} (models: {', '.join(models)}); log: {server.log_file}", err=True
     )
-    server.start(timeout=timeout)
+    server.start(timeout=timeout, cancel=stop)  # Ctrl-C / SIGTERM also end the readiness wait
     e = server.endpoints
     click.echo(f"ready: gRPC {e.grpc}  HTTP http://{e.http}  metrics {e.metrics}", err=True)
     click.echo(f"  try: trtcompress generate 'Hello' --url {e.grpc} --model {models[0]}", err=True)
     try:
         while not stop.wait(0.5):
             if server.proc is not None and server.proc.poll() is not None:
-                raise TrtcompressError(f"tritonserver exited unexpectedly (code {server.proc.returncode})")
+                raise TrtcompressError(
+                    f"tritonserver exited unexpectedly (code {server.proc.returncode}){server._log_tail()}"
+                )
     finally:
         code = server.stop()
         click.echo(f"tritonserver stopped (exit code {code})", err=True)
+    # a clean stop: the temporary directory (generated repository, default log) goes; after a failure
+    # it stays, for its log
+    shutil.rmtree(work, ignore_errors=True)
 
 
 @click.command()

@@ -93,6 +93,7 @@ def generate_grpc(
 ) -> Completion:
     """One request over a gRPC bidirectional stream (the decoupled model's transport)."""
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
 
     own = client is None
     client = client or grpcclient.InferenceServerClient(url)
@@ -102,7 +103,16 @@ def generate_grpc(
         client.start_stream(callback=lambda result, error: results.put((result, error, time.perf_counter())))
         done.start = time.perf_counter()
         inputs = _grpc_inputs(prompt, {**params, "stream": stream})
-        client.async_stream_infer(model, inputs, request_id=uuid.uuid4().hex)
+        try:  # the final flag ends a request even where the model has no finish_reason output
+            client.async_stream_infer(
+                model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True
+            )
+        except InferenceServerException as exc:  # no server there, a stream that broke
+            message = exc.message()
+            with contextlib.suppress(queue.Empty):  # the stream's callback has the reason
+                _, error, _ = results.get(timeout=2)
+                message = error.message() if hasattr(error, "message") else str(error)
+            raise ClientError(f"{url}: {message}") from None
         deadline = done.start + timeout
         while True:
             try:
@@ -111,14 +121,17 @@ def generate_grpc(
                 raise ClientError(f"no final response within {timeout:.0f} s") from None
             if error is not None:
                 raise ClientError(str(error.message() if hasattr(error, "message") else error))
-            piece = result.as_numpy("text_output")[0].decode("utf-8")
-            reason = result.as_numpy("finish_reason")[0].decode("utf-8")
-            done.pieces.append(piece)
-            done.times.append(t - done.start)
-            if on_piece:
-                on_piece(piece)
-            if reason:
-                done.finish_reason = reason
+            text, reason = result.as_numpy("text_output"), result.as_numpy("finish_reason")
+            if text is not None:  # (an empty final response has no outputs)
+                piece = text.reshape(-1)[0].decode("utf-8")
+                done.pieces.append(piece)
+                done.times.append(t - done.start)
+                if on_piece:
+                    on_piece(piece)
+            reason = reason.reshape(-1)[0].decode("utf-8") if reason is not None else ""
+            done.finish_reason = reason or done.finish_reason
+            final = result.get_response().parameters.get("triton_final_response")
+            if reason or (final is not None and final.bool_param):
                 break
     finally:
         client.stop_stream()
@@ -168,9 +181,11 @@ def generate_http(
                         on_piece(data["text_output"])
                     done.finish_reason = data.get("finish_reason") or done.finish_reason
     except urllib.error.HTTPError as exc:
-        message = exc.read().decode(errors="replace")
-        with contextlib.suppress(ValueError, KeyError):
-            message = json.loads(message)["error"]
+        message = exc.read().decode(errors="replace").strip()
+        with contextlib.suppress(ValueError, KeyError):  # a JSON body, or a server-sent event's data
+            message = json.loads(message.removeprefix("data:"))["error"]
         raise ClientError(f"HTTP {exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:  # no server there, a connection that broke
+        raise ClientError(f"{url}: {getattr(exc, 'reason', exc)}") from None
     done.text = "".join(done.pieces)
     return done

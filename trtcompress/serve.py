@@ -18,6 +18,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,26 +150,56 @@ class Server:
             f"--log-verbose={1 if self.verbose else 0}",
         ]
 
-    def start(self, timeout: float = 300.0) -> Server:
-        self.triton = locate_tritonserver()
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            self.command(), env=self.triton.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    def start(self, timeout: float = 300.0, cancel: threading.Event | None = None) -> Server:
+        """Start tritonserver and wait until it is ready (`cancel` set: stop waiting, and stop it)."""
+        self._check_ports_free()
+        try:  # the log first: a bad path must fail before anything is started or unpacked
+            out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        except OSError as exc:
+            raise ServeError(f"{self.log_file}: cannot write tritonserver's log ({exc.strerror})") from None
         try:
-            self.wait_ready(timeout)
+            self.triton = locate_tritonserver()
+            self.proc = subprocess.Popen(
+                self.command(),
+                env=self.triton.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()  # the server holds its own descriptor
+        try:
+            self.wait_ready(timeout, cancel)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def wait_ready(self, timeout: float) -> None:
+    def _check_ports_free(self) -> None:
+        """Another server on one of the ports would answer the readiness probe for this one."""
+        e = self.endpoints
+        for what, port in (("HTTP", e.http_port), ("gRPC", e.grpc_port), ("metrics", e.metrics_port)):
+            with socket.socket() as s:
+                s.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+                )  # as servers bind: only a listener blocks
+                try:
+                    s.bind((self.bind_host or "0.0.0.0", port))
+                except OSError:
+                    raise ServeError(
+                        f"the {what} port {port} is in use (another server?); choose another"
+                    ) from None
+
+    def wait_ready(self, timeout: float, cancel: threading.Event | None = None) -> None:
         import tritonclient.http as httpclient
 
         client = httpclient.InferenceServerClient(self.endpoints.http, network_timeout=5.0)
         try:  # the connection is closed after: tritonserver waits for open connections when it stops
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
+                if cancel is not None and cancel.is_set():
+                    raise ServeError("interrupted before tritonserver was ready")
                 if self.proc is not None and self.proc.poll() is not None:
                     code = self.proc.returncode
                     raise ServeError(
@@ -185,10 +216,12 @@ class Server:
         raise ServeError(f"tritonserver was not ready within {timeout:.0f} s{self._log_tail()}")
 
     def _log_tail(self) -> str:
+        """The log's error lines (a model's load failure is often far from the end), then its tail."""
         if not self.log_file or not Path(self.log_file).is_file():
             return ""
-        lines = Path(self.log_file).read_text(errors="replace").splitlines()[-25:]
-        return ":\n" + "\n".join(lines)
+        lines = Path(self.log_file).read_text(errors="replace").splitlines()
+        errors = [line for line in lines if line.startswith("E") or "failed to load" in line][:15]
+        return ":\n" + "\n".join([*errors, *(["..."] if errors else []), *lines[-15:]])
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (tritonserver unloads its models and exits), then SIGKILL if it hangs."""

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.conftest import run_cli
 
 
@@ -48,9 +50,10 @@ def test_serve_generate_and_sigterm(served_artifact, tmp_path):
     assert "tritonserver stopped (exit code 0)" in rest
 
 
-def test_repo_command_writes_validated_repositories(served_artifact, tmp_path):
+def test_repo_command_writes_validated_repositories(served_artifact, tiny_model_dir, tmp_path):
     for kind in ("native", "trtllm", "llmapi"):
-        out = run_cli("repo", str(served_artifact), "-o", str(tmp_path / kind), "--kind", kind,
+        source = tiny_model_dir if kind == "llmapi" else served_artifact  # the LLM API loads HF checkpoints
+        out = run_cli("repo", str(source), "-o", str(tmp_path / kind), "--kind", kind,
                       "--deploy", "max_batch_size=8")  # fmt: skip
         assert out.returncode == 0, out.stderr
         assert "tensorrt_llm" in out.stdout
@@ -77,3 +80,23 @@ def test_serve_warns_about_a_passive_openmp_wait_policy() -> None:
     assert "unset it" in _environment_warning({"OMP_WAIT_POLICY": " passive "})
     assert _environment_warning({"OMP_WAIT_POLICY": "ACTIVE"}) is None
     assert _environment_warning({}) is None
+
+
+def test_clients_and_server_report_unreachable_and_busy_ports_as_errors(tmp_path):
+    """No server on the port: a ClientError (it was a traceback) over gRPC and HTTP. A port another
+    server listens on: refused before tritonserver starts (that server answered its readiness probe)."""
+    import socket
+
+    from trtcompress.client import ClientError, generate_grpc, generate_http
+    from trtcompress.serve import ServeError, Server
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ClientError):
+            generate_grpc("127.0.0.1:1", "m", "hi", timeout=10)
+        with pytest.raises(ClientError, match="refused"):
+            generate_http("127.0.0.1:1", "m", "hi", timeout=10)
+        with pytest.raises(ServeError, match=f"HTTP port {port} is in use"):
+            Server(tmp_path, http_port=port).start(timeout=10)

@@ -50,10 +50,12 @@ def test_trtllm_repository(served_artifact, tmp_path):
     assert _params(configs["preprocessing"])["tokenizer_dir"] == str(served_artifact.resolve())
 
 
-def test_llmapi_repository(served_artifact, tmp_path):
-    repo = generate_repository(
-        "llmapi", served_artifact, tmp_path / "r", DeployConfig(tensor_parallel_size=2)
-    )
+def test_llmapi_repository(served_artifact, tiny_model_dir, tmp_path):
+    """The LLM API loads a Hugging Face checkpoint: a model directory (or an artifact's hf/ export),
+    never a native artifact alone."""
+    with pytest.raises(RepositoryError, match="loads a Hugging Face checkpoint"):
+        generate_repository("llmapi", served_artifact, tmp_path / "n", DeployConfig())
+    repo = generate_repository("llmapi", tiny_model_dir, tmp_path / "r", DeployConfig(tensor_parallel_size=2))
     configs = validate_repository(repo)
     assert configs["tensorrt_llm"].model_transaction_policy.decoupled
     model = yaml.safe_load((repo / "tensorrt_llm" / "1" / "model.yaml").read_text())

@@ -16,7 +16,7 @@ import yaml
 
 from trtcompress.runtime.config import DeployConfig
 from trtcompress.triton_models.native import CONFIG_TEMPLATE as NATIVE_TEMPLATE
-from trtcompress.triton_models.pbtxt import check_no_placeholders, render, write_config
+from trtcompress.triton_models.pbtxt import RepositoryError, check_no_placeholders, render, write_config
 
 
 def model_yaml(model: Path, deploy: DeployConfig) -> dict:
@@ -46,6 +46,11 @@ def write_llmapi_repository(repo: Path, artifact: Path, deploy: DeployConfig | N
     deploy = deploy or DeployConfig()
     artifact = Path(artifact).resolve()
     model = artifact / "hf" if (artifact / "hf" / "config.json").is_file() else artifact
+    if not (model / "config.json").is_file():  # a native artifact alone: nothing the LLM API can load
+        raise RepositoryError(
+            f"{artifact}: the llmapi model loads a Hugging Face checkpoint; build with export formats "
+            "including hf (written to ARTIFACT/hf), or pass a model directory"
+        )
     text = render(
         NATIVE_TEMPLATE,
         {"name": "tensorrt_llm", "decoupled": "true" if deploy.decoupled else "false", "parameters": ""},
