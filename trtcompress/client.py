@@ -53,6 +53,14 @@ PARAM_TYPES = {
     "top_p": ("FP32", np.float32),
     "seed": ("INT64", np.int64),
     "end_id": ("INT32", np.int32),
+    # the same settings under TensorRT-LLM's LLM-API names (the native model takes either)
+    "streaming": ("BOOL", np.bool_),
+    "sampling_param_max_tokens": ("INT32", np.int32),
+    "sampling_param_temperature": ("FP32", np.float32),
+    "sampling_param_top_k": ("INT32", np.int32),
+    "sampling_param_top_p": ("FP32", np.float32),
+    "sampling_param_seed": ("UINT64", np.uint64),
+    "return_finish_reason": ("BOOL", np.bool_),
 }
 
 
@@ -66,9 +74,9 @@ def _grpc_inputs(prompt: str | bytes, params: dict[str, Any]) -> list[Any]:
     for name, value in params.items():
         if value is None:
             continue
-        if name == "stop":
+        if name in ("stop", "sampling_param_stop"):
             stops = [value] if isinstance(value, str) else list(value)
-            t = grpcclient.InferInput("stop", [len(stops)], "BYTES")
+            t = grpcclient.InferInput(name, [len(stops)], "BYTES")
             t.set_data_from_numpy(np.array([s.encode() for s in stops], dtype=np.object_))
         elif name in PARAM_TYPES:
             dtype, np_dtype = PARAM_TYPES[name]

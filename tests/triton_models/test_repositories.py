@@ -57,7 +57,11 @@ def test_llmapi_repository(served_artifact, tiny_model_dir, tmp_path):
         generate_repository("llmapi", served_artifact, tmp_path / "n", DeployConfig())
     repo = generate_repository("llmapi", tiny_model_dir, tmp_path / "r", DeployConfig(tensor_parallel_size=2))
     configs = validate_repository(repo)
-    assert configs["tensorrt_llm"].model_transaction_policy.decoupled
+    config = configs["tensorrt_llm"]
+    inputs = {i.name for i in config.input}
+    # upstream's request names (its model.py reads these), the policy left to model.yaml's triton_config
+    assert {"text_input", "streaming", "sampling_param_max_tokens", "sampling_param_seed", "stop"} <= inputs
+    assert "max_tokens" not in inputs and not config.HasField("model_transaction_policy")
     model = yaml.safe_load((repo / "tensorrt_llm" / "1" / "model.yaml").read_text())
     assert model["backend"] == "pytorch" and model["tensor_parallel_size"] == 2
     assert model["triton_config"] == {"max_batch_size": 0, "decoupled": True}

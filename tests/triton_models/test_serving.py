@@ -142,3 +142,16 @@ def test_a_non_decoupled_model_refuses_streaming_and_serves_the_rest(served_arti
         assert out.finish_reason == "length" and out.text
     finally:
         assert srv.stop() == 0
+
+
+def test_the_llm_api_request_names_work_too(server, offline):
+    """A client written for TensorRT-LLM's LLM-API model (sampling_param_*, `streaming`) gets the same
+    answers from the native model; giving both names of one setting is refused."""
+    e = server.endpoints
+    prompt = PROMPTS[0]
+    out = generate_http(e.http, MODEL, prompt, sampling_param_max_tokens=12, return_finish_reason=True)
+    assert out.text == offline[prompt] and out.finish_reason in ("length", "stop")
+    streamed = generate_grpc(e.grpc, MODEL, prompt, sampling_param_max_tokens=12, sampling_param_seed=3)
+    assert streamed.text == offline[prompt]  # greedy: the seed changes nothing
+    with pytest.raises(ClientError, match="give max_tokens or sampling_param_max_tokens, not both"):
+        generate_http(e.http, MODEL, prompt, max_tokens=4, sampling_param_max_tokens=4)

@@ -15,7 +15,6 @@ from pathlib import Path
 import yaml
 
 from trtcompress.runtime.config import DeployConfig
-from trtcompress.triton_models.native import CONFIG_TEMPLATE as NATIVE_TEMPLATE
 from trtcompress.triton_models.pbtxt import RepositoryError, check_no_placeholders, render, write_config
 
 
@@ -41,6 +40,32 @@ def model_yaml(model: Path, deploy: DeployConfig) -> dict:
     }
 
 
+# The request interface of TensorRT-LLM's LLM-API python model (its model.py reads these names:
+# sampling_param_*, `streaming`, `return_finish_reason`, and `stop` as a BOOL that cancels the request).
+# The batch size and the transaction policy are not set here: model.yaml's triton_config sets them.
+CONFIG_TEMPLATE = """name: "${name}"
+backend: "python"
+instance_group [ { count: 1 kind: KIND_CPU } ]
+input [
+  { name: "text_input" data_type: TYPE_STRING dims: [ -1 ] },
+  { name: "streaming" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
+  { name: "sampling_param_max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
+  { name: "sampling_param_temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
+  { name: "sampling_param_top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
+  { name: "sampling_param_top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
+  { name: "sampling_param_seed" data_type: TYPE_UINT64 dims: [ 1 ] optional: true },
+  { name: "sampling_param_stop" data_type: TYPE_STRING dims: [ -1 ] optional: true },
+  { name: "sampling_param_exclude_input_from_output" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
+  { name: "return_finish_reason" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
+  { name: "stop" data_type: TYPE_BOOL dims: [ 1 ] optional: true }
+]
+output [
+  { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] },
+  { name: "finish_reason" data_type: TYPE_STRING dims: [ -1 ] }
+]
+"""
+
+
 def write_llmapi_repository(repo: Path, artifact: Path, deploy: DeployConfig | None = None) -> Path:
     """The HF checkpoint the LLM API loads: ARTIFACT/hf when the build exported one, else ARTIFACT."""
     deploy = deploy or DeployConfig()
@@ -51,10 +76,7 @@ def write_llmapi_repository(repo: Path, artifact: Path, deploy: DeployConfig | N
             f"{artifact}: the llmapi model loads a Hugging Face checkpoint; build with export formats "
             "including hf (written to ARTIFACT/hf), or pass a model directory"
         )
-    text = render(
-        NATIVE_TEMPLATE,
-        {"name": "tensorrt_llm", "decoupled": "true" if deploy.decoupled else "false", "parameters": ""},
-    )
+    text = render(CONFIG_TEMPLATE, {"name": "tensorrt_llm"})
     model_dir = Path(repo) / "tensorrt_llm"
     write_config(model_dir, text)
     (model_dir / "1").mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,15 @@ input [
   { name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
   { name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true },
   { name: "stop" data_type: TYPE_STRING dims: [ -1 ] optional: true },
-  { name: "end_id" data_type: TYPE_INT32 dims: [ 1 ] optional: true }
+  { name: "end_id" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
+  { name: "streaming" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
+  { name: "sampling_param_max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
+  { name: "sampling_param_temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
+  { name: "sampling_param_top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
+  { name: "sampling_param_top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
+  { name: "sampling_param_seed" data_type: TYPE_UINT64 dims: [ 1 ] optional: true },
+  { name: "sampling_param_stop" data_type: TYPE_STRING dims: [ -1 ] optional: true },
+  { name: "return_finish_reason" data_type: TYPE_BOOL dims: [ 1 ] optional: true }
 ]
 output [
   { name: "text_output" data_type: TYPE_STRING dims: [ 1 ] },

@@ -21,7 +21,21 @@ from trtcompress.runtime.config import DeployConfig
 from trtcompress.runtime.sampling import RequestError, SamplingParams
 from trtcompress.runtime.sequence import RequestOutput
 
-INPUTS = ("text_input", "max_tokens", "stream", "temperature", "top_k", "top_p", "seed", "stop", "end_id")
+# TensorRT-LLM's LLM-API model names the same inputs sampling_param_* and `streaming`; the native model
+# takes either name (not both), so a client written for that model works here unchanged
+UPSTREAM_NAMES = {
+    "max_tokens": "sampling_param_max_tokens",
+    "temperature": "sampling_param_temperature",
+    "top_k": "sampling_param_top_k",
+    "top_p": "sampling_param_top_p",
+    "seed": "sampling_param_seed",
+    "stop": "sampling_param_stop",
+    "stream": "streaming",
+}
+INPUTS = (
+    "text_input", "max_tokens", "stream", "temperature", "top_k", "top_p", "seed", "stop", "end_id",
+    *UPSTREAM_NAMES.values(), "return_finish_reason",
+)  # fmt: skip
 
 
 def _pb() -> Any:
@@ -65,12 +79,24 @@ def parse_request(
     if not prompt:
         raise RequestError("text_input (the prompt) is empty")
 
+    def name_of(name: str) -> str:
+        """`name`, or its LLM-API name where the request used that one (both: an error)."""
+        upstream = UPSTREAM_NAMES.get(name)
+        if upstream is None or _pb().get_input_tensor_by_name(request, upstream) is None:
+            return name
+        if _pb().get_input_tensor_by_name(request, name) is not None:
+            raise RequestError(f"give {name} or {upstream}, not both")
+        return upstream
+
     def get(name: str, cast: Any, default: Any) -> Any:
-        value = _scalar(request, name)
+        value = _scalar(request, name_of(name))
         return default if value is None else cast(value)
 
-    stop_tensor = _pb().get_input_tensor_by_name(request, "stop")
-    stop = () if stop_tensor is None else tuple(_text(s, "stop") for s in stop_tensor.as_numpy().reshape(-1))
+    stop_name = name_of("stop")
+    stop_tensor = _pb().get_input_tensor_by_name(request, stop_name)
+    stop = (
+        () if stop_tensor is None else tuple(_text(s, stop_name) for s in stop_tensor.as_numpy().reshape(-1))
+    )
     seed = get("seed", int, None)
     params = SamplingParams(
         max_tokens=get("max_tokens", int, default_max_tokens),
