@@ -111,6 +111,23 @@ def load_level(grpc_url: str, model: str, prompts: list[str], concurrency: int, 
     }
 
 
+def summarize(levels: list[dict], baselines: list[dict]) -> dict:
+    """The best level's throughput, against the concurrency-1 level and HF's baselines. A level where
+    every request failed measured nothing: its throughput counts as none, never as the best."""
+    top = max(levels, key=lambda lv: lv["output_tokens_per_s"] or 0.0)
+    best = top["output_tokens_per_s"] or None
+    one = next((lv["output_tokens_per_s"] for lv in levels if lv["concurrency"] == 1), None)
+    summary = {
+        "best_tokens_per_s": best,
+        "best_concurrency": top["concurrency"] if best else None,
+        "vs_one_at_a_time": best / one if best and one else None,  # the concurrency-1 level, wherever listed
+        "errors": sum(lv["errors"] for lv in levels),
+    }
+    for base in baselines:
+        summary[f"vs_hf_batch{base['batch']}"] = best / base["tokens_per_s"] if best else None
+    return summary
+
+
 def _num(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -220,19 +237,11 @@ def run(target: str | Path, levels: list[int], num_requests: int, prompt_tokens:
             log(f"concurrency {c}: {_num(tps, '.1f')} tokens/s, {_num(rps, '.2f')} req/s, "
                 f"TTFT p50 {_num(ttft, '.2f')} s, errors {level['errors']}, "
                 f"mean batch {_num(batch, '.1f')}")  # fmt: skip
-    top = max(results, key=lambda lv: lv["output_tokens_per_s"] or 0.0)
-    best = top["output_tokens_per_s"] or None  # a level where every request failed measured nothing
-    one = next((lv["output_tokens_per_s"] for lv in results if lv["concurrency"] == 1), None)
-    summary = {
-        "title": f"{path.name}: {prompt_tokens}-token prompts, {output_tokens} new tokens, "
-        f"max_batch_size {deploy.max_batch_size}, {os.cpu_count()} CPUs",
-        "best_tokens_per_s": best,
-        "best_concurrency": top["concurrency"] if best else None,
-        "vs_one_at_a_time": best / one if best and one else None,  # against the concurrency-1 level
-        "errors": sum(lv["errors"] for lv in results),
-    }
-    for base in baselines:
-        summary[f"vs_hf_batch{base['batch']}"] = best / base["tokens_per_s"] if best else None
+    title = (
+        f"{path.name}: {prompt_tokens}-token prompts, {output_tokens} new tokens, "
+        f"max_batch_size {deploy.max_batch_size}, {os.cpu_count()} CPUs"
+    )
+    summary = {"title": title} | summarize(results, baselines)
     result = {
         "target": str(path),
         "deploy": deploy.model_dump(),

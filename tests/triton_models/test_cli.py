@@ -100,3 +100,35 @@ def test_clients_and_server_report_unreachable_and_busy_ports_as_errors(tmp_path
             generate_http("127.0.0.1:1", "m", "hi", timeout=10)
         with pytest.raises(ServeError, match=f"HTTP port {port} is in use"):
             Server(tmp_path, http_port=port).start(timeout=10)
+
+
+def test_bench_summary_uses_the_concurrency_one_level_and_survives_failed_levels():
+    from trtcompress.bench_serve import summarize
+
+    def level(c, tps, errors=0):
+        return {"concurrency": c, "output_tokens_per_s": tps, "errors": errors}
+
+    s = summarize([level(4, 1000.0), level(1, 400.0)], [{"batch": 16, "tokens_per_s": 500.0}])
+    assert s["vs_one_at_a_time"] == 2.5 and s["best_concurrency"] == 4 and s["vs_hf_batch16"] == 2.0
+    failed = summarize([level(1, 0.0, errors=4), level(2, 0.0, errors=4)], [])
+    assert (
+        failed["best_tokens_per_s"] is None and failed["vs_one_at_a_time"] is None and failed["errors"] == 8
+    )
+
+
+def test_server_start_errors_come_before_anything_runs(tmp_path):
+    """An unwritable log fails before tritonserver is located or started; a readiness wait ends when
+    Ctrl-C / SIGTERM set its event; a failed load's error lines lead the log excerpt."""
+    import threading
+
+    from trtcompress.serve import ServeError, Server
+
+    with pytest.raises(ServeError, match="cannot write tritonserver's log"):
+        Server(tmp_path, log_file=tmp_path / "missing" / "x.log").start(timeout=5)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(ServeError, match="interrupted before tritonserver was ready"):
+        Server(tmp_path).wait_ready(timeout=30, cancel=cancel)
+    log = tmp_path / "log"
+    log.write_text("E1128 model 'm' failed to load: boom\\n" + "I1128 options\\n" * 40)
+    assert "boom" in Server(tmp_path, log_file=log)._log_tail()
