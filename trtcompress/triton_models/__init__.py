@@ -20,9 +20,12 @@ KINDS = ("native", "trtllm", "llmapi")
 def generate_repository(
     kind: str, artifact: Path, out: Path, deploy: Any = None, engine_dir: Path | None = None
 ) -> Path:
+    from trtcompress.checkpoints import native as artifacts
     from trtcompress.triton_models.native import deploy_from_artifact
     from trtcompress.triton_models.pbtxt import RepositoryError
 
+    if (Path(artifact) / artifacts.MANIFEST).exists():  # nothing loads it here: check it as `inspect` does
+        artifacts.verify_files(Path(artifact), artifacts.read_manifest(Path(artifact)))
     deploy = deploy or deploy_from_artifact(Path(artifact))
     if kind == "native":
         from trtcompress.triton_models.native import write_native_repository

@@ -40,28 +40,31 @@ def model_yaml(model: Path, deploy: DeployConfig) -> dict:
     }
 
 
-# The request interface of TensorRT-LLM's LLM-API python model (its model.py reads these names:
-# sampling_param_*, `streaming`, `return_finish_reason`, and `stop` as a BOOL that cancels the request).
-# The batch size and the transaction policy are not set here: model.yaml's triton_config sets them.
-CONFIG_TEMPLATE = """name: "${name}"
-backend: "python"
-instance_group [ { count: 1 kind: KIND_CPU } ]
-input [
-  { name: "text_input" data_type: TYPE_STRING dims: [ -1 ] },
-  { name: "streaming" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
+# The request names of TensorRT-LLM's LLM-API python model (its model.py reads sampling_param_*,
+# `streaming`, `return_finish_reason`); the native model declares them too, as aliases of its own.
+LLM_API_INPUTS = """  { name: "streaming" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
   { name: "sampling_param_max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
   { name: "sampling_param_temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
   { name: "sampling_param_top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true },
   { name: "sampling_param_top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
   { name: "sampling_param_seed" data_type: TYPE_UINT64 dims: [ 1 ] optional: true },
   { name: "sampling_param_stop" data_type: TYPE_STRING dims: [ -1 ] optional: true },
-  { name: "sampling_param_exclude_input_from_output" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
-  { name: "return_finish_reason" data_type: TYPE_BOOL dims: [ 1 ] optional: true },
-  { name: "stop" data_type: TYPE_BOOL dims: [ 1 ] optional: true }
+  { name: "return_finish_reason" data_type: TYPE_BOOL dims: [ 1 ] optional: true }"""
+
+# The LLM-API model's config: those inputs, plus `stop` as a BOOL that cancels the request. The batch
+# size and the transaction policy are not set here: model.yaml's triton_config sets them.
+CONFIG_TEMPLATE = f"""name: "${{name}}"
+backend: "python"
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+input [
+  {{ name: "text_input" data_type: TYPE_STRING dims: [ -1 ] }},
+{LLM_API_INPUTS},
+  {{ name: "sampling_param_exclude_input_from_output" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "stop" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
 ]
 output [
-  { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] },
-  { name: "finish_reason" data_type: TYPE_STRING dims: [ -1 ] }
+  {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }},
+  {{ name: "finish_reason" data_type: TYPE_STRING dims: [ -1 ] }}
 ]
 """
 
