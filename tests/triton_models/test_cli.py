@@ -15,7 +15,9 @@ from tests.conftest import run_cli
 
 
 def test_serve_generate_and_sigterm(served_artifact, tmp_path):
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    temp = tmp_path / "temp"  # where serve's temporary directories go: gone after a clean stop
+    temp.mkdir()
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TMPDIR=str(temp))
     cmd = [sys.executable, "-m", "trtcompress", "serve", str(served_artifact), "--http-port", "0",
            "--grpc-port", "0", "--metrics-port", "0", "--deploy", "max_batch_size=4",
            "--deploy", "max_seq_len=256", "--log-file", str(tmp_path / "triton.log")]  # fmt: skip
@@ -48,6 +50,7 @@ def test_serve_generate_and_sigterm(served_artifact, tmp_path):
         rest = proc.communicate(timeout=60)[1]
     assert proc.returncode == 0, rest
     assert "tritonserver stopped (exit code 0)" in rest
+    assert not [p.name for p in temp.iterdir() if p.name.startswith("trtcompress-")]
 
 
 def test_repo_command_writes_validated_repositories(served_artifact, tiny_model_dir, tmp_path):

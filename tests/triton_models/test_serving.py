@@ -10,7 +10,7 @@ import pytest
 
 from trtcompress.client import ClientError, generate_grpc, generate_http
 
-from .conftest import DEPLOY
+from .conftest import DEPLOY, ECHO_MODEL
 
 MODEL = "tensorrt_llm"
 PROMPTS = [
@@ -155,3 +155,15 @@ def test_the_llm_api_request_names_work_too(server, offline):
     assert streamed.text == offline[prompt]  # greedy: the seed changes nothing
     with pytest.raises(ClientError, match="give max_tokens or sampling_param_max_tokens, not both"):
         generate_http(e.http, MODEL, prompt, max_tokens=4, sampling_param_max_tokens=4)
+
+
+@pytest.mark.parametrize("final_on_last", [True, False], ids=["flag-on-last-piece", "empty-final-response"])
+def test_the_grpc_client_ends_on_the_final_flag_of_a_model_without_finish_reason(server, final_on_last):
+    """TensorRT-LLM's ensemble has no `finish_reason` output: the client must end each request on
+    Triton's final-response flag, whether it rides on the last piece or comes as an empty response
+    (it used to crash reading the missing output), and a second request on the same server works."""
+    params = {"max_tokens": 8} if final_on_last else {}
+    for _ in range(2):
+        out = generate_grpc(server.endpoints.grpc, ECHO_MODEL, "the river flows", timeout=60, **params)
+        assert out.text == "the river flows " and out.pieces == ["the ", "river ", "flows "]
+        assert out.finish_reason == ""
