@@ -211,8 +211,10 @@ def previous_kernel():
     return module.gear_attention_triton
 
 
+# 2 warps: 1.3-1.4x fewer instructions issued per block than 4 (sm_90 machine code,
+# benchmarks/gear_kernel_sass.py) at about the same warps per SM, untimed until a GPU run
 TUNING = [  # (num_warps, num_stages, programs the split-K heuristic aims at)
-    (w, st, prog) for w in (4, 8) for st in (None, 3) for prog in (264, 1056, 4224)
+    (w, st, prog) for w in (2, 4, 8) for st in (None, 3) for prog in (264, 1056, 4224)
 ]
 
 

@@ -43,6 +43,11 @@ CASES = (
     ("gear-2bit group-scope outliers", "gear-2bit", {"outlier_scope": "group", "scale_dtype": "fp16"}, {}),
     ("gear-4bit (default)", "gear-4bit", {}, {}),
     ("gear-4bit int4 factors", "gear-4bit", {"factor_dtype": "int4"}, {}),
+    # fewer warps per program: each block's work is split over fewer threads, so a thread issues more,
+    # but the 16-row tiles (4 real rows) and the layout round trips are split less
+    ("kivi-2bit, 2 warps", "kivi-2bit", {}, {"num_warps": 2}),
+    ("gear-2bit (default), 2 warps", "gear-2bit", {}, {"num_warps": 2}),
+    ("kivi-2bit, 8 warps", "kivi-2bit", {}, {"num_warps": 8}),
 )  # fmt: skip
 
 
@@ -121,7 +126,11 @@ def decode_kernel(codec_name: str, options: dict, launch: dict) -> dict:
         layout, HEADS, group, DIM, splits=SPLITS, asm=True, prefetch=not any(layout.outliers),
         outlier_sums=launch.get("outlier_sums", "runs"),
     )  # fmt: skip
-    return {"layout": repr(layout)} | sass_summary(_compile(gear_decode_kernel, sig, constants))
+    warps = launch.get("num_warps", 4)
+    summary = sass_summary(_compile(gear_decode_kernel, sig, constants, num_warps=warps))
+    # what an SM's schedulers issue per block: the per-thread loop count times the program's warps
+    summary["warp_instructions_per_block"] = summary.get("loop_instructions", 0) * warps
+    return {"layout": repr(layout), "num_warps": warps} | summary
 
 
 def reduce_kernel(splits: int) -> dict:
@@ -141,7 +150,7 @@ def main() -> None:
     start = time.perf_counter()
     import triton
 
-    shape = f"{HEADS}/{Q_HEADS}/{DIM}, {SPLITS} splits, 4 warps"
+    shape = f"{HEADS}/{Q_HEADS}/{DIM}, {SPLITS} splits, 4 warps unless the case says otherwise"
     result: dict = {
         "triton": triton.__version__,
         "target": "sm_90",
@@ -153,7 +162,8 @@ def main() -> None:
         row = {"label": label, "codec": codec_name, "options": options, "launch": launch}
         row |= decode_kernel(codec_name, options, launch)
         result["decode"].append(row)
-        print(f"{label:55s} loop {row.get('loop_instructions', '-'):>5} instructions, "
+        print(f"{label:55s} loop {row.get('loop_instructions', '-'):>5} instructions "
+              f"({row['warp_instructions_per_block']} per block over {row['num_warps']} warps), "
               f"{row['registers']} registers, stack {row['stack_bytes']}, shared {row['shared_bytes']}  "
               + " ".join(f"{k}:{v}" for k, v in row["by_class"].items()), flush=True)  # fmt: skip
     for splits in (4, 32, 256):
