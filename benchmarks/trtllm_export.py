@@ -24,7 +24,7 @@ MODES = [  # (name, passes, tp sizes, write hf)
     ("W4A16 (int4 per channel)", [SYM4], (1,), False),
     ("W4A16_AWQ layout (int4 g64 sym)", [{"method": "gsq", "bits": 4, "group_size": 64}], (1, 3), True),
     ("W4A16_AWQ layout (int4 g128 sym, padded)", [{**SYM4, "group_size": 128}], (1,), False),
-    ("W4A16_GPTQ layout (int4 g64 asym)",
+    ("W4A16_AWQ + zero points (int4 g64 asym)",
      [{"method": "gsq", "bits": 4, "group_size": 64, "symmetric": False}], (1,), False),
     ("W4A16_MXFP4", [{"method": "mxfp4"}], (1,), False),
     ("NVFP4 weight-only (HF W4A16_NVFP4)", [{"method": "nvfp4"}], (), True),

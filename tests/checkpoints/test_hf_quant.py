@@ -68,6 +68,20 @@ def test_partial_group_refused_for_hf(tiny_model, tmp_path):
         write_hf_checkpoint(tiny_model.model, tiny_model.tokenizer, tmp_path / "hf")
 
 
+def test_asymmetric_int4_refused_for_hf(tiny_model, tmp_path):
+    """ModelOpt's HF W4A16_AWQ has no zero-point tensor: writing it would silently drop the zero points."""
+    recipe = Recipe.model_validate(
+        {
+            "passes": [
+                {"method": "gsq", "bits": 4, "group_size": 32, "symmetric": False, "exclude": ["lm_head"]}
+            ]
+        }
+    )
+    compress_model(tiny_model.model, tiny_model.tokenizer, recipe)
+    with pytest.raises(ExportError, match="zero points"):
+        write_hf_checkpoint(tiny_model.model, tiny_model.tokenizer, tmp_path / "hf")
+
+
 def test_rtn_int4_hf_layout(tiny_model, tmp_path):
     recipe = Recipe.model_validate(
         {"passes": [{"method": "gsq", "bits": 4, "group_size": 32, "exclude": ["lm_head"]}]}
@@ -146,3 +160,24 @@ def test_qwen2_biases_are_in_the_hf_checkpoint(tiny_qwen2_dir, tmp_path):
         stored = tensors[f"model.layers.1.self_attn.{name}.bias"].float()
         expected = getattr(loaded.model.model.layers[1].self_attn, name).bias.float()
         torch.testing.assert_close(stored, expected, atol=1e-3, rtol=1e-3)  # fp16
+
+
+def test_partial_nvfp4_block_refused_for_hf(tmp_path):
+    """72 inputs = 4.5 NVFP4 blocks: the HF layout's `weight_scale` is (out, in/16), which cannot hold it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trtcompress.compressed.formats import NVFP4
+    from trtcompress.compressed.linear import CompressedLinear, set_module
+    from trtcompress.compressed.state import CompressedLinearState, QuantizedWeight
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=72, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            q = QuantizedWeight.round_to_nearest(module.weight.detach(), NVFP4)
+            state = CompressedLinearState(module.out_features, module.in_features, q)
+            set_module(model.model.layers, name, CompressedLinear(state))
+    with pytest.raises(ExportError, match="partial last group"):
+        write_hf_checkpoint(model, None, tmp_path / "hf")

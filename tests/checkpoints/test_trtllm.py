@@ -18,7 +18,7 @@ from trtcompress.builders.compress import compress_model
 from trtcompress.checkpoints.trtllm import TrtllmOptions, kv_cache_scales, write_trtllm_checkpoint
 from trtcompress.checkpoints.trtllm_layout import ExportError, requantized_codes, unpack_int4_rows
 from trtcompress.compressed import fpgrid
-from trtcompress.compressed.formats import NVFP4
+from trtcompress.compressed.formats import NVFP4, IntFormat
 from trtcompress.compressed.linear import CompressedLinear, linear_state, set_module
 from trtcompress.compressed.state import ActQuantizer, CompressedLinearState, QuantizedWeight
 from trtcompress.recipe import Recipe
@@ -40,14 +40,14 @@ def _write(model, path, **options):
 
 
 def _dequant_awq(tensors, prefix, shape):
-    """(out, in) float weight of a W4A16_AWQ / GPTQ tensor group, padding trimmed."""
+    """(out, in) float weight of a W4A16_AWQ tensor group (with or without `zero`), padding trimmed."""
     signed = unpack_int4_rows(tensors[f"{prefix}.weight"]).float()
     scales = tensors[f"{prefix}.weights_scaling_factor"].float()
     group = signed.shape[1] // scales.shape[1]
     idx = torch.arange(signed.shape[1]) // group
     w = signed * scales[:, idx]
     if f"{prefix}.zero" in tensors:
-        w = w + tensors[f"{prefix}.zero"].float()[:, idx]
+        w = w + tensors[f"{prefix}.zero"].float().T[:, idx]  # stored (in/group, out), as TRT-LLM's layer
     return w[: shape[0], : shape[1]]
 
 
@@ -192,14 +192,55 @@ def test_partial_group_is_padded_like_trtllm(tiny_model, tmp_path):
     torch.testing.assert_close(_dequant_awq(one, "transformer.layers.0.mlp.fc", (160, 96)), state.weight())
 
 
-def test_asymmetric_groups_write_gptq_zero(tiny_model, tmp_path):
+def _trtllm_loaded_shapes(tensors, prefix, dtype=torch.float16):
+    """What TensorRT-LLM 1.2's `preprocess_perlayer_weights` (W4A16_AWQ branch) hands to the layer: int8
+    weights interleaved and viewed as `dtype` (in, out/4), scales transposed; `zero` untouched."""
+    w = tensors[f"{prefix}.weight"]
+    assert w.dtype == torch.int8
+    loaded = {"weight": ((w.shape[1], w.shape[0] // 2), dtype)}
+    s = tensors[f"{prefix}.weights_scaling_factor"]
+    loaded["weights_scaling_factor"] = (tuple(s.T.shape), dtype)
+    z = tensors[f"{prefix}.zero"]
+    loaded["zero"] = (tuple(z.shape), z.dtype)
+    return loaded
+
+
+def test_asymmetric_groups_write_awq_with_zero_point(tiny_model, tmp_path):
+    """A W4A16_GPTQ checkpoint must hold TensorRT-LLM-preprocessed (interleaved) weights, which its loader
+    never makes: asymmetric int4 is written as W4A16_AWQ + has_zero_point, `zero` in the layer's layout."""
     model = _compressed(tiny_model, bits=4, group_size=32, symmetric=False)
     config, (one,) = _write(model, tmp_path / "asym")
-    assert config["quantization"]["quant_algo"] == "W4A16_GPTQ"
+    assert config["quantization"]["quant_algo"] == "W4A16_AWQ"
     assert config["quantization"]["has_zero_point"] is True
     state = linear_state(model.model.layers[1].self_attn.o_proj)
     got = _dequant_awq(one, "transformer.layers.1.attention.dense", (96, 96))
-    torch.testing.assert_close(got, state.weight(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, state.weight(), rtol=0, atol=3e-5)  # zero rounded to fp16
+    # WeightOnlyGroupwiseQuantRowLinear(in=160 -> 192, out=96 -> 128, group 32): weight (in, out/4),
+    # weights_scaling_factor and zero (in/group, out), all in the model dtype
+    assert _trtllm_loaded_shapes(one, "transformer.layers.0.mlp.proj") == {
+        "weight": ((192, 32), torch.float16),
+        "weights_scaling_factor": ((6, 128), torch.float16),
+        "zero": ((6, 128), torch.float16),
+    }
+
+
+def test_zero_point_checkpoint_gives_symmetric_layers_zero(tiny_model, tmp_path):
+    """has_zero_point applies to every group-wise layer: a symmetric one in the same fused qkv gets zero 0."""
+    model = _compressed(tiny_model, bits=4, group_size=32, symmetric=False)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    weight = q_proj.state.weight()
+    sym = QuantizedWeight.round_to_nearest(weight, IntFormat(4, 32, True))
+    set_module(model, "model.layers.0.self_attn.q_proj", CompressedLinear(CompressedLinearState(96, 96, sym)))
+    config, (one,) = _write(model, tmp_path / "mixed")
+    assert config["quantization"]["has_zero_point"] is True
+    zero = one["transformer.layers.0.attention.qkv.zero"]
+    assert zero.shape == (128 // 32, 96 + 2 * 48) and torch.all(zero[:, :96] == 0)  # in 96 padded to 128
+    states = [
+        linear_state(getattr(model.model.layers[0].self_attn, n)).weight()
+        for n in ("q_proj", "k_proj", "v_proj")
+    ]
+    got = _dequant_awq(one, "transformer.layers.0.attention.qkv", (192, 96))
+    torch.testing.assert_close(got, torch.cat(states), rtol=0, atol=3e-5)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -123,6 +123,18 @@ def test_mxfp4_e8m0_scales_codes_and_bytes():
     assert CompressedLinearState(5, 64, quantized=q).format_name == "mxfp4"
 
 
+def test_mxfp4_shared_exponent_is_exact_just_below_a_power_of_two():
+    """floor(log2(amax)) must be exact: float32 log2 rounds amax = nextafter(2**k, 0) up to k."""
+    powers = torch.exp2(torch.arange(-20, 21, dtype=torch.float32))
+    amax = torch.nextafter(powers, torch.zeros(()))
+    w = amax[:, None].expand(-1, 32).contiguous()
+    q = QuantizedWeight.round_to_nearest(w, MXFP4)
+    expected = [math.frexp(float(a))[1] - 1 - 2 + 127 for a in amax]  # floor(log2 a) - emax + bias
+    assert q.scales[:, 0].tolist() == expected
+    # so the block's max lands on the grid's top binade (E2M1 4..6), not on 2..3
+    assert (q.codes() & 0x7).min() >= 6
+
+
 def test_per_channel_fp16_scales_round_trip_and_bytes():
     torch.manual_seed(4)
     w = torch.randn(16, 576)

@@ -38,13 +38,18 @@ OWN_PQS = ("self_attn.o_proj", "mlp.down_proj")
 
 def _linear_tensors(kind: str, parts, own_pqs: bool) -> dict[str, torch.Tensor]:
     codes, scales = parts.codes, parts.scales
+    in_f = codes.shape[1]
+    if kind != "FP8" and in_f % parts.group_size:  # AWQ groups and NVFP4 blocks alike (in/16 scales)
+        raise ExportError(
+            f"{in_f} input channels do not fill whole groups of {parts.group_size} (a partial last "
+            "group); the HF layout's loaders do not pad: use a group size that divides the width "
+            "(e.g. 64 for 576)"
+        )
     if kind == "W4A16_AWQ":
-        in_f = codes.shape[1]
-        if in_f % parts.group_size:
+        if parts.zeros is not None:  # ModelOpt's HF AWQ layout is symmetric: it has no zero-point tensor
             raise ExportError(
-                f"{in_f} input channels do not fill whole groups of {parts.group_size} (a partial last "
-                "group); the HF layout's loaders do not pad: use a group size that divides the width "
-                "(e.g. 64 for 576)"
+                "asymmetric int4 (zero points) has no ModelOpt HF layout (its W4A16_AWQ is symmetric): "
+                "use a symmetric int4 recipe, or --export trtllm / native"
             )
         out = {"weight": pack_int4_rows(codes.to(torch.int16) - 8).view(torch.uint8),
                "weight_scale": scales.float()}  # fmt: skip

@@ -19,6 +19,7 @@ The lm_head is always written dense (its dequantized weight when it was quantize
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,13 @@ def _collect(model: nn.Module) -> tuple[list[DecoderLinears], str | None, dict[s
                     pqs |= p.pre_quant_scale is not None
                     zeros |= p.zeros is not None
         layers.append(DecoderLinears(parts["attn"], parts["mlp"]))
+    if zeros:  # has_zero_point gives every group-wise layer a `zero`: symmetric ones get zero point 8 (= 0)
+        for layer_parts in layers:
+            for section in (layer_parts.attn, layer_parts.mlp):
+                for key, p in section.items():
+                    if p.kind in lay.GROUPWISE and p.zeros is None:
+                        full = torch.full(p.scales.shape, 8, dtype=torch.uint8)  # type: ignore[union-attr]
+                        section[key] = dataclasses.replace(p, zeros=full)
     quantized = sorted(k for k in kinds if k != "NO_QUANT")
     if len(quantized) > 1:
         raise ExportError(
@@ -173,8 +181,6 @@ def _unit_prequant(parts: LinearParts, needed: bool) -> LinearParts:
     """A layer without a pre-quant scale in a checkpoint that has them gets ones (exact)."""
     if not needed or parts.kind not in lay.GROUPWISE or parts.pre_quant_scale is not None:
         return parts
-    import dataclasses
-
     return dataclasses.replace(parts, pre_quant_scale=torch.ones(parts.shape[1], dtype=torch.float16))
 
 

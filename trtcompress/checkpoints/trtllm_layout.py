@@ -13,8 +13,11 @@ Layouts written per `kind` (= the checkpoint's `quant_algo` for that layer; shap
 - W4A16_AWQ: `weight` int8 (out/2, in): signed codes c - 8, output rows 2k / 2k+1 in the low / high
   nibble (ModelOpt); `weights_scaling_factor` fp32 (out, in/group); `prequant_scaling_factor` (in,)
   dtype when the config says `pre_quant_scale`.
-- W4A16_GPTQ: as W4A16_AWQ plus `zero` fp32 (out, in/group) = (8 - zero point) * scale, so
-  w = (c - 8) * s + zero.
+- W4A16_AWQ with `has_zero_point` (asymmetric codes): plus `zero` (in/group, out) dtype = (8 - zero
+  point) * scale, so w = (c - 8) * s + zero. Not W4A16_GPTQ: TensorRT-LLM's loader
+  (`preprocess_perlayer_weights`) interleaves and transposes only W4A16_AWQ / W4A8_AWQ tensors, while a
+  W4A16_GPTQ checkpoint must hold weights already run through its C++ `preprocess_weights_for_mixed_gemm`.
+  `zero` is not transposed at load, so it is written as the layer declares it.
 - FP8: `weight` float8_e4m3fn (out, in); `weights_scaling_factor`, `activation_scaling_factor` fp32 (1,).
 - NVFP4: `weight` uint8 (out, in/2) E2M1 pairs, element 2k in the low nibble; `weights_scaling_factor`
   float8_e4m3fn (out, in/16); `weights_scaling_factor_2`, `activation_scaling_factor` fp32 (1,).
@@ -22,7 +25,7 @@ Layouts written per `kind` (= the checkpoint's `quant_algo` for that layer; shap
 - TRTCOMPRESS_W4A4_FP4: the state's own tensors for `trtcompress::w4a4_fp4_gemm`: `qweight`, `scales`,
   `act_scale`, `act_shift`.
 
-Group-wise int4 (W4A16_AWQ / W4A16_GPTQ) is padded like TensorRT-LLM's WeightOnlyGroupwiseQuantLinear:
+Group-wise int4 (W4A16_AWQ) is padded like TensorRT-LLM's WeightOnlyGroupwiseQuantLinear:
 in and out features to a multiple of max(64, group) * tp_size (SmolLM2's 576 inputs with group 128
 become 640); padded weights are zero, padded scales 1, padded pre-quant scales 0.
 """
@@ -40,7 +43,7 @@ from trtcompress.compressed.formats import FpFormat, IntFormat
 from trtcompress.compressed.state import CompressedLinearState
 from trtcompress.errors import ArtifactError
 
-GROUPWISE = ("W4A16_AWQ", "W4A16_GPTQ")
+GROUPWISE = ("W4A16_AWQ",)
 PLUGIN_W4A4 = "TRTCOMPRESS_W4A4_FP4"  # not a TensorRT-LLM name: needs trtcompress::w4a4_fp4_gemm
 
 
@@ -128,10 +131,10 @@ def classify(state: CompressedLinearState, target: str = "trtllm") -> str:
             if fmt.bits in (4, 8):
                 return f"W{fmt.bits}A16"
         elif fmt.bits == 4:
-            return "W4A16_AWQ" if fmt.symmetric else "W4A16_GPTQ"
+            return "W4A16_AWQ"  # asymmetric too, with has_zero_point (see the module docstring)
         raise ExportError(
             f"{fmt.name}: TensorRT-LLM has int8/int4 per-channel (W8A16/W4A16) and int4 group-wise "
-            "(W4A16_AWQ/W4A16_GPTQ) weight-only modes; use one of those or --export native"
+            "(W4A16_AWQ) weight-only modes; use one of those or --export native"
         )
     assert isinstance(fmt, FpFormat)
     fp8_act = act is not None and (act.exp_bits, act.man_bits) == (4, 3) and act.shift is None
@@ -305,8 +308,8 @@ def emit(
             zero = None if zero is None else _pad(zero, (pad_to[0], groups))
         out["weight"] = pack_int4_rows(signed)
         out["weights_scaling_factor"] = scales
-        if zero is not None:
-            out["zero"] = zero
+        if zero is not None:  # the layer's (in/group, out) in the model dtype: the loader leaves it as is
+            out["zero"] = zero.T.contiguous().to(dtype)
         if parts.pre_quant_scale is not None:
             pqs = parts.pre_quant_scale.float()
             out["prequant_scaling_factor"] = (pqs if pad_to is None else _pad(pqs, (pad_to[1],))).to(dtype)

@@ -159,7 +159,9 @@ def e8m0_scales(
     """
     emax = math.floor(math.log2(max_value(exp_bits, man_bits)))
     amax = torch.where(valid, blocks.float().abs(), torch.zeros(())).amax(-1)
-    exponent = torch.floor(torch.log2(amax)) - emax
+    # floor(log2(amax)) exactly, from the float's exponent (amax = m * 2**e, m in [0.5, 1)): a float32
+    # log2 rounds amax just below a power of two up to it, doubling the block's scale.
+    exponent = torch.frexp(amax).exponent.float() - 1 - emax
     exponent = torch.where(amax > 0, exponent, torch.full_like(exponent, -E8M0_BIAS))
     return (exponent.clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS).to(torch.uint8)
 
