@@ -86,6 +86,20 @@ def test_requantizing_a_compressed_layer_uses_its_effective_weight(tiny_model):
     )
 
 
+def test_quantizing_a_pruned_layer_keeps_its_mask(tiny_model):
+    """magnitude 2:4 then gsq: the layer stays 2:4 (mask kept, stored and reported), not a dense INT4."""
+    from trtcompress.passes.magnitude import MagnitudeConfig
+
+    model = tiny_model.model
+    build_pass(MagnitudeConfig(pattern="2:4")).apply(model, PassContext())
+    masks = {n: m.state.mask.dense() for n, m in compressed_linears(model)}
+    build_pass(GSQConfig(bits=4, group_size=32)).apply(model, PassContext())
+    for name, module in compressed_linears(model):
+        state = module.state
+        assert state.format_name == "int4_g32_sym+sparse_2of4", name
+        assert torch.equal(state.mask.dense(), masks[name]) and "qvalues" in state.tensors()
+
+
 @pytest.mark.parametrize(
     ("name", "pattern", "expected"),
     [

@@ -53,6 +53,36 @@ def test_regional_optimization_lowers_each_layers_error_and_keeps_the_mask(tiny_
         )
 
 
+def test_regional_after_eora_stores_what_it_trained(tiny_model_dir):
+    """wanda + eora + regional: the trained weight is stored weight + A·B. Storing it whole next to the
+    factors counted A·B twice (layer 0 reported error 0.004, stored model 0.041)."""
+    from trtcompress.models import load_model
+    from trtcompress.passes.engine import _first_layer_inputs, _layer_output
+    from trtcompress.passes.eora import EoRAConfig, EoRAPass
+
+    calib = _calib(4, 32)
+    model = load_model(str(tiny_model_dir), log=lambda m: None).model
+    dense = copy.deepcopy(model)
+    regional = RegionalPass(RegionalConfig(steps=20, samples=4, lr=1e-3, optimizer="adam"))
+    passes = [
+        WandaPass(WandaConfig(pattern="2:4", dtype="float32")),
+        EoRAPass(EoRAConfig(rank=4, factor_dtype="float32")),
+        regional,
+    ]
+    run_sequential(model, passes, PassContext(calibration=calib))
+    first = regional.history[0]
+    assert first["after"] < first["before"]
+    with torch.no_grad():
+        hidden, kwargs = _first_layer_inputs(dense, calib)
+        reference = _layer_output(dense.model.layers[0](hidden, **kwargs))
+        stored = _layer_output(model.model.layers[0](hidden, **kwargs))
+    error = float((stored - reference).pow(2).mean() / reference.pow(2).mean())
+    assert error == pytest.approx(first["after"], rel=0.05)
+    for _, module in compressed_linears(model):
+        state = module.state
+        assert state.rank == 4 and bool((state.stored_weight()[~state.mask.dense()] == 0).all())
+
+
 def test_kd_lowers_the_kl_to_the_teacher_and_keeps_adapters_as_factors(tiny_model):
     model = _amplify(tiny_model.model)
     teacher = copy.deepcopy(model)

@@ -120,3 +120,31 @@ def test_magnitude_pass_keeps_the_largest_weights():
         MagnitudePass(MagnitudeConfig(pattern="4:8")).compress_linear(
             "y", CompressedLinearState(2, 12, dense_weight=torch.randn(2, 12))
         )
+
+
+def test_pruning_a_quantized_layer_is_refused(tiny_model):
+    """gsq then magnitude used to turn every INT4 layer back into a float16 pruned one, silently."""
+    from trtcompress.errors import CompressionError
+    from trtcompress.passes import PassContext, build_pass
+    from trtcompress.passes.gsq import GSQConfig
+
+    model = tiny_model.model
+    build_pass(GSQConfig(bits=4, group_size=32)).apply(model, PassContext())
+    with pytest.raises(
+        CompressionError, match=r"already compressed \(int4_g32_sym\).*put the pruning pass first"
+    ):
+        MagnitudePass(MagnitudeConfig(pattern="2:4")).apply(model, PassContext())
+
+
+def test_a_pass_that_would_drop_a_mask_is_refused(tiny_model):
+    """nvfp4 has no sparse form: after 2:4 pruning it would have stored the layer dense, mask gone."""
+    from trtcompress.errors import CompressionError
+    from trtcompress.passes import PassContext, build_pass
+    from trtcompress.passes.fp4 import NVFP4Config
+
+    model = tiny_model.model
+    MagnitudePass(MagnitudeConfig(pattern="2:4")).apply(model, PassContext())
+    with pytest.raises(
+        CompressionError, match=r"is pruned \(2:4\) and this pass would drop its sparsity mask"
+    ):
+        build_pass(NVFP4Config()).apply(model, PassContext())

@@ -72,6 +72,19 @@ def test_dead_inputs_do_not_break_sparsegpt():
     assert torch.isfinite(result.weight).all() and not bool(result.keep[:, 5].any())
 
 
+def test_unstructured_sparsegpt_prunes_each_stacked_layer_to_the_target(tiny_model):
+    """q/k/v share a Hessian and are pruned stacked; with unstructured sparsity each layer must still lose
+    its own 50%, not a k_proj of smaller weights most of its weights (84% here) and q_proj a third."""
+    model = tiny_model.model
+    for layer in model.model.layers:
+        layer.self_attn.k_proj.weight.data *= 0.2
+    run_sequential(
+        model, [SparseGPTPass(SparseGPTConfig(pattern="unstructured"))], PassContext(calibration=_calib())
+    )
+    for name, module in compressed_linears(model):
+        assert module.state.mask.density() == pytest.approx(0.5, abs=0.01), name
+
+
 def _calib(n=4, t=32):
     return torch.randint(1, 512, (n, t), generator=torch.Generator().manual_seed(0))
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from trtcompress.errors import CompressionError
 from trtcompress.passes.base import PassContext
 from trtcompress.passes.engine import run_sequential
 from trtcompress.passes.structured import StructuredConfig, StructuredPass, kept_ffn_width, refit_columns
@@ -144,3 +145,19 @@ def test_removing_channels_that_contribute_nothing_keeps_the_function(tiny_model
     with torch.no_grad():
         after = model(input_ids=calib).logits
     assert torch.allclose(after, before, atol=1e-4 if compensate else 1e-6)
+
+
+def test_structured_pruning_refuses_a_down_proj_quantized_by_an_earlier_pass(tiny_model):
+    """gsq on down_proj only, then structured: the refit used to replace the INT4 down_proj by a float
+    one, silently. An o_proj it leaves alone (head_ratio 0) may stay quantized."""
+    from trtcompress.passes import build_pass
+    from trtcompress.passes.gsq import GSQConfig
+
+    model = tiny_model.model
+    build_pass(GSQConfig(bits=4, group_size=32, targets=["o_proj"])).apply(model, PassContext())
+    context = PassContext(calibration=_calib())
+    run_sequential(model, [StructuredPass(StructuredConfig(ffn_ratio=0.25, round_to=8))], context)
+    assert model.model.layers[0].self_attn.o_proj.format_name == "int4_g32_sym"
+    build_pass(GSQConfig(bits=4, group_size=32, targets=["down_proj"])).apply(model, PassContext())
+    with pytest.raises(CompressionError, match=r"down_proj is already compressed \(int4_g32_sym\)"):
+        run_sequential(model, [StructuredPass(StructuredConfig(ffn_ratio=0.25, round_to=8))], context)

@@ -65,6 +65,16 @@ class Pass(ABC):
     def apply(self, model: nn.Module, context: PassContext) -> None: ...
 
 
+def check_keeps_mask(name: str, old: CompressedLinearState | None, new: CompressedLinearState) -> None:
+    """Refuse a pass that would silently drop a pruned layer's sparsity mask: its zeros would be
+    densified or no longer recorded (no N:M guarantee for exporters, sparsity no longer reported)."""
+    if old is not None and old.mask is not None and new.mask is None:
+        raise CompressionError(
+            f"{name} is pruned ({old.mask.pattern}) and this pass would drop its sparsity mask; prune after "
+            "it, or prune and quantize in one pass (sparsegpt with `bits`; gptq and gsq keep masks)"
+        )
+
+
 class LinearPass(Pass):
     """A data-free pass applied to every selected linear layer independently."""
 
@@ -86,7 +96,9 @@ class LinearPass(Pass):
                 raise CompressionError(
                     f"layer {name} has non-finite weights (NaN or inf); refusing to compress it"
                 )
-            set_module(model, name, CompressedLinear(self.compress_linear(name, state)))
+            new = self.compress_linear(name, state)
+            check_keeps_mask(name, state, new)
+            set_module(model, name, CompressedLinear(new))
             if task is not None:
                 context.progress.advance(task)  # type: ignore[union-attr]
 

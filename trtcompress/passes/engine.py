@@ -23,7 +23,7 @@ from trtcompress.compressed.linear import CompressedLinear, set_module
 from trtcompress.compressed.state import CompressedLinearState
 from trtcompress.errors import CalibrationError, CompressionError
 from trtcompress.models.layout import LLAMA_GROUPS, LinearGroup, decoder_layers, layer_prefix
-from trtcompress.passes.base import Pass, PassContext
+from trtcompress.passes.base import Pass, PassContext, check_keeps_mask
 from trtcompress.passes.targets import matches_any, select_linears
 
 # Statistics a pass can ask for (its `needs`).
@@ -120,8 +120,14 @@ class GroupHandle:
         name = self.prefix + self.group.producer
         return self.linears[name].out_features if name in self.linears else None
 
+    def current_state(self, name: str) -> CompressedLinearState | None:
+        """`name`'s compressed state so far: from this sweep, else from an earlier one (None: float)."""
+        state = self.states.get(name)
+        return state if state is not None else self.previous.get(name)
+
     def set_state(self, name: str, state: CompressedLinearState) -> None:
         """Record `name`'s compressed state; the rest of this forward uses its effective weight."""
+        check_keeps_mask(name, self.current_state(name), state)
         linear = self.linears[name]
         linear.weight.data = state.weight(linear.weight.dtype)
         if state.bias is not None and linear.bias is not None:

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 
 from trtcompress.compressed import intgrid
 from trtcompress.compressed.formats import IntFormat
+from trtcompress.compressed.sparsity import SparsityMask
 from trtcompress.compressed.state import CompressedLinearState, QuantizedWeight
 from trtcompress.errors import CompressionError
 from trtcompress.passes.base import PassConfig, PassContext, register_pass
@@ -112,10 +113,13 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     clip_shrink: float = 0.0,
+    keep: torch.Tensor | None = None,
 ) -> GPTQResult:
-    """GPTQ on one (out, in) weight (or several stacked along `out`: rows are independent given H)."""
+    """GPTQ on one (out, in) weight (or several stacked along `out`: rows are independent given H).
+    `keep` (bool, (out, in)): a pruned weight's mask; pruned weights stay exactly zero and their error
+    is fed back like a quantization error (as SparseGPT with a fixed mask)."""
     with single_threaded():
-        return _gptq(weight, hessian, fmt, act_order, block_size, damp, clip_shrink)
+        return _gptq(weight, hessian, fmt, act_order, block_size, damp, clip_shrink, keep)
 
 
 def _gptq(
@@ -126,6 +130,7 @@ def _gptq(
     block_size: int,
     damp: float,
     clip_shrink: float,
+    keep: torch.Tensor | None,
 ) -> GPTQResult:
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
@@ -142,9 +147,12 @@ def _gptq(
     hdiag = h.diagonal().clone()
     static = act_order  # act-order always uses static groups (group-contiguous layout)
     if static:
+        kept = w if keep is None else w.masked_fill(~keep, 0)  # the scales cover the kept weights only
         for group in range(n_groups):
             cols = slice(group * g, min((group + 1) * g, in_f))
-            scales[:, group], zeros[:, group] = search_group_scale(w[:, cols], hdiag[cols], fmt, clip_shrink)
+            scales[:, group], zeros[:, group] = search_group_scale(
+                kept[:, cols], hdiag[cols], fmt, clip_shrink
+            )
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_f)
     w = w[:, perm]
     h = h[perm][:, perm]
@@ -161,6 +169,8 @@ def _gptq(
             if not static and col % g == 0:  # first column of a group: fix its scale from current weights
                 width = min(g, in_f - col)
                 ahead = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :width]
+                if keep is not None:
+                    ahead = ahead.masked_fill(~keep[:, col : col + width], 0)
                 scales[:, group], zeros[:, group] = search_group_scale(
                     ahead, hdiag[col : col + width], fmt, clip_shrink
                 )
@@ -168,7 +178,10 @@ def _gptq(
             column = w1[:, i]
             q = intgrid.quantize_to_codes(column, scale, zero, fmt.bits)
             codes[:, col] = q
-            err = (column - intgrid.dequantize_codes(q, scale, zero)) / hinv1[i, i]
+            deq = intgrid.dequantize_codes(q, scale, zero)
+            if keep is not None:  # pruned stays pruned (the state's mask zeroes these codes)
+                deq = deq.masked_fill(~keep[:, col], 0)
+            err = (column - deq) / hinv1[i, i]
             w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
@@ -222,9 +235,17 @@ class GPTQPass(CalibratedPass):
         # Linears of a group share their input, hence H: quantize them stacked in one sweep.
         weights = [group.weight(n) for n in names]
         cfg = self.config
+        # Pruned layers (an earlier pass) keep their mask: quantizing must not fill their zeros back in.
+        masks = {n: s.mask for n in names if (s := group.current_state(n)) is not None and s.mask is not None}
+        keep = None
+        if masks:
+            keep = torch.cat([
+                masks[n].dense() if n in masks else torch.ones_like(w, dtype=torch.bool)
+                for n, w in zip(names, weights, strict=True)
+            ])  # fmt: skip
         result = gptq_quantize(
             torch.cat(weights), stats.hessian, cfg.format, act_order=cfg.act_order,
-            block_size=cfg.block_size, damp=cfg.damp, clip_shrink=cfg.clip_shrink,
+            block_size=cfg.block_size, damp=cfg.damp, clip_shrink=cfg.clip_shrink, keep=keep,
         )  # fmt: skip
         if result.retries:
             context.log(
@@ -236,34 +257,46 @@ class GPTQPass(CalibratedPass):
             rows = slice(row, row + w.shape[0])
             row += w.shape[0]
             bias = group.members[name].bias
-            state = self._state(name, result, rows, bias)
+            mask = masks.get(name)
+            state = self._state(name, result, rows, bias, mask)
             group.set_state(name, state)
-            group.recompress[name] = functools.partial(self._recompress, name, stats.hessian, bias)
+            group.recompress[name] = functools.partial(self._recompress, name, stats.hessian, bias, mask)
 
     def _state(
-        self, name: str, result: GPTQResult, rows: slice, bias: torch.Tensor | None
+        self,
+        name: str,
+        result: GPTQResult,
+        rows: slice,
+        bias: torch.Tensor | None,
+        mask: SparsityMask | None = None,
     ) -> CompressedLinearState:
         fmt = self.config.format
         zeros = None if result.zeros is None else result.zeros[rows]
         quantized = QuantizedWeight.from_codes(result.codes[rows], result.scales[rows], zeros, fmt)
         out_f, in_f = result.codes[rows].shape
         state = CompressedLinearState(
-            out_f, in_f, quantized=quantized, bias=None if bias is None else bias.detach().clone()
+            out_f, in_f, quantized=quantized, bias=None if bias is None else bias.detach().clone(), mask=mask
         )
         if not torch.isfinite(state.weight()).all():
             raise CompressionError(f"gptq produced non-finite weights for {name}")
         return state
 
     def _recompress(
-        self, name: str, hessian: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor
+        self,
+        name: str,
+        hessian: torch.Tensor,
+        bias: torch.Tensor | None,
+        mask: SparsityMask | None,
+        target: torch.Tensor,
     ) -> CompressedLinearState:
         """GPTQ of another target weight for `name` on the same Hessian (EoRA's alternation)."""
         cfg = self.config
         result = gptq_quantize(
             target, hessian, cfg.format, act_order=cfg.act_order,
             block_size=cfg.block_size, damp=cfg.damp, clip_shrink=cfg.clip_shrink,
+            keep=None if mask is None else mask.dense(),
         )  # fmt: skip
-        return self._state(name, result, slice(0, target.shape[0]), bias)
+        return self._state(name, result, slice(0, target.shape[0]), bias, mask)
 
 
 __all__ = ["GPTQConfig", "GPTQPass", "gptq_quantize", "inverse_hessian_cholesky"]

@@ -46,6 +46,7 @@ class GSQPass(LinearPass):
 
     def compress_linear(self, name: str, state: CompressedLinearState) -> CompressedLinearState:
         quantized = QuantizedWeight.round_to_nearest(state.weight(), self.config.format)
+        # A pruned layer stays pruned (its zeros round to zero; the mask keeps them exact and stored).
         return CompressedLinearState(
-            state.out_features, state.in_features, quantized=quantized, bias=state.bias
+            state.out_features, state.in_features, quantized=quantized, bias=state.bias, mask=state.mask
         )

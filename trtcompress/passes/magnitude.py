@@ -8,7 +8,7 @@ from typing import Literal
 from trtcompress.compressed.sparsity import make_mask
 from trtcompress.compressed.state import CompressedLinearState
 from trtcompress.passes.base import LinearPass, register_pass
-from trtcompress.passes.pruning import PruneConfig, check_divisible, pruned_state
+from trtcompress.passes.pruning import PruneConfig, check_divisible, check_prunable, pruned_state
 
 
 class MagnitudeConfig(PruneConfig):
@@ -21,6 +21,7 @@ class MagnitudePass(LinearPass):
     config: MagnitudeConfig
 
     def compress_linear(self, name: str, state: CompressedLinearState) -> CompressedLinearState:
+        check_prunable(name, state)
         check_divisible(name, state.in_features, self.config)
         weight = state.weight()
         keep = make_mask(weight.abs(), self.config.pattern, self.config.target_sparsity)

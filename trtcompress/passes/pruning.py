@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from trtcompress.compressed.sparsity import SparsityMask, parse_nm
 from trtcompress.compressed.state import CompressedLinearState
+from trtcompress.errors import CompressionError
 from trtcompress.passes.base import PassConfig
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -71,6 +72,22 @@ def check_divisible(name: str, in_features: int, config: PruneConfig) -> None:
             f"{name}: {config.pattern} sparsity needs in_features divisible by {nm[1]}, got {in_features}; "
             f"exclude it or use pattern: unstructured"
         )
+
+
+def check_prunable(name: str, state: CompressedLinearState | None) -> None:
+    """Refuse to prune a layer an earlier pass quantized or corrected: the pruned result is a plain
+    dense weight, so its codes, low-rank factors or activation quantizer would be silently lost."""
+    if state is None or (
+        state.quantized is None
+        and state.lowrank_a is None
+        and state.act_quant is None
+        and state.pre_quant_scale is None
+    ):
+        return
+    raise CompressionError(
+        f"{name} is already compressed ({state.format_name}); pruning it would drop that: put the pruning "
+        "pass first (gptq / gsq after it keep its mask), or use sparsegpt with `bits`"
+    )
 
 
 def pruned_state(

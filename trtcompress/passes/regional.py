@@ -79,6 +79,9 @@ class RegionalPass(CalibratedPass):
         batches = [slice(i, min(i + cfg.batch_size, n)) for i in range(0, n, cfg.batch_size)]
         params = {name: sweep.linears[name].weight for name in masks}
         saved = {name: p.detach().clone() for name, p in params.items()}
+        # A linear's weight here is the state's effective one, stored weight + low-rank factors (EoRA
+        # earlier in the sweep): the mask holds the stored weight at zero, i.e. this one at A·B.
+        pinned = {name: sweep.states[name].lowrank_delta(p.dtype) for name, p in params.items()}
         before = sum(float(self._loss(sweep, b)) * (b.stop - b.start) for b in batches) / n
         frozen = [p for p in sweep.layer.parameters() if p.requires_grad]  # norms: not trained here
         for p in frozen:
@@ -97,7 +100,7 @@ class RegionalPass(CalibratedPass):
                     optimizer.step()
                     with torch.no_grad():  # the optimizer's own terms must not move pruned weights either
                         for name, p in params.items():
-                            p.masked_fill_(~masks[name], 0)
+                            p.copy_(torch.where(masks[name], p, pinned[name]))
         finally:
             for p in params.values():
                 p.requires_grad_(False)
@@ -111,7 +114,7 @@ class RegionalPass(CalibratedPass):
                 p.data.copy_(saved[name])
                 continue
             state = sweep.states[name]
-            dense = p.detach().to(state.dense_weight.dtype)  # type: ignore[union-attr]
+            dense = (p.detach() - pinned[name]).to(state.dense_weight.dtype)  # type: ignore[union-attr]
             sweep.set_state(name, dataclasses.replace(state, dense_weight=dense))
         seconds = time.perf_counter() - start
         self.history.append({"layer": sweep.index, "before": before, "after": after, "seconds": seconds})

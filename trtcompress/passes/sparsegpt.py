@@ -30,7 +30,7 @@ from trtcompress.passes.base import PassContext, register_pass
 from trtcompress.passes.engine import HESSIAN, CalibratedPass, GroupHandle, GroupStats
 from trtcompress.passes.gptq import inverse_hessian_cholesky, search_group_scale, single_threaded
 from trtcompress.passes.gsq import SUPPORTED_GROUP_SIZES
-from trtcompress.passes.pruning import PruneConfig, check_divisible, pruned_state
+from trtcompress.passes.pruning import PruneConfig, check_divisible, check_prunable, pruned_state
 
 
 @dataclass
@@ -71,10 +71,15 @@ def sparsegpt_prune(
     block_size: int = 128,
     damp: float = 0.01,
     clip_shrink: float = 0.0,
+    row_splits: list[int] | None = None,
 ) -> SparseGPTResult:
-    """SparseGPT on one (out, in) weight (or several stacked along `out`, sharing the input Hessian)."""
+    """SparseGPT on one (out, in) weight (or several stacked along `out`, sharing the input Hessian;
+    `row_splits` gives their row counts, so unstructured sparsity is met by each, not only overall)."""
+    splits = row_splits or [int(weight.shape[0])]
+    if sum(splits) != weight.shape[0]:
+        raise ValueError(f"row_splits {splits} do not add up to the weight's {weight.shape[0]} rows")
     with single_threaded():
-        return _sparsegpt(weight, hessian, pattern, sparsity, fmt, block_size, damp, clip_shrink)
+        return _sparsegpt(weight, hessian, pattern, sparsity, fmt, block_size, damp, clip_shrink, splits)
 
 
 def _sparsegpt(
@@ -86,6 +91,7 @@ def _sparsegpt(
     block_size: int,
     damp: float,
     clip_shrink: float,
+    row_splits: list[int],
 ) -> SparseGPTResult:
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
@@ -127,7 +133,11 @@ def _sparsegpt(
         d1 = hinv1.diagonal()
         pruned = torch.zeros_like(w1, dtype=torch.bool)
         if nm is None:  # unstructured: the block's lowest OBS saliencies, chosen once per block
-            pruned = _prune_lowest(w1.pow(2) / d1.pow(2)[None, :], round(w1.numel() * sparsity))
+            saliency = w1.pow(2) / d1.pow(2)[None, :]
+            # per stacked layer: over q/k/v together, a layer of smaller weights would lose most of its own
+            pruned = torch.cat([
+                _prune_lowest(part, round(part.numel() * sparsity)) for part in saliency.split(row_splits)
+            ])  # fmt: skip
         for i in range(count):
             col = i1 + i
             if fmt and col % g == 0:
@@ -213,10 +223,12 @@ class SparseGPTPass(CalibratedPass):
         cfg = self.config
         weights = [group.weight(n) for n in names]
         for name, w in zip(names, weights, strict=True):
+            check_prunable(name, group.current_state(name))
             check_divisible(name, w.shape[1], cfg)
         result = sparsegpt_prune(
             torch.cat(weights), stats.hessian, cfg.pattern, cfg.target_sparsity, fmt=cfg.format,
             block_size=cfg.block_size, damp=cfg.damp, clip_shrink=cfg.clip_shrink,
+            row_splits=[w.shape[0] for w in weights],
         )  # fmt: skip
         if result.retries:
             context.log(

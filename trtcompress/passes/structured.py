@@ -124,6 +124,8 @@ class StructuredPass(CalibratedPass):
             plan.q_keep, plan.kv_keep = self._choose_heads(importance, attn)
             head_dim = attn.head_dim
             keep = (plan.q_keep[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
+        # the refit below is a float weight: an earlier pass's codes / mask / factors would be lost
+        _check_uncompressed(name, group.current_state(name))
         new = torch.zeros_like(weight)
         if self.config.compensate:
             new[:, keep] = refit_columns(weight, stats.hessian, keep, self.config.damp)
@@ -209,6 +211,20 @@ class StructuredPass(CalibratedPass):
         )
 
 
+def _check_uncompressed(name: str, state: CompressedLinearState | None) -> None:
+    if state is not None and (
+        state.quantized is not None
+        or state.mask is not None
+        or state.lowrank_a is not None
+        or state.act_quant is not None
+        or state.pre_quant_scale is not None
+    ):
+        raise CompressionError(
+            f"{name} is already compressed ({state.format_name}); put structured pruning before "
+            "quantization or unstructured pruning in the recipe"
+        )
+
+
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
 
@@ -220,11 +236,7 @@ def _slice(
     module = model.get_submodule(name)
     if isinstance(module, CompressedLinear):
         state = module.state
-        if state.quantized is not None or state.mask is not None or state.lowrank_a is not None:
-            raise CompressionError(
-                f"{name} is already compressed ({state.format_name}); put structured pruning before "
-                "quantization or unstructured pruning in the recipe"
-            )
+        _check_uncompressed(name, state)
         weight, bias = state.weight(), state.bias
     else:
         weight, bias = module.weight.detach(), module.bias

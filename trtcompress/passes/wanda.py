@@ -23,7 +23,7 @@ from pydantic import Field
 from trtcompress.compressed.sparsity import make_mask
 from trtcompress.passes.base import PassContext, register_pass
 from trtcompress.passes.engine import SQ_NORMS, CalibratedPass, GroupHandle, GroupStats, LayerSweep
-from trtcompress.passes.pruning import PruneConfig, check_divisible, pruned_state
+from trtcompress.passes.pruning import PruneConfig, check_divisible, check_prunable, pruned_state
 from trtcompress.passes.targets import matches_any
 
 # The paper's α multiplies ||X_j||₂ taken over 128 x 2,048 tokens; here ||X_j||₂ is normalised to this
@@ -99,6 +99,7 @@ class WandaPass(CalibratedPass):
         assert stats.sq_norms is not None
         sq_norms = stats.sq_norms * (REFERENCE_TOKENS / stats.tokens)
         for name in names:
+            check_prunable(name, group.current_state(name))
             weight = group.weight(name)
             check_divisible(name, weight.shape[1], self.config)
             scores = wanda_scores(weight, sq_norms, self._gradients.get(name), self.config.gradient_scale)
