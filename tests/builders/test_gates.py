@@ -42,3 +42,52 @@ def test_gate_serialises_as_its_string():
     gate = Gate.model_validate("ppl_ratio<=1.5")
     assert gate.model_dump() == "ppl_ratio <= 1.5"
     assert Gate.model_validate({"metric": "ppl", "op": ">", "value": 2}).metric == "ppl"
+
+
+@pytest.mark.parametrize(
+    "gate",
+    [
+        "ppl_ratio <= 1e999",  # inf: a gate that can never fail
+        {"metric": "ppl_ratio", "op": "<=", "value": float("nan")},  # YAML `.nan`: can never pass
+        {"metric": "ppl_ratio", "op": ">=", "value": "-inf"},
+        {"metric": "gsm8k_top1", "op": ">=", "value": True},  # not the threshold 1.0
+    ],
+)
+def test_gate_thresholds_must_be_finite_numbers(gate):
+    with pytest.raises(ValueError, match=r"finite number|must be a number"):
+        Gate.model_validate(gate)
+
+
+def test_nan_metric_fails_with_a_reason():
+    [result] = check_gates([Gate.model_validate("ppl_ratio <= 1.05")], _report(ppl_ratio=float("nan")))
+    assert not result.passed and "NaN" in result.reason
+
+
+@pytest.mark.parametrize(
+    "text", ["weight_bytes <= 70123456", "gsm8k_kl <= 1.234567e-07", "ppl_ratio <= 1.05"]
+)
+def test_gate_string_keeps_its_threshold(text):
+    """The string is how a gate is stored (manifest, YAML) and re-read (`--gate` appends to the recipe's
+    gates through it): it must parse back to the same threshold, not a 6-digit rounding of it."""
+    from trtcompress.recipe import load_recipe, with_overrides
+
+    gate = Gate.model_validate(text)
+    assert Gate.model_validate(str(gate)).value == gate.value
+    recipe = with_overrides(load_recipe("int8-rtn"), [("gates", [text])])
+    appended = with_overrides(recipe, [("gates", [*(str(g) for g in recipe.gates), "ppl_ratio <= 2"])])
+    assert appended.gates[0].value == gate.value
+
+
+def test_gate_table_shows_the_measured_value_that_got_the_verdict():
+    """ppl_ratio 1.05004 fails `<= 1.05`: the table must not show it as "1.05" (4 digits), nor a byte
+    count as 7.012e+07."""
+    from rich.console import Console
+
+    from trtcompress.eval.report import gates_table
+
+    report = _report(ppl_ratio=1.05004, gsm8k_top1=0.912345, weight_bytes=70123480)
+    gates = ["ppl_ratio <= 1.05", "gsm8k_top1 >= 0.9", "weight_bytes <= 70123456"]
+    console = Console(width=200, record=True)
+    console.print(gates_table(check_gates([Gate.model_validate(g) for g in gates], report)))
+    text = console.export_text()
+    assert "1.05004" in text and "0.9123 " in text and "70123480" in text

@@ -99,3 +99,24 @@ def test_answers_get_no_special_tokens_and_windows_stay_in_the_trained_range(tin
     positions = tiny_model.model.config.max_position_embeddings
     with pytest.raises(RecipeError, match="exceeds the model's"):
         metrics.perplexity(tiny_model.model, list(range(2 * positions + 2)), positions + 1)
+
+
+def test_perplexity_past_float_range_is_inf_not_a_crash(tiny_model, tmp_path):
+    """A broken model (huge, finite logits) has a mean NLL past ~709.8 nats, where math.exp overflows:
+    its perplexity is inf (which fails a ppl gate) and the report still plots, instead of an
+    OverflowError aborting the build before the gates run."""
+    from trtcompress.eval.harness import EvalReport
+    from trtcompress.eval.report import plot_report
+
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1e4)
+    result = metrics.perplexity(model, TokenStream(tok).window(256), 128)
+    assert result.ppl == math.inf and min(result.window_nll) > 710
+    report = EvalReport(
+        model="m", recipe="r", ppl=result.ppl, ppl_ref=20.0, ppl_ratio=result.ppl / 20.0, weight_bytes=1,
+        bits_per_param=4.0, eval_seconds=1.0, protocol={},
+        details={"ppl_window_nll": result.window_nll, "ppl_window_nll_ref": [3.0, 3.0]},
+    )  # fmt: skip
+    plot_report(report, tmp_path / "eval.png")
+    assert (tmp_path / "eval.png").stat().st_size > 1000

@@ -75,3 +75,20 @@ def test_cli_eval_kv(tiny_model_dir) -> None:
     assert report["protocol"]["kv_cache"]["codec"] == "kivi-4bit"
     bad = run_cli("eval", str(tiny_model_dir), "--kv", "gear-3bit", *TINY_EVAL_FLAGS)
     assert bad.returncode == 2 and "unknown KV codec 'gear-3bit'" in bad.stderr
+
+
+def test_kv_perplexity_past_float_range_is_inf_not_a_crash(tiny_model_dir) -> None:
+    """A model broken enough that its mean NLL passes ~709.8 nats gets ppl inf, which fails its gates,
+    instead of an OverflowError that stopped `eval --kv` before any gate ran."""
+    import torch
+
+    from trtcompress.kv import get_codec
+    from trtcompress.kv.evaluate import kv_perplexity
+    from trtcompress.models import load_model
+
+    model = load_model(str(tiny_model_dir), log=lambda m: None).model  # a copy of its own: scaled below
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e5)
+    ids = list(range(3, 3 + 64))
+    out = kv_perplexity(model, ids, context=32, codec=get_codec("fp16"), block_size=16)
+    assert out.result.ppl == float("inf")

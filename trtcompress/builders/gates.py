@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import math
 import operator
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from trtcompress.eval.harness import GATE_METRICS, EvalReport
 
@@ -22,7 +23,8 @@ class Gate(BaseModel):
 
     metric: str
     op: Literal["<=", "<", ">=", ">"]
-    value: float
+    # Finite only: a NaN threshold can never pass, an infinite one (`<= 1e999`) can never fail.
+    value: float = Field(allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -33,6 +35,13 @@ class Gate(BaseModel):
                 raise ValueError(f"gate {data!r} is not of the form 'metric <= value' (ops: <=, <, >=, >)")
             return {"metric": match[1], "op": match[2], "value": float(match[3])}
         return data
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _not_a_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # YAML `value: yes` would otherwise become the threshold 1.0
+            raise ValueError(f"gate value must be a number, not {v!r}")
+        return v
 
     @field_validator("metric")
     @classmethod
@@ -48,7 +57,11 @@ class Gate(BaseModel):
         return str(self)
 
     def __str__(self) -> str:
-        return f"{self.metric} {self.op} {self.value:g}"
+        # repr: the shortest text that parses back to the same float. `:g` kept 6 digits, so a gate
+        # re-read from its string (manifest, `--gate` appending to a recipe's gates) moved its
+        # threshold: `weight_bytes <= 70123456` became 70123500.
+        value = repr(self.value)
+        return f"{self.metric} {self.op} {value.removesuffix('.0')}"
 
 
 class GateResult(BaseModel):
@@ -75,6 +88,11 @@ def check_gates(gates: list[Gate], report: EvalReport) -> list[GateResult]:
                 )
             )
             continue
-        passed = OPS[gate.op](float(value), gate.value)
-        results.append(GateResult(gate=str(gate), metric=gate.metric, value=float(value), passed=passed))
+        value = float(value)
+        # NaN compares false with everything, so it already fails; say why rather than leave it blank.
+        reason = "metric is NaN (the model's outputs overflowed or are broken)" if math.isnan(value) else ""
+        passed = OPS[gate.op](value, gate.value)
+        results.append(
+            GateResult(gate=str(gate), metric=gate.metric, value=value, passed=passed, reason=reason)
+        )
     return results

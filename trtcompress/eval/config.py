@@ -20,7 +20,9 @@ class EvalConfig(BaseModel):
         16, ge=0, description="reasoning-gym gsm_symbolic problems (second set)"
     )
     gsm_symbolic_seed: int = Field(42, description="seed of the gsm_symbolic generator")
-    gsm8k_generate: int = Field(0, ge=0, description="problems for greedy 8-shot exact match (slow; 0 = off)")
+    gsm8k_generate: int = Field(
+        0, ge=0, le=1319, description="problems for greedy 8-shot exact match (slow; 0 = off)"
+    )  # le: past the 1,319 test problems the score would silently cover fewer than asked
     max_new_tokens: int = Field(256, ge=1, description="generation budget for exact match")
     batch_size: int = Field(4, ge=1, description="problems per forward pass")
 

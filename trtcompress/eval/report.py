@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from trtcompress.eval.harness import EvalReport
+from trtcompress.eval.metrics import exp_nll
 
 # (label, key, reference key, format)
 ROWS: tuple[tuple[str, str, str | None, str], ...] = (
@@ -52,13 +52,30 @@ def report_table(report: EvalReport) -> Table:
     return table
 
 
+def _measured(result: Any) -> str:
+    """The measured value with 4 significant digits, or as many more as it takes for the shown number to
+    get the gate's verdict (ppl_ratio 1.05004 failing `<= 1.05` must not read "1.05")."""
+    if result.value is None:
+        return "-"
+    if float(result.value).is_integer() and abs(result.value) < 2**53:  # byte counts: every digit
+        return str(int(result.value))
+    from trtcompress.builders.gates import OPS, Gate
+
+    gate = Gate.model_validate(result.gate)
+    for digits in range(4, 17):
+        text = f"{result.value:.{digits}g}"
+        if OPS[gate.op](float(text), gate.value) == result.passed:
+            return text
+    return repr(result.value)
+
+
 def gates_table(gates: Sequence[Any]) -> Table:
     table = Table(title="gates", title_justify="left")
     table.add_column("gate")
     table.add_column("measured", justify="right")
     table.add_column("result")
     for g in gates:
-        measured = "-" if g.value is None else f"{g.value:.4g}"
+        measured = _measured(g)
         verdict = "[green]pass[/green]" if g.passed else f"[red]FAIL[/red] {g.reason}".rstrip()
         table.add_row(g.gate, measured, verdict)
     return table
@@ -80,9 +97,9 @@ def plot_report(report: EvalReport, path: Path) -> None:
     nll = report.details.get("ppl_window_nll") or []
     nll_ref = report.details.get("ppl_window_nll_ref")
     xs = range(len(nll))
-    ax1.bar([x - 0.2 for x in xs], [math.exp(v) for v in nll], width=0.4, label="compressed")
+    ax1.bar([x - 0.2 for x in xs], [exp_nll(v) for v in nll], width=0.4, label="compressed")
     if nll_ref:
-        ax1.bar([x + 0.2 for x in xs], [math.exp(v) for v in nll_ref], width=0.4, label="reference")
+        ax1.bar([x + 0.2 for x in xs], [exp_nll(v) for v in nll_ref], width=0.4, label="reference")
     ax1.set_xlabel("window")
     ax1.set_ylabel("perplexity")
     ax1.set_title(

@@ -102,15 +102,20 @@ def evaluate_target(
                 kv=recipe.kv_cache,
             )
     else:
+        # No passes: the model is its own reference, unless --reference-model names another one to
+        # compare with (its figures must then be measured, not copied from the model's own).
+        reference = None
+        if reference_spec and recipe.eval.reference:
+            reference = load_model(reference_spec, log=ui.log).model
         with ui.progress() as progress:
             report = evaluate(
                 loaded.model,
                 loaded.tokenizer,
                 recipe.eval,
-                None,
+                reference,
                 model_name=target,
                 recipe_name=recipe.name,
-                is_reference=True,
+                is_reference=reference_spec is None,
                 progress=progress,
                 kv=recipe.kv_cache,
             )

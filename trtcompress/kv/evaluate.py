@@ -14,7 +14,6 @@ reference with an fp16 cache:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +21,13 @@ import torch
 from torch import nn
 
 from trtcompress.eval.datasets import Problem
-from trtcompress.eval.metrics import FidelityAccumulator, FidelityResult, PerplexityResult, encode_problem
+from trtcompress.eval.metrics import (
+    FidelityAccumulator,
+    FidelityResult,
+    PerplexityResult,
+    encode_problem,
+    exp_nll,
+)
 from trtcompress.kv.codec import KVCodec
 from trtcompress.kv.decode import CachedDecoder, cache_for_model
 from trtcompress.kv.scalar import FP16Codec
@@ -81,7 +86,7 @@ def kv_perplexity(
             tick(1)
     count = n_windows * (context - 1)
     return KVPerplexity(
-        result=PerplexityResult(ppl=math.exp(total / count), window_nll=per_window, tokens=count),
+        result=PerplexityResult(ppl=exp_nll(total / count), window_nll=per_window, tokens=count),
         bytes_per_token=sum(last_cycle) / len(last_cycle),
         bytes_per_token_mean=byte_sum / token_sum,
         fp16_bytes_per_token=cache.token_bytes_fp16,

@@ -1,0 +1,22 @@
+import pytest
+
+from tests.conftest import TINY_EVAL, make_tiny_model_dir
+from trtcompress.eval.run import evaluate_target
+
+TINY_OVERRIDES = [(f"eval.{k}", v) for k, v in TINY_EVAL.model_dump().items()]
+
+
+def test_plain_model_is_compared_with_the_reference_model_given(tiny_model_dir, tmp_path):
+    """`eval MODEL --reference-model OTHER` without a recipe measures the model against OTHER; it must not
+    report the model as its own reference (ppl_ratio 1, KL 0) as if OTHER had not been named."""
+    other = make_tiny_model_dir(tmp_path / "other", seed=1)
+    report = evaluate_target(str(tiny_model_dir), reference_spec=str(other), overrides=TINY_OVERRIDES)
+    alone = evaluate_target(str(other), overrides=TINY_OVERRIDES)
+    assert report.ppl_ref == pytest.approx(alone.ppl, rel=1e-5)
+    assert report.ppl_ratio != pytest.approx(1.0) and report.gsm8k_kl > 0
+    assert report.gsm8k_bpb_ref == pytest.approx(alone.gsm8k_bpb, rel=1e-5)
+
+
+def test_plain_model_without_a_reference_model_is_its_own_reference(tiny_model_dir):
+    report = evaluate_target(str(tiny_model_dir), overrides=TINY_OVERRIDES)
+    assert report.ppl_ratio == 1.0 and report.gsm8k_kl == 0.0 and report.gsm8k_top1 == 1.0
