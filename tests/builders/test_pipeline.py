@@ -59,3 +59,35 @@ def test_bfloat16_dense_tensors(tiny_model_dir, tmp_path):
     assert loaded.model.model.embed_tokens.weight.dtype.is_floating_point
     assert str(loaded.model.model.embed_tokens.weight.dtype) == "torch.bfloat16"
     assert loaded.model.model.layers[0].mlp.up_proj.scales.dtype.itemsize == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"eval.context": 2048, "eval.ppl_tokens": 2048}, "eval.context 2048 exceeds the model's 1024"),
+        ({"eval.ppl_tokens": 10_000_000}, "eval.ppl_tokens 10000000 exceeds the"),
+    ],
+    ids=["context-past-positions", "window-past-the-text"],
+)
+def test_an_evaluation_that_cannot_run_fails_before_compression(
+    tiny_model_dir, tmp_path, monkeypatch, overrides, match
+):
+    """Such settings used to be refused only when the evaluation started, after minutes of compression
+    (GPTQ on a real model): now right after the model loads, in build and in eval --recipe alike."""
+    import trtcompress.builders.compress as compress
+    import trtcompress.builders.pipeline as pipeline
+    from trtcompress.eval.run import evaluate_target
+
+    def compress_model(*args, **kwargs):
+        raise AssertionError("compression ran before the protocol was checked")
+
+    monkeypatch.setattr(pipeline, "compress_model", compress_model)
+    monkeypatch.setattr(compress, "compress_model", compress_model)
+    recipe = with_overrides(_recipe(), list(overrides.items()))
+    with pytest.raises(RecipeError, match=match):
+        build(str(tiny_model_dir), recipe, tmp_path / "a")
+    assert list(tmp_path.iterdir()) == []
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(json.dumps(recipe.model_dump(mode="json")))
+    with pytest.raises(RecipeError, match=match):
+        evaluate_target(str(tiny_model_dir), recipe_spec=str(recipe_file))

@@ -10,7 +10,7 @@ from trtcompress.builders.compress import compress_model
 from trtcompress.builders.gates import GateResult, check_gates
 from trtcompress.checkpoints import native
 from trtcompress.errors import RecipeError
-from trtcompress.eval.harness import EvalReport, evaluate
+from trtcompress.eval.harness import EvalReport, check_protocol, evaluate
 from trtcompress.eval.report import plot_report
 from trtcompress.models import DEFAULT_MODEL, load_model, resolve_model
 from trtcompress.recipe import Recipe
@@ -52,6 +52,8 @@ def build(
     resolve_model(spec, log=ui.log)  # a bad model argument fails here, before anything is printed
     ui.log(f"loading {spec}")
     loaded = load_model(spec, log=ui.log)
+    if recipe.eval.enabled:  # an evaluation that cannot run fails now, not after the compression
+        check_protocol(recipe.eval, loaded.model, loaded.tokenizer)
     with ui.progress() as progress:
         compress_model(loaded.model, loaded.tokenizer, recipe, progress=progress, log=ui.log)
     compress_seconds = time.perf_counter() - start

@@ -60,6 +60,13 @@ GATE_METRICS = tuple(
 )
 
 
+def check_protocol(config: EvalConfig, model: nn.Module, tokenizer) -> None:
+    """Refuse an evaluation this model and text cannot run, before minutes of compression: a window
+    longer than the model's positions, a perplexity window longer than the BoolQ text."""
+    metrics.check_context(config.context, model)
+    TokenStream(tokenizer).window(config.ppl_tokens)
+
+
 def evaluate(
     model: nn.Module,
     tokenizer,

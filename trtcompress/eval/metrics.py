@@ -49,17 +49,23 @@ class PerplexityResult:
     tokens: int
 
 
+def check_context(context: int, model: nn.Module) -> None:
+    """Refuse a perplexity window longer than the model's positions (past the trained range the ppl is
+    meaningless)."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions is not None and context > positions:
+        raise RecipeError(
+            f"eval.context {context} exceeds the model's {positions} positions (max_position_embeddings)"
+        )
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module, ids: Sequence[int], context: int, tick: Tick | None = None
 ) -> PerplexityResult:
     if len(ids) < context:
         raise ValueError(f"perplexity needs at least one window of {context} tokens, got {len(ids)}")
-    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if positions is not None and context > positions:  # positions past the trained range: a meaningless ppl
-        raise RecipeError(
-            f"eval.context {context} exceeds the model's {positions} positions (max_position_embeddings)"
-        )
+    check_context(context, model)
     n_windows = len(ids) // context
     total, count, per_window = 0.0, 0, []
     for w in range(n_windows):

@@ -7,7 +7,7 @@ from typing import Any
 
 from trtcompress.checkpoints import native
 from trtcompress.errors import ModelError, RecipeError, TrtcompressError
-from trtcompress.eval.harness import EvalReport, evaluate
+from trtcompress.eval.harness import EvalReport, check_protocol, evaluate
 from trtcompress.eval.report import plot_report
 from trtcompress.models import PACKAGED_MODELS, load_model
 from trtcompress.recipe import load_recipe, parse_recipe, with_overrides
@@ -88,6 +88,7 @@ def evaluate_target(
     if recipe.passes:
         from trtcompress.builders.compress import compress_model
 
+        check_protocol(recipe.eval, loaded.model, loaded.tokenizer)  # before minutes of compression
         reference = load_model(reference_spec or target, log=ui.log).model if recipe.eval.reference else None
         with ui.progress() as progress:
             compress_model(loaded.model, loaded.tokenizer, recipe, progress=progress, log=ui.log)
