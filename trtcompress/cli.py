@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import click
 
 from trtcompress.errors import GateFailure, TrtcompressError
-from trtcompress.ui import UI
+from trtcompress.ui import UI, json_text
 
 
 def _recipe_overrides(flags: dict[str, Any], assignments: tuple[str, ...]) -> list[tuple[str, Any]]:
@@ -38,7 +37,7 @@ def _resolved_recipe(recipe_spec: str, flags: dict[str, Any], assignments: tuple
 
 
 def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    click.echo(json_text(data))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+def _finite_or_named(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite_or_named(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_named(v) for v in value]
+    return value
+
+
+def json_text(data: Any, indent: int | None = 2) -> str:
+    """Strict JSON for stdout (`--json`): a non-finite number (a broken model's ppl is inf) becomes the
+    string "Infinity" / "-Infinity" / "NaN" (Python's bare Infinity / NaN are not JSON: jq and most
+    parsers refuse the whole document), not null, which reads as "not measured"."""
+    return json.dumps(_finite_or_named(data), indent=indent, default=str, allow_nan=False)
 
 
 class UI:

@@ -236,3 +236,26 @@ def test_force_replaces_artifacts_only(tiny_model_dir, tmp_path):
     result = run_cli("build", str(tiny_model_dir), "-o", str(keep), "--force", "--no-eval", "--quiet")
     _one_line_error(result, "is not an artifact")
     assert (keep / "sub" / "data").read_text() == "precious"
+
+
+def test_json_output_stays_strict_json_when_a_metric_is_infinite(tiny_model_dir, tmp_path):
+    """A model broken enough that its ppl overflows to inf: `--json` names the value ("Infinity")
+    instead of printing Python's bare Infinity, which is not JSON (jq refuses the whole document)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    for path in broken.glob("*.safetensors"):
+        tensors = load_file(path)
+        save_file({k: v * 1e6 if "embed_tokens" in k or "lm_head" in k else v for k, v in tensors.items()},
+                  path, metadata={"format": "pt"})  # fmt: skip
+    result = run_cli("eval", str(broken), "--json", *TINY_EVAL_FLAGS)
+    assert result.returncode == 0, result.stderr
+
+    def refuse(constant: str):
+        raise AssertionError(f"non-JSON constant {constant} in --json output")
+
+    data = json.loads(result.stdout, parse_constant=refuse)
+    assert data["ppl"] == "Infinity"

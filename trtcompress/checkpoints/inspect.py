@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 from rich.table import Table
 
 from trtcompress.checkpoints import native
-from trtcompress.ui import UI
+from trtcompress.ui import UI, json_text
 
 
 def inspect_artifact(path: Path, verify: bool, as_json: bool, ui: UI) -> dict:
@@ -17,7 +16,7 @@ def inspect_artifact(path: Path, verify: bool, as_json: bool, ui: UI) -> dict:
     if verify:
         native.verify_files(path, manifest)
     if as_json:
-        ui.out.print_json(json.dumps(manifest))
+        ui.out.print_json(json_text(manifest))
         return manifest
     table = Table(
         title=f"{path} · recipe {manifest['recipe']['name']} · status {manifest['status']}",
