@@ -179,7 +179,7 @@ def test_missing_plugin_is_named_before_tensorrt_fails(tmp_path, engine) -> None
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
 def test_registering_without_tensorrt_says_what_to_install() -> None:
     for name in loader.PLUGINS:
-        with pytest.raises(MissingDependencyError, match=r"TensorRT >= 10\.8"):
+        with pytest.raises(MissingDependencyError, match=r"TensorRT >= 10\.9"):
             loader.register_plugins([name])
     assert loader.register_plugins(required=()) == []  # best effort: nothing registered, no error
     with pytest.raises(loader.PluginNotRegisteredError, match="unknown plugin"):
@@ -208,8 +208,9 @@ class _Shape(list):
 
 
 class _Dim(int):
-    @property
-    def constant_value(self):
+    is_constant = True  # a property in tensorrt.plugin
+
+    def constant_value(self):  # a method in tensorrt.plugin (_tensor.py: ShapeExpr.constant_value())
         return int(self)
 
 
@@ -354,3 +355,105 @@ def test_gear_aot_impl_launch_and_types(monkeypatch):
     assert int4[10] == int4[12] == "UINT8" and int4[22] == "FP16"  # key factors packed, no value rank
     group_scope = gear.io_types(41, 41, 1, 0, 1, 0).split(", ")
     assert group_scope[9] == "UINT8"  # group-scope outlier indices are uint8
+
+
+def _fake_modules(monkeypatch, **modules) -> None:
+    import types
+
+    for name, attrs in modules.items():
+        module = types.ModuleType(name.replace("__", "."))
+        module.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def test_tensorrt_without_aot_impl_is_refused(monkeypatch):
+    """`tensorrt.plugin.aot_impl` first shipped in TensorRT 10.9; 10.8's tensorrt.plugin has only @impl."""
+    from trtcompress.plugins.gear_attention import trt as gear
+
+    plugin_10_8 = dict(register=None, autotune=None, impl=None, TensorDesc=_Desc)
+    _fake_modules(monkeypatch, tensorrt={"__version__": "10.8.0"}, tensorrt__plugin=plugin_10_8)
+    with pytest.raises(
+        MissingDependencyError, match=r"TensorRT >= 10\.9.*TensorRT 10\.8\.0 has no .*aot_impl"
+    ):
+        gemm_trt.import_trt()
+    with pytest.raises(MissingDependencyError, match=r"TensorRT 10\.8\.0 has no tensorrt\.plugin\.aot_impl"):
+        gear.register_trt_plugin()
+
+
+# TensorRT-LLM's `python_plugin` (not installable here), as far as the plugin classes meet it: `ShapeExpr`
+# holds symbolic dims (not ints) at build time and none during dtype inference, where its __getitem__
+# never raises IndexError; `SymTensor` takes a ShapeExpr or a list of ints; `trtllm_plugin` needs the
+# SymTensor class as return annotation or `plugin_num_outputs`.
+
+
+class _LlmShapeExpr:
+    def __init__(self, dims):
+        self._dims, self.reads = (None if dims is None else list(dims)), 0
+
+    def __getitem__(self, index):
+        if self._dims is None:
+            self.reads += 1
+            if self.reads > 64:
+                raise RuntimeError("iterating a ShapeExpr without dims never ends")
+            return "unknown"
+        return self._dims[index]
+
+    def __setitem__(self, index, value):
+        if self._dims is not None:
+            assert index < len(self._dims)
+            self._dims[index] = value
+
+    def __len__(self):
+        return 0 if self._dims is None else len(self._dims)
+
+
+class _SymTensor:
+    def __init__(self, dtype, shape):
+        assert isinstance(shape, (_LlmShapeExpr, list, tuple))
+        assert isinstance(shape, _LlmShapeExpr) or all(isinstance(d, int) for d in shape)
+        self.dtype, self.shape = dtype, shape
+
+
+def _trtllm_plugin(name, *, plugin_num_outputs=None):
+    import inspect
+
+    def wrap(cls):
+        annotation = inspect.signature(cls.shape_dtype_inference).return_annotation
+        assert annotation is _SymTensor or plugin_num_outputs is not None, "Must specify `num_outputs`"
+        return cls
+
+    return wrap
+
+
+def test_trtllm_python_plugins_follow_trtllm_plugin_rules(monkeypatch):
+    from trtcompress.plugins import trtllm_python
+
+    _fake_modules(
+        monkeypatch,
+        tensorrt_llm={"PluginBase": object},
+        tensorrt_llm__python_plugin=dict(
+            SymTensor=_SymTensor, convert_to_torch_tensor=None, trtllm_plugin=_trtllm_plugin
+        ),
+    )
+    monkeypatch.setattr(trtllm_python, "_classes", {})
+    classes = trtllm_python.register_trtllm_plugins()
+    assert set(classes) == {"w4a16", "w4a4"}
+    for cls in classes.values():
+        symbolic = [
+            _SymTensor("fp16", _LlmShapeExpr(["B", "T", "K"])),
+            _SymTensor("u8", _LlmShapeExpr(["N", "K/2"])),
+        ]
+        out = cls.shape_dtype_inference(None, symbolic)  # get_output_shapes
+        assert out.dtype == "fp16" and out.shape._dims == ["B", "T", "N"]
+        unknown = [_SymTensor("fp16", _LlmShapeExpr(None)), _SymTensor("u8", _LlmShapeExpr(None))]
+        assert cls.shape_dtype_inference(None, unknown).dtype == "fp16"  # get_output_data_types
+        eager = cls.shape_dtype_inference(None, [_SymTensor("fp16", [3, 576]), _SymTensor("u8", [1536, 288])])
+        assert eager.shape == [3, 1536]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="TensorRT-LLM is installed")
+def test_trtllm_build_without_trtllm_says_what_to_install():
+    from trtcompress.plugins.trtllm_build import main
+
+    with pytest.raises(MissingDependencyError, match=r"tensorrt_llm==1\.2\.1.*Dockerfile\.gpu"):
+        main()

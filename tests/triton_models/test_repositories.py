@@ -83,3 +83,58 @@ def test_placeholders_and_schema_errors(tmp_path):
         validate_repository(tmp_path)
     with pytest.raises(RepositoryError, match="unknown repository kind"):
         generate_repository("vllm", tmp_path, tmp_path / "out", DeployConfig())
+
+
+# Input names the TensorRT-LLM backend reads (InputFieldsNames in NVIDIA/TensorRT-LLM
+# triton_backend/inflight_batcher_llm/src/utils.h, with "streaming" and "stop"): Triton loads a config
+# declaring any other name and the backend silently ignores that input.
+TRTLLM_BACKEND_INPUTS = {
+    "input_ids", "input_lengths", "request_output_len", "num_return_sequences", "end_id", "pad_id",
+    "bad_words_list", "stop_words_list", "embedding_bias", "exclude_input_in_output", "return_log_probs",
+    "return_context_logits", "return_generation_logits", "return_perf_metrics", "beam_width",
+    "runtime_top_k", "runtime_top_p", "runtime_top_p_decay", "runtime_top_p_reset_ids", "temperature",
+    "len_penalty", "early_stopping", "repetition_penalty", "min_tokens", "beam_search_diversity_rate",
+    "presence_penalty", "frequency_penalty", "seed", "streaming", "stop",
+}  # fmt: skip
+TRTLLM_BACKEND_OUTPUTS = {"output_ids", "sequence_length", "cum_log_probs", "output_log_probs"}
+
+
+def _ensemble_flow_errors(configs: dict) -> list[str]:
+    """Every step input is an input of its model fed by the ensemble's inputs or an earlier step's
+    outputs, every required model input is fed, every output key is an output of its model, and the
+    ensemble's outputs are produced."""
+    ensemble = configs["ensemble"]
+    available = {i.name for i in ensemble.input}
+    errors = []
+    for step in ensemble.ensemble_scheduling.step:
+        model = configs[step.model_name]
+        inputs, outputs = {i.name for i in model.input}, {o.name for o in model.output}
+        for key, value in step.input_map.items():
+            if key not in inputs:
+                errors.append(f"{step.model_name}: {key} is not one of its inputs")
+            if value not in available:
+                errors.append(f"{step.model_name}.{key} <- {value}: no earlier step or ensemble input")
+        for name in {i.name for i in model.input if not i.optional} - set(step.input_map):
+            errors.append(f"{step.model_name}: required input {name} not fed")
+        for key, value in step.output_map.items():
+            if key not in outputs:
+                errors.append(f"{step.model_name}: {key} is not one of its outputs")
+            available.add(value)
+    errors += [f"ensemble output {o.name} never produced" for o in ensemble.output if o.name not in available]
+    return errors
+
+
+def test_trtllm_ensemble_connects_and_uses_backend_names(served_artifact, tmp_path):
+    repo = generate_repository("trtllm", served_artifact, tmp_path / "r", DeployConfig(), tmp_path / "e")
+    configs = validate_repository(repo)
+    assert _ensemble_flow_errors(configs) == []
+    trt = configs["tensorrt_llm"]
+    assert {i.name for i in trt.input} <= TRTLLM_BACKEND_INPUTS  # `seed`, not the pre-2025 `random_seed`
+    assert {o.name for o in trt.output} <= TRTLLM_BACKEND_OUTPUTS
+    step = configs["ensemble"].ensemble_scheduling.step[1]
+    assert step.model_name == "tensorrt_llm" and step.input_map["seed"] == "seed"
+    # the check itself: a step fed by a tensor nobody produces, and a key the model does not have
+    step.input_map["input_ids"] = "_NOWHERE"
+    step.input_map["random_seed"] = "seed"
+    errors = _ensemble_flow_errors(configs)
+    assert any("_NOWHERE" in e for e in errors) and any("random_seed is not" in e for e in errors)

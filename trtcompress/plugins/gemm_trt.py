@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from trtcompress.errors import MissingDependencyError
 
 TRT_HINT = (
-    "the TensorRT plugins need TensorRT >= 10.8 with `tensorrt.plugin` (pip install tensorrt on a "
+    "the TensorRT plugins need TensorRT >= 10.9 (`tensorrt.plugin.aot_impl`; pip install tensorrt on a "
     "machine that reaches NVIDIA's index, or the docker/Dockerfile.gpu image) and a CUDA GPU"
 )
 TRITON_HINT = "compiling plugin kernels to PTX needs `pip install triton==3.6.0` (runs on CPU)"
@@ -91,11 +91,11 @@ def launch_params(m: int, n: int, k: int, tactic: int, shared_mem: int = 0) -> L
 
 
 def import_trt():
-    try:
-        import tensorrt as trt
-        import tensorrt.plugin as trtp
-    except ImportError:
-        raise MissingDependencyError(TRT_HINT) from None
+    from trtcompress.plugins.registration import import_trtp
+
+    trtp = import_trtp(TRT_HINT)
+    import tensorrt as trt
+
     return trt, trtp
 
 

@@ -95,6 +95,6 @@ def check_plugins(model_dir: Path, registered: Iterable[str] | None = None) -> l
             f"{model_dir} needs the TensorRT plugin(s) {', '.join(missing)}, which are not registered in "
             "this process (TensorRT would fail with 'getPluginCreator could not find plugin'): call "
             "trtcompress.plugins.loader.register_plugins() before deserializing the engine, in a Python with "
-            "TensorRT >= 10.8 (e.g. the docker/Dockerfile.gpu image)"
+            "TensorRT >= 10.9 (e.g. the docker/Dockerfile.gpu image)"
         )
     return needed

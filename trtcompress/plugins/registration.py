@@ -1,8 +1,28 @@
 """Registration of a quickly-deployable plugin with TensorRT's registry, once per process."""
 
 from collections.abc import Callable
+from types import ModuleType
+
+from trtcompress.errors import MissingDependencyError
 
 _REGISTERED: set[str] = set()
+
+
+def import_trtp(hint: str) -> ModuleType:
+    """`tensorrt.plugin` with `aot_impl`, else MissingDependencyError(`hint`).
+
+    `aot_impl` (and KernelLaunchParams) first shipped in TensorRT 10.9: 10.8's `tensorrt.plugin` has the
+    JIT `@impl` only (NVIDIA/TensorRT, python/packaging/bindings_wheel/tensorrt/plugin/_lib.py)."""
+    try:
+        import tensorrt.plugin as trtp
+    except ImportError:
+        raise MissingDependencyError(hint) from None
+    if not hasattr(trtp, "aot_impl"):
+        import tensorrt
+
+        version = getattr(tensorrt, "__version__", "?")
+        raise MissingDependencyError(f"{hint}; TensorRT {version} has no tensorrt.plugin.aot_impl")
+    return trtp
 
 
 def register_once(plugin_id: str, plugin_functions: Callable, trtp) -> None:

@@ -14,8 +14,19 @@ import sys
 from trtcompress.errors import MissingDependencyError
 from trtcompress.plugins.loader import register_plugins
 
+TRTLLM_HINT = (
+    "python -m trtcompress.plugins.trtllm_build runs TensorRT-LLM 1.2.1's trtllm-build: install "
+    "tensorrt_llm==1.2.1 with its TensorRT (pip install tensorrt_llm==1.2.1 --extra-index-url "
+    "https://pypi.nvidia.com, on a CUDA machine), or run inside docker/Dockerfile.gpu "
+    "(nvcr.io/nvidia/tritonserver:26.02-trtllm-python-py3)"
+)
+
 
 def main() -> None:
+    try:  # before registering anything: say what to install, not a bare ModuleNotFoundError
+        from tensorrt_llm.commands.build import main as trtllm_build
+    except ImportError as exc:
+        raise MissingDependencyError(f"{TRTLLM_HINT} ({exc})") from None
     registered = register_plugins(required=())
     try:
         from trtcompress.plugins.trtllm_python import register_trtllm_plugins
@@ -24,8 +35,6 @@ def main() -> None:
     except MissingDependencyError:
         pass
     print(f"trtcompress plugins registered: {', '.join(registered) or 'none'}", file=sys.stderr)
-    from tensorrt_llm.commands.build import main as trtllm_build  # lazily: only inside the NGC container
-
     sys.argv = ["trtllm-build", *sys.argv[1:]]
     trtllm_build()
 

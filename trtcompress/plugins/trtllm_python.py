@@ -24,9 +24,18 @@ PLUGIN_NAMES = {"w4a16": "TrtcompressW4A16Gemm", "w4a4": "TrtcompressW4A4FP4Gemm
 _classes: dict[str, Any] = {}
 
 
-def gemm_output_shape(x_shape: list, qweight_shape: list) -> list:
-    """(..., K) x (N, K/2) -> (..., N): the shape rule both plugins use (works on symbolic dims too)."""
-    return [*list(x_shape)[:-1], qweight_shape[0]]
+def gemm_output_shape(x_shape: Any, qweight_shape: Any) -> Any:
+    """(..., K) x (N, K/2) -> (..., N): the shape rule both plugins use.
+
+    Eagerly the shapes are lists of ints (a new list is returned). At build time they are TensorRT-LLM's
+    `python_plugin.ShapeExpr`, which must be returned as such (`SymTensor` accepts only a ShapeExpr or
+    ints) and cannot be iterated: with unknown dims (dtype inference) its `__getitem__` never raises
+    IndexError, so `list()` would never end. Its last dim is set in place, as upstream's
+    examples/python_plugin does (each call gets fresh ShapeExprs)."""
+    if isinstance(x_shape, (list, tuple)):
+        return [*x_shape[:-1], qweight_shape[0]]
+    x_shape[len(x_shape) - 1] = qweight_shape[0]  # a no-op when the dims are unknown
+    return x_shape
 
 
 def w4a16_forward(x, qweight, scales, zeros, group_size: int, symmetric: bool) -> torch.Tensor:
@@ -71,8 +80,11 @@ def register_trtllm_plugins() -> dict[str, Any]:
     if _classes:
         return dict(_classes)
     plugin_base, sym_tensor, to_torch, trtllm_plugin = _trtllm()
+    # `trtllm_plugin` reads the output count from `shape_dtype_inference`'s return annotation when that is
+    # the SymTensor class, else asserts `plugin_num_outputs` was given (tensorrt_llm/python_plugin.py);
+    # annotations here are strings (`from __future__ import annotations`), so it is given.
 
-    @trtllm_plugin(PLUGIN_NAMES["w4a16"])
+    @trtllm_plugin(PLUGIN_NAMES["w4a16"], plugin_num_outputs=1)
     class W4A16Gemm(plugin_base):  # type: ignore[misc, valid-type]
         def __init__(self, group_size: int, symmetric: bool):
             super().__init__()
@@ -87,7 +99,7 @@ def register_trtllm_plugins() -> dict[str, Any]:
                 w4a16_forward(x, qweight, scales, zeros, self.group_size, self.symmetric)
             )
 
-    @trtllm_plugin(PLUGIN_NAMES["w4a4"])
+    @trtllm_plugin(PLUGIN_NAMES["w4a4"], plugin_num_outputs=1)
     class W4A4FP4Gemm(plugin_base):  # type: ignore[misc, valid-type]
         def __init__(self, w_exp: int, w_man: int, a_exp: int, a_man: int, group_size: int):
             super().__init__()

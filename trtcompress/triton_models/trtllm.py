@@ -35,6 +35,9 @@ instance_group [ { count: 1 kind: KIND_CPU } ]
 ${parameters}
 """
 
+# Input names are the ones the TensorRT-LLM backend reads (InputFieldsNames in
+# triton_backend/inflight_batcher_llm/src/utils.h); an input it does not know is accepted by Triton and
+# silently ignored (the sampling seed is `seed` since the backend renamed `random_seed`, May 2025).
 TENSORRT_LLM = """name: "tensorrt_llm"
 backend: "tensorrtllm"
 max_batch_size: ${max_batch_size}
@@ -50,7 +53,7 @@ input [
   { name: "runtime_top_k" data_type: TYPE_INT32 dims: [ 1 ] reshape: { shape: [ ] } optional: true },
   { name: "runtime_top_p" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] } optional: true },
   { name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [ ] } optional: true },
-  { name: "random_seed" data_type: TYPE_UINT64 dims: [ 1 ] reshape: { shape: [ ] } optional: true }
+  { name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] reshape: { shape: [ ] } optional: true }
 ]
 output [
   { name: "output_ids" data_type: TYPE_INT32 dims: [ -1, -1 ] },
@@ -112,7 +115,7 @@ ensemble_scheduling {
       input_map { key: "runtime_top_k" value: "top_k" }
       input_map { key: "runtime_top_p" value: "top_p" }
       input_map { key: "temperature" value: "temperature" }
-      input_map { key: "random_seed" value: "seed" }
+      input_map { key: "seed" value: "seed" }
       output_map { key: "output_ids" value: "_TOKENS_BATCH" }
       output_map { key: "sequence_length" value: "_SEQUENCE_LENGTH" }
     },

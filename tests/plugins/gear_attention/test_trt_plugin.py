@@ -51,5 +51,5 @@ def test_aot_ptx_for_sm90() -> None:
 def test_register_without_tensorrt_names_what_to_install() -> None:
     from trtcompress.plugins.gear_attention.trt import register_trt_plugin
 
-    with pytest.raises(MissingDependencyError, match=r"TensorRT >= 10\.8"):
+    with pytest.raises(MissingDependencyError, match=r"TensorRT >= 10\.9"):
         register_trt_plugin()

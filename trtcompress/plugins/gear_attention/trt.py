@@ -3,7 +3,7 @@
 Its `aot_impl` returns PTX compiled ahead of time from the same Triton kernel as the torch op
 (`kernel.gear_decode_trt_kernel`, one split), so an engine runs it with no Python at inference
 time (REFERENCE section 3). `compile_gear_attention_ptx` needs only `triton` and runs on CPU; the
-plugin registration needs TensorRT >= 10.8 with `tensorrt.plugin`.
+plugin registration needs TensorRT >= 10.9 (`tensorrt.plugin.aot_impl`).
 
 Plugin inputs, in order (the kernel's parameter order; QDP appends int32 extra args, then outputs):
 q (B, Hq, D) fp16; block_table (B, M) int32; num_blocks, tail_lens, slots (B,) int32; the 12 key fields
@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 from trtcompress.errors import MissingDependencyError
 from trtcompress.plugins.gear_attention.reference import GearLayout
-from trtcompress.plugins.registration import register_once
+from trtcompress.plugins.registration import import_trtp, register_once
 
 PLUGIN_ID = "trtcompress::gear_attention"
 INSTALL_HINT = (
-    "the TensorRT plugin needs TensorRT >= 10.8 with its Python bindings (`pip install tensorrt`, on a "
+    "the TensorRT plugin needs TensorRT >= 10.9 with its Python bindings and `tensorrt.plugin.aot_impl` "
+    "(`pip install tensorrt`, on a "
     "machine that can reach NVIDIA's package index; or use the NGC TensorRT/TensorRT-LLM container) "
     "and a CUDA GPU"
 )
@@ -223,14 +224,23 @@ def _describe(q):
     return out
 
 
+def _constant(expr, what: str) -> int:
+    """A build-time constant dimension: tensorrt.plugin's `ShapeExpr.constant_value` is a method (TensorRT
+    python/packaging/bindings_wheel/tensorrt/plugin/_tensor.py), not a property."""
+    if not expr.is_constant:
+        raise ValueError(f"gear_attention plugin: the {what} must be a build-time constant (the kernel is "
+                         "specialized on it)")  # fmt: skip
+    return int(expr.constant_value())
+
+
 def _aot(trtp, q, block_table, k_tail, layout: GearLayout, sm_scale: float):
     """Compile for the layout and the (build-time constant) head counts; grid (B, KV heads, 1)."""
     heads, head_dim = k_tail.shape_expr[1], k_tail.shape_expr[3]
     compiled = compile_gear_attention_ptx(
         layout,
-        int(heads.constant_value),
-        int(q.shape_expr[1].constant_value),
-        int(head_dim.constant_value),
+        _constant(heads, "KV heads (k_tail dim 1)"),
+        _constant(q.shape_expr[1], "query heads (q dim 1)"),
+        _constant(head_dim, "head dim (k_tail dim 3)"),
         sm_scale,
     )
     launch = trtp.KernelLaunchParams()
@@ -244,8 +254,4 @@ def _aot(trtp, q, block_table, k_tail, layout: GearLayout, sm_scale: float):
 
 def register_trt_plugin() -> None:
     """Register `trtcompress::gear_attention` with TensorRT's plugin registry (idempotent)."""
-    try:
-        import tensorrt.plugin as trtp
-    except ImportError:
-        raise MissingDependencyError(INSTALL_HINT) from None
-    register_once(PLUGIN_ID, plugin_functions, trtp)
+    register_once(PLUGIN_ID, plugin_functions, import_trtp(INSTALL_HINT))
