@@ -91,3 +91,19 @@ def test_gate_table_shows_the_measured_value_that_got_the_verdict():
     console.print(gates_table(check_gates([Gate.model_validate(g) for g in gates], report)))
     text = console.export_text()
     assert "1.05004" in text and "0.9123 " in text and "70123480" in text
+
+
+@pytest.mark.parametrize(
+    "gate, needs",
+    [
+        ("kv_bytes_per_token <= 5000", "a KV-cache codec"),
+        ("gsm8k_kl <= 0.1", "eval.gsm8k_problems > 0 and the reference model"),
+        ("gsm_symbolic_top1 >= 0.5", "eval.gsm_symbolic_problems > 0 and the reference model"),
+        ("gsm8k_exact_match >= 0.1", "eval.gsm8k_generate > 0"),
+        ("ppl_ratio <= 1.1", "the reference model"),
+    ],
+)
+def test_an_unmeasured_metric_names_the_setting_that_measures_it(gate, needs):
+    """A gate on kv_bytes_per_token without a codec used to ask whether the reference was disabled."""
+    [result] = check_gates([Gate.model_validate(gate)], _report())
+    assert not result.passed and needs in result.reason

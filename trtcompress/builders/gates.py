@@ -72,6 +72,22 @@ class GateResult(BaseModel):
     reason: str = ""
 
 
+def _not_measured(metric: str) -> str:
+    """Why a metric has no value: the setting that would have measured it."""
+    needs = []
+    if metric.startswith("kv_"):
+        needs.append("a KV-cache codec (kv_cache.codec in the recipe, or eval --kv)")
+    if metric.startswith("gsm8k_exact_match"):
+        needs.append("eval.gsm8k_generate > 0")
+    elif metric.startswith("gsm8k_"):
+        needs.append("eval.gsm8k_problems > 0")
+    elif metric.startswith("gsm_symbolic_"):
+        needs.append("eval.gsm_symbolic_problems > 0")
+    if metric.endswith(("_ref", "_ratio", "_kl", "_top1")):
+        needs.append("the reference model (eval.reference)")
+    return "metric not measured" + (f": it needs {' and '.join(needs)}" if needs else "")
+
+
 def check_gates(gates: list[Gate], report: EvalReport) -> list[GateResult]:
     values = report.model_dump()
     results = []
@@ -84,7 +100,7 @@ def check_gates(gates: list[Gate], report: EvalReport) -> list[GateResult]:
                     metric=gate.metric,
                     value=None,
                     passed=False,
-                    reason="metric not measured (is the reference or that dataset disabled?)",
+                    reason=_not_measured(gate.metric),
                 )
             )
             continue
