@@ -46,3 +46,29 @@ def test_a_file_is_not_a_model_dir(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ModelError, match="not a directory"):
         validate_model_dir(tmp_path / "f")
+
+
+def test_tensors_the_config_has_no_place_for_are_refused(tiny_model_dir, tmp_path):
+    """q_proj biases in the weights but not in the config (attention_bias false): transformers would drop
+    them and the model would compute something else, so the load fails naming the tensor."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = _copy(tiny_model_dir, tmp_path / "m")
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.ones(96)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"no place for .*model\.layers\.0\.self_attn\.q_proj\.bias"):
+        load_model(str(path), log=print)
+
+
+def test_legacy_rotary_buffers_still_load(tiny_model_dir, tmp_path):
+    """Old LLaMA checkpoints carry rotary_emb.inv_freq buffers: harmless, not refused."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = _copy(tiny_model_dir, tmp_path / "m")
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(12)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    assert load_model(str(path), log=print).config.num_hidden_layers == 2

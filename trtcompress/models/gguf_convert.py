@@ -7,7 +7,9 @@ are serialised by a file lock, and the directory only appears (atomic rename) on
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -19,7 +21,10 @@ from trtcompress.errors import MissingDependencyError, ModelError
 from trtcompress.models.cache import cache_dir
 from trtcompress.models.registry import PackagedModel
 
-CONVERSION_VERSION = "1"
+CONVERSION_VERSION = "1"  # the cache directory's name; stays, so paths to it keep working
+# Bumped when the conversion itself changes (2: special tokens from the GGUF ids): a cached directory
+# converted by an older revision, or from a different GGUF file, is converted again.
+CONVERSION_REVISION = 2
 COMPLETE_MARKER = ".trtcompress-converted"
 
 
@@ -41,24 +46,58 @@ def converted_dir(spec: PackagedModel) -> Path:
     return cache_dir() / "models" / f"{spec.name}-v{CONVERSION_VERSION}"
 
 
+def _fingerprint(gguf_path: Path) -> dict:
+    """What the converted directory was made from: an upgraded package (a new GGUF) changes it. By
+    content, not path or mtime, so venvs sharing one cache with the same file agree (~0.1 s to hash)."""
+    digest = hashlib.sha256()
+    with open(gguf_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"revision": CONVERSION_REVISION, "gguf": gguf_path.name, "sha256": digest.hexdigest()}
+
+
+def _is_current(target: Path, fingerprint: dict) -> bool:
+    try:
+        return json.loads((target / COMPLETE_MARKER).read_text()) == fingerprint
+    except (OSError, ValueError):  # no marker (incomplete), or one written by an older layout
+        return False
+
+
 def ensure_converted(spec: PackagedModel, log=print) -> Path:
-    """Return the HF directory for `spec`, converting from GGUF on first use."""
+    """Return the HF directory for `spec`, converting from GGUF on first use (and again when the GGUF
+    file or the conversion changed)."""
     target = converted_dir(spec)
-    if (target / COMPLETE_MARKER).is_file():
+    try:
+        gguf_path = packaged_gguf_path(spec)
+    except (MissingDependencyError, ModelError):
+        if (target / COMPLETE_MARKER).is_file():  # package removed after converting: nothing to compare
+            return target
+        raise
+    fingerprint = _fingerprint(gguf_path)
+    if _is_current(target, fingerprint):
         return target
-    gguf_path = packaged_gguf_path(spec)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / COMPLETE_MARKER).is_file():  # another process finished while we waited
+        if _is_current(target, fingerprint):  # another process finished while we waited
             return target
+        # Conversions run only under this lock: a partial or old directory left now is a killed one's.
+        for stale in (
+            *target.parent.glob(f".{target.name}.partial-*"),
+            *target.parent.glob(f".{target.name}.old-*"),
+        ):
+            shutil.rmtree(stale, ignore_errors=True)
         log(f"converting {gguf_path.name} to a Hugging Face directory in {target} (once)...")
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
             _convert(gguf_path, tmp)
-            (tmp / COMPLETE_MARKER).write_text(f"{gguf_path}\n")
-            if target.exists():  # a stale incomplete directory from an older layout
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(fingerprint) + "\n")
+            if target.exists():  # outdated or incomplete: move it aside first, so `target` is never half
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.replace(target, old / "model")
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -83,4 +122,15 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     plain = LlamaForCausalLM(LlamaConfig.from_dict(config))
     plain.load_state_dict(loaded.state_dict())
     plain.save_pretrained(out_dir)
+    _set_special_tokens(tokenizer, plain.config)
     tokenizer.save_pretrained(out_dir)
+
+
+def _set_special_tokens(tokenizer, config) -> None:
+    """Take BOS/EOS/PAD/UNK from the GGUF's token ids (which the model config carries). transformers'
+    GGUF tokenizer conversion (5.x, gpt2 vocabularies) names the BOS token as EOS and drops PAD: for
+    SmolLM2 that made `<|im_start|>` the EOS instead of `<|im_end|>`, as upstream has it."""
+    for kind in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(config, f"{kind}_token_id", None)
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, f"{kind}_token", tokenizer.convert_ids_to_tokens(token_id))

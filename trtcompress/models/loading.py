@@ -92,13 +92,26 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, log=print) -> Load
 
 
 def _check_loaded(model: torch.nn.Module, info: dict, path: Path) -> None:
-    """A checkpoint that lacks tensors would leave them randomly initialised, and a non-finite weight
-    poisons every output: both are errors naming the tensor, not a model that loads."""
+    """A checkpoint that lacks tensors would leave them randomly initialised, one with tensors the model
+    does not use would be silently truncated, and a non-finite weight poisons every output: all are
+    errors naming the tensor, not a model that loads."""
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = [k for k in info.get("missing_keys", []) if not (tied and k.endswith("lm_head.weight"))]
     if missing:
         shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelError(f"{path}: the checkpoint lacks {len(missing)} tensor(s) the model needs: {shown}")
+    # transformers drops tensors the config has no place for (e.g. q/k/v biases of a qwen2-style
+    # checkpoint whose config lacks attention_bias) and the model silently computes something else.
+    # Known-harmless leftovers (rotary inv_freq buffers) are already filtered out by transformers.
+    unexpected = sorted(info.get("unexpected_keys", []))
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (
+            f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        )
+        raise ModelError(
+            f"{path}: the checkpoint holds {len(unexpected)} tensor(s) the config has no place for "
+            f"(config.json disagrees with the weights): {shown}"
+        )
     mismatched = sorted(info.get("mismatched_keys", []), key=str)  # (name, stored shape, expected shape)
     if mismatched:
         name, stored, expected = mismatched[0]
