@@ -319,6 +319,9 @@ def test_generate_queues_nothing_when_one_prompt_is_refused(engine):
     with pytest.raises(RequestError, match="empty"):
         engine.generate(["the river", ""], GREEDY)
     assert not engine.has_work()
+    with pytest.raises(RequestError, match="list of prompts"):  # not one prompt per character
+        engine.generate("the river", GREEDY)
+    assert not engine.has_work()
 
 
 def test_a_failed_step_also_fails_requests_submitted_during_it(tiny_int4_artifact):
@@ -358,3 +361,62 @@ def test_a_failed_step_also_fails_requests_submitted_during_it(tiny_int4_artifac
         assert not engine.has_work() and len(outs["late"]) == 1  # nothing generated for it afterwards
     finally:
         loop.shutdown()
+
+
+def test_generate_waits_for_its_own_requests_not_others(engine, solo):
+    """generate() ended when as many requests had finished as it queued, counting others in flight
+    (add_request): a short one finishing first made it return early with a KeyError."""
+    a, b = _prompts(2, seed=17)
+    other = engine.add_request(a, SamplingParams(max_tokens=2, end_id=-1))
+    outs = engine.generate([b], GREEDY)
+    assert outs[0].token_ids == solo(b).token_ids
+    while engine.has_work():  # `other` finished during generate(): nothing left to run
+        engine.step()
+    assert other not in engine._by_request and engine.cache.free_blocks == engine.cache.num_blocks
+
+
+def test_a_failed_generate_leaves_nothing_in_flight(tiny_int4_artifact, solo):
+    """A step that raises inside generate() used to leave its requests running, holding KV blocks:
+    the next generate() ran them again (with a cache they had partly written)."""
+    eng = _engine(tiny_int4_artifact)
+    real_forward, calls = eng.model.forward, []
+
+    def failing_forward(work):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        return real_forward(work)
+
+    eng.model.forward = failing_forward
+    prompts = _prompts(3, seed=19)
+    with pytest.raises(RuntimeError, match="injected"):
+        eng.generate(prompts, GREEDY)
+    assert not eng.has_work() and not eng.scheduler.running
+    assert eng.cache.free_blocks == eng.cache.num_blocks and not eng.cache.seqs
+    assert eng.generate(prompts[:1], GREEDY)[0].token_ids == solo(prompts[0]).token_ids
+
+
+def test_the_generation_configs_eos_ends_a_request_as_in_hf_generate(tiny_model_dir, tmp_path):
+    """HF `generate` stops at the generation config's EOS ids (chat models list a second end token
+    there only); the runtime looked at the tokenizer and model config only and generated past it."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    config = DeployConfig(
+        max_batch_size=4, max_num_tokens=40, context_chunk_size=16, max_seq_len=128,
+        max_tokens_in_paged_kv_cache=1024,
+    )  # fmt: skip
+    prompt = _prompts(1, seed=23)[0]
+    full = Engine.from_path(model_dir, config, block_size=16).generate([prompt], GREEDY)[0].token_ids
+    end = next(t for t in full[3:] if t != 0)  # a token generated after the first few
+    gen_config = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps({**gen_config, "eos_token_id": [0, end]}))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir)
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ref = ref[0, len(prompt) :].tolist()
+    assert ref[-1] == end and len(ref) < 12
+    out = Engine.from_path(model_dir, config, block_size=16).generate([prompt], SamplingParams(max_tokens=12))
+    assert out[0].token_ids == ref and out[0].finish_reason == "stop"

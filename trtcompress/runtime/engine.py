@@ -49,9 +49,12 @@ class StepRecord:
     decompressed_bytes: int = 0  # the runtime's decompressed-block cache (<= kv_decompressed_cache_mb)
 
 
-def _eos_ids(tokenizer: Any, model_config: Any) -> frozenset[int]:
+def _eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
+    """The ids that end a request by default: the tokenizer's EOS, the model config's and its generation
+    config's, which is where HF `generate` looks (chat models list a second end token there only)."""
     ids = set()
-    for value in (getattr(model_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+    sources = (model.config, getattr(model, "generation_config", None), tokenizer)
+    for value in (getattr(source, "eos_token_id", None) for source in sources):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
@@ -86,7 +89,7 @@ class Engine:
             torch.set_num_threads(self.config.num_threads)
         cfg = model.config
         self.tokenizer = tokenizer
-        self.eos_ids = _eos_ids(tokenizer, cfg)
+        self.eos_ids = _eos_ids(tokenizer, model)
         self.context_len = min(self.config.max_seq_len, int(getattr(cfg, "max_position_embeddings", 1 << 30)))
         codec = kv_codec if kv_codec is not None else get_codec("fp16")
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -289,16 +292,37 @@ class Engine:
         self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[RequestOutput]:
         """Run prompts to completion (all admitted as the batch allows); final outputs in order."""
+        if isinstance(prompts, str):  # iterating it would make one prompt of each character
+            raise RequestError("generate() takes a list of prompts, got a string: pass [prompt]")
         prompts = list(prompts)
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         # every prompt validated before any is queued: a refused one leaves nothing behind
         ids = self._queue([self._prepare(p, sp, None) for p, sp in zip(prompts, plist, strict=True)])
+        wanted = set(ids)  # other requests in flight (add_request) finish in these steps too
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
-            for out in self.step():
-                if out.finished:
+            try:
+                outputs = self.step()
+            except BaseException:
+                self.drop_all()  # a failed step leaves nothing in flight to fail again at the next call
+                raise
+            for out in outputs:
+                if out.finished and out.request_id in wanted:
                     final[out.request_id] = out
         return [final[i] for i in ids]
+
+    def drop_all(self) -> None:
+        """End every request in flight without output (after a failed step): running sequences free
+        their KV blocks, queued ones leave. A step that raised may have written or committed part of
+        its sequences' cache, so none of them could run on."""
+        sched = self.scheduler
+        for seq in list(sched.running):
+            sched.finish(seq)
+        sched.waiting.clear()
+        with self._lock:
+            self._by_request.clear()
+            self._inbox.clear()
+            self._cancel.clear()
 
 
 class EngineLoop:
@@ -389,18 +413,12 @@ class EngineLoop:
                             self.on_error(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
-        sched = self.engine.scheduler
-        for seq in list(sched.running):
-            sched.finish(seq)
-        sched.waiting.clear()
+        # the engine first: requests submitted during the failed step (in its inbox) are failed too, not run
+        self.engine.drop_all()
         for rid, callback in list(self._callbacks.items()):
             self._callbacks.pop(rid, None)
             with contextlib.suppress(Exception):
                 callback(RequestOutput(rid, "", [], "", [], True, f"error: {exc}", 0))
-        with self.engine._lock:  # requests submitted during the failed step are failed too, not run
-            self.engine._by_request.clear()
-            self.engine._inbox.clear()
-            self.engine._cancel.clear()
 
     def shutdown(self) -> None:
         with self._wake:

@@ -26,7 +26,7 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = no nucleus filter
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop strings (not included in the output)
-    end_id: int | None = None  # None = the tokenizer's EOS; -1 = never stop on a token
+    end_id: int | None = None  # None = the EOS ids of the tokenizer and model; -1 = never stop on a token
     ignore_eos: bool = False
 
     def check(self) -> None:
