@@ -208,7 +208,9 @@ def eval_cmd(target, recipe_spec, reference_spec, assignments, output_dir, quiet
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--no-verify", is_flag=True, help="skip the sha256 check of the weight files")
+@click.option(
+    "--no-verify", is_flag=True, help="skip the sha256 check of the files (presence and sizes still checked)"
+)
 @click.option("--json", "as_json", is_flag=True, help="print the manifest")
 def inspect(artifact, no_verify, as_json) -> None:
     """Per-layer table of an artifact (verifies checksums first)."""

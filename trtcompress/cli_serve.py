@@ -5,6 +5,7 @@ Imports are lazy: `trtcompress --help` must not load torch, tritonclient or the 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shutil
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
-from trtcompress.errors import TrtcompressError
+from trtcompress.errors import ArtifactError, RecipeError, TrtcompressError
+from trtcompress.triton_models.pbtxt import RepositoryError
 
 
 def _deploy(source: Path | None, assignments: tuple[str, ...]) -> Any:
@@ -30,17 +33,53 @@ def _deploy(source: Path | None, assignments: tuple[str, ...]) -> Any:
     values = base.model_dump()
     for item in assignments:
         key, sep, value = item.partition("=")
-        if not sep or key not in values:
-            raise click.BadParameter(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(values)}")
-        values[key] = yaml.safe_load(value)
+        if not sep:
+            raise RecipeError(f"--deploy {item!r}: expected KEY=VALUE, e.g. max_batch_size=16")
+        if key not in values:
+            hint = difflib.get_close_matches(key, list(values), 1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise RecipeError(
+                f"--deploy {item!r}: unknown key deploy.{key}{did_you_mean}; allowed keys: "
+                f"{', '.join(sorted(values))}"
+            )
+        try:
+            values[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            values[key] = value
     try:
         return DeployConfig.model_validate(values)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+    except ValidationError as exc:  # one line, as recipe errors (not pydantic's multi-line report)
+        messages = []
+        for err in exc.errors():
+            path = ".".join(["deploy", *map(str, err["loc"])])
+            messages.append(f"{path}: {err['msg'].removeprefix('Value error, ')}")
+        raise RecipeError("; ".join(messages)) from None
 
 
 def _is_repository(path: Path) -> bool:
     return any(path.glob("*/config.pbtxt"))
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such {what}")
+    return path
+
+
+def _check_repository_output(output: Path, force: bool) -> None:
+    """`repo -o OUTPUT`: nothing there or an empty directory is written; anything else needs --force,
+    which replaces a model repository (directories with a config.pbtxt) and nothing else, so that the
+    models of an older repository never mix with the new ones."""
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
+        return
+    if not force:
+        raise RepositoryError(f"{output} already exists; pass --force to replace it")
+    children = list(output.iterdir()) if output.is_dir() else []
+    if not children or not all((child / "config.pbtxt").is_file() for child in children):
+        raise RepositoryError(
+            f"{output} exists and is not a Triton model repository (model directories with a config.pbtxt);"
+            " --force replaces repositories only: choose another output path"
+        )
 
 
 deploy_option = click.option(
@@ -63,7 +102,7 @@ def _environment_warning(env) -> str | None:
 
 
 @click.command()
-@click.argument("target", type=click.Path(exists=True, path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="address the endpoints bind to")
 @click.option("--http-port", type=int, default=8000, show_default=True, help="0 = any free port")
 @click.option("--grpc-port", type=int, default=8001, show_default=True, help="0 = any free port")
@@ -85,6 +124,7 @@ def serve(
     from trtcompress.serve import Server
     from trtcompress.triton_models.pbtxt import validate_repository
 
+    _existing(target, "artifact, model directory or model repository")
     work = Path(tempfile.mkdtemp(prefix="trtcompress-serve-"))
     if _is_repository(target):
         if deploy_set or step_log:
@@ -165,7 +205,7 @@ def generate(
 
 
 @click.command("repo")
-@click.argument("artifact", type=click.Path(exists=True, path_type=Path))
+@click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True)
 @click.option(
     "--kind", type=click.Choice(["native", "trtllm", "llmapi"]), default="native", show_default=True
@@ -174,14 +214,22 @@ def generate(
     "--engine-dir", type=click.Path(path_type=Path), help="trtllm: the TensorRT-LLM engine directory"
 )
 @deploy_option
-def repo_cmd(artifact, output, kind, engine_dir, deploy_set):
+@click.option(
+    "--force", is_flag=True, help="replace an existing model repository (only once the new one is complete)"
+)
+def repo_cmd(artifact, output, kind, engine_dir, deploy_set, force):
     """Generate a Triton model repository for ARTIFACT (every config.pbtxt validated)."""
+    from trtcompress.checkpoints import native
     from trtcompress.triton_models import generate_repository
-    from trtcompress.triton_models.pbtxt import RepositoryError, validate_repository
+    from trtcompress.triton_models.pbtxt import validate_repository
 
+    _existing(artifact, "artifact or model directory")
     deploy = _deploy(artifact, deploy_set)
-    try:
-        path = generate_repository(kind, artifact, output, deploy, engine_dir=engine_dir)
+    try:  # written beside OUTPUT, validated, then renamed: a failure leaves no half repository
+        with native.atomic_directory(output, force, check=_check_repository_output) as tmp:
+            generate_repository(kind, artifact, tmp, deploy, engine_dir=engine_dir)
+            validate_repository(tmp)
+        path = output
     except OSError as exc:  # a file where the repository's directories go, permissions
         raise RepositoryError(
             f"{output}: cannot write the repository ({exc.strerror}: {exc.filename})"

@@ -91,3 +91,20 @@ def test_an_evaluation_that_cannot_run_fails_before_compression(
     recipe_file.write_text(json.dumps(recipe.model_dump(mode="json")))
     with pytest.raises(RecipeError, match=match):
         evaluate_target(str(tiny_model_dir), recipe_spec=str(recipe_file))
+
+
+def test_the_artifact_keeps_the_models_generation_config(tiny_model_dir, tmp_path):
+    """The runtime stops on the generation config's EOS ids, as HF `generate` does: an artifact built
+    from a model with a generation_config.json must carry them (it used to drop the file)."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    generation = {"eos_token_id": [0, 300], "bos_token_id": 0}
+    (model_dir / "generation_config.json").write_text(json.dumps(generation))
+    recipe = with_overrides(_recipe(), [("eval.enabled", False)])
+    build(str(model_dir), recipe, tmp_path / "a")
+    loaded = native.load_artifact(tmp_path / "a")
+    assert loaded.model.generation_config.eos_token_id == [0, 300]
+    plain = build(str(tiny_model_dir), recipe, tmp_path / "b")  # none: transformers' defaults
+    assert native.load_artifact(plain.path).model.generation_config.eos_token_id in (None, 0)

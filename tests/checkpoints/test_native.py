@@ -108,6 +108,19 @@ def test_missing_file_and_missing_manifest(artifact, tmp_path):
         native.load_artifact(tmp_path / "nope")
 
 
+def test_an_added_file_is_refused_but_reports_and_hidden_files_are_not(artifact):
+    """A dropped-in chat_template.jinja passes no checksum but changes the loaded tokenizer."""
+    path, _ = artifact
+    for name in ("eval.json", "eval.png", ".eval.json.tmp"):  # written after the build; not content
+        (path / name).write_text("{}")
+    (path / "triton" / "native").mkdir(parents=True)  # `repo -o ARTIFACT/triton/native`
+    (path / "triton" / "native" / "config.pbtxt").write_text("")
+    native.load_artifact(path)
+    (path / "chat_template.jinja").write_text("{{ messages[0]['content'] }} -- injected")
+    with pytest.raises(ArtifactError, match=r"chat_template\.jinja: file not in the manifest"):
+        native.load_artifact(path)
+
+
 def test_newer_format_version_is_refused(artifact):
     path, _ = artifact
     manifest = json.loads((path / "manifest.json").read_text())
@@ -134,6 +147,21 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_build_without_force_does_not_replace_a_concurrent_builds_artifact(tmp_path):
+    """Two builds to one OUT: both found it free at the start; the one finishing second must not
+    silently replace the first one's artifact."""
+    target = tmp_path / "out"
+    with pytest.raises(ArtifactError, match="already exists"), native.atomic_directory(target) as slow:
+        (slow / "manifest.json").write_text("slow build")
+        with native.atomic_directory(target) as fast:
+            (fast / "manifest.json").write_text("fast build")
+    assert (target / "manifest.json").read_text() == "fast build"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with native.atomic_directory(target, force=True) as forced:  # --force still replaces it
+        (forced / "manifest.json").write_text("forced")
+    assert (target / "manifest.json").read_text() == "forced"
+
+
 def test_atomic_directory_refuses_existing_and_replaces_with_force(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
@@ -155,6 +183,22 @@ def test_atomic_directory_refuses_existing_and_replaces_with_force(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes it, not mkdtemp's 0700
+
+
+def test_artifact_files_get_the_permissions_of_a_plain_write(tmp_path):
+    """safetensors writes 0600 files: an artifact built by one user must stay readable by another (the
+    CPU container serves a host-built artifact as uid 1000), as the umask allows."""
+    from safetensors.torch import save_file
+
+    umask = os.umask(0)
+    os.umask(umask)
+    with native.atomic_directory(tmp_path / "out") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "private.json").write_text("{}")
+        os.chmod(tmp / "sub" / "private.json", 0o600)
+    for path in ("model.safetensors", "sub/private.json"):
+        assert (tmp_path / "out" / path).stat().st_mode & 0o777 == 0o666 & ~umask, path
 
 
 def test_qwen2_biases_survive_the_roundtrip(tiny_qwen2_dir, tmp_path):

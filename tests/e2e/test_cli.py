@@ -95,6 +95,10 @@ def test_truncated_safetensors(built, tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     _one_line_error(run_cli("inspect", str(copy)), "truncated or modified")
     _one_line_error(run_cli("eval", str(copy)), "truncated or modified")
+    # --no-verify skips the sha256 only: a truncated or missing file is still an error
+    _one_line_error(run_cli("inspect", str(copy), "--no-verify"), "truncated or modified")
+    weights.unlink()
+    _one_line_error(run_cli("inspect", str(copy), "--no-verify"), "model.safetensors: missing artifact file")
 
 
 def test_tampered_manifest(built, tmp_path):

@@ -35,7 +35,13 @@ def test_recipe_kv_section() -> None:
     ("section", "message"),
     [
         ({"codec": "gear-2bits"}, "did you mean 'gear-2bit'"),
-        ({"codec": "kivi-2bit", "options": {"rank": 2}}, "unexpected keyword argument 'rank'"),
+        (
+            {"codec": "kivi-2bit", "options": {"rank": 2}},
+            r"kv_cache\.options\.rank: unknown option for codec 'kivi-2bit'; allowed options: group, scale",
+        ),
+        ({"codec": "gear-2bit", "options": {"key_rnk": 2}}, r"did you mean 'key_rank'.*outlier_dtype"),
+        ({"codec": "int8", "options": {"bits": 8}}, "unknown option for codec 'int8'; it takes no options"),
+        ({"codec": "kivi-2bit", "options": {"bits": 4}}, "the codec's name sets its bits"),
         ({"options": {"rank": 2}}, "needs a kv_cache.codec"),
         ({"codec": "gear-2bit", "block_szie": 64}, "did you mean 'block_size'"),
         ({"codec": "kivi-2bit", "block_size": 96}, "multiple of 64"),

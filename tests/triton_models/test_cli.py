@@ -64,6 +64,49 @@ def test_repo_command_writes_validated_repositories(served_artifact, tiny_model_
     assert bad.returncode != 0 and "max_batch_sise" in bad.stderr
 
 
+def test_repo_refuses_an_existing_output_and_force_replaces_repositories_only(served_artifact, tmp_path):
+    out = tmp_path / "repo"
+    assert run_cli("repo", str(served_artifact), "-o", str(out), "--kind", "trtllm").returncode == 0
+    again = run_cli("repo", str(served_artifact), "-o", str(out))
+    assert again.returncode == 2
+    assert again.stderr.strip() == f"error: {out} already exists; pass --force to replace it"
+    forced = run_cli("repo", str(served_artifact), "-o", str(out), "--force")
+    assert forced.returncode == 0, forced.stderr
+    # the trtllm kind's ensemble and pre/postprocessing models are gone, not mixed with the native model
+    assert sorted(p.name for p in out.iterdir()) == ["tensorrt_llm"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no partial or old directory left
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    refused = run_cli("repo", str(served_artifact), "-o", str(other), "--force")
+    assert refused.returncode == 2 and "is not a Triton model repository" in refused.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    missing = tmp_path / "nothere"
+    cases = [
+        (("repo", str(missing), "-o", str(tmp_path / "r")), "artifact or model directory"),
+        (("serve", str(missing)), "artifact, model directory or model repository"),
+    ]
+    for args, what in cases:
+        result = run_cli(*args)
+        assert result.returncode == 2 and result.stderr.strip() == f"error: {missing}: no such {what}"
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("max_batch_sise=8", "unknown key deploy.max_batch_sise (did you mean 'max_batch_size'?)"),
+        ("max_batch_size=-1", "error: deploy.max_batch_size: Input should be greater than or equal to 1"),
+        ("cpu_gemm=mkl", "error: deploy.cpu_gemm: Input should be 'auto', 'onednn' or 'blas'"),
+        ("max_batch_size", "expected KEY=VALUE"),
+    ],
+)
+def test_deploy_overrides_fail_in_one_line(served_artifact, tmp_path, assignment, message):
+    bad = run_cli("repo", str(served_artifact), "-o", str(tmp_path / "x"), "--deploy", assignment)
+    assert bad.returncode == 2 and message in bad.stderr
+    assert bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_bench_serve_writes_results(served_artifact, tmp_path):
     out = run_cli("bench", "serve", str(served_artifact), "--concurrency", "1,4", "--requests", "8",
                   "--prompt-tokens", "12", "--output-tokens", "6", "--no-hf-baseline",

@@ -67,6 +67,7 @@ def build(
             recipe=recipe.model_dump(mode="json"),
             source={"model": spec, "path": str(loaded.path), "model_type": loaded.config.model_type},
             model_config=loaded.model.config.to_dict(),
+            generation_config=loaded.model.generation_config.to_diff_dict(),
             content=content,
         )
         report, gates = None, []

@@ -16,8 +16,9 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,19 @@ REPORT_FILES = ("eval.json", "eval.png")  # written after the build; not covered
 
 
 @contextlib.contextmanager
-def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    target: Path, force: bool = False, check: Callable[[Path, bool], None] | None = None
+) -> Iterator[Path]:
     """Yield a temporary sibling of `target`; rename it to `target` only if the block succeeds.
 
     An interrupted or failed build leaves at most a hidden `.NAME.partial-*` directory, never a `target`
     that looks complete. With `force`, an existing `target` is replaced only after the new one is ready.
+    `check(target, force)` refuses a `target` that must not be replaced (default: `check_output`, which
+    allows artifacts only), before the work and again just before the rename.
     """
     target = target.resolve()
-    check_output(target, force)
+    check = check or check_output
+    check(target, force)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -57,13 +63,17 @@ def atomic_directory(target: Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield tmp
+        check(target, force)  # again: a concurrent build may have finished `target` meanwhile
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "artifact")
+            os.replace(target, old / "previous")
         umask = os.umask(0)  # mkdtemp made it 0700: give the artifact the permissions of a mkdir
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
+        for path in tmp.rglob("*"):  # safetensors writes its files 0600: unreadable to a container's user
+            if path.is_file() and not path.is_symlink():
+                os.chmod(path, stat.S_IMODE(path.stat().st_mode) | (0o666 & ~umask))
         os.replace(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -170,7 +180,11 @@ def manifest_checksum(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def new_manifest(*, recipe: dict, source: dict, model_config: dict, content: dict) -> dict[str, Any]:
+def new_manifest(
+    *, recipe: dict, source: dict, model_config: dict, content: dict, generation_config: dict | None = None
+) -> dict[str, Any]:
+    """`generation_config`: the model's generation defaults that differ from transformers' (its EOS ids,
+    where the runtime stops as HF `generate` does), restored by `load_artifact`."""
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -180,6 +194,7 @@ def new_manifest(*, recipe: dict, source: dict, model_config: dict, content: dic
         "source": source,
         "recipe": recipe,
         "model_config": model_config,
+        "generation_config": generation_config or {},
         **content,
         "eval": None,
         "gates": [],
@@ -227,7 +242,20 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(path: Path, manifest: dict[str, Any]) -> None:
+def verify_files(path: Path, manifest: dict[str, Any], hashes: bool = True) -> None:
+    """Every file the manifest lists is there with its size and (unless `hashes` is false: `inspect
+    --no-verify`, which skips only the slow part) its sha256; and no unlisted file beside them: loaders
+    read whatever is there (a dropped-in `chat_template.jinja` or `added_tokens.json` changes the
+    tokenizer). Hidden files, and folders holding no listed file, are not the artifact's."""
+    listed = set(manifest["files"])
+    for folder in sorted({Path(name).parent for name in listed}):
+        for file in sorted((path / folder).iterdir()) if (path / folder).is_dir() else []:
+            rel = (folder / file.name).as_posix()
+            if file.name.startswith(".") or not file.is_file() or rel in listed:
+                continue
+            if folder == Path(".") and file.name in (MANIFEST, *REPORT_FILES):
+                continue
+            raise ArtifactError(f"{file}: file not in the manifest (added after the build); remove it")
     for name, info in manifest["files"].items():
         file = path / name
         if not file.is_file():
@@ -237,7 +265,7 @@ def verify_files(path: Path, manifest: dict[str, Any]) -> None:
             raise ArtifactError(
                 f"{file}: size {size} bytes, manifest says {info['bytes']} (truncated or modified)"
             )
-        if sha256_file(file) != info["sha256"]:
+        if hashes and sha256_file(file) != info["sha256"]:
             raise ArtifactError(f"{file}: sha256 mismatch with the manifest (corrupt or modified)")
 
 
@@ -311,6 +339,10 @@ def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
             current.data = tensor
         else:
             setattr(module, attr, tensor)
+    if manifest.get("generation_config"):  # (older artifacts have none: transformers' defaults)
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_dict(manifest["generation_config"])
     for alias, stored_name in manifest["tied_weights"].items():  # share, as when the model was built
         module_name, _, attr = alias.rpartition(".")
         source_name, _, source_attr = stored_name.rpartition(".")

@@ -10,6 +10,7 @@ stored tensor, metadata included (scales, zero points, outlier values and indice
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -95,6 +96,16 @@ def register_codec(name: str) -> Callable[[Callable[..., KVCodec]], Callable[...
 
 def codec_names() -> list[str]:
     return list(CODEC_FACTORIES)
+
+
+def codec_options(name: str) -> list[str]:
+    """The option names codec `name` accepts: the parameters of the class its factory builds (a factory
+    records it as `codec_class`), less `bits` and `name`, which the codec's name sets."""
+    factory = CODEC_FACTORIES[name]
+    cls = getattr(factory, "codec_class", factory)
+    params = inspect.signature(cls.__init__).parameters.values()
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return sorted(p.name for p in params if p.kind not in variadic and p.name not in ("self", "bits", "name"))
 
 
 def get_codec(name: str, **options: Any) -> KVCodec:

@@ -51,9 +51,21 @@ class KVCacheConfig(BaseModel):
 
     def build_codec(self) -> Any:
         from trtcompress.kv import get_codec
+        from trtcompress.kv.codec import codec_options
 
+        name = self.codec or "fp16"
+        allowed = codec_options(name)
+        for key in self.options:
+            if key in allowed or (key == "bits" and allowed):  # KIVI/GEAR name the codec of that width
+                continue
+            hint = difflib.get_close_matches(key, allowed, 1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            known = f"allowed options: {', '.join(allowed)}" if allowed else "it takes no options"
+            raise ValueError(
+                f"kv_cache.options.{key}: unknown option for codec {name!r}{did_you_mean}; {known}"
+            )
         try:
-            codec = get_codec(self.codec or "fp16", **self.options)
+            codec = get_codec(name, **self.options)
             codec.check_block(self.block_size, 64)
         except TypeError as exc:
             raise ValueError(f"options for codec {self.codec!r}: {exc}") from None

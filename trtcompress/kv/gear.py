@@ -378,6 +378,7 @@ def _gear_factory(bits: int, **defaults: Any):
         kept = {k: v for k, v in defaults.items() if k not in drop}
         return named_bits_factory(GearCodec, bits, **kept)(**options)
 
+    factory.codec_class = GearCodec
     return factory
 
 

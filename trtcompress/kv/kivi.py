@@ -156,6 +156,7 @@ def named_bits_factory(cls: type, bits: int, **defaults: Any):
             )
         return cls(bits=bits, **(defaults | options))
 
+    factory.codec_class = cls  # what `codec_options` reads the accepted option names from
     return factory
 
 
