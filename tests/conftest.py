@@ -85,9 +85,11 @@ def smollm2_dir() -> Path:
     return resolve_model("smollm2-135m", log=lambda m: None)
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the real `trtcompress` entry point in a subprocess."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run the real `trtcompress` entry point in a subprocess (`env`: variables to add)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
     return subprocess.run(
         [sys.executable, "-m", "trtcompress", *args],
         capture_output=True,

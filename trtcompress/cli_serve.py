@@ -125,15 +125,24 @@ def serve(
     from trtcompress.triton_models.pbtxt import validate_repository
 
     _existing(target, "artifact, model directory or model repository")
-    work = Path(tempfile.mkdtemp(prefix="trtcompress-serve-"))
+    deploy = None
     if _is_repository(target):
-        if deploy_set or step_log:
-            raise click.UsageError("--deploy and --step-log apply to an artifact, not to a ready repository")
+        if deploy_set or step_log or repo_dir:
+            raise click.UsageError(
+                "--deploy, --step-log and --repo-dir apply to an artifact, not to a ready repository"
+            )
+    else:
+        deploy = _deploy(target, deploy_set)
+        if repo_dir is not None and repo_dir.exists() and (not repo_dir.is_dir() or any(repo_dir.iterdir())):
+            raise RepositoryError(  # its other models would be served beside the generated one
+                f"--repo-dir {repo_dir}: exists and is not empty; give a new or empty directory"
+            )
+    work = Path(tempfile.mkdtemp(prefix="trtcompress-serve-"))  # (after the checks: no empty leftovers)
+    if deploy is None:
         repo = target
     else:
         from trtcompress.triton_models.native import write_native_repository
 
-        deploy = _deploy(target, deploy_set)
         repo = write_native_repository(repo_dir or work / "repo", target, deploy, step_log=step_log)
     models = sorted(validate_repository(repo))
     server = Server(

@@ -107,6 +107,18 @@ def test_deploy_overrides_fail_in_one_line(served_artifact, tmp_path, assignment
     assert not (tmp_path / "x").exists()
 
 
+def test_serve_refuses_a_repo_dir_holding_other_models_before_starting(served_artifact, tmp_path):
+    """--repo-dir into a directory with other models used to serve them beside the generated one; and a
+    refused serve leaves no temporary directory behind."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    taken = tmp_path / "taken"
+    (taken / "other_model").mkdir(parents=True)
+    bad = run_cli("serve", str(served_artifact), "--repo-dir", str(taken), env={"TMPDIR": str(temp)})
+    assert bad.returncode == 2 and "exists and is not empty" in bad.stderr, bad.stderr
+    assert list(taken.iterdir()) == [taken / "other_model"] and list(temp.iterdir()) == []
+
+
 def test_bench_serve_writes_results(served_artifact, tmp_path):
     out = run_cli("bench", "serve", str(served_artifact), "--concurrency", "1,4", "--requests", "8",
                   "--prompt-tokens", "12", "--output-tokens", "6", "--no-hf-baseline",
