@@ -100,6 +100,63 @@ def test_gptq_through_the_engine_beats_rtn_on_calibration_logits(tiny_model_dir)
     assert kl(gptq) < 0.7 * kl(rtn)
 
 
+def _final_hessians(model, calib, names):
+    """The Hessians of what enters `names` when the compressed model runs on `calib`."""
+    captured = {}
+    hooks = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, args, name=name: captured.__setitem__(name, args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        model(input_ids=calib, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    return {name: collect_stats(x, frozenset({HESSIAN})).hessian for name, x in captured.items()}
+
+
+def test_a_w4a4_state_replaced_in_the_same_sweep_stops_quantizing_the_forward(tiny_model):
+    """minmax-fp4 then a weight-only pass on the same layers: the final layers do not quantize their
+    input, so the calibration forward must not either (a stale transform did: layer 1 was calibrated on
+    activations the final model never computes)."""
+    from trtcompress.passes.fp4 import MinMaxFP4Config, MinMaxFP4Pass
+
+    model, calib = tiny_model.model, _calibration()
+    recorder = RecordingRTN(RecordingConfig())
+    run_sequential(model, [MinMaxFP4Pass(MinMaxFP4Config()), recorder], PassContext(calibration=calib))
+    assert all(m.state.act_quant is None for _, m in compressed_linears(model))
+    names = ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    for name, expected in _final_hessians(model, calib, names).items():
+        assert torch.allclose(recorder.seen[name], expected, rtol=1e-4, atol=1e-5), name
+
+
+def test_a_w4a4_layer_from_an_earlier_sweep_quantizes_its_input_in_a_later_one(tiny_model):
+    """W4A4 attention from sweep 1 stays W4A4: sweep 2 (MLP only) must calibrate on its quantized
+    inputs, as the final model computes them (the float stand-in used to skip the quantization)."""
+    from trtcompress.passes.fp4 import MinMaxFP4Config, MinMaxFP4Pass
+
+    model, calib = tiny_model.model, _calibration()
+    context = PassContext(calibration=calib)
+    run_sequential(model, [MinMaxFP4Pass(MinMaxFP4Config(targets=["self_attn.*"]))], context)
+    recorder = RecordingRTN(RecordingConfig(targets=["mlp.*"]))
+    run_sequential(model, [recorder], context)
+    assert model.get_submodule("model.layers.1.self_attn.o_proj").state.act_quant is not None
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.down_proj"]
+    for name, expected in _final_hessians(model, calib, names).items():
+        assert torch.allclose(recorder.seen[name], expected, rtol=1e-4, atol=1e-5), name
+
+
+def test_calibrated_pass_whose_targets_match_nothing_is_an_error(tiny_model):
+    """As for data-free passes: a mistyped target was a silent no-op after a whole calibration sweep."""
+    with pytest.raises(CompressionError, match="no linear layer matches"):
+        run_sequential(
+            tiny_model.model,
+            [GPTQPass(GPTQConfig(targets=["qproj"]))],
+            PassContext(calibration=_calibration()),
+        )
+
+
 def test_non_finite_calibration_activations_are_an_error(tiny_model):
     model = tiny_model.model
     calib = _calibration()

@@ -126,13 +126,16 @@ class GroupHandle:
         return state if state is not None else self.previous.get(name)
 
     def set_state(self, name: str, state: CompressedLinearState) -> None:
-        """Record `name`'s compressed state; the rest of this forward uses its effective weight."""
+        """Record `name`'s compressed state; the rest of this forward uses its effective weight (and
+        quantizes its input when the state is W4A4)."""
         check_keeps_mask(name, self.current_state(name), state)
         linear = self.linears[name]
         linear.weight.data = state.weight(linear.weight.dtype)
         if state.bias is not None and linear.bias is not None:
             linear.bias.data = state.bias.to(linear.bias.dtype)
         self.states[name] = state
+        if name in self.members:  # (a fold rescaling another group's producer keeps its act_quant)
+            _sync_act_transform(self.member_transforms, name, state)
 
     def transform_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
@@ -140,6 +143,18 @@ class GroupHandle:
         if name in self.member_transforms:
             x = self.member_transforms[name](x)
         return x
+
+
+def _sync_act_transform(
+    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]], name: str, state: CompressedLinearState
+) -> None:
+    """The rest of the calibration forward quantizes `name`'s input as `state` will at run time (W4A4),
+    and only then: a stale transform (a weight-only pass replacing a W4A4 state in the same sweep) made
+    the later layers calibrate on activations the final model never computes."""
+    if state.act_quant is not None:
+        transforms[name] = state.act_quant.fake_quantize
+    else:
+        transforms.pop(name, None)
 
 
 @dataclass
@@ -220,11 +235,13 @@ def _first_layer_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tens
 
 def _check_targets(model: nn.Module, passes: list[CalibratedPass]) -> None:
     for p in passes:
-        outside = [
-            name
-            for name, _ in select_linears(model, p.config.targets, p.config.exclude)
-            if not name.startswith("model.layers.")
-        ]
+        selected = [name for name, _ in select_linears(model, p.config.targets, p.config.exclude)]
+        if not selected:  # as LinearPass: a mistyped target must not be a silent (minutes-long) no-op
+            raise CompressionError(
+                f"pass {p.method!r}: no linear layer matches targets={p.config.targets} "
+                f"minus exclude={p.config.exclude}"
+            )
+        outside = [name for name in selected if not name.startswith("model.layers.")]
         if outside:
             raise CompressionError(
                 f"pass {p.method!r} compresses decoder-layer linears only, but its targets also select "
@@ -279,7 +296,7 @@ def run_sequential(model: nn.Module, passes: list[CalibratedPass], context: Pass
         handles = _prepare_layer(model, layer, index)
         sweep = LayerSweep(index, layer, handles, hidden, kwargs)
         if LAYER_OUTPUTS in needs:
-            sweep.dense_outputs = _layer_output(layer(hidden, **kwargs))
+            sweep.dense_outputs = _layer_output(_rerun_layer(layer, handles, hidden, kwargs))  # W4A4 kept
         for p in passes:
             p.start_layer(sweep, context)
         hooks = [
@@ -346,6 +363,9 @@ def _prepare_layer(model: nn.Module, layer: nn.Module, index: int) -> list[Group
             members[name], previous[name] = linear, state
         linears.update(members)
         handle = GroupHandle(index, group, layer, members, previous, linears, states)
+        for name in members:  # a W4A4 layer from an earlier sweep still quantizes its input in this one
+            if previous[name] is not None:
+                _sync_act_transform(handle.member_transforms, name, previous[name])
         handle.originals = {name: linear.weight.detach().float().clone() for name, linear in members.items()}
         handles.append(handle)
     return handles

@@ -93,6 +93,4 @@ class MinMaxFP4Pass(CalibratedPass):
                 bias=None if bias is None else bias.detach().clone(),
                 act_quant=ActQuantizer(a_exp, a_man, act.scale.clone()),  # own copy: no tied tensors
             )
-            group.set_state(name, state)
-            # The rest of the calibration forward sees this layer's quantized input, as inference will.
-            group.member_transforms[name] = state.act_quant.fake_quantize  # type: ignore[union-attr]
+            group.set_state(name, state)  # the rest of the forward sees its quantized input, as at run time

@@ -336,9 +336,7 @@ class LLMFP4Pass(CalibratedPass):
                 bias=None if bias is None else bias.detach().clone(),
                 act_quant=act,
             )
-            group.set_state(name, state)
-            if act is not None:  # the rest of the calibration forward sees quantized inputs
-                group.member_transforms[name] = act.fake_quantize
+            group.set_state(name, state)  # the rest of the calibration forward sees quantized inputs
         formats = ",".join(c.element for c in result.weights)
         act_name = "none" if result.act is None else result.act.name
         context.log(
