@@ -121,3 +121,18 @@ def test_act_quantizer_validates():
             dense_weight=torch.zeros(4, 8),
             act_quant=ActQuantizer(2, 1, torch.tensor([1.0]), torch.zeros(5, dtype=torch.uint8)),
         )
+
+
+def test_fp8_activations_can_saturate_at_e4m3fn_and_keep_it_through_the_artifact():
+    """The no-NaN E4M3 grid tops out at 480; activations that run as float8_e4m3fn (FP8 imported from
+    ModelOpt) must saturate at its 448 (470 came out as 480, code 127: NaN in e4m3fn)."""
+    x = torch.tensor([[470.0, -1000.0, 300.0, 1.0]])
+    plain = ActQuantizer(4, 3, torch.tensor([1.0]))
+    fn = ActQuantizer(4, 3, torch.tensor([1.0]), saturate=448.0)
+    assert plain.fake_quantize(x).tolist() == [[480.0, -480.0, 288.0, 1.0]]
+    assert fn.fake_quantize(x).tolist() == [[448.0, -448.0, 288.0, 1.0]]
+    assert int(fn.codes(x)[0, 0]) == 0x7E  # the largest finite e4m3fn code
+    again = ActQuantizer.from_tensors(fn.meta(), fn.tensors())
+    assert again.saturate == 448.0 and torch.equal(again.fake_quantize(x), fn.fake_quantize(x))
+    with pytest.raises(ValueError, match="act saturation"):
+        ActQuantizer(4, 3, torch.tensor([1.0]), saturate=500.0)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from trtcompress.checkpoints.trtllm_layout import ExportError, unpack_int4_rows
+from trtcompress.compressed import fpgrid
 from trtcompress.compressed.formats import FpFormat, IntFormat
 from trtcompress.compressed.linear import CompressedLinear, set_module
 from trtcompress.compressed.state import ActQuantizer, CompressedLinearState, QuantizedWeight
@@ -55,7 +56,8 @@ def _fp8(module: nn.Module, qu, weight_scale: torch.Tensor, act_scale: torch.Ten
     out_f, in_f = module.weight.shape
     scales = torch.full((out_f, 1), float(weight_scale), dtype=torch.float16)
     weight = QuantizedWeight.from_codes(fp8.view(torch.uint8), scales, None, FpFormat(4, 3, 0))
-    act = ActQuantizer(4, 3, act_scale.float().reshape(1).clone())
+    # FP8 activations run as float8_e4m3fn: saturate at its 448, not the no-NaN grid's 480 (NaN there)
+    act = ActQuantizer(4, 3, act_scale.float().reshape(1).clone(), saturate=fpgrid.E4M3_MAX)
     return CompressedLinearState(out_f, in_f, quantized=weight, act_quant=act)
 
 

@@ -146,12 +146,20 @@ class ActQuantizer:
     man_bits: int
     scale: torch.Tensor  # fp32 (1,): s = 2**(b0 - ρ)
     shift: torch.Tensor | None = None  # uint8 (in,), None = no per-channel part (one tensor-wise bias)
+    # The largest grid value used (None: the grid's own max). 448 for activations that run as
+    # float8_e4m3fn (FP8 imported from ModelOpt), whose top code is NaN: the no-NaN E4M3 grid goes to 480.
+    saturate: float | None = None
 
     def __post_init__(self) -> None:
         FpFormat(self.exp_bits, self.man_bits, 0)  # validates the element format
         if tuple(self.scale.shape) != (1,) or self.scale.dtype != torch.float32:
             raise ValueError(
                 f"act scale must be fp32 of shape (1,), got {self.scale.dtype} {tuple(self.scale.shape)}"
+            )
+        grid_max = fpgrid.max_value(self.exp_bits, self.man_bits)
+        if self.saturate is not None and not 0 < self.saturate <= grid_max:
+            raise ValueError(
+                f"act saturation must lie in (0, {grid_max}] for E{self.exp_bits}M{self.man_bits}"
             )
         if self.shift is not None:
             if self.shift.dim() != 1 or self.shift.dtype != torch.uint8:
@@ -182,6 +190,8 @@ class ActQuantizer:
         factor = self._pow2_shift(scaled)
         if factor is not None:
             scaled = scaled * factor  # exact: a power of two
+        if self.saturate is not None:  # (a grid value itself: rounding keeps it)
+            scaled = scaled.clamp(-self.saturate, self.saturate)
         return fpgrid.round_to_grid(scaled, self.exp_bits, self.man_bits)
 
     def gemm_operand(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,14 +211,19 @@ class ActQuantizer:
         return out
 
     def meta(self) -> dict[str, Any]:
-        return {"kind": "fp", "exp_bits": self.exp_bits, "man_bits": self.man_bits, "bias": self.bias}
+        meta = {"kind": "fp", "exp_bits": self.exp_bits, "man_bits": self.man_bits, "bias": self.bias}
+        return meta if self.saturate is None else meta | {"saturate": self.saturate}
 
     @classmethod
     def from_tensors(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> ActQuantizer:
         if meta.get("kind") != "fp":
             raise ValueError(f"unknown activation quantizer kind {meta.get('kind')!r}")
         return cls(
-            int(meta["exp_bits"]), int(meta["man_bits"]), tensors["act_scale"], tensors.get("act_shift")
+            int(meta["exp_bits"]),
+            int(meta["man_bits"]),
+            tensors["act_scale"],
+            tensors.get("act_shift"),
+            meta.get("saturate"),
         )
 
 
