@@ -351,8 +351,46 @@ def test_group_outliers_of_a_tied_group_are_distinct() -> None:
         ("gear-4bit", {"bits": 2}, "the codec's name sets its bits"),
         ("kivi-2bit", {"bits": 4}, "the codec's name sets its bits"),
         ("kivi-2bit", {"group": 0}, "group must be a positive"),
+        # these passed validation and failed at the first compressed block (TypeError in torch)
+        ("gear-2bit", {"range_search": 2.5}, "range_search must be a whole number"),
+        ("gear-2bit", {"range_search": True}, "range_search must be a whole number"),
+        ("gear-2bit", {"key_outlier_std_power": "half"}, "key_outlier_std_power must be a finite"),
+        ("gear-4bit", {"value_outlier_std_power": float("nan")}, "value_outlier_std_power must be a finite"),
     ],
 )
 def test_invalid_codec_options_are_refused(name: str, options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         get_codec(name, **options)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "block", "dim", "in_recipe", "message"),
+    [
+        ("kivi-3bit", {"group": 20}, 20, 64, True, "a cache block of 20 holds 60 bits"),
+        ("kivi-3bit", {}, 64, 68, False, "a head dim of 68 holds 204 bits"),
+        ("gear-2bit", {"rank": 100}, 64, 64, True, "rank 100 exceeds what a block of 64 tokens"),
+        ("gear-4bit", {"key_rank": 65}, 64, 128, True, "rank 65 exceeds what a block of 64 tokens"),
+        ("gear-2bit", {"rank": 1, "prefill_rank": 80}, 128, 64, False, "rank 80 .* 128 tokens x 64 channels"),
+        # the whole head (272 channels) is one value group: in-group index 270 stored as uint8 was 14
+        ("gear-2bit", {"outlier_scope": "group"}, 64, 272, False, "value groups of 272 channels"),
+    ],
+)
+def test_blocks_a_codec_cannot_store_are_refused_before_any_compression(
+    name: str, options: dict, block: int, dim: int, in_recipe: bool, message: str
+) -> None:
+    """Such options used to pass validation and fail at the first full block (mid-evaluation or
+    mid-serving) with a shape error from the bit packing or the power iteration, or silently restored
+    an outlier at the wrong channel (uint8 in-group index past 255). What the block size
+    alone decides fails in the recipe; what the head dim decides, when the cache is built."""
+    from pydantic import ValidationError
+
+    from trtcompress.kv.config import KVCacheConfig
+    from trtcompress.kv.paged import PagedKVCache
+
+    with pytest.raises(ValueError, match=message):
+        PagedKVCache(get_codec(name, **options), 1, 2, dim, 4, block)
+    if in_recipe:
+        with pytest.raises(ValidationError, match=message):
+            KVCacheConfig(codec=name, block_size=block, options=options)
+    else:
+        KVCacheConfig(codec=name, block_size=block, options=options)  # the head dim is not known there

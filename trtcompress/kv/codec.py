@@ -75,7 +75,9 @@ class KVCodec(ABC):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
 
-    def check_block(self, tokens: int, dim: int) -> None:
+    def check_block(self, tokens: int, dim: int | None = None) -> None:
+        """Raise ValueError where blocks of `tokens` tokens and head dim `dim` (None: not known yet, as
+        when a recipe is validated) cannot be stored."""
         if tokens % self.token_group:
             raise ValueError(
                 f"codec {self.name}: the cache block ({tokens} tokens) must be a multiple of "

@@ -66,7 +66,7 @@ class KVCacheConfig(BaseModel):
             )
         try:
             codec = get_codec(name, **self.options)
-            codec.check_block(self.block_size, 64)
+            codec.check_block(self.block_size)  # the head dim is checked when the cache is built
         except TypeError as exc:
             raise ValueError(f"options for codec {self.codec!r}: {exc}") from None
         return codec

@@ -28,8 +28,16 @@ from typing import Any, Literal
 import torch
 
 from trtcompress.kv.codec import Fields, FieldSpec, Kind, register_codec
-from trtcompress.kv.kivi import KiviCodec, named_bits_factory
+from trtcompress.kv.kivi import KiviCodec, named_bits_factory, value_group
 from trtcompress.kv.quant import FP8_MAX, absmax_scale, search_params
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def outliers_per_side(ratio: float, group: int) -> int:
@@ -200,8 +208,16 @@ class GearCodec(KiviCodec):
         self.factor_dtype = factor_dtype
         self.outlier_scope = outlier_scope
         self.std_power = {"k": key_outlier_std_power, "v": value_outlier_std_power}
-        if range_search < 0 or not 0 < range_min <= 1:
-            raise ValueError("range_search must be >= 0 steps and range_min in (0, 1]")
+        for what, power in self.std_power.items():  # else a crash (or NaN ranks) at the first block
+            if not _real(power):
+                kind = "key" if what == "k" else "value"
+                raise ValueError(f"{kind}_outlier_std_power must be a finite number, got {power!r}")
+        # a whole number of steps (a fraction, or a bool, would fail in torch.linspace at the first block)
+        if not _whole(range_search) or range_search < 0 or not 0 < range_min <= 1:
+            raise ValueError(
+                f"range_search must be a whole number of steps >= 0 and range_min in (0, 1], got "
+                f"{range_search!r} and {range_min!r}"
+            )
         self.range_search, self.range_min = range_search, range_min
         self.name = name or f"gear-{bits}bit"
 
@@ -209,6 +225,25 @@ class GearCodec(KiviCodec):
         if self.prefill_rank is None or not self.rank[kind]:
             return self.rank[kind]
         return max(self.rank[kind], self.prefill_rank)
+
+    def check_block(self, tokens: int, dim: int | None = None) -> None:
+        super().check_block(tokens, dim)
+        # what would otherwise fail (or go wrong silently) at the first compressed block, mid-evaluation
+        # or mid-serving: in-group outlier indices past a uint8, a rank beyond the block's residual's
+        if dim is not None and self.outlier_scope == "group" and self._k("v", tokens, dim):
+            gs = value_group(dim, self.group)  # the whole head where the group does not divide it
+            if gs > 256:
+                raise ValueError(
+                    f"codec {self.name}: value groups of {gs} channels (head dim {dim}, not a multiple of "
+                    f"group {self.group}) do not fit outlier_scope: group's uint8 in-group indices"
+                )
+        rank = max(self._slot_rank(kind) for kind in ("k", "v"))
+        limit = tokens if dim is None else min(tokens, dim)
+        if rank > limit:
+            shape = f"{tokens} tokens" + ("" if dim is None else f" x {dim} channels")
+            raise ValueError(
+                f"codec {self.name}: a low-rank residual of rank {rank} exceeds what a block of {shape} holds"
+            )
 
     def _k(self, kind: Kind, tokens: int, dim: int) -> int:
         _, _, gs = self._geometry(kind, tokens, dim)

@@ -73,6 +73,17 @@ class KiviCodec(KVCodec):
         self.scale_dtype = scale_dtype  # fp8: scale and zero as E4M3 with one fp16 maximum per block-head
         self.name = f"kivi-{bits}bit"
 
+    def check_block(self, tokens: int, dim: int | None = None) -> None:
+        super().check_block(tokens, dim)
+        # codes are packed into whole bytes per row: a key row holds the block's tokens, a value row
+        # the head's channels (a group option can make either a size the packing cannot fill)
+        for what, n in (("cache block", tokens), ("head dim", dim)):
+            if n is not None and n * self.bits % 8:
+                raise ValueError(
+                    f"codec {self.name}: a {what} of {n} holds {n * self.bits} bits of {self.bits}-bit "
+                    "codes, not whole bytes; use a multiple of 8"
+                )
+
     # Geometry: rows of `n` elements split into groups of `gs`.
     def _geometry(self, kind: Kind, tokens: int, dim: int) -> tuple[int, int, int]:
         """(rows, elements per row, group size)."""
