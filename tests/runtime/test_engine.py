@@ -87,6 +87,8 @@ def test_probe_detects_batch_dependent_gemms():
     assert not probe_batch_invariance([w], 64, linear=by_position)
     x = torch.randn(3, 48)  # fewer rows than MIN_ROWS are padded, never a GEMV-shaped call
     assert torch.equal(tiled_linear(x, w, None, 0), tiled_linear(torch.cat([x, x]), w, None, 0)[:3])
+    for tile in (0, 16):  # no rows at all: an empty result (fixed tiles made torch.cat fail on no tile)
+        assert tiled_linear(x[:0], w, None, tile).shape == (0, 64)
 
 
 def test_onednn_linear_matches_blas_and_a_missing_onednn_is_a_clear_error(tiny_int4_artifact, monkeypatch):

@@ -76,7 +76,7 @@ def tiled_linear(
         if rows >= MIN_ROWS:
             return linear(x, weight, bias)
         return linear(torch.cat([x, x.new_zeros(MIN_ROWS - rows, x.shape[1])]), weight, bias)[:rows]
-    pad = (-rows) % tile
+    pad = (-rows) % tile if rows else tile  # no rows: one padded tile (torch.cat needs a tensor)
     if pad:
         x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
     out = torch.cat([linear(x[i : i + tile], weight, bias) for i in range(0, rows + pad, tile)])

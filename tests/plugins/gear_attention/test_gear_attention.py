@@ -400,3 +400,17 @@ def test_op_reads_value_outliers_when_keys_have_none() -> None:
     torch.testing.assert_close(
         gear_attention_from_cache(q, cache, 0, [0]), _dense(q, cache, [0], 0.125), atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("triton_path", [False, True])
+def test_op_refuses_queries_that_do_not_fit_the_cache(triton_path: bool, monkeypatch) -> None:
+    """3 query heads over 2 KV heads: the kernel attended with a silently wrong GQA grouping (the
+    reference failed on a view); both paths now refuse it, as they do a head dim the cache does not hold."""
+    from trtcompress.plugins.gear_attention.op import gear_attention_from_cache
+
+    if triton_path:
+        monkeypatch.setenv("TRTCOMPRESS_GEAR_TRITON", "1")
+    cache = _filled_cache("gear-2bit", [70])
+    for q in (torch.randn(1, 3, 64), torch.randn(1, 4, 32)):
+        with pytest.raises(ValueError, match="multiple of the cache's 2 KV heads"):
+            gear_attention_from_cache(q, cache, 0, [0])

@@ -112,3 +112,45 @@ def check_contract(kernel, plugin, consts) -> None:
     runtime = [p.name for p in params if p.name not in constexprs]
     assert runtime == [*plugin.INPUTS, *plugin.EXTRA, *plugin.OUTPUTS]
     assert constexprs == set(consts)
+
+
+def _bad_args(case: str) -> tuple:
+    """The op's weight arguments for K = 64, broken as `case` says."""
+    _, (qweight, scales, zeros, group, symmetric, *_) = _weight("int4_g32_asym", 8, 64)
+    return {
+        "K": (qweight[:, :30].contiguous(), scales, zeros, group, symmetric, 0, 0),  # a weight for K = 60
+        "scale groups": (qweight, torch.cat([scales, scales], 1), zeros, group, symmetric, 0, 0),
+        "no zeros": (qweight, scales, None, group, False, 0, 0),  # the kernels read zeros from qweight
+        "zero groups": (qweight, scales, zeros[:, :1].contiguous(), group, False, 0, 0),
+        "codes dtype": (qweight.to(torch.int32), scales, zeros, group, symmetric, 0, 0),
+        "fp bits": (qweight, scales.float(), None, group, True, 2, 2),  # E2M2 is not a 4-bit code
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["K", "scale groups", "no zeros", "zero groups", "codes dtype", "fp bits"])
+def test_op_refuses_weight_tensors_that_do_not_fit_x(case):
+    """Tensors that do not fit x's K were sliced by the reference and read out of place by the kernels:
+    two different wrong results, no error (torch.compile's fake implementation refuses them too)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _bad_args(case)
+    with pytest.raises(ValueError, match=r"must be|need"):
+        w4a16_gemm(torch.randn(2, 64), *args)
+    mode = FakeTensorMode()
+    fake = [mode.from_tensor(a) if torch.is_tensor(a) else a for a in (torch.empty(2, 64), *args)]
+    with mode, pytest.raises(ValueError, match=r"must be|need"):
+        w4a16_gemm(*fake)
+
+
+def test_op_kernels_read_non_contiguous_scales_and_zeros(monkeypatch):
+    """Scales / zeros given as transposed views (same shape, other strides) were read by the kernels as
+    contiguous rows: a wrong result against the reference's right one."""
+    monkeypatch.setenv("TRTCOMPRESS_GEMM_TRITON", "1")
+    _, args = _weight("int4_g32_asym", 16, 64)
+    qweight, scales, zeros = args[:3]
+    strided = (qweight, scales.t().contiguous().t(), zeros.t().contiguous().t(), *args[3:])
+    assert not strided[1].is_contiguous()
+    x = torch.randn(3, 64).half()  # the tensor-core GEMV
+    torch.testing.assert_close(
+        w4a16_gemm(x, *strided).float(), w4a16_gemm_reference(x, *args).float(), rtol=2e-3, atol=2e-2
+    )

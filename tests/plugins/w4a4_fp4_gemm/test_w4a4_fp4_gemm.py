@@ -54,3 +54,40 @@ def test_trt_contract_op_and_linear(monkeypatch):
     torch.testing.assert_close(
         got.float(), w4a4_fp4_gemm_reference(xh, *_args(state)).float(), rtol=2e-3, atol=5e-2
     )
+
+
+@pytest.mark.parametrize("case", ["shift", "scale", "K"])
+def test_op_refuses_tensors_that_do_not_fit_x(case):
+    """A shift of the wrong length was broadcast by the reference and read past its end by the kernel, a
+    weight for another K sliced: wrong results, no error."""
+    args = list(_args(_state((2, 1), (2, 1), 32)))
+    x = torch.randn(2, 96)
+    if case == "shift":
+        args[3] = args[3][:1].contiguous()
+    elif case == "scale":
+        args[1] = args[1][:, :2].contiguous()
+    else:
+        x = x[:, :94]
+    with pytest.raises(ValueError, match="must"):
+        w4a4_fp4_gemm(x, *args)
+
+
+def test_linear_leaves_saturating_activation_quantizers_to_the_reference():
+    """The op quantizes activations up to the grid's max: a quantizer that saturates lower (`saturate`)
+    must keep the reference path, or its outliers come out unclamped."""
+    state = _state((2, 1), (2, 1), 32, shifts=False)
+    act = state.act_quant
+    state.act_quant = ActQuantizer(act.exp_bits, act.man_bits, act.scale, saturate=2.0)
+    x = torch.randn(3, 96) * 3
+    assert not torch.equal(w4a4_fp4_gemm(x, *_args(state)), state.forward(x))  # the op ignores it
+    assert w4a4_linear(state, "cpu") is None
+
+
+def test_op_kernel_reads_non_contiguous_scales(monkeypatch):
+    """Scales given as a transposed view (same shape, other strides) were read as contiguous rows."""
+    monkeypatch.setenv("TRTCOMPRESS_GEMM_TRITON", "1")
+    args = list(_args(_state((2, 1), (2, 1), 32)))
+    ref = w4a4_fp4_gemm_reference(x := torch.randn(3, 96).half(), *args)
+    args[1] = args[1].t().contiguous().t()
+    assert not args[1].is_contiguous()
+    torch.testing.assert_close(w4a4_fp4_gemm(x, *args).float(), ref.float(), rtol=2e-3, atol=5e-2)

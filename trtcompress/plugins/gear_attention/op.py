@@ -29,6 +29,17 @@ def _unflatten(tensors: list[Opt]) -> tuple[dict, dict]:
     return k, v
 
 
+def _check_shapes(q: torch.Tensor, k_tail: torch.Tensor) -> None:
+    """q must be `(B, Hq, D)` with Hq a multiple of the cache's H heads and D its head dim (the kernel
+    would attend a silently wrong GQA grouping otherwise)."""
+    heads, dim = k_tail.shape[1], k_tail.shape[-1]
+    if q.dim() != 3 or q.shape[1] % heads or q.shape[2] != dim:
+        raise ValueError(
+            f"q must be (B, Hq, {dim}) with Hq a multiple of the cache's {heads} KV heads, "
+            f"got {tuple(q.shape)}"
+        )
+
+
 @torch.library.custom_op("trtcompress::gear_attention", mutates_args=())
 def gear_attention(
     q: torch.Tensor,
@@ -75,6 +86,7 @@ def gear_attention(
     v_scale_max: Opt = None,
     v_zero_max: Opt = None,
 ) -> torch.Tensor:
+    _check_shapes(q, k_tail)
     k, v = _unflatten(
         [
             k_codes,
@@ -126,6 +138,7 @@ def gear_attention(
 
 @gear_attention.register_fake
 def _(q, *args, **kwargs) -> torch.Tensor:
+    _check_shapes(q, kwargs["k_tail"] if "k_tail" in kwargs else args[18])
     return torch.empty(q.shape, dtype=torch.float32, device=q.device)
 
 

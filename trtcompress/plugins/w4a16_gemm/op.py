@@ -95,6 +95,35 @@ def _kernel_kwargs(
     return {"path": "gemm"}
 
 
+def check_w4a16_args(
+    k: int,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    symmetric: bool,
+    fp_exp: int,
+    fp_man: int,
+) -> None:
+    """Raise unless the weight tensors fit x's K (the kernels read them by K and the group, the reference
+    slices them: either would compute a wrong result silently from tensors of other shapes)."""
+    n = qweight.shape[0]
+    groups = 1 if group_size <= 0 else -(-k // group_size)
+    if qweight.dtype != torch.uint8 or tuple(qweight.shape) != (n, (k + 1) // 2):
+        got = f"{qweight.dtype} {tuple(qweight.shape)}"
+        raise ValueError(f"qweight must be uint8 ({n}, {(k + 1) // 2}) for K = {k}, got {got}")
+    if tuple(scales.shape) != (n, groups):
+        raise ValueError(
+            f"scales must be ({n}, {groups}) for K = {k}, group {group_size}: got {tuple(scales.shape)}"
+        )
+    if fp_exp > 0:
+        if fp_exp + fp_man != 3:
+            raise ValueError(f"FP4 codes need fp_exp + fp_man = 3, got E{fp_exp}M{fp_man}")
+    elif not symmetric and (zeros is None or tuple(zeros.shape) != (n, groups)):
+        got = None if zeros is None else tuple(zeros.shape)
+        raise ValueError(f"asymmetric INT4 needs zeros of shape ({n}, {groups}), got {got}")
+
+
 @torch.library.custom_op("trtcompress::w4a16_gemm", mutates_args=())
 def w4a16_gemm(
     x: torch.Tensor,
@@ -107,10 +136,14 @@ def w4a16_gemm(
     fp_man: int,
 ) -> torch.Tensor:
     lead, k = x.shape[:-1], x.shape[-1]
+    check_w4a16_args(k, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man)
     x2 = x.reshape(-1, k)
     if _use_triton(x2) and x2.dtype in (torch.float16, torch.bfloat16):
         from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton
 
+        # some kernels index the weight, scales and zeros as contiguous rows (no-op when they are)
+        qweight, scales = qweight.contiguous(), scales.contiguous()
+        zeros = None if zeros is None else zeros.contiguous()
         kwargs = _kernel_kwargs(x2.shape[0], qweight.shape[0], k, group_size, fp_exp, x2.dtype)
         out = w4a16_gemm_triton(x2, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man, **kwargs)
     else:
@@ -120,6 +153,7 @@ def w4a16_gemm(
 
 @w4a16_gemm.register_fake
 def _(x, qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man) -> torch.Tensor:
+    check_w4a16_args(x.shape[-1], qweight, scales, zeros, group_size, symmetric, fp_exp, fp_man)
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
