@@ -146,3 +146,62 @@ def test_defaults_follow_the_reference_protocol():
     recipe = Recipe()
     assert (recipe.eval.ppl_tokens, recipe.eval.context, recipe.eval.gsm8k_problems) == (4096, 1024, 64)
     assert (recipe.calibration.num_samples, recipe.calibration.seq_len) == (128, 512)
+
+
+def test_recipe_files_refuse_duplicate_keys_and_bad_encodings_in_one_line(tmp_path):
+    """A key given twice was silently the last one (a second `passes:` dropped the first); a file that
+    is not UTF-8 was a UnicodeDecodeError traceback; a YAML error said neither line nor column."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("name: a\npasses: [{method: gsq, bits: 3}]\npasses: []\n")
+    with pytest.raises(RecipeError, match=r"duplicate key 'passes' \(line 3, column 1\)"):
+        load_recipe(str(dup))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("eval: {ppl_tokens: 2048, ppl_tokens: 4096}\n")
+    with pytest.raises(RecipeError, match="duplicate key 'ppl_tokens'"):
+        load_recipe(str(nested))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="not UTF-8 text"):
+        load_recipe(str(latin))
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes("\ufeffname: caf\xe9\n".encode())
+    assert load_recipe(str(bom)).name == "caf\xe9"
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("name: a\n\tdescription: x\n")
+    with pytest.raises(RecipeError, match=r"invalid YAML \(found character .* \(line 2, column 1\)\)"):
+        load_recipe(str(tab))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(RecipeError, match="got nothing"):
+        load_recipe(str(empty))
+
+
+def test_exponent_floats_are_floats_in_files_and_in_set(tmp_path):
+    """YAML 1.1 reads `1e-2` as a string: a codec option given so failed with "'<=' not supported
+    between instances of 'int' and 'str'"."""
+    path = tmp_path / "r.yaml"
+    path.write_text("kv_cache: {codec: gear-2bit, options: {outlier_ratio: 1e-2}}\n")
+    assert load_recipe(str(path)).kv_cache.options == {"outlier_ratio": 0.01}
+    assert parse_assignment("kv_cache.options.outlier_ratio=1e-2") == ("kv_cache.options.outlier_ratio", 0.01)
+    recipe = with_overrides(
+        load_recipe("int4-g128-rtn"),
+        [("kv_cache.codec", "gear-2bit"), parse_assignment("kv_cache.options={outlier_ratio: 2E-2}")],
+    )
+    assert recipe.kv_cache.options == {"outlier_ratio": 0.02}
+
+
+def test_set_takes_text_fields_verbatim_and_star_needs_a_field():
+    """`--set name=no` was False ("Input should be a valid string"), `--set 'description=INT4 # 2'`
+    was cut to "INT4" at the YAML comment; `--set passes.*=...` was an IndexError traceback."""
+    recipe = load_recipe("int4-g128-rtn")
+    cases = [("name=no", "no"), ("name=1.0", "1.0"), ("description=INT4 # 2, a: b", "INT4 # 2, a: b"),
+             ("name='yes'", "yes"), ('name= "a # b" ', "a # b")]  # fmt: skip
+    for text, value in cases:
+        assignment = parse_assignment(text)
+        assert assignment[1] == value
+        assert getattr(with_overrides(recipe, [assignment]), text.partition("=")[0]) == value
+    assert parse_assignment("kv_cache.codec=null") == ("kv_cache.codec", None)  # str | None: still YAML
+    assert parse_assignment("eval.context=512") == ("eval.context", 512)
+    for path in ("passes.*", "gates.*"):
+        with pytest.raises(RecipeError, match=r"'\*' selects entries by a field"):
+            with_overrides(recipe, [(path, [])])

@@ -189,9 +189,17 @@ def serve(
 @click.option("--seed", type=int)
 @click.option("--stop", "stop_words", multiple=True, help="stop string (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object at the end")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600,
+    show_default=True,
+    help="seconds to wait for the whole answer (gRPC: then the request is cancelled on the server)",
+)
 def generate(
-    prompt, url, use_http, model, stream, max_tokens, temperature, top_k, top_p, seed, stop_words, as_json
-):
+    prompt, url, use_http, model, stream, max_tokens, temperature, top_k, top_p, seed, stop_words, as_json,
+    timeout,
+):  # fmt: skip
     """Send PROMPT to a served text model with tritonclient and print the answer."""
     from trtcompress.client import generate_grpc, generate_http
 
@@ -200,7 +208,7 @@ def generate(
         params["stop"] = list(stop_words)
     echo = None if as_json or not stream else (lambda piece: click.echo(piece, nl=False))
     call = generate_http if use_http else generate_grpc
-    out = call(url, model, prompt, stream=stream, on_piece=echo, **params)
+    out = call(url, model, prompt, stream=stream, timeout=timeout, on_piece=echo, **params)
     if as_json:
         click.echo(
             json.dumps({"text_output": out.text, "finish_reason": out.finish_reason, "ttft_s": out.ttft})
@@ -247,26 +255,43 @@ def repo_cmd(artifact, output, kind, engine_dir, deploy_set, force):
     click.echo(f"wrote {path}: {', '.join(sorted(models))}")
 
 
+def _concurrency_levels(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    """`1,8,32` -> [1, 8, 32]; checked here, not after the model has loaded (or as a traceback)."""
+    try:
+        levels = [int(c) for c in value.split(",") if c.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise click.BadParameter(f"{value!r}: expected positive integers separated by commas, e.g. 1,8,32")
+    return levels
+
+
 @click.command("serve")
 @click.argument("target", default="smollm2-135m")
-@click.option("--concurrency", default="1,8,32", show_default=True, help="concurrent clients to sweep")
-@click.option("--requests", "num_requests", type=int, default=64, show_default=True, help="per level")
-@click.option("--prompt-tokens", type=int, default=64, show_default=True)
-@click.option("--output-tokens", type=int, default=64, show_default=True)
+@click.option(
+    "--concurrency",
+    "levels",
+    default="1,8,32",
+    show_default=True,
+    callback=_concurrency_levels,
+    help="concurrent clients to sweep",
+)
+@click.option(
+    "--requests", "num_requests", type=click.IntRange(min=1), default=64, show_default=True, help="per level"
+)
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--output-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @deploy_option
 @click.option("--hf-baseline/--no-hf-baseline", default=True, show_default=True, help="HF generate, same run")
 @click.option(
     "--output", "-o", type=click.Path(path_type=Path), default=Path("out/bench-serve"), show_default=True
 )
-def bench_serve(
-    target, concurrency, num_requests, prompt_tokens, output_tokens, deploy_set, hf_baseline, output
-):
+def bench_serve(target, levels, num_requests, prompt_tokens, output_tokens, deploy_set, hf_baseline, output):
     """Load generator: concurrent tritonclient gRPC streaming clients against TARGET (an artifact, a model
     directory or a known model name) served by tritonserver, with HF `generate` and one-request-at-a-time
     baselines measured in the same run."""
     from trtcompress.bench_serve import run
 
-    levels = [int(c) for c in concurrency.split(",") if c.strip()]
     result = run(
         target, levels, num_requests, prompt_tokens, output_tokens, list(deploy_set), hf_baseline, output
     )

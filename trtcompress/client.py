@@ -107,6 +107,7 @@ def generate_grpc(
     client = client or grpcclient.InferenceServerClient(url)
     results: queue.Queue = queue.Queue()
     done = Completion()
+    finished = False
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error, time.perf_counter())))
         done.start = time.perf_counter()
@@ -126,8 +127,9 @@ def generate_grpc(
             try:
                 result, error, t = results.get(timeout=max(0.0, deadline - time.perf_counter()))
             except queue.Empty:
-                raise ClientError(f"no final response within {timeout:.0f} s") from None
+                raise ClientError(f"no final response within {timeout:g} s") from None
             if error is not None:
+                finished = True  # ended by the server: a cancel now kept tritonserver from unloading it
                 raise ClientError(str(error.message() if hasattr(error, "message") else error))
             text, reason = result.as_numpy("text_output"), result.as_numpy("finish_reason")
             if text is not None:  # (an empty final response has no outputs)
@@ -140,9 +142,12 @@ def generate_grpc(
             done.finish_reason = reason or done.finish_reason
             final = result.get_response().parameters.get("triton_final_response")
             if reason or (final is not None and final.bool_param):
+                finished = True
                 break
     finally:
-        client.stop_stream()
+        # A request left unfinished (timeout, Ctrl-C) is cancelled: a plain stop_stream() waits until
+        # the server has sent every response, however long past the timeout that is.
+        client.stop_stream(cancel_requests=not finished)
         if own:
             client.close()
     done.text = "".join(done.pieces)

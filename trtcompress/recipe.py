@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -147,9 +148,42 @@ class Recipe(StrictModel):
 # ---------------------------------------------------------------------------------------------- loading
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML for recipes: a key given twice is an error (PyYAML keeps the last one silently), and
+    exponent floats without a dot (`1e-3`, which YAML 1.1 reads as a string) are floats, as in YAML 1.2."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """`problem (line L, column C)`: PyYAML's first line alone ("while scanning ...") says neither."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def parse_recipe(data: Any, source: str) -> Recipe:
     if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+        got = "nothing (an empty file)" if data is None else type(data).__name__
+        raise RecipeError(f"{source}: a recipe is a YAML mapping, got {got}")
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -164,9 +198,13 @@ def load_recipe_file(path: Path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        raise RecipeError(f"{path}: invalid YAML ({_yaml_error(exc)})") from None
     return parse_recipe(data, str(path))
 
 
@@ -217,11 +255,30 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     path, sep, raw = text.partition("=")
     if not sep or not path.strip():
         raise RecipeError(f"--set {text!r}: expected PATH=VALUE, e.g. passes.0.group_size=64")
+    path = path.strip()
+    raw_text = raw.strip()
+    quoted = len(raw_text) >= 2 and raw_text[0] == raw_text[-1] and raw_text[0] in "'\""
+    if _is_text_field(path.split(".")) and not quoted:
+        # free text as typed: YAML would make `name=no` a bool, `name=1.0` a float, cut at ` #`
+        return path, raw_text
     try:
-        value = yaml.safe_load(raw)
+        value = yaml_load(raw)
     except yaml.YAMLError:
         value = raw
-    return path.strip(), value
+    return path, value
+
+
+def _is_text_field(keys: list[str]) -> bool:
+    """Whether a recipe path ends at a field declared `str` (name, description, ...)."""
+    model: type[BaseModel] | None = Recipe
+    for i, key in enumerate(keys):
+        field = model.model_fields.get(key) if model is not None else None
+        if field is None:
+            return False
+        if i == len(keys) - 1:
+            return field.annotation is str
+        model = _model_of(field.annotation)
+    return False
 
 
 def with_overrides(recipe: Recipe, overrides: list[tuple[str, Any]]) -> Recipe:
@@ -238,6 +295,8 @@ def _assign(node: Any, keys: list[str], value: Any, full: str) -> None:
     key, rest = keys[0], keys[1:]
     if isinstance(node, list):
         if key == "*":
+            if not rest:
+                raise RecipeError(f"{full}: '*' selects entries by a field: {full}.FIELD=VALUE")
             hits = [item for item in node if isinstance(item, dict) and _accepts(item, rest[0])]
             if not hits:
                 raise RecipeError(f"{full}: no entry of this recipe has a field {rest[0]!r}")

@@ -127,6 +127,7 @@ class Server:
             metrics_port or free_port(),
         )
         self.log_file = log_file
+        self.log_offset = 0  # where this run's lines start in a log that earlier runs appended to
         self.verbose = verbose
         self.proc: subprocess.Popen | None = None
         self.triton: Tritonserver | None = None
@@ -157,6 +158,8 @@ class Server:
             out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         except OSError as exc:
             raise ServeError(f"{self.log_file}: cannot write tritonserver's log ({exc.strerror})") from None
+        if out is not subprocess.DEVNULL:
+            self.log_offset = out.tell()
         try:
             self.triton = locate_tritonserver()
             self.proc = subprocess.Popen(
@@ -219,7 +222,9 @@ class Server:
         """The log's error lines (a model's load failure is often far from the end), then its tail."""
         if not self.log_file or not Path(self.log_file).is_file():
             return ""
-        lines = Path(self.log_file).read_text(errors="replace").splitlines()
+        with open(self.log_file, "rb") as log:  # this run's lines: an earlier run's errors are not ours
+            log.seek(self.log_offset)
+            lines = log.read().decode(errors="replace").splitlines()
         errors = [line for line in lines if line.startswith("E") or "failed to load" in line][:15]
         return ":\n" + "\n".join([*errors, *(["..."] if errors else []), *lines[-15:]])
 

@@ -190,3 +190,57 @@ def test_server_start_errors_come_before_anything_runs(tmp_path):
     log = tmp_path / "log"
     log.write_text("E1128 model 'm' failed to load: boom\\n" + "I1128 options\\n" * 40)
     assert "boom" in Server(tmp_path, log_file=log)._log_tail()
+
+
+def test_a_grpc_client_timeout_cancels_the_request_instead_of_waiting_for_it(tmp_path):
+    """The client gave up at its timeout but stop_stream() then waited for the server's last response
+    (a 1 s timeout returned after the whole 4 s generation); the unfinished request is now cancelled."""
+    from tests.triton_models.conftest import ECHO_CONFIG, ECHO_MODEL, ECHO_MODEL_PY
+    from trtcompress.client import ClientError, generate_grpc
+    from trtcompress.serve import Server
+
+    slow = tmp_path / "repo" / "slow"
+    (slow / "1").mkdir(parents=True)
+    (slow / "config.pbtxt").write_text(ECHO_CONFIG.replace(ECHO_MODEL, "slow"))
+    model_py = ECHO_MODEL_PY.replace("import numpy", "import time\nimport numpy")
+    loop = "for i, word in enumerate(words):\n"
+    (slow / "1" / "model.py").write_text(model_py.replace(loop, loop + " " * 16 + "time.sleep(0.5)\n"))
+    with Server(tmp_path / "repo", log_file=tmp_path / "tritonserver.log") as server:
+        t0 = time.perf_counter()
+        with pytest.raises(ClientError, match="no final response within 1 s"):
+            generate_grpc(server.endpoints.grpc, "slow", "a b c d e f g h", timeout=1)
+        assert time.perf_counter() - t0 < 3.0
+        url = server.endpoints.grpc
+        cli = run_cli("generate", "a b", "--url", url, "--model", "slow", "--timeout", "0.2")
+        assert cli.returncode == 2 and "no final response within 0.2 s" in cli.stderr, cli.stderr
+        assert server.stop() == 0  # the cancelled requests do not keep the model from unloading
+
+
+@pytest.mark.parametrize("args", [("--concurrency", "1,a"), ("--concurrency", ","), ("--concurrency", "0,4"),
+                                  ("--requests", "0"), ("--output-tokens", "0")])  # fmt: skip
+def test_bench_serve_refuses_bad_sweep_settings_before_loading_anything(args, tmp_path):
+    """`--concurrency 1,a` was a ValueError traceback; an empty list failed at max([]) after the model and
+    the HF baselines had run; zero requests / tokens measured nothing (every request refused)."""
+    out = run_cli("bench", "serve", str(tmp_path / "missing-model"), *args, "-o", str(tmp_path / "out"))
+    assert out.returncode == 2 and f"Invalid value for '{args[0]}'" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_failed_start_reports_this_runs_errors_not_those_of_a_reused_log(tmp_path):
+    """tritonserver appends to its log: the error lines of an earlier run (bench serve's
+    OUT/tritonserver.log, a reused --log-file) came first in the excerpt and could hide this run's."""
+    from trtcompress.serve import ServeError, Server
+
+    model = tmp_path / "repo" / "m"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(
+        'name: "m"\nbackend: "python"\nmax_batch_size: 0\n'
+        'input [ { name: "x" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
+        'output [ { name: "y" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
+    )
+    (model / "1" / "model.py").write_text("raise RuntimeError('this run broke')\n")
+    log = tmp_path / "tritonserver.log"
+    log.write_text("E0101 model 'old' failed to load: an earlier run broke\n" * 20)
+    with pytest.raises(ServeError, match="this run broke") as err:
+        Server(tmp_path / "repo", log_file=log).start(timeout=120)
+    assert "an earlier run broke" not in str(err.value)
