@@ -89,9 +89,43 @@ def test_trtllm_build_args_come_from_the_recipe(tmp_path):
     assert "--use_paged_context_fmha" not in engine.trtllm_build_args(tmp_path, tmp_path, cfg, _config())
 
 
+# `trtllm-build` options of TensorRT-LLM 1.2.1, transcribed from tensorrt_llm/commands/build.py
+# (parse_arguments) and tensorrt_llm/plugin/plugin.py (cli_plugin_args): the subset a LLaMA build may use.
+# Removed / renamed spellings (--max_output_len, --use_custom_all_reduce, --context_fmha_fp32_acc,
+# --strongly_typed, --paged_kv_cache as a plugin flag) must never appear.
+TRTLLM_BUILD_OPTIONS = {
+    "--checkpoint_dir", "--model_config", "--build_config", "--output_dir", "--max_batch_size",
+    "--max_input_len", "--max_seq_len", "--max_beam_width", "--max_num_tokens", "--opt_num_tokens",
+    "--kv_cache_type", "--workers", "--log_level", "--weight_sparsity", "--logits_dtype",
+    "--gpt_attention_plugin", "--gemm_plugin", "--nccl_plugin", "--context_fmha", "--remove_input_padding",
+    "--tokens_per_block", "--use_paged_context_fmha", "--use_fp8_context_fmha", "--multiple_profiles",
+    "--use_fused_mlp", "--reduce_fusion",
+}  # fmt: skip
+TRTLLM_KV_CACHE_TYPES = {"continuous", "paged", "disabled"}  # KVCacheTypeFromString, case-insensitive
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [EngineConfig(enabled=True), EngineConfig(kv_cache_type="continuous", use_paged_context_fmha=False)]
+    + [EngineConfig(gemm_plugin=g) for g in engine.GEMM_PLUGIN_CHOICES]
+    + [EngineConfig(gpt_attention_plugin=a) for a in engine.ATTENTION_PLUGIN_CHOICES],
+)
+def test_trtllm_build_args_are_options_of_the_pinned_trtllm_build(tmp_path, cfg):
+    args = engine.trtllm_build_args(tmp_path, tmp_path, cfg, _config(world=3))
+    flags = dict(zip(args[1::2], args[2::2], strict=True))
+    assert set(flags) <= TRTLLM_BUILD_OPTIONS
+    assert flags["--kv_cache_type"] in TRTLLM_KV_CACHE_TYPES
+    assert flags["--gemm_plugin"] in engine.GEMM_PLUGIN_CHOICES
+    assert flags["--gpt_attention_plugin"] in engine.ATTENTION_PLUGIN_CHOICES
+    assert flags.get("--use_paged_context_fmha", "enable") in ("enable", "disable")
+
+
 def test_checkpoints_stock_trtllm_build_cannot_build_are_refused():
     engine.check_buildable(_config("W4A16_AWQ", 128))
-    engine.check_buildable(_config("W4A16_MXFP4"))
+    engine.check_buildable(_config("FP8"))
+    # TensorRT-LLM's TensorRT path has no MXFP4 linear (quantization/quantize.py: quantize()).
+    with pytest.raises(ArtifactError, match=r"W4A16_MXFP4.*PyTorch backend"):
+        engine.check_buildable(_config("W4A16_MXFP4"))
     with pytest.raises(ArtifactError, match=r"trtcompress::gear_attention.*stock trtllm-build"):
         engine.check_buildable(_config(plugins={"trtcompress::gear_attention": {"codec": "gear-2bit"}}))
     with pytest.raises(ArtifactError, match="group size 64 or 128"):
@@ -126,6 +160,9 @@ def test_engine_triton_repository_points_where_the_artifact_will_be(tmp_path):
         ({"passes": [{"method": "minmax-fp4"}], "export": {"engine": {"enabled": True}}},
          "stock trtllm-build"),
         ({"kv_cache": {"codec": "gear-2bit"}, "export": {"engine": {"enabled": True}}}, "gear-2bit"),
+        ({"passes": [{"method": "mxfp4"}], "export": {"engine": {"enabled": True}}}, "W4A16_MXFP4"),
+        ({"export": {"engine": {"enabled": True, "gemm_plugin": "fp16"}}}, "gemm_plugin 'fp16'"),
+        ({"export": {"engine": {"enabled": True, "gpt_attention_plugin": "fp8"}}}, "gpt_attention_plugin"),
     ],
 )  # fmt: skip
 def test_impossible_exports_are_refused_before_any_work(data, fragment):

