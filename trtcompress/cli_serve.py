@@ -245,14 +245,12 @@ def repo_cmd(artifact, output, kind, engine_dir, deploy_set, force):
     try:  # written beside OUTPUT, validated, then renamed: a failure leaves no half repository
         with native.atomic_directory(output, force, check=_check_repository_output) as tmp:
             generate_repository(kind, artifact, tmp, deploy, engine_dir=engine_dir)
-            validate_repository(tmp)
-        path = output
+            models = validate_repository(tmp)
     except OSError as exc:  # a file where the repository's directories go, permissions
         raise RepositoryError(
             f"{output}: cannot write the repository ({exc.strerror}: {exc.filename})"
         ) from None
-    models = validate_repository(path)
-    click.echo(f"wrote {path}: {', '.join(sorted(models))}")
+    click.echo(f"wrote {output}: {', '.join(sorted(models))}")
 
 
 def _concurrency_levels(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:

@@ -184,9 +184,8 @@ class Server:
         e = self.endpoints
         for what, port in (("HTTP", e.http_port), ("gRPC", e.grpc_port), ("metrics", e.metrics_port)):
             with socket.socket() as s:
-                s.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
-                )  # as servers bind: only a listener blocks
+                # bound as servers bind, so that only a listener (not a closing connection) blocks it
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind((self.bind_host or "0.0.0.0", port))
                 except OSError:
