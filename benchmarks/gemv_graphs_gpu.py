@@ -1,7 +1,8 @@
 """W4A16 decode GEMVs vs bf16 matmul as a serving decode step runs them: replayed from CUDA graphs, L2 cold.
 
     python benchmarks/gemv_graphs_gpu.py OUT.json [--quick]
-    python benchmarks/gemv_graphs_gpu.py OUT.json --smoke   # CPU: the script itself, interpreted, tiny
+    python benchmarks/gemv_graphs_gpu.py OUT.json --group-major [--quick]  # the runtime's layout
+    python benchmarks/gemv_graphs_gpu.py OUT.json --smoke [--group-major]  # CPU: interpreted, tiny
 
 `benchmarks/gemm_gpu.py` times each call eagerly (`do_bench`): a Triton launch costs the CPU 10-30 us,
 so small GEMVs (and the split-K paths' zero-fill and cast kernels) are partly timed as launch gaps,
@@ -39,8 +40,14 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from trtcompress.plugins.w4a16_gemm.gemv_lop3 import GroupMajorWeight, gemv_lop3_group_major  # noqa: E402
+from trtcompress.plugins.w4a16_gemm.group_major_op import w4a16_gemm_group_major  # noqa: E402
 from trtcompress.plugins.w4a16_gemm.kernel import w4a16_gemm_triton  # noqa: E402
-from trtcompress.plugins.w4a16_gemm.op import GEMV_H2_CONFIG, GEMV_TC_CONFIG, gemv_lop3_config  # noqa: E402
+from trtcompress.plugins.w4a16_gemm.op import (  # noqa: E402
+    GEMV_H2_CONFIG,
+    GEMV_TC_CONFIG,
+    gemv_lop3_config,
+    w4a16_gemm,
+)
 from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference  # noqa: E402
 
 DEVICE = "cpu" if SMOKE else "cuda"
@@ -54,6 +61,9 @@ LOP3_TILES = [  # (block_n, block_k, split_k): one group per step
 WARPS_STAGES = [(2, 1), (4, 2), (8, 1), (4, 3)]
 GROUP_MAJOR = "gemv_lop3_group_major"  # the best lop3 launch over the contiguous-per-step weight layout
 TWO_ROWS = "gemv_lop3_2rows"  # the best lop3 launch with both rows of x in one program (M = 2)
+GROUP_MAJOR_2ROWS = "gemv_lop3_group_major_2rows"  # the same launch with rows=2 (M = 2)
+OP_ROWS = "op_rows"  # torch.ops.trtcompress.w4a16_gemm over the row layout (the artifact's)
+OP_GROUP_MAJOR = "op_group_major"  # torch.ops.trtcompress.w4a16_gemm_group_major (the CUDA runtime's call)
 DEEP_STAGES = (3, 4)  # `stages` of Triton's cp.async pipeline of the words (gemv_lop3, no prefetch)
 
 
@@ -126,9 +136,14 @@ def int4_copies(n: int, k: int, count: int, symmetric: bool = True) -> list[tupl
 
 
 def kernel_fns(x: torch.Tensor, weights: list, path: str, cfg: dict) -> list:
-    """One call per weight copy; path "gemv_lop3_group_major": `weights` are `GroupMajorWeight`s."""
+    """One call per weight copy; paths GROUP_MAJOR and OP_GROUP_MAJOR: `weights` are `GroupMajorWeight`s;
+    OP_ROWS / OP_GROUP_MAJOR: the ops as the runtime calls them (their own kernel choice, `cfg` unused)."""
     if path == GROUP_MAJOR:
         return [lambda w=w: gemv_lop3_group_major(x, w, **cfg) for w in weights]
+    if path == OP_GROUP_MAJOR:
+        return [lambda w=w: w4a16_gemm_group_major(x, *w.op_args) for w in weights]
+    if path == OP_ROWS:
+        return [lambda w=w: w4a16_gemm(x, *w, 0, 0) for w in weights]
     return [lambda w=w: w4a16_gemm_triton(x, *w, path=path, **cfg) for w in weights]
 
 
@@ -151,35 +166,41 @@ def time_path(x, weights, path: str, cfg: dict, ref: torch.Tensor, layouts: list
         return {"config": cfg, "error": msg}
 
 
-def tune_lop3(x, weights) -> tuple[dict, list[dict]]:
+def tune_lop3(x, weights, layouts: list | None = None) -> tuple[dict, list[dict]]:
     """Stage 1: tiles x split-K with the split-K partials added by the last split (`last_sums`, one
     kernel; the eighth session's first run measured the atomic alternative 1.03-1.29x slower); stage 2:
     warps x stages around the best two; stage 3: the prefetching loop toggled on the best three; stage 4:
     deeper queues of weight loads on the best three (prefetch two steps ahead, or Triton's cp.async
-    pipeline with DEEP_STAGES stages)."""
+    pipeline with DEEP_STAGES stages). `layouts`: tune over these `GroupMajorWeight`s instead (path
+    GROUP_MAJOR), steps of one group, at most one chunk."""
     ref = w4a16_gemm_reference(x, *weights[0])
+    path = GROUP_MAJOR if layouts else "gemv_lop3"
+
+    def time_lop3(cfg: dict) -> dict:
+        return time_path(x, weights, path, cfg, ref, layouts)
+
     tiles = [(16, 128, 1), (16, 64, 2)] if SMOKE else LOP3_TILES
     first = [
-        dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=1, last_sums=sk > 1)
+        dict(block_n=bn, block_k=bk, split_k=sk, num_warps=4, num_stages=1, last_sums=sk > 1, prefetch=False)
         for bn, bk, sk in tiles
     ]
-    tried = [time_path(x, weights, "gemv_lop3", cfg, ref) for cfg in first]
-    assert any("ms" in t for t in tried), "no gemv_lop3 config ran"
+    tried = [time_lop3(cfg) for cfg in first]
+    assert any("ms" in t for t in tried), f"no {path} config ran"
     for top in _ranked(tried)[:2]:
         for nw, ns in WARPS_STAGES[:1] if SMOKE else WARPS_STAGES:
             cfg = {**top["config"], "num_warps": nw, "num_stages": ns}
             if cfg != top["config"]:
-                tried.append(time_path(x, weights, "gemv_lop3", cfg, ref))
+                tried.append(time_lop3(cfg))
     for top in _ranked(tried)[:3]:
-        toggled = {**top["config"], "prefetch": not top["config"].get("prefetch", False)}
+        toggled = {**top["config"], "prefetch": not top["config"]["prefetch"]}
         if all(t["config"] != toggled for t in tried):
-            tried.append(time_path(x, weights, "gemv_lop3", toggled, ref))
+            tried.append(time_lop3(toggled))
     for top in _ranked(tried)[:3]:  # more weight bytes in flight: two steps ahead, or cp.async stages
         deeper = [{**top["config"], "prefetch": 2}]
         deeper += [{**top["config"], "prefetch": False, "stages": st} for st in DEEP_STAGES]
         for cfg in deeper[:2] if SMOKE else deeper:
             if all(t["config"] != cfg for t in tried):
-                tried.append(time_path(x, weights, "gemv_lop3", cfg, ref))
+                tried.append(time_lop3(cfg))
     return _ranked(tried)[0]["config"], tried
 
 
@@ -252,6 +273,68 @@ def bench_size(size: int, result: dict) -> None:
         )
 
 
+def bench_group_major(size: int, result: dict) -> None:
+    """The layout a CUDA runtime now holds its INT4 weights in: the lop3 GEMV tuned over `GroupMajorWeight`
+    copies at M = 1, then at M = 1..16 and a 256-row prefill: bf16 matmul, the row-layout op
+    (`w4a16_gemm`, its own kernel choice) against the group-major op (`w4a16_gemm_group_major`, the
+    runtime's call: lop3 at M <= 2 with `GROUP_MAJOR_LOP3_CONFIGS`, the tensor-core GEMV beyond) and
+    the tuned lop3 launch (M <= 2)."""
+    n = k = size
+    weights = int4_copies(n, k, copies_for(n * k // 2))
+    layouts = [GroupMajorWeight.from_packed(q, s, z, g, k) for q, s, z, g, _ in weights]
+    bf16 = [torch.randn(n, k, device=DEVICE).bfloat16() for _ in range(copies_for(n * k * 2))]
+    x1 = torch.randn(1, k, device=DEVICE).half()
+    t0 = time.perf_counter()
+    best, tried = tune_lop3(x1, weights, layouts)
+    result["tuning"].append({"K": k, "layout": "group_major", "best": best, "tried": tried})
+    result["tuning"][-1]["seconds"] = time.perf_counter() - t0
+    print(f"K=N={size}: {GROUP_MAJOR} {best} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for m in (1, 2, 4) if SMOKE else (1, 2, 4, 8, 16, 256):
+        x = x1 if m == 1 else torch.randn(m, k, device=DEVICE).half()
+        xb = x.bfloat16()
+        row = {"K": k, "N": n, "M": m, "int4_copies": len(weights), "bf16_copies": len(bf16)}
+        row["bf16_graph_ms"] = graph_ms([lambda w=w, xb=xb: torch.matmul(xb, w.t()) for w in bf16])
+        ref = w4a16_gemm_reference(x, *weights[0])
+        paths = {OP_ROWS: (weights, None), OP_GROUP_MAJOR: (weights, layouts)}
+        if m <= 2:
+            paths[GROUP_MAJOR] = (weights, layouts)
+        if m == 2:  # both rows of x in one program, one read of the weight
+            paths[GROUP_MAJOR_2ROWS] = (weights, layouts)
+        for path, (refs, held) in paths.items():
+            cfg = {GROUP_MAJOR: best, GROUP_MAJOR_2ROWS: {**best, "rows": 2}}.get(path, {})
+            kernel = GROUP_MAJOR if path == GROUP_MAJOR_2ROWS else path
+            timed = time_path(x, refs, kernel, cfg, ref, held)
+            row[f"{path}_graph_ms"] = timed.get("ms")
+            row[f"{path}_error"] = timed.get("error")
+            if "ms" in timed:
+                row[f"{path}_speedup_vs_bf16"] = row["bf16_graph_ms"] / timed["ms"]
+        result["rows"].append(row)
+        print(
+            f"K=N={size} M={m:3d} bf16 {row['bf16_graph_ms']:.4f} ms  "
+            + "  ".join(
+                f"{p} {row[f'{p}_graph_ms']:.4f} ({row[f'{p}_speedup_vs_bf16']:.2f}x)"
+                for p in paths
+                if row.get(f"{p}_graph_ms")
+            ),
+            flush=True,
+        )
+
+
+def group_major_checks() -> list[dict]:
+    """The group-major op against the reference beyond the timed (symmetric, square) weights: zero
+    points, N not a multiple of any row tile, every kernel it picks (M = 1, 2, 5, 40)."""
+    rows = []
+    for (n, k), sym, m in itertools.product([(200, 512), (1536, 4096)], (True, False), (1, 2, 5, 40)):
+        weights = int4_copies(n, k, 2, symmetric=sym)
+        layouts = [GroupMajorWeight.from_packed(q, s, z, g, k) for q, s, z, g, _ in weights]
+        x = torch.randn(m, k, device=DEVICE).half()
+        timed = time_path(x, weights, OP_GROUP_MAJOR, {}, w4a16_gemm_reference(x, *weights[0]), layouts)
+        rows.append({"N": n, "K": k, "M": m, "symmetric": sym} | timed)
+        print(f"check group-major op N={n} K={k} M={m} {'sym' if sym else 'asym'}: "
+              f"{timed.get('rel_err', timed.get('error'))}")  # fmt: skip
+    return rows
+
+
 ODD_SHAPES = [(1536, 576), (200, 576), (4160, 4096)]  # (N, K): SmolLM2's K, partial row tiles, a tail
 
 
@@ -288,10 +371,14 @@ def main() -> None:
         "rows": [],
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    result["odd_shape_checks"] = odd_shape_checks()
+    group_major = "--group-major" in sys.argv
+    if group_major:
+        result["group_major_checks"] = group_major_checks()
+    else:
+        result["odd_shape_checks"] = odd_shape_checks()
     out_path.write_text(json.dumps(result, indent=1))
     for size in sizes:
-        bench_size(size, result)
+        (bench_group_major if group_major else bench_size)(size, result)
         if not SMOKE:
             torch.cuda.empty_cache()  # the last size's weight copies
         result["seconds"] = time.perf_counter() - start

@@ -1,6 +1,9 @@
 #!/bin/bash
 # Every GPU measurement of issues 5 and 6 through a lent GPU machine, each step under its own time
 # limit so one failure keeps the others, in this order:
+#   0. benchmarks/gemv_graphs_gpu.py --group-major  the layout the CUDA runtime holds INT4 weights in
+#      (GroupMajorWeight): the lop3 GEMV tuned over it, the group-major op against the row-layout op
+#      at M = 1..16 and a 256-row prefill (graph replays, L2 cold)
 #   1. benchmarks/runtime_gpu.py  native runtime vs HF generate, end to end (needs .gpu/, see below);
 #      fp16 first with deploy.cuda_graphs (runtime/cuda_graphs.py), then without it
 #      (paged decode kernel), A/B against the torch path at 32
@@ -20,7 +23,7 @@
 # Results land in $OUT (the device tool brings them back); logs too.
 # STEPS picks a subset (default: all), e.g. `STEPS="runtime gear" bash benchmarks/gpu_session.sh`.
 set -u
-STEPS=" ${STEPS:-runtime gear graphs gemv ptx prefill} "
+STEPS=" ${STEPS:-group_major runtime gear graphs gemv ptx prefill} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/gpu-out}
@@ -30,6 +33,11 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # most important first: a run cut short by the device's 600 s limit keeps what it measured. The steps'
 # limits add up to more than one call may run (600 s): run a subset per call, e.g.
 # STEPS="runtime graphs" (at most 370 s), then STEPS="gear" (190 s) if device time is left
+if want group_major; then
+  timeout 240 python3 benchmarks/gemv_graphs_gpu.py "$OUT/gemv_group_major_gpu.json" --group-major \
+    > "$OUT/gemv_group_major.log" 2>&1
+  echo "gemv_graphs_gpu --group-major rc $?"
+fi
 if ! want runtime; then :
 elif [ -d .gpu/whl ] && [ -d .gpu/model ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl
@@ -62,6 +70,7 @@ for t in d['gemv_tc_tuning']:
     print(t['K'], 'tc', t['best'], 'h2', t['gemv_h2']['best'])
 " "$OUT/gemm_gpu_gemv.json"
 [ -f "$OUT/gemv_graphs.log" ] && grep -h "M= 1\|wrote" "$OUT/gemv_graphs.log" | cut -c1-200
+[ -f "$OUT/gemv_group_major.log" ] && grep -h "K=N\|wrote\|Error" "$OUT/gemv_group_major.log" | cut -c1-260
 [ -f "$OUT/gemm_prefill.log" ] && grep -h "prefill\|GEMM config" "$OUT/gemm_prefill.log" | tail -3 | cut -c1-300
 [ -f "$OUT/runtime.log" ] && grep -v Warning "$OUT/runtime.log" | tail -12
 [ -f "$OUT/plugin_ptx.log" ] && tail -3 "$OUT/plugin_ptx.log"

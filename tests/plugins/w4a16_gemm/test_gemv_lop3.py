@@ -250,3 +250,43 @@ def test_gemv_lop3_two_rows_per_program(ptx, symmetric, request):
     assert not split_counters(x.device, 1).any()
     with pytest.raises(ValueError, match="1 or 2 rows"):
         w4a16_gemm_triton(x, *args, path="gemv_lop3", block_n=16, block_k=128, rows=4)
+
+
+@pytest.mark.parametrize("ptx", [False, True], ids=["interpreted", "ptx"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gemv_tc_group_major_weight_matches_reference(ptx, dtype, request):
+    """The tensor-core GEMV over a `GroupMajorWeight` (what a runtime holding only that layout runs for
+    M > 2 and prefill): decode rows and prefill tiles, symmetric and with zero points, K ending inside a
+    chunk, group 64 (two sub-blocks a chunk) and larger than the K block, split-K and stream-K."""
+    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import GroupMajorWeight, gemv_tc_group_major
+
+    if ptx:
+        if dtype == torch.bfloat16:
+            pytest.skip("the PTX codes are fp16 only")
+        request.getfixturevalue("emulated_ptx")
+    cases = [  # (m, n, k, group, symmetric, launch)
+        (3, 40, 576, 64, True, {"block_n": 16, "block_k": 128, "split_k": 2}),
+        (16, 24, 256, 128, False, {"block_n": 16, "block_k": 64, "split_k": 1}),
+        (40, 72, 576, 128, False, {"block_n": 32, "block_k": 128, "block_m": 16}),  # 3 prefill tiles
+        (5, 40, 512, 256, True, {"block_n": 16, "block_k": 128, "stream_k": 1}),  # group over 2 chunks
+    ]
+    for m, n, k, group, symmetric, launch in cases:
+        x, (qweight, scales, zeros, _, _) = _inputs(n, k, group, symmetric, m, dtype, seed=n + k + m)
+        weight = GroupMajorWeight.from_packed(qweight, scales, zeros, group, k)
+        out = gemv_tc_group_major(x, weight, deq_asm=ptx, **launch)
+        _assert_matches(out, w4a16_gemm_reference(x, qweight, scales, zeros, group, symmetric))
+
+
+def test_group_major_weight_round_trip_and_tc_refusals():
+    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import GroupMajorWeight, gemv_tc_group_major
+
+    for k, symmetric in ((576, False), (256, True)):
+        x, (qweight, scales, zeros, _, _) = _inputs(24, k, 64, symmetric, 1, torch.float16, seed=k)
+        back = GroupMajorWeight.from_packed(qweight, scales, zeros, 64, k).to_packed()
+        assert torch.equal(back[0], qweight) and torch.equal(back[1], scales)
+        assert (back[2] is None) == symmetric and (symmetric or torch.equal(back[2], zeros))
+    weight = GroupMajorWeight.from_packed(qweight, scales, zeros, 64, 256)
+    with pytest.raises(ValueError, match="fp16 / bf16 x with K = 256"):
+        gemv_tc_group_major(x.float(), weight)
+    with pytest.raises(ValueError, match="fp16 / bf16 x with K = 256"):
+        gemv_tc_group_major(torch.randn(1, 128).half(), weight)

@@ -154,3 +154,55 @@ def test_op_kernels_read_non_contiguous_scales_and_zeros(monkeypatch):
     torch.testing.assert_close(
         w4a16_gemm(x, *strided).float(), w4a16_gemm_reference(x, *args).float(), rtol=2e-3, atol=2e-2
     )
+
+
+@pytest.mark.parametrize("name", ["int4_g64_sym", "int4_g32_asym"])
+def test_linear_holds_group_major_weights_on_the_kernel_path(monkeypatch, name):
+    """On the kernel path (CUDA, or TRTCOMPRESS_GEMM_TRITON=1) an INT4 layer whose K is whole 128-column
+    chunks is held as a `GroupMajorWeight` and computed by the group-major op: the lop3 GEMV at M <= 2,
+    the tensor-core GEMV beyond (decode rows and prefill tiles), the same result as the layer's own math;
+    TRTCOMPRESS_W4A16_LAYOUT=rows keeps the row layout, other values are refused."""
+    monkeypatch.setenv("TRTCOMPRESS_GEMM_TRITON", "1")
+    q, _ = _weight(name, 40, 256, seed=3)
+    state = CompressedLinearState(40, 256, q, bias=torch.randn(40))
+    run = w4a16_linear(state, "cpu")
+    assert run.__name__ == "run_group_major"
+    for m in (1, 2, 5, 20):
+        x = torch.randn(m, 256).half()
+        torch.testing.assert_close(run(x).float(), state.forward(x.float()), rtol=2e-3, atol=2e-2)
+    x32 = torch.randn(3, 256)  # float32 x: the reference over the weight turned back into rows
+    torch.testing.assert_close(run(x32), state.forward(x32), rtol=1e-5, atol=1e-5)
+    odd = CompressedLinearState(40, 192, _weight(name, 40, 192)[0])  # 1.5 chunks: rows, no padding
+    assert w4a16_linear(odd, "cpu").__name__ == "run"
+    monkeypatch.setenv("TRTCOMPRESS_W4A16_LAYOUT", "rows")
+    assert w4a16_linear(state, "cpu").__name__ == "run"
+    monkeypatch.setenv("TRTCOMPRESS_W4A16_LAYOUT", "columns")
+    with pytest.raises(ValueError, match="TRTCOMPRESS_W4A16_LAYOUT is 'group_major' or 'rows'"):
+        w4a16_linear(state, "cpu")
+
+
+def test_group_major_op_refuses_tensors_that_do_not_fit_x():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import GroupMajorWeight
+    from trtcompress.plugins.w4a16_gemm.group_major_op import w4a16_gemm_group_major
+
+    _, (qweight, scales, zeros, *_) = _weight("int4_g32_asym", 16, 256)
+    w = GroupMajorWeight.from_packed(qweight, scales, zeros, 32, 256)
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(
+        w4a16_gemm_group_major(x, w.words, w.scales, w.zeros, 256, 32), w4a16_gemm_reference(x, *_weight(
+            "int4_g32_asym", 16, 256)[1]), rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    bad = {
+        "K": (torch.randn(2, 128), w.words, w.scales, w.zeros, 256, 32),
+        "words": (x, w.words[:1].contiguous(), w.scales, w.zeros, 256, 32),
+        "scales": (x, w.words, w.scales.t().contiguous(), w.zeros, 256, 32),
+        "zeros": (x, w.words, w.scales, w.zeros[:2].contiguous(), 256, 32),
+    }
+    for args in bad.values():
+        with pytest.raises(ValueError, match="group-major"):
+            w4a16_gemm_group_major(*args)
+        mode = FakeTensorMode()
+        with mode, pytest.raises(ValueError, match="group-major"):
+            w4a16_gemm_group_major(*[mode.from_tensor(a) if torch.is_tensor(a) else a for a in args])

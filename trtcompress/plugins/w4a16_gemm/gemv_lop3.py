@@ -27,9 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
+from trtcompress.plugins.w4a16_gemm import kernel
+from trtcompress.plugins.w4a16_gemm.kernel import CHUNK_BYTES, gemv_tc_group, launch_gemv_tc
+
 RUN: tl.constexpr = tl.constexpr(4)  # words per vector load (16 bytes) and per fp16 partial sum: 32 products
-CHUNK_WORDS: tl.constexpr = tl.constexpr(16)  # GroupMajorWeight: a row's words per column chunk (64 bytes)
-CHUNK_COLUMNS: tl.constexpr = tl.constexpr(128)
+CHUNK_WORDS: tl.constexpr = tl.constexpr(CHUNK_BYTES.value // 4)  # GroupMajorWeight: a row's words per chunk
+CHUNK_COLUMNS: tl.constexpr = tl.constexpr(2 * CHUNK_BYTES.value)
 
 # Operands of `_run_asm(rows)` (one instance per run, pack 1): $0 .. the fp32 sums of each row of x, then
 # the run's 4 words, then each row's x pairs: P_i of word w in ${first + 4i + w} (`pair_operand`); one
@@ -409,7 +412,8 @@ class GroupMajorWeight:
     a program reads per step are one contiguous piece of memory (a warp's 16-byte loads cover 512
     contiguous bytes) instead of 64-byte pieces one row apart. Scales and zeros are stored (G, N) for
     the same reason. K is padded with zero codes to whole chunks (the matching x is masked to zero).
-    Only the lop3 GEMV reads it (`gemv_lop3_group_major`)."""
+    The lop3 GEMV reads it (`gemv_lop3_group_major`, M <= 2) and so does the tensor-core GEMV
+    (`gemv_tc_group_major`, more rows and prefill), so a runtime can hold this layout alone."""
 
     words: torch.Tensor  # int32 (chunks, N, CHUNK_WORDS)
     scales: torch.Tensor  # (G, N)
@@ -420,6 +424,11 @@ class GroupMajorWeight:
     @property
     def n(self) -> int:
         return self.words.shape[1]
+
+    @property
+    def op_args(self) -> tuple:
+        """The weight arguments of `torch.ops.trtcompress.w4a16_gemm_group_major`."""
+        return self.words, self.scales, self.zeros, self.k, self.group_size
 
     @classmethod
     def from_packed(
@@ -453,6 +462,13 @@ class GroupMajorWeight:
             group_size if group_size > 0 else k,
         )
 
+    def to_packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The op's layout back: (qweight (N, K / 2) uint8, scales (N, G), zeros (N, G) or None)."""
+        rows = self.words.transpose(0, 1).reshape(self.n, -1).contiguous().view(torch.uint8)
+        qweight = rows[:, : (self.k + 1) // 2].contiguous()
+        zeros = None if self.zeros is None else self.zeros.t().contiguous()
+        return qweight, self.scales.t().contiguous(), zeros
+
 
 def gemv_lop3_group_major(
     x: torch.Tensor,
@@ -470,8 +486,6 @@ def gemv_lop3_group_major(
     """x (M, K) fp16 @ Wᵀ for a `GroupMajorWeight`: `w4a16_gemv_lop3_kernel` with GROUP_MAJOR (launch
     options as `w4a16_gemm_triton`'s for path "gemv_lop3"). The group (and block_k) must be powers of
     two from 32 with a step of at most one chunk: min(group, block_k) <= 128."""
-    from trtcompress.plugins.w4a16_gemm.kernel import gemv_tc_group
-
     k = x.shape[1]
     group = gemv_tc_group(k, weight.group_size, block_k)
     if (
@@ -510,6 +524,56 @@ def gemv_lop3_group_major(
     )
 
 
+def gemv_tc_group_major(
+    x: torch.Tensor,
+    weight: GroupMajorWeight,
+    block_n: int = 64,
+    block_k: int = 128,
+    split_k: int = 1,
+    block_m: int = 16,
+    num_warps: int = 4,
+    num_stages: int | None = None,
+    deq_asm: bool = False,
+    stream_k: int = 0,
+) -> torch.Tensor:
+    """x (M, K) fp16 / bf16 @ Wᵀ for a `GroupMajorWeight` on the tensor-core GEMV (`w4a16_gemv_tc_kernel`
+    with GROUP_MAJOR; launch options as `w4a16_gemm_triton`'s for path "gemv_tc"): up to `block_m` rows
+    of x per program share one read of the weight, prefill in `block_m`-row tiles. The group (and
+    block_k) must be powers of two from 32 with a step of at most one chunk: min(group, block_k) <= 128."""
+    k = x.shape[1]
+    group = gemv_tc_group(k, weight.group_size, block_k)
+    if (
+        k != weight.k
+        or x.dtype not in (torch.float16, torch.bfloat16)
+        or group is None
+        or min(group, block_k) > CHUNK_COLUMNS.value
+    ):
+        raise ValueError(
+            f"gemv_tc_group_major takes fp16 / bf16 x with K = {weight.k} and a power-of-two group and "
+            f"block_k (steps of at most {CHUNK_COLUMNS.value} columns); got x {tuple(x.shape)} {x.dtype}, "
+            f"group {weight.group_size}, block_k {block_k}"
+        )
+    launch = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+    return launch_gemv_tc(
+        x.contiguous(),
+        weight.words.view(torch.uint8),
+        weight.scales,
+        weight.words if weight.zeros is None else weight.zeros,  # any pointer when symmetric: never read
+        n=weight.n,
+        stride_w=weight.n * CHUNK_BYTES.value,
+        group=group,
+        symmetric=weight.zeros is None,
+        group_major=True,
+        block_n=block_n,
+        block_k=block_k,
+        split_k=split_k,
+        block_m=block_m,
+        deq_asm=deq_asm,
+        stream_k=stream_k,
+        launch=launch,
+    )
+
+
 def launch_lop3(
     x: torch.Tensor,
     words: torch.Tensor,
@@ -533,7 +597,6 @@ def launch_lop3(
     """`w4a16_gemv_lop3_kernel` on contiguous fp16 x (M, K): the output (M, N) in x's dtype (split-K
     partials added atomically into fp32 and cast, or by the last split with `last_sums`); `rows` (1 or
     2) rows of x per program."""
-    from trtcompress.plugins.w4a16_gemm.kernel import _interpreting
 
     if prefetch not in (0, 1, 2):  # False / True count as 0 / 1
         raise ValueError(f"prefetch is 0, 1 or 2 steps ahead, not {prefetch!r}")
@@ -549,7 +612,7 @@ def launch_lop3(
         counts = split_counters(x.device, grid[0] * grid[1])
     w4a16_gemv_lop3_kernel[grid](
         x, words, scales, zeros, m, n, k, stride_words, out, part, counts, group, bool(symmetric), block_n,
-        block_k, split_k, k % block_k != 0, not _interpreting(), int(prefetch), bool(last_sums),
+        block_k, split_k, k % block_k != 0, not kernel._interpreting(), int(prefetch), bool(last_sums),
         triton.next_power_of_2(split_k), 0 if prefetch else stages, group_major, rows, **launch,
     )  # fmt: skip
     return out.to(x.dtype) if atomic else out

@@ -32,6 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+# `GroupMajorWeight` (gemv_lop3.py): a row's bytes per column chunk, chunks outermost
+CHUNK_BYTES: tl.constexpr = tl.constexpr(64)
+
 
 @triton.jit
 def _pow2(e):
@@ -173,12 +176,14 @@ def _deq_asm(byte, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
-def _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, K, stride_w, rn, n_ok, rm, m_ok, k_start, k_end,
+def _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, N, K, stride_w, rn, n_ok, rm, m_ok, k_start, k_end,
                   GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   M_PAD: tl.constexpr, IS_BF16: tl.constexpr, MASK_K: tl.constexpr, DEQ_ASM: tl.constexpr,
-                  DOT_F32: tl.constexpr):  # fmt: skip
+                  DOT_F32: tl.constexpr, GROUP_MAJOR: tl.constexpr):  # fmt: skip
     """fp32 (BLOCK_N, M_PAD) = W[rn, k_start:k_end] @ x[rm, k_start:k_end]ᵀ, on tensor cores (see
-    `w4a16_gemv_tc_kernel`); k_start a multiple of BLOCK_K."""
+    `w4a16_gemv_tc_kernel`); k_start a multiple of BLOCK_K. GROUP_MAJOR: the weight is a
+    `GroupMajorWeight` (column chunks of CHUNK_BYTES per row outermost, `stride_w` bytes per chunk; a
+    sub-block, at most one chunk wide, lies inside one chunk) with (G, N) scales and zeros."""
     GB: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K  # columns per sub-block (one group)
     NSUB: tl.constexpr = BLOCK_K // GB
     GH: tl.constexpr = GB // 2  # bytes per row and sub-block
@@ -197,7 +202,14 @@ def _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, K, stride_w, rn, n_ok, rm, m_ok, k
             g = kg // GROUP
             g_ok = n_ok & (kg < K) if MASK_K else n_ok  # a sub-block past K has no scale (or zero) to read
             jb = tl.multiple_of(kg // 2, 16) + tl.arange(0, GH)
-            w_tile = w_ptr + rn[:, None] * stride_w + jb[None, :]
+            if GROUP_MAJOR:  # row rn's bytes of chunk c start at c * stride_w + rn * CHUNK_BYTES
+                chunk = kg // (2 * CHUNK_BYTES)
+                in_chunk = jb - chunk * CHUNK_BYTES
+                w_tile = w_ptr + chunk * stride_w + rn[:, None] * CHUNK_BYTES + in_chunk[None, :]
+                meta = rn + g * N  # scales and zeros (G, N)
+            else:
+                w_tile = w_ptr + rn[:, None] * stride_w + jb[None, :]
+                meta = rn * G + g
             if MASK_K:  # the last K block is partial
                 byte = tl.load(w_tile, mask=n_ok[:, None] & (2 * jb < K)[None, :], other=0)
             else:  # a mask constant along K keeps the 16-byte loads (and cp.async pipelining)
@@ -209,7 +221,7 @@ def _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, K, stride_w, rn, n_ok, rm, m_ok, k
             x_lo = tl.trans(x_lo)  # (GH, M_PAD)
             x_hi = tl.trans(x_hi)
             if not SYMMETRIC:
-                zero = tl.load(z_ptr + rn * G + g, mask=g_ok, other=0).to(tl.float32) + MAGIC
+                zero = tl.load(z_ptr + meta, mask=g_ok, other=0).to(tl.float32) + MAGIC
                 zero_h = zero.to(x_ptr.dtype.element_ty)
             if DEQ_ASM:  # fp16 only: codes - 8 (symmetric) or codes, from PTX
                 c_lo, c_hi = _deq_asm(byte, SYMMETRIC)
@@ -236,7 +248,7 @@ def _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, K, stride_w, rn, n_ok, rm, m_ok, k
                     c_hi = ((b16 >> 4) | 0x6400).to(tl.float16, bitcast=True) - zero_h[:, None]
                     part = tl.dot(c_lo, x_lo, out_dtype=tl.float32)
                     part = tl.dot(c_hi, x_hi, part, out_dtype=tl.float32)
-            scale = tl.load(s_ptr + rn * G + g, mask=g_ok, other=0.0).to(tl.float32)
+            scale = tl.load(s_ptr + meta, mask=g_ok, other=0.0).to(tl.float32)
             acc += part * scale[:, None]
     return acc
 
@@ -246,7 +258,8 @@ def w4a16_gemv_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
                          GROUP: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, M_PAD: tl.constexpr,
                          IS_BF16: tl.constexpr, MASK_K: tl.constexpr, DEQ_ASM: tl.constexpr,
-                         DOT_F32: tl.constexpr, STREAM_K: tl.constexpr):  # fmt: skip
+                         DOT_F32: tl.constexpr, STREAM_K: tl.constexpr,
+                         GROUP_MAJOR: tl.constexpr = False):  # fmt: skip
     """Decode GEMV on tensor cores, A and B swapped: outᵀ (BLOCK_N, M_PAD) = W (BLOCK_N, K) @ xᵀ (K, M_PAD).
 
     One program owns BLOCK_N weight rows (and a K range with SPLIT_K > 1) and M_PAD rows of x (grid axis
@@ -280,9 +293,9 @@ def w4a16_gemv_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
             n_ok = rn < N
             k_start = tl.maximum(first - nb * k_steps, 0) * BLOCK_K
             k_end = tl.minimum(tl.minimum(last - nb * k_steps, k_steps) * BLOCK_K, K)
-            acc = _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, K, stride_w, rn, n_ok, rm, m_ok, k_start, k_end,
-                                GROUP, SYMMETRIC, BLOCK_N, BLOCK_K, M_PAD, IS_BF16, MASK_K, DEQ_ASM,
-                                DOT_F32)  # fmt: skip
+            acc = _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, N, K, stride_w, rn, n_ok, rm, m_ok, k_start,
+                                k_end, GROUP, SYMMETRIC, BLOCK_N, BLOCK_K, M_PAD, IS_BF16, MASK_K, DEQ_ASM,
+                                DOT_F32, GROUP_MAJOR)  # fmt: skip
             out = out_ptr + rm[None, :] * N + rn[:, None]
             tl.atomic_add(out, acc, mask=n_ok[:, None] & m_ok[None, :])
     else:
@@ -291,9 +304,9 @@ def w4a16_gemv_tc_kernel(x_ptr, w_ptr, s_ptr, z_ptr, M, N, K, stride_w, out_ptr,
         span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # K columns per split, whole blocks
         k_start = tl.program_id(1) * span
         k_end = tl.minimum(k_start + span, K)
-        acc = _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, K, stride_w, rn, n_ok, rm, m_ok, k_start, k_end,
+        acc = _gemv_tc_slab(x_ptr, w_ptr, s_ptr, z_ptr, N, K, stride_w, rn, n_ok, rm, m_ok, k_start, k_end,
                             GROUP, SYMMETRIC, BLOCK_N, BLOCK_K, M_PAD, IS_BF16, MASK_K, DEQ_ASM,
-                            DOT_F32)  # fmt: skip
+                            DOT_F32, GROUP_MAJOR)  # fmt: skip
         out = out_ptr + rm[None, :] * N + rn[:, None]
         mask = n_ok[:, None] & m_ok[None, :]
         if SPLIT_K == 1:
@@ -543,23 +556,11 @@ def w4a16_gemm_triton(
         if tc_group is None:
             path = "gemv"
         else:
-            m_pad = min(max(16, triton.next_power_of_2(m)), max(16, block_m))  # rows of x per program
-            atomic = split_k > 1 or stream_k > 0
-            out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
-            is_bf16 = x.dtype == torch.bfloat16
-            grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, m_pad))
-            work_per_program = 0
-            if stream_k > 0:
-                steps = triton.cdiv(n, block_n) * triton.cdiv(k, block_k)
-                programs = min(steps, stream_k * _multiprocessors(x.device))
-                work_per_program = triton.cdiv(steps, programs)
-                grid = (triton.cdiv(steps, work_per_program), 1, triton.cdiv(m, m_pad))
-            w4a16_gemv_tc_kernel[grid](
-                x, qweight, scales, z, m, n, k, qweight.stride(0), out, work_per_program, tc_group,
-                bool(symmetric), block_n, block_k, split_k, m_pad, is_bf16, k % block_k != 0,
-                bool(deq_asm) and not is_bf16, is_bf16 and _interpreting(), stream_k > 0, **launch,
+            return launch_gemv_tc(
+                x, qweight, scales, z, n=n, stride_w=qweight.stride(0), group=tc_group, symmetric=symmetric,
+                group_major=False, block_n=block_n, block_k=block_k, split_k=split_k, block_m=block_m,
+                deq_asm=deq_asm, stream_k=stream_k, launch=launch,
             )  # fmt: skip
-            return out.to(x.dtype) if atomic else out
     if path == "gemv_lop3":
         from trtcompress.plugins.w4a16_gemm.gemv_lop3 import launch_lop3
 
@@ -618,3 +619,45 @@ def w4a16_gemm_triton(
         block_m, block_n, block_k, k % 2 == 0, **launch,
     )  # fmt: skip
     return out
+
+
+def launch_gemv_tc(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    *,
+    n: int,
+    stride_w: int,
+    group: int,
+    symmetric: bool,
+    group_major: bool,
+    block_n: int,
+    block_k: int,
+    split_k: int,
+    block_m: int,
+    deq_asm: bool,
+    stream_k: int,
+    launch: dict,
+) -> torch.Tensor:
+    """`w4a16_gemv_tc_kernel` on contiguous x (M, K): the output (M, N) in x's dtype. `weight`: packed bytes,
+    (N, K / 2) rows `stride_w` bytes apart, or (`group_major`) a `GroupMajorWeight`'s words as bytes,
+    `stride_w` bytes per column chunk; `group` as `gemv_tc_group` gives it."""
+    m, k = x.shape
+    m_pad = min(max(16, triton.next_power_of_2(m)), max(16, block_m))  # rows of x per program
+    atomic = split_k > 1 or stream_k > 0
+    out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if atomic else x.new_empty(m, n)
+    is_bf16 = x.dtype == torch.bfloat16
+    grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, m_pad))
+    work_per_program = 0
+    if stream_k > 0:
+        steps = triton.cdiv(n, block_n) * triton.cdiv(k, block_k)
+        programs = min(steps, stream_k * _multiprocessors(x.device))
+        work_per_program = triton.cdiv(steps, programs)
+        grid = (triton.cdiv(steps, work_per_program), 1, triton.cdiv(m, m_pad))
+    w4a16_gemv_tc_kernel[grid](
+        x, weight, scales, zeros, m, n, k, stride_w, out, work_per_program, group, bool(symmetric), block_n,
+        block_k, split_k, m_pad, is_bf16, k % block_k != 0, bool(deq_asm) and not is_bf16,
+        is_bf16 and _interpreting(), stream_k > 0, group_major, **launch,
+    )  # fmt: skip
+    return out.to(x.dtype) if atomic else out

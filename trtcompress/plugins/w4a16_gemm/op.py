@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 
+from trtcompress.plugins.w4a16_gemm.group_major_op import use_group_major
 from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference
 
 # launch parameters of the "gemv_tc" decode path: the best of the H100 tuning at M = 1 (second run, K = N
@@ -171,6 +172,24 @@ def w4a16_linear(state, device: torch.device | str) -> Callable[[torch.Tensor], 
     fmt = q.format
     fp = isinstance(fmt, FpFormat)
     scales = fpgrid.effective_scales(q.scales, q.global_scale, fmt) if fp else q.scales
+    bias = None if state.bias is None else state.bias.to(device)
+    kernels = torch.device(device).type == "cuda" or os.environ.get("TRTCOMPRESS_GEMM_TRITON") == "1"
+    if kernels and use_group_major(state.in_features, fmt.group_size, fmt.exp_bits if fp else 0):
+        # held in the layout the decode GEMV reads fastest (the row layout is not kept: same memory)
+        from trtcompress.plugins.w4a16_gemm.gemv_lop3 import GroupMajorWeight
+        from trtcompress.plugins.w4a16_gemm.group_major_op import w4a16_gemm_group_major
+
+        weight = GroupMajorWeight.from_packed(
+            q.qweight.to(device), scales.to(device), None if q.zeros is None else q.zeros.to(device),
+            fmt.group_size, state.in_features,
+        )  # fmt: skip
+        gm_args = weight.op_args
+
+        def run_group_major(x: torch.Tensor) -> torch.Tensor:
+            out = w4a16_gemm_group_major(x, *gm_args)
+            return out if bias is None else out + bias.to(out.dtype)
+
+        return run_group_major
     args = (
         q.qweight.to(device),
         scales.to(device),
@@ -180,7 +199,6 @@ def w4a16_linear(state, device: torch.device | str) -> Callable[[torch.Tensor], 
         fmt.exp_bits if fp else 0,
         fmt.man_bits if fp else 0,
     )
-    bias = None if state.bias is None else state.bias.to(device)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         out = w4a16_gemm(x, *args)
