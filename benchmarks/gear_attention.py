@@ -212,7 +212,7 @@ def previous_kernel():
 
 
 # 2 warps: 1.3-1.4x fewer instructions issued per block than 4 (sm_90 machine code,
-# benchmarks/gear_kernel_sass.py) at about the same warps per SM, untimed until a GPU run
+# benchmarks/gear_kernel_sass.py); the H200 timed 2 warps x 1056 programs fastest (now the default)
 TUNING = [  # (num_warps, num_stages, programs the split-K heuristic aims at)
     (w, st, prog) for w in (2, 4, 8) for st in (None, 3) for prog in (264, 1056, 4224)
 ]
@@ -225,17 +225,18 @@ def tune(kernel, args, kw, max_blocks: int, batch_heads: int) -> list[dict]:
     """Graph-replayed time of each launch configuration (failures recorded, not fatal)."""
     import triton.testing
 
-    from trtcompress.plugins.gear_attention.kernel import default_splits
+    from trtcompress.plugins.gear_attention.kernel import DEFAULT_PROGRAMS, DEFAULT_WARPS, default_splits
 
     out = []
     layout = args[9]
     ablations = [  # the default launch with one of the kernel's choices flipped
-        (4, None, 264, {"fast_unpack": False}),  # integer-op unpacking instead of the PTX
+        # integer-op unpacking instead of the PTX
+        (DEFAULT_WARPS, None, DEFAULT_PROGRAMS, {"fast_unpack": False}),
         # register double-buffering of the next block: on by default only without outliers
-        (4, None, 264, {"prefetch": bool(any(layout.outliers))}),
+        (DEFAULT_WARPS, None, DEFAULT_PROGRAMS, {"prefetch": bool(any(layout.outliers))}),
     ]
     if any(layout.outliers):  # outliers summed by one-hot products instead of per sorted run
-        ablations.append((4, None, 264, {"outlier_sums": "onehot"}))
+        ablations.append((DEFAULT_WARPS, None, DEFAULT_PROGRAMS, {"outlier_sums": "onehot"}))
     for warps, stages, programs, *ablation in [*TUNING, *ablations]:
         splits = default_splits(max_blocks, batch_heads, programs)
         config = {"num_warps": warps, "num_stages": stages, "splits": splits}

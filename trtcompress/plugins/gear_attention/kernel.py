@@ -964,8 +964,15 @@ def layout_constants(
     }
 
 
-def default_splits(max_blocks: int, batch_heads: int, target_programs: int = 264) -> int:
-    """Enough splits that batch x heads x splits fills the GPU (`target_programs`; 264 = 2 per SM on
+# the launch the H200 timed fastest for every 32k-token case (kivi-2bit and gear-2bit, batch 1 and 8,
+# benchmarks/results/gear_attention_gpu_h200_2warps.json): 2 warps a program and about 8 programs per SM
+# (1.47-1.78x faster than 4 warps at 2 per SM for gear-2bit, 1.17-1.48x for kivi-2bit)
+DEFAULT_WARPS = 2
+DEFAULT_PROGRAMS = 1056
+
+
+def default_splits(max_blocks: int, batch_heads: int, target_programs: int = DEFAULT_PROGRAMS) -> int:
+    """Enough splits that batch x heads x splits fills the GPU (`target_programs`; 1056 = 8 per SM on
     132 SMs), >= 2 blocks each; a power of two, so few kernel variants get compiled."""
     want = max(1, min(target_programs // max(batch_heads, 1), max_blocks // 2 or 1, 256))
     return 1 << (want.bit_length() - 1)
@@ -986,7 +993,7 @@ def gear_attention_triton(
     splits: int | None = None,
     k_sink=None,
     v_sink=None,
-    num_warps: int = 4,
+    num_warps: int = DEFAULT_WARPS,
     num_stages: int | None = None,
     fast_unpack: bool | None = None,
     prefetch: bool | None = None,
