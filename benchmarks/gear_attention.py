@@ -327,7 +327,7 @@ def gpu() -> None:
                             row["speedup_vs_previous"] = row["previous_kernel_ms"] / ms
                         except Exception as exc:
                             row["previous_kernel_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                    if context == 32768 and heads == 8 and ":" not in codec_name:
+                    if context == 32768 and ":" not in codec_name:  # both layer shapes
                         row["tuning"] = tune(gear_attention_triton, args, kw, table.shape[1], batch * heads)
                         best = min(
                             (c for c in row["tuning"] if not ABLATION_KEYS & set(c["config"])),

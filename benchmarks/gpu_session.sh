@@ -32,7 +32,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 # most important first: a run cut short by the device's 600 s limit keeps what it measured. The steps'
 # limits add up to more than one call may run (600 s): run a subset per call, e.g.
-# STEPS="runtime graphs" (at most 370 s), then STEPS="gear" (190 s) if device time is left
+# STEPS="group_major runtime" (at most 410 s; 161 s on an H200 in the eleventh session), then
+# STEPS="graphs gear" (at most 440 s; 225 s there before the gear step tuned both layer shapes)
 if want group_major; then
   timeout 240 python3 benchmarks/gemv_graphs_gpu.py "$OUT/gemv_group_major_gpu.json" --group-major \
     > "$OUT/gemv_group_major.log" 2>&1
@@ -55,7 +56,7 @@ if want ptx && [ -d .gpu/ptx ]; then  # the TensorRT plugins' AOT PTX through th
 fi
 want gemv && timeout 160 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_gemv.json" --gemv-only > "$OUT/gemm.log" 2>&1
 want gemv && echo "gemm_gpu (decode, 3 sizes) rc $?"
-want gear && timeout 190 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
+want gear && timeout 240 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
 want gear && echo "gear_attention rc $?"
 want prefill && timeout 90 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_prefill_4096.json" --quick > "$OUT/gemm_prefill.log" 2>&1
 want prefill && echo "gemm_gpu (prefill + W4A4, K = N = 4096) rc $?"

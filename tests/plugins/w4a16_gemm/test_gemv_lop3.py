@@ -285,6 +285,9 @@ def test_group_major_weight_round_trip_and_tc_refusals():
         back = GroupMajorWeight.from_packed(qweight, scales, zeros, 64, k).to_packed()
         assert torch.equal(back[0], qweight) and torch.equal(back[1], scales)
         assert (back[2] is None) == symmetric and (symmetric or torch.equal(back[2], zeros))
+    wide = torch.randint(0, 256, (24, 129), dtype=torch.uint8)  # rows in place: unaligned, strided
+    back = GroupMajorWeight.from_packed(wide[:, 1:], scales, zeros, 64, 256).to_packed()
+    assert torch.equal(back[0], wide[:, 1:])
     weight = GroupMajorWeight.from_packed(qweight, scales, zeros, 64, 256)
     with pytest.raises(ValueError, match="fp16 / bf16 x with K = 256"):
         gemv_tc_group_major(x.float(), weight)

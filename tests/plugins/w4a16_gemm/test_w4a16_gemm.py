@@ -199,6 +199,9 @@ def test_group_major_op_refuses_tensors_that_do_not_fit_x():
         "words": (x, w.words[:1].contiguous(), w.scales, w.zeros, 256, 32),
         "scales": (x, w.words, w.scales.t().contiguous(), w.zeros, 256, 32),
         "zeros": (x, w.words, w.scales, w.zeros[:2].contiguous(), 256, 32),
+        "flat words": (x, w.words.flatten(), w.scales, w.zeros, 256, 32),
+        "group": (x, w.words, w.scales[:1].contiguous(), w.zeros[:1].contiguous(), 256, 256),  # > a chunk
+        "per channel": (x, w.words, w.scales[:1].contiguous(), w.zeros[:1].contiguous(), 256, 0),
     }
     for args in bad.values():
         with pytest.raises(ValueError, match="group-major"):

@@ -451,8 +451,10 @@ class GroupMajorWeight:
                 )
         chunk_bytes = 4 * CHUNK_WORDS.value
         chunks = -(-row_bytes // chunk_bytes)
-        padded = torch.zeros(n, chunks * chunk_bytes, dtype=torch.uint8, device=qweight.device)
-        padded[:, :row_bytes] = qweight
+        padded = qweight  # read in place as int32 where it can be: K in whole chunks, aligned rows
+        if row_bytes % chunk_bytes or not qweight.is_contiguous() or qweight.data_ptr() % 4:
+            padded = torch.zeros(n, chunks * chunk_bytes, dtype=torch.uint8, device=qweight.device)
+            padded[:, :row_bytes] = qweight
         words = padded.view(torch.int32).view(n, chunks, CHUNK_WORDS.value).transpose(0, 1).contiguous()
         return cls(
             words,

@@ -2,9 +2,9 @@
 
 The layout a CUDA runtime holds its INT4 weights in (`w4a16_linear` converts them once at load; the
 artifact keeps the canonical row layout): column chunks of 128 outermost, so that the (rows x 64
-bytes) a decode GEMV program reads per step are one contiguous piece of memory. On an H200 the lop3
-GEMV over it ran 2.94x of a bf16 matmul at K = N = 14336, M = 1, where the same launch over rows
-ran 2.19x (benchmarks/gemv_graphs_gpu.py, BENCHMARKS.md). Which kernel, by rows of x (M):
+bytes) a decode GEMV program reads per step are one contiguous piece of memory. On an H200 this op
+ran 3.17x of a bf16 matmul at K = N = 14336, M = 1, where the row-layout op ran 2.22x in the same run
+(benchmarks/gemv_graphs_gpu.py --group-major, BENCHMARKS.md). Which kernel, by rows of x (M):
 - M <= 2 with fp16 x: the lop3 GEMV (`gemv_lop3_group_major`, launch by weight size,
   `group_major_lop3_config`; at M = 2 with a symmetric weight both rows in one program);
 - M <= 16: the tensor-core GEMV (`gemv_tc_group_major`, `GEMV_TC_CONFIG`), every row of x sharing
@@ -56,8 +56,10 @@ def _weight(words, scales, zeros, k: int, group_size: int):
 def check_group_major_args(
     k: int, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, weight_k: int, group: int
 ) -> None:
-    """Raise unless the tensors form a group-major weight that fits x's K."""
-    n = words.shape[1]
+    """Raise unless the tensors form a group-major weight that fits x's K, with a group the kernels take."""
+    if group not in GROUP_MAJOR_GROUPS:
+        raise ValueError(f"a group-major weight has groups of {GROUP_MAJOR_GROUPS}, not {group}")
+    n = words.shape[1] if words.dim() == 3 else -1
     groups = -(-weight_k // group)
     if k != weight_k or words.dtype != torch.int32 or tuple(words.shape) != (-(-k // 128), n, 16):
         raise ValueError(

@@ -16,7 +16,10 @@ with `TRITON_INTERPRET=1` to run the kernels on CPU). Which kernel, by rows of x
   `GEMV_TC_PREFILL_CONFIG`; on an H100 2.3-2.5x faster than the GEMM at M = 512 / 2048) or "gemm"
   (`w4a16_gemm_kernel`). FP4 codes and groups the tensor-core GEMV does not take (not a power of two)
   run the elementwise GEMV (up to 8 rows) or the GEMM.
-`w4a16_linear(state)` turns a `CompressedLinearState` with a 4-bit weight into the op's arguments.
+`w4a16_linear(state)` turns a `CompressedLinearState` with a 4-bit weight into the op's arguments; on
+CUDA, INT4 layers of whole 128-column chunks are held group-major instead and run through
+`torch.ops.trtcompress.w4a16_gemm_group_major` (`group_major_op.py`; `TRTCOMPRESS_W4A16_LAYOUT=rows`
+keeps this op).
 """
 
 from __future__ import annotations
