@@ -205,6 +205,23 @@ def tune_lop3(x, weights, layouts: list | None = None) -> tuple[dict, list[dict]
     return _ranked(tried)[0]["config"], tried
 
 
+def record(row: dict, path: str, timed: dict) -> None:
+    """A path's graph time, error and speedup against the row's bf16 matmul, into the row."""
+    row[f"{path}_graph_ms"] = timed.get("ms")
+    row[f"{path}_error"] = timed.get("error")
+    if "ms" in timed:
+        row[f"{path}_speedup_vs_bf16"] = row["bf16_graph_ms"] / timed["ms"]
+
+
+def print_row(row: dict, paths, bf16_note: str = "") -> None:
+    timed = [p for p in paths if row.get(f"{p}_graph_ms")]
+    print(
+        f"K=N={row['K']} M={row['M']:3d} bf16 {row['bf16_graph_ms']:.4f} ms {bf16_note} "
+        + "  ".join(f"{p} {row[f'{p}_graph_ms']:.4f} ({row[f'{p}_speedup_vs_bf16']:.2f}x)" for p in timed),
+        flush=True,
+    )
+
+
 def _ranked(tried: list[dict]) -> list[dict]:
     return sorted((t for t in tried if "ms" in t), key=lambda t: t["ms"])
 
@@ -251,10 +268,7 @@ def bench_size(size: int, result: dict) -> None:
             layouts = group_major if path == GROUP_MAJOR else None
             kernel = "gemv_lop3" if path in ("gemv_lop3_op", TWO_ROWS) else path
             timed = time_path(x, weights, kernel, cfg, ref, layouts)
-            row[f"{path}_graph_ms"] = timed.get("ms")
-            row[f"{path}_error"] = timed.get("error")
-            if "ms" in timed:
-                row[f"{path}_speedup_vs_bf16"] = row["bf16_graph_ms"] / timed["ms"]
+            record(row, path, timed)
         row["gemv_lop3_eager_ms"] = eager_ms(
             lambda x=x: w4a16_gemm_triton(x, *weights[0], path="gemv_lop3", **best)
         )
@@ -263,15 +277,7 @@ def bench_size(size: int, result: dict) -> None:
             row["gemv_lop3_weight_GBps"] = weight_bytes / (row["gemv_lop3_graph_ms"] * 1e-3) / 1e9
         row["bf16_weight_GBps"] = n * k * 2 / (row["bf16_graph_ms"] * 1e-3) / 1e9
         result["rows"].append(row)
-        print(
-            f"K=N={size} M={m:2d} bf16 {row['bf16_graph_ms']:.4f} ms ({row['bf16_weight_GBps']:.0f} GB/s)  "
-            + "  ".join(
-                f"{p} {row[f'{p}_graph_ms']:.4f} ({row[f'{p}_speedup_vs_bf16']:.2f}x)"
-                for p in paths
-                if row.get(f"{p}_graph_ms")
-            ),
-            flush=True,
-        )
+        print_row(row, paths, f"({row['bf16_weight_GBps']:.0f} GB/s)")
 
 
 def bench_group_major(size: int, result: dict) -> None:
@@ -305,20 +311,9 @@ def bench_group_major(size: int, result: dict) -> None:
             cfg = {GROUP_MAJOR: best, GROUP_MAJOR_2ROWS: {**best, "rows": 2}}.get(path, {})
             kernel = GROUP_MAJOR if path == GROUP_MAJOR_2ROWS else path
             timed = time_path(x, refs, kernel, cfg, ref, held)
-            row[f"{path}_graph_ms"] = timed.get("ms")
-            row[f"{path}_error"] = timed.get("error")
-            if "ms" in timed:
-                row[f"{path}_speedup_vs_bf16"] = row["bf16_graph_ms"] / timed["ms"]
+            record(row, path, timed)
         result["rows"].append(row)
-        print(
-            f"K=N={size} M={m:3d} bf16 {row['bf16_graph_ms']:.4f} ms  "
-            + "  ".join(
-                f"{p} {row[f'{p}_graph_ms']:.4f} ({row[f'{p}_speedup_vs_bf16']:.2f}x)"
-                for p in paths
-                if row.get(f"{p}_graph_ms")
-            ),
-            flush=True,
-        )
+        print_row(row, paths)
 
 
 def group_major_checks() -> list[dict]:

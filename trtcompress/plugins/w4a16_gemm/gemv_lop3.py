@@ -425,6 +425,20 @@ class GroupMajorWeight:
     def n(self) -> int:
         return self.words.shape[1]
 
+    def step_group(self, x: torch.Tensor, block_k: int, kernel: str, dtypes: tuple) -> int:
+        """The GROUP constexpr of a kernel reading this weight with x, whose steps (min(group, block_k)
+        columns) must lie inside one chunk; a ValueError naming `kernel` where they cannot."""
+        group = gemv_tc_group(x.shape[1], self.group_size, block_k)
+        fits = group is not None and min(group, block_k) <= CHUNK_COLUMNS.value
+        if x.shape[1] != self.k or x.dtype not in dtypes or not fits:
+            names = " / ".join({torch.float16: "fp16", torch.bfloat16: "bf16"}[d] for d in dtypes)
+            raise ValueError(
+                f"{kernel} takes {names} x with K = {self.k} and a power-of-two group and block_k (steps "
+                f"of at most {CHUNK_COLUMNS.value} columns); got x {tuple(x.shape)} {x.dtype}, group "
+                f"{self.group_size}, block_k {block_k}"
+            )
+        return group
+
     @property
     def op_args(self) -> tuple:
         """The weight arguments of `torch.ops.trtcompress.w4a16_gemm_group_major`."""
@@ -488,19 +502,7 @@ def gemv_lop3_group_major(
     """x (M, K) fp16 @ Wᵀ for a `GroupMajorWeight`: `w4a16_gemv_lop3_kernel` with GROUP_MAJOR (launch
     options as `w4a16_gemm_triton`'s for path "gemv_lop3"). The group (and block_k) must be powers of
     two from 32 with a step of at most one chunk: min(group, block_k) <= 128."""
-    k = x.shape[1]
-    group = gemv_tc_group(k, weight.group_size, block_k)
-    if (
-        k != weight.k
-        or x.dtype != torch.float16
-        or group is None
-        or min(group, block_k) > CHUNK_COLUMNS.value
-    ):
-        raise ValueError(
-            f"gemv_lop3_group_major takes fp16 x with K = {weight.k} and a power-of-two group and block_k "
-            f"(steps of at most {CHUNK_COLUMNS.value} columns); got x {tuple(x.shape)} {x.dtype}, "
-            f"group {weight.group_size}, block_k {block_k}"
-        )
+    group = weight.step_group(x, block_k, "gemv_lop3_group_major", (torch.float16,))
     x = x.contiguous()
     if x.data_ptr() % 4:  # x is read as int32 words
         x = x.clone()
@@ -542,19 +544,7 @@ def gemv_tc_group_major(
     with GROUP_MAJOR; launch options as `w4a16_gemm_triton`'s for path "gemv_tc"): up to `block_m` rows
     of x per program share one read of the weight, prefill in `block_m`-row tiles. The group (and
     block_k) must be powers of two from 32 with a step of at most one chunk: min(group, block_k) <= 128."""
-    k = x.shape[1]
-    group = gemv_tc_group(k, weight.group_size, block_k)
-    if (
-        k != weight.k
-        or x.dtype not in (torch.float16, torch.bfloat16)
-        or group is None
-        or min(group, block_k) > CHUNK_COLUMNS.value
-    ):
-        raise ValueError(
-            f"gemv_tc_group_major takes fp16 / bf16 x with K = {weight.k} and a power-of-two group and "
-            f"block_k (steps of at most {CHUNK_COLUMNS.value} columns); got x {tuple(x.shape)} {x.dtype}, "
-            f"group {weight.group_size}, block_k {block_k}"
-        )
+    group = weight.step_group(x, block_k, "gemv_tc_group_major", (torch.float16, torch.bfloat16))
     launch = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
     return launch_gemv_tc(
         x.contiguous(),
