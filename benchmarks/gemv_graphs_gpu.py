@@ -1,7 +1,7 @@
 """W4A16 decode GEMVs vs bf16 matmul as a serving decode step runs them: replayed from CUDA graphs, L2 cold.
 
     python benchmarks/gemv_graphs_gpu.py OUT.json [--quick]
-    python benchmarks/gemv_graphs_gpu.py OUT.json --group-major [--quick]  # the runtime's layout
+    python benchmarks/gemv_graphs_gpu.py OUT.json --group-major [--quick | --llama8b]  # the runtime's layout
     python benchmarks/gemv_graphs_gpu.py OUT.json --smoke [--group-major]  # CPU: interpreted, tiny
 
 `benchmarks/gemm_gpu.py` times each call eagerly (`do_bench`): a Triton launch costs the CPU 10-30 us,
@@ -216,7 +216,7 @@ def record(row: dict, path: str, timed: dict) -> None:
 def print_row(row: dict, paths, bf16_note: str = "") -> None:
     timed = [p for p in paths if row.get(f"{p}_graph_ms")]
     print(
-        f"K=N={row['K']} M={row['M']:3d} bf16 {row['bf16_graph_ms']:.4f} ms {bf16_note} "
+        f"N={row['N']} K={row['K']} M={row['M']:3d} bf16 {row['bf16_graph_ms']:.4f} ms {bf16_note} "
         + "  ".join(f"{p} {row[f'{p}_graph_ms']:.4f} ({row[f'{p}_speedup_vs_bf16']:.2f}x)" for p in timed),
         flush=True,
     )
@@ -280,22 +280,22 @@ def bench_size(size: int, result: dict) -> None:
         print_row(row, paths, f"({row['bf16_weight_GBps']:.0f} GB/s)")
 
 
-def bench_group_major(size: int, result: dict) -> None:
+def bench_group_major(shape: tuple[int, int], result: dict) -> None:
     """The layout a CUDA runtime now holds its INT4 weights in: the lop3 GEMV tuned over `GroupMajorWeight`
     copies at M = 1, then at M = 1..16 and a 256-row prefill: bf16 matmul, the row-layout op
     (`w4a16_gemm`, its own kernel choice) against the group-major op (`w4a16_gemm_group_major`, the
     runtime's call: lop3 at M <= 2 with `GROUP_MAJOR_LOP3_CONFIGS`, the tensor-core GEMV beyond) and
-    the tuned lop3 launch (M <= 2)."""
-    n = k = size
+    the tuned lop3 launch (M <= 2). `shape`: the weight's (N, K)."""
+    n, k = shape
     weights = int4_copies(n, k, copies_for(n * k // 2))
     layouts = [GroupMajorWeight.from_packed(q, s, z, g, k) for q, s, z, g, _ in weights]
     bf16 = [torch.randn(n, k, device=DEVICE).bfloat16() for _ in range(copies_for(n * k * 2))]
     x1 = torch.randn(1, k, device=DEVICE).half()
     t0 = time.perf_counter()
     best, tried = tune_lop3(x1, weights, layouts)
-    result["tuning"].append({"K": k, "layout": "group_major", "best": best, "tried": tried})
+    result["tuning"].append({"N": n, "K": k, "layout": "group_major", "best": best, "tried": tried})
     result["tuning"][-1]["seconds"] = time.perf_counter() - t0
-    print(f"K=N={size}: {GROUP_MAJOR} {best} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"N={n} K={k}: {GROUP_MAJOR} {best} ({time.perf_counter() - t0:.0f} s)", flush=True)
     for m in (1, 2, 4) if SMOKE else (1, 2, 4, 8, 16, 256):
         x = x1 if m == 1 else torch.randn(m, k, device=DEVICE).half()
         xb = x.bfloat16()
@@ -332,6 +332,8 @@ def group_major_checks() -> list[dict]:
     return rows
 
 
+# (N, K) of a Llama-3-8B layer as the native runtime fuses it: q/k/v, o, gate/up, down
+LLAMA8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 ODD_SHAPES = [(1536, 576), (200, 576), (4160, 4096)]  # (N, K): SmolLM2's K, partial row tiles, a tail
 
 
@@ -374,7 +376,9 @@ def main() -> None:
     else:
         result["odd_shape_checks"] = odd_shape_checks()
     out_path.write_text(json.dumps(result, indent=1))
-    for size in sizes:
+    if group_major:  # square sizes, or (--llama8b) the runtime's fused layers of a Llama-3-8B
+        shapes = LLAMA8B_SHAPES if "--llama8b" in sys.argv and not SMOKE else [(s, s) for s in sizes]
+    for size in shapes if group_major else sizes:
         (bench_group_major if group_major else bench_size)(size, result)
         if not SMOKE:
             torch.cuda.empty_cache()  # the last size's weight copies

@@ -3,7 +3,8 @@
 # limit so one failure keeps the others, in this order:
 #   0. benchmarks/gemv_graphs_gpu.py --group-major  the layout the CUDA runtime holds INT4 weights in
 #      (GroupMajorWeight): the lop3 GEMV tuned over it, the group-major op against the row-layout op
-#      at M = 1..16 and a 256-row prefill (graph replays, L2 cold)
+#      at M = 1..16 and a 256-row prefill (graph replays, L2 cold); group_major_8b: the same on a
+#      Llama-3-8B layer's fused shapes (untimed so far)
 #   1. benchmarks/runtime_gpu.py  native runtime vs HF generate, end to end (needs .gpu/, see below);
 #      fp16 first with deploy.cuda_graphs (runtime/cuda_graphs.py), then without it
 #      (paged decode kernel), A/B against the torch path at 32
@@ -23,7 +24,7 @@
 # Results land in $OUT (the device tool brings them back); logs too.
 # STEPS picks a subset (default: all), e.g. `STEPS="runtime gear" bash benchmarks/gpu_session.sh`.
 set -u
-STEPS=" ${STEPS:-group_major runtime gear graphs gemv ptx prefill} "
+STEPS=" ${STEPS:-group_major group_major_8b runtime gear graphs gemv ptx prefill} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/gpu-out}
@@ -32,12 +33,18 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 # most important first: a run cut short by the device's 600 s limit keeps what it measured. The steps'
 # limits add up to more than one call may run (600 s): run a subset per call, e.g.
+# STEPS="group_major_8b gear" (at most 440 s) for what the eleventh session left untimed, or
 # STEPS="group_major runtime" (at most 410 s; 161 s on an H200 in the eleventh session), then
 # STEPS="graphs gear" (at most 440 s; 225 s there before the gear step tuned both layer shapes)
 if want group_major; then
   timeout 240 python3 benchmarks/gemv_graphs_gpu.py "$OUT/gemv_group_major_gpu.json" --group-major \
     > "$OUT/gemv_group_major.log" 2>&1
   echo "gemv_graphs_gpu --group-major rc $?"
+fi
+if want group_major_8b; then  # the same on a Llama-3-8B layer's fused shapes (qkv, o, gate_up, down)
+  timeout 200 python3 benchmarks/gemv_graphs_gpu.py "$OUT/gemv_group_major_llama8b_gpu.json" --group-major \
+    --llama8b > "$OUT/gemv_group_major_8b.log" 2>&1
+  echo "gemv_graphs_gpu --group-major --llama8b rc $?"
 fi
 if ! want runtime; then :
 elif [ -d .gpu/whl ] && [ -d .gpu/model ]; then
@@ -71,7 +78,9 @@ for t in d['gemv_tc_tuning']:
     print(t['K'], 'tc', t['best'], 'h2', t['gemv_h2']['best'])
 " "$OUT/gemm_gpu_gemv.json"
 [ -f "$OUT/gemv_graphs.log" ] && grep -h "M= 1\|wrote" "$OUT/gemv_graphs.log" | cut -c1-200
-[ -f "$OUT/gemv_group_major.log" ] && grep -h "K=N\|wrote\|Error" "$OUT/gemv_group_major.log" | cut -c1-260
+for log in "$OUT"/gemv_group_major*.log; do
+  [ -f "$log" ] && grep -h " K=\|wrote\|Error" "$log" | cut -c1-260
+done
 [ -f "$OUT/gemm_prefill.log" ] && grep -h "prefill\|GEMM config" "$OUT/gemm_prefill.log" | tail -3 | cut -c1-300
 [ -f "$OUT/runtime.log" ] && grep -v Warning "$OUT/runtime.log" | tail -12
 [ -f "$OUT/plugin_ptx.log" ] && tail -3 "$OUT/plugin_ptx.log"
