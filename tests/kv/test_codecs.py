@@ -176,6 +176,18 @@ def test_prefill_rank_sizes_the_slot() -> None:
     assert e_pre < e_dec
 
 
+def test_prefill_rank_below_the_decode_rank_is_used() -> None:
+    """A prefill_rank smaller than the decode rank was ignored: prefill blocks took the slot's rank."""
+    x = _kv(8)
+    for rank, prefill_rank in ((2, 0), (3, 1)):
+        codec = GearCodec(bits=2, rank=rank, prefill_rank=prefill_rank)
+        pre, dec = codec.compress(x, "k", phase="prefill"), codec.compress(x, "k", phase="decode")
+        assert pre["lr_a"].shape[-1] == dec["lr_a"].shape[-1] == rank  # the slot: the larger rank
+        assert torch.count_nonzero(pre["lr_a"][..., prefill_rank:]) == 0
+        assert torch.count_nonzero(pre["lr_a"][..., :prefill_rank]) > 0 or prefill_rank == 0
+        assert torch.count_nonzero(dec["lr_a"]) > 0
+
+
 def test_compression_is_deterministic() -> None:
     x = _kv(7)
     codec = get_codec("gear-2bit")
@@ -323,6 +335,18 @@ def test_a_key_channel_taken_whole_by_outliers_stays_finite(name: str, options: 
     out = codec.decompress(codec.compress(k.half().float(), "k"), "k", 64, 64)
     assert torch.isfinite(out).all()
     assert (out - k).abs().max() < 8  # fp8 corrections of ±100 carry ~6% error; the rest is 2-bit
+
+
+@pytest.mark.parametrize("options", [{"outlier_dtype": "fp16"}, {"outlier_scope": "group"}])
+def test_fp16_corrections_past_the_fp16_range_stay_finite(options: dict) -> None:
+    """A value outlier of +60000 in a token of -60000s (finite fp16 input): its correction x - deq
+    exceeds 65504 and was stored as inf, which made the decompressed block inf (NaN in attention)."""
+    v = torch.full((1, 64, 64), -60000.0) + torch.rand(1, 64, 64, generator=torch.Generator().manual_seed(5))
+    v[0, 5, 7] = 60000.0
+    codec = get_codec("gear-2bit", **options)
+    out = codec.decompress(codec.compress(v.half().float(), "v"), "v", 64, 64)
+    assert torch.isfinite(out).all()
+    assert out[0, 5, 7] > 0  # saturated, but on the outlier's side
 
 
 def test_group_outliers_of_a_tied_group_are_distinct() -> None:

@@ -98,3 +98,43 @@ def test_kv_perplexity_past_float_range_is_inf_not_a_crash(tiny_model_dir) -> No
     ids = list(range(3, 3 + 64))
     out = kv_perplexity(model, ids, context=32, codec=get_codec("fp16"), block_size=16)
     assert out.result.ppl == float("inf")
+
+
+def test_kv_evaluation_refuses_a_context_past_the_positions(tiny_model) -> None:
+    """As the plain evaluation does: `eval MODEL --kv CODEC` decoded a 2048-token window on a model of
+    1024 positions and reported its perplexity."""
+    from trtcompress.eval.config import EvalConfig
+    from trtcompress.eval.harness import evaluate
+
+    config = EvalConfig(ppl_tokens=2048, context=2048, gsm8k_problems=0, gsm_symbolic_problems=0)
+    with pytest.raises(RecipeError, match=r"eval\.context 2048 exceeds the model.s 1024 positions"):
+        evaluate(
+            tiny_model.model, tiny_model.tokenizer, config, model_name="tiny", recipe_name="baseline",
+            is_reference=True, kv=KVCacheConfig(codec="kivi-4bit"),
+        )  # fmt: skip
+
+
+def test_kv_greedy_stops_where_hf_generate_does(tiny_model, monkeypatch) -> None:
+    """Greedy exact match with an fp16 cache completes as `greedy_exact_match` (HF generate) does: it
+    stops at any of the generation config's EOS ids (a chat model's second end token), not only at the
+    tokenizer's, and keeps the EOS token in the completion as generate does."""
+    import torch
+
+    import trtcompress.eval.metrics as metrics
+    from trtcompress.eval.datasets import gsm8k_problems
+    from trtcompress.kv import get_codec
+    from trtcompress.kv.evaluate import kv_greedy_exact_match
+
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    problems = gsm8k_problems(1)
+    prompt = torch.tensor([tok(problems[0].fewshot_prompt or problems[0].prompt).input_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    model.generation_config.eos_token_id = [tok.eos_token_id, int(out[0, prompt.shape[1] + 2])]
+    texts: list[str] = []
+    extract = metrics.extract_final_number
+    monkeypatch.setattr(metrics, "extract_final_number", lambda text: (texts.append(text), extract(text))[1])
+    metrics.greedy_exact_match(model, tok, problems, max_new_tokens=8)
+    kv_greedy_exact_match(model, tok, problems, get_codec("fp16"), max_new_tokens=8)
+    assert len(texts) == 2 and texts[1] == texts[0]
+    assert len(tok(texts[0], add_special_tokens=False).input_ids) < 8  # it did stop early

@@ -151,6 +151,17 @@ def fidelity_from_logits(
     return totals.result()
 
 
+def _generation_eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    """The ids HF `generate` stops on (the plain path's `greedy_exact_match`): the generation config's
+    EOS, which a chat model may list several of, else the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return set()
+    return {int(i) for i in ids} if isinstance(ids, list | tuple) else {int(ids)}
+
+
 @torch.no_grad()
 def kv_greedy_exact_match(
     model: nn.Module,
@@ -166,7 +177,7 @@ def kv_greedy_exact_match(
     from trtcompress.eval.metrics import STOP_STRINGS, _normalise, extract_final_number
 
     correct = 0
-    eos = tokenizer.eos_token_id
+    eos = _generation_eos_ids(model, tokenizer)
     for problem in problems:
         prompt = tokenizer(problem.fewshot_prompt or problem.prompt).input_ids
         cache = cache_for_model(
@@ -176,10 +187,10 @@ def kv_greedy_exact_match(
         token = int(dec.logits(dec.prefill(0, torch.tensor(prompt))[-1]).argmax())
         generated: list[int] = []
         text = ""
-        while token != eos and len(generated) < max_new_tokens:
-            generated.append(token)
+        while len(generated) < max_new_tokens:
+            generated.append(token)  # an EOS too, as HF generate keeps it (decoded unless special)
             text = tokenizer.decode(generated, skip_special_tokens=True)
-            if any(stop in text for stop in STOP_STRINGS):
+            if token in eos or any(stop in text for stop in STOP_STRINGS):
                 break
             token = int(dec.logits(dec.decode([0], torch.tensor([token]))[0]).argmax())
         for stop in STOP_STRINGS:

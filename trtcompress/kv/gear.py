@@ -83,11 +83,18 @@ OUTLIER_DTYPES = {
 }
 
 
+def _fp16_saturated(correction: torch.Tensor) -> torch.Tensor:
+    """fp16 corrections clamped to the fp16 range: an outlier and its group's other end can lie more
+    than 65504 apart even in an fp16 cache (x - deq would round to inf, and inf spread as NaN)."""
+    fp16_max = torch.finfo(torch.float16).max
+    return correction.clamp(-fp16_max, fp16_max).to(torch.float16)
+
+
 def _store_corrections(correction: torch.Tensor, outlier_dtype: str) -> tuple[Fields, torch.Tensor]:
     """(fields, the corrections as decompression will reproduce them) of float corrections `(..., n)`."""
     dtype, qmax = OUTLIER_DTYPES[outlier_dtype]
     if not qmax:
-        stored = correction.to(torch.float16)
+        stored = _fp16_saturated(correction)
         return {"out_val": stored}, stored.float()
     # a block with no correction at all (a zero head) gets a nonzero scale; a subnormal scale must not
     # push |y| past the code range
@@ -308,7 +315,7 @@ class GearCodec(KiviCodec):
         fields, deq = self._quantize(grouped, mask)
         approx = deq
         if k:
-            correction = (grouped.gather(-1, idx) - deq.gather(-1, idx)).to(torch.float16)
+            correction = _fp16_saturated(grouped.gather(-1, idx) - deq.gather(-1, idx))
             approx = deq.scatter_add(-1, idx, correction.float())
             fields["out_val"] = correction.flatten(-2)
             fields["out_idx"] = idx.to(torch.uint8).flatten(-2)
@@ -354,7 +361,10 @@ class GearCodec(KiviCodec):
         return self._store_factors(a, b)
 
     def _phase_rank(self, kind: Kind, phase: str) -> int:
-        return self._slot_rank(kind) if phase == "prefill" else self.rank[kind]
+        # prefill_rank may also be below the decode rank: the slot holds the larger, prefill uses its own
+        if phase == "prefill" and self.prefill_rank is not None and self.rank[kind]:
+            return self.prefill_rank
+        return self.rank[kind]
 
     def _store_factors(self, a: torch.Tensor, b: torch.Tensor) -> Fields:
         if self.factor_dtype == "fp16":

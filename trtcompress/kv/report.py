@@ -11,6 +11,7 @@ from trtcompress.compressed.accounting import weight_stats
 from trtcompress.eval.config import EvalConfig
 from trtcompress.eval.datasets import TokenStream, gsm8k_problems, gsm_symbolic_problems
 from trtcompress.eval.harness import EvalReport
+from trtcompress.eval.metrics import check_context
 from trtcompress.kv.config import KVCacheConfig
 from trtcompress.kv.evaluate import kv_answer_fidelity, kv_greedy_exact_match, kv_perplexity
 from trtcompress.kv.scalar import FP16Codec
@@ -29,6 +30,8 @@ def evaluate_with_kv(
 ) -> EvalReport:
     """`model` decoding with `kv.codec` against `reference` (the uncompressed model; `model` itself
     when evaluating a plain model) decoding with an fp16 cache, on the same protocol."""
+    # as the plain path's perplexity does: past the trained positions the numbers mean nothing
+    check_context(config.context, model)
     start = time.perf_counter()
     codec, bs, sink = kv.build_codec(), kv.block_size, kv.sink_tokens
     window = TokenStream(tokenizer).window(config.ppl_tokens)
