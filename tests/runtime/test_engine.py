@@ -164,12 +164,25 @@ def test_guaranteed_no_evict_admits_only_what_fits(tiny_int4_artifact, solo):
         max_num_tokens=20,
     )  # fmt: skip
     prompts = _prompts(3, seed=7, lo=18, hi=22)
-    params = SamplingParams(max_tokens=30, end_id=-1)  # 48+ tokens: 3 blocks
+    params = SamplingParams(max_tokens=30, end_id=-1)  # 50, 47, 48 tokens in the cache: 3, 2, 3 blocks
     outs = eng.generate(prompts, params)
     assert all(not s.preempted for s in eng.steps)
-    assert max(s.batch_size for s in eng.steps) == 1  # 3 blocks each, 4 in the pool
+    assert max(s.batch_size for s in eng.steps) == 1  # no two fit in the 4 blocks of the pool
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == solo(prompt, params).token_ids
+
+
+def test_guaranteed_no_evict_admits_a_request_whose_last_token_leaves_a_block_free(tiny_int4_artifact):
+    # prompt 20 + 28 new = 48 tokens, but the last one is never fed back: 47 in the cache, 2 blocks of 16,
+    # so two such requests fill the pool of 4 blocks together (a whole-life count of 48 made it 3 each)
+    eng = _engine(
+        tiny_int4_artifact, max_seq_len=64, max_tokens_in_paged_kv_cache=64, max_batch_size=4,
+        max_num_tokens=20,
+    )  # fmt: skip
+    outs = eng.generate(_prompts(2, seed=7, lo=20, hi=21), SamplingParams(max_tokens=28, end_id=-1))
+    assert [len(o.token_ids) for o in outs] == [28, 28]
+    assert max(s.batch_size for s in eng.steps) == 2 and min(s.free_blocks for s in eng.steps) == 0
+    assert eng.cache.free_blocks == eng.cache.num_blocks
 
 
 def test_cancel_frees_the_request_and_others_continue(engine, solo):

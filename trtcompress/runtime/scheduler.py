@@ -14,7 +14,8 @@ A chunk is scheduled whole or not at all, and chunk boundaries depend only on th
 
 KV memory (blocks of the paged cache):
 - `guaranteed_no_evict`: a request is admitted only if the blocks for its whole life (prompt +
-  max_tokens) are free after what running sequences may still claim, so nobody is ever evicted;
+  max_tokens - 1 tokens: the last one is never fed back) are free after what running sequences may
+  still claim, so nobody is ever evicted;
 - `max_utilization`: admit while the next chunk fits; when a running sequence needs a block and none
   is free, the newest unscheduled sequence (possibly itself) is preempted: its blocks are freed and it
   goes back to the front of the queue, to be recomputed exactly when memory frees up.
@@ -92,11 +93,14 @@ class Scheduler:
             return min(self.config.prefill_chunk, seq.prompt_len - seq.num_computed)
         return 1
 
+    def life_blocks(self, seq: Sequence) -> int:
+        """Blocks a sequence can ever hold: its last token is sampled but never fed back, so at most
+        `max_total - 1` tokens reach the cache."""
+        return self.blocks_for(seq.max_total - 1)
+
     def promised_blocks(self) -> int:
         """Blocks running sequences may still claim before they finish (guaranteed_no_evict)."""
-        return sum(
-            max(0, self.blocks_for(s.max_total) - len(self.cache.seqs[s.seq_id].blocks)) for s in self.running
-        )
+        return sum(max(0, self.life_blocks(s) - len(self.cache.seqs[s.seq_id].blocks)) for s in self.running)
 
     # -------------------------------------------------------------------------------- schedule
 
@@ -144,7 +148,7 @@ class Scheduler:
             if n > budget:
                 break
             if self.config.batch_scheduler_policy == "guaranteed_no_evict":
-                fits = self.blocks_for(seq.max_total) <= self.cache.free_blocks - self.promised_blocks()
+                fits = self.life_blocks(seq) <= self.cache.free_blocks - self.promised_blocks()
             else:
                 fits = self.blocks_for(n) <= self.cache.free_blocks
             if not fits:
