@@ -20,3 +20,24 @@ def test_plain_model_is_compared_with_the_reference_model_given(tiny_model_dir, 
 def test_plain_model_without_a_reference_model_is_its_own_reference(tiny_model_dir):
     report = evaluate_target(str(tiny_model_dir), overrides=TINY_OVERRIDES)
     assert report.ppl_ratio == 1.0 and report.gsm8k_kl == 0.0 and report.gsm8k_top1 == 1.0
+
+
+def test_artifact_eval_refuses_a_window_over_its_calibration_text(tiny_model_dir, tmp_path):
+    """A calibrated artifact saw the BoolQ tokens right after its build's perplexity window; `eval
+    ARTIFACT --ppl-tokens` wider than that scored the model on its own calibration text (optimistic ppl)."""
+    from trtcompress.builders.pipeline import build
+    from trtcompress.errors import RecipeError
+    from trtcompress.recipe import load_recipe, with_overrides
+
+    recipe = with_overrides(
+        load_recipe("w4a16-gptq").model_copy(update={"eval": TINY_EVAL}),
+        [("calibration.num_samples", 2), ("calibration.seq_len", 64), ("eval.enabled", False)],
+    )
+    build(str(tiny_model_dir), recipe, tmp_path / "a")  # calibrated on tokens 256-383
+    with pytest.raises(RecipeError, match="which this artifact was calibrated on"):
+        evaluate_target(str(tmp_path / "a"), overrides=[*TINY_OVERRIDES, ("eval.ppl_tokens", 512)])
+    # the build's own window, or a narrower one, stays allowed
+    report = evaluate_target(
+        str(tmp_path / "a"), overrides=[*TINY_OVERRIDES, ("eval.reference", False)], output_dir=tmp_path / "e"
+    )
+    assert report.protocol["ppl_tokens"] == 256

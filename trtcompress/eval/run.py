@@ -7,10 +7,11 @@ from typing import Any
 
 from trtcompress.checkpoints import native
 from trtcompress.errors import ModelError, RecipeError, TrtcompressError
+from trtcompress.eval.config import EvalConfig
 from trtcompress.eval.harness import EvalReport, check_protocol, evaluate
 from trtcompress.eval.report import plot_report
 from trtcompress.models import PACKAGED_MODELS, load_model
-from trtcompress.recipe import load_recipe, parse_recipe, with_overrides
+from trtcompress.recipe import Recipe, load_recipe, parse_recipe, with_overrides
 from trtcompress.ui import UI
 
 
@@ -36,6 +37,19 @@ def _write_outputs(report: EvalReport, directory: Path) -> None:
     plot_report(report, directory / "eval.png")
 
 
+def _check_window_before_calibration(built: Recipe, config: EvalConfig) -> None:
+    """An artifact's calibrated passes saw the BoolQ tokens right after its build's perplexity window
+    (models.calibration): a wider window at eval time would score the model on its own calibration text
+    and report an optimistic perplexity."""
+    scored = config.ppl_tokens // config.context * config.context
+    if built.needs_calibration and scored > built.eval.ppl_tokens:
+        raise RecipeError(
+            f"eval.ppl_tokens {config.ppl_tokens} would score tokens {built.eval.ppl_tokens}-{scored - 1}, "
+            f"which this artifact was calibrated on (calibration starts after its build's "
+            f"eval.ppl_tokens {built.eval.ppl_tokens}); use at most {built.eval.ppl_tokens}"
+        )
+
+
 def evaluate_target(
     target: str,
     *,
@@ -57,9 +71,9 @@ def evaluate_target(
         artifact = native.load_artifact(Path(target))
         if artifact.status == "failed_gates":
             ui.log(f"note: {target} failed its gates at build time")
-        recipe = with_overrides(
-            parse_recipe(artifact.manifest["recipe"], f"{target}/manifest.json"), overrides
-        )
+        built = parse_recipe(artifact.manifest["recipe"], f"{target}/manifest.json")
+        recipe = with_overrides(built, overrides)
+        _check_window_before_calibration(built, recipe.eval)
         reference = None
         if recipe.eval.reference:
             spec = reference_spec or artifact.manifest["source"]["model"]
