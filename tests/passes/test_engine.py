@@ -167,6 +167,16 @@ def test_non_finite_calibration_activations_are_an_error(tiny_model):
         run_sequential(model, [GPTQPass(GPTQConfig())], PassContext(calibration=calib))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_of_a_calibrated_target_is_an_error(tiny_model, bad):
+    """The hook runs before the layer's forward, so the bad weight has not reached any activation yet;
+    GPTQ used to turn it into finite garbage (a NaN group scale became 1, codes 0: weights of -8)."""
+    model = tiny_model.model
+    model.model.layers[1].self_attn.k_proj.weight.data[3, 7] = bad
+    with pytest.raises(CompressionError, match=r"model\.layers\.1\.self_attn\.k_proj has non-finite weights"):
+        run_sequential(model, [GPTQPass(GPTQConfig())], PassContext(calibration=_calibration()))
+
+
 def test_calibrated_pass_refuses_lm_head(tiny_model):
     with pytest.raises(CompressionError, match=r"decoder-layer linears only.*lm_head"):
         run_sequential(

@@ -408,6 +408,13 @@ def _compress_group(
         selected = _selected(p, names)
         if not selected:
             continue
+        # As LinearPass: the hook runs before the layer's own forward, so a NaN/inf weight has not yet
+        # reached the activations, and the grids turn it into finite garbage (a NaN scale becomes 1).
+        for name in selected:
+            if not all_finite(handle.members[name].weight.detach()):
+                raise CompressionError(
+                    f"layer {name} has non-finite weights (NaN or inf); refusing to compress it"
+                )
         current = flat if handle.input_scale is None else flat / handle.input_scale.to(flat.dtype)
         stats = collect_stats(current, p.needs, p.sample_tokens)
         p.compress_group(handle, selected, stats, context)
