@@ -114,7 +114,7 @@ class RuntimeLinear:
 
     def __init__(
         self,
-        weight: torch.Tensor,
+        weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         tile: int,
         act_quant: ActQuantizer | None = None,
@@ -125,8 +125,8 @@ class RuntimeLinear:
     ) -> None:
         self.weight, self.bias, self.tile = weight, bias, tile
         self.act_quant, self.lowrank, self.pre_scale = act_quant, lowrank, pre_scale
-        self.splits = splits or [weight.shape[0]]
-        self.plugin = plugin  # a CUDA kernel callable, or None for the reference path
+        self.splits = splits or [weight.shape[0]]  # type: ignore[union-attr]
+        self.plugin = plugin  # a CUDA kernel callable (then no `weight`), or None for the reference path
         self.linear: Linear = F.linear  # the main GEMM; see use_onednn
 
     def use_onednn(self, rows_hint: int) -> None:
@@ -141,7 +141,7 @@ class RuntimeLinear:
     @property
     def gemm_weights(self) -> list[torch.Tensor]:
         """Every weight this layer multiplies by (for the batch-invariance probe)."""
-        return [self.weight, *(self.lowrank or ())]
+        return [w for w in (self.weight, *(self.lowrank or ())) if w is not None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.plugin is not None:  # the 4-bit kernels take fp16 / bf16 activations
@@ -186,8 +186,8 @@ def build_linear(modules: list[nn.Module], tile: int, device: torch.device) -> R
         from trtcompress.runtime.plugins import plugin_for
 
         plugin = plugin_for(states[0], device)
-        if plugin is not None:
-            return RuntimeLinear(states[0].stored_weight(), None, tile, plugin=plugin)
+        if plugin is not None:  # the op holds the weight (a dequantized copy here would be dead weight)
+            return RuntimeLinear(None, None, tile, splits=[states[0].out_features], plugin=plugin)
     if len(states) > 1 and not all(_plain(s) for s in states):
         raise ValueError("only plain linears (no activation quantizer or low-rank branch) are fused")
     dtype = torch.float32
@@ -222,4 +222,10 @@ def build_group(modules: list[nn.Module], tile: int, device: torch.device) -> li
     states = [_state(m) for m in modules]
     if device.type != "cuda" and all(_plain(s) for s in states):
         return [build_linear(modules, tile, device)]
+    if device.type == "cuda":  # INT4 layers of one format: one group-major GEMV for all of them
+        from trtcompress.runtime.plugins import fused_plugin_for
+
+        plugin = fused_plugin_for(states, device)
+        if plugin is not None:
+            return [RuntimeLinear(None, None, tile, splits=[s.out_features for s in states], plugin=plugin)]
     return [build_linear([m], tile, device) for m in modules]

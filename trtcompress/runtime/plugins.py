@@ -17,3 +17,12 @@ def plugin_for(state: CompressedLinearState, device: torch.device) -> Callable |
     from trtcompress.plugins.w4a16_gemm.op import w4a16_linear
 
     return w4a4_linear(state, device) or w4a16_linear(state, device)
+
+
+def fused_plugin_for(states: list[CompressedLinearState], device: torch.device) -> Callable | None:
+    """One op-backed callable for layers reading the same input (outputs side by side), or None."""
+    if device.type != "cuda":
+        return None
+    from trtcompress.plugins.w4a16_gemm.op import w4a16_fused_linear
+
+    return w4a16_fused_linear(states, device)

@@ -209,3 +209,37 @@ def test_group_major_op_refuses_tensors_that_do_not_fit_x():
         mode = FakeTensorMode()
         with mode, pytest.raises(ValueError, match="group-major"):
             w4a16_gemm_group_major(*[mode.from_tensor(a) if torch.is_tensor(a) else a for a in args])
+
+
+def test_fused_linear_runs_layers_side_by_side(monkeypatch):
+    """INT4 layers reading one input (q / k / v) held as one group-major weight of their concatenated rows:
+    one GEMV per step, outputs side by side as the layers' own math gives them, biases where they are;
+    layers that differ in format, K or zero points, FP4 layers and single layers are not fused."""
+    from trtcompress.plugins.w4a16_gemm.op import w4a16_fused_linear
+
+    monkeypatch.setenv("TRTCOMPRESS_GEMM_TRITON", "1")
+
+    def state(name: str, n: int, k: int = 256, seed: int = 0, bias: bool = False) -> CompressedLinearState:
+        b = torch.randn(n, generator=torch.Generator().manual_seed(seed)) if bias else None
+        return CompressedLinearState(n, k, _weight(name, n, k, seed=seed)[0], bias=b)
+
+    for name in ("int4_g64_sym", "int4_g32_asym"):
+        states = [
+            state(name, 40, seed=1, bias=True),
+            state(name, 16, seed=2),
+            state(name, 16, seed=3, bias=True),
+        ]
+        run = w4a16_fused_linear(states, "cpu")
+        for m in (1, 2, 5):
+            x = torch.randn(m, 256).half()
+            want = torch.cat([s.forward(x.float()) for s in states], dim=-1)
+            torch.testing.assert_close(run(x).float(), want, rtol=2e-3, atol=2e-2)
+    sym, asym = state("int4_g64_sym", 16), state("int4_g32_asym", 16)
+    assert w4a16_fused_linear([sym, asym], "cpu") is None  # other group and zero points
+    assert w4a16_fused_linear([sym, state("int4_g64_sym", 16, k=128)], "cpu") is None  # other K
+    assert w4a16_fused_linear([state("nvfp4", 16), state("nvfp4", 16)], "cpu") is None  # FP4
+    assert w4a16_fused_linear([sym], "cpu") is None
+    odd = [state("int4_g64_sym", 16, k=192), state("int4_g64_sym", 16, k=192)]  # 1.5 chunks
+    assert w4a16_fused_linear(odd, "cpu") is None
+    monkeypatch.delenv("TRTCOMPRESS_GEMM_TRITON")
+    assert w4a16_fused_linear([sym, sym], "cpu") is None  # the reference path: no kernel to fuse for

@@ -176,23 +176,8 @@ def w4a16_linear(state, device: torch.device | str) -> Callable[[torch.Tensor], 
     fp = isinstance(fmt, FpFormat)
     scales = fpgrid.effective_scales(q.scales, q.global_scale, fmt) if fp else q.scales
     bias = None if state.bias is None else state.bias.to(device)
-    kernels = torch.device(device).type == "cuda" or os.environ.get("TRTCOMPRESS_GEMM_TRITON") == "1"
-    if kernels and use_group_major(state.in_features, fmt.group_size, fmt.exp_bits if fp else 0):
-        # held in the layout the decode GEMV reads fastest (the row layout is not kept: same memory)
-        from trtcompress.plugins.w4a16_gemm.gemv_lop3 import GroupMajorWeight
-        from trtcompress.plugins.w4a16_gemm.group_major_op import w4a16_gemm_group_major
-
-        weight = GroupMajorWeight.from_packed(
-            q.qweight.to(device), scales.to(device), None if q.zeros is None else q.zeros.to(device),
-            fmt.group_size, state.in_features,
-        )  # fmt: skip
-        gm_args = weight.op_args
-
-        def run_group_major(x: torch.Tensor) -> torch.Tensor:
-            out = w4a16_gemm_group_major(x, *gm_args)
-            return out if bias is None else out + bias.to(out.dtype)
-
-        return run_group_major
+    if _kernels(device) and use_group_major(state.in_features, fmt.group_size, fmt.exp_bits if fp else 0):
+        return _group_major_run(q.qweight, scales, q.zeros, fmt.group_size, state.in_features, bias, device)
     args = (
         q.qweight.to(device),
         scales.to(device),
@@ -208,3 +193,67 @@ def w4a16_linear(state, device: torch.device | str) -> Callable[[torch.Tensor], 
         return out if bias is None else out + bias.to(out.dtype)
 
     return run
+
+
+def w4a16_fused_linear(
+    states: list, device: torch.device | str
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """One callable for several INT4 layers reading the same input (q / k / v, gate / up), their outputs
+    side by side: one group-major weight of the concatenated rows, so a decode step runs one GEMV
+    instead of one per layer (the small k / v projections alone would be launch-bound). None unless
+    every layer takes the group-major path of `w4a16_linear` with the same K, group and zero points."""
+    from trtcompress.compressed.formats import IntFormat
+
+    qs = [s.quantized for s in states]
+    if len(states) < 2 or any(q is None for q in qs) or not _kernels(device):
+        return None
+    fmt, k = qs[0].format, states[0].in_features
+    same = all(
+        q.format == fmt and s.in_features == k and (q.zeros is None) == (qs[0].zeros is None)
+        for s, q in zip(states, qs, strict=True)
+    )
+    plain = all(
+        s.act_quant is None and s.mask is None and s.lowrank_a is None and s.pre_quant_scale is None
+        for s in states
+    )
+    if not (same and plain and isinstance(fmt, IntFormat) and fmt.bits == 4):
+        return None
+    if not use_group_major(k, fmt.group_size, 0):
+        return None
+    bias = None
+    if any(s.bias is not None for s in states):
+        zeros = [torch.zeros(s.out_features) if s.bias is None else s.bias.float() for s in states]
+        bias = torch.cat(zeros).to(device)
+    zero_points = None if qs[0].zeros is None else torch.cat([q.zeros for q in qs])
+    qweight, scales = torch.cat([q.qweight for q in qs]), torch.cat([q.scales for q in qs])
+    return _group_major_run(qweight, scales, zero_points, fmt.group_size, k, bias, device)
+
+
+def _kernels(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cuda" or os.environ.get("TRTCOMPRESS_GEMM_TRITON") == "1"
+
+
+def _group_major_run(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group: int,
+    k: int,
+    bias: torch.Tensor | None,
+    device: torch.device | str,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The layer held in the layout the decode GEMV reads fastest (the row layout is not kept: same
+    memory), computed by the group-major op."""
+    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import GroupMajorWeight
+    from trtcompress.plugins.w4a16_gemm.group_major_op import w4a16_gemm_group_major
+
+    weight = GroupMajorWeight.from_packed(
+        qweight.to(device), scales.to(device), None if zeros is None else zeros.to(device), group, k
+    )
+    args = weight.op_args
+
+    def run_group_major(x: torch.Tensor) -> torch.Tensor:
+        out = w4a16_gemm_group_major(x, *args)
+        return out if bias is None else out + bias.to(out.dtype)
+
+    return run_group_major
