@@ -332,9 +332,9 @@ def group_major_checks() -> list[dict]:
     return rows
 
 
-# (N, K) of a Llama-3-8B layer's projections as the native runtime runs them on CUDA (one plugin call
-# each, `runtime/linear.py` fuses only on CPU): q and o, k and v, gate and up, down
-LLAMA8B_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+# (N, K) of a Llama-3-8B layer's INT4 GEMVs as the native runtime runs them on CUDA (q / k / v and
+# gate / up fused into one group-major weight each, `w4a16_fused_linear`): qkv, o, gate_up, down
+LLAMA8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 ODD_SHAPES = [(1536, 576), (200, 576), (4160, 4096)]  # (N, K): SmolLM2's K, partial row tiles, a tail
 
 

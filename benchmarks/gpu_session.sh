@@ -4,7 +4,7 @@
 #   0. benchmarks/gemv_graphs_gpu.py --group-major  the layout the CUDA runtime holds INT4 weights in
 #      (GroupMajorWeight): the lop3 GEMV tuned over it, the group-major op against the row-layout op
 #      at M = 1..16 and a 256-row prefill (graph replays, L2 cold); group_major_8b: the same on a
-#      Llama-3-8B layer's projection shapes (untimed so far)
+#      Llama-3-8B layer's GEMV shapes as the CUDA runtime runs them (untimed so far)
 #   1. benchmarks/runtime_gpu.py  native runtime vs HF generate, end to end (needs .gpu/, see below);
 #      fp16 first with deploy.cuda_graphs (runtime/cuda_graphs.py), then without it
 #      (paged decode kernel), A/B against the torch path at 32
@@ -41,7 +41,7 @@ if want group_major; then
     > "$OUT/gemv_group_major.log" 2>&1
   echo "gemv_graphs_gpu --group-major rc $?"
 fi
-if want group_major_8b; then  # the same on a Llama-3-8B layer's projection shapes (q/o, k/v, gate/up, down)
+if want group_major_8b; then  # the same on a Llama-3-8B layer's GEMV shapes (qkv, o, gate_up, down)
   timeout 200 python3 benchmarks/gemv_graphs_gpu.py "$OUT/gemv_group_major_llama8b_gpu.json" --group-major \
     --llama8b > "$OUT/gemv_group_major_8b.log" 2>&1
   echo "gemv_graphs_gpu --group-major --llama8b rc $?"
