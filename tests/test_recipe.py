@@ -205,3 +205,31 @@ def test_set_takes_text_fields_verbatim_and_star_needs_a_field():
     for path in ("passes.*", "gates.*"):
         with pytest.raises(RecipeError, match=r"'\*' selects entries by a field"):
             with_overrides(recipe, [(path, [])])
+
+
+def test_yaml_merge_keys_share_pass_options_and_may_be_overridden(tmp_path):
+    """`<<: *anchor` (YAML's merge key, which yaml.safe_load reads) was refused as invalid YAML by the
+    duplicate-key check; a key of the mapping itself overrides a merged one, which is no duplicate."""
+    path = tmp_path / "merge.yaml"
+    path.write_text(
+        "passes:\n"
+        "  - &int4 {method: gsq, bits: 4, group_size: 64, exclude: [lm_head]}\n"
+        "  - <<: *int4\n"
+        "    bits: 8\n"
+        "    targets: [down_proj]\n"
+    )
+    first, second = load_recipe(str(path)).passes
+    assert (first.bits, second.bits, second.group_size, second.exclude) == (4, 8, 64, ["lm_head"])
+    path.write_text("passes:\n  - &p {method: gsq}\n  - <<: *p\n    bits: 4\n    bits: 8\n")
+    with pytest.raises(RecipeError, match="duplicate key 'bits'"):
+        load_recipe(str(path))
+
+
+def test_an_invalid_export_format_is_named_by_its_index_as_written():
+    """`formats` is reordered with `native` first: an error used to name the entry's shifted index
+    (`[trtllm, foo]` -> `export.formats[2]`)."""
+    recipe = load_recipe("int4-g128-rtn")
+    with pytest.raises(RecipeError, match=r"export\.formats\[1\]: Input should be"):
+        with_overrides(recipe, [("export.formats", ["trtllm", "foo"])])
+    fixed = with_overrides(recipe, [("export.formats", ["hf", "native", "hf"])])
+    assert fixed.export.formats == ["native", "hf"]

@@ -147,8 +147,9 @@ def build(model, recipe_spec, out, force, assignments, quiet, as_json, **flags) 
             ui.out.print(report_table(result.report))
         if result.gates:
             ui.out.print(gates_table(result.gates))
-        ui.out.print(
-            f"artifact: {result.path}  status: {result.manifest['status']}  ({result.seconds:.1f} s)"
+        ui.out.print(  # markup=False: OUT is the user's path ("out[/v2]" would raise MarkupError)
+            f"artifact: {result.path}  status: {result.manifest['status']}  ({result.seconds:.1f} s)",
+            markup=False,
         )
     if not result.gates_passed:
         failed = ", ".join(g.gate for g in result.gates if not g.passed)

@@ -53,8 +53,11 @@ class EngineConfig(StrictModel):
     workers: int = Field(1, ge=1, description="--workers (parallel rank builds)")
 
 
+EXPORT_FORMAT = Literal["native", "trtllm", "hf"]
+
+
 class ExportConfig(StrictModel):
-    formats: list[Literal["native", "trtllm", "hf"]] = Field(
+    formats: list[EXPORT_FORMAT] = Field(
         default_factory=lambda: ["native"],
         description="artifact formats: native (always written), trtllm (OUT/trtllm), hf (OUT/hf)",
     )
@@ -70,7 +73,8 @@ class ExportConfig(StrictModel):
         # The native artifact is the build's record (manifest, checksums): always written, listed once.
         if isinstance(value, str):
             value = [value]
-        if isinstance(value, list):
+        # Only a valid list is reordered: an error must name the entry's index in the list as written.
+        if isinstance(value, list) and all(v in typing.get_args(EXPORT_FORMAT) for v in value):
             return ["native", *dict.fromkeys(v for v in value if v != "native")]
         return value
 
@@ -155,6 +159,8 @@ class _RecipeLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: flattened (and overridable
+                continue  # by the mapping's own keys) in super().construct_mapping, not a key of its own
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, typing.Hashable) and key in seen:
                 raise yaml.constructor.ConstructorError(

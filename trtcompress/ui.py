@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 
 def _finite_or_named(value: Any) -> Any:
@@ -38,7 +39,8 @@ class UI:
         self.out = Console(width=None if sys.stdout.isatty() else 160)
 
     def log(self, message: str) -> None:
-        self.err.print(f"[dim]{message}[/dim]", highlight=False)
+        # Text, not markup: a message holds paths and names ("[/v2]" would raise MarkupError, "[v2]" vanish)
+        self.err.print(Text(message, style="dim"), highlight=False)
 
     @contextlib.contextmanager
     def progress(self) -> Iterator[Progress | None]:

@@ -107,3 +107,18 @@ def test_an_unmeasured_metric_names_the_setting_that_measures_it(gate, needs):
     """A gate on kv_bytes_per_token without a codec used to ask whether the reference was disabled."""
     [result] = check_gates([Gate.model_validate(gate)], _report())
     assert not result.passed and needs in result.reason
+
+
+def test_report_and_gate_tables_print_names_as_typed():
+    """A recipe name or model path with brackets was read as rich markup: `[/v2]` raised MarkupError after
+    the artifact was written (a traceback instead of exit 3 for a failed gate), `[red]` vanished."""
+    from rich.console import Console
+
+    from trtcompress.eval.report import gates_table, report_table
+
+    report = _report(model="m[/x]", recipe="int4 [/v2] [red]y", ppl_ratio=1.2)
+    console = Console(width=200, record=True)
+    console.print(report_table(report))
+    console.print(gates_table(check_gates([Gate.model_validate("ppl_ratio <= 1.05")], report)))
+    text = console.export_text()
+    assert "m[/x] · int4 [/v2] [red]y" in text and "FAIL" in text

@@ -108,3 +108,18 @@ def test_the_artifact_keeps_the_models_generation_config(tiny_model_dir, tmp_pat
     assert loaded.model.generation_config.eos_token_id == [0, 300]
     plain = build(str(tiny_model_dir), recipe, tmp_path / "b")  # none: transformers' defaults
     assert native.load_artifact(plain.path).model.generation_config.eos_token_id in (None, 0)
+
+
+def test_an_output_that_cannot_be_written_fails_before_compression(tiny_model_dir, tmp_path, monkeypatch):
+    """`-o FILE/out` (or a read-only mount) used to be found out only at the rename into place, after
+    the whole compression (and, with mkdtemp failing, as a traceback)."""
+    import trtcompress.builders.pipeline as pipeline
+
+    def compress_model(*args, **kwargs):
+        raise AssertionError("compression ran before the output location was checked")
+
+    monkeypatch.setattr(pipeline, "compress_model", compress_model)
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ArtifactError, match="is a file"):
+        build(str(tiny_model_dir), _recipe(), tmp_path / "file" / "deeper" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -210,3 +210,19 @@ def test_qwen2_biases_survive_the_roundtrip(tiny_qwen2_dir, tmp_path):
     assert "bias" in manifest["layers"]["model.layers.0.self_attn.q_proj"]["tensors"]
     ids = torch.randint(0, 512, (1, 16))
     assert torch.equal(_logits(native.load_artifact(path).model, ids), _logits(loaded.model, ids))
+
+
+def test_an_unwritable_output_directory_is_an_artifact_error(tmp_path, monkeypatch):
+    """A read-only mount or a directory without write permission: one `error:` line, not mkdtemp's
+    traceback; the build's early check (`check_output_location`) says the same before any work."""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(ArtifactError, match="cannot write the output there"):
+        native.check_output_location(tmp_path / "out")
+    refused = pytest.raises(ArtifactError, match="cannot write the output there")
+    with refused, native.atomic_directory(tmp_path / "out"):
+        raise AssertionError("the block ran without a temporary directory")

@@ -263,3 +263,22 @@ def test_json_output_stays_strict_json_when_a_metric_is_infinite(tiny_model_dir,
 
     data = json.loads(result.stdout, parse_constant=refuse)
     assert data["ppl"] == "Infinity"
+
+
+def test_paths_and_names_are_printed_as_typed_not_as_rich_markup(tiny_model_dir, tmp_path):
+    """Brackets in a model path, OUT or recipe name used to be read as rich markup: `[red]` vanished
+    and a closing tag such as `[/v2]` raised MarkupError (a traceback after the artifact was written,
+    and `inspect` could not show the artifact at all)."""
+    import shutil
+
+    model = tmp_path / "m[" / "x]"
+    shutil.copytree(tiny_model_dir, model)
+    out = tmp_path / "o[" / "v1]"
+    name = "int4 [/v2] [red]x"
+    result = run_cli("build", str(model), "-o", str(out), "--no-eval", "--name", name)
+    assert result.returncode == 0, result.stderr
+    assert f"loading {model}" in result.stderr
+    assert f"artifact: {out}" in result.stdout
+    result = run_cli("inspect", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"recipe {name} ·" in result.stdout

@@ -40,6 +40,7 @@ def build(
         raise RecipeError("the recipe declares gates but eval.enabled is false: gates need an evaluation")
     out = Path(out)
     native.check_output(out, force)  # fail before spending minutes on compression
+    native.check_output_location(out)  # a read-only or impossible OUT, too
     if recipe.export.engine.enabled:  # refuse before any work or any file when TensorRT-LLM is missing
         from trtcompress.builders.engine import require_trtllm
 

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from rich.table import Table
+from rich.text import Text
 
 from trtcompress.checkpoints import native
 from trtcompress.ui import UI, json_text
@@ -17,8 +18,8 @@ def inspect_artifact(path: Path, verify: bool, as_json: bool, ui: UI) -> dict:
     if as_json:
         ui.out.print_json(json_text(manifest))
         return manifest
-    table = Table(
-        title=f"{path} · recipe {manifest['recipe']['name']} · status {manifest['status']}",
+    table = Table(  # Text: the path and the recipe name are the user's, not rich markup ("[/v2]")
+        title=Text(f"{path} · recipe {manifest['recipe']['name']} · status {manifest['status']}"),
         title_justify="left",
     )
     for column in ("layer", "format", "shape", "bytes", "bits/weight"):

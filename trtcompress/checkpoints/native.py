@@ -60,7 +60,10 @@ def atomic_directory(
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ArtifactError(f"{target.parent}: cannot create the output directory ({exc.strerror})") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:  # a read-only mount, a directory without write permission: one line, not a traceback
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    except OSError as exc:
+        raise ArtifactError(f"{target.parent}: cannot write the output there ({exc.strerror})") from None
     try:
         yield tmp
         check(target, force)  # again: a concurrent build may have finished `target` meanwhile
@@ -95,6 +98,22 @@ def check_output(target: Path, force: bool) -> None:
             f"{target} exists and is not an artifact (no {MANIFEST}); --force replaces artifacts only, "
             "not other files or directories: choose another output path"
         )
+
+
+def check_output_location(target: Path) -> None:
+    """Raise ArtifactError unless `target` can be created: its nearest existing ancestor is a writable
+    directory. `atomic_directory` finds out only when the work is done (after minutes of compression),
+    so the build asks first; the probe directory it makes is removed at once."""
+    target = target.resolve()
+    parent = target.parent
+    while not parent.exists():  # (false below a file too: the loop stops at the file)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"{target.parent}: cannot create the output directory ({parent} is a file)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise ArtifactError(f"{target.parent}: cannot write the output there ({exc.strerror})") from None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

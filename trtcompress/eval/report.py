@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from trtcompress.eval.harness import EvalReport
 from trtcompress.eval.metrics import exp_nll
@@ -36,7 +37,8 @@ def _fmt(value: Any, fmt: str) -> str:
 
 
 def report_table(report: EvalReport) -> Table:
-    table = Table(title=f"{report.model} · {report.recipe}", title_justify="left")
+    # Text: the model path and recipe name are the user's, not rich markup ("x[/v2]" would raise)
+    table = Table(title=Text(f"{report.model} · {report.recipe}"), title_justify="left")
     table.add_column("metric")
     table.add_column("compressed", justify="right")
     table.add_column("reference", justify="right")
@@ -76,8 +78,9 @@ def gates_table(gates: Sequence[Any]) -> Table:
     table.add_column("result")
     for g in gates:
         measured = _measured(g)
-        verdict = "[green]pass[/green]" if g.passed else f"[red]FAIL[/red] {g.reason}".rstrip()
-        table.add_row(g.gate, measured, verdict)
+        verdict = Text("pass", style="green") if g.passed else Text.assemble(("FAIL", "red"), f" {g.reason}")
+        verdict.rstrip()  # (in place) no trailing blank after a FAIL without a reason
+        table.add_row(Text(g.gate), measured, verdict)
     return table
 
 
