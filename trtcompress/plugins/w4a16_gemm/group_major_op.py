@@ -23,10 +23,10 @@ import torch
 from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference
 
 # the lop3 GEMV over group-major weights, by weight size N * K (the first that fits): the best launches of
-# the H200 tuning over this layout at M = 1, replayed from CUDA graphs with the weight read from HBM
-# (benchmarks/gemv_graphs_gpu.py --group-major; benchmarks/results/gemv_graphs_gpu_h200_group_major.json):
-# 0.0080 / 0.0225 / 0.0327 ms at K = N = 4096 / 11008 / 14336, 1.64x / 2.77x / 3.08x of that run's bf16
-# matmul (the 14336 grid is flat: five launches within 0.3%)
+# the H200 tunings over this layout at M = 1, replayed from CUDA graphs with the weight read from HBM
+# (benchmarks/gemv_graphs_gpu.py --group-major, benchmarks/results/gemv_graphs_gpu_h200_group_major*.json;
+# the 14336 grid is flat: five launches within 0.3%). The op with them, in the last run: 0.0081 / 0.0227
+# / 0.0329 ms at K = N = 4096 / 11008 / 14336, 1.66x / 2.86x / 3.17x of that run's bf16 matmul
 GROUP_MAJOR_LOP3_CONFIGS = (  # (largest N * K, (block_n, block_k, split_k, num_warps, num_stages, prefetch))
     (4096 * 4096, (128, 256, 16, 2, 1, 1)),
     (11008 * 11008, (64, 256, 8, 4, 2, 1)),
@@ -94,8 +94,9 @@ def w4a16_gemm_group_major(
         from trtcompress.plugins.w4a16_gemm.gemv_lop3 import gemv_lop3_group_major, gemv_tc_group_major
 
         if m <= 2 and x2.dtype == torch.float16:
-            # M = 2, symmetric: both rows of x in one program, one read of the weight (1.02-1.10x faster
-            # on the H200; with zero points the two-row loop costs more registers than it saves)
+            # M = 2, symmetric: both rows of x in one program, one read of the weight (H200: 1.01-1.10x
+            # and 0.93-1.26x of one row per program in two runs, the gain growing with the weight; with
+            # zero points the two-row loop costs more registers than it saves)
             rows = 2 if m == 2 and zeros is None else 1
             out = gemv_lop3_group_major(x2, weight, rows=rows, **group_major_lop3_config(weight.n, k))
         else:
