@@ -65,8 +65,13 @@ def gemv_lop3_config(n: int, k: int) -> dict:
 GEMV_TC_PREFILL_CONFIG = {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3}
 
 
+def _kernels(device: torch.device | str) -> bool:
+    """Whether the ops run their Triton kernels on `device` (CUDA, or any with TRTCOMPRESS_GEMM_TRITON=1)."""
+    return torch.device(device).type == "cuda" or os.environ.get("TRTCOMPRESS_GEMM_TRITON") == "1"
+
+
 def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRTCOMPRESS_GEMM_TRITON") == "1"
+    return _kernels(x.device)
 
 
 def _kernel_kwargs(
@@ -167,16 +172,14 @@ def w4a16_linear(state, device: torch.device | str) -> Callable[[torch.Tensor], 
     from trtcompress.compressed import fpgrid
     from trtcompress.compressed.formats import FpFormat
 
+    if not _covers(state):
+        return None
     q = state.quantized
-    if q is None or q.format.bits != 4 or state.act_quant is not None or state.mask is not None:
-        return None
-    if state.lowrank_a is not None or state.pre_quant_scale is not None:
-        return None
     fmt = q.format
     fp = isinstance(fmt, FpFormat)
     scales = fpgrid.effective_scales(q.scales, q.global_scale, fmt) if fp else q.scales
     bias = None if state.bias is None else state.bias.to(device)
-    if _kernels(device) and use_group_major(state.in_features, fmt.group_size, fmt.exp_bits if fp else 0):
+    if _group_major_form(state, device):
         return _group_major_run(q.qweight, scales, q.zeros, fmt.group_size, state.in_features, bias, device)
     args = (
         q.qweight.to(device),
@@ -202,23 +205,14 @@ def w4a16_fused_linear(
     side by side: one group-major weight of the concatenated rows, so a decode step runs one GEMV
     instead of one per layer (the small k / v projections alone would be launch-bound). None unless
     every layer takes the group-major path of `w4a16_linear` with the same K, group and zero points."""
-    from trtcompress.compressed.formats import IntFormat
-
-    qs = [s.quantized for s in states]
-    if len(states) < 2 or any(q is None for q in qs) or not _kernels(device):
+    if len(states) < 2 or not all(_covers(s) and _group_major_form(s, device) for s in states):
         return None
+    qs = [s.quantized for s in states]
     fmt, k = qs[0].format, states[0].in_features
-    same = all(
+    if not all(
         q.format == fmt and s.in_features == k and (q.zeros is None) == (qs[0].zeros is None)
         for s, q in zip(states, qs, strict=True)
-    )
-    plain = all(
-        s.act_quant is None and s.mask is None and s.lowrank_a is None and s.pre_quant_scale is None
-        for s in states
-    )
-    if not (same and plain and isinstance(fmt, IntFormat) and fmt.bits == 4):
-        return None
-    if not use_group_major(k, fmt.group_size, 0):
+    ):
         return None
     bias = None
     if any(s.bias is not None for s in states):
@@ -229,8 +223,28 @@ def w4a16_fused_linear(
     return _group_major_run(qweight, scales, zero_points, fmt.group_size, k, bias, device)
 
 
-def _kernels(device: torch.device | str) -> bool:
-    return torch.device(device).type == "cuda" or os.environ.get("TRTCOMPRESS_GEMM_TRITON") == "1"
+def _covers(state) -> bool:
+    """Whether the op computes `state`'s layer: a 4-bit weight and nothing the op does not apply
+    (activation quantizer, sparsity mask, low-rank branch, pre-quant scale)."""
+    q = state.quantized
+    return (
+        q is not None
+        and q.format.bits == 4
+        and state.act_quant is None
+        and state.mask is None
+        and state.lowrank_a is None
+        and state.pre_quant_scale is None
+    )
+
+
+def _group_major_form(state, device: torch.device | str) -> bool:
+    """Whether a covered layer is held group-major on `device` (INT4 whose K and group fit the layout,
+    the kernel path, not turned off; `use_group_major`)."""
+    from trtcompress.compressed.formats import FpFormat
+
+    fmt = state.quantized.format
+    fp_exp = fmt.exp_bits if isinstance(fmt, FpFormat) else 0
+    return _kernels(device) and use_group_major(state.in_features, fmt.group_size, fp_exp)
 
 
 def _group_major_run(
