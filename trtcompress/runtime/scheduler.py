@@ -18,7 +18,8 @@ KV memory (blocks of the paged cache):
   still claim, so nobody is ever evicted;
 - `max_utilization`: admit while the next chunk fits; when a running sequence needs a block and none
   is free, the newest unscheduled sequence (possibly itself) is preempted: its blocks are freed and it
-  goes back to the front of the queue, to be recomputed exactly when memory frees up.
+  goes back to the front of the queue, to be recomputed exactly when memory frees up (at a later
+  step, never the one that preempted it).
 """
 
 from __future__ import annotations
@@ -144,6 +145,8 @@ class Scheduler:
     def _admit(self, budget: int, scheduled: set[int], plan: StepPlan) -> None:
         while self.waiting and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
+            if any(seq is victim for victim in plan.preempted):
+                break  # a victim of this step: re-admitting it now would recompute its prompt for nothing
             n = self.next_size(seq)
             if n > budget:
                 break
