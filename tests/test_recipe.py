@@ -200,7 +200,12 @@ def test_set_takes_text_fields_verbatim_and_star_needs_a_field():
         assignment = parse_assignment(text)
         assert assignment[1] == value
         assert getattr(with_overrides(recipe, [assignment]), text.partition("=")[0]) == value
-    assert parse_assignment("kv_cache.codec=null") == ("kv_cache.codec", None)  # str | None: still YAML
+    assert parse_assignment("kv_cache.codec=null") == ("kv_cache.codec", None)  # str | None: null is None
+    # `str | None` fields are text too: `--set model=123` was the int 123 ("Input should be a valid string")
+    optional = [("model=123", "123"), ("model=1.0", "1.0"), ("model='null'", "null"), ("model=~", None)]
+    for text, value in optional:
+        assert parse_assignment(text)[1] == value
+        assert with_overrides(recipe, [parse_assignment(text)]).model == value
     assert parse_assignment("eval.context=512") == ("eval.context", 512)
     for path in ("passes.*", "gates.*"):
         with pytest.raises(RecipeError, match=r"'\*' selects entries by a field"):

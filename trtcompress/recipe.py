@@ -264,8 +264,9 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     path = path.strip()
     raw_text = raw.strip()
     quoted = len(raw_text) >= 2 and raw_text[0] == raw_text[-1] and raw_text[0] in "'\""
-    if _is_text_field(path.split(".")) and not quoted:
-        # free text as typed: YAML would make `name=no` a bool, `name=1.0` a float, cut at ` #`
+    text_field = _text_field(path.split("."))
+    if text_field and not quoted and not (text_field == "optional" and raw_text in ("null", "~")):
+        # free text as typed: YAML would make `name=no` a bool, `model=1.0` a float, cut at ` #`
         return path, raw_text
     try:
         value = yaml_load(raw)
@@ -274,17 +275,20 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return path, value
 
 
-def _is_text_field(keys: list[str]) -> bool:
-    """Whether a recipe path ends at a field declared `str` (name, description, ...)."""
+def _text_field(keys: list[str]) -> Literal["required", "optional"] | None:
+    """Whether a recipe path ends at a field declared `str` (name, description, ...: "required") or
+    `str | None` (model, kv_cache.codec, ...: "optional", where an unquoted `null` still means None)."""
     model: type[BaseModel] | None = Recipe
     for i, key in enumerate(keys):
         field = model.model_fields.get(key) if model is not None else None
         if field is None:
-            return False
+            return None
         if i == len(keys) - 1:
-            return field.annotation is str
+            if field.annotation is str:
+                return "required"
+            return "optional" if set(typing.get_args(field.annotation)) == {str, type(None)} else None
         model = _model_of(field.annotation)
-    return False
+    return None
 
 
 def with_overrides(recipe: Recipe, overrides: list[tuple[str, Any]]) -> Recipe:
