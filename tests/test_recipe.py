@@ -26,6 +26,7 @@ def test_required_presets_exist_and_validate():
 def test_presets_round_trip_through_yaml(name):
     recipe = load_recipe(name)
     assert parse_recipe(yaml.safe_load(recipe.to_yaml()), "round trip") == recipe
+    assert "\\x" not in recipe.to_yaml()  # `trtcompress recipes NAME` printed "·" as "\xB7"
 
 
 def test_unknown_key_names_path_and_allowed_keys():

@@ -146,7 +146,8 @@ class Recipe(StrictModel):
         return any(PASS_REGISTRY[p.method].needs for p in self.passes)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        # allow_unicode: a description's "·" stays itself, not "\xB7" in a double-quoted, folded string
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
 
 
 # ---------------------------------------------------------------------------------------------- loading
