@@ -7,6 +7,7 @@ from trtcompress.recipe import (
     Recipe,
     list_presets,
     load_recipe,
+    load_recipe_file,
     parse_assignment,
     parse_recipe,
     with_overrides,
@@ -211,6 +212,18 @@ def test_set_takes_text_fields_verbatim_and_star_needs_a_field():
     for path in ("passes.*", "gates.*"):
         with pytest.raises(RecipeError, match=r"'\*' selects entries by a field"):
             with_overrides(recipe, [(path, [])])
+
+
+def test_nm_patterns_are_text_and_sparsity_given_as_a_pattern_is_explained(tmp_path):
+    """YAML 1.1 reads `2:4` as the base-60 int 124: an unquoted `pattern: 4:8` failed as "Input should
+    be a valid string", and `sparsity: 2:4` as "Input should be less than 1", neither naming the slip."""
+    path = tmp_path / "nm.yaml"
+    path.write_text("passes:\n  - method: wanda\n    pattern: 4:8\n")
+    assert load_recipe_file(path).passes[0].pattern == "4:8"
+    assert parse_assignment("passes.0.pattern=2:4") == ("passes.0.pattern", "2:4")
+    path.write_text("passes:\n  - method: sparsegpt\n    sparsity: 2:4\n")
+    with pytest.raises(RecipeError, match=r"sparsity is the fraction pruned.*for 2:4 use pattern: '2:4'"):
+        load_recipe_file(path)
 
 
 def test_yaml_merge_keys_share_pass_options_and_may_be_overridden(tmp_path):

@@ -155,7 +155,14 @@ class Recipe(StrictModel):
 
 class _RecipeLoader(yaml.SafeLoader):
     """YAML for recipes: a key given twice is an error (PyYAML keeps the last one silently), and
-    exponent floats without a dot (`1e-3`, which YAML 1.1 reads as a string) are floats, as in YAML 1.2."""
+    numbers read as in YAML 1.2: exponent floats without a dot (`1e-3`, a string in YAML 1.1) are
+    floats, and colon-separated digits are text (YAML 1.1's base-60 made `pattern: 2:4` the int 124)."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> Any:
+        return self.construct_scalar(node) if ":" in node.value else super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> Any:
+        return self.construct_scalar(node) if ":" in node.value else super().construct_yaml_float(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
@@ -174,6 +181,8 @@ class _RecipeLoader(yaml.SafeLoader):
 _RecipeLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
+_RecipeLoader.add_constructor("tag:yaml.org,2002:float", _RecipeLoader.construct_yaml_float)
 
 
 def yaml_load(text: str) -> Any:

@@ -34,6 +34,13 @@ class PruneConfig(PassConfig):
         "float16", description="storage dtype of the kept values of a pruned (not quantized) layer"
     )
 
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _not_a_pattern(cls, v: object) -> object:
+        if isinstance(v, str) and ":" in v:
+            raise ValueError(f"sparsity is the fraction pruned (e.g. 0.5); for {v} use pattern: '{v}'")
+        return v
+
     @field_validator("pattern")
     @classmethod
     def _valid_pattern(cls, v: str) -> str:
