@@ -181,3 +181,57 @@ def test_partial_nvfp4_block_refused_for_hf(tmp_path):
             set_module(model.model.layers, name, CompressedLinear(state))
     with pytest.raises(ExportError, match="partial last group"):
         write_hf_checkpoint(model, None, tmp_path / "hf")
+
+
+def _set_int4(layer, name, group_size, pre_quant_scale=None):
+    from trtcompress.compressed.formats import IntFormat
+    from trtcompress.compressed.linear import CompressedLinear, set_module
+    from trtcompress.compressed.state import CompressedLinearState, QuantizedWeight
+
+    linear = layer.get_submodule(name)
+    weight = linear.weight.detach().float()
+    if pre_quant_scale is not None:  # y = (x * s) @ W'ᵀ with W' = W / s: the same layer
+        weight = weight / pre_quant_scale.float()
+    q = QuantizedWeight.round_to_nearest(weight, IntFormat(4, group_size, True))
+    state = CompressedLinearState(linear.out_features, linear.in_features, q, pre_quant_scale=pre_quant_scale)
+    set_module(layer, name, CompressedLinear(state))
+
+
+def test_dense_layer_beside_a_folded_pre_quant_scale_keeps_its_input(tiny_model, tmp_path):
+    """q/v quantized with a pre-quant scale s, k left dense: s is folded into input_layernorm, which k reads
+    too, so k's weight must undo it (it was written as is: k computed W·diag(s)·x)."""
+    model = tiny_model.model
+    gen = torch.Generator().manual_seed(0)
+    for layer in model.model.layers:
+        pqs = (torch.rand(96, generator=gen) + 0.5).half()
+        for name in ("self_attn.q_proj", "self_attn.v_proj"):
+            _set_int4(layer, name, 32, pqs)
+    write_hf_checkpoint(model, None, tmp_path / "hf")
+    tensors = load_file(str(tmp_path / "hf/model.safetensors"))
+    quant = json.loads((tmp_path / "hf/hf_quant_config.json").read_text())["quantization"]
+    assert "model.layers.0.self_attn.k_proj" in quant["exclude_modules"]
+    layer = model.model.layers[0]
+    x = torch.randn(4, 96, generator=gen)
+    want = (x * layer.input_layernorm.weight.float()) @ layer.self_attn.k_proj.weight.float().T
+    p = "model.layers.0"
+    got = (x * tensors[f"{p}.input_layernorm.weight"].float()) @ tensors[
+        f"{p}.self_attn.k_proj.weight"
+    ].float().T
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
+
+
+def test_hf_group_size_is_the_one_of_every_int4_layer(tiny_model, tmp_path):
+    """The config has one group_size: several are refused (the last one seen was written, and the other
+    layers' weight_scale did not match it); with only o_proj/down_proj quantized it is theirs, not null."""
+    model = tiny_model.model
+    for layer in model.model.layers:
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            _set_int4(layer, name, 32)
+    quant = write_hf_checkpoint(model, None, tmp_path / "hf")
+    assert quant["quant_algo"] == "W4A16_AWQ" and quant["group_size"] == 32
+    for layer in model.model.layers:
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            _set_int4(layer, name, 16)
+    with pytest.raises(ExportError, match=r"several group sizes \[16, 32\]"):
+        write_hf_checkpoint(model, None, tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()

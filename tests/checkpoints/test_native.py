@@ -131,6 +131,42 @@ def test_newer_format_version_is_refused(artifact):
         native.read_manifest(path)
 
 
+def _edit(manifest: dict, edit: str) -> None:
+    layer = "model.layers.0.mlp.down_proj"
+    if edit == "no files":
+        del manifest["files"]
+    elif edit == "layers a list":
+        manifest["layers"] = list(manifest["layers"])
+    elif edit == "unknown model_type":
+        manifest["model_config"]["model_type"] = "no-such-model"
+    elif edit == "layer not in the model":
+        manifest["layers"]["model.layers.9.mlp.down_proj"] = manifest["layers"][layer]
+    elif edit == "tied to nothing":
+        manifest["tied_weights"]["lm_head.weight"] = "model.nope.weight"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("no files", r"malformed manifest: `files` is missing"),
+        ("layers a list", r"malformed manifest: `layers` is missing or not a dict"),
+        ("unknown model_type", r"model_config is not a loadable model \(Unrecognized model"),
+        ("layer not in the model", r"layer model\.layers\.9\.mlp\.down_proj does not match its manifest"),
+        ("tied to nothing", r"tied tensor lm_head\.weight -> model\.nope\.weight is not in the model"),
+    ],
+)
+def test_a_consistent_but_malformed_manifest_is_an_artifact_error(artifact, edit, message):
+    """A manifest edited with its checksum recomputed (a hand edit, another tool's writer) passes the
+    checksum: what it describes must still fail with a message, not a KeyError/AttributeError traceback."""
+    path, _ = artifact
+    manifest = json.loads((path / "manifest.json").read_text())
+    _edit(manifest, edit)
+    manifest["checksum"] = native.manifest_checksum(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=message):
+        native.load_artifact(path)
+
+
 def test_corrupt_manifest_json(artifact):
     path, _ = artifact
     (path / "manifest.json").write_text("{not json")

@@ -142,22 +142,24 @@ def write_hf_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     kinds: set[str] = set()
     excluded = ["lm_head", "model.embed_tokens"]
-    group = None
+    groups: set[int] = set()  # group sizes of the W4A16_AWQ layers: the config has one
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             prefix = f"model.layers.{i}"
             for norm_name, members in FUSED.items():
                 norm = getattr(layer, norm_name).weight.detach().float()
-                pqs_seen = []
+                pqs_seen, dense = [], []
                 for name in members:
                     state = linear_state(layer.get_submodule(name))
                     _write_bias(state, f"{prefix}.{name}", tensors, torch_dtype)
                     kind = _quantized_kind(state, f"{prefix}.{name}", tensors, excluded, torch_dtype)
                     if kind is None:
+                        dense.append((name, state))
                         continue
                     parts = parts_of(state, kind)
                     kinds.add(kind)
-                    group = parts.group_size if kind == "W4A16_AWQ" else group
+                    if kind == "W4A16_AWQ":
+                        groups.add(parts.group_size)
                     pqs_seen.append(parts.pre_quant_scale)
                     for suffix, t in _linear_tensors(kind, parts, own_pqs=False).items():
                         tensors[f"{prefix}.{name}.{suffix}"] = t.contiguous()
@@ -168,6 +170,8 @@ def write_hf_checkpoint(
                             f"{prefix}: layers after {norm_name} have different pre-quant scales"
                         )
                     norm = norm * first.float()  # x·diag(s) folded into the norm that produces x
+                    for name, state in dense:  # a dense reader of that norm now sees x·diag(s): W·diag(1/s)
+                        tensors[f"{prefix}.{name}.weight"] = (state.weight() / first.float()).to(torch_dtype)
                 tensors[f"{prefix}.{norm_name}.weight"] = norm.to(torch_dtype)
             for name in OWN_PQS:
                 state = linear_state(layer.get_submodule(name))
@@ -176,7 +180,10 @@ def write_hf_checkpoint(
                 if kind is None:
                     continue
                 kinds.add(kind)
-                for suffix, t in _linear_tensors(kind, parts_of(state, kind), own_pqs=True).items():
+                parts = parts_of(state, kind)
+                if kind == "W4A16_AWQ":
+                    groups.add(parts.group_size)
+                for suffix, t in _linear_tensors(kind, parts, own_pqs=True).items():
                     if suffix == "pre_quant_scale":  # ModelOpt writes it in the model's dtype
                         t = t.to(torch_dtype)
                     tensors[f"{prefix}.{name}.{suffix}"] = t.contiguous()
@@ -193,10 +200,15 @@ def write_hf_checkpoint(
             tied = False
     if len(kinds) > 1:
         raise ExportError(f"the HF layout takes one quant_algo, the model has {', '.join(sorted(kinds))}")
+    if len(groups) > 1:
+        raise ExportError(
+            f"the int4 layers use several group sizes {sorted(groups)}; the HF layout's config has one "
+            "group_size: quantize every layer with the same group size"
+        )
     algo = kinds.pop() if kinds else None
     quant: dict[str, Any] = {"quant_algo": algo, "kv_cache_quant_algo": kv_algo}
     if algo == "W4A16_AWQ":
-        quant |= {"group_size": group, "has_zero_point": False, "pre_quant_scale": True}
+        quant |= {"group_size": groups.pop(), "has_zero_point": False, "pre_quant_scale": True}
     elif algo in ("NVFP4", "W4A16_NVFP4"):
         quant |= {"group_size": 16}
     quant["exclude_modules"] = excluded

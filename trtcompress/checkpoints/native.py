@@ -37,6 +37,11 @@ FORMAT_NAME = "trtcompress-native"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REPORT_FILES = ("eval.json", "eval.png")  # written after the build; not covered by checksums
+# What readers index without asking: `read_manifest` refuses a manifest that lacks one.
+MANIFEST_FIELDS = {
+    "status": str, "recipe": dict, "model_config": dict, "layers": dict, "tied_weights": dict,
+    "bytes": dict, "tensors": dict, "files": dict,
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- atomic dirs
@@ -258,6 +263,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise ArtifactError(
             f"{manifest_path}: manifest was modified after the build (checksum mismatch); rebuild"
         )
+    for key, kind in MANIFEST_FIELDS.items():  # the checksum says unchanged, not well-formed
+        if not isinstance(manifest.get(key), kind):
+            raise ArtifactError(
+                f"{manifest_path}: malformed manifest: `{key}` is missing or not a {kind.__name__}; rebuild"
+            )
     return manifest
 
 
@@ -328,17 +338,24 @@ def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
 
     hf_logging.set_verbosity_error()
     config_dict = dict(manifest["model_config"])
-    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    try:
+        config = AutoConfig.for_model(config_dict.pop("model_type", None), **config_dict)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (ValueError, TypeError) as exc:  # an unknown model_type, a config transformers refuses
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first_line = first_line if len(first_line) <= 160 else first_line[:160] + "..."  # (every known type)
+        raise ArtifactError(
+            f"{path}: the manifest's model_config is not a loadable model ({first_line})"
+        ) from None
     tensors = _read_tensors(path, manifest)
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, meta in manifest["layers"].items():
-        parts = {suffix: tensors.pop(f"{name}.{suffix}") for suffix in meta["tensors"]}
         try:
+            parts = {suffix: tensors.pop(f"{name}.{suffix}") for suffix in meta["tensors"]}
             state = CompressedLinearState.from_tensors(meta, parts)
-        except (ValueError, KeyError) as exc:
-            raise ArtifactError(f"{path}: layer {name} does not match its manifest entry ({exc})") from None
-        set_module(model, name, CompressedLinear(state))
+            set_module(model, name, CompressedLinear(state))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ArtifactError(f"{path}: layer {name} does not match its manifest entry ({exc!r})") from None
     # Dense tensors keep the dtype they were stored in (the recipe's dtype).
     for name, tensor in tensors.items():
         module_name, _, attr = name.rpartition(".")
@@ -365,8 +382,13 @@ def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
     for alias, stored_name in manifest["tied_weights"].items():  # share, as when the model was built
         module_name, _, attr = alias.rpartition(".")
         source_name, _, source_attr = stored_name.rpartition(".")
-        shared = getattr(model.get_submodule(source_name), source_attr)
-        setattr(model.get_submodule(module_name), attr, shared)
+        try:
+            shared = getattr(model.get_submodule(source_name), source_attr)
+            setattr(model.get_submodule(module_name), attr, shared)
+        except (AttributeError, TypeError) as exc:
+            raise ArtifactError(
+                f"{path}: tied tensor {alias} -> {stored_name} is not in the model ({exc})"
+            ) from None
     stored = set(manifest["tensors"]) | set(manifest["tied_weights"])
     missing = set(model.state_dict()) - stored
     if missing:
