@@ -78,15 +78,30 @@ def _grpc_inputs(prompt: str | bytes, params: dict[str, Any]) -> list[Any]:
             stops = [value] if isinstance(value, str) else list(value)
             t = grpcclient.InferInput(name, [len(stops)], "BYTES")
             t.set_data_from_numpy(np.array([s.encode() for s in stops], dtype=np.object_))
-        elif name in PARAM_TYPES:
-            dtype, np_dtype = PARAM_TYPES[name]
-            t = grpcclient.InferInput(name, [1], dtype)
-            t.set_data_from_numpy(np.array([value], dtype=np_dtype))
-        else:  # unknown names are sent as inputs too: the server must refuse them
-            t = grpcclient.InferInput(name, [1], "INT32")
-            t.set_data_from_numpy(np.array([int(value)], dtype=np.int32))
+            inputs.append(t)
+            continue
+        dtype, np_dtype = PARAM_TYPES.get(name, ("INT32", np.int32))  # unknown names: the server refuses
+        t = grpcclient.InferInput(name, [1], dtype)
+        t.set_data_from_numpy(np.array([_checked(name, value, dtype, np_dtype)], dtype=np_dtype))
         inputs.append(t)
     return inputs
+
+
+def _checked(name: str, value: Any, dtype: str, np_dtype: Any) -> Any:
+    """`value`, if the input's type holds it exactly. numpy would truncate 1.5 to 1 and wrap 2**32 + 4 to
+    4 (the server then generates a different number of tokens than asked), or raise a traceback that
+    names no parameter."""
+    if np.issubdtype(np_dtype, np.integer):
+        info = np.iinfo(np_dtype)
+        ok = isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+        ok = ok and info.min <= int(value) <= info.max
+    elif np_dtype is np.bool_:
+        ok = isinstance(value, bool | np.bool_)
+    else:
+        ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    if not ok:
+        raise ClientError(f"{name}={value!r}: not a value of its {dtype} input")
+    return value
 
 
 def generate_grpc(
@@ -103,6 +118,9 @@ def generate_grpc(
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
+    # `streaming` (the LLM-API name) replaces `stream`: the model refuses a request with both
+    streaming = {} if params.get("streaming") is not None else {"stream": stream}
+    inputs = _grpc_inputs(prompt, {**params, **streaming})  # (a bad value fails before any connection)
     own = client is None
     client = client or grpcclient.InferenceServerClient(url)
     results: queue.Queue = queue.Queue()
@@ -111,7 +129,6 @@ def generate_grpc(
     try:
         client.start_stream(callback=lambda result, error: results.put((result, error, time.perf_counter())))
         done.start = time.perf_counter()
-        inputs = _grpc_inputs(prompt, {**params, "stream": stream})
         try:  # the final flag ends a request even where the model has no finish_reason output
             client.async_stream_infer(
                 model, inputs, request_id=uuid.uuid4().hex, enable_empty_final_response=True
@@ -165,6 +182,9 @@ def generate_http(
 ) -> Completion:
     """One request to `/v2/models/MODEL/generate` (or `generate_stream`, server-sent events)."""
     body = {"text_input": prompt, **{k: v for k, v in params.items() if v is not None}}
+    for name, value in body.items():  # Triton would wrap an INT32 of 2**32 + 4 to 4 without a word
+        if name in PARAM_TYPES:
+            _checked(name, value, *PARAM_TYPES[name])
     if stream:
         body["stream"] = True
     endpoint = "generate_stream" if stream else "generate"

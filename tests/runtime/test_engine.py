@@ -332,6 +332,38 @@ def test_a_tiny_temperature_samples_the_top_token(engine, solo):
     assert out.token_ids == solo(prompt, SamplingParams(max_tokens=8)).token_ids
 
 
+def test_a_temperature_or_top_p_below_float32s_range_samples_the_top_token(engine, solo):
+    """1e-50 is a valid temperature or top_p, but 0 in float32: the division gave 0 / 0 = NaN, and 0 >= 0
+    dropped every token, so the step failed and with it every request in flight."""
+    prompts = _prompts(2, seed=6)
+    params = [
+        SamplingParams(max_tokens=8, temperature=1e-50, seed=1, end_id=-1),
+        SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-50, seed=1, end_id=-1),
+    ]
+    outs = engine.generate([prompts[0], prompts[0], prompts[1]], [*params, GREEDY])
+    greedy = solo(prompts[0], SamplingParams(max_tokens=8, end_id=-1)).token_ids
+    assert outs[0].token_ids == outs[1].token_ids == greedy
+    assert outs[2].token_ids == solo(prompts[1]).token_ids
+
+
+def test_seeds_differing_above_32_bits_draw_different_tokens(engine, solo):
+    """torch's CPU generator keeps only a seed's low 32 bits: seed 5 + 2**32 drew exactly seed 5's tokens.
+    Every UINT64 seed (the LLM-API model's sampling_param_seed) is accepted; seeds below 2**32 draw
+    what they always drew."""
+    from trtcompress.runtime.sampling import make_generator
+
+    prompt = _prompts(1, seed=8)[0]
+
+    def tokens(seed: int) -> list[int]:
+        return solo(prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=seed, end_id=-1)).token_ids
+
+    assert tokens(5) != tokens(5 + 2**32) != tokens(5 + 2**40)
+    assert tokens(2**64 - 1) != tokens(2**32 - 1) and tokens(2**64 - 1) == tokens(2**64 - 1)
+    assert torch.equal(make_generator(5).get_state(), torch.Generator().manual_seed(5).get_state())
+    with pytest.raises(RequestError, match="seed must be an integer"):
+        engine.add_request("hello", SamplingParams(temperature=1.0, seed=2**64))
+
+
 def test_generate_queues_nothing_when_one_prompt_is_refused(engine):
     with pytest.raises(RequestError, match="empty"):
         engine.generate(["the river", ""], GREEDY)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -158,6 +159,32 @@ def test_clients_and_server_report_unreachable_and_busy_ports_as_errors(tmp_path
             generate_http("127.0.0.1:1", "m", "hi", timeout=10)
         with pytest.raises(ServeError, match=f"HTTP port {port} is in use"):
             Server(tmp_path, http_port=port).start(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"max_tokens": 2**32 + 4}, "max_tokens=4294967300: not a value of its INT32 input"),  # was 4
+        ({"max_tokens": 1.5}, "max_tokens=1.5"),  # was 1
+        ({"top_k": 2**31}, "top_k"),  # was -2**31
+        ({"seed": 2**63}, "seed"),  # was an OverflowError traceback
+        ({"sampling_param_seed": -1}, "sampling_param_seed"),  # was 2**64 - 1
+        ({"stream": "no"}, "stream='no'"),
+        ({"temperature": "hot"}, "temperature"),  # was a ValueError traceback
+        ({"bogus": "x"}, "bogus"),
+    ],
+)
+def test_the_clients_refuse_values_their_input_types_cannot_hold(params, match):
+    """numpy (gRPC) and Triton's JSON parser (HTTP) wrapped or truncated such values without a word, so
+    the server generated a different number of tokens than asked; now a ClientError naming the value,
+    before any connection (no server listens on port 1)."""
+    from trtcompress.client import ClientError, generate_grpc, generate_http
+
+    with pytest.raises(ClientError, match=re.escape(match)):
+        generate_grpc("127.0.0.1:1", "m", "hi", timeout=10, **params)
+    if "bogus" not in params and "stream" not in params:  # (unknown names: the server refuses them)
+        with pytest.raises(ClientError, match=re.escape(match)):
+            generate_http("127.0.0.1:1", "m", "hi", timeout=10, **params)
 
 
 def test_bench_summary_uses_the_concurrency_one_level_and_survives_failed_levels():

@@ -155,6 +155,14 @@ def test_the_llm_api_request_names_work_too(server, offline):
     assert streamed.text == offline[prompt]  # greedy: the seed changes nothing
     with pytest.raises(ClientError, match="give max_tokens or sampling_param_max_tokens, not both"):
         generate_http(e.http, MODEL, prompt, max_tokens=4, sampling_param_max_tokens=4)
+    # `streaming` alone: the gRPC client sent `stream` beside it, which the model refused as both names
+    streamed = generate_grpc(e.grpc, MODEL, prompt, sampling_param_max_tokens=12, streaming=True)
+    assert streamed.text == offline[prompt] and len(streamed.pieces) > 1
+    # sampling_param_seed is a UINT64: a seed above 2**63 samples (it was refused as out of range)
+    kw = dict(sampling_param_max_tokens=6, sampling_param_temperature=1.0, end_id=-1)
+    top = generate_grpc(e.grpc, MODEL, prompt, sampling_param_seed=2**64 - 1, **kw)
+    again = generate_http(e.http, MODEL, prompt, sampling_param_seed=2**64 - 1, **kw)
+    assert top.finish_reason == "length" and top.text == again.text
 
 
 @pytest.mark.parametrize("final_on_last", [True, False], ids=["flag-on-last-piece", "empty-final-response"])

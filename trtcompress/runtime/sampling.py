@@ -8,6 +8,7 @@ else is in the batch.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -41,8 +42,9 @@ class SamplingParams:
             raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not isinstance(self.top_p, int | float) or not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed < 2**63):
-            raise RequestError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        # the LLM-API model's sampling_param_seed is a UINT64: the whole range is a seed
+        if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed < 2**64):
+            raise RequestError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         if isinstance(self.stop, str) or not isinstance(self.stop, tuple | list):
             raise RequestError(f"stop must be a list of strings, got {self.stop!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -63,8 +65,17 @@ def _whole(value: object) -> bool:
 def make_generator(seed: int | None) -> torch.Generator | None:
     """A per-request generator; unseeded requests draw their seed from torch's global RNG."""
     gen = torch.Generator()
-    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+    gen.manual_seed(_mt_seed(seed) if seed is not None else int(torch.randint(0, 2**32, (1,)).item()))
     return gen
+
+
+def _mt_seed(seed: int) -> int:
+    """The seed torch's CPU generator gets. Its mt19937 keeps only the low 32 bits of a seed, so seeds
+    that differ above them (5 and 5 + 2**32) drew the same tokens: larger seeds are hashed to 32 bits
+    (seeds below 2**32 are used as they are, so their tokens do not change)."""
+    if seed < 2**32:
+        return seed
+    return int.from_bytes(hashlib.blake2b(seed.to_bytes(8, "little"), digest_size=4).digest(), "little")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -77,6 +88,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         probs = sorted_logits.softmax(-1)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)
         drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop_sorted[0] = False  # a top_p below float32's range becomes 0, and 0 >= 0 dropped all
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -90,7 +102,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list)
             continue
         # shifted so that the top logit is 0 before dividing: any temperature > 0, however small,
         # then gives finite probabilities (the others go to -inf or stay very negative)
-        scaled = (logits[row] - logits[row].max()) / p.temperature
+        # (one below float32's range became 0 in the division, 0 / 0 = NaN, and failed the whole step:
+        # raised to float32's smallest normal number, which leaves only the top logits finite all the same)
+        temperature = max(p.temperature, torch.finfo(torch.float32).smallest_normal)
+        scaled = (logits[row] - logits[row].max()) / temperature
         filtered = filter_logits(scaled, p.top_k, p.top_p)
         probs = filtered.softmax(-1)
         out[row] = int(torch.multinomial(probs, 1, generator=gen).item())
