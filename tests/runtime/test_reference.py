@@ -75,3 +75,96 @@ def test_int4_artifact_greedy_matches_hf_generate(tiny_int4_artifact):
                 torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0
             )
         assert out.token_ids == ref[0, len(prompt) :].tolist()
+
+
+def _tiny_model(model_type: str, **config) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**base, **config})).eval()
+
+
+def _deploy(max_seq_len: int) -> DeployConfig:
+    return DeployConfig(
+        max_batch_size=2, max_num_tokens=32, context_chunk_size=16, max_seq_len=max_seq_len,
+        max_tokens_in_paged_kv_cache=256,
+    )  # fmt: skip
+
+
+def _assert_greedy_matches_hf(model, tokenizer, max_seq_len: int, prompt_len: int, new: int) -> None:
+    engine = Engine(model, tokenizer, _deploy(max_seq_len), block_size=16)
+    prompt = torch.randint(1, 512, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    out = engine.generate([prompt], SamplingParams(max_tokens=new, end_id=-1))[0]
+    with torch.no_grad():
+        ref = model.generate(
+            torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    assert out.token_ids == ref[0, prompt_len:].tolist()
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_a_sliding_window_shorter_than_the_context_is_refused(tiny_model, model_type):
+    """The runtime attends to every committed token: a model whose attention sees only the last
+    `sliding_window` tokens is refused when a sequence could outgrow the window (Mistral's attention
+    reads the window from the config, where the runtime did not look: it served it, silently wrong), and
+    served where it cannot (then the window changes nothing)."""
+    window = {"sliding_window": 16}
+    if model_type == "qwen2":
+        window |= {"use_sliding_window": True, "max_window_layers": 0}
+    model = _tiny_model(model_type, **window)
+    with pytest.raises(NotImplementedError, match=r"sliding window of 16 tokens.*max_seq_len <= 16"):
+        Engine(model, tiny_model.tokenizer, _deploy(64), block_size=16)
+    _assert_greedy_matches_hf(model, tiny_model.tokenizer, 16, 7, 9)
+
+
+def test_eval_kv_refuses_a_context_past_the_sliding_window():
+    """`eval --kv` decodes with the same full-attention cache: a Mistral window was ignored there too."""
+    from trtcompress.kv import get_codec
+    from trtcompress.kv.decode import CachedDecoder, cache_for_model
+
+    model = _tiny_model("mistral", sliding_window=16)
+    cache = cache_for_model(model, get_codec("fp16"), 64, max_seqs=1, block_size=16)
+    with pytest.raises(NotImplementedError, match=r"sliding window of 16 tokens.*context of at most 16"):
+        CachedDecoder(model, cache, context=32)
+    dec = CachedDecoder(model, cache, context=16)
+    ids = torch.randint(1, 512, (16,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids[None]).logits[0]
+    torch.testing.assert_close(dec.logits(dec.prefill(0, ids)), ref, atol=2e-3, rtol=0)
+
+
+def test_longrope_is_served_only_within_its_original_length(tiny_model):
+    """LongRoPE switches every token of a forward call to the long factors once the call's longest
+    position passes original_max_position_embeddings: a cached sequence (and a batch mixing short and
+    long sequences) cannot follow that, so the runtime refuses a context beyond it (it gave logits 2e-2
+    off the model's forward) and matches the model within it."""
+    rope = {
+        "rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+        "original_max_position_embeddings": 32,
+    }  # fmt: skip
+    model = _tiny_model("llama", rope_scaling=rope)
+    with pytest.raises(NotImplementedError, match=r"'longrope' .* max_seq_len <= 32"):
+        Engine(model, tiny_model.tokenizer, _deploy(64), block_size=16)
+    _assert_greedy_matches_hf(model, tiny_model.tokenizer, 32, 10, 22)
+
+
+def test_an_engine_leaves_a_bf16_model_as_it_was(tiny_model):
+    """The runtime computes in float32 from its own copies: building an engine must not turn the model's
+    bf16 norms into float32 in place (the model's own forward then failed on a dtype mismatch)."""
+    from trtcompress.builders.compress import cast_dense
+
+    model = tiny_model.model
+    cast_dense(model, torch.bfloat16)
+    ids = torch.randint(1, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+    engine = Engine(model, tiny_model.tokenizer, _deploy(64), block_size=16)
+    out = engine.generate([ids[0].tolist()], SamplingParams(max_tokens=4, end_id=-1))[0]
+    assert len(out.token_ids) == 4
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)

@@ -18,6 +18,7 @@ from torch import nn
 
 from trtcompress.kv.codec import KVCodec
 from trtcompress.kv.paged import PagedKVCache
+from trtcompress.models.layout import check_exact_attention
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +55,17 @@ class CachedDecoder:
     decompresses only new blocks (an evaluation speed-up; identical numbers, since decompression is
     deterministic). The bytes accounted are the cache's; the fused kernel never materializes them."""
 
-    def __init__(self, model: nn.Module, cache: PagedKVCache, reuse_decompressed: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: PagedKVCache,
+        context: int | None = None,
+        reuse_decompressed: bool = True,
+    ) -> None:
+        """`context`: the longest sequence it will decode, which the model is checked against (default:
+        what the cache's pool holds)."""
+        context = context or (cache.num_blocks + 1) * cache.block_size
+        check_exact_attention(model, context, "compressed-KV decoding", "use a context of at most {} tokens")
         self.model = model
         self.reuse = reuse_decompressed
         self._dense: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -62,10 +73,6 @@ class CachedDecoder:
         self.head = model.get_output_embeddings()
         self.cache = cache
         cfg = model.config
-        for layer in self.inner.layers:
-            attn = layer.self_attn
-            if getattr(attn, "q_norm", None) is not None or getattr(attn, "sliding_window", None):
-                raise NotImplementedError("compressed-KV decoding supports LLaMA-style attention only")
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cache.head_dim
         self.scaling = self.head_dim**-0.5

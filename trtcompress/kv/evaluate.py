@@ -58,7 +58,7 @@ def kv_perplexity(
     cache = cache_for_model(
         model, codec, context + block_size, max_seqs=n_windows, block_size=block_size, sink_tokens=sink_tokens
     )
-    dec = CachedDecoder(model, cache)
+    dec = CachedDecoder(model, cache, context)
     seqs = list(range(n_windows))
     hidden = [torch.stack([dec.prefill(s, windows[s, :1]) for s in seqs])]
     byte_sum = token_sum = 0.0
@@ -108,7 +108,7 @@ def answer_logits(
         prompt, answer = encode_problem(tokenizer, problem)  # no BOS inside the sequence
         total = len(prompt) + len(answer)
         cache = cache_for_model(model, codec, total + block_size, 1, block_size, sink_tokens)
-        dec = CachedDecoder(model, cache)
+        dec = CachedDecoder(model, cache, total)
         first = dec.prefill(0, torch.tensor(prompt))[-1:]
         rest = dec.extend(0, torch.tensor(answer[:-1])) if len(answer) > 1 else first[:0]
         logits = dec.logits(torch.cat([first, rest]))
@@ -183,7 +183,7 @@ def kv_greedy_exact_match(
         cache = cache_for_model(
             model, codec, len(prompt) + max_new_tokens + block_size, 1, block_size, sink_tokens
         )
-        dec = CachedDecoder(model, cache)
+        dec = CachedDecoder(model, cache, len(prompt) + max_new_tokens)
         token = int(dec.logits(dec.prefill(0, torch.tensor(prompt))[-1]).argmax())
         generated: list[int] = []
         text = ""

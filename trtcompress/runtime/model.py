@@ -31,6 +31,7 @@ speed only, never a number.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trtcompress.kv.paged import PagedKVCache, SequenceState
+from trtcompress.models.layout import check_exact_attention
 from trtcompress.runtime.decode_attention import (
     DecodeBatch,
     as_rows,
@@ -72,18 +74,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _to_float32(module: nn.Module, device: torch.device) -> None:
-    """Float32 parameters on `device`, in place (norms; no CompressedLinear inside)."""
+def _to_float32(module: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of `module` (a norm; no CompressedLinear inside) with float32 parameters on `device`; the
+    model's own module is left as it is (a bf16 / fp16 model still runs after an engine was built on it)."""
+    module = copy.deepcopy(module)
     for p in module.parameters():
         p.data = p.data.to(device, torch.float32)
+    return module
 
 
 class _Layer:
     def __init__(self, layer: nn.Module, tile: int, device: torch.device) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
-        _to_float32(self.ln1, device)
-        _to_float32(self.ln2, device)
+        self.ln1 = _to_float32(layer.input_layernorm, device)
+        self.ln2 = _to_float32(layer.post_attention_layernorm, device)
         self.qkv = build_group([attn.q_proj, attn.k_proj, attn.v_proj], tile, device)
         self.o = build_linear([attn.o_proj], tile, device)
         self.gate_up = build_group([mlp.gate_proj, mlp.up_proj], tile, device)
@@ -150,10 +154,8 @@ class BatchedModel:
     ) -> None:
         cfg = model.config
         inner = model.get_decoder()
-        for layer in inner.layers:
-            attn = layer.self_attn
-            if getattr(attn, "q_norm", None) is not None or getattr(attn, "sliding_window", None):
-                raise NotImplementedError("the native runtime supports LLaMA-style attention only")
+        # (the engine's scratch_tokens is its context length)
+        check_exact_attention(model, scratch_tokens, "the native runtime", "serve it with max_seq_len <= {}")
         self.device = cache.tails["k"].device  # the cache's device is the runtime's
         self.cache = cache
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -162,9 +164,8 @@ class BatchedModel:
         self.vocab_size = cfg.vocab_size
         self.embed = inner.embed_tokens.weight.detach().to(self.device, torch.float32)
         self.layers = [_Layer(layer, tile, self.device) for layer in inner.layers]
-        self.norm = inner.norm
-        _to_float32(self.norm, self.device)
-        self.rotary = inner.rotary_emb.to(self.device)
+        self.norm = _to_float32(inner.norm, self.device)
+        self.rotary = copy.deepcopy(inner.rotary_emb).to(self.device)  # (Module.to moves in place)
         self.head = build_linear([model.get_output_embeddings()], tile, self.device)
         linears = [lin for layer in self.layers for group in (layer.qkv, layer.gate_up) for lin in group]
         linears += [lin for layer in self.layers for lin in (layer.o, layer.down)] + [self.head]
