@@ -110,6 +110,37 @@ def test_weight_only_nvfp4_is_w4a16_nvfp4(tiny_model, tmp_path):
 
     state = linear_state(tiny_model.model.model.layers[1].self_attn.o_proj)
     assert torch.equal(tensors[f"{p}.weight"], state.quantized.qweight)
+    for fused in (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"),
+    ):
+        scales = [tensors[f"model.layers.1.{name}.weight_scale_2"] for name in fused]
+        assert all(torch.equal(s, scales[0]) for s in scales)  # one GEMM, one weight_scale_2
+
+
+def test_nvfp4_layers_fused_with_different_tensor_scales_are_refused(tmp_path):
+    """Quantized one by one (an artifact of an older nvfp4 pass), q/k/v hold different weight_scale_2:
+    TensorRT-LLM asserts they are equal, vLLM took the max and read k_proj wrong; refused, naming them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trtcompress.compressed.formats import NVFP4
+    from trtcompress.compressed.linear import CompressedLinear, set_module
+    from trtcompress.compressed.state import CompressedLinearState, QuantizedWeight
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            q = QuantizedWeight.round_to_nearest(
+                module.weight.detach() * (2 if "k_proj" in name else 1), NVFP4
+            )
+            state = CompressedLinearState(module.out_features, module.in_features, q)
+            set_module(model.model.layers, name, CompressedLinear(state))
+    with pytest.raises(ExportError, match=r"after input_layernorm have different tensor scales"):
+        write_hf_checkpoint(model, None, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_fp8_kv_cache_scales_in_the_hf_layout(tiny_model, tmp_path):
@@ -176,7 +207,8 @@ def test_partial_nvfp4_block_refused_for_hf(tmp_path):
     model = LlamaForCausalLM(config)
     for name, module in list(model.model.layers.named_modules()):
         if isinstance(module, torch.nn.Linear):
-            q = QuantizedWeight.round_to_nearest(module.weight.detach(), NVFP4)
+            # one tensor scale for all (as the nvfp4 pass gives fused layers), so the blocks are the issue
+            q = QuantizedWeight.round_to_nearest(module.weight.detach(), NVFP4, tensor_amax=torch.tensor(1.0))
             state = CompressedLinearState(module.out_features, module.in_features, q)
             set_module(model.model.layers, name, CompressedLinear(state))
     with pytest.raises(ExportError, match="partial last group"):

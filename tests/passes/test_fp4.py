@@ -42,6 +42,30 @@ def test_block_fp4_presets_compress_every_decoder_linear(tiny_model, preset, fmt
         assert torch.isfinite(model(input_ids=torch.randint(0, 512, (1, 16))).logits).all()
 
 
+def test_nvfp4_layers_that_share_an_input_share_one_tensor_scale(tiny_model):
+    """q/k/v and gate/up run as one GEMM with one `weight_scale_2` in TensorRT-LLM and vLLM; each layer had
+    its own (TensorRT-LLM asserts they are equal, vLLM took the max and dequantized k_proj 11.7% wrong).
+    The shared scale is the group's largest |W|; each layer still dequantizes to its own weight."""
+    model = tiny_model.model
+    dense = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    compress_model(model, tiny_model.tokenizer, load_recipe("nvfp4"))
+    layers = dict(compressed_linears(model))
+    for i in range(len(model.model.layers)):
+        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            parent = "self_attn" if group[0] == "q_proj" else "mlp"
+            names = [f"model.layers.{i}.{parent}.{n}" for n in group]
+            scales = {float(layers[n].state.quantized.global_scale) for n in names}
+            assert len(scales) == 1
+            assert scales.pop() == pytest.approx(max(float(dense[n].abs().max()) for n in names) / (6 * 448))
+            for n in names:  # the block scales absorb the shared tensor scale: same error as RTN alone
+                err = (layers[n].state.weight() - dense[n]).abs().max()
+                assert err <= 0.26 * dense[n].abs().max()
+    o_proj = layers["model.layers.0.self_attn.o_proj"].state.quantized  # alone in its group: its own
+    assert float(o_proj.global_scale) == pytest.approx(
+        float(dense["model.layers.0.self_attn.o_proj"].abs().max()) / (6 * 448)
+    )
+
+
 def test_minmax_fp4_uses_the_calibration_max(tiny_model):
     model = tiny_model.model
     recipe = load_recipe("w4a4-minmax-fp4").model_dump()

@@ -148,7 +148,7 @@ def write_hf_checkpoint(
             prefix = f"model.layers.{i}"
             for norm_name, members in FUSED.items():
                 norm = getattr(layer, norm_name).weight.detach().float()
-                pqs_seen, dense = [], []
+                pqs_seen, globals_seen, dense = [], [], []
                 for name in members:
                     state = linear_state(layer.get_submodule(name))
                     _write_bias(state, f"{prefix}.{name}", tensors, torch_dtype)
@@ -161,8 +161,15 @@ def write_hf_checkpoint(
                     if kind == "W4A16_AWQ":
                         groups.add(parts.group_size)
                     pqs_seen.append(parts.pre_quant_scale)
+                    if parts.global_scale is not None:
+                        globals_seen.append(parts.global_scale)
                     for suffix, t in _linear_tensors(kind, parts, own_pqs=False).items():
                         tensors[f"{prefix}.{name}.{suffix}"] = t.contiguous()
+                if any(not torch.equal(g, globals_seen[0]) for g in globals_seen):
+                    raise ExportError(  # one fused GEMM, one weight_scale_2 (TensorRT-LLM asserts it)
+                        f"{prefix}: the NVFP4 layers after {norm_name} have different tensor scales "
+                        "(weight_scale_2); rebuild the artifact (the nvfp4 pass now shares one)"
+                    )
                 if any(p is not None for p in pqs_seen):
                     first = pqs_seen[0]
                     if any(p is None or not torch.equal(p, first) for p in pqs_seen):

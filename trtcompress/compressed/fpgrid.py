@@ -133,17 +133,22 @@ def e4m3_round(x: torch.Tensor) -> torch.Tensor:
 
 
 def nvfp4_scales(
-    blocks: torch.Tensor, valid: torch.Tensor, exp_bits: int = 2, man_bits: int = 1
+    blocks: torch.Tensor,
+    valid: torch.Tensor,
+    exp_bits: int = 2,
+    man_bits: int = 1,
+    tensor_amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NVFP4 scales of (out, blocks, 16) weights: E4M3 block scales and an fp32 tensor scale.
 
     As NVIDIA ModelOpt: global = amax(W) / (qmax * 448) so the largest block scale lands on E4M3's max;
     block scale = amax(block) / qmax / global, rounded to E4M3. Effective scale = block * global.
+    `tensor_amax` (at least amax(W)) replaces amax(W): layers fused into one GEMM share one tensor scale.
     """
     qmax = max_value(exp_bits, man_bits)
     absw = torch.where(valid, blocks.float().abs(), torch.zeros(()))
     block_amax = absw.amax(-1)
-    amax = block_amax.max()
+    amax = block_amax.max() if tensor_amax is None else torch.as_tensor(tensor_amax, dtype=torch.float32)
     global_scale = (amax / (qmax * E4M3_MAX)) if amax > 0 else torch.tensor(1.0)
     block = e4m3_round(block_amax / qmax / global_scale)
     return block, global_scale.reshape(1).float()
@@ -196,12 +201,17 @@ def effective_scales(scales: torch.Tensor, global_scale: torch.Tensor | None, fm
     return scales.float()
 
 
-def minmax_scales(w: torch.Tensor, fmt: FpFormat) -> tuple[torch.Tensor, torch.Tensor | None]:
+def minmax_scales(
+    w: torch.Tensor, fmt: FpFormat, tensor_amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest scales of an (out, in) weight: each group's max lands on the grid's max
-    (E8M0: the power of two the MX spec prescribes). Returns (stored scales, fp32 tensor scale or None)."""
+    (E8M0: the power of two the MX spec prescribes). Returns (stored scales, fp32 tensor scale or None).
+    `tensor_amax`: the NVFP4 tensor scale's range, when shared with other layers (see `nvfp4_scales`)."""
     wb, valid = blocks(w.float(), fmt.group_size)
     if fmt.scale_encoding == "e4m3":
-        return nvfp4_scales(wb, valid, fmt.exp_bits, fmt.man_bits)
+        return nvfp4_scales(wb, valid, fmt.exp_bits, fmt.man_bits, tensor_amax)
+    if tensor_amax is not None:
+        raise ValueError(f"{fmt.name}: only E4M3 block scales have a tensor scale to share")
     if fmt.scale_encoding == "e8m0":
         return e8m0_scales(wb, valid, fmt.exp_bits, fmt.man_bits), None
     amax = torch.where(valid, wb.abs(), torch.zeros(())).amax(-1)

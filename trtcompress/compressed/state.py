@@ -92,10 +92,15 @@ class QuantizedWeight:
         )
 
     @classmethod
-    def round_to_nearest(cls, weight: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
+    def round_to_nearest(
+        cls, weight: torch.Tensor, fmt: WeightFormat, tensor_amax: torch.Tensor | None = None
+    ) -> QuantizedWeight:
+        """`tensor_amax`: NVFP4's tensor scale range shared with the layers fused with this one."""
         if isinstance(fmt, FpFormat):
-            scales, global_scale = fpgrid.minmax_scales(weight, fmt)
+            scales, global_scale = fpgrid.minmax_scales(weight, fmt, tensor_amax)
             return cls.with_fp_scales(weight, fmt, scales, global_scale)
+        if tensor_amax is not None:
+            raise ValueError(f"{fmt.name}: integer formats have no tensor scale to share")
         codes, scales, zeros = intgrid.quantize_groups(weight, fmt.bits, fmt.group_size, fmt.symmetric)
         return cls.from_codes(codes, scales, zeros, fmt)
 

@@ -15,12 +15,16 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+from torch import nn
 
 from trtcompress.compressed import fpgrid
 from trtcompress.compressed.formats import MXFP4, NVFP4, FpFormat
+from trtcompress.compressed.linear import linear_state
 from trtcompress.compressed.state import ActQuantizer, CompressedLinearState, QuantizedWeight
+from trtcompress.models.layout import LLAMA_GROUPS, layer_prefix
 from trtcompress.passes.base import LinearPass, PassConfig, PassContext, register_pass
 from trtcompress.passes.engine import ABS_MAX, CalibratedPass, GroupHandle, GroupStats
+from trtcompress.passes.targets import select_linears
 
 # 4-bit element formats LLM-FP4 chooses between: name -> (exponent bits, mantissa bits)
 ELEMENTS: dict[str, tuple[int, int]] = {"e3m0": (3, 0), "e2m1": (2, 1), "e1m2": (1, 2)}
@@ -38,8 +42,12 @@ class MXFP4Config(PassConfig):
 class _BlockFP4Pass(LinearPass):
     format: FpFormat
 
+    def shared_tensor_amax(self, name: str) -> torch.Tensor | None:
+        return None  # MXFP4 has no tensor scale
+
     def compress_linear(self, name: str, state: CompressedLinearState) -> CompressedLinearState:
-        quantized = QuantizedWeight.round_to_nearest(state.weight(), self.format)
+        amax = self.shared_tensor_amax(name)
+        quantized = QuantizedWeight.round_to_nearest(state.weight(), self.format, tensor_amax=amax)
         return CompressedLinearState(
             state.out_features, state.in_features, quantized=quantized, bias=state.bias
         )
@@ -47,14 +55,42 @@ class _BlockFP4Pass(LinearPass):
 
 @register_pass
 class NVFP4Pass(_BlockFP4Pass):
+    """Layers that read one input (q/k/v, gate/up) share one tensor scale, as ModelOpt's export makes
+    them: serving stacks run them as one GEMM with one `weight_scale_2` (TensorRT-LLM asserts the
+    layers' are equal; vLLM takes their max without rescaling the block scales, a silently wrong k_proj)."""
+
     config_type = NVFP4Config
     format = NVFP4
+
+    def apply(self, model: nn.Module, context: PassContext) -> None:
+        selected = dict(select_linears(model, self.config.targets, self.config.exclude))
+        self._tensor_amax = fused_tensor_amax(model, selected)
+        super().apply(model, context)
+
+    def shared_tensor_amax(self, name: str) -> torch.Tensor | None:
+        return self._tensor_amax.get(name)
 
 
 @register_pass
 class MXFP4Pass(_BlockFP4Pass):
     config_type = MXFP4Config
     format = MXFP4
+
+
+def fused_tensor_amax(model: nn.Module, selected: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """name -> max |W| over the selected layers of its input-sharing group (q/k/v, gate/up), for every
+    layer of such a group with more than one selected member."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    shared: dict[str, torch.Tensor] = {}
+    for index in range(len(layers) if isinstance(layers, nn.ModuleList) else 0):
+        for group in LLAMA_GROUPS:
+            names = [name for rel in group.linears if (name := layer_prefix(index) + rel) in selected]
+            if len(names) > 1:
+                amax = torch.stack(
+                    [linear_state(selected[n]).weight().float().abs().max() for n in names]
+                ).max()
+                shared |= dict.fromkeys(names, amax)
+    return shared
 
 
 class MinMaxFP4Config(PassConfig):
