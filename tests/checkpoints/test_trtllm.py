@@ -326,6 +326,31 @@ def test_w4a4_and_gear_are_plugin_entries(tiny_model, tmp_path):
     }
     assert config["trtcompress"]["stock_trtllm_build"] is False
     assert {"qweight", "scales", "act_scale"} <= {k.rsplit(".", 1)[1] for k in one if ".mlp.fc." in k}
+    # the plugin's attributes per checkpoint linear: the checkpoint alone says how to decode each one
+    layers = config["trtcompress"]["plugins"]["trtcompress::w4a4_fp4_gemm"]["layers"]
+    assert len(layers) == 2 * 5
+    e2m1 = {"w_exp": 2, "w_man": 1, "a_exp": 2, "a_man": 1, "group_size": 0}
+    assert layers["transformer.layers.1.attention.qkv"] == layers["transformer.layers.0.mlp.proj"] == e2m1
+
+
+def test_w4a4_fused_layers_with_different_element_formats_are_refused(tiny_model, tmp_path):
+    """LLM-FP4 picks the weight element format per linear: q in E2M1 and k in E3M0 were concatenated
+    into one qkv GEMM and decoded on one grid (the plugin has one w_exp / w_man), and the checkpoint did
+    not say which; now refused, naming both formats."""
+    from trtcompress.compressed.formats import FpFormat
+
+    recipe = Recipe.model_validate({"passes": [{"method": "minmax-fp4", "exclude": ["lm_head"]}],
+                                    "calibration": {"num_samples": 2, "seq_len": 32}})  # fmt: skip
+    compress_model(tiny_model.model, tiny_model.tokenizer, recipe)
+    attn = tiny_model.model.model.layers[0].self_attn
+    state = linear_state(attn.k_proj)
+    e3m0 = QuantizedWeight.round_to_nearest(state.weight(), FpFormat(3, 0, 0))
+    state = CompressedLinearState(state.out_features, state.in_features, e3m0, act_quant=state.act_quant)
+    set_module(attn, "k_proj", CompressedLinear(state))
+    with pytest.raises(
+        ExportError, match=r"q/k/v: fused layers must share one format.*weights e2m1.*weights e3m0"
+    ):
+        write_trtllm_checkpoint(tiny_model.model, tmp_path / "x", TrtllmOptions())
 
 
 @pytest.mark.parametrize("codec, algo", [("int8", "INT8"), ("fp8", "FP8")])

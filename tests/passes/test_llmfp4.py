@@ -114,6 +114,23 @@ def test_format_search_follows_the_weight_distribution(make, element):
     assert result.act is None and result.weights[0].element == element
 
 
+def test_a_group_shares_one_weight_format_unless_told_otherwise():
+    """q/k/v (and gate/up) run as one GEMM in TensorRT-LLM, which decodes one grid: by default the
+    group's members get the format with the lowest summed error; per linear (the paper) on request."""
+    torch.manual_seed(3)
+    x = torch.randn(256, 64)
+    uniform = torch.rand(32, 64) * 2 - 1
+    lognormal = torch.exp(torch.randn(32, 64) * 1.5) * torch.randn(32, 64).sign()
+    config = LLMFP4Config(**FAST, quantize_activations=False, shared_weight_format=False)
+    own = search_group(x, [uniform, lognormal], x.abs().amax(0), config)
+    assert [c.element for c in own.weights] == ["e1m2", "e3m0"]
+    shared = search_group(
+        x, [uniform, lognormal], x.abs().amax(0), config.model_copy(update={"shared_weight_format": True})
+    )
+    assert len({c.element for c in shared.weights}) == 1
+    assert shared.error >= own.error  # the constraint costs what it costs, never less
+
+
 def test_coarse_to_fine_finds_the_exhaustive_argmin():
     torch.manual_seed(4)
     targets = torch.rand(6) * 99

@@ -174,7 +174,22 @@ def _collect(model: nn.Module) -> tuple[list[DecoderLinears], str | None, dict[s
     }
     if algo is not None and "NO_QUANT" in kinds:
         details["dense"] = sorted(kinds["NO_QUANT"])
+    if algo == lay.PLUGIN_W4A4:  # the plugin's attributes per checkpoint linear (LLM-FP4 picks per layer)
+        details["plugin_layers"] = {}
+        for i, layer_parts in enumerate(layers):
+            modules = {"attention.qkv": layer_parts.attn["q"], "attention.dense": layer_parts.attn["dense"]}
+            modules |= {f"mlp.{key}": layer_parts.mlp[key] for key in MLP}
+            for module, p in modules.items():
+                if p.kind == lay.PLUGIN_W4A4:  # (a layer left dense is a plain linear)
+                    details["plugin_layers"][f"transformer.layers.{i}.{module}"] = _w4a4_attributes(p)
     return layers, algo, details
+
+
+def _w4a4_attributes(parts: LinearParts) -> dict[str, int]:
+    """`trtcompress::w4a4_fp4_gemm`'s attributes for one layer (its fused q/k/v share them)."""
+    assert parts.fp_element is not None and parts.act_element is not None
+    (w_exp, w_man), (a_exp, a_man) = parts.fp_element, parts.act_element
+    return {"w_exp": w_exp, "w_man": w_man, "a_exp": a_exp, "a_man": a_man, "group_size": parts.group_size}
 
 
 def _unit_prequant(parts: LinearParts, needed: bool) -> LinearParts:
@@ -273,7 +288,7 @@ def _plugins(algo: str | None, options: TrtllmOptions, details: dict[str, Any]) 
     plugins: dict[str, Any] = {}
     if algo == lay.PLUGIN_W4A4:
         plugins[PLUGIN_GEMM] = {
-            "layers": "decoder linears",
+            "layers": details["plugin_layers"],  # checkpoint linear -> the plugin's attributes
             "tensors": ["qweight", "scales", "act_scale", "act_shift"],
         }
     codec = options.kv_cache or ""

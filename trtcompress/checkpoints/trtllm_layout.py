@@ -67,6 +67,8 @@ class LinearParts:
     act_shift: torch.Tensor | None = None  # uint8 (in,)
     bias: torch.Tensor | None = None  # (out,)
     bits: int = 16
+    fp_element: tuple[int, int] | None = None  # (exponent, mantissa) bits of FP weight codes
+    act_element: tuple[int, int] | None = None  # (exponent, mantissa) bits of quantized activations
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -196,6 +198,8 @@ def parts_of(state: CompressedLinearState, kind: str) -> LinearParts:
         act_shift=None if act is None else act.shift,
         bias=bias,
         bits=q.format.bits,
+        fp_element=(q.format.exp_bits, q.format.man_bits) if isinstance(q.format, FpFormat) else None,
+        act_element=None if act is None else (act.exp_bits, act.man_bits),
     )
 
 
@@ -203,11 +207,11 @@ def concat_rows(parts: list[LinearParts], what: str) -> LinearParts:
     """Fuse layers that share an input (q|k|v) along the output dim; shared per-tensor values must agree."""
     first = parts[0]
     for other in parts[1:]:
-        if (other.kind, other.group_size, other.bits) != (first.kind, first.group_size, first.bits):
-            raise ExportError(
-                f"{what}: fused layers must share one format, got {first.kind} and {other.kind}"
-            )
-        for name in ("global_scale", "pre_quant_scale"):
+        a, b = (_format_of(p) for p in (first, other))
+        if a != b:
+            raise ExportError(f"{what}: fused layers must share one format, got {a} and {b}")
+        # (W4A4: one input, so one activation quantizer; the llmfp4 pass searches it per input group)
+        for name in ("global_scale", "pre_quant_scale", "act_scale", "act_shift"):
             a, b = getattr(first, name), getattr(other, name)
             if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
                 raise ExportError(
@@ -222,9 +226,21 @@ def concat_rows(parts: list[LinearParts], what: str) -> LinearParts:
     for name in ("weight", "codes", "scales", "zeros", "bias"):
         values = [getattr(p, name) for p in parts]
         cat[name] = None if values[0] is None else torch.cat(values)
-    if first.act_scale is not None:  # one input, one activation range: the widest of the fused layers
-        cat["act_scale"] = torch.stack([p.act_scale for p in parts]).amax(0)  # type: ignore[misc]
     return dataclasses.replace(first, **cat)
+
+
+def element_name(element: tuple[int, int]) -> str:
+    return f"e{element[0]}m{element[1]}"
+
+
+def _format_of(parts: LinearParts) -> str:
+    """What a fused GEMM needs to be one format: kind, group size, bits and the FP elements."""
+    text = f"{parts.kind} (bits {parts.bits}, group {parts.group_size}"
+    if parts.fp_element is not None:
+        text += f", weights {element_name(parts.fp_element)}"
+    if parts.act_element is not None:
+        text += f", activations {element_name(parts.act_element)}"
+    return text + ")"
 
 
 def padded_features(n: int, group_size: int, tp_size: int) -> int:

@@ -4,7 +4,8 @@ Per group of linears that read the same input (q/k/v, o, gate/up, down), on cali
 the float outputs Y_i = X·W_iᵀ, minimising the layer-output error Σ_i ||Y_i - Q(X)·Ŵ_iᵀ||²:
 
 - weights: one real-valued exponent bias per output channel (stored as the fp16 scale 2**(b0 - b)),
-  element format chosen per linear among E3M0 / E2M1 / E1M2;
+  element format chosen among E3M0 / E2M1 / E1M2 per group (`shared_weight_format`, the default: a
+  fused GEMM such as TensorRT-LLM's qkv decodes one grid) or per linear (the paper);
 - activations: one FP quantizer per group (every member reads the same quantized input, as a fused
   QKV GEMM would), format chosen among the same three, with the *pre-shifted exponent bias*: channel j
   uses bias ρ + c_j, ρ real and tensor-wise, c_j = clamp(round(b_j) - round(ρ), 0, 2**e - 1) an integer
@@ -186,6 +187,11 @@ class LLMFP4Config(PassConfig):
         default_factory=lambda: ["e3m0", "e2m1", "e1m2"], description="element formats searched (w and a)"
     )
     quantize_activations: bool = Field(True, description="W4A4 (true) or weight-only W4A16 (false)")
+    shared_weight_format: bool = Field(
+        True,
+        description="one weight element format per input group (q/k/v, gate/up: the GEMMs serving stacks "
+        "fuse, which decode one grid); false: per linear, as the paper (not exportable to TensorRT-LLM)",
+    )
     act_bias: ActBias = Field(
         "per_channel",
         description="activation exponent bias: per_channel (pre-shifted, the paper), tensor (FPQ baseline), "
@@ -247,15 +253,19 @@ def search_group(
     def weights_under(act: ActQuantizer | None, elements: list[list[str]]) -> list[WeightChoice]:
         x_q = x if act is None else act.gemm_operand(x)
         gram = x_q.T @ x_q
-        chosen = []
+        options = []  # per linear: its best choice for each candidate format
         for w, y, candidates in zip(weights, ys, elements, strict=True):
             cross = x_q.T @ y
             wp = pre_shift(w, act)
-            options = [
-                search_weight(wp, gram, cross, f, cfg.grid, cfg.grid_mode, cfg.stride) for f in candidates
-            ]
-            chosen.append(min(options, key=lambda c: float(c.error.sum())))
-        return chosen
+            search = {
+                f: search_weight(wp, gram, cross, f, cfg.grid, cfg.grid_mode, cfg.stride) for f in candidates
+            }
+            options.append(search)
+        if cfg.shared_weight_format:  # the format with the lowest summed error over the group
+            common = [f for f in elements[0] if all(f in o for o in options)]
+            best = min(common, key=lambda f: sum(float(o[f].error.sum()) for o in options))
+            return [o[best] for o in options]
+        return [min(o.values(), key=lambda c: float(c.error.sum())) for o in options]
 
     all_formats = [list(cfg.formats) for _ in weights]
     act = act_for(act_option, rho[act_option])
