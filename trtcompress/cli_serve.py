@@ -56,6 +56,33 @@ def _deploy(source: Path | None, assignments: tuple[str, ...]) -> Any:
         raise RecipeError("; ".join(messages)) from None
 
 
+def _refuse_failed_gates(artifact: Path, allow: bool) -> None:
+    """An artifact whose gates failed at build time (status failed_gates, exit 3) is not served or
+    packaged unless asked: `build ... ; serve` in a script would otherwise deploy the model its own
+    fidelity gates rejected."""
+    from trtcompress.checkpoints import native
+
+    if allow or not (artifact / native.MANIFEST).is_file():
+        return
+    manifest = native.read_manifest(artifact)
+    if manifest["status"] == "failed_gates":
+        failed = "; ".join(
+            f"{g.get('gate')} (measured {g.get('value')})"
+            for g in manifest.get("gates", [])
+            if not g.get("passed")
+        )
+        raise ArtifactError(
+            f"{artifact}: failed its gates at build time ({failed}); --allow-failed-gates uses it anyway"
+        )
+
+
+allow_failed_gates_option = click.option(
+    "--allow-failed-gates",
+    is_flag=True,
+    help="use an artifact whose build gates failed (status failed_gates), refused by default",
+)
+
+
 def _is_repository(path: Path) -> bool:
     return any(path.glob("*/config.pbtxt"))
 
@@ -116,9 +143,11 @@ def _environment_warning(env) -> str | None:
 @click.option("--step-log", type=click.Path(path_type=Path), help="native runtime: one JSON line per step")
 @click.option("--log-file", type=click.Path(path_type=Path), help="tritonserver's log (default: temp dir)")
 @click.option("--timeout", type=float, default=600, show_default=True, help="seconds to wait for readiness")
+@allow_failed_gates_option
 def serve(
-    target, host, http_port, grpc_port, metrics_port, repo_dir, deploy_set, step_log, log_file, timeout
-):
+    target, host, http_port, grpc_port, metrics_port, repo_dir, deploy_set, step_log, log_file, timeout,
+    allow_failed_gates,
+):  # fmt: skip
     """Serve ARTIFACT (a native artifact or model directory: its native repository is generated) or
     REPO (a Triton model repository) with tritonserver until Ctrl-C / SIGTERM."""
     from trtcompress.serve import Server
@@ -132,6 +161,7 @@ def serve(
                 "--deploy, --step-log and --repo-dir apply to an artifact, not to a ready repository"
             )
     else:
+        _refuse_failed_gates(target, allow_failed_gates)
         deploy = _deploy(target, deploy_set)
         if repo_dir is not None and repo_dir.exists() and (not repo_dir.is_dir() or any(repo_dir.iterdir())):
             raise RepositoryError(  # its other models would be served beside the generated one
@@ -234,13 +264,15 @@ def generate(
 @click.option(
     "--force", is_flag=True, help="replace an existing model repository (only once the new one is complete)"
 )
-def repo_cmd(artifact, output, kind, engine_dir, deploy_set, force):
+@allow_failed_gates_option
+def repo_cmd(artifact, output, kind, engine_dir, deploy_set, force, allow_failed_gates):
     """Generate a Triton model repository for ARTIFACT (every config.pbtxt validated)."""
     from trtcompress.checkpoints import native
     from trtcompress.triton_models import generate_repository
     from trtcompress.triton_models.pbtxt import validate_repository
 
     _existing(artifact, "artifact or model directory")
+    _refuse_failed_gates(artifact, allow_failed_gates)
     deploy = _deploy(artifact, deploy_set)
     try:  # written beside OUTPUT, validated, then renamed: a failure leaves no half repository
         with native.atomic_directory(output, force, check=_check_repository_output) as tmp:

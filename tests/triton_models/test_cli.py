@@ -65,6 +65,28 @@ def test_repo_command_writes_validated_repositories(served_artifact, tiny_model_
     assert bad.returncode != 0 and "max_batch_sise" in bad.stderr
 
 
+def test_an_artifact_that_failed_its_gates_is_served_only_when_allowed(tiny_model_dir, tmp_path):
+    """`build` exits 3 and keeps the artifact marked failed_gates; `serve` and `repo` served and packaged
+    it like any other, so `build ...; serve ...` in a script deployed what the gates rejected."""
+    from tests.conftest import TINY_EVAL
+    from trtcompress.builders.pipeline import build
+    from trtcompress.recipe import load_recipe, with_overrides
+
+    recipe = with_overrides(load_recipe("int3-g128-rtn").model_copy(update={"eval": TINY_EVAL}),
+                            [("gates", ["gsm8k_kl <= 0.0000001"])])  # fmt: skip
+    artifact = tmp_path / "failed"
+    assert not build(str(tiny_model_dir), recipe, artifact).gates_passed
+    for command in (
+        ["serve", str(artifact), "--timeout", "5"],
+        ["repo", str(artifact), "-o", str(tmp_path / "r")],
+    ):
+        out = run_cli(*command)
+        assert out.returncode != 0 and "failed its gates at build time (gsm8k_kl <= 1e-07" in out.stderr
+        assert "--allow-failed-gates" in out.stderr and not (tmp_path / "r").exists()
+    out = run_cli("repo", str(artifact), "-o", str(tmp_path / "r"), "--allow-failed-gates")
+    assert out.returncode == 0, out.stderr
+
+
 def test_repo_refuses_an_existing_output_and_force_replaces_repositories_only(served_artifact, tmp_path):
     out = tmp_path / "repo"
     assert run_cli("repo", str(served_artifact), "-o", str(out), "--kind", "trtllm").returncode == 0
