@@ -151,6 +151,27 @@ def test_engine_triton_repository_points_where_the_artifact_will_be(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("cfg", "chunked"),
+    [
+        (EngineConfig(enabled=True), "true"),
+        (EngineConfig(enabled=True, use_paged_context_fmha=False), "false"),
+        (EngineConfig(enabled=True, kv_cache_type="continuous"), "false"),
+    ],
+)
+def test_engine_repository_chunks_only_what_the_engine_can(tmp_path, cfg, chunked):
+    """TensorRT-LLM's executor refuses enable_chunked_context on an engine without paged context FMHA
+    (TLLM_CHECK "Chunked context requires context FMHA, paged kv_cache and paged context FMHA" in
+    batch_manager/trtGptModelInflightBatching.cpp): the repository must not ask for it then."""
+    from trtcompress.runtime.config import DeployConfig
+    from trtcompress.triton_models.pbtxt import validate_repository
+
+    deploy = DeployConfig(enable_chunked_context=True)
+    repo = engine.fill_triton_repository(tmp_path / "b", tmp_path / "a", deploy, lambda m: None, engine=cfg)
+    params = validate_repository(repo)["tensorrt_llm"].parameters
+    assert params["enable_chunked_context"].string_value == chunked
+
+
+@pytest.mark.parametrize(
     ("data", "fragment"),
     [
         ({"passes": [{"method": "nvfp4"}], "export": {"formats": ["trtllm"]}}, "weight-only"),

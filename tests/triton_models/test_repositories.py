@@ -138,3 +138,21 @@ def test_trtllm_ensemble_connects_and_uses_backend_names(served_artifact, tmp_pa
     step.input_map["random_seed"] = "seed"
     errors = _ensemble_flow_errors(configs)
     assert any("_NOWHERE" in e for e in errors) and any("random_seed is not" in e for e in errors)
+
+
+# Parameters TensorRT-LLM's backend reads with no default: ModelInstanceState::getBatchingTypeFromParams and
+# getGuidedDecodingConfigFromParams (triton_backend/inflight_batcher_llm/src/model_instance_state.cc) call
+# ModelState::GetParameter<std::string> outside any try, which throws "Cannot find parameter with name: X"
+# for a missing key, so the tensorrt_llm model fails to load.
+TRTLLM_BACKEND_REQUIRED_PARAMETERS = {
+    "gpt_model_type", "tokenizer_dir", "xgrammar_tokenizer_info_path", "guided_decoding_backend",
+}  # fmt: skip
+
+
+def test_trtllm_declares_the_parameters_the_backend_requires(served_artifact, tmp_path):
+    repo = generate_repository("trtllm", served_artifact, tmp_path / "r", DeployConfig(), tmp_path / "e")
+    params = _params(validate_repository(repo)["tensorrt_llm"])
+    assert set(params) >= TRTLLM_BACKEND_REQUIRED_PARAMETERS
+    # empty: no guided decoding (a backend name without a tokenizer info file would fail the load)
+    assert params["guided_decoding_backend"] == "" and params["xgrammar_tokenizer_info_path"] == ""
+    assert params["tokenizer_dir"] == str(served_artifact.resolve())

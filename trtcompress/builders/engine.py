@@ -129,14 +129,27 @@ def build_engine(checkpoint: Path, output: Path, engine: Any, log=print) -> dict
     return {"trtllm_version": version, "command": args, "dir": output.name, "python": sys.executable}
 
 
-def fill_triton_repository(artifact: Path, final: Path, deploy: Any = None, log=print) -> Path:
+def fill_triton_repository(
+    artifact: Path, final: Path, deploy: Any = None, log=print, engine: Any = None
+) -> Path:
     """Write the `inflight_batcher_llm` Triton repository into `artifact/triton/trtllm` (the serving issue's
     generator), pointing at the engine and the tokenizer where they will live: `final` is the artifact's
-    path after the build's atomic rename."""
+    path after the build's atomic rename. `engine` (the recipe's `export.engine`): an engine built without
+    paged context FMHA (or without a paged KV cache) gets `enable_chunked_context: false`, since
+    TensorRT-LLM's executor refuses chunked context there ("Chunked context requires context FMHA, paged
+    kv_cache and paged context FMHA", batch_manager/trtGptModelInflightBatching.cpp) and the model would not
+    load."""
     from trtcompress.triton_models.trtllm import fill_trtllm_repository
 
+    chunked = engine is None or (engine.kv_cache_type == "paged" and engine.use_paged_context_fmha)
+    if not chunked and deploy is not None and deploy.enable_chunked_context:
+        log("the engine has no paged context FMHA: the Triton repository turns chunked context off")
     repo = fill_trtllm_repository(
-        artifact / "triton" / "trtllm", engine_dir=final / "engine", tokenizer_dir=final, deploy=deploy
+        artifact / "triton" / "trtllm",
+        engine_dir=final / "engine",
+        tokenizer_dir=final,
+        deploy=deploy,
+        chunked_context=chunked,
     )
     log(f"Triton repository for the engine: {final / 'triton' / 'trtllm'}")
     return repo

@@ -133,6 +133,6 @@ def export_formats(
         from trtcompress.builders.engine import build_engine, fill_triton_repository
 
         exports["engine"] = build_engine(out / "trtllm", out / "engine", cfg.engine, log=log)
-        fill_triton_repository(out, Path(final or out).resolve(), recipe.deploy, log=log)
+        fill_triton_repository(out, Path(final or out).resolve(), recipe.deploy, log=log, engine=cfg.engine)
         exports["engine"]["triton_repository"] = "triton/trtllm"
     return exports

@@ -3,9 +3,10 @@
 `tensorrt_llm/config.pbtxt` (python backend, decoupled) and `tensorrt_llm/1/model.yaml` (what the
 LLM-API `model.py` of TensorRT-LLM's `triton_backend/all_models/llmapi` reads: the model to load, the
 PyTorch backend, parallelism, the KV-cache and scheduler settings of the recipe's deploy section). That
-`model.py` ships with TensorRT-LLM; copy it into `tensorrt_llm/1/` in the NGC container (it is not
-installable here). The request interface is the one the native model implements (`text_input`,
-`max_tokens`, `stream`, `text_output`), so clients are the same.
+`model.py` ships with TensorRT-LLM; copy it into `tensorrt_llm/1/` in the NGC container together with the
+`helpers.py` beside it, which it imports (`from helpers import ...`; neither is installable here). The
+request names (`text_input`, `sampling_param_max_tokens`, `streaming`, `text_output`, ...) are ones the
+native model accepts too, so clients are the same.
 """
 
 from __future__ import annotations

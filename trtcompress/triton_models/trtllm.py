@@ -139,28 +139,47 @@ from trtcompress.triton_models.trtllm_models import Postprocessing as TritonPyth
 '''
 
 
-def tensorrt_llm_parameters(engine_dir: Path, deploy: DeployConfig) -> dict[str, object]:
-    """The `tensorrt_llm` model's parameters (names and values as the TensorRT-LLM backend reads them)."""
+def tensorrt_llm_parameters(
+    engine_dir: Path, deploy: DeployConfig, tokenizer_dir: Path | None = None, chunked_context: bool = True
+) -> dict[str, object]:
+    """The `tensorrt_llm` model's parameters (names and values as the TensorRT-LLM backend reads them).
+
+    The backend reads `tokenizer_dir`, `xgrammar_tokenizer_info_path` and `guided_decoding_backend` with
+    no default (ModelInstanceState::getGuidedDecodingConfigFromParams in triton_backend/inflight_batcher_llm/
+    src/model_instance_state.cc): a config without them fails to load with "Cannot find parameter with
+    name: tokenizer_dir". Empty values mean no guided decoding. `chunked_context` false: the engine was built
+    without paged context FMHA, with which the executor refuses enable_chunked_context (at load)."""
     return {
         "gpt_model_type": "inflight_fused_batching",
         "gpt_model_path": str(engine_dir),
         "batch_scheduler_policy": deploy.batch_scheduler_policy,
         "kv_cache_free_gpu_mem_fraction": deploy.kv_cache_free_gpu_mem_fraction,
         "max_tokens_in_paged_kv_cache": deploy.max_tokens_in_paged_kv_cache,
-        "enable_chunked_context": deploy.enable_chunked_context,
+        "enable_chunked_context": deploy.enable_chunked_context and chunked_context,
         "enable_kv_cache_reuse": deploy.enable_kv_cache_reuse,
         "exclude_input_in_output": deploy.exclude_input_in_output,
         "max_beam_width": 1,
+        "tokenizer_dir": str(tokenizer_dir or ""),
+        "guided_decoding_backend": "",
+        "xgrammar_tokenizer_info_path": "",
     }
 
 
 def fill_trtllm_repository(
-    repo: Path, engine_dir: Path, tokenizer_dir: Path, deploy: DeployConfig | None = None
+    repo: Path,
+    engine_dir: Path,
+    tokenizer_dir: Path,
+    deploy: DeployConfig | None = None,
+    chunked_context: bool = True,
 ) -> Path:
-    """Write the four models into `repo`; the engine directory need not exist yet (built elsewhere)."""
+    """Write the four models into `repo`; the engine directory need not exist yet (built elsewhere).
+    `chunked_context` false: the engine cannot chunk prompts (no paged context FMHA), whatever `deploy`
+    says."""
     deploy = deploy or DeployConfig()
     repo = Path(repo)
-    tokenizer = {"tokenizer_dir": str(Path(tokenizer_dir).resolve())}
+    tokenizer_dir = Path(tokenizer_dir).resolve()
+    tokenizer = {"tokenizer_dir": str(tokenizer_dir)}
+    backend = tensorrt_llm_parameters(Path(engine_dir).resolve(), deploy, tokenizer_dir, chunked_context)
     common = {"max_batch_size": deploy.max_batch_size}
     models = {
         "preprocessing": (PREPROCESSING, {**common, "parameters": parameters(tokenizer)}, PRE_PY),
@@ -169,7 +188,7 @@ def fill_trtllm_repository(
             {
                 **common,
                 "decoupled": "true" if deploy.decoupled else "false",
-                "parameters": parameters(tensorrt_llm_parameters(Path(engine_dir).resolve(), deploy)),
+                "parameters": parameters(backend),
             },
             None,
         ),
