@@ -99,6 +99,23 @@ def test_a_fold_reaches_a_producer_compressed_by_an_earlier_sweep(tiny_model_dir
     assert err < 3 * err_int8 + 1e-3  # the same function up to the INT8 error
 
 
+def test_awq_does_not_fold_into_a_producer_with_block_fp4_scales(tiny_model):
+    """nvfp4 then awq on down_proj only: up_proj's E4M3 block scales cannot take the fold, which used to
+    end the build with a bare ValueError ("rows of a nvfp4 weight cannot be rescaled exactly"); now that
+    group is left unscaled (clip only), as under GQA, and the log says why."""
+    from trtcompress.passes.fp4 import NVFP4Config, NVFP4Pass
+
+    model = tiny_model.model
+    NVFP4Pass(NVFP4Config()).apply(model, PassContext())
+    up = model.model.layers[0].mlp.up_proj.state.weight().clone()
+    logs: list[str] = []
+    awq = AWQPass(AWQConfig(group_size=32, targets=["down_proj"]))
+    run_sequential(model, [awq], PassContext(calibration=_calibration(), log=logs.append))
+    assert torch.equal(model.model.layers[0].mlp.up_proj.state.weight(), up)
+    assert model.model.layers[0].mlp.down_proj.format_name == "int4_g32_sym"
+    assert any("mlp_out not scaled" in line and "mlp.up_proj" in line for line in logs), logs
+
+
 def test_scale_search_never_worse_than_plain_rounding():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 64, generator=g) * torch.linspace(0.1, 8, 64)  # a few salient channels

@@ -98,6 +98,18 @@ def test_bad_ranks_are_refused_with_the_layer_named(tiny_model):
         run_sequential(tiny_model.model, passes, PassContext(calibration=_calib(2, 32)))
 
 
+def test_a_ranks_pattern_matching_no_layer_is_an_error_before_calibration(tiny_model):
+    """A typo in a `ranks` key (donw_proj) used to leave those layers at the default rank, silently."""
+    model = tiny_model.model
+    passes = [
+        GPTQPass(GPTQConfig(bits=4, group_size=32)),
+        EoRAPass(EoRAConfig(rank=4, ranks={"re:layers\\.1\\.": 8, "donw_proj": 16})),
+    ]
+    with pytest.raises(CompressionError, match="`ranks` pattern 'donw_proj' matches none of the layers"):
+        run_sequential(model, passes, PassContext(calibration=_calib(2, 32)))
+    assert not list(compressed_linears(model))  # refused before anything was compressed
+
+
 def test_refine_lowers_the_output_error_of_the_first_layer_and_needs_a_requantizer(tiny_model_dir):
     from trtcompress.models import load_model
     from trtcompress.passes.awq import AWQConfig, AWQPass

@@ -53,6 +53,21 @@ def test_regional_optimization_lowers_each_layers_error_and_keeps_the_mask(tiny_
         )
 
 
+def test_gptq_after_regional_quantizes_what_regional_trained(tiny_model):
+    """wanda + regional + gptq: regional trains in `finish_layer`, after every pass of its sweep; in one
+    sweep gptq had already quantized the layer, so regional silently trained nothing. It ends its sweep
+    now: gptq runs in the next one, keeps the mask and quantizes the trained weights."""
+    from trtcompress.passes.gptq import GPTQConfig, GPTQPass
+
+    model = _amplify(tiny_model.model)
+    regional = RegionalPass(RegionalConfig(steps=5, samples=4, batch_size=4, lr=1e-3))
+    passes = [WandaPass(WandaConfig(pattern="2:4", dtype="float32")), regional]
+    run_sequential(model, [*passes, GPTQPass(GPTQConfig(group_size=32))], PassContext(calibration=_calib()))
+    assert len(regional.history) == 2 and regional.history[0]["after"] < regional.history[0]["before"]
+    formats = {m.state.format_name for _, m in compressed_linears(model)}
+    assert formats == {"int4_g32_sym+sparse_2of4"}
+
+
 def test_regional_after_eora_stores_what_it_trained(tiny_model_dir):
     """wanda + eora + regional: the trained weight is stored weight + A·B. Storing it whole next to the
     factors counted A·B twice (layer 0 reported error 0.004, stored model 0.041)."""
@@ -119,6 +134,22 @@ def test_kd_merges_adapters_into_plain_float_layers_and_needs_a_teacher(tiny_mod
     assert not list(compressed_linears(model))
     with pytest.raises(CompressionError, match="teacher"):
         KDPass(KDConfig(steps=1)).apply(model, PassContext(calibration=calib))
+
+
+def test_kd_merging_into_a_tied_lm_head_leaves_the_input_embeddings_alone(tiny_model):
+    """The tiny model ties lm_head to embed_tokens: merging lm_head's adapter in place used to change
+    the input embeddings too (a model KD never trained, and not the one it measured)."""
+    model = tiny_model.model
+    embeddings = model.get_input_embeddings().weight
+    assert model.lm_head.weight is embeddings and model.config.tie_word_embeddings
+    before = embeddings.detach().clone()
+    teacher = _amplify(copy.deepcopy(model))
+    KDPass(
+        KDConfig(steps=3, rank=2, batch_size=2, seq_len=32, lr=1e-2, targets=["lm_head"], exclude=[])
+    ).apply(model, PassContext(calibration=_calib(2, 32), teacher=teacher))
+    assert torch.equal(model.get_input_embeddings().weight, before)
+    assert not torch.equal(model.lm_head.weight, before)  # the adapter was merged into lm_head alone
+    assert not model.config.tie_word_embeddings  # so a saved model keeps both
 
 
 def test_kd_preset_runs_end_to_end_with_the_teacher_kept_by_the_builder(tiny_model):

@@ -5,6 +5,7 @@ import torch
 
 from trtcompress.compressed import CompressedLinear, CompressedLinearState, IntFormat, QuantizedWeight
 from trtcompress.compressed.sparsity import SparsityMask, make_mask, nm_mask, row_mask
+from trtcompress.errors import CompressionError
 from trtcompress.passes.magnitude import MagnitudeConfig, MagnitudePass
 from trtcompress.passes.pruning import PruneConfig
 
@@ -116,7 +117,7 @@ def test_magnitude_pass_keeps_the_largest_weights():
     kept = out.weight() != 0
     assert torch.equal(kept, nm_mask(w.abs(), 4, 8))
     assert torch.equal(out.weight()[kept], w[kept])
-    with pytest.raises(ValueError, match="divisible by 8"):
+    with pytest.raises(CompressionError, match="y: 4:8 sparsity needs in_features divisible by 8"):
         MagnitudePass(MagnitudeConfig(pattern="4:8")).compress_linear(
             "y", CompressedLinearState(2, 12, dense_weight=torch.randn(2, 12))
         )

@@ -133,6 +133,12 @@ class AWQPass(CalibratedPass):
         # Folding needs every reader of the producer's output in this group, and matching widths
         # (under GQA, v_proj's output is narrower than o_proj's input: that group is not scaled).
         foldable = len(names) == len(group.members) and width in (None, weights[0].shape[1])
+        if foldable and not group.can_fold():  # e.g. up_proj already NVFP4: its rows cannot take s
+            context.log(
+                f"awq: {group.prefix}{group.group.name} not scaled: its producer {group.group.producer} "
+                "has block scales that cannot absorb the fold (clip only; put awq before nvfp4/mxfp4)"
+            )
+            foldable = False
         if foldable:
             s, alpha, error = search_scale(gram, weights, stats.abs_mean, cfg.format, cfg.grid)
             if alpha > 0:

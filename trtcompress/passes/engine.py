@@ -115,6 +115,15 @@ class GroupHandle:
             producer.weight.data /= scale.to(producer.weight.dtype)
         self.input_scale = scale if self.input_scale is None else self.input_scale * scale
 
+    def can_fold(self) -> bool:
+        """Whether `fold_into_producer` can rescale the producer exactly: not when it holds an FP weight
+        with E4M3 / E8M0 block scales (NVFP4, MXFP4), which cannot absorb an arbitrary per-row factor."""
+        name = self.prefix + self.group.producer
+        state = self.current_state(name) if name in self.linears else None
+        if state is None or state.quantized is None:
+            return True
+        return getattr(state.quantized.format, "scale_encoding", "fp16") == "fp16"
+
     def producer_width(self) -> int | None:
         """Output channels of a linear producer (None for a norm)."""
         name = self.prefix + self.group.producer
@@ -188,6 +197,13 @@ class CalibratedPass(Pass):
     # A pass that changes shapes (structured pruning) runs in a sweep of its own, so the passes after
     # it see the new shapes (issue 4).
     sweep_alone: ClassVar[bool] = False
+    # A pass that works in `finish_layer`, after every pass of its sweep compressed the layer, ends its
+    # sweep: a pass after it in the recipe (gptq after regional) must see its result, not precede it.
+    ends_sweep: ClassVar[bool] = False
+
+    def check_selection(self, selected: list[str]) -> None:
+        """Called before the sweep with the linears the pass's targets select: raise CompressionError
+        for a setting that would silently do nothing (EoRA: a `ranks` pattern matching none of them)."""
 
     def start_layer(self, sweep: LayerSweep, context: PassContext) -> None:
         """Called before the layer's compressing forward (issue 4: layer-level passes)."""
@@ -241,6 +257,7 @@ def _check_targets(model: nn.Module, passes: list[CalibratedPass]) -> None:
                 f"pass {p.method!r}: no linear layer matches targets={p.config.targets} "
                 f"minus exclude={p.config.exclude}"
             )
+        p.check_selection(selected)
         outside = [name for name in selected if not name.startswith("model.layers.")]
         if outside:
             raise CompressionError(
@@ -269,13 +286,15 @@ def run_sequential(model: nn.Module, passes: list[CalibratedPass], context: Pass
     if context.calibration is None:
         names = ", ".join(p.method for p in passes)
         raise CalibrationError(f"pass(es) {names} need calibration data, and none was provided")
-    if len(passes) > 1 and any(p.sweep_alone for p in passes):  # issue 4: split around shape changers
-        segments: list[list[CalibratedPass]] = []
-        for p in passes:
-            if p.sweep_alone or not segments or segments[-1][-1].sweep_alone:
-                segments.append([p])
-            else:
-                segments[-1].append(p)
+    # issue 4: split around shape changers, and after passes that end their sweep
+    segments: list[list[CalibratedPass]] = []
+    for p in passes:
+        last = segments[-1][-1] if segments else None
+        if last is None or p.sweep_alone or last.sweep_alone or last.ends_sweep:
+            segments.append([p])
+        else:
+            segments[-1].append(p)
+    if len(segments) > 1:
         for segment in segments:
             run_sequential(model, segment, context)
         return

@@ -105,6 +105,15 @@ class EoRAPass(CalibratedPass):
     config: EoRAConfig
     needs = frozenset({HESSIAN})
 
+    def check_selection(self, selected: list[str]) -> None:
+        # as for `targets`: a mistyped pattern must not silently leave its layers at the default rank
+        for pattern in self.config.ranks:
+            if not any(matches_any(name, [pattern]) for name in selected):
+                raise CompressionError(
+                    f"eora: `ranks` pattern {pattern!r} matches none of the layers it targets "
+                    f"(e.g. {selected[0]}); fix the pattern or remove it"
+                )
+
     def compress_group(
         self, group: GroupHandle, names: list[str], stats: GroupStats, context: PassContext
     ) -> None:

@@ -163,6 +163,9 @@ class KDPass(Pass):
                 set_module(model, name, self._finalize(adapter))
             for p in frozen:
                 p.requires_grad_(True)
+        head, embeddings = getattr(model, "lm_head", None), model.get_input_embeddings()
+        if isinstance(head, nn.Linear) and embeddings is not None and head.weight is not embeddings.weight:
+            model.config.tie_word_embeddings = False  # lm_head got its own (merged) weight
 
     def _train(self, model, teacher, adapters, chunks: torch.Tensor, context: PassContext) -> None:
         cfg = self.config
@@ -217,7 +220,10 @@ class KDPass(Pass):
         if isinstance(base, CompressedLinear):
             return CompressedLinear(with_lowrank(base.state, a, b, DTYPES[self.config.factor_dtype]))
         if self.config.merge == "auto":
-            base.weight.data += (a @ b).to(base.weight.dtype)
+            # A new tensor, not an in-place add: a tied lm_head shares its weight with the input
+            # embeddings, which must not change with it (`apply` unties the config).
+            merged = (base.weight.detach() + (a @ b).to(base.weight.dtype)).contiguous()
+            base.weight = nn.Parameter(merged)
             return base
         from trtcompress.compressed.linear import linear_state
 

@@ -75,7 +75,8 @@ class PruneConfig(PassConfig):
 def check_divisible(name: str, in_features: int, config: PruneConfig) -> None:
     nm = config.nm
     if nm is not None and in_features % nm[1]:
-        raise ValueError(
+        # a CompressionError: the CLI prints it on one line (a ValueError would be a traceback)
+        raise CompressionError(
             f"{name}: {config.pattern} sparsity needs in_features divisible by {nm[1]}, got {in_features}; "
             f"exclude it or use pattern: unstructured"
         )

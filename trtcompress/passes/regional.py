@@ -3,7 +3,8 @@ steps on that layer's pruned weights (mask fixed) so its output matches the dens
 
 It runs in the same sweep as the pruning pass placed before it in the recipe: the engine hands it the
 layer's inputs (outputs of the already pruned layers) and the layer's output before the sweep pruned
-it (LAYER_OUTPUTS), and recomputes the layer's output afterwards for the next layer. Only linears that
+it (LAYER_OUTPUTS), and recomputes the layer's output afterwards for the next layer. It ends that sweep:
+passes after it in the recipe (gptq) run in the next one, on what it trained. Only linears that
 hold a pruned dense weight are trained (quantized weights have no gradient on their grid); gradients
 at pruned positions are zeroed, so the mask cannot change. Regional means cheap: one layer's forward and
 backward on a few sequences per step, never the whole model. If the optimised layer matches the dense
@@ -42,6 +43,7 @@ class RegionalPass(CalibratedPass):
     config_type = RegionalConfig
     config: RegionalConfig
     needs = frozenset({LAYER_OUTPUTS})
+    ends_sweep = True  # it trains after the layer's forward: a later gptq must quantize what it trained
 
     def __init__(self, config: RegionalConfig) -> None:
         super().__init__(config)
