@@ -156,3 +156,28 @@ def test_trtllm_declares_the_parameters_the_backend_requires(served_artifact, tm
     # empty: no guided decoding (a backend name without a tokenizer info file would fail the load)
     assert params["guided_decoding_backend"] == "" and params["xgrammar_tokenizer_info_path"] == ""
     assert params["tokenizer_dir"] == str(served_artifact.resolve())
+
+
+@pytest.mark.parametrize(
+    ("build_config", "chunked"),
+    [
+        (None, "true"),  # no engine there yet: the deploy section decides
+        ({"kv_cache_type": "PAGED", "plugin_config": {"use_paged_context_fmha": True}}, "true"),
+        ({"kv_cache_type": "PAGED", "plugin_config": {"use_paged_context_fmha": False}}, "false"),
+        ({"kv_cache_type": "CONTINUOUS", "plugin_config": {"use_paged_context_fmha": True}}, "false"),
+    ],
+)
+def test_repo_over_an_engine_dir_reads_whether_the_engine_can_chunk(
+    served_artifact, tmp_path, build_config, chunked
+):
+    """`repo --kind trtllm --engine-dir DIR` asked for chunked context whatever the engine: TensorRT-LLM's
+    executor refuses it at load for an engine without paged context FMHA or a paged KV cache."""
+    import json
+
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    if build_config is not None:
+        (engine / "config.json").write_text(json.dumps({"version": "1.2.1", "build_config": build_config}))
+    deploy = DeployConfig(enable_chunked_context=True)
+    repo = generate_repository("trtllm", served_artifact, tmp_path / "r", deploy, engine)
+    assert _params(validate_repository(repo)["tensorrt_llm"])["enable_chunked_context"] == chunked

@@ -32,10 +32,13 @@ def generate_repository(
 
         return write_native_repository(out, artifact, deploy)
     if kind == "trtllm":
-        from trtcompress.triton_models.trtllm import fill_trtllm_repository
+        from trtcompress.triton_models.trtllm import engine_can_chunk, fill_trtllm_repository
 
         engine = engine_dir or (Path(deploy.engine_dir) if deploy.engine_dir else Path(artifact) / "engine")
-        return fill_trtllm_repository(out, engine_dir=engine, tokenizer_dir=Path(artifact), deploy=deploy)
+        chunked = engine_can_chunk(engine) is not False  # an engine without paged context FMHA refuses it
+        return fill_trtllm_repository(
+            out, engine_dir=engine, tokenizer_dir=Path(artifact), deploy=deploy, chunked_context=chunked
+        )
     if kind == "llmapi":
         from trtcompress.triton_models.llmapi import write_llmapi_repository
 

@@ -10,6 +10,7 @@ so this repository is generated and validated here and served there.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from trtcompress.runtime.config import DeployConfig
@@ -163,6 +164,22 @@ def tensorrt_llm_parameters(
         "guided_decoding_backend": "",
         "xgrammar_tokenizer_info_path": "",
     }
+
+
+def engine_can_chunk(engine_dir: Path) -> bool | None:
+    """Whether a built engine can take chunked context (paged KV cache and paged context FMHA, as the
+    executor requires), from its `config.json` (`build_config.kv_cache_type`,
+    `build_config.plugin_config.use_paged_context_fmha`); None when the directory does not say (not built
+    yet, or an unknown layout)."""
+    try:
+        build = json.loads((Path(engine_dir) / "config.json").read_text()).get("build_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    plugins = build.get("plugin_config") or {}
+    kv, fmha = build.get("kv_cache_type"), plugins.get("use_paged_context_fmha")
+    if kv is None and fmha is None:
+        return None
+    return str(kv or "PAGED").upper() == "PAGED" and fmha is not False
 
 
 def fill_trtllm_repository(
