@@ -118,9 +118,8 @@ def test_weight_only_nvfp4_is_w4a16_nvfp4(tiny_model, tmp_path):
         assert all(torch.equal(s, scales[0]) for s in scales)  # one GEMM, one weight_scale_2
 
 
-def test_nvfp4_layers_fused_with_different_tensor_scales_are_refused(tmp_path):
-    """Quantized one by one (an artifact of an older nvfp4 pass), q/k/v hold different weight_scale_2:
-    TensorRT-LLM asserts they are equal, vLLM took the max and read k_proj wrong; refused, naming them."""
+def _nvfp4_llama(intermediate: int, tensor_amax: torch.Tensor | None, k_factor: float = 1.0):
+    """A one-layer LLaMA whose linears are NVFP4, each quantized on its own (`tensor_amax`: shared)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from trtcompress.compressed.formats import NVFP4
@@ -128,19 +127,33 @@ def test_nvfp4_layers_fused_with_different_tensor_scales_are_refused(tmp_path):
     from trtcompress.compressed.state import CompressedLinearState, QuantizedWeight
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=intermediate, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=16)  # fmt: skip
     model = LlamaForCausalLM(config)
     for name, module in list(model.model.layers.named_modules()):
         if isinstance(module, torch.nn.Linear):
-            q = QuantizedWeight.round_to_nearest(
-                module.weight.detach() * (2 if "k_proj" in name else 1), NVFP4
-            )
+            weight = module.weight.detach() * (k_factor if "k_proj" in name else 1.0)
+            q = QuantizedWeight.round_to_nearest(weight, NVFP4, tensor_amax=tensor_amax)
             state = CompressedLinearState(module.out_features, module.in_features, q)
             set_module(model.model.layers, name, CompressedLinear(state))
+    return model
+
+
+def test_nvfp4_layers_fused_with_different_tensor_scales_are_refused(tmp_path):
+    """Quantized one by one (an artifact of an older nvfp4 pass), q/k/v hold different weight_scale_2:
+    TensorRT-LLM asserts they are equal, vLLM took the max and read k_proj wrong; refused, naming them."""
+    model = _nvfp4_llama(64, None, k_factor=2.0)
     with pytest.raises(ExportError, match=r"after input_layernorm have different tensor scales"):
         write_hf_checkpoint(model, None, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_partial_nvfp4_block_refused_for_hf(tmp_path):
+    """72 inputs = 4.5 NVFP4 blocks: the HF layout's `weight_scale` is (out, in/16), which cannot hold it."""
+    # one tensor scale for all (as the nvfp4 pass gives fused layers), so the blocks are the issue
+    model = _nvfp4_llama(72, torch.tensor(1.0))
+    with pytest.raises(ExportError, match="partial last group"):
+        write_hf_checkpoint(model, None, tmp_path / "hf")
 
 
 def test_fp8_kv_cache_scales_in_the_hf_layout(tiny_model, tmp_path):
@@ -191,28 +204,6 @@ def test_qwen2_biases_are_in_the_hf_checkpoint(tiny_qwen2_dir, tmp_path):
         stored = tensors[f"model.layers.1.self_attn.{name}.bias"].float()
         expected = getattr(loaded.model.model.layers[1].self_attn, name).bias.float()
         torch.testing.assert_close(stored, expected, atol=1e-3, rtol=1e-3)  # fp16
-
-
-def test_partial_nvfp4_block_refused_for_hf(tmp_path):
-    """72 inputs = 4.5 NVFP4 blocks: the HF layout's `weight_scale` is (out, in/16), which cannot hold it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trtcompress.compressed.formats import NVFP4
-    from trtcompress.compressed.linear import CompressedLinear, set_module
-    from trtcompress.compressed.state import CompressedLinearState, QuantizedWeight
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=72, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16)  # fmt: skip
-    model = LlamaForCausalLM(config)
-    for name, module in list(model.model.layers.named_modules()):
-        if isinstance(module, torch.nn.Linear):
-            # one tensor scale for all (as the nvfp4 pass gives fused layers), so the blocks are the issue
-            q = QuantizedWeight.round_to_nearest(module.weight.detach(), NVFP4, tensor_amax=torch.tensor(1.0))
-            state = CompressedLinearState(module.out_features, module.in_features, q)
-            set_module(model.model.layers, name, CompressedLinear(state))
-    with pytest.raises(ExportError, match="partial last group"):
-        write_hf_checkpoint(model, None, tmp_path / "hf")
 
 
 def _set_int4(layer, name, group_size, pre_quant_scale=None):
