@@ -14,13 +14,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 
-def _finite_or_named(value: Any) -> Any:
+def finite_or_named(value: Any) -> Any:
+    """`value` with every non-finite float as the string "NaN" / "Infinity" / "-Infinity"."""
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, dict):
-        return {k: _finite_or_named(v) for k, v in value.items()}
+        return {k: finite_or_named(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite_or_named(v) for v in value]
+        return [finite_or_named(v) for v in value]
     return value
 
 
@@ -28,7 +29,7 @@ def json_text(data: Any, indent: int | None = 2) -> str:
     """Strict JSON for stdout (`--json`): a non-finite number (a broken model's ppl is inf) becomes the
     string "Infinity" / "-Infinity" / "NaN" (Python's bare Infinity / NaN are not JSON: jq and most
     parsers refuse the whole document), not null, which reads as "not measured"."""
-    return json.dumps(_finite_or_named(data), indent=indent, default=str, allow_nan=False)
+    return json.dumps(finite_or_named(data), indent=indent, default=str, allow_nan=False)
 
 
 class UI:

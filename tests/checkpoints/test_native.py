@@ -131,6 +131,29 @@ def test_newer_format_version_is_refused(artifact):
         native.read_manifest(path)
 
 
+def test_a_broken_models_infinite_metrics_are_strict_json_and_read_back_as_floats(artifact):
+    """A broken model's ppl is inf: manifest.json held a bare `Infinity`, which is not JSON (jq and most
+    parsers refuse the whole file). Written as the string "Infinity", read back as the float."""
+    import math
+
+    path, _ = artifact
+    manifest = native.read_manifest(path)
+    manifest["eval"] = {"model": "NaN", "ppl": math.inf, "ppl_ratio": math.inf, "gsm8k_kl": math.nan}
+    manifest["gates"] = [{"gate": "ppl_ratio <= 2", "passed": False, "value": math.inf}]
+    native.write_manifest(path, manifest)
+    native.write_json_atomic(path / "eval.json", manifest["eval"])
+
+    def refuse(name: str):
+        raise ValueError(f"bare {name} in the file")
+
+    written = json.loads((path / "manifest.json").read_text(), parse_constant=refuse)
+    assert written["eval"]["ppl"] == "Infinity" and written["gates"][0]["value"] == "Infinity"
+    assert json.loads((path / "eval.json").read_text(), parse_constant=refuse)["gsm8k_kl"] == "NaN"
+    back = native.read_manifest(path)  # the checksum holds, and the numbers are floats again
+    assert back["eval"]["ppl"] == math.inf and math.isnan(back["eval"]["gsm8k_kl"])
+    assert back["gates"][0]["value"] == math.inf and back["eval"]["model"] == "NaN"  # a name stays text
+
+
 def _edit(manifest: dict, edit: str) -> None:
     layer = "model.layers.0.mlp.down_proj"
     if edit == "no files":

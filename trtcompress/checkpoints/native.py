@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -32,6 +33,7 @@ import trtcompress
 from trtcompress.compressed.linear import CompressedLinear, compressed_linears, set_module
 from trtcompress.compressed.state import CompressedLinearState
 from trtcompress.errors import ArtifactError
+from trtcompress.ui import finite_or_named
 
 FORMAT_NAME = "trtcompress-native"
 FORMAT_VERSION = 1
@@ -122,9 +124,26 @@ def check_output_location(target: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Strict JSON (a broken model's ppl = inf is the string "Infinity": a bare Infinity, which Python
+    writes by default, makes jq and most parsers refuse the whole file)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(finite_or_named(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+_NAMED_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _restore_floats(manifest: dict[str, Any]) -> None:
+    """The measured numbers `write_json_atomic` named back to floats: the eval section's metrics and the
+    gates' measured values (nowhere else, and not the report's two text fields: a name may say "NaN")."""
+    if isinstance(manifest.get("eval"), dict):
+        for key, value in manifest["eval"].items():
+            if key not in ("model", "recipe") and isinstance(value, str) and value in _NAMED_FLOATS:
+                manifest["eval"][key] = _NAMED_FLOATS[value]
+    for gate in manifest.get("gates") or []:
+        if isinstance(gate, dict) and isinstance(gate.get("value"), str) and gate["value"] in _NAMED_FLOATS:
+            gate["value"] = _NAMED_FLOATS[gate["value"]]
 
 
 # ------------------------------------------------------------------------------------------------ write
@@ -226,7 +245,7 @@ def new_manifest(
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    manifest = dict(manifest)
+    manifest = finite_or_named(dict(manifest))  # checksummed as written (strict JSON)
     manifest["checksum"] = manifest_checksum(manifest)
     write_json_atomic(out / MANIFEST, manifest)
 
@@ -268,6 +287,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
             raise ArtifactError(
                 f"{manifest_path}: malformed manifest: `{key}` is missing or not a {kind.__name__}; rebuild"
             )
+    _restore_floats(manifest)
     return manifest
 
 
