@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from trtcompress.errors import ModelError
 from trtcompress.models import gguf_convert
 from trtcompress.models.registry import PackagedModel
 
@@ -53,6 +54,15 @@ def test_older_conversion_and_killed_conversions_are_replaced(fake_package):
     gguf_convert.ensure_converted(spec, log=lambda m: None)
     assert (target / "weights").read_bytes() == b"first release"
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name, f"{target.name}.lock"]
+
+
+def test_a_cache_that_cannot_be_written_is_an_error_naming_it(fake_package, tmp_path, monkeypatch):
+    spec, _, conversions = fake_package
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("TRTCOMPRESS_CACHE", str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(ModelError, match=r"a-file/cache/models: cannot write .*TRTCOMPRESS_CACHE"):
+        gguf_convert.ensure_converted(spec, log=lambda m: None)
+    assert conversions == []
 
 
 @pytest.mark.model

@@ -12,6 +12,11 @@ def _copy(src, dst):
     return dst
 
 
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+
+
 def test_local_llama_and_qwen2_dirs_load(tiny_model_dir, tiny_qwen2_dir):
     for path in (tiny_model_dir, tiny_qwen2_dir):
         loaded = load_model(str(path), log=print)
@@ -32,6 +37,14 @@ def test_local_llama_and_qwen2_dirs_load(tiny_model_dir, tiny_qwen2_dir):
             "model_type 'bert' is not",
         ),
         (lambda p: (p / "model.safetensors").write_bytes(b"garbage"), "cannot load the checkpoint"),
+        # the cause, not only the heading transformers puts on the first line of its message
+        (lambda p: _edit_config(p, num_attention_heads=5), r"config\.json: invalid config .*not a multiple"),
+        (lambda p: (p / "generation_config.json").write_text("{oops"), r"generation_config\.json: malformed"),
+        (lambda p: (p / "tokenizer.json").write_text("oops"), r"tokenizer\.json: malformed JSON"),
+        (
+            lambda p: ((p / "tokenizer.json").unlink(), (p / "vocab.json").write_text("{}")),
+            r"cannot load the tokenizer \(.*sentencepiece or tiktoken",
+        ),
     ],
 )
 def test_broken_model_dirs_name_the_problem(tiny_model_dir, tmp_path, damage, message):
@@ -72,3 +85,31 @@ def test_legacy_rotary_buffers_still_load(tiny_model_dir, tmp_path):
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(12)
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     assert load_model(str(path), log=print).config.num_hidden_layers == 2
+
+
+def test_a_model_directory_named_like_a_known_model_is_that_directory(tiny_model_dir, tmp_path, monkeypatch):
+    """`huggingface-cli download HuggingFaceTB/SmolLM2-135M --local-dir SmolLM2-135M` then `build
+    SmolLM2-135M`: the base model in that directory, not the packaged Instruct model."""
+    from trtcompress.models import loading
+
+    def packaged(spec, log):
+        raise AssertionError(f"resolved to the packaged {spec.name}")
+
+    monkeypatch.setattr(loading, "ensure_converted", packaged)
+    local = _copy(tiny_model_dir, tmp_path / "SmolLM2-135M")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("SmolLM2-135M") == local.resolve()
+    (tmp_path / "smollm2-135m").mkdir()  # a directory that is no model (an artifact `-o smollm2-135m`)
+    with pytest.raises(AssertionError, match="packaged smollm2-135m"):
+        resolve_model("smollm2-135m")
+
+
+def test_special_tokens_missing_from_the_tokenizer_come_from_the_config(tiny_model_dir, tmp_path):
+    """tokenizer.json alone (no tokenizer_config.json) names no EOS/PAD; config.json has their ids. Without
+    them a padded batch (bench serve's HF baseline) fails and an exported tokenizer has no end id."""
+    path = _copy(tiny_model_dir, tmp_path / "m")
+    (path / "tokenizer_config.json").unlink()
+    tokenizer = load_model(str(path), log=print).tokenizer
+    assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|endoftext|>", 0)
+    assert tokenizer.pad_token_id == 0
+    assert tokenizer(["a", "a b c"], padding=True).input_ids[0][-1] == 0

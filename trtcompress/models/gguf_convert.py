@@ -76,10 +76,21 @@ def ensure_converted(spec: PackagedModel, log=print) -> Path:
     fingerprint = _fingerprint(gguf_path)
     if _is_current(target, fingerprint):
         return target
+    try:
+        _convert_locked(gguf_path, target, fingerprint, log)
+    except OSError as exc:  # a cache that cannot be written (a file in its path, read-only, disk full)
+        raise ModelError(
+            f"{target.parent}: cannot write the converted {spec.name} there ({exc}); "
+            "set TRTCOMPRESS_CACHE to a writable directory"
+        ) from None
+    return target
+
+
+def _convert_locked(gguf_path: Path, target: Path, fingerprint: dict, log) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if _is_current(target, fingerprint):  # another process finished while we waited
-            return target
+            return
         # Conversions run only under this lock: a partial or old directory left now is a killed one's.
         for stale in (
             *target.parent.glob(f".{target.name}.partial-*"),
@@ -101,7 +112,6 @@ def ensure_converted(spec: PackagedModel, log=print) -> Path:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _convert(gguf_path: Path, out_dir: Path) -> None:

@@ -15,6 +15,16 @@ from trtcompress.models.gguf_convert import ensure_converted
 from trtcompress.models.registry import PACKAGED_MODELS, SUPPORTED_MODEL_TYPES
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+# JSON files transformers reads beside config.json; it skips a malformed generation_config.json silently
+# (the model would stop at other EOS ids than its authors set) and reports the others without a name.
+SIDE_JSON_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 
 
@@ -31,11 +41,13 @@ class LoadedModel:
 
 
 def resolve_model(spec: str, log=print) -> Path:
-    """A known model name -> its converted cache directory; otherwise a validated local directory."""
+    """A known model name -> its converted cache directory; otherwise a validated local directory.
+    A model directory of that name wins over the known name (a local `SmolLM2-135M` is the base model,
+    not the packaged Instruct one)."""
     key = spec.lower()
-    if key in PACKAGED_MODELS:
-        return ensure_converted(PACKAGED_MODELS[key], log=log)
     path = Path(spec).expanduser()
+    if key in PACKAGED_MODELS and not (path / "config.json").is_file():
+        return ensure_converted(PACKAGED_MODELS[key], log=log)
     validate_model_dir(path)
     return path.resolve()
 
@@ -50,12 +62,7 @@ def validate_model_dir(path: Path) -> dict:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ModelError(f"{path}: missing config.json; this is not a Hugging Face model directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{config_path}: malformed JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{config_path}: expected a JSON object")
+    config = _read_json_object(config_path)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
@@ -66,29 +73,72 @@ def validate_model_dir(path: Path) -> dict:
         raise ModelError(f"{path}: no weight files (*.safetensors or pytorch_model*.bin)")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(f"{path}: no tokenizer (expected one of {', '.join(TOKENIZER_FILES)})")
+    for name in SIDE_JSON_FILES:
+        if (path / name).is_file():
+            _read_json_object(path / name)
     return config
+
+
+def _read_json_object(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{file}: malformed JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{file}: expected a JSON object")
+    return data
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, log=print) -> LoadedModel:
     path = resolve_model(spec, log=log)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only; never reach for the hub
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:  # first: the tokenizer and the model both read it, and would each report its errors as theirs
+        AutoConfig.from_pretrained(path)
+    except Exception as exc:  # values transformers refuses (heads not dividing the width, wrong types)
+        raise ModelError(f"{path / 'config.json'}: invalid config ({_one_line(exc)})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # a malformed tokenizer.json / tokenizer_config.json, a missing merges.txt...
+        raise ModelError(f"{path}: cannot load the tokenizer ({_one_line(exc)})") from None
+    try:
         # mismatched shapes reported (and refused below by name) rather than raised as "see the report"
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
         )
     except Exception as exc:  # transformers/safetensors raise many types for a corrupt checkpoint
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: cannot load the checkpoint ({first_line})") from None
+        raise ModelError(f"{path}: cannot load the checkpoint ({_one_line(exc)})") from None
     _check_loaded(model, info, path)
+    _fill_special_tokens(tokenizer, model)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, spec=spec)
+
+
+def _fill_special_tokens(tokenizer, model) -> None:
+    """A tokenizer.json without tokenizer_config.json names no EOS or PAD token, while config.json and
+    generation_config.json give their ids: take them from there (padding a batch, an exported
+    tokenizer's end id), as the GGUF conversion does. Tokens the tokenizer names are kept."""
+    for kind in ("eos", "pad"):
+        if getattr(tokenizer, f"{kind}_token", None) is not None:
+            continue
+        for source in (model.config, getattr(model, "generation_config", None)):
+            token_id = getattr(source, f"{kind}_token_id", None)
+            if isinstance(token_id, (list, tuple)) and token_id:
+                token_id = token_id[0]
+            if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+                setattr(tokenizer, f"{kind}_token", tokenizer.convert_ids_to_tokens(token_id))
+                break
+
+
+def _one_line(exc: Exception, limit: int = 400) -> str:
+    """An exception's whole message on one line: transformers puts the cause on the lines after a
+    heading ("Class validation error for validator 'validate_architecture':\n    ValueError: ...")."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_loaded(model: torch.nn.Module, info: dict, path: Path) -> None:
