@@ -65,6 +65,8 @@ def test_fidelity_is_independent_of_batching(tiny_model):
         ("The total is 3.50 dollars", "3.5"),
         ("no number here", None),
         ("It drops by -4 degrees", "-4"),
+        ("#### -3", "-3"),
+        ("It takes 2-3 days", "3"),  # a hyphen between digits is no minus sign
     ],
 )
 def test_extract_final_number(text, expected):
@@ -120,3 +122,53 @@ def test_perplexity_past_float_range_is_inf_not_a_crash(tiny_model, tmp_path):
     )  # fmt: skip
     plot_report(report, tmp_path / "eval.png")
     assert (tmp_path / "eval.png").stat().st_size > 1000
+
+
+def _sentencepiece_style_tokenizer():
+    """A Llama-2 style tokenizer.json: a normalizer that prepends the "▁" dummy prefix to every text,
+    pieces learned within words, BOS added."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from trtcompress.eval.datasets import boolq_passages_text
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([boolq_passages_text()[:50_000]], trainer)
+    tok.pre_tokenizer = None
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_answer_tokens_continue_the_prompt_as_the_whole_text_encodes():
+    """A SentencePiece tokenizer encodes the completion " a" alone as ["▁", "▁a"...]: scored that way,
+    every answer started with a spurious lone "▁" (a double space the model never sees in the text)."""
+    tok = _sentencepiece_style_tokenizer()
+    problem = gsm8k_problems(1)[0]
+    prompt, answer = metrics.encode_problem(tok, problem)
+    assert prompt + answer == tok(problem.prompt + problem.completion).input_ids
+    assert tok.convert_ids_to_tokens(answer[0]) != "▁" and prompt[0] == tok.bos_token_id
+
+
+def test_non_finite_details_stay_non_finite_in_the_json_report(tiny_model_dir):
+    """A model whose outputs are NaN: its per-window NLLs and per-problem KLs are NaN, and the JSON
+    report must say so ("NaN", like the top-level `ppl`), not null, which reads as "not measured"."""
+    import json
+
+    from tests.conftest import TINY_EVAL
+    from trtcompress.eval.harness import evaluate
+    from trtcompress.models import load_model
+    from trtcompress.ui import json_text
+
+    model = load_model(str(tiny_model_dir), log=lambda m: None)
+    reference = load_model(str(tiny_model_dir), log=lambda m: None).model
+    with torch.no_grad():
+        model.model.model.norm.weight.fill_(math.nan)
+    config = TINY_EVAL.model_copy(update={"gsm8k_problems": 2, "gsm_symbolic_problems": 0})
+    report = evaluate(model.model, model.tokenizer, config, reference, model_name="m", recipe_name="r")
+    data = json.loads(json_text(report.model_dump(mode="json")))
+    assert data["ppl"] == "NaN" and data["gsm8k_kl"] == "NaN"
+    assert data["details"]["ppl_window_nll"] == ["NaN", "NaN"]
+    assert data["details"]["gsm8k_kl_per_problem"] == ["NaN", "NaN"]

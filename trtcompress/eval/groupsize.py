@@ -87,10 +87,15 @@ def groupsize_table(rows: list[dict[str, Any]]) -> Table:
             r["label"],
             f"{r['bits_per_param']:.3f}",
             f"{r['weight_bytes'] / 1e6:.1f}",
-            f"{r['ppl']:.2f}",
-            f"{r['ppl_ratio']:.3f}",
-            f"{r['gsm8k_kl']:.4f}",
-            f"{r['gsm8k_top1']:.3f}",
-            f"{r['gsm8k_bpb']:.4f}",
+            _fmt(r["ppl"], ".2f"),
+            _fmt(r["ppl_ratio"], ".3f"),
+            _fmt(r["gsm8k_kl"], ".4f"),
+            _fmt(r["gsm8k_top1"], ".3f"),
+            _fmt(r["gsm8k_bpb"], ".4f"),
         )
     return table
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    """A dash for a metric the sweep did not measure (`--gsm8k-problems 0`: no KL, top-1, bpb)."""
+    return "-" if value is None else format(value, spec)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from rich.progress import Progress
 from torch import nn
 
@@ -18,6 +18,11 @@ from trtcompress.kv.config import KVCacheConfig
 
 class EvalReport(BaseModel):
     """Stable keys: scripts rely on these names (later issues add keys, never rename them)."""
+
+    # A non-finite number inside `details` (a broken window's NLL, a problem's KL) must stay one in
+    # `model_dump(mode="json")`, as the top-level metrics do: the default turns it into null there,
+    # which reads as "not measured".
+    model_config = ConfigDict(ser_json_inf_nan="strings")
 
     model: str
     recipe: str

@@ -93,8 +93,17 @@ class FidelityResult:
 def encode_problem(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids): the prompt as the tokenizer encodes a text (BOS where it adds one), the
     answer, which continues it, without special tokens (a BOS there would sit mid-sequence and be
-    scored as an answer token)."""
-    answer = tokenizer(problem.completion, add_special_tokens=False).input_ids
+    scored as an answer token).
+
+    The answer is the tail of the whole text's encoding, not the completion encoded on its own: a
+    SentencePiece tokenizer (Llama-2, Mistral) prepends its dummy-prefix "▁" to a text, so " a" alone
+    encodes as ["▁", "▁a"] and the model would read (and be scored on) a spurious double space."""
+    plain_prompt = tokenizer(problem.prompt, add_special_tokens=False).input_ids
+    whole = tokenizer(problem.prompt + problem.completion, add_special_tokens=False).input_ids
+    if whole[: len(plain_prompt)] == plain_prompt and len(whole) > len(plain_prompt):
+        answer = whole[len(plain_prompt) :]
+    else:  # a token merged across the boundary: encode the answer alone
+        answer = tokenizer(problem.completion, add_special_tokens=False).input_ids
     return tokenizer(problem.prompt).input_ids, answer
 
 
@@ -172,7 +181,8 @@ def answer_fidelity(
     return totals.result()
 
 
-_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+# A minus sign only where it cannot be a hyphen or a subtraction: "12-4" holds 12 and 4, not -4.
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?[\d,]*\.?\d+")
 
 
 def extract_final_number(text: str) -> str | None:
