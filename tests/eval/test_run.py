@@ -41,3 +41,24 @@ def test_artifact_eval_refuses_a_window_over_its_calibration_text(tiny_model_dir
         str(tmp_path / "a"), overrides=[*TINY_OVERRIDES, ("eval.reference", False)], output_dir=tmp_path / "e"
     )
     assert report.protocol["ppl_tokens"] == 256
+
+
+def test_artifact_eval_finds_a_relative_source_model_from_another_directory(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """The reference model was reloaded from `source.model` as typed at build time: an artifact built
+    from `./model` and evaluated from another directory could not find it (or found another model)."""
+    import os
+
+    from trtcompress.builders.pipeline import build
+    from trtcompress.recipe import load_recipe
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    recipe = load_recipe("int4-g64-rtn").model_copy(
+        update={"eval": TINY_EVAL.model_copy(update={"enabled": False})}
+    )
+    build(os.path.join(".", tiny_model_dir.name), recipe, tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    report = evaluate_target(str(tmp_path / "a"), overrides=TINY_OVERRIDES)
+    direct = evaluate_target(str(tiny_model_dir), overrides=TINY_OVERRIDES)
+    assert report.ppl_ref == pytest.approx(direct.ppl, rel=1e-5)

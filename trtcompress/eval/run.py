@@ -76,7 +76,7 @@ def evaluate_target(
         _check_window_before_calibration(built, recipe.eval)
         reference = None
         if recipe.eval.reference:
-            spec = reference_spec or artifact.manifest["source"]["model"]
+            spec = reference_spec or _reference_of(artifact.manifest["source"])
             try:
                 reference = load_model(spec, log=ui.log).model
             except ModelError as exc:
@@ -137,3 +137,13 @@ def evaluate_target(
     if output_dir:
         _write_outputs(report, output_dir)
     return report
+
+
+def _reference_of(source: dict[str, Any]) -> str:
+    """The model an artifact was built from: its known name, else the directory as the build resolved it
+    (`source.model` is the argument as typed: a relative `./llama` named another directory, or none,
+    when `eval` ran from elsewhere)."""
+    model = str(source.get("model", ""))
+    if model.lower() in PACKAGED_MODELS or not source.get("path"):
+        return model
+    return str(source["path"])
