@@ -75,6 +75,8 @@ def test_gates_parse_and_reject_typos():
 
 
 def test_load_recipe_file_and_errors(tmp_path):
+    with pytest.raises(RecipeError, match="a directory, not a recipe file"):  # was "no such recipe file"
+        load_recipe_file(tmp_path)
     path = tmp_path / "r.yaml"
     path.write_text("name: mine\npasses:\n  - method: gsq\n    bits: 3\n")
     assert load_recipe(str(path)).passes[0].bits == 3

@@ -211,6 +211,8 @@ def list_presets() -> dict[str, Recipe]:
 
 
 def load_recipe_file(path: Path) -> Recipe:
+    if path.is_dir():
+        raise RecipeError(f"{path}: a directory, not a recipe file (a recipe is one YAML file)")
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
     try:
