@@ -180,6 +180,8 @@ def test_engine_repository_chunks_only_what_the_engine_can(tmp_path, cfg, chunke
         ({"kv_cache": {"codec": "int8"}, "export": {"formats": ["hf"]}}, "FP8 KV-cache scales only"),
         ({"passes": [{"method": "minmax-fp4"}], "export": {"engine": {"enabled": True}}},
          "stock trtllm-build"),
+        ({"passes": [{"method": "llmfp4"}], "export": {"formats": ["trtllm"]}},
+         "passes.0.shared_weight_format: true"),
         ({"kv_cache": {"codec": "gear-2bit"}, "export": {"engine": {"enabled": True}}}, "gear-2bit"),
         ({"passes": [{"method": "mxfp4"}], "export": {"engine": {"enabled": True}}}, "W4A16_MXFP4"),
         ({"export": {"engine": {"enabled": True, "gemm_plugin": "fp16"}}}, "gemm_plugin 'fp16'"),

@@ -4,8 +4,8 @@ Per group of linears that read the same input (q/k/v, o, gate/up, down), on cali
 the float outputs Y_i = X·W_iᵀ, minimising the layer-output error Σ_i ||Y_i - Q(X)·Ŵ_iᵀ||²:
 
 - weights: one real-valued exponent bias per output channel (stored as the fp16 scale 2**(b0 - b)),
-  element format chosen among E3M0 / E2M1 / E1M2 per group (`shared_weight_format`, the default: a
-  fused GEMM such as TensorRT-LLM's qkv decodes one grid) or per linear (the paper);
+  element format chosen among E3M0 / E2M1 / E1M2 per linear (the paper), or per group with
+  `shared_weight_format` (a fused GEMM such as TensorRT-LLM's qkv decodes one grid);
 - activations: one FP quantizer per group (every member reads the same quantized input, as a fused
   QKV GEMM would), format chosen among the same three, with the *pre-shifted exponent bias*: channel j
   uses bias ρ + c_j, ρ real and tensor-wise, c_j = clamp(round(b_j) - round(ρ), 0, 2**e - 1) an integer
@@ -188,9 +188,9 @@ class LLMFP4Config(PassConfig):
     )
     quantize_activations: bool = Field(True, description="W4A4 (true) or weight-only W4A16 (false)")
     shared_weight_format: bool = Field(
-        True,
-        description="one weight element format per input group (q/k/v, gate/up: the GEMMs serving stacks "
-        "fuse, which decode one grid); false: per linear, as the paper (not exportable to TensorRT-LLM)",
+        False,
+        description="one weight element format per input group (q/k/v, gate/up: the GEMMs TensorRT-LLM "
+        "fuses, which decode one grid; needed for the trtllm export); false: per linear, as the paper",
     )
     act_bias: ActBias = Field(
         "per_channel",
