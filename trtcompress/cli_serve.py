@@ -23,9 +23,9 @@ from trtcompress.triton_models.pbtxt import RepositoryError
 
 
 def _deploy(source: Path | None, assignments: tuple[str, ...]) -> Any:
-    """The artifact's deploy section (or the defaults) with `--deploy KEY=VALUE` overrides."""
-    import yaml
-
+    """The artifact's deploy section (or the defaults) with `--deploy KEY=VALUE` overrides, read as
+    `--set deploy.KEY=VALUE` reads them (text fields such as model_name and engine_dir as typed)."""
+    from trtcompress.recipe import parse_assignment
     from trtcompress.runtime.config import DeployConfig
     from trtcompress.triton_models.native import deploy_from_artifact
 
@@ -42,10 +42,7 @@ def _deploy(source: Path | None, assignments: tuple[str, ...]) -> Any:
                 f"--deploy {item!r}: unknown key deploy.{key}{did_you_mean}; allowed keys: "
                 f"{', '.join(sorted(values))}"
             )
-        try:
-            values[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            values[key] = value
+        values[key] = parse_assignment(f"deploy.{key}={value}")[1]
     try:
         return DeployConfig.model_validate(values)
     except ValidationError as exc:  # one line, as recipe errors (not pydantic's multi-line report)

@@ -130,6 +130,18 @@ def test_deploy_overrides_fail_in_one_line(served_artifact, tmp_path, assignment
     assert not (tmp_path / "x").exists()
 
 
+def test_deploy_overrides_read_values_as_set_does():
+    """`--deploy KEY=VALUE` is `--set deploy.KEY=VALUE` (README): text fields take the text as typed
+    (YAML made `model_name=on` a bool and `engine_dir=2024` an int, both refused), numbers are YAML 1.2."""
+    from trtcompress.cli_serve import _deploy
+
+    assignments = ("model_name=on", "engine_dir=2024", "max_batch_size=8", "kv_decompressed_cache_mb=1e2")
+    deploy = _deploy(None, assignments)
+    assert (deploy.model_name, deploy.engine_dir) == ("on", "2024")
+    assert (deploy.max_batch_size, deploy.kv_decompressed_cache_mb) == (8, 100.0)
+    assert _deploy(None, ("engine_dir=2024", "engine_dir=null")).engine_dir is None
+
+
 def test_serve_refuses_a_repo_dir_holding_other_models_before_starting(served_artifact, tmp_path):
     """--repo-dir into a directory with other models used to serve them beside the generated one; and a
     refused serve leaves no temporary directory behind."""
