@@ -349,6 +349,36 @@ def test_fp16_corrections_past_the_fp16_range_stay_finite(options: dict) -> None
     assert out[0, 5, 7] > 0  # saturated, but on the outlier's side
 
 
+@pytest.mark.parametrize("factor_dtype", ["fp16", "int4", "int8"])
+def test_low_rank_factors_past_the_fp16_range_stay_finite(factor_dtype: str) -> None:
+    """Key channels alternating ±65504 (finite fp16) leave a residual whose B factor column exceeds
+    65504: fp16 factors stored it as inf, and the decompressed block was NaN."""
+    k = (torch.arange(64) % 2 * 2 - 1.0).view(1, 64, 1).expand(1, 64, 64) * 65504
+    codec = get_codec(
+        "gear-2bit", rank=2, factor_dtype=factor_dtype, outlier_dtype="fp16", scale_dtype="fp16"
+    )
+    fields = codec.compress(k.contiguous(), "k")
+    assert all(torch.isfinite(v.float()).all() for v in fields.values())
+    out = codec.decompress(fields, "k", 64, 64)
+    assert torch.isfinite(out).all()
+    assert (out - k).abs().max() < 64
+
+
+@pytest.mark.parametrize(("name", "options"), [("gear-2bit", {}), ("kivi-2bit", {"scale_dtype": "fp8"})])
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_fp8_zeros_at_the_fp16_limit_stay_finite(name: str, options: dict, kind: str) -> None:
+    """A group whose minimum is -65504 (finite fp16): its fp8 zero's block maximum rounded up to
+    146.25, and the code -448 read back as fp16(-448 x 146.25) = -inf, which made the whole group
+    -inf (NaN in attention)."""
+    x = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(6))
+    x[0, 3, :] = -65504.0  # a token (values: its group minimum) or, transposed, a channel (keys)
+    x = x if kind == "v" else x.transpose(1, 2).contiguous()
+    codec = get_codec(name, **options)
+    out = codec.decompress(codec.compress(x, kind), kind, 64, 64)
+    assert torch.isfinite(out).all()
+    assert (out - x).abs().max() < 64  # the zero rounds to within an fp8 step of its block maximum
+
+
 def test_group_outliers_of_a_tied_group_are_distinct() -> None:
     """Top and bottom outliers of an all-equal group: distinct elements, each corrected once."""
     codec = get_codec("gear-2bit", outlier_scope="group", outlier_dtype="fp16", scale_dtype="fp16")
@@ -380,6 +410,13 @@ def test_group_outliers_of_a_tied_group_are_distinct() -> None:
         ("gear-2bit", {"range_search": True}, "range_search must be a whole number"),
         ("gear-2bit", {"key_outlier_std_power": "half"}, "key_outlier_std_power must be a finite"),
         ("gear-4bit", {"value_outlier_std_power": float("nan")}, "value_outlier_std_power must be a finite"),
+        # a quoted number or a bool: a TypeError ("'<=' not supported between ...") or silently 1
+        ("gear-2bit", {"outlier_ratio": "0.02"}, "outlier ratio must be in .* got '0.02'"),
+        ("gear-2bit", {"value_outlier_ratio": "0.01"}, "value outlier ratio must be in"),
+        ("gear-2bit", {"range_min": "0.5"}, "range_min in"),
+        ("gear-2bit", {"range_min": True}, "range_min in"),
+        ("gear-2bit", {"rank": 1, "power_iters": True}, "power_iters must be"),
+        ("gear-2bit", {"key_rank": None}, "key rank must be a whole number"),
     ],
 )
 def test_invalid_codec_options_are_refused(name: str, options: dict, message: str) -> None:

@@ -29,7 +29,7 @@ import torch
 
 from trtcompress.kv.codec import Fields, FieldSpec, Kind, register_codec
 from trtcompress.kv.kivi import KiviCodec, named_bits_factory, value_group
-from trtcompress.kv.quant import FP8_MAX, absmax_scale, search_params
+from trtcompress.kv.quant import FP8_MAX, FP16_MAX, absmax_scale, search_params
 
 
 def _whole(value: object) -> bool:
@@ -185,8 +185,11 @@ class GearCodec(KiviCodec):
         }
         for kind, ratio in self.outlier_ratio.items():
             # group scope keeps the top and bottom k of a group: 2k < group leaves a backbone to quantize
-            if not 0 <= ratio < 1 or (
-                outlier_scope == "group" and 2 * outliers_per_side(ratio, group) >= group
+            # a number first: a quoted "0.02" in a recipe failed with "'<=' not supported between ..."
+            if (
+                not _real(ratio)
+                or not 0 <= ratio < 1
+                or (outlier_scope == "group" and 2 * outliers_per_side(ratio, group) >= group)
             ):
                 raise ValueError(
                     f"{'key' if kind == 'k' else 'value'} outlier ratio must be in [0, 1) and leave "
@@ -199,13 +202,13 @@ class GearCodec(KiviCodec):
             ("value rank", self.rank["v"]),
             ("prefill_rank", prefill_rank),
         ):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            if (value is not None or what != "prefill_rank") and (not _whole(value) or value < 0):
                 raise ValueError(f"{what} must be a whole number >= 0, got {value!r}")
         if prefill_rank is not None and not any(self.rank.values()):
             raise ValueError(
                 "prefill_rank sizes a low-rank residual: set rank (or key_rank / value_rank) > 0"
             )
-        if any(self.rank.values()) and (not isinstance(power_iters, int) or power_iters < 1):
+        if any(self.rank.values()) and (not _whole(power_iters) or power_iters < 1):
             raise ValueError(f"power_iters must be >= 1 with a low-rank residual, got {power_iters!r}")
         # A prefill block may use more rank; its slot (and every block's) is sized for the larger.
         self.prefill_rank = prefill_rank
@@ -220,7 +223,7 @@ class GearCodec(KiviCodec):
                 kind = "key" if what == "k" else "value"
                 raise ValueError(f"{kind}_outlier_std_power must be a finite number, got {power!r}")
         # a whole number of steps (a fraction, or a bool, would fail in torch.linspace at the first block)
-        if not _whole(range_search) or range_search < 0 or not 0 < range_min <= 1:
+        if not _whole(range_search) or range_search < 0 or not _real(range_min) or not 0 < range_min <= 1:
             raise ValueError(
                 f"range_search must be a whole number of steps >= 0 and range_min in (0, 1], got "
                 f"{range_search!r} and {range_min!r}"
@@ -367,9 +370,14 @@ class GearCodec(KiviCodec):
         return self.rank[kind]
 
     def _store_factors(self, a: torch.Tensor, b: torch.Tensor) -> Fields:
+        qmax = {"fp16": 1, "int4": 7, "int8": 127}[self.factor_dtype]
+        # B carries the residual's magnitude (A is orthonormal): a column of B past what fp16 (or an fp16
+        # column scale) holds, as near the fp16 limits, would be stored as inf (NaN in every product);
+        # it moves its excess into A's column instead (every other column is left exactly as it is)
+        excess = (b.abs().amax(-2, keepdim=True) / (qmax * FP16_MAX)).clamp_min(1.0)
+        a, b = a * excess, b / excess
         if self.factor_dtype == "fp16":
             return {"lr_a": a.to(torch.float16), "lr_b": b.to(torch.float16)}
-        qmax = 7 if self.factor_dtype == "int4" else 127
         (qa, sa), (qb, sb) = _int_columns(a, qmax), _int_columns(b, qmax)
         if self.factor_dtype == "int4":
             return {

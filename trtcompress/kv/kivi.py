@@ -10,6 +10,7 @@ import torch
 from trtcompress.kv.codec import Fields, FieldSpec, Kind, KVCodec, register_codec
 from trtcompress.kv.quant import (
     FP8_MAX,
+    FP16_MAX,
     absmax_scale,
     dequantize_rows,
     minmax_params,
@@ -41,8 +42,11 @@ def _fp8_with_max(x: torch.Tensor, positive: bool) -> tuple[torch.Tensor, torch.
     numbers every reader forms). `positive` (scales): at least the smallest subnormal, never 0 (a zero
     scale would divide by zero)."""
     top = absmax_scale(x.abs().amax((-2, -1)), FP8_MAX)[..., None]  # (..., 1) fp16
+    # a maximum rounded up past 65504 / 448 (a value within ~12 of the fp16 maximum, such as a zero of
+    # -65504) would make the largest code read as fp16(448 x maximum) = inf: round it down instead
+    top = torch.where(top.float() * FP8_MAX > FP16_MAX, torch.nextafter(top, torch.zeros_like(top)), top)
     unit = top.float()[..., None]
-    codes = (x.float() / unit).to(torch.float8_e4m3fn)
+    codes = (x.float() / unit).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     if positive:
         codes = codes.float().clamp_min(2.0**-9).to(torch.float8_e4m3fn)
     return codes, top, (codes.float() * unit).to(torch.float16)

@@ -13,6 +13,7 @@ import torch
 SUPPORTED_BITS = (2, 3, 4, 8)
 FP16_MIN = 2.0**-24  # the smallest positive fp16
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+FP16_MAX = 65504.0  # the largest finite fp16
 
 
 def absmax_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
