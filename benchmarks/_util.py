@@ -12,7 +12,7 @@ from dataclasses import dataclass
 @dataclass
 class Timed:
     seconds: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # MiB: ru_maxrss is in KiB on Linux, / 1024
     returncode: int
     stdout: str
 

@@ -43,7 +43,7 @@ def main() -> None:
             "run": name,
             "seconds": r.seconds,
             "ratio_to_baseline": r.seconds / base,
-            "peak_rss_mb": r.peak_rss_mb,
+            "peak_rss_mb": r.peak_rss_mb,  # MiB (ru_maxrss KiB / 1024), the key kept for old results
             "ppl": json.loads(r.stdout)["ppl"],
         }
         for name, r in runs.items()
@@ -51,7 +51,7 @@ def main() -> None:
     out = Path(__file__).parent / "results" / "build_time.json"
     out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
     print(f"machine: {machine()}\n")
-    print("| run | wall s | x baseline | peak RSS MB | ppl |\n|---|---|---|---|---|")
+    print("| run | wall s | x baseline | peak RSS MiB | ppl |\n|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['run']} | {r['seconds']:.1f} | {r['ratio_to_baseline']:.2f} | {r['peak_rss_mb']:.0f} | "

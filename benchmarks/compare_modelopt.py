@@ -99,6 +99,7 @@ def run_one(label: str, calib_samples: int, modelopt_samples: int) -> dict:
         # CPU time of the quantization (all threads): on a shared machine the wall time above grows with
         # the neighbours' load, this much less so; CPU s / threads ~ wall s on an idle machine.
         "quantize_cpu_seconds": cpu_seconds,
+        # both in MiB (2**20 bytes), whatever the keys say (kept so old rows merge)
         "rss_model_mb": rss_model_mb,  # process RSS with the fp32 model loaded, before quantization
         "peak_rss_quantize_mb": peak_quantize_mb,  # peak RSS up to the end of quantization
         "ppl": report.ppl,
@@ -162,7 +163,7 @@ def main() -> None:
     print(f"\nfp32 ppl {rows[0]['ppl_ref']:.2f}\n")
     header = (
         "method | calib | bits/param | ppl | ppl ratio | GSM8K KL | top-1 | bpb | quantize s | CPU s"
-        " | peak RSS MB"
+        " | peak RSS MiB"
     )
     print(f"| {header} |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -84,7 +84,7 @@ def run_one(spec: str) -> dict:
         "pass": recipe.passes[0].model_dump(mode="json"),
         "calibration": recipe.calibration.model_dump(mode="json") if recipe.needs_calibration else None,
         "compress_seconds": seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # MiB (KiB / 1024)
         "weight_formats": dict(weights),
         "act_formats": dict(acts),
         **{

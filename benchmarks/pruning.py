@@ -48,7 +48,7 @@ ALL = (
 
 def _usage() -> dict[str, float]:
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return {"cpu_s": r.ru_utime + r.ru_stime, "peak_rss_mb": r.ru_maxrss / 1024}
+    return {"cpu_s": r.ru_utime + r.ru_stime, "peak_rss_mb": r.ru_maxrss / 1024}  # MiB (KiB / 1024)
 
 
 def _recipe(method: str, calib_samples: int, kd_seconds: float):

@@ -23,10 +23,16 @@ from typing import Any
 
 
 def _pct(values: list[float], q: float) -> float | None:
+    """The q-th percentile, interpolated linearly between the two nearest ranks (numpy's default), so
+    that p50 is the median for any count. Rounding the rank instead picked one sample, and Python's
+    round-half-to-even made p50 of 8 or 32 values the upper middle one but of 6 the lower."""
     if not values:
         return None
     values = sorted(values)
-    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+    rank = q / 100 * (len(values) - 1)
+    low = min(int(rank), len(values) - 1)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (rank - low)
 
 
 def make_prompts(tokenizer: Any, n: int, prompt_tokens: int) -> list[str]:

@@ -305,3 +305,20 @@ def test_a_failed_start_reports_this_runs_errors_not_those_of_a_reused_log(tmp_p
     with pytest.raises(ServeError, match="this run broke") as err:
         Server(tmp_path / "repo", log_file=log).start(timeout=120)
     assert "an earlier run broke" not in str(err.value)
+
+
+def test_bench_percentiles_interpolate_so_p50_is_the_median():
+    """`_pct` rounded the rank to one sample: p50 of 8 or 32 TTFTs was the upper middle value (round-half-
+    to-even), of 6 the lower one; numpy's linear interpolation makes p50 the median at any count."""
+    import statistics
+
+    import numpy as np
+
+    from trtcompress.bench_serve import _pct
+
+    for n in (1, 2, 4, 6, 8, 31, 32):
+        values = [float((7 * i) % 11) + 0.1 * i for i in range(n)]
+        assert _pct(values, 50) == pytest.approx(statistics.median(values))
+        for q in (0, 25, 90, 99, 100):
+            assert _pct(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert _pct([], 50) is None

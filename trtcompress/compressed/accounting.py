@@ -29,7 +29,11 @@ class WeightStats:
 
 
 def weight_stats(model: nn.Module, linear_exclude: tuple[str, ...] = ("lm_head",)) -> WeightStats:
-    seen: set[int] = set()
+    # A tensor is the same stored tensor as one already counted only when it is the same view of the same
+    # storage (tied weights), as the artifact writer dedups them (native._unique_tensors): distinct slices
+    # of one storage are distinct tensors, each saved (GPTQ's q/k/v and gate/up scales are row slices of
+    # one fused scales tensor; keyed by storage alone, k/v/up scales went uncounted).
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
     total = params = 0
     for module in model.modules():
         compressed = isinstance(module, CompressedLinear)
@@ -37,7 +41,7 @@ def weight_stats(model: nn.Module, linear_exclude: tuple[str, ...] = ("lm_head",
         for name, tensor in tensors:
             if name in getattr(module, "_non_persistent_buffers_set", set()):
                 continue
-            key = tensor.untyped_storage().data_ptr()
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
             if key in seen:
                 continue
             seen.add(key)

@@ -430,7 +430,8 @@ class CompressedLinearState:
     @property
     def weight_nbytes(self) -> int:
         """Bytes of the weight alone (codes, scales, zeros; a sparsity mask and low-rank factors count as
-        weight), without the bias and the activation quantizer's parameters (those are in `nbytes`)."""
+        weight), without the bias, the activation quantizer's parameters and the AWQ pre-quant scale (one
+        multiplier per input channel applied to x): those are in `nbytes`."""
         return sum(
             t.numel() * t.element_size()
             for k, t in self.tensors().items()
