@@ -239,6 +239,69 @@ def test_engine_loop_builds_the_engine_on_its_own_thread(tiny_int4_artifact, sol
         EngineLoop(broken)
 
 
+def test_engine_loop_cancels_a_queued_request_whose_client_went_away(tiny_int4_artifact):
+    """A request whose client went away while it waited in the queue was noticed only at its first
+    output: it was admitted, held KV blocks and ran its whole prefill first. The loop now polls each
+    request's `is_cancelled` between steps, so it leaves the queue without ever running."""
+    import threading
+
+    from trtcompress.runtime import EngineLoop
+
+    loop = EngineLoop(
+        lambda: _engine(
+            tiny_int4_artifact, max_batch_size=1, max_seq_len=1024, max_tokens_in_paged_kv_cache=2048
+        )
+    )
+    loop.cancel_poll_s = 0.0
+    try:
+        started, finals = threading.Event(), {}
+        done = {name: threading.Event() for name in "ab"}
+
+        def collect(name):
+            def callback(out):
+                started.set()
+                if out.finished:
+                    finals[name] = out
+                    done[name].set()
+
+            return callback
+
+        ra = loop.submit([5, 6, 7], SamplingParams(max_tokens=1000, end_id=-1), collect("a"))
+        assert started.wait(60)
+        gone = threading.Event()
+        rb = loop.submit([8, 9, 10], GREEDY, collect("b"), is_cancelled=gone.is_set)  # queued behind a
+        gone.set()
+        assert done["b"].wait(60)
+        assert finals["b"].finish_reason == "cancelled" and not done["a"].is_set()
+        assert all(rb not in s.running for s in loop.engine.steps)  # it never ran
+        assert rb not in loop._cancel_checks and rb not in loop._callbacks  # nothing left behind
+        loop.cancel(ra)
+        assert done["a"].wait(60)
+    finally:
+        loop.shutdown()
+
+
+def test_a_step_log_that_cannot_be_written_does_not_fail_the_requests(tiny_int4_artifact, tmp_path):
+    """Writing the step log raised out of `step()`: with its directory gone (or the disk full, the log
+    growing with every step) every request in flight failed, at every step, in a serving loop."""
+    import shutil
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    engine = Engine.from_path(
+        tiny_int4_artifact, DeployConfig(max_num_tokens=160), block_size=16, step_log=logs / "steps.jsonl"
+    )
+    prompt = _prompts(1, seed=5)[0]
+    expected = engine.generate([prompt], GREEDY)[0].token_ids
+    shutil.rmtree(logs)
+    with pytest.warns(UserWarning, match="steps go unlogged"):
+        out = engine.generate([prompt], GREEDY)[0]
+    assert out.token_ids == expected and isinstance(engine.step_log_error, FileNotFoundError)
+    logs.mkdir()  # writable again: logging resumes
+    engine.generate([prompt], GREEDY)
+    assert engine.step_log_error is None and (logs / "steps.jsonl").read_text().count("\n") >= 12
+
+
 def test_seeded_sampling_is_independent_of_the_batch(engine, solo):
     prompts = _prompts(4, seed=13)
     params = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -175,3 +176,55 @@ def test_the_grpc_client_ends_on_the_final_flag_of_a_model_without_finish_reason
         out = generate_grpc(server.endpoints.grpc, ECHO_MODEL, "the river flows", timeout=60, **params)
         assert out.text == "the river flows " and out.pieces == ["the ", "river ", "flows "]
         assert out.finish_reason == ""
+
+
+def test_a_request_cancelled_while_queued_never_runs(served_artifact, tmp_path):
+    """A client that cancels (gRPC stop_stream) while its request waits for a batch slot: the model
+    noticed only at the request's first output, so it was admitted and prefilled first; now it leaves
+    the queue and never runs, and the server still stops cleanly."""
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    from trtcompress.runtime.config import DeployConfig
+    from trtcompress.serve import Server
+    from trtcompress.triton_models.native import write_native_repository
+
+    deploy = DeployConfig(**{**DEPLOY, "max_batch_size": 1, "max_seq_len": 1024})
+    steps = tmp_path / "steps.jsonl"
+    repo = write_native_repository(tmp_path / "repo", served_artifact, deploy, step_log=steps)
+    srv = Server(repo, log_file=tmp_path / "log")
+    srv.start(timeout=240)
+
+    def stream(prompt: str, max_tokens: int) -> tuple[Any, queue.Queue]:
+        values = {"text_input": np.array([prompt.encode()], dtype=np.object_),
+                  "max_tokens": np.array([max_tokens], dtype=np.int32), "stream": np.array([True]),
+                  "end_id": np.array([-1], dtype=np.int32)}  # fmt: skip
+        inputs = []
+        for name, value in values.items():
+            inputs.append(
+                grpcclient.InferInput(name, [1], {"O": "BYTES", "i": "INT32", "b": "BOOL"}[value.dtype.kind])
+            )
+            inputs[-1].set_data_from_numpy(value)
+        responses: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(srv.endpoints.grpc)
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.async_stream_infer(MODEL, inputs, enable_empty_final_response=True)
+        return client, responses
+
+    try:
+        first, first_out = stream("once upon", 1000)  # holds the one batch slot for a while
+        first_out.get(timeout=60)
+        queued, _ = stream("in the year", 8)
+        time.sleep(0.5)
+        queued.stop_stream(cancel_requests=True)
+        queued.close()
+        time.sleep(0.5)
+        first.stop_stream(cancel_requests=True)
+        first.close()
+        time.sleep(1.0)
+        records = [json.loads(line) for line in steps.read_text().splitlines()]
+        assert len({rid for r in records for rid in r["joined"]}) == 1, "the cancelled request ran"
+    finally:
+        assert srv.stop() == 0

@@ -19,6 +19,7 @@ import json
 import threading
 import time
 import uuid
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -124,6 +125,7 @@ class Engine:
         self.scheduler = Scheduler(self.cache, self.config, on_free=lambda s: self.model.forget(s.seq_id))
         self.steps: deque[StepRecord] = deque(maxlen=100_000)
         self.step_log = Path(step_log) if step_log else None
+        self.step_log_error: OSError | None = None  # why the last step could not be logged
         self._inbox: list[Sequence] = []
         self._cancel: set[str] = set()
         self._lock = threading.Lock()
@@ -283,8 +285,18 @@ class Engine:
         )
         self.steps.append(rec)
         if self.step_log is not None:
-            with self.step_log.open("a") as f:
-                f.write(json.dumps(asdict(rec)) + "\n")
+            try:
+                with self.step_log.open("a") as f:
+                    f.write(json.dumps(asdict(rec)) + "\n")
+            except OSError as exc:  # a diagnostic: a full disk or a removed directory must not fail requests
+                if self.step_log_error is None:
+                    warnings.warn(
+                        f"step log {self.step_log}: {exc}; steps go unlogged until it can be written",
+                        stacklevel=2,
+                    )
+                self.step_log_error = exc
+            else:
+                self.step_log_error = None
 
     # ------------------------------------------------------------------------------- offline
 
@@ -338,6 +350,8 @@ class EngineLoop:
     (SmolLM2-135M, 32 requests of 64 + 48 tokens: 211 against 360 tokens/s).
     """
 
+    cancel_poll_s = 0.1  # how often the requests' `is_cancelled` checks run (each one may be an IPC call)
+
     def __init__(
         self,
         engine: Engine | Callable[[], Engine],
@@ -345,6 +359,8 @@ class EngineLoop:
     ) -> None:
         self.on_error = on_error
         self._callbacks: dict[str, Callable[[RequestOutput], None]] = {}
+        self._cancel_checks: dict[str, Callable[[], bool]] = {}
+        self._last_poll = 0.0
         self._wake = threading.Condition()
         self._stop = False
         self._ready = threading.Event()
@@ -360,15 +376,24 @@ class EngineLoop:
             raise self._build_error
 
     def submit(
-        self, prompt: str | list[int], params: SamplingParams, callback: Callable[[RequestOutput], None]
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        callback: Callable[[RequestOutput], None],
+        is_cancelled: Callable[[], bool] | None = None,
     ) -> str:
-        """Queue a request (validation errors raise RequestError here, synchronously)."""
+        """Queue a request (validation errors raise RequestError here, synchronously). `is_cancelled`
+        (the client went away) is polled between steps while the request is in flight, queued or
+        prefilling too (no output to notice it by then); when it says so the request is cancelled."""
         request_id = uuid.uuid4().hex
         self._callbacks[request_id] = callback
+        if is_cancelled is not None:
+            self._cancel_checks[request_id] = is_cancelled
         try:
             self.engine.add_request(prompt, params, request_id)
         except BaseException:
             self._callbacks.pop(request_id, None)
+            self._cancel_checks.pop(request_id, None)
             raise
         with self._wake:
             self._wake.notify()
@@ -394,6 +419,7 @@ class EngineLoop:
                     self._wake.wait(timeout=0.5)
                 if self._stop:
                     return
+            self._poll_cancelled()
             try:
                 outputs = self.engine.step()
             except BaseException as exc:  # a bug: report it, fail the in-flight requests, keep serving
@@ -405,6 +431,7 @@ class EngineLoop:
                 callback = self._callbacks.get(out.request_id)
                 if out.finished:
                     self._callbacks.pop(out.request_id, None)
+                    self._cancel_checks.pop(out.request_id, None)
                 if callback is not None:
                     try:
                         callback(out)
@@ -412,11 +439,27 @@ class EngineLoop:
                         if self.on_error:
                             self.on_error(exc)
 
+    def _poll_cancelled(self) -> None:
+        """Cancel the requests whose `is_cancelled` says so (at most every `cancel_poll_s`)."""
+        now = time.monotonic()
+        if now - self._last_poll < self.cancel_poll_s:
+            return
+        self._last_poll = now
+        for rid, is_cancelled in list(self._cancel_checks.items()):
+            try:
+                gone = is_cancelled()
+            except Exception:  # a check that fails says nothing: the request goes on
+                gone = False
+            if gone:
+                self._cancel_checks.pop(rid, None)
+                self.engine.cancel(rid)
+
     def _fail_all(self, exc: BaseException) -> None:
         # the engine first: requests submitted during the failed step (in its inbox) are failed too, not run
         self.engine.drop_all()
         for rid, callback in list(self._callbacks.items()):
             self._callbacks.pop(rid, None)
+            self._cancel_checks.pop(rid, None)
             with contextlib.suppress(Exception):
                 callback(RequestOutput(rid, "", [], "", [], True, f"error: {exc}", 0))
 

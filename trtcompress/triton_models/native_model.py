@@ -120,16 +120,13 @@ def parse_request(
 class _Responder:
     """The engine-loop callback of one request: turns RequestOutputs into Triton responses."""
 
-    def __init__(self, sender: Any, stream: bool, prefix: str, cancel: Any) -> None:
-        self.sender, self.stream, self.prefix, self.cancel = sender, stream, prefix, cancel
-        self.request_id: str | None = None
+    def __init__(self, sender: Any, stream: bool, prefix: str) -> None:
+        self.sender, self.stream, self.prefix = sender, stream, prefix
         self.lock = threading.Lock()
 
     def __call__(self, out: RequestOutput) -> None:
         pb = _pb()
         with self.lock:
-            if self.request_id and getattr(self.sender, "is_cancelled", lambda: False)():
-                self.cancel(self.request_id)  # the client went away: stop generating for it
             if out.finish_reason and out.finish_reason.startswith("error"):
                 error = pb.InferenceResponse(error=pb.TritonError(out.finish_reason))
                 self.sender.send(error, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -183,8 +180,12 @@ class TritonPythonModel:
                     request, self.default_max_tokens, self.deploy.decoupled
                 )
                 prefix = "" if self.deploy.exclude_input_in_output else prompt
-                responder = _Responder(sender, stream, prefix, self.loop.cancel)
-                responder.request_id = self.loop.submit(prompt, params, responder)
+                responder = _Responder(sender, stream, prefix)
+                # the loop polls the client's cancellation (a request still queued or prefilling
+                # included) and stops generating for a client that went away
+                self.loop.submit(
+                    prompt, params, responder, is_cancelled=getattr(sender, "is_cancelled", None)
+                )
             except (RequestError, ValueError, TypeError, OverflowError) as exc:
                 error = pb.InferenceResponse(error=pb.TritonError(f"invalid request: {exc}"))
                 sender.send(error, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
