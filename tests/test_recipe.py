@@ -136,6 +136,27 @@ def test_every_build_flag_maps_onto_a_recipe_field():
         assert node == values[flag], flag
 
 
+def test_gate_appends_to_the_gates_as_set():
+    """`--gate` appends after `--set gates=...`: with both, the --set list was prefixed with the recipe's
+    gates (a replacement became an append) and the --gate itself was lost; a --set text was split
+    into one gate per character."""
+    from trtcompress.cli import _resolved_recipe
+
+    def gates(flags, sets=()):
+        return [str(g) for g in _resolved_recipe("int8-rtn", flags, tuple(sets)).gates]
+
+    preset = ["ppl_ratio <= 1.01", "gsm8k_kl <= 0.01"]
+    assert gates({"gate": ("ppl_ratio <= 2",)}) == [*preset, "ppl_ratio <= 2"]
+    assert gates({"gate": ("ppl_ratio <= 2",)}, ["gates=[gsm8k_kl <= 1]"]) == [
+        "gsm8k_kl <= 1",
+        "ppl_ratio <= 2",
+    ]
+    assert gates({"gate": ("ppl_ratio <= 2",)}, ["gates=[]"]) == ["ppl_ratio <= 2"]
+    assert gates({}, ["gates=[]"]) == []
+    with pytest.raises(RecipeError, match="gates: Input should be a valid list"):
+        gates({"gate": ("ppl_ratio <= 2",)}, ["gates=gsm8k_kl <= 1"])
+
+
 def test_parse_assignment():
     assert parse_assignment("eval.context=512") == ("eval.context", 512)
     assert parse_assignment("passes.0.exclude=[lm_head, down_proj]") == (

@@ -30,10 +30,30 @@ def _resolved_recipe(recipe_spec: str, flags: dict[str, Any], assignments: tuple
     from trtcompress.recipe import load_recipe, with_overrides
 
     recipe = load_recipe(recipe_spec)
-    overrides = _recipe_overrides(flags, assignments)
-    if flags.get("gate"):  # --gate appends to the recipe's gates instead of replacing them
-        overrides = [(p, [*(str(g) for g in recipe.gates), *v] if p == "gates" else v) for p, v in overrides]
-    return with_overrides(recipe, overrides)
+    gates = flags.get("gate") or ()
+    recipe = with_overrides(recipe, _recipe_overrides({**flags, "gate": None}, assignments))
+    if gates:  # --gate appends to the gates as resolved (recipe, then --set gates=...), last
+        recipe = with_overrides(recipe, [("gates", [*(str(g) for g in recipe.gates), *gates])])
+    return recipe
+
+
+def _check_flags_apply(recipe, flags: dict[str, Any]) -> None:
+    """A flag the resolved recipe has no use for is refused, as `--bits` is on a recipe without bits:
+    silently building without it would let the user believe it took effect."""
+    from trtcompress.errors import RecipeError
+
+    for flag, option in (("calib_samples", "--calib-samples"), ("calib_seq_len", "--calib-seq-len")):
+        if flags.get(flag) is not None and not recipe.needs_calibration:
+            passes = ", ".join(p.method for p in recipe.passes) or "none"
+            raise RecipeError(
+                f"{option}: recipe {recipe.name!r} has no calibrated pass (its passes: {passes}), "
+                "so calibration settings would have no effect"
+            )
+    for flag, option in (("tp_size", "--tp-size"), ("pp_size", "--pp-size")):
+        if flags.get(flag) is not None and "trtllm" not in recipe.export.formats:
+            raise RecipeError(
+                f"{option} sets up the trtllm export, which this build does not write: add --export trtllm"
+            )
 
 
 def _print_json(data: Any) -> None:
@@ -131,6 +151,7 @@ def build(model, recipe_spec, out, force, assignments, quiet, as_json, **flags) 
 
     ui = UI(quiet=quiet or as_json)
     recipe = _resolved_recipe(recipe_spec, flags, assignments)
+    _check_flags_apply(recipe, flags)
     result = run_build(model, recipe, out, force=force, ui=ui)
     if as_json:
         _print_json(
@@ -257,6 +278,36 @@ def bench() -> None:
     """Measured trade-offs (results also recorded in BENCHMARKS.md)."""
 
 
+def _sweep_sizes(groups: str, bits: int, with_int8: bool, symmetric: bool, problems: int, output_dir: Path):
+    """`bench groupsize` input, checked before the model loads: one error line, not a traceback."""
+    from pydantic import ValidationError
+
+    from trtcompress.errors import RecipeError
+    from trtcompress.eval.config import EvalConfig
+    from trtcompress.eval.groupsize import sweep_configs
+    from trtcompress.eval.run import _check_output_dir
+
+    try:
+        sizes = [int(g) for g in groups.split(",") if g.strip()]
+    except ValueError:
+        raise RecipeError(
+            f"--groups {groups!r}: expected group sizes separated by commas, e.g. 16,64,0"
+        ) from None
+    if not sizes and not with_int8:
+        raise RecipeError(f"--groups {groups!r} with --no-int8: nothing to measure")
+    try:
+        sweep_configs(bits, sizes, with_int8, symmetric)
+        EvalConfig(gsm8k_problems=problems, gsm_symbolic_problems=0)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        flag = {"bits": "--bits", "gsm8k_problems": "--gsm8k-problems"}.get(field, "--groups")
+        value = f" {err['input']}" if flag != "--groups" else ""
+        raise RecipeError(f"{flag}{value}: {err['msg'].removeprefix('Value error, ')}") from None
+    _check_output_dir(output_dir)
+    return sizes
+
+
 @bench.command("groupsize")
 @click.argument("model", required=False, default="smollm2-135m")
 @click.option("--bits", type=int, default=4, show_default=True)
@@ -278,7 +329,7 @@ def bench_groupsize(model, bits, groups, with_int8, asymmetric, gsm8k_problems, 
     from trtcompress.eval.groupsize import groupsize_table, run_groupsize_sweep
 
     ui = UI(quiet=as_json)
-    sizes = [int(g) for g in groups.split(",") if g.strip()]
+    sizes = _sweep_sizes(groups, bits, with_int8, not asymmetric, gsm8k_problems, output_dir)
     rows = run_groupsize_sweep(model, bits, sizes, with_int8, not asymmetric, gsm8k_problems, output_dir, ui)
     if as_json:
         _print_json(rows)

@@ -217,6 +217,26 @@ def test_eval_output_dir_is_checked_before_evaluating(built, tmp_path):
     _one_line_error(result, "cannot create the directory")
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--set", "passes.0.bits=3"], "eval cannot change passes.0.bits"),
+        (["--set", "calibration.num_samples=4"], "eval cannot change calibration.num_samples"),
+        (["--set", "dtype=bfloat16"], "eval cannot change dtype"),
+        (["--recipe", "int8-rtn"], "--recipe applies to models only"),
+        (["--set", "eval.nope=1"], "eval.nope: unknown key"),
+    ],
+)
+def test_eval_of_an_artifact_refuses_build_settings_and_writes_nothing(built, tmp_path, args, fragment):
+    """`eval ARTIFACT --set passes.0.bits=3` (or calibration, dtype) was accepted and ignored: the report
+    looked like the measurement of a 3-bit build. A refused command created its --output-dir anyway."""
+    out, _ = built
+    result = run_cli("eval", str(out), *args, "--output-dir", str(tmp_path / "e" / "x"), *TINY_EVAL_FLAGS)
+    _one_line_error(result, fragment)
+    assert result.returncode == 2
+    assert not (tmp_path / "e").exists()
+
+
 def test_repo_refuses_a_tampered_artifact_and_a_path_as_model_name(built, tmp_path):
     import shutil
 
@@ -285,3 +305,44 @@ def test_paths_and_names_are_printed_as_typed_not_as_rich_markup(tiny_model_dir,
     result = run_cli("inspect", str(out))
     assert result.returncode == 0, result.stderr
     assert shown(f"{out} · recipe {name} ·") in shown(result.stdout)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--groups", "16,abc"], "--groups '16,abc': expected group sizes"),
+        (["--groups", "100"], "group_size must be one of"),
+        (["--bits", "9"], "--bits 9: Input should be less than or equal to 8"),
+        (["--gsm8k-problems", "-1"], "--gsm8k-problems -1"),
+        (["--groups", ",", "--no-int8"], "nothing to measure"),
+        (["-o", "FILE"], "cannot create the directory"),
+    ],
+)
+def test_bench_groupsize_refuses_bad_input_before_the_model_loads(tmp_path, args, fragment):
+    """A bad --groups, --bits or --gsm8k-problems was a traceback (after the model loaded), an empty
+    sweep printed an empty table, and an -o blocked by a file failed with a traceback after the sweep."""
+    (tmp_path / "file").write_text("x")
+    args = [str(tmp_path / "file") if a == "FILE" else a for a in args]
+    # no such model: the input is refused before the model is looked up
+    result = run_cli("bench", "groupsize", str(tmp_path / "no-model"), "-o", str(tmp_path / "o"), *args)
+    _one_line_error(result, fragment)
+    assert result.returncode == 2
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--calib-samples", "4"], "--calib-samples: recipe 'int4-g128-rtn' has no calibrated pass"),
+        (["-r", "baseline", "--calib-seq-len", "64"], "--calib-seq-len: recipe 'baseline' has no calibrated"),
+        (["--tp-size", "2"], "--tp-size sets up the trtllm export"),
+        (["--pp-size", "2", "--export", "hf"], "--pp-size sets up the trtllm export"),
+    ],
+)
+def test_build_refuses_flags_the_recipe_has_no_use_for(tiny_model_dir, tmp_path, args, fragment):
+    """`--calib-samples` on a data-free recipe and `--tp-size` without the trtllm export were accepted
+    and silently had no effect (as `--bits` on a recipe without bits is refused)."""
+    result = run_cli("build", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--no-eval", *args)
+    _one_line_error(result, fragment)
+    assert result.returncode == 2
+    assert not (tmp_path / "o").exists()

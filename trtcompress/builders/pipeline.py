@@ -37,7 +37,10 @@ def build(
     start = time.perf_counter()
     spec = model_spec or recipe.model or DEFAULT_MODEL
     if recipe.gates and not recipe.eval.enabled:
-        raise RecipeError("the recipe declares gates but eval.enabled is false: gates need an evaluation")
+        raise RecipeError(
+            f"the recipe declares gates ({', '.join(str(g) for g in recipe.gates)}) but eval.enabled is "
+            "false (--no-eval): gates need an evaluation; drop them with --set gates=[] or evaluate"
+        )
     out = Path(out)
     native.check_output(out, force)  # fail before spending minutes on compression
     native.check_output_location(out)  # a read-only or impossible OUT, too

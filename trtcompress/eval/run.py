@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,35 @@ def _is_artifact(target: str) -> bool:
 
 
 def _check_output_dir(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file in the way (FileExistsError, NotADirectoryError), permissions
+    """Checked before the evaluation without creating anything: a command refused later (a bad --set,
+    an artifact given --recipe) must leave no directory behind. `_write_outputs` creates it."""
+    existing = directory
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():  # a file (or a dangling link) in the way
         raise TrtcompressError(
-            f"--output-dir {directory}: cannot create the directory ({exc.strerror})"
-        ) from None
+            f"--output-dir {directory}: cannot create the directory ({existing} is a file)"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise TrtcompressError(
+            f"--output-dir {directory}: cannot create the directory ({existing}: permission denied)"
+        )
+
+
+# What `eval ARTIFACT` may override: how it is measured, not how it was built (passes, calibration, dtype,
+# export are the artifact's own; gates and deploy are not used by eval).
+_ARTIFACT_EVAL_SECTIONS = ("eval", "kv_cache", "name", "description")
+
+
+def _check_artifact_overrides(target: str, overrides: list[tuple[str, Any]]) -> None:
+    for path, _ in overrides:
+        section = path.split(".")[0]
+        if section not in _ARTIFACT_EVAL_SECTIONS:
+            raise RecipeError(
+                f"{target} is an artifact: eval cannot change {path} (it evaluates the artifact as built; "
+                f"rebuild it with `trtcompress build ... --set {path}=...`); eval takes eval.*, kv_cache.*, "
+                "name and description"
+            )
 
 
 def _write_outputs(report: EvalReport, directory: Path) -> None:
@@ -68,6 +92,7 @@ def evaluate_target(
             raise RecipeError(
                 f"{target} is an artifact (already compressed); --recipe applies to models only"
             )
+        _check_artifact_overrides(target, overrides)
         artifact = native.load_artifact(Path(target))
         if artifact.status == "failed_gates":
             ui.log(f"note: {target} failed its gates at build time")
@@ -97,8 +122,8 @@ def evaluate_target(
         _write_outputs(report, output_dir or Path(target))
         return report
 
+    recipe = with_overrides(load_recipe(recipe_spec or "baseline"), overrides)  # bad input before the model
     loaded = load_model(target, log=ui.log)
-    recipe = with_overrides(load_recipe(recipe_spec or "baseline"), overrides)
     if recipe.passes:
         from trtcompress.builders.compress import compress_model
 
