@@ -157,6 +157,25 @@ def test_gate_appends_to_the_gates_as_set():
         gates({"gate": ("ppl_ratio <= 2",)}, ["gates=gsm8k_kl <= 1"])
 
 
+def test_calibration_flags_apply_where_something_calibrates():
+    """`--calib-samples` / `--calib-seq-len` are refused where nothing reads calibration data, but not
+    where a data-free recipe calibrates static int8 / fp8 KV-cache scales for the trtllm / hf export
+    (nor where a calibrated pass comes after a data-free one), and `--tp-size` goes with `--engine`."""
+    from trtcompress.cli import _check_flags_apply, _resolved_recipe
+
+    def check(recipe, *sets, **flags):
+        _check_flags_apply(_resolved_recipe(recipe, flags, sets), flags)
+
+    check("int8-rtn", kv="fp8", export=("trtllm",), calib_samples=4, calib_seq_len=64)
+    check("int8-rtn", kv="int8", export=("hf",), calib_seq_len=64)
+    check("int8-rtn", "passes=[{method: gsq}, {method: gptq}]", calib_samples=4)
+    check("int4-g128-rtn", engine=True, tp_size=2)
+    with pytest.raises(RecipeError, match="--calib-samples: recipe 'int8-rtn' has no calibrated pass"):
+        check("int8-rtn", kv="fp8", calib_samples=4)  # no export: the KV scales are not calibrated
+    with pytest.raises(RecipeError, match="--calib-seq-len: recipe 'int8-rtn' has no calibrated pass"):
+        check("int8-rtn", kv="kivi-4bit", export=("trtllm",), calib_seq_len=64)
+
+
 def test_parse_assignment():
     assert parse_assignment("eval.context=512") == ("eval.context", 512)
     assert parse_assignment("passes.0.exclude=[lm_head, down_proj]") == (
@@ -231,6 +250,11 @@ def test_set_takes_text_fields_verbatim_and_star_needs_a_field():
     for text, value in optional:
         assert parse_assignment(text)[1] == value
         assert with_overrides(recipe, [parse_assignment(text)]).model == value
+    # YAML's other null forms, the empty value included, still clear one (`--set kv_cache.codec=` was
+    # a codec named '' once optional text fields took the text as typed)
+    codec = with_overrides(recipe, [("kv_cache.codec", "int8")])
+    for text in ("kv_cache.codec=", "kv_cache.codec= ", "kv_cache.codec=NULL", "kv_cache.codec=Null"):
+        assert with_overrides(codec, [parse_assignment(text)]).kv_cache.codec is None, text
     assert parse_assignment("eval.context=512") == ("eval.context", 512)
     for path in ("passes.*", "gates.*"):
         with pytest.raises(RecipeError, match=r"'\*' selects entries by a field"):

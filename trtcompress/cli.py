@@ -40,10 +40,13 @@ def _resolved_recipe(recipe_spec: str, flags: dict[str, Any], assignments: tuple
 def _check_flags_apply(recipe, flags: dict[str, Any]) -> None:
     """A flag the resolved recipe has no use for is refused, as `--bits` is on a recipe without bits:
     silently building without it would let the user believe it took effect."""
+    from trtcompress.builders.exports import calibrates_kv_scales
     from trtcompress.errors import RecipeError
 
+    # (static int8 / fp8 KV-cache scales for a trtllm / hf export are calibrated on them too)
+    uses_calibration = recipe.needs_calibration or calibrates_kv_scales(recipe)
     for flag, option in (("calib_samples", "--calib-samples"), ("calib_seq_len", "--calib-seq-len")):
-        if flags.get(flag) is not None and not recipe.needs_calibration:
+        if flags.get(flag) is not None and not uses_calibration:
             passes = ", ".join(p.method for p in recipe.passes) or "none"
             raise RecipeError(
                 f"{option}: recipe {recipe.name!r} has no calibrated pass (its passes: {passes}), "

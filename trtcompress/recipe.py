@@ -268,6 +268,9 @@ CLI_FLAG_PATHS: dict[str, str] = {
 }
 
 
+YAML_NULLS = ("", "~", "null", "Null", "NULL")
+
+
 def parse_assignment(text: str) -> tuple[str, Any]:
     """`path=value` with a YAML value (`eval.gsm8k_problems=16`, `passes.0.exclude=[lm_head]`)."""
     path, sep, raw = text.partition("=")
@@ -277,7 +280,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     raw_text = raw.strip()
     quoted = len(raw_text) >= 2 and raw_text[0] == raw_text[-1] and raw_text[0] in "'\""
     text_field = _text_field(path.split("."))
-    if text_field and not quoted and not (text_field == "optional" and raw_text in ("null", "~")):
+    # (YAML's null forms, the empty value included, still clear an optional one: `--set kv_cache.codec=`)
+    if text_field and not quoted and not (text_field == "optional" and raw_text in YAML_NULLS):
         # free text as typed: YAML would make `name=no` a bool, `model=1.0` a float, cut at ` #`
         return path, raw_text
     try:

@@ -195,6 +195,9 @@ def test_impossible_exports_are_refused_before_any_work(data, fragment):
     with pytest.raises(RecipeError, match=fragment):
         check_recipe(Recipe.model_validate(data))
     check_recipe(Recipe.model_validate({"passes": [{"method": "mxfp4"}], "export": {"formats": ["trtllm"]}}))
+    # one searched format: every linear has it, so q/k/v share it without shared_weight_format
+    one_format = {"method": "llmfp4", "formats": ["e2m1"]}
+    check_recipe(Recipe.model_validate({"passes": [one_format], "export": {"formats": ["trtllm"]}}))
 
 
 def test_pipeline_refuses_an_impossible_export_without_loading(tiny_model_dir, tmp_path):

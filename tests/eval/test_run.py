@@ -62,3 +62,21 @@ def test_artifact_eval_finds_a_relative_source_model_from_another_directory(
     report = evaluate_target(str(tmp_path / "a"), overrides=TINY_OVERRIDES)
     direct = evaluate_target(str(tiny_model_dir), overrides=TINY_OVERRIDES)
     assert report.ppl_ref == pytest.approx(direct.ppl, rel=1e-5)
+
+
+def test_artifact_reference_is_the_local_directory_that_shared_a_known_name(tmp_path):
+    """A local directory wins over the known name it shares (`build SmolLM2-135M` with a SmolLM2-135M/
+    there loads that directory), so the reference of its artifact is that directory: the name, from
+    another directory, would load the packaged model and compare the artifact with another model."""
+    from trtcompress.eval.run import _reference_of
+    from trtcompress.models.gguf_convert import COMPLETE_MARKER
+
+    local = tmp_path / "SmolLM2-135M"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    assert _reference_of({"model": "SmolLM2-135M", "path": str(local)}) == str(local)
+    # the packaged model's converted copy (here or on another machine): the name
+    (local / COMPLETE_MARKER).write_text("{}")
+    assert _reference_of({"model": "SmolLM2-135M", "path": str(local)}) == "SmolLM2-135M"
+    assert _reference_of({"model": "smollm2-135m", "path": str(tmp_path / "gone")}) == "smollm2-135m"
+    assert _reference_of({"model": "./m", "path": str(tmp_path / "m")}) == str(tmp_path / "m")

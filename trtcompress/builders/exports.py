@@ -40,8 +40,10 @@ def check_recipe(recipe: Recipe) -> None:
             "export trtllm: the nvfp4 pass is weight-only, and TensorRT-LLM's NVFP4 also quantizes "
             "activations; export hf (W4A16_NVFP4) or use the mxfp4 recipe (TensorRT-LLM W4A16_MXFP4)"
         )
-    per_linear = [
-        i for i, p in enumerate(recipe.passes) if p.method == "llmfp4" and not p.shared_weight_format
+    per_linear = [  # (one searched format: every linear has it, shared or not)
+        i
+        for i, p in enumerate(recipe.passes)
+        if p.method == "llmfp4" and not p.shared_weight_format and len(set(p.formats)) > 1
     ]
     if "trtllm" in formats and per_linear:
         raise RecipeError(
@@ -86,9 +88,15 @@ def _check_engine(recipe: Recipe, methods: set[str]) -> None:
             )
 
 
+def calibrates_kv_scales(recipe: Recipe) -> bool:
+    """Whether the build calibrates static KV-cache scales (an int8 / fp8 codec with the trtllm or hf
+    export), on `calibration.num_samples` (at most 16) x `calibration.seq_len` tokens."""
+    return recipe.kv_cache.codec in KV_STATIC and bool({"trtllm", "hf"} & set(recipe.export.formats))
+
+
 def _kv_scales(model: nn.Module, tokenizer: Any, recipe: Recipe, log) -> tuple[float, ...] | None:
     codec = recipe.kv_cache.codec
-    if codec not in KV_STATIC:
+    if not calibrates_kv_scales(recipe):
         return None
     from trtcompress.checkpoints.trtllm import kv_cache_scales
     from trtcompress.models.calibration import calibration_tokens

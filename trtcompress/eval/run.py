@@ -12,6 +12,7 @@ from trtcompress.eval.config import EvalConfig
 from trtcompress.eval.harness import EvalReport, check_protocol, evaluate
 from trtcompress.eval.report import plot_report
 from trtcompress.models import PACKAGED_MODELS, load_model
+from trtcompress.models.gguf_convert import COMPLETE_MARKER
 from trtcompress.recipe import Recipe, load_recipe, parse_recipe, with_overrides
 from trtcompress.ui import UI
 
@@ -169,6 +170,12 @@ def _reference_of(source: dict[str, Any]) -> str:
     (`source.model` is the argument as typed: a relative `./llama` named another directory, or none,
     when `eval` ran from elsewhere)."""
     model = str(source.get("model", ""))
-    if model.lower() in PACKAGED_MODELS or not source.get("path"):
+    if not source.get("path"):
         return model
-    return str(source["path"])
+    path = Path(source["path"])
+    # A known name that the build resolved to a local directory of that name (which wins over the
+    # packaged model) is that directory: from elsewhere the name would load the packaged model.
+    built_from_directory = (path / "config.json").is_file() and not (path / COMPLETE_MARKER).is_file()
+    if model.lower() in PACKAGED_MODELS and not built_from_directory:
+        return model  # the packaged model (its converted copy may live elsewhere on this machine)
+    return str(path)

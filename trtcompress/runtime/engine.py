@@ -450,8 +450,9 @@ class EngineLoop:
                 gone = is_cancelled()
             except Exception:  # a check that fails says nothing: the request goes on
                 gone = False
+            # the check stays until the request's final output: a cancel polled while add_request was
+            # still tokenizing was dropped by the engine (an id it did not know yet), so it is repeated
             if gone:
-                self._cancel_checks.pop(rid, None)
                 self.engine.cancel(rid)
 
     def _fail_all(self, exc: BaseException) -> None:
