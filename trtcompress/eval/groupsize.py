@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from trtcompress.eval.report import plot_tradeoff
 from trtcompress.models import load_model
 from trtcompress.passes.gsq import GSQConfig
 from trtcompress.recipe import Recipe
-from trtcompress.ui import UI
+from trtcompress.ui import UI, json_text
 
 
 def sweep_configs(bits: int, group_sizes: list[int], with_int8: bool, symmetric: bool) -> list[GSQConfig]:
@@ -72,8 +71,7 @@ def run_groupsize_sweep(
                 }
             )
             del model
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "groupsize.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_rows(rows, output_dir)
     plot_tradeoff(rows, output_dir / "groupsize.png", f"{model_spec}: group size vs accuracy")
     return rows
 
@@ -99,3 +97,12 @@ def groupsize_table(rows: list[dict[str, Any]]) -> Table:
 def _fmt(value: float | None, spec: str) -> str:
     """A dash for a metric the sweep did not measure (`--gsm8k-problems 0`: no KL, top-1, bpb)."""
     return "-" if value is None else format(value, spec)
+
+
+def write_rows(rows: list[dict[str, Any]], output_dir: Path) -> Path:
+    """`groupsize.json`, strict JSON (a point broken past float range has ppl "Infinity", not a bare
+    Infinity, which jq and most parsers refuse)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "groupsize.json"
+    path.write_text(json_text(rows) + "\n")
+    return path
