@@ -7,6 +7,14 @@ line and exits with `exit_code`, without a traceback. Anything else is a bug and
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """An exception's whole message on one line, at most `limit` characters: transformers puts the cause
+    on the lines after a heading ("Class validation error for validator 'validate_architecture':\n
+    ValueError: ..."), and lists every known model type in an unknown model_type's message."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class TrtcompressError(Exception):
     """Base class: the message names the problem and, where possible, the fix."""
 

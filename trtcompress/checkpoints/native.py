@@ -32,7 +32,7 @@ from torch import nn
 import trtcompress
 from trtcompress.compressed.linear import CompressedLinear, compressed_linears, set_module
 from trtcompress.compressed.state import CompressedLinearState
-from trtcompress.errors import ArtifactError
+from trtcompress.errors import ArtifactError, one_line
 from trtcompress.ui import finite_or_named
 
 FORMAT_NAME = "trtcompress-native"
@@ -107,20 +107,28 @@ def check_output(target: Path, force: bool) -> None:
         )
 
 
-def check_output_location(target: Path) -> None:
-    """Raise ArtifactError unless `target` can be created: its nearest existing ancestor is a writable
-    directory. `atomic_directory` finds out only when the work is done (after minutes of compression),
-    so the build asks first; the probe directory it makes is removed at once."""
-    target = target.resolve()
-    parent = target.parent
-    while not parent.exists():  # (false below a file too: the loop stops at the file)
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ArtifactError(f"{target.parent}: cannot create the output directory ({parent} is a file)")
+def unwritable_reason(directory: Path) -> str | None:
+    """Why `directory` (existing, or to be created) cannot take new entries, or None when it can: its
+    nearest existing ancestor is a file, or refuses a new directory (read-only, permissions). Asked before
+    minutes of work, without creating anything: the probe directory it makes is removed at once."""
+    existing = directory.resolve()
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():  # a file (or a dangling link) in the way
+        return f"{existing} is a file"
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
+        os.rmdir(tempfile.mkdtemp(prefix=".trtcompress-probe-", dir=existing))
     except OSError as exc:
-        raise ArtifactError(f"{target.parent}: cannot write the output there ({exc.strerror})") from None
+        return exc.strerror or type(exc).__name__
+    return None
+
+
+def check_output_location(target: Path) -> None:
+    """Raise ArtifactError unless `target` can be created. `atomic_directory` finds out only when the work
+    is done (after minutes of compression), so the build asks first."""
+    parent = target.resolve().parent
+    if (reason := unwritable_reason(parent)) is not None:
+        raise ArtifactError(f"{parent}: cannot write the output there ({reason})")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -363,10 +371,8 @@ def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except (ValueError, TypeError) as exc:  # an unknown model_type, a config transformers refuses
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        first_line = first_line if len(first_line) <= 160 else first_line[:160] + "..."  # (every known type)
         raise ArtifactError(
-            f"{path}: the manifest's model_config is not a loadable model ({first_line})"
+            f"{path}: the manifest's model_config is not a loadable model ({one_line(exc, 160)})"
         ) from None
     tensors = _read_tensors(path, manifest)
     for name, meta in manifest["layers"].items():
@@ -419,5 +425,5 @@ def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+        raise ArtifactError(f"{path}: cannot load the tokenizer ({one_line(exc)})") from None
     return LoadedArtifact(model=model, tokenizer=tokenizer, manifest=manifest, path=path)

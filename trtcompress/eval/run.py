@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,8 @@ def _is_artifact(target: str) -> bool:
 def _check_output_dir(directory: Path) -> None:
     """Checked before the evaluation without creating anything: a command refused later (a bad --set,
     an artifact given --recipe) must leave no directory behind. `_write_outputs` creates it."""
-    existing = directory
-    while not os.path.lexists(existing) and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():  # a file (or a dangling link) in the way
-        raise TrtcompressError(
-            f"--output-dir {directory}: cannot create the directory ({existing} is a file)"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise TrtcompressError(
-            f"--output-dir {directory}: cannot create the directory ({existing}: permission denied)"
-        )
+    if (reason := native.unwritable_reason(directory)) is not None:
+        raise TrtcompressError(f"--output-dir {directory}: cannot create the directory ({reason})")
 
 
 # What `eval ARTIFACT` may override: how it is measured, not how it was built (passes, calibration, dtype,

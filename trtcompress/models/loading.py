@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trtcompress.errors import ModelError
+from trtcompress.errors import ModelError, one_line
 from trtcompress.models.gguf_convert import ensure_converted
 from trtcompress.models.registry import PACKAGED_MODELS, SUPPORTED_MODEL_TYPES
 
@@ -100,18 +100,18 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, log=print) -> Load
     try:  # first: the tokenizer and the model both read it, and would each report its errors as theirs
         AutoConfig.from_pretrained(path)
     except Exception as exc:  # values transformers refuses (heads not dividing the width, wrong types)
-        raise ModelError(f"{path / 'config.json'}: invalid config ({_one_line(exc)})") from None
+        raise ModelError(f"{path / 'config.json'}: invalid config ({one_line(exc)})") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # a malformed tokenizer.json / tokenizer_config.json, a missing merges.txt...
-        raise ModelError(f"{path}: cannot load the tokenizer ({_one_line(exc)})") from None
+        raise ModelError(f"{path}: cannot load the tokenizer ({one_line(exc)})") from None
     try:
         # mismatched shapes reported (and refused below by name) rather than raised as "see the report"
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
         )
     except Exception as exc:  # transformers/safetensors raise many types for a corrupt checkpoint
-        raise ModelError(f"{path}: cannot load the checkpoint ({_one_line(exc)})") from None
+        raise ModelError(f"{path}: cannot load the checkpoint ({one_line(exc)})") from None
     _check_loaded(model, info, path)
     _fill_special_tokens(tokenizer, model)
     model.eval()
@@ -132,13 +132,6 @@ def _fill_special_tokens(tokenizer, model) -> None:
             if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
                 setattr(tokenizer, f"{kind}_token", tokenizer.convert_ids_to_tokens(token_id))
                 break
-
-
-def _one_line(exc: Exception, limit: int = 400) -> str:
-    """An exception's whole message on one line: transformers puts the cause on the lines after a
-    heading ("Class validation error for validator 'validate_architecture':\n    ValueError: ...")."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_loaded(model: torch.nn.Module, info: dict, path: Path) -> None:
