@@ -1,6 +1,7 @@
 """Fused GEAR decode attention vs torch SDPA over an fp16 cache (GPU), or CPU correctness numbers.
 
     python benchmarks/gear_attention.py [OUT.json]        # or GEAR_ATTENTION_OUT=OUT.json
+    python benchmarks/gear_attention.py OUT.json --splits  # the kernel's time by split count (GPU)
 
 With CUDA:
 1. correctness first: real caches (random K/V compressed by the codec, the default exact sink
@@ -8,8 +9,10 @@ With CUDA:
    kernel against `reference.py`; the max |kernel - reference| of every case goes into the JSON;
 2. timing: for contexts 4k/16k/32k and batch 1/8, `gear_attention_triton` (gear-2bit and kivi-2bit
    layouts, their default settings) against `scaled_dot_product_attention` over an fp16 cache of the
-   same context, both replayed from CUDA graphs (as a serving decode step runs; eager-launch times are
-   recorded too), and the achieved bandwidth (bytes the kernel must read / time) against the device's
+   same context, both replayed from CUDA graphs (as a serving decode step runs) that cycle through
+   enough copies of the cache (>= 256 MB) that every call reads it from HBM, not from the 50 MB L2
+   (`_graphs.graph_ms`; one-input graph and eager-launch times are recorded too), and the achieved
+   bandwidth (bytes the kernel must read / time) against the device's
    measured copy bandwidth. Shapes: an 8B-class layer (8 KV heads, 32 query heads, head dim 128)
    and SmolLM2-135M (3 / 9 / 64).
 Default output: benchmarks/results/gear_attention_gpu.json. Needs only torch and triton (no
@@ -33,6 +36,8 @@ RESULTS = Path(__file__).parent / "results"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
 
+import _graphs  # noqa: E402
+
 from trtcompress.kv import get_codec  # noqa: E402
 from trtcompress.kv.gear import _kernel_order  # noqa: E402
 from trtcompress.kv.paged import PagedKVCache  # noqa: E402
@@ -48,11 +53,16 @@ def output_path(default: str) -> Path:
     return Path(os.environ.get("GEAR_ATTENTION_OUT", RESULTS / default))
 
 
+def codec_named(codec_name: str):
+    """`NAME` or `NAME:DTYPE` (outlier values in DTYPE, e.g. `gear-2bit:fp8`)."""
+    name, _, outlier_dtype = codec_name.partition(":")
+    return get_codec(name, **({"outlier_dtype": outlier_dtype} if outlier_dtype else {}))
+
+
 def random_pool(codec_name: str, batch: int, context: int, heads: int, dim: int, device: str):
     """Fields of `batch` sequences of `context` tokens, random contents with the codec's exact layout
     (valid outlier indices), the sink slots, and the bytes a decode step must read."""
-    name, _, outlier_dtype = codec_name.partition(":")  # `NAME:DTYPE`: outlier values in DTYPE
-    codec = get_codec(name, **({"outlier_dtype": outlier_dtype} if outlier_dtype else {}))
+    codec = codec_named(codec_name)
     layout = layout_for_codec(codec, dim, SINK)
     per_seq = context // 64
     n = batch * per_seq
@@ -95,8 +105,7 @@ def filled_cache(codec_name: str, lengths: list[int], heads: int, dim: int, seed
     """A real cache (CPU): random K/V appended in two chunks per sequence, compressed by the codec
     (`NAME:DTYPE`: the codec with `outlier_dtype` DTYPE, e.g. `gear-2bit:fp8`)."""
     gen = torch.Generator().manual_seed(seed)
-    name, _, outlier_dtype = codec_name.partition(":")
-    codec = get_codec(name, **({"outlier_dtype": outlier_dtype} if outlier_dtype else {}))
+    codec = codec_named(codec_name)
     cache = PagedKVCache(
         codec, 1, heads, dim, num_blocks=sum(n // 64 for n in lengths) + 1, max_seqs=len(lengths),
         sink_tokens=SINK,
@@ -182,19 +191,23 @@ def correctness(device: str) -> list[dict]:
     return rows
 
 
-def bench(fn) -> tuple[float, float]:
-    """(ms replayed from a CUDA graph, ms with eager launches): a decode step runs from a captured
-    graph in a serving engine, so the graph time is the kernel's; the eager time adds the launch."""
+def bench(fns: list) -> tuple[float, float, float]:
+    """(ms per call replayed from a CUDA graph cycling through `fns`, one per copy of the inputs, so
+    that every call reads them from HBM; ms replayed from a graph on one input, partly from L2 when it
+    is small; ms with eager launches): a serving decode step runs from a captured graph over a cache
+    that misses L2, so the first time is the kernel's. The others are kept for comparison with earlier
+    runs, which timed one input (the second) and eager launches (the third)."""
     import triton.testing
 
-    fn()  # compile outside the capture
-    eager = triton.testing.do_bench(fn)
+    fns[0]()  # compile outside the capture
+    eager = triton.testing.do_bench(fns[0])
     try:
-        graph = triton.testing.do_bench_cudagraph(fn)
+        warm = triton.testing.do_bench_cudagraph(fns[0])
+        cold = _graphs.graph_ms(fns)
     except Exception as exc:  # a capture failure must not lose the eager numbers
         print(f"  (CUDA graph capture failed: {exc!r}; using eager timing)", flush=True)
-        graph = eager
-    return graph, eager
+        cold = warm = eager
+    return cold, warm, eager
 
 
 def previous_kernel():
@@ -221,14 +234,13 @@ TUNING = [  # (num_warps, num_stages, programs the split-K heuristic aims at)
 ABLATION_KEYS = {"fast_unpack", "prefetch", "outlier_sums"}  # kernel choices, not launch settings
 
 
-def tune(kernel, args, kw, max_blocks: int, batch_heads: int) -> list[dict]:
-    """Graph-replayed time of each launch configuration (failures recorded, not fatal)."""
-    import triton.testing
-
+def tune(kernel, calls: list[tuple], max_blocks: int, batch_heads: int) -> list[dict]:
+    """Graph-replayed time of each launch configuration over the inputs' copies (`calls`: (args,
+    kwargs) per copy; failures recorded, not fatal)."""
     from trtcompress.plugins.gear_attention.kernel import DEFAULT_PROGRAMS, DEFAULT_WARPS, default_splits
 
     out = []
-    layout = args[9]
+    layout = calls[0][0][9]
     ablations = [  # the default launch with one of the kernel's choices flipped
         # integer-op unpacking instead of the PTX
         (DEFAULT_WARPS, None, DEFAULT_PROGRAMS, {"fast_unpack": False}),
@@ -242,9 +254,8 @@ def tune(kernel, args, kw, max_blocks: int, batch_heads: int) -> list[dict]:
         config = {"num_warps": warps, "num_stages": stages, "splits": splits}
         config |= ablation[0] if ablation else {}
         try:
-            fn = lambda config=config: kernel(*args, **kw, **config)  # noqa: E731
-            fn()  # compile outside the capture
-            ms = triton.testing.do_bench_cudagraph(fn)
+            fns = [lambda a=a, kw=kw, config=config: kernel(*a, **kw, **config) for a, kw in calls]
+            ms = _graphs.graph_ms(fns)
             out.append({"config": config, "ms": ms})
         except Exception as exc:  # e.g. out of shared memory for a deep pipeline
             out.append({"config": config, "error": repr(exc)[:300]})
@@ -258,6 +269,90 @@ def copy_bandwidth() -> float:
     y = torch.empty_like(x)
     ms = triton.testing.do_bench(lambda: y.copy_(x))
     return 2 * x.numel() / (ms * 1e-3) / 1e9
+
+
+def sdpa_calls(q: torch.Tensor, heads: int, context: int) -> list:
+    """fp16 SDPA decode over copies of an fp16 cache (enough to miss L2), one call per copy."""
+    batch, _, dim = q.shape
+    copies = _graphs.copies_for(2 * batch * heads * context * dim * 2)
+    caches = [
+        [torch.randn(batch, heads, context, dim, device="cuda").half() for _ in "kv"] for _ in range(copies)
+    ]
+    return [
+        lambda k16=k16, v16=v16: torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None], k16, v16, enable_gqa=True
+        )
+        for k16, v16 in caches
+    ]
+
+
+def kernel_calls(codec_name: str, q: torch.Tensor, heads: int, context: int) -> tuple[list[tuple], int]:
+    """((args, kwargs) of `gear_attention_triton` per copy of a random pool (enough copies of the
+    compressed blocks to miss L2; the tails and sink tokens, tiny, are shared), the bytes per copy)."""
+    batch, _, dim = q.shape
+    _, layout, f, table, full, tails, kt, sink, slots, nbytes = random_pool(
+        codec_name, batch, context, heads, dim, "cuda"
+    )
+    calls = []
+    for i in range(_graphs.copies_for(nbytes)):
+        fk, fv = ({n: t if i == 0 else t.clone() for n, t in f[kind].items()} for kind in "kv")
+        args = (q, fk, fv, kt, kt, table, full, tails, slots, layout, dim**-0.5)
+        calls.append((args, {"k_sink": sink, "v_sink": sink}))
+    return calls, nbytes
+
+
+SPLITS_SWEEP = (8, 16, 32, 64, 128, 256)
+
+
+def splits_sweep() -> None:
+    """`--splits`: the decode kernel's time by split count (default warps, graph-replayed over copies
+    that miss L2) at 16k / 32k, batch 1 / 8, both layer shapes, gear-2bit and kivi-2bit, against fp16
+    SDPA and the split count `default_splits` picks: data for the launch heuristic."""
+    import triton
+
+    from trtcompress.plugins.gear_attention.kernel import default_splits, gear_attention_triton
+
+    start = time.perf_counter()
+    out_path = output_path("gear_attention_splits_gpu.json")
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
+    rows = result["rows"] = []
+    for heads, q_heads, dim in ((8, 32, 128), (3, 9, 64)):
+        for context in (16384, 32768):
+            for batch in (1, 8):
+                q = torch.randn(batch, q_heads, dim, device="cuda", dtype=torch.float16)
+                sdpa = _graphs.graph_ms(sdpa_calls(q, heads, context))
+                for codec_name in ("gear-2bit", "kivi-2bit"):
+                    calls, _ = kernel_calls(codec_name, q, heads, context)
+                    blocks = context // 64
+                    chosen = default_splits(blocks, batch * heads)
+                    by_splits = {}
+                    for splits in sorted({chosen, *(s for s in SPLITS_SWEEP if s <= blocks // 2)}):
+                        by_splits[splits] = _graphs.graph_ms(
+                            [
+                                lambda a=a, kw=kw, n=splits: gear_attention_triton(*a, **kw, splits=n)
+                                for a, kw in calls
+                            ]
+                        )
+                    best = min(by_splits, key=by_splits.get)
+                    row = {"shape": f"{heads}/{q_heads}/{dim}", "context": context, "batch": batch}
+                    row |= {"codec": codec_name, "sdpa_fp16_ms": sdpa, "ms_by_splits": by_splits}
+                    row |= {"default_splits": chosen, "best_splits": best}
+                    row |= {"default_over_best": by_splits[chosen] / by_splits[best]}
+                    rows.append(row)
+                    print(
+                        f"{row['shape']:>9} ctx {context:6d} b {batch} {codec_name}: "
+                        + " ".join(f"{n}:{ms:.4f}" for n, ms in by_splits.items())
+                        + f"  default {chosen} ({row['default_over_best']:.2f}x best {best}) sdpa {sdpa:.4f}",
+                        flush=True,
+                    )
+                    del calls
+                result["seconds"] = time.perf_counter() - start
+                out_path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out_path} ({result['seconds']:.0f} s)")
 
 
 def gpu() -> None:
@@ -284,24 +379,16 @@ def gpu() -> None:
         for context in (4096, 16384, 32768):
             for batch in (1, 8):
                 q = torch.randn(batch, q_heads, dim, device="cuda", dtype=torch.float16)
-                k16 = torch.randn(batch, heads, context, dim, device="cuda", dtype=torch.float16)
-                v16 = torch.randn_like(k16)
-                sdpa, sdpa_eager = bench(
-                    lambda q=q, k16=k16, v16=v16: torch.nn.functional.scaled_dot_product_attention(
-                        q[:, :, None], k16, v16, enable_gqa=True
-                    )
-                )
-                fp16_bytes = 2 * k16.numel() * 2
-                del k16, v16
+                fp16_bytes = 2 * batch * heads * context * dim * 2
+                sdpa, sdpa_warm, sdpa_eager = bench(sdpa_calls(q, heads, context))
                 # gear-2bit with today's fp8 outlier values, and at 32k with the fp16 ones it replaced
                 codecs = ("gear-2bit", "kivi-2bit") + (("gear-2bit:fp16",) if context == 32768 else ())
                 for codec_name in codecs:
-                    _, layout, f, table, full, tails, kt, sink, slots, nbytes = random_pool(
-                        codec_name, batch, context, heads, dim, "cuda"
+                    calls, nbytes = kernel_calls(codec_name, q, heads, context)
+                    table = calls[0][0][5]
+                    ms, ms_warm, ms_eager = bench(
+                        [lambda a=a, kw=kw: gear_attention_triton(*a, **kw) for a, kw in calls]
                     )
-                    args = (q, f["k"], f["v"], kt, kt, table, full, tails, slots, layout, dim**-0.5)
-                    kw = {"k_sink": sink, "v_sink": sink}
-                    ms, ms_eager = bench(lambda args=args, kw=kw: gear_attention_triton(*args, **kw))
                     row = {
                         "shape": f"{heads}/{q_heads}/{dim}",
                         "context": context,
@@ -310,6 +397,10 @@ def gpu() -> None:
                         "kernel_ms": ms,
                         "sdpa_fp16_ms": sdpa,
                         "speedup": sdpa / ms,
+                        "cache_copies": len(calls),
+                        "kernel_one_input_graph_ms": ms_warm,
+                        "sdpa_fp16_one_input_graph_ms": sdpa_warm,
+                        "speedup_one_input_graph": sdpa_warm / ms_warm,
                         "kernel_eager_ms": ms_eager,
                         "sdpa_fp16_eager_ms": sdpa_eager,
                         "speedup_eager": sdpa_eager / ms_eager,
@@ -323,12 +414,14 @@ def gpu() -> None:
                     if baseline is not None:  # the previous kernel, same inputs, same run (an older
                         # one may not read every layout: its error is recorded instead)
                         try:
-                            row["previous_kernel_ms"] = bench(lambda a=args, kw=kw: baseline(*a, **kw))[0]
+                            row["previous_kernel_ms"] = bench(
+                                [lambda a=a, kw=kw: baseline(*a, **kw) for a, kw in calls]
+                            )[0]
                             row["speedup_vs_previous"] = row["previous_kernel_ms"] / ms
                         except Exception as exc:
                             row["previous_kernel_error"] = f"{type(exc).__name__}: {exc}"[:300]
                     if context == 32768 and ":" not in codec_name:  # both layer shapes
-                        row["tuning"] = tune(gear_attention_triton, args, kw, table.shape[1], batch * heads)
+                        row["tuning"] = tune(gear_attention_triton, calls, table.shape[1], batch * heads)
                         best = min(
                             (c for c in row["tuning"] if not ABLATION_KEYS & set(c["config"])),
                             key=lambda c: c.get("ms", float("inf")),
@@ -347,7 +440,7 @@ def gpu() -> None:
                            if "best_ms" in row else ""),
                         flush=True,
                     )  # fmt: skip
-                    del f
+                    del calls
                 result |= {"copy_GBps": bw, "rows": rows}
                 out_path.write_text(json.dumps(result, indent=1))
     at_32k = [r for r in rows if r["context"] == 32768 and r["codec"] == "gear-2bit"]
@@ -371,4 +464,9 @@ def cpu() -> None:
 
 
 if __name__ == "__main__":
-    gpu() if torch.cuda.is_available() else cpu()
+    if not torch.cuda.is_available():
+        cpu()
+    elif "--splits" in sys.argv:
+        splits_sweep()
+    else:
+        gpu()

@@ -37,6 +37,7 @@ if SMOKE:
     os.environ.setdefault("TRTCOMPRESS_GEMM_TRITON", "1")  # the ops' kernels, interpreted, not the reference
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _graphs  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
@@ -53,8 +54,8 @@ from trtcompress.plugins.w4a16_gemm.reference import w4a16_gemm_reference  # noq
 
 DEVICE = "cpu" if SMOKE else "cuda"
 GROUP = 128
-ROTATE_BYTES = 256 << 20  # weight copies per graph: at least this much, 5x the L2
-CALLS = 32  # calls per graph replay, cycling through the copies (4096's int4 weight: 32 copies)
+ROTATE_BYTES = _graphs.ROTATE_BYTES  # weight copies per graph: at least this much, 5x the L2
+CALLS = _graphs.CALLS  # calls per graph replay, cycling through the copies (4096's int4 weight: 32 copies)
 LOP3_TILES = [  # (block_n, block_k, split_k): one group per step
     (32, 256, 1), (64, 256, 1), (32, 512, 2), (64, 256, 2), (64, 256, 4), (64, 512, 4), (128, 256, 4),
     (64, 256, 8), (128, 128, 8), (128, 256, 8), (128, 512, 8), (256, 256, 4), (256, 256, 8), (128, 256, 16),
@@ -76,39 +77,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def graph_ms(fns: list, check=None) -> float:
-    """Median ms per call of CALLS calls cycling through `fns`, replayed from one CUDA graph. `check`
-    (optional) gets the output of the graph's last call and its index in `fns` after the replays: the
-    graph's own result, not an eager rerun's."""
-    for fn in fns:
-        fn()  # compile / allocate outside the capture
+    """Median ms per call replayed from one CUDA graph cycling through `fns` (`_graphs.graph_ms`); under
+    --smoke one eager call (and `check` on the last function's output)."""
     if SMOKE:
+        for fn in fns:
+            fn()
         if check is not None:
             check(fns[-1](), len(fns) - 1)
         return eager_ms(fns[0])
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            last = fns[i % len(fns)]()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / CALLS)
-    if check is not None:
-        check(last, (CALLS - 1) % len(fns))
-    return sorted(times)[len(times) // 2]
+    return _graphs.graph_ms(fns, check, CALLS)
 
 
 def eager_ms(fn) -> float:
@@ -120,7 +97,7 @@ def eager_ms(fn) -> float:
 
 
 def copies_for(nbytes: int) -> int:
-    return 2 if SMOKE else max(2, -(-ROTATE_BYTES // nbytes))
+    return 2 if SMOKE else _graphs.copies_for(nbytes)
 
 
 def int4_copies(n: int, k: int, count: int, symmetric: bool = True) -> list[tuple]:

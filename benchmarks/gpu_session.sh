@@ -14,7 +14,9 @@
 #   3. benchmarks/plugin_ptx_gpu.py run  the plugins' AOT PTX (if `prepare .gpu/ptx` ran on CPU)
 #   4. benchmarks/gemm_gpu.py --gemv-only  W4A16 decode GEMVs (tensor-core and packed-fp16) vs bf16
 #      matmul, 3 sizes, eager timing
-#   5. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations)
+#   5. benchmarks/gear_attention.py  decode-attention kernel vs fp16 SDPA (+ previous kernel, ablations),
+#      both graph-replayed over cache copies that miss L2 (since the thirteenth session)
+#   gear_splits (only when named in STEPS): benchmarks/gear_attention.py --splits, the kernel by split count
 #   6. benchmarks/gemm_gpu.py --quick  prefill (GEMM and row-tiled tensor-core GEMV) and W4A4 at 4096
 # Run through the device tool as `bash benchmarks/gpu_session.sh` with carry [".gpu"]
 # (.gpu/gear_kernel_previous.py, if present: an older kernel.py timed beside the current one).
@@ -33,9 +35,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 # most important first: a run cut short by the device's 600 s limit keeps what it measured. The steps'
 # limits add up to more than one call may run (600 s): run a subset per call, e.g.
-# STEPS="group_major_8b gear" (at most 440 s) for what the eleventh session left untimed, or
+# STEPS="group_major_8b gear" (at most 500 s) for what the eleventh session left untimed, or
 # STEPS="group_major runtime" (at most 410 s; 161 s on an H200 in the eleventh session), then
-# STEPS="graphs gear" (at most 440 s; 225 s there before the gear step tuned both layer shapes)
+# STEPS="graphs gear" (at most 500 s; 225 s there before the gear step tuned both layer shapes)
 if want group_major; then
   timeout 240 python3 benchmarks/gemv_graphs_gpu.py "$OUT/gemv_group_major_gpu.json" --group-major \
     > "$OUT/gemv_group_major.log" 2>&1
@@ -63,10 +65,16 @@ if want ptx && [ -d .gpu/ptx ]; then  # the TensorRT plugins' AOT PTX through th
 fi
 want gemv && timeout 160 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_gemv.json" --gemv-only > "$OUT/gemm.log" 2>&1
 want gemv && echo "gemm_gpu (decode, 3 sizes) rc $?"
-want gear && timeout 240 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
+want gear && timeout 300 python3 benchmarks/gear_attention.py "$OUT/gear_attention_gpu.json" > "$OUT/gear.log" 2>&1
 want gear && echo "gear_attention rc $?"
+if want gear_splits; then  # the decode kernel's time by split count, for default_splits
+  timeout 200 python3 benchmarks/gear_attention.py "$OUT/gear_attention_splits_gpu.json" --splits \
+    > "$OUT/gear_splits.log" 2>&1
+  echo "gear_attention --splits rc $?"
+fi
 want prefill && timeout 90 python3 benchmarks/gemm_gpu.py "$OUT/gemm_gpu_prefill_4096.json" --quick > "$OUT/gemm_prefill.log" 2>&1
 want prefill && echo "gemm_gpu (prefill + W4A4, K = N = 4096) rc $?"
+[ -f "$OUT/gear_splits.log" ] && grep -h "ctx\|wrote\|Error" "$OUT/gear_splits.log" | cut -c1-220
 [ -f "$OUT/gear.log" ] && grep -h -E "speedup|correctness ok|wrote" "$OUT/gear.log" | tail -28 | cut -c1-220
 [ -f "$OUT/gemm_gpu_gemv.json" ] && python3 -c "
 import json, sys
