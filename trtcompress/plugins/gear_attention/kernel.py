@@ -964,15 +964,19 @@ def layout_constants(
     }
 
 
-# the launch the H200 timed fastest for every 32k-token case (kivi-2bit and gear-2bit, batch 1 and 8,
-# benchmarks/results/gear_attention_gpu_h200_2warps.json): 2 warps a program and about 8 programs per SM
-# (1.47-1.78x faster than 4 warps at 2 per SM for gear-2bit, 1.17-1.48x for kivi-2bit)
+# 2 warps a program: the H200 timed it fastest for every 32k-token case (kivi-2bit and gear-2bit, batch
+# 1 and 8, benchmarks/results/gear_attention_gpu_h200_2warps.json; 1.47-1.78x faster than 4 warps at 2
+# programs per SM for gear-2bit, 1.17-1.48x for kivi-2bit). About 6 programs per SM: a sweep of the split
+# count (8..256, 16k and 32k, both layer shapes, batch 1 and 8, caches read from HBM;
+# benchmarks/results/gear_attention_splits_gpu_h200.json) put the 8B-class layer's batch-1 best at 64
+# splits, where 8 per SM picked 128 (1.07-1.20x slower); its geometric mean over the 16 cases is 1.039x
+# of each case's best split, against 1.073x for 8 per SM
 DEFAULT_WARPS = 2
-DEFAULT_PROGRAMS = 1056
+DEFAULT_PROGRAMS = 792
 
 
 def default_splits(max_blocks: int, batch_heads: int, target_programs: int = DEFAULT_PROGRAMS) -> int:
-    """Enough splits that batch x heads x splits fills the GPU (`target_programs`; 1056 = 8 per SM on
+    """Enough splits that batch x heads x splits fills the GPU (`target_programs`; 792 = 6 per SM on
     132 SMs), >= 2 blocks each; a power of two, so few kernel variants get compiled."""
     want = max(1, min(target_programs // max(batch_heads, 1), max_blocks // 2 or 1, 256))
     return 1 << (want.bit_length() - 1)
