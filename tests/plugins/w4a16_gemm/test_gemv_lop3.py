@@ -200,6 +200,28 @@ def test_gemv_lop3_group_major_weight_matches_reference(ptx, request):
         _assert_matches(out, w4a16_gemm_reference(x, qweight, scales, zeros, group, symmetric))
 
 
+def test_group_major_launch_by_shape_then_size():
+    """Shapes tuned on their own (a Llama-3-8B layer) get their launch, others the size rule's, and
+    each tuned launch gives the reference's result (interpreted, on a weight as wide as one tile)."""
+    from trtcompress.plugins.w4a16_gemm.gemv_lop3 import GroupMajorWeight, gemv_lop3_group_major
+    from trtcompress.plugins.w4a16_gemm.group_major_op import (
+        GROUP_MAJOR_LOP3_CONFIGS,
+        GROUP_MAJOR_LOP3_SHAPES,
+        group_major_lop3_config,
+    )
+
+    assert group_major_lop3_config(28672, 4096)["block_k"] == 512
+    assert group_major_lop3_config(4096, 14336)["split_k"] == 16
+    by_size = dict(zip(("block_n", "block_k", "split_k"), GROUP_MAJOR_LOP3_CONFIGS[1][1], strict=False))
+    assert by_size.items() <= group_major_lop3_config(4096, 28672).items()  # the transpose: by size
+    shapes = {launch: shape for shape, launch in GROUP_MAJOR_LOP3_SHAPES.items()}.values()  # one per launch
+    for launch in (group_major_lop3_config(*shape) for shape in shapes):
+        n, k = launch["block_n"] + 8, 2 * launch["block_k"] + 128  # a partial row tile, a partial last step
+        x, (qweight, scales, zeros, _, _) = _inputs(n, k, 128, True, 1, torch.float16, seed=k)
+        out = gemv_lop3_group_major(x, GroupMajorWeight.from_packed(qweight, scales, zeros, 128, k), **launch)
+        _assert_matches(out, w4a16_gemm_reference(x, qweight, scales, zeros, 128, True))
+
+
 def test_group_major_weight_refuses_what_it_cannot_hold():
     from trtcompress.plugins.w4a16_gemm.gemv_lop3 import GroupMajorWeight, gemv_lop3_group_major
 

@@ -5,8 +5,9 @@ artifact keeps the canonical row layout): column chunks of 128 outermost, so tha
 bytes) a decode GEMV program reads per step are one contiguous piece of memory. On an H200 this op
 ran 3.17x of a bf16 matmul at K = N = 14336, M = 1, where the row-layout op ran 2.22x in the same run
 (benchmarks/gemv_graphs_gpu.py --group-major, BENCHMARKS.md). Which kernel, by rows of x (M):
-- M <= 2 with fp16 x: the lop3 GEMV (`gemv_lop3_group_major`, launch by weight size,
-  `group_major_lop3_config`; at M = 2 with a symmetric weight both rows in one program);
+- M <= 2 with fp16 x: the lop3 GEMV (`gemv_lop3_group_major`, `group_major_lop3_config`: launch by
+  exact shape where one was tuned, else by weight size; at M = 2 with a symmetric weight both rows in
+  one program);
 - M <= 16: the tensor-core GEMV (`gemv_tc_group_major`, `GEMV_TC_CONFIG`), every row of x sharing
   one read of the weight;
 - prefill: the same kernel in 128-row tiles (`GEMV_TC_PREFILL_CONFIG`).
@@ -32,12 +33,24 @@ GROUP_MAJOR_LOP3_CONFIGS = (  # (largest N * K, (block_n, block_k, split_k, num_
     (11008 * 11008, (64, 256, 8, 4, 2, 1)),
     (None, (128, 256, 8, 4, 2, 1)),
 )
+# shapes whose best launch differs from the size rule above, tuned on that exact (N, K): a Llama-3-8B /
+# Mistral-7B layer as the CUDA runtime runs it (fused q/k/v, o, fused gate/up, down; H200, thirteenth
+# session, benchmarks/results/gemv_group_major_llama8b_gpu_h200.json). By the size rule these ran 1.73x /
+# 2.58x / 1.82x of bf16 (6144 x 4096, 28672 x 4096, 4096 x 14336); their tuned launches 1.80x / 2.96x / 2.10x
+GROUP_MAJOR_LOP3_SHAPES = {  # (N, K): (block_n, block_k, split_k, num_warps, num_stages, prefetch)
+    (6144, 4096): (128, 256, 16, 2, 1, 0),
+    (28672, 4096): (64, 512, 4, 2, 1, 0),
+    (4096, 14336): (128, 256, 16, 2, 1, 1),
+}
 _LAUNCH = ("block_n", "block_k", "split_k", "num_warps", "num_stages", "prefetch")
 GROUP_MAJOR_GROUPS = (32, 64, 128)  # a step (one group) inside one 128-column chunk
 
 
 def group_major_lop3_config(n: int, k: int) -> dict:
-    config = next(cfg for limit, cfg in GROUP_MAJOR_LOP3_CONFIGS if limit is None or n * k <= limit)
+    """The lop3 launch for an (N, K) weight: its own tuned launch if it has one, else by size."""
+    config = GROUP_MAJOR_LOP3_SHAPES.get((n, k)) or next(
+        cfg for limit, cfg in GROUP_MAJOR_LOP3_CONFIGS if limit is None or n * k <= limit
+    )
     return {**dict(zip(_LAUNCH, config, strict=True)), "last_sums": True}
 
 
