@@ -200,3 +200,28 @@ def test_all_finite_is_exact_for_nan_inf_and_overflowing_sums():
         assert not all_finite(y)
     huge = torch.full((4, 4), 3e38)  # finite elements whose sum overflows: still all finite
     assert all_finite(huge)
+
+
+@pytest.mark.parametrize("later", ["gsq", "gptq"])
+def test_a_quantization_pass_after_eora_is_refused_not_folded(tiny_model, later):
+    """gptq + eora, then another quantization pass: it would quantize weight + A·B and drop the factors
+    (the compensation silently gone, nothing of it stored), so it is refused with the fix named."""
+    from trtcompress.passes.eora import EoRAConfig, EoRAPass
+    from trtcompress.passes.gsq import GSQConfig, GSQPass
+
+    calib = _calibration()
+    run_sequential(
+        tiny_model.model,
+        [GPTQPass(GPTQConfig(bits=4, group_size=32)), EoRAPass(EoRAConfig(rank=4))],
+        PassContext(calibration=calib),
+    )
+    match = r"rank-4 low-rank factors .* put eora / kd after the last"
+    with pytest.raises(CompressionError, match=match):
+        if later == "gsq":  # a data-free pass, applied on its own
+            GSQPass(GSQConfig(bits=8)).apply(tiny_model.model, PassContext())
+        else:  # a calibrated pass in a later sweep
+            run_sequential(
+                tiny_model.model,
+                [GPTQPass(GPTQConfig(bits=4, group_size=32))],
+                PassContext(calibration=calib),
+            )

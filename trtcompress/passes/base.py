@@ -75,6 +75,17 @@ def check_keeps_mask(name: str, old: CompressedLinearState | None, new: Compress
         )
 
 
+def check_keeps_lowrank(name: str, old: CompressedLinearState | None, new: CompressedLinearState) -> None:
+    """Refuse a pass that would fold a layer's low-rank factors (EoRA, KD adapters) into the weight it
+    re-quantizes: the factors compensate the error of the quantization they were fitted to, so a later
+    quantization of weight + A·B silently loses that compensation and stores none of it."""
+    if old is not None and old.lowrank_a is not None and new.lowrank_a is None:
+        raise CompressionError(
+            f"{name} carries rank-{old.rank} low-rank factors (eora / kd) and this pass would quantize them "
+            "into its weight, losing the compensation; put eora / kd after the last quantization pass"
+        )
+
+
 class LinearPass(Pass):
     """A data-free pass applied to every selected linear layer independently."""
 
@@ -98,6 +109,7 @@ class LinearPass(Pass):
                 )
             new = self.compress_linear(name, state)
             check_keeps_mask(name, state, new)
+            check_keeps_lowrank(name, state, new)
             set_module(model, name, CompressedLinear(new))
             if task is not None:
                 context.progress.advance(task)  # type: ignore[union-attr]

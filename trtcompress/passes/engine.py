@@ -23,7 +23,7 @@ from trtcompress.compressed.linear import CompressedLinear, set_module
 from trtcompress.compressed.state import CompressedLinearState
 from trtcompress.errors import CalibrationError, CompressionError
 from trtcompress.models.layout import LLAMA_GROUPS, LinearGroup, decoder_layers, layer_prefix
-from trtcompress.passes.base import Pass, PassContext, check_keeps_mask
+from trtcompress.passes.base import Pass, PassContext, check_keeps_lowrank, check_keeps_mask
 from trtcompress.passes.targets import matches_any, select_linears
 
 # Statistics a pass can ask for (its `needs`).
@@ -138,6 +138,7 @@ class GroupHandle:
         """Record `name`'s compressed state; the rest of this forward uses its effective weight (and
         quantizes its input when the state is W4A4)."""
         check_keeps_mask(name, self.current_state(name), state)
+        check_keeps_lowrank(name, self.current_state(name), state)
         linear = self.linears[name]
         linear.weight.data = state.weight(linear.weight.dtype)
         if state.bias is not None and linear.bias is not None:
