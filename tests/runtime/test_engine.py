@@ -281,6 +281,54 @@ def test_engine_loop_cancels_a_queued_request_whose_client_went_away(tiny_int4_a
         loop.shutdown()
 
 
+def test_a_cancel_polled_while_the_request_is_still_being_added_is_not_lost(tiny_int4_artifact):
+    """`submit` registers the client's `is_cancelled` before `add_request` (tokenizing, on the caller's
+    thread) hands the request to the engine. A poll in between cancels an id the engine does not know
+    yet, which it drops: the check is kept and polled again, so the request is still cancelled."""
+    import threading
+
+    from trtcompress.runtime import EngineLoop
+
+    loop = EngineLoop(lambda: _engine(tiny_int4_artifact, max_batch_size=2, max_seq_len=1024))
+    loop.cancel_poll_s = 0.0
+    try:
+        started, finals = threading.Event(), {}
+        done = {name: threading.Event() for name in "ab"}
+
+        def collect(name):
+            def callback(out):
+                started.set()
+                if out.finished:
+                    finals[name] = out
+                    done[name].set()
+
+            return callback
+
+        ra = loop.submit([5, 6, 7], SamplingParams(max_tokens=1000, end_id=-1), collect("a"))
+        assert started.wait(60)  # the loop is stepping (and polling) without pause
+        polled = threading.Event()
+
+        def client_gone() -> bool:
+            polled.set()
+            return True
+
+        add_request = loop.engine.add_request
+
+        def slow_add_request(*args, **kwargs):  # the poll runs while this request is still being added
+            assert polled.wait(60)
+            return add_request(*args, **kwargs)
+
+        loop.engine.add_request = slow_add_request
+        rb = loop.submit([8, 9, 10], GREEDY, collect("b"), is_cancelled=client_gone)
+        assert done["b"].wait(60)
+        assert finals["b"].finish_reason == "cancelled" and finals["b"].token_ids == []
+        assert all(rb not in s.running for s in loop.engine.steps)  # it never ran
+        loop.cancel(ra)
+        assert done["a"].wait(60)
+    finally:
+        loop.shutdown()
+
+
 def test_a_step_log_that_cannot_be_written_does_not_fail_the_requests(tiny_int4_artifact, tmp_path):
     """Writing the step log raised out of `step()`: with its directory gone (or the disk full, the log
     growing with every step) every request in flight failed, at every step, in a serving loop."""
