@@ -239,6 +239,26 @@ def test_engine_loop_builds_the_engine_on_its_own_thread(tiny_int4_artifact, sol
         EngineLoop(broken)
 
 
+def _collector():
+    """(started, finals, done, collect): collect(name) is a loop callback recording request `name`'s
+    final output in finals[name] and setting done[name]; `started` is set at any output."""
+    import threading
+
+    started, finals = threading.Event(), {}
+    done = {name: threading.Event() for name in "ab"}
+
+    def collect(name):
+        def callback(out):
+            started.set()
+            if out.finished:
+                finals[name] = out
+                done[name].set()
+
+        return callback
+
+    return started, finals, done, collect
+
+
 def test_engine_loop_cancels_a_queued_request_whose_client_went_away(tiny_int4_artifact):
     """A request whose client went away while it waited in the queue was noticed only at its first
     output: it was admitted, held KV blocks and ran its whole prefill first. The loop now polls each
@@ -254,18 +274,7 @@ def test_engine_loop_cancels_a_queued_request_whose_client_went_away(tiny_int4_a
     )
     loop.cancel_poll_s = 0.0
     try:
-        started, finals = threading.Event(), {}
-        done = {name: threading.Event() for name in "ab"}
-
-        def collect(name):
-            def callback(out):
-                started.set()
-                if out.finished:
-                    finals[name] = out
-                    done[name].set()
-
-            return callback
-
+        started, finals, done, collect = _collector()
         ra = loop.submit([5, 6, 7], SamplingParams(max_tokens=1000, end_id=-1), collect("a"))
         assert started.wait(60)
         gone = threading.Event()
@@ -292,18 +301,7 @@ def test_a_cancel_polled_while_the_request_is_still_being_added_is_not_lost(tiny
     loop = EngineLoop(lambda: _engine(tiny_int4_artifact, max_batch_size=2, max_seq_len=1024))
     loop.cancel_poll_s = 0.0
     try:
-        started, finals = threading.Event(), {}
-        done = {name: threading.Event() for name in "ab"}
-
-        def collect(name):
-            def callback(out):
-                started.set()
-                if out.finished:
-                    finals[name] = out
-                    done[name].set()
-
-            return callback
-
+        started, finals, done, collect = _collector()
         ra = loop.submit([5, 6, 7], SamplingParams(max_tokens=1000, end_id=-1), collect("a"))
         assert started.wait(60)  # the loop is stepping (and polling) without pause
         polled = threading.Event()
