@@ -85,8 +85,12 @@ def test_trtllm_build_args_come_from_the_recipe(tmp_path):
     assert (flags["--max_batch_size"], flags["--max_num_tokens"]) == ("16", "2048")
     assert flags["--kv_cache_type"] == "paged" and flags["--use_paged_context_fmha"] == "enable"
     assert flags["--workers"] == "2"  # no more workers than ranks
-    cfg = EngineConfig(kv_cache_type="continuous")
-    assert "--use_paged_context_fmha" not in engine.trtllm_build_args(tmp_path, tmp_path, cfg, _config())
+    # trtllm-build 1.2.1 defaults --use_paged_context_fmha to enable: a cache that is not paged says disable
+    for kv in ("continuous", "disabled"):
+        args = engine.trtllm_build_args(tmp_path, tmp_path, EngineConfig(kv_cache_type=kv), _config())
+        assert dict(zip(args[1::2], args[2::2], strict=True))["--use_paged_context_fmha"] == "disable"
+    args = engine.trtllm_build_args(tmp_path, tmp_path, EngineConfig(use_paged_context_fmha=False), _config())
+    assert dict(zip(args[1::2], args[2::2], strict=True))["--use_paged_context_fmha"] == "disable"
 
 
 # `trtllm-build` options of TensorRT-LLM 1.2.1, transcribed from tensorrt_llm/commands/build.py
@@ -117,7 +121,7 @@ def test_trtllm_build_args_are_options_of_the_pinned_trtllm_build(tmp_path, cfg)
     assert flags["--kv_cache_type"] in TRTLLM_KV_CACHE_TYPES
     assert flags["--gemm_plugin"] in engine.GEMM_PLUGIN_CHOICES
     assert flags["--gpt_attention_plugin"] in engine.ATTENTION_PLUGIN_CHOICES
-    assert flags.get("--use_paged_context_fmha", "enable") in ("enable", "disable")
+    assert flags["--use_paged_context_fmha"] in ("enable", "disable")
 
 
 def test_checkpoints_stock_trtllm_build_cannot_build_are_refused():

@@ -178,8 +178,11 @@ def test_missing_plugin_is_named_before_tensorrt_fails(tmp_path, engine) -> None
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
 def test_registering_without_tensorrt_says_what_to_install() -> None:
+    # the exact install command, at the TensorRT TensorRT-LLM 1.2.1 pins (a bare `tensorrt` is 11.x now)
     for name in loader.PLUGINS:
-        with pytest.raises(MissingDependencyError, match=r"TensorRT >= 10\.9"):
+        with pytest.raises(
+            MissingDependencyError, match=r'TensorRT >= 10\.9.*pip install "tensorrt~=10\.13\.3"'
+        ):
             loader.register_plugins([name])
     assert loader.register_plugins(required=()) == []  # best effort: nothing registered, no error
     with pytest.raises(loader.PluginNotRegisteredError, match="unknown plugin"):
@@ -190,7 +193,7 @@ def test_registering_without_tensorrt_says_what_to_install() -> None:
 def test_trtllm_python_plugins_need_trtllm() -> None:
     from trtcompress.plugins.trtllm_python import register_trtllm_plugins
 
-    with pytest.raises(MissingDependencyError, match=r"TensorRT-LLM 1\.2\.1"):
+    with pytest.raises(MissingDependencyError, match=r"pip install tensorrt_llm==1\.2\.1 "):
         register_trtllm_plugins()
 
 
@@ -280,6 +283,20 @@ def test_registration_rules_catch_what_tensorrt_refuses():
         check_plugin_functions(register, autotune, aot, trtp)
     with pytest.raises(ValueError, match="return annotation"):
         check_plugin_functions(register, None, aot, trtp)
+
+    # tensorrt.plugin's own check lets aot_impl take a subset of the attributes, but its AOT plugin calls
+    # aot_impl with every attribute, positionally (_plugin_class.py: get_launch_params)
+    def register2(x: _Desc, group_size: int, symmetric: int) -> _Desc: ...
+
+    def aot_subset(x, symmetric: int, outputs, tactic: int) -> tuple[str, str, _Launch, _SymExprs]: ...
+
+    def aot_all(
+        x, group_size: int, symmetric: int, outputs, tactic: int
+    ) -> tuple[str, str, _Launch, _SymExprs]: ...
+
+    with pytest.raises(ValueError, match=r"aot_impl: parameters .* expects \['x', 'group_size', 'symmetric'"):
+        check_plugin_functions(register2, None, aot_subset, trtp)
+    check_plugin_functions(register2, None, aot_all, trtp)
 
 
 @pytest.mark.parametrize("module", ["w4a16_gemm", "w4a4_fp4_gemm"])
@@ -378,6 +395,20 @@ def test_tensorrt_without_aot_impl_is_refused(monkeypatch):
         gemm_trt.import_trt()
     with pytest.raises(MissingDependencyError, match=r"TensorRT 10\.8\.0 has no tensorrt\.plugin\.aot_impl"):
         gear.register_trt_plugin()
+
+
+@pytest.mark.parametrize("module", ["w4a16_gemm", "w4a4_fp4_gemm"])
+def test_gemm_kernel_without_triton_says_what_to_install(module, monkeypatch):
+    """triton is the `kernels` extra: without it a GEMM plugin's PTX is a MissingDependencyError naming the
+    install command, not "kernel module not available" (which `python -m ...aot` reported with exit 0)."""
+    import importlib
+
+    trt_module = importlib.import_module(f"trtcompress.plugins.{module}.trt")
+    for name in [m for m in sys.modules if m.endswith("_gemm.kernel") or m.split(".")[0] == "triton"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ModuleNotFoundError
+    with pytest.raises(MissingDependencyError, match=r"pip install triton==3\.6\.0"):
+        trt_module.kernel()
 
 
 # TensorRT-LLM's `python_plugin` (not installable here), as far as the plugin classes meet it: `ShapeExpr`

@@ -108,8 +108,10 @@ def trtllm_build_args(checkpoint: Path, output: Path, engine: Any, config: dict[
         "--gpt_attention_plugin", engine.gpt_attention_plugin,
         "--workers", str(min(engine.workers, world)),
     ]  # fmt: skip
-    if engine.kv_cache_type == "paged":
-        args += ["--use_paged_context_fmha", "enable" if engine.use_paged_context_fmha else "disable"]
+    # Always explicit: trtllm-build 1.2.1 defaults it to enable (plugin.py: PluginConfig), so leaving it out
+    # for a continuous / disabled KV cache would build paged context FMHA on a cache that is not paged.
+    paged_fmha = engine.kv_cache_type == "paged" and engine.use_paged_context_fmha
+    args += ["--use_paged_context_fmha", "enable" if paged_fmha else "disable"]
     return args
 
 

@@ -17,11 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trtcompress.errors import MissingDependencyError
+from trtcompress.plugins.registration import TRT_HINT  # one install hint for every plugin
 
-TRT_HINT = (
-    "the TensorRT plugins need TensorRT >= 10.9 (`tensorrt.plugin.aot_impl`; pip install tensorrt on a "
-    "machine that reaches NVIDIA's index, or the docker/Dockerfile.gpu image) and a CUDA GPU"
-)
 TRITON_HINT = "compiling plugin kernels to PTX needs `pip install triton==3.6.0` (runs on CPU)"
 
 
@@ -88,6 +85,19 @@ def launch_params(m: int, n: int, k: int, tactic: int, shared_mem: int = 0) -> L
         shared_mem=shared_mem,
         extra_args=(m, n, k),
     )
+
+
+def import_kernel(plugin_id: str, module: str, name: str):
+    """The Triton kernel `name` of `module` that a GEMM plugin launches; without triton installed, a
+    MissingDependencyError that says what to install (not "kernel module not available")."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == "triton":
+            raise MissingDependencyError(TRITON_HINT) from None
+        raise ImportError(f"{plugin_id}: its Triton kernel module is not available ({exc})") from exc
 
 
 def import_trt():

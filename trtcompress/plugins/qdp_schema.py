@@ -5,7 +5,7 @@ them unless: register takes the input TensorDescs first, then attributes of seri
 float, bytes, bool, str), all positional-or-keyword, annotated with real classes (so a module with
 `from __future__ import annotations`, whose annotations are strings, cannot define them), without
 defaults, and returns TensorDesc(s); autotune takes (inputs, a subset of the attributes in order,
-outputs) and returns AutoTuneCombination or a list of them; aot_impl takes (inputs, attributes,
+outputs) and returns AutoTuneCombination or a list of them; aot_impl takes (inputs, every attribute,
 outputs, tactic) and must declare its return type, a 4-tuple (str | bytes, str | bytes,
 KernelLaunchParams, SymExprs). `check_plugin_functions` applies those rules without TensorRT (given the
 classes the functions were annotated with), so the tests catch a plugin TensorRT would refuse.
@@ -57,9 +57,11 @@ def check_register(fn, tensor_desc: type) -> tuple[list[str], dict[str, type]]:
     return tensors, attrs
 
 
-def _check_attrs(fn, what: str, tensors: list[str], attrs: dict[str, type], tail: list[str]) -> None:
+def _check_attrs(
+    fn, what: str, tensors: list[str], attrs: dict[str, type], tail: list[str], every_attr: bool = False
+) -> None:
     sig = inspect.signature(fn)
-    used = [n for n in sig.parameters if n in attrs]
+    used = list(attrs) if every_attr else [n for n in sig.parameters if n in attrs]
     expected = [*tensors, *[a for a in attrs if a in used], *tail]
     if list(sig.parameters) != expected:
         raise ValueError(f"{what}: parameters {list(sig.parameters)}, TensorRT expects {expected}")
@@ -83,7 +85,10 @@ def check_plugin_functions(register, autotune, aot_impl, trtp: Any) -> None:
                 raise ValueError(
                     f"autotune: return annotation {ret!r} is not (a list of) AutoTuneCombination"
                 )
-    _check_attrs(aot_impl, "aot_impl", tensors, attrs, ["outputs", "tactic"])
+    # tensorrt.plugin's own check lets aot_impl take a subset of the attributes, but at build time
+    # _TemplateAOTPlugin.get_launch_params calls it with every attribute, positionally (_plugin_class.py,
+    # TensorRT 10.9 to 10.16): a subset would receive the wrong values.
+    _check_attrs(aot_impl, "aot_impl", tensors, attrs, ["outputs", "tactic"], every_attr=True)
     ret = inspect.signature(aot_impl).return_annotation
     args = typing.get_args(ret) if typing.get_origin(ret) is tuple else ()
     if len(args) != 4:

@@ -70,7 +70,9 @@ def _trtllm():
         from tensorrt_llm.python_plugin import SymTensor, convert_to_torch_tensor, trtllm_plugin
     except ImportError:
         raise MissingDependencyError(
-            "TensorRT-LLM Python plugins need TensorRT-LLM 1.2.1 (the NGC image in docker/Dockerfile.gpu)"
+            "the TensorRT-LLM Python plugins need TensorRT-LLM 1.2.1 and a CUDA GPU: `pip install "
+            "tensorrt_llm==1.2.1 --extra-index-url https://pypi.nvidia.com`, or run in the "
+            "docker/Dockerfile.gpu image (nvcr.io/nvidia/tritonserver:26.02-trtllm-python-py3)"
         ) from None
     return PluginBase, SymTensor, convert_to_torch_tensor, trtllm_plugin
 

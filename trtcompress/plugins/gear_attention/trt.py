@@ -21,15 +21,10 @@ from dataclasses import dataclass
 
 from trtcompress.errors import MissingDependencyError
 from trtcompress.plugins.gear_attention.reference import GearLayout
-from trtcompress.plugins.registration import import_trtp, register_once
+from trtcompress.plugins.registration import TRT_HINT, import_trtp, register_once
 
 PLUGIN_ID = "trtcompress::gear_attention"
-INSTALL_HINT = (
-    "the TensorRT plugin needs TensorRT >= 10.9 with its Python bindings and `tensorrt.plugin.aot_impl` "
-    "(`pip install tensorrt`, on a "
-    "machine that can reach NVIDIA's package index; or use the NGC TensorRT/TensorRT-LLM container) "
-    "and a CUDA GPU"
-)
+INSTALL_HINT = TRT_HINT
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,7 @@ IO_TYPES = "FP16, UINT8, FP16, UINT8, FP16"  # inputs then the output, for the a
 
 def kernel():
     """The Triton kernel TensorRT launches (from the kernel owner's module)."""
-    try:
-        from trtcompress.plugins.w4a16_gemm import kernel as module
-    except ImportError as exc:
-        raise ImportError(f"{PLUGIN_ID}: its Triton kernel module is not available ({exc})") from exc
-    return getattr(module, KERNEL)
+    return g.import_kernel(PLUGIN_ID, "trtcompress.plugins.w4a16_gemm.kernel", KERNEL)
 
 
 def constants(group_size: int, symmetric: bool, tactic: int) -> dict:

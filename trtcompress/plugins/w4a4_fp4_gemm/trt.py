@@ -28,11 +28,7 @@ FORMATS = ((3, 0), (2, 1), (1, 2))
 
 
 def kernel():
-    try:
-        from trtcompress.plugins.w4a4_fp4_gemm import kernel as module
-    except ImportError as exc:
-        raise ImportError(f"{PLUGIN_ID}: its Triton kernel module is not available ({exc})") from exc
-    return getattr(module, KERNEL)
+    return g.import_kernel(PLUGIN_ID, "trtcompress.plugins.w4a4_fp4_gemm.kernel", KERNEL)
 
 
 def constants(formats: tuple[int, int, int, int], group_size: int, tactic: int) -> dict:
