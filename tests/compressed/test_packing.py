@@ -29,3 +29,35 @@ def test_int3_is_a_little_endian_bit_stream():
 def test_wrong_packed_length_is_an_error():
     with pytest.raises(ValueError, match="packed row has"):
         unpack_bits(torch.zeros(2, 3, dtype=torch.uint8), 4, 8)
+
+
+@pytest.mark.parametrize(
+    ("bits", "codes"),
+    [(4, [[16, 0]]), (3, [[9, 1, 2]]), (2, [[-1, 0]]), (8, [[256, 0]]), (1, [[2]])],
+)
+def test_out_of_range_codes_are_refused(bits, codes):
+    """A code >= 2**bits spilled into its neighbour (4-bit [16, 0] unpacked as [0, 1]) or lost its high
+    bits, and a negative one wrapped: refuse instead of storing different codes."""
+    with pytest.raises(ValueError, match="must lie in"):
+        pack_bits(torch.tensor(codes), bits)
+
+
+def test_float_codes_are_refused():
+    with pytest.raises(ValueError, match="integer tensor"):
+        pack_bits(torch.tensor([[1.7, 2.0]]), 4)
+
+
+def test_unpack_refuses_signed_bytes():
+    """int8 packed bytes (e.g. read back from another tool) shifted in sign bits: 4-bit 15 became -1."""
+    packed = pack_bits(torch.tensor([[15, 15]], dtype=torch.uint8), 4)
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_bits(packed.view(torch.int8), 4, 2)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 6, 8])
+@pytest.mark.parametrize("shape", [(7,), (2, 3, 5), (0, 9), (4, 1)])
+def test_roundtrip_odd_shapes(bits, shape):
+    codes = torch.randint(0, 2**bits, shape, dtype=torch.int64)
+    packed = pack_bits(codes, bits)
+    assert packed.shape == (*shape[:-1], packed_length(shape[-1], bits))
+    assert torch.equal(unpack_bits(packed, bits, shape[-1]), codes.to(torch.uint8))

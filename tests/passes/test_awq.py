@@ -167,3 +167,21 @@ def test_awq_through_the_engine_beats_rtn(tiny_model_dir):
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         AWQConfig(**bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_statistics_are_an_error_not_plain_rounding(bad):
+    """With a NaN/inf Gram matrix (overflowing activations) every candidate's error was NaN, none won,
+    and both searches silently returned plain rounding (α 0, no clipping)."""
+    from trtcompress.errors import CompressionError
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(128, 32, generator=g)
+    w = torch.randn(8, 32, generator=g)
+    gram = x.T @ x / len(x)
+    gram[2, 5] = gram[5, 2] = bad
+    fmt = IntFormat(4, 16, True)
+    with pytest.raises(CompressionError, match="non-finite"):
+        search_scale(gram, [w], x.abs().mean(0), fmt, 10)
+    with pytest.raises(CompressionError, match="non-finite"):
+        search_clip(gram, w, fmt, 20, 0.5)

@@ -124,3 +124,43 @@ def test_masked_gptq_feeds_the_pruned_weights_back():
     plain = dequantized(gptq_quantize(w * keep, h, fmt))
     assert bool((masked[~keep] == 0).all())
     assert _output_error(w, masked, x) < 0.9 * _output_error(w, plain, x)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_block_size_does_not_change_the_result(sym, masked):
+    """Lazy block updates are exact: block_size is a speed knob only. Without act-order a group's scale
+    is fixed at its first column; a group straddling two blocks (group 32, block 20) used to take its
+    tail from weights that still lacked the block's pending error feedback, so scales and codes changed."""
+    x = _correlated_inputs(d=96)
+    h = 2 * x.T @ x / x.shape[0]
+    w = torch.randn(16, 96, generator=torch.Generator().manual_seed(6))
+    keep = torch.rand(16, 96, generator=torch.Generator().manual_seed(7)) > 0.3 if masked else None
+    fmt = IntFormat(4, 32, sym)
+    unblocked = gptq_quantize(w, h, fmt, act_order=False, block_size=1, keep=keep)
+    for block_size in (20, 48, 128):
+        blocked = gptq_quantize(w, h, fmt, act_order=False, block_size=block_size, keep=keep)
+        assert torch.equal(blocked.scales, unblocked.scales), block_size
+        assert torch.equal(blocked.codes, unblocked.codes), block_size
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_hessian_is_named_as_such(bad):
+    """A NaN/inf Hessian (overflowing activations) was retried with damping up to 100 and reported as
+    'not positive definite', pointing at the wrong cause."""
+    x = _correlated_inputs(d=16)
+    h = 2 * x.T @ x / x.shape[0]
+    h[3, 4] = h[4, 3] = bad
+    with pytest.raises(CompressionError, match="non-finite"):
+        inverse_hessian_cholesky(h, 0.01)
+    with pytest.raises(CompressionError, match="non-finite"):
+        gptq_quantize(torch.randn(4, 16), h, IntFormat(4, 0, True))
+
+
+def test_non_finite_weight_is_refused():
+    """A NaN weight used to become an arbitrary (finite) code, silently."""
+    x = _correlated_inputs(d=16)
+    w = torch.randn(4, 16)
+    w[1, 2] = float("nan")
+    with pytest.raises(CompressionError, match="non-finite"):
+        gptq_quantize(w, 2 * x.T @ x / x.shape[0], IntFormat(4, 0, True))

@@ -20,6 +20,13 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes (any integer dtype, values < 2**bits) along the last dim into uint8."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
+    # An out-of-range code would wrap (negative, >= 256) or spill into its neighbour's bits: refuse it.
+    if codes.is_floating_point() or codes.is_complex():
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    if codes.numel():
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= 2**bits:
+            raise ValueError(f"codes must lie in [0, {2**bits - 1}] for {bits} bits, got [{lo}, {hi}]")
     codes = codes.to(torch.uint8)
     if bits == 8:
         return codes.contiguous()
@@ -43,6 +50,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of `pack_bits`: returns uint8 codes with last dim `n`."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
+    if packed.dtype != torch.uint8:  # int8 would shift in sign bits: negative codes
+        raise ValueError(f"packed codes must be uint8, got {packed.dtype}")
     if packed.shape[-1] != packed_length(n, bits):
         raise ValueError(
             f"packed row has {packed.shape[-1]} bytes, expected {packed_length(n, bits)} "

@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 from trtcompress.compressed import intgrid
 from trtcompress.compressed.formats import IntFormat
 from trtcompress.compressed.state import CompressedLinearState, QuantizedWeight
+from trtcompress.errors import CompressionError
 from trtcompress.passes.base import PassConfig, PassContext, register_pass
 from trtcompress.passes.engine import ABS_MEAN, HESSIAN, CalibratedPass, GroupHandle, GroupStats
 from trtcompress.passes.gsq import SUPPORTED_GROUP_SIZES
@@ -38,6 +39,13 @@ def output_error(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return ((delta @ gram) * delta).sum(1)
 
 
+def _check_finite(gram: torch.Tensor, x_abs_mean: torch.Tensor | None = None) -> None:
+    # A NaN/inf statistic (overflowing activations) makes every candidate's error NaN, no candidate
+    # "wins", and the search silently falls back to plain rounding: refuse it instead.
+    if not torch.isfinite(gram).all() or (x_abs_mean is not None and not torch.isfinite(x_abs_mean).all()):
+        raise CompressionError("awq: the input statistics have non-finite entries (NaN or inf)")
+
+
 def search_scale(
     gram: torch.Tensor, weights: list[torch.Tensor], x_abs_mean: torch.Tensor, fmt: IntFormat, grid: int
 ) -> tuple[torch.Tensor, float, float]:
@@ -45,6 +53,7 @@ def search_scale(
 
     Returns (s, α, relative output error). α = 0 means s = 1: plain round to nearest.
     """
+    _check_finite(gram, x_abs_mean)
     w = torch.cat(weights)
     norm = output_error(w, gram).sum().item()
     best = (torch.ones_like(x_abs_mean), 0.0, float("inf"))
@@ -63,6 +72,7 @@ def search_clip(
     gram: torch.Tensor, w: torch.Tensor, fmt: IntFormat, grid: int, max_shrink: float
 ) -> torch.Tensor:
     """Clip each (row, group) of `w` to the shrink ratio of its range that minimises its output error."""
+    _check_finite(gram)
     out_f, in_f = w.shape
     g = intgrid.effective_group_size(in_f, fmt.group_size)
     clipped = w.clone()

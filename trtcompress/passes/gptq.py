@@ -62,6 +62,12 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.
 
 
 def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float, int]:
+    # A NaN/inf Hessian (overflowing activations) fails every Cholesky: say so instead of retrying the
+    # damping and blaming positive definiteness.
+    if not torch.isfinite(hessian).all():
+        raise CompressionError(
+            "Hessian has non-finite entries (NaN or inf); check the calibration activations"
+        )
     mean_diag = hessian.diagonal().mean().item()
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
     for retry in range(MAX_DAMP_RETRIES + 1):
@@ -137,6 +143,8 @@ def _gptq(
     out_f, in_f = w.shape
     if h.shape != (in_f, in_f):
         raise ValueError(f"Hessian shape {tuple(h.shape)} does not match weight input dim {in_f}")
+    if not torch.isfinite(w).all():  # NaN rounds to an arbitrary code: finite garbage, never caught later
+        raise CompressionError("gptq: the weight has non-finite entries (NaN or inf)")
     dead = h.diagonal() == 0  # inputs never active: quantize their (irrelevant) weights to zero
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -168,7 +176,13 @@ def _gptq(
             group = col // g
             if not static and col % g == 0:  # first column of a group: fix its scale from current weights
                 width = min(g, in_f - col)
-                ahead = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :width]
+                ahead = w1[:, i : i + width]
+                if i + width > i2 - i1:
+                    # The group runs past this block: its tail in `w` still lacks the lazy update from
+                    # this block's columns quantized so far; apply it, or the scale would depend on
+                    # block_size (a pure speed knob).
+                    tail = w[:, i2 : col + width] - err1[:, :i] @ hinv[i1 : i1 + i, i2 : col + width]
+                    ahead = torch.cat([ahead, tail], dim=1)
                 if keep is not None:
                     ahead = ahead.masked_fill(~keep[:, col : col + width], 0)
                 scales[:, group], zeros[:, group] = search_group_scale(
