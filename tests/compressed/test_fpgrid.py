@@ -102,6 +102,22 @@ def test_nvfp4_block_scales_codes_and_bytes():
     assert state.format_name == "nvfp4"
 
 
+def test_nvfp4_block_whose_scale_underflows_e4m3_is_not_flushed_to_zero():
+    """A non-zero block far below the tensor's max (ideal E4M3 scale <= 2**-10) rounded its scale to 0 and
+    lost every element; like ModelOpt it keeps E4M3's smallest subnormal, 2**-9, and its elements."""
+    w = torch.zeros(2, 32)
+    w[0, :16] = 1.0  # sets the tensor scale: 1 / 2688
+    w[1, :16] = torch.linspace(-2e-6, 2e-6, 16)  # ideal block scale 448 * 2e-6 = 9e-4 < 2**-10
+    q = QuantizedWeight.round_to_nearest(w, NVFP4)
+    assert q.scales[1, 0].float().item() == 2.0**-9
+    assert q.scales[0, 1].float().item() == 0 and q.scales[1, 1].float().item() == 0  # all-zero blocks
+    s = 2.0**-9 * q.global_scale.item()
+    expected = torch.tensor([ref_quant(v / s, 2, 1, 1) * s for v in w[1, :16].tolist()])
+    assert torch.allclose(q.dequantize()[1, :16], expected, rtol=1e-6, atol=0)
+    assert (q.dequantize()[1, :16] - w[1, :16]).norm() < 0.3 * w[1, :16].norm()  # was all zeros: 1.0
+    assert q.dequantize()[:, 16:].abs().sum() == 0
+
+
 def test_mxfp4_e8m0_scales_codes_and_bytes():
     torch.manual_seed(3)
     w = torch.randn(5, 64) * 0.05
@@ -158,6 +174,20 @@ def test_per_channel_fp16_scales_round_trip_and_bytes():
         g128.scales.shape == (16, 5)
         and CompressedLinearState(16, 576, quantized=g128).nbytes == 16 * 288 + 16 * 10
     )
+
+
+def test_fp16_scale_that_underflows_keeps_the_smallest_subnormal():
+    """A row whose max/6 underflows fp16 (<= 2**-25) got scale 1, so every element rounded to 0; with fp16's
+    smallest subnormal (2**-24) its elements stay on the grid. An all-zero row still gets scale 1."""
+    w = torch.zeros(3, 16)
+    w[0] = torch.linspace(-1.5e-7, 1.5e-7, 16)
+    w[1] = torch.randn(16)
+    q = QuantizedWeight.round_to_nearest(w, FpFormat(2, 1, 0))
+    assert q.scales[:, 0].float().tolist()[0] == 2.0**-24 and q.scales[2, 0].item() == 1
+    expected = torch.tensor([ref_quant(v / 2.0**-24, 2, 1, 1) * 2.0**-24 for v in w[0].tolist()])
+    assert torch.equal(q.dequantize()[0], expected)
+    assert (q.dequantize()[0] - w[0]).norm() < 0.3 * w[0].norm()  # was all zeros: 1.0
+    assert q.dequantize()[2].abs().sum() == 0
 
 
 @pytest.mark.parametrize("fmt", [NVFP4, MXFP4, FpFormat(1, 2, 0), FpFormat(3, 0, 64)])

@@ -24,6 +24,8 @@ from trtcompress.compressed.intgrid import effective_group_size, num_groups
 
 SCALE_DTYPES = {"fp16": torch.float16, "e4m3": torch.float8_e4m3fn, "e8m0": torch.uint8}
 E4M3_MAX = 448.0  # largest float8_e4m3fn value: NVFP4 block scales are clamped to it
+E4M3_MIN_SUBNORMAL = 2.0**-9  # smallest positive float8_e4m3fn value
+FP16_MIN_SUBNORMAL = 2.0**-24  # smallest positive float16 value
 E8M0_BIAS = 127  # E8M0 scale byte u means 2**(u - 127); 255 is NaN and never written
 
 
@@ -150,8 +152,11 @@ def nvfp4_scales(
     block_amax = absw.amax(-1)
     amax = block_amax.max() if tensor_amax is None else torch.as_tensor(tensor_amax, dtype=torch.float32)
     global_scale = (amax / (qmax * E4M3_MAX)) if amax > 0 else torch.tensor(1.0)
-    block = e4m3_round(block_amax / qmax / global_scale)
-    return block, global_scale.reshape(1).float()
+    block = block_amax / qmax / global_scale
+    # A non-zero block whose scale would round to 0 (<= 2**-10) keeps E4M3's smallest subnormal, as
+    # ModelOpt does: its elements then lie within 3 on the grid and round no worse than all zeros.
+    block = torch.where(block_amax > 0, block.clamp(min=E4M3_MIN_SUBNORMAL), block)
+    return e4m3_round(block), global_scale.reshape(1).float()
 
 
 def e8m0_scales(
@@ -219,8 +224,12 @@ def minmax_scales(
 
 
 def fp16_scales(scale: torch.Tensor) -> torch.Tensor:
-    """Round real scales to fp16; a zero (all-zero group) or underflowing scale becomes 1."""
-    scale = scale.float().clamp(max=torch.finfo(torch.float16).max).to(torch.float16)
+    """Round real scales to fp16; a zero scale (all-zero group) becomes 1. A positive scale that would
+    underflow keeps fp16's smallest subnormal: its group's elements then lie within half the grid's max
+    and round no worse than to all zeros (which a scale of 1 gave them)."""
+    scale = scale.float()
+    scale = torch.where(scale > 0, scale.clamp(min=FP16_MIN_SUBNORMAL), scale)
+    scale = scale.clamp(max=torch.finfo(torch.float16).max).to(torch.float16)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -231,7 +240,7 @@ def quantize_weight(
     out_f, in_f = w.shape
     wb, _ = blocks(w.float(), fmt.group_size)
     scale = effective_scales(scales, global_scale, fmt)[..., None]
-    # A block scale that rounded to zero (E4M3 underflow of a near-zero block) encodes zeros.
+    # A zero block scale (an all-zero NVFP4 block, or E4M3 scales computed elsewhere) encodes zeros.
     values = round_to_grid(
         wb / torch.where(scale > 0, scale, torch.ones_like(scale)), fmt.exp_bits, fmt.man_bits
     )
