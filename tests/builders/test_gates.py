@@ -122,3 +122,22 @@ def test_report_and_gate_tables_print_names_as_typed():
     console.print(gates_table(check_gates([Gate.model_validate("ppl_ratio <= 1.05")], report)))
     text = console.export_text()
     assert "m[/x] · int4 [/v2] [red]y" in text and "FAIL" in text
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("ppl_ratio <= 1.2.3", r"threshold '1\.2\.3' is not a number"),
+        ("ppl_ratio <= abc", r"threshold 'abc' is not a number"),
+        ("ppl_ratio <= 1,05", r"threshold '1,05' is not a number"),
+        ("PPL_ratio <= 1", r"unknown gate metric 'PPL_ratio' \(did you mean 'ppl_ratio'\?\)"),
+        ("ppl-ratio <= 1", r"unknown gate metric 'ppl-ratio' \(did you mean 'ppl_ratio'\?\)"),
+        ("ppl_ratio <= nan", r"finite number"),
+    ],
+)
+def test_a_bad_gate_string_says_what_is_wrong_with_it(text, match):
+    """A non-numeric threshold used to read "could not convert string to float: '1.2.3'" (naming
+    neither the gate nor the rule) or "not of the form 'metric <= value'" (for `abc`), and a metric in
+    the wrong case or with a hyphen "not of the form" instead of the unknown-metric hint."""
+    with pytest.raises(ValueError, match=match):
+        Gate.model_validate(text)

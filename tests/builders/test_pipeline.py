@@ -124,3 +124,23 @@ def test_an_output_that_cannot_be_written_fails_before_compression(tiny_model_di
     with pytest.raises(ArtifactError, match="is a file"):
         build(str(tiny_model_dir), _recipe(), tmp_path / "file" / "deeper" / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_force_with_failed_gates_keeps_the_previous_good_artifact(tiny_model_dir, tmp_path):
+    """`--force` with a build whose gates fail used to replace a good artifact with one `serve` and
+    `repo` refuse, deleting the last good build. Now OUT is kept and the failed build, still
+    inspectable, goes to OUT.failed-gates (replacing an earlier failed build there); a failed_gates
+    artifact in OUT is replaced as before."""
+    out = tmp_path / "a"
+    build(str(tiny_model_dir), _recipe(gates=["ppl_ratio <= 100"]), out)
+    good = native.read_manifest(out)["checksum"]
+    failing = _recipe("int3-g128-rtn", gates=["gsm8k_kl <= 0.0000001"])
+    for _ in range(2):  # the second replaces the first failed build, never OUT
+        result = build(str(tiny_model_dir), failing, out, force=True)
+        assert not result.gates_passed and result.path == tmp_path / "a.failed-gates"
+        assert native.read_manifest(result.path)["status"] == "failed_gates"
+        assert native.read_manifest(out)["checksum"] == good and native.read_manifest(out)["status"] == "ok"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.failed-gates"]
+    result = build(str(tiny_model_dir), failing, result.path, force=True)  # failed over failed: replaced
+    assert result.path == tmp_path / "a.failed-gates"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.failed-gates"]

@@ -13,7 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 from trtcompress.eval.harness import GATE_METRICS, EvalReport
 
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
-_GATE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
+# Loose on the metric and the value, so that a misspelt metric or a non-numeric threshold gets its own
+# error (unknown metric with a suggestion; "not a number") instead of "not of the form" or a bare
+# "could not convert string to float".
+_GATE = re.compile(r"^\s*([^\s<>=!]+)\s*(<=|>=|<|>)\s*(\S+)\s*$")
 
 
 class Gate(BaseModel):
@@ -33,7 +36,11 @@ class Gate(BaseModel):
             match = _GATE.match(data)
             if not match:
                 raise ValueError(f"gate {data!r} is not of the form 'metric <= value' (ops: <=, <, >=, >)")
-            return {"metric": match[1], "op": match[2], "value": float(match[3])}
+            try:
+                value = float(match[3])
+            except ValueError:
+                raise ValueError(f"gate {data!r}: the threshold {match[3]!r} is not a number") from None
+            return {"metric": match[1], "op": match[2], "value": value}
         return data
 
     @field_validator("value", mode="before")

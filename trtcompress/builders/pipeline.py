@@ -1,7 +1,8 @@
-"""`trtcompress build`: load -> compress -> write the artifact -> evaluate -> gates, atomically."""
+"""`trtcompress build`: load -> compress -> evaluate -> gates -> write the artifact, atomically."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,8 @@ def build(
     out = Path(out)
     native.check_output(out, force)  # fail before spending minutes on compression
     native.check_output_location(out)  # a read-only or impossible OUT, too
+    if force and recipe.gates and recipe.eval.enabled and _keeps_previous(out):
+        native.check_output(failed_gates_path(out), force)  # where a failing build would go instead
     if recipe.export.engine.enabled:  # refuse before any work or any file when TensorRT-LLM is missing
         from trtcompress.builders.engine import require_trtllm
 
@@ -62,11 +65,33 @@ def build(
         compress_model(loaded.model, loaded.tokenizer, recipe, progress=progress, log=ui.log)
     compress_seconds = time.perf_counter() - start
 
-    with native.atomic_directory(out, force=force) as tmp:
+    report, gates = None, []
+    if recipe.eval.enabled:  # before writing: where the artifact goes depends on its gates
+        reference = load_model(spec, log=ui.log).model if recipe.eval.reference else None
+        with ui.progress() as progress:
+            report = evaluate(
+                loaded.model,
+                loaded.tokenizer,
+                recipe.eval,
+                reference,
+                model_name=spec,
+                recipe_name=recipe.name,
+                progress=progress,
+                kv=recipe.kv_cache,
+            )
+        del reference
+        gates = check_gates(recipe.gates, report)
+    final = out
+    if force and not all(g.passed for g in gates) and _keeps_previous(out):
+        final = failed_gates_path(out)
+        ui.log(f"gate(s) failed: {out} keeps its previous artifact; this build is written to {final}")
+
+    # `force` for the sibling too: it replaces an earlier failed build there (artifacts only, as always).
+    with native.atomic_directory(final, force=force) as tmp:
         content = native.write_weights(
             loaded.model, loaded.tokenizer, tmp, shard_size_bytes=recipe.export.shard_size_mb << 20
         )
-        content["exports"] = write_exports(loaded, recipe, tmp, content, log=ui.log, final=out)
+        content["exports"] = write_exports(loaded, recipe, tmp, content, log=ui.log, final=final)
         manifest = native.new_manifest(
             recipe=recipe.model_dump(mode="json"),
             source={"model": spec, "path": str(loaded.path), "model_type": loaded.config.model_type},
@@ -74,22 +99,7 @@ def build(
             generation_config=loaded.model.generation_config.to_diff_dict(),
             content=content,
         )
-        report, gates = None, []
-        if recipe.eval.enabled:
-            reference = load_model(spec, log=ui.log).model if recipe.eval.reference else None
-            with ui.progress() as progress:
-                report = evaluate(
-                    loaded.model,
-                    loaded.tokenizer,
-                    recipe.eval,
-                    reference,
-                    model_name=spec,
-                    recipe_name=recipe.name,
-                    progress=progress,
-                    kv=recipe.kv_cache,
-                )
-            del reference
-            gates = check_gates(recipe.gates, report)
+        if report is not None:
             manifest["eval"] = report.model_dump(mode="json")
             manifest["gates"] = [g.model_dump() for g in gates]
             manifest["status"] = "ok" if all(g.passed for g in gates) else "failed_gates"
@@ -97,7 +107,26 @@ def build(
             plot_report(report, tmp / "eval.png")
         manifest["timings"] = {"compress_s": compress_seconds, "total_s": time.perf_counter() - start}
         native.write_manifest(tmp, manifest)
-    return BuildResult(out, manifest, report, gates, time.perf_counter() - start)
+    return BuildResult(final, manifest, report, gates, time.perf_counter() - start)
+
+
+def failed_gates_path(out: Path) -> Path:
+    """Where `build --force` writes a build whose gates fail when OUT holds an artifact to keep."""
+    out = Path(out).resolve()
+    return out.with_name(f"{out.name}.failed-gates")
+
+
+def _keeps_previous(out: Path) -> bool:
+    """Whether `out` holds an artifact that a build whose gates fail must not replace: any artifact but
+    one marked failed_gates itself. `--force` used to swap a good artifact for one that `serve` and
+    `repo` refuse, deleting the last good build; an unreadable manifest counts as one to keep."""
+    manifest = Path(out) / native.MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("status") != "failed_gates"
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def write_exports(
