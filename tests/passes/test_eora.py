@@ -33,6 +33,18 @@ def test_full_rank_eora_reproduces_the_uncompressed_layer_output():
     assert not torch.allclose(state.forward(x), x @ w.T, atol=1e-1)  # the compressed layer alone is off
 
 
+def test_fp16_factors_stay_finite_whatever_the_scale_of_the_covariance():
+    """Λ^(-1/2) went into B alone: an all-zero covariance (dead inputs) gave A ~1e-10 and B ~1e8, which
+    fp16 stored as 0 and inf, so the corrected layer's weight was NaN."""
+    w = torch.randn(16, 32, generator=torch.Generator().manual_seed(4))
+    state = CompressedLinearState(16, 32, quantized=_quantized(w))
+    for scale in (0.0, 1e-12, 1.0):
+        a, b = eora_factors(w - state.weight(), scale * torch.eye(32), rank=8)
+        corrected = with_lowrank(state, a, b, torch.float16).weight()
+        assert torch.isfinite(corrected).all(), scale
+        assert torch.allclose(corrected, state.weight() + a @ b, atol=1e-3), scale
+
+
 def test_eora_error_falls_with_rank_and_beats_a_plain_svd_of_the_weight_error():
     x = _inputs(seed=2)
     w = torch.randn(40, 48, generator=torch.Generator().manual_seed(3))
@@ -91,6 +103,10 @@ def test_bad_ranks_are_refused_with_the_layer_named(tiny_model):
         eora_factors(delta, h, 9)
     with pytest.raises(ValueError, match="Hessian shape"):
         eora_factors(delta, torch.eye(8), 4)
+    overflowed = torch.eye(12)
+    overflowed[3, 3] = torch.inf  # was a LinAlgError traceback from the SVD
+    with pytest.raises(CompressionError, match="non-finite"):
+        eora_factors(delta, overflowed, 4)
     with pytest.raises(ValueError, match=">= 0"):
         EoRAConfig(ranks={"down_proj": -1})
     passes = [GPTQPass(GPTQConfig(bits=4, group_size=32)), EoRAPass(EoRAConfig(rank=49))]

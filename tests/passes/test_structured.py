@@ -161,3 +161,21 @@ def test_structured_pruning_refuses_a_down_proj_quantized_by_an_earlier_pass(tin
     build_pass(GSQConfig(bits=4, group_size=32, targets=["down_proj"])).apply(model, PassContext())
     with pytest.raises(CompressionError, match=r"down_proj is already compressed \(int4_g32_sym\)"):
         run_sequential(model, [StructuredPass(StructuredConfig(ffn_ratio=0.25, round_to=8))], context)
+
+
+def test_a_quantized_gate_or_up_proj_is_refused_before_any_layer_is_sliced(tiny_model):
+    """finish slices gate/up whatever the targets: a gsq-quantized up_proj used to be found only there,
+    after the whole sweep, with layer 0's gate_proj already cut to 120 rows and its up_proj still 160."""
+    from trtcompress.passes import build_pass
+    from trtcompress.passes.gsq import GSQConfig
+
+    model = tiny_model.model
+    build_pass(GSQConfig(bits=4, group_size=32, targets=["up_proj"])).apply(model, PassContext())
+    with pytest.raises(CompressionError, match=r"layers\.0\.mlp\.up_proj is already compressed"):
+        run_sequential(
+            model,
+            [StructuredPass(StructuredConfig(ffn_ratio=0.25, round_to=8))],
+            PassContext(calibration=_calib(2, 16)),
+        )
+    assert model.config.intermediate_size == 160
+    assert all(layer.mlp.gate_proj.out_features == 160 for layer in model.model.layers)

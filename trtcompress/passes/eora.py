@@ -4,7 +4,8 @@ SVD taken in the eigenspace of the input activations.
 For a layer compressed in the same sweep (pruned, quantized or both), ΔW = W - Ŵ. Minimising the output
 error ||X ΔWᵀ - X (AB)ᵀ|| rather than ||ΔW - AB|| means weighting input directions by the activation
 covariance H = XᵀX/N = QΛQᵀ: project ΔW' = ΔW·Q·√Λ, keep its top-r SVD U_r Σ_r V_rᵀ, project back:
-A = U_r·√Σ_r (out, r), B = √Σ_r·V_rᵀ·Λ^(-1/2)·Qᵀ (r, in). At full rank AB = ΔW exactly (the damping
+A = U_r·√Σ_r (out, r), B = √Σ_r·V_rᵀ·Λ^(-1/2)·Qᵀ (r, in), each component's norm then split evenly
+between A and B (fp16-safe whatever the scale of H). At full rank AB = ΔW exactly (the damping
 added to Λ cancels), so the correction reproduces the uncompressed layer. Factors are stored in the
 state (fp16 by default, counted in its bytes) and run as x·Bᵀ·Aᵀ next to the compressed GEMM.
 
@@ -47,6 +48,8 @@ def eora_factors(
         raise ValueError(
             f"rank {rank} is outside [1, min(out, in) = {min(out_f, in_f)}] for a {out_f}x{in_f} weight"
         )
+    if not torch.isfinite(hessian).all():  # overflowing activations: eigh/svd failed with a LinAlgError
+        raise CompressionError("eora: the Hessian has non-finite entries (NaN or inf); check the calibration")
     h = hessian.double()
     eigvals, eigvecs = torch.linalg.eigh(h)
     eigvals = eigvals.clamp_min(0) + damp * max(float(eigvals.mean()), 1e-30)
@@ -57,7 +60,13 @@ def eora_factors(
     half = s[:r].sqrt()
     a = u[:, :r] * half[None, :]
     b = ((half[:, None] * vh[:r]) / root[None, :]) @ eigvecs.T
-    return a.float(), b.float()
+    # Λ^(-1/2) lands in B alone: a tiny (or all-zero: dead inputs) covariance gave a tiny A and a huge
+    # B, which fp16 storage flushed to 0 and inf (0·inf = NaN in the layer). Split each component's
+    # scale evenly between the factors instead; A·B is unchanged.
+    norm_a, norm_b = a.norm(dim=0), b.norm(dim=1)
+    both = (norm_a > 0) & (norm_b > 0)
+    balance = torch.where(both, (norm_b / norm_a.where(both, 1.0)).sqrt(), 1.0)
+    return (a * balance[None, :]).float(), (b / balance[:, None]).float()
 
 
 def with_lowrank(state: CompressedLinearState, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):

@@ -31,7 +31,7 @@ from trtcompress.compressed.state import CompressedLinearState
 from trtcompress.errors import CompressionError
 from trtcompress.models.layout import decoder_layers, layer_prefix
 from trtcompress.passes.base import PassConfig, PassContext, register_pass
-from trtcompress.passes.engine import HESSIAN, CalibratedPass, GroupHandle, GroupStats
+from trtcompress.passes.engine import HESSIAN, CalibratedPass, GroupHandle, GroupStats, LayerSweep
 
 
 class StructuredConfig(PassConfig):
@@ -92,6 +92,20 @@ class StructuredPass(CalibratedPass):
         self.plans: dict[int, _LayerPlan] = {}
 
     # ------------------------------------------------------------------------------------ during sweep
+
+    def start_layer(self, sweep: LayerSweep, context: PassContext) -> None:
+        # `finish` slices q/k/v and gate/up too, whatever the targets: one compressed by an earlier pass
+        # used to be found only there, after the whole sweep and with earlier layers already sliced (a
+        # model of mismatched shapes). Refuse it before this layer changes.
+        rels = []
+        if self.config.ffn_ratio:
+            rels += ["mlp.gate_proj", "mlp.up_proj"]
+        if self.config.head_ratio:
+            rels += ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+        handle = sweep.handles[0]
+        for rel in rels:
+            name = layer_prefix(sweep.index) + rel
+            _check_uncompressed(name, handle.current_state(name))
 
     def compress_group(
         self, group: GroupHandle, names: list[str], stats: GroupStats, context: PassContext
