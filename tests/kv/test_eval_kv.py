@@ -73,6 +73,17 @@ def test_evaluate_with_kv_tiny(tiny_model) -> None:
     assert gear.details["kv_codec"]["name"] == "gear-2bit"
 
 
+def test_kv_evaluation_measures_the_reference_exact_match_too(tiny_model) -> None:
+    """`gsm8k_exact_match_ref` was never set with a KV codec, so a gate on it failed as "not measured:
+    it needs eval.gsm8k_generate > 0" although that was set. The reference decodes with an fp16 cache."""
+    from trtcompress.eval.harness import evaluate
+
+    config = TINY_EVAL.model_copy(update={"gsm8k_generate": 1, "max_new_tokens": 4})
+    kw = {"model_name": "tiny", "recipe_name": "baseline", "is_reference": True}
+    report = evaluate(tiny_model.model, tiny_model.tokenizer, config, kv=KVCacheConfig(codec="int8"), **kw)
+    assert report.gsm8k_exact_match is not None and report.gsm8k_exact_match_ref is not None
+
+
 def test_cli_eval_kv(tiny_model_dir) -> None:
     proc = run_cli("eval", str(tiny_model_dir), "--kv", "kivi-4bit", "--json", *TINY_EVAL_FLAGS)
     assert proc.returncode == 0, proc.stderr

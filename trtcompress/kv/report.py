@@ -38,9 +38,8 @@ def evaluate_with_kv(
     gsm8k = gsm8k_problems(config.gsm8k_problems)
     symbolic = gsm_symbolic_problems(config.gsm_symbolic_problems, config.gsm_symbolic_seed)
     n_windows = config.ppl_tokens // config.context
-    steps = (
-        n_windows * (2 if reference is not None else 1) + len(gsm8k) + len(symbolic) + config.gsm8k_generate
-    )
+    runs = 2 if reference is not None else 1  # the reference decodes too, with an fp16 cache
+    steps = n_windows * runs + len(gsm8k) + len(symbolic) + config.gsm8k_generate * runs
     task = progress.add_task(f"evaluating with a {kv.codec} KV cache", total=steps) if progress else None
 
     def tick(n: int) -> None:
@@ -55,12 +54,16 @@ def evaluate_with_kv(
     sym = (
         kv_answer_fidelity(model, tokenizer, symbolic, codec, reference, bs, tick, sink) if symbolic else None
     )
-    exact = None
+    exact = exact_ref = None
     if config.gsm8k_generate:
         problems = gsm8k_problems(config.gsm8k_generate)
         exact = kv_greedy_exact_match(
             model, tokenizer, problems, codec, config.max_new_tokens, bs, tick, sink
         )
+        if reference is not None:  # as the plain path: a gate on exact match compares with the reference
+            exact_ref = kv_greedy_exact_match(
+                reference, tokenizer, problems, FP16Codec(), config.max_new_tokens, bs, tick, sink
+            )
     stats = weight_stats(model)
     stats_ref = weight_stats(reference) if reference is not None else None
     if task is not None:
@@ -80,6 +83,7 @@ def evaluate_with_kv(
         gsm_symbolic_bpb=sym.bpb if sym else None,
         gsm_symbolic_bpb_ref=sym.bpb_ref if sym else None,
         gsm8k_exact_match=exact,
+        gsm8k_exact_match_ref=exact_ref,
         weight_bytes=stats.weight_bytes,
         weight_bytes_ref=stats_ref.weight_bytes if stats_ref else None,
         bits_per_param=stats.bits_per_param,
