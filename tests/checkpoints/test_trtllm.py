@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -63,9 +64,12 @@ def test_matches_modelopt_tiny(tiny_model_dir, tmp_path, algo):
     from trtcompress.checkpoints.modelopt_import import import_modelopt_model
 
     model = modelopt_quantize(AutoModelForCausalLM.from_pretrained(tiny_model_dir), algo, block=16)
+    # Import a copy taken before ModelOpt's exporter ran: it fuses scales in place (FP8 gate/up), which
+    # hid an importer that did not.
+    fresh = copy.deepcopy(model)
     for tp in (1, 2):
         modelopt_export(model, tmp_path / f"modelopt-tp{tp}", tp)
-    import_modelopt_model(model)
+    model = import_modelopt_model(fresh)
     for tp in (1, 2):
         write_trtllm_checkpoint(model, tmp_path / f"ours-tp{tp}", TrtllmOptions(tp_size=tp))
         n = assert_same_checkpoint(
@@ -74,6 +78,26 @@ def test_matches_modelopt_tiny(tiny_model_dir, tmp_path, algo):
         assert n == tp * {"none": 17, "awq": 37, "fp8": 37}[algo]
     config = json.loads((tmp_path / "ours-tp2/config.json").read_text())
     assert config["quantization"]["quant_algo"] == {"none": None, "awq": "W4A16_AWQ", "fp8": "FP8"}[algo]
+
+
+def test_unsupported_modelopt_format_is_refused_before_anything_changes(tiny_model_dir):
+    """An INT8 SmoothQuant model: the importer re-smoothed layer 0's q/k/v in place (ModelOpt's fusion
+    preprocessing) and only then refused the format, leaving the caller's model changed."""
+    pytest.importorskip("modelopt", reason=MODELOPT_MISSING)
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM
+
+    from trtcompress.checkpoints.modelopt_import import import_modelopt_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = mtq.quantize(model, copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG), lambda m: m(input_ids=ids))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ExportError, match=r"layer 0 self_attn.q_proj: ModelOpt format 'int8_sq'.*supported"):
+        import_modelopt_model(model)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 # ------------------------------------------------------------------------------------- sharding

@@ -209,3 +209,41 @@ def test_wanda_regional_gradient_score_keeps_n_of_m_and_changes_the_choice(tiny_
             keep.reshape(keep.shape[0], -1, 4).sum(-1), torch.full_like(keep[:, ::4], 2, dtype=torch.long)
         )
     assert any(not torch.equal(masks[0.0][n], masks[1e6][n]) for n in masks[0.0])
+
+
+def test_kd_adapters_live_on_the_device_of_the_layer_they_wrap():
+    """Adapters were created on the CPU whatever the model's device: KD on a GPU model failed with a
+    device mismatch. The meta device stands in for a GPU here; the start is still the identity."""
+    from trtcompress.passes.kd import LoRAAdapter
+
+    base = torch.nn.Linear(16, 12, device="meta")
+    adapter = LoRAAdapter(base, 4, 2.0, torch.Generator().manual_seed(0))
+    assert adapter.lora_a.device.type == adapter.lora_b.device.type == "meta"
+    assert adapter(torch.empty(3, 16, device="meta")).shape == (3, 12)
+    cpu = LoRAAdapter(torch.nn.Linear(16, 12), 4, 2.0, torch.Generator().manual_seed(0))
+    x = torch.randn(3, 16)
+    assert torch.equal(cpu(x), cpu.base(x)) and bool(cpu.lora_b.abs().sum() > 0)
+
+
+def test_regional_trains_with_the_activation_quantizers_of_w4a4_layers_beside_it(tiny_model_dir):
+    """mlp W4A4 (an earlier sweep), then wanda + regional on attention: the dense target includes the mlp's
+    activation quantization, so regional's own forwards must too. Without it the loss compared an
+    unquantized forward with a quantized target, and the reported error was not the stored layer's."""
+    from trtcompress.models import load_model
+    from trtcompress.passes.engine import _first_layer_inputs, _layer_output
+    from trtcompress.passes.fp4 import MinMaxFP4Config, MinMaxFP4Pass
+
+    calib = _calib(4, 32)
+    model = _amplify(load_model(str(tiny_model_dir), log=lambda m: None).model)
+    run_sequential(model, [MinMaxFP4Pass(MinMaxFP4Config(targets=["*mlp*"]))], PassContext(calibration=calib))
+    dense = copy.deepcopy(model)
+    regional = RegionalPass(RegionalConfig(steps=10, samples=4, lr=1e-3, optimizer="adam"))
+    attention = WandaPass(WandaConfig(pattern="2:4", dtype="float32", targets=["*self_attn*"]))
+    run_sequential(model, [attention, regional], PassContext(calibration=calib))
+    first = regional.history[0]
+    with torch.no_grad():
+        hidden, kwargs = _first_layer_inputs(dense, calib)
+        reference = _layer_output(dense.model.layers[0](hidden, **kwargs))
+        stored = _layer_output(model.model.layers[0](hidden, **kwargs))
+    error = float((stored - reference).pow(2).mean() / reference.pow(2).mean())
+    assert error == pytest.approx(first["after"], rel=0.05), (error, first)

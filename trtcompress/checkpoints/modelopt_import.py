@@ -6,7 +6,7 @@ exactly the quantization ModelOpt's own exporter writes. The codes are what Mode
 (its own `to_quantized_weight`), with the scales its export would use for the fused q|k|v GEMM:
 - INT4_AWQ: q/k/v are re-smoothed to one pre-quant scale first (ModelOpt's `preprocess_linear_fusion`,
   which its exporter also runs), then block scales amax/7 and codes round(w/s) in [-8, 7];
-- FP8: one weight scale and one activation scale per fused q|k|v (the max of the three, as ModelOpt).
+- FP8: one weight scale and one activation scale per fused q|k|v and per gate|up (the max, as ModelOpt).
 Scales are stored in fp16 (the state's convention), so dequantized values match ModelOpt's within fp16
 rounding. Needs `pip install nvidia-modelopt` (the `compare` extra); runs on CPU.
 """
@@ -66,20 +66,34 @@ def import_modelopt_model(model: nn.Module, target: str = "trtllm") -> nn.Module
 
     Supported ModelOpt formats: int4_awq (W4A16_AWQ) and fp8 (W8A8 FP8). Unquantized layers stay as they are.
     `target` says whose exporter's fusion preprocessing to reproduce: "trtllm" (q/k/v share one pre-quant
-    scale, or one FP8 weight and activation scale: TensorRT-LLM fuses them into one GEMM) or "hf" (AWQ
-    q/k/v and gate/up each share one pre-quant scale, which ModelOpt's HF exporter folds into the norm
-    before them; FP8 layers keep their own scales).
+    scale, or one FP8 weight and activation scale: TensorRT-LLM fuses them into one GEMM; FP8 gate/up too)
+    or "hf" (AWQ q/k/v and gate/up each share one pre-quant scale, which ModelOpt's HF exporter folds into
+    the norm before them; FP8 layers keep their own scales).
     """
     if target not in ("trtllm", "hf"):
         raise ValueError(f"target must be 'trtllm' or 'hf', got {target!r}")
     qu = _modelopt()
     from modelopt.torch.export.quant_utils import preprocess_linear_fusion
 
+    supported = (None, qu.QUANTIZATION_NONE, qu.QUANTIZATION_INT4_AWQ, qu.QUANTIZATION_FP8)
+    # Checked before anything changes: the fusion preprocessing below rewrites ModelOpt's scales (and AWQ
+    # weights) in place, so refusing at layer i left a half-imported, re-smoothed model behind.
+    for i, layer in enumerate(model.model.layers):
+        for name in LINEARS:
+            fmt = qu.get_quantization_format(layer.get_submodule(name))
+            if fmt not in supported:
+                raise ExportError(
+                    f"layer {i} {name}: ModelOpt format {fmt!r} is not imported yet (supported: "
+                    f"{qu.QUANTIZATION_INT4_AWQ}, {qu.QUANTIZATION_FP8})"
+                )
     for i, layer in enumerate(model.model.layers):
         modules = {name: layer.get_submodule(name) for name in LINEARS}
         formats = {name: qu.get_quantization_format(m) for name, m in modules.items()}
         qkv = [modules[n] for n in LINEARS[:3]]
         groups = [LINEARS[:3]] if target == "trtllm" else [LINEARS[:3], LINEARS[4:6]]
+        if target == "trtllm" and formats[LINEARS[4]] == qu.QUANTIZATION_FP8:
+            # ModelOpt's TensorRT-LLM exporter fuses FP8 gate/up too (one weight scale, the max of the two)
+            groups.append(LINEARS[4:6])
         for group in groups:
             fmt = formats[group[0]]
             if fmt in (None, qu.QUANTIZATION_NONE) or (target == "hf" and fmt == qu.QUANTIZATION_FP8):

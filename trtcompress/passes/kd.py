@@ -19,6 +19,7 @@ when a pass needs it).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Literal
@@ -56,8 +57,11 @@ class LoRAAdapter(nn.Module):
                 "frozen_bias", None if bias is None else bias.detach().float(), persistent=False
             )
         out_f, in_f = base.out_features, base.in_features
-        self.lora_b = nn.Parameter(torch.randn(rank, in_f, generator=generator) / math.sqrt(in_f))
-        self.lora_a = nn.Parameter(torch.zeros(out_f, rank))  # starts as the identity function
+        # On the base's device (a model on a GPU), though drawn from the CPU generator (seeded, portable).
+        device = next(itertools.chain(base.parameters(), base.buffers())).device
+        b = torch.randn(rank, in_f, generator=generator) / math.sqrt(in_f)
+        self.lora_b = nn.Parameter(b.to(device))
+        self.lora_a = nn.Parameter(torch.zeros(out_f, rank, device=device))  # starts as the identity function
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.frozen_weight.to(x.dtype), self.frozen_bias) if self.decoded else self.base(x)
@@ -186,7 +190,7 @@ class KDPass(Pass):
             context.log(f"kd: forward/backward under {dtype} autocast (precision: {cfg.precision})")
         for step in range(cfg.steps):
             first = (step * cfg.batch_size) % len(chunks)
-            batch = chunks[first : first + cfg.batch_size]
+            batch = chunks[first : first + cfg.batch_size].to(device)
             with torch.no_grad(), _autocast(device, dtype):
                 target = teacher(input_ids=batch, use_cache=False).logits
             with torch.enable_grad():

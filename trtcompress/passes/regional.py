@@ -21,7 +21,14 @@ import torch
 from pydantic import Field
 
 from trtcompress.passes.base import PassConfig, PassContext, register_pass
-from trtcompress.passes.engine import LAYER_OUTPUTS, CalibratedPass, GroupHandle, GroupStats, LayerSweep
+from trtcompress.passes.engine import (
+    LAYER_OUTPUTS,
+    CalibratedPass,
+    GroupHandle,
+    GroupStats,
+    LayerSweep,
+    _rerun_layer,
+)
 from trtcompress.passes.targets import matches_any
 
 
@@ -67,7 +74,8 @@ class RegionalPass(CalibratedPass):
         }
 
     def _loss(self, sweep: LayerSweep, batch: slice) -> torch.Tensor:
-        out = _output(sweep.layer(sweep.inputs[batch], **sweep.kwargs))
+        # As the engine computed the dense target: with the activation quantizers of W4A4 linears.
+        out = _output(_rerun_layer(sweep.layer, sweep.handles, sweep.inputs[batch], sweep.kwargs))
         target = sweep.dense_outputs[batch]  # type: ignore[index]
         return (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
 
