@@ -1,6 +1,6 @@
 import pytest
 
-from trtcompress.builders.gates import Gate, check_gates
+from trtcompress.builders.gates import FINITE_GATE, Gate, check_gates
 from trtcompress.eval.harness import EvalReport
 
 
@@ -59,8 +59,19 @@ def test_gate_thresholds_must_be_finite_numbers(gate):
 
 
 def test_nan_metric_fails_with_a_reason():
-    [result] = check_gates([Gate.model_validate("ppl_ratio <= 1.05")], _report(ppl_ratio=float("nan")))
+    result, finite = check_gates([Gate.model_validate("ppl_ratio <= 1.05")], _report(ppl_ratio=float("nan")))
     assert not result.passed and "NaN" in result.reason
+    assert finite.gate == FINITE_GATE and not finite.passed
+
+
+@pytest.mark.parametrize("metric", ["ppl", "gsm8k_kl"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_broken_model_fails_even_without_gates(metric, value):
+    """With no gate on it (the default preset declares none), a NaN or infinite perplexity or KL was
+    written as a good artifact (status ok, exit 0)."""
+    assert check_gates([], _report()) == []  # finite metrics: nothing to add
+    [result] = check_gates([], _report(**{metric: value}))
+    assert result.gate == FINITE_GATE and not result.passed and metric in result.reason
 
 
 @pytest.mark.parametrize(

@@ -118,4 +118,28 @@ def check_gates(gates: list[Gate], report: EvalReport) -> list[GateResult]:
         results.append(
             GateResult(gate=str(gate), metric=gate.metric, value=value, passed=passed, reason=reason)
         )
+    broken = _non_finite(values)
+    if broken:  # a gate of its own, whatever the recipe declares (the default preset declares none)
+        results.append(
+            GateResult(
+                gate=FINITE_GATE,
+                metric=broken[0],
+                value=float(values[broken[0]]),
+                passed=False,
+                reason=f"non-finite {', '.join(broken)}: the model's outputs overflowed or are broken",
+            )
+        )
     return results
+
+
+FINITE_GATE = "every metric finite"
+
+
+def _non_finite(values: dict) -> list[str]:
+    """The measured metrics that are NaN or infinite: a build whose model is broken never passes, even
+    with no gate on the metric (a NaN perplexity with no gates was written as a good artifact)."""
+    return [
+        name
+        for name in GATE_METRICS
+        if isinstance(values.get(name), int | float) and not math.isfinite(values[name])
+    ]

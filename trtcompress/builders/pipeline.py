@@ -45,7 +45,7 @@ def build(
     out = Path(out)
     native.check_output(out, force)  # fail before spending minutes on compression
     native.check_output_location(out)  # a read-only or impossible OUT, too
-    if force and recipe.gates and recipe.eval.enabled and _keeps_previous(out):
+    if force and recipe.eval.enabled and _keeps_previous(out):  # (a broken model fails with no gates too)
         native.check_output(failed_gates_path(out), force)  # where a failing build would go instead
     if recipe.export.engine.enabled:  # refuse before any work or any file when TensorRT-LLM is missing
         from trtcompress.builders.engine import require_trtllm
