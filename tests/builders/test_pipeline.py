@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from tests.conftest import TINY_EVAL
 from trtcompress.builders.pipeline import build
@@ -144,3 +145,31 @@ def test_force_with_failed_gates_keeps_the_previous_good_artifact(tiny_model_dir
     result = build(str(tiny_model_dir), failing, result.path, force=True)  # failed over failed: replaced
     assert result.path == tmp_path / "a.failed-gates"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.failed-gates"]
+
+
+@pytest.mark.parametrize("kv", [None, "gear-2bit"])
+def test_evaluation_leaves_the_model_as_it_was(tiny_model, kv):
+    """`build` evaluates (and checks gates) before it writes the artifact, so that a build whose gates
+    fail can go elsewhere: evaluating must not change a tensor, a dtype or a module of the model."""
+    from trtcompress.eval.harness import evaluate
+    from trtcompress.kv.config import KVCacheConfig
+    from trtcompress.passes import PassContext
+    from trtcompress.passes.gsq import GSQConfig, GSQPass
+
+    model = tiny_model.model
+    GSQPass(GSQConfig(bits=4, group_size=32)).apply(model, PassContext())
+
+    def snapshot() -> dict:
+        tensors = {k: (v.dtype, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
+        return {"tensors": tensors, "modules": [type(m).__name__ for m in model.modules()]}
+
+    before = snapshot()
+    config = TINY_EVAL.model_copy(update={"gsm8k_generate": 1, "max_new_tokens": 4})
+    evaluate(
+        model, tiny_model.tokenizer, config, None, model_name="tiny", recipe_name="r",
+        kv=KVCacheConfig(codec=kv) if kv else None,
+    )  # fmt: skip
+    after = snapshot()
+    assert after["modules"] == before["modules"] and after["tensors"].keys() == before["tensors"].keys()
+    for name, (dtype, value) in before["tensors"].items():
+        assert after["tensors"][name][0] == dtype and torch.equal(after["tensors"][name][1], value), name
