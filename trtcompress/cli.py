@@ -72,10 +72,14 @@ def cli() -> None:
 # ------------------------------------------------------------------------------------------------ build
 
 eval_options = [
-    click.option("--ppl-tokens", type=int, help="perplexity window tokens [recipe eval.ppl_tokens]"),
+    click.option("--ppl-tokens", type=int, help="perplexity window tokens [eval.ppl_tokens]"),
     click.option("--gsm8k-problems", type=int, help="GSM8K problems for KL/top-1/bpb [eval.gsm8k_problems]"),
     click.option("--gsm8k-generate", type=int, help="problems for greedy exact match [eval.gsm8k_generate]"),
-    click.option("--reference/--no-reference", default=None, help="compare with the uncompressed model"),
+    click.option(
+        "--reference/--no-reference",
+        default=None,
+        help="compare with the uncompressed model [eval.reference]",
+    ),
     click.option(
         "--kv",
         metavar="CODEC",
@@ -204,7 +208,7 @@ def build(model, recipe_spec, out, force, assignments, quiet, as_json, **flags) 
     type=click.Path(path_type=Path),
     help="where to write eval.json and eval.png (default: inside the artifact; nowhere for a plain model)",
 )
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars or logs")
 @click.option(
     "--json", "as_json", is_flag=True, help="print one JSON object with stable keys (implies --quiet)"
 )

@@ -204,7 +204,8 @@ def serve(
 @click.command()
 @click.argument("prompt")
 @click.option(
-    "--url", default="127.0.0.1:8001", show_default=True, help="gRPC (or, with --http, HTTP) address"
+    "--url",
+    help="gRPC (or, with --http, HTTP) address  [default: 127.0.0.1:8001, with --http 127.0.0.1:8000]",
 )
 @click.option("--http", "use_http", is_flag=True, help="HTTP generate / generate_stream instead of gRPC")
 @click.option("--model", default="tensorrt_llm", show_default=True)
@@ -235,6 +236,7 @@ def generate(
         params["stop"] = list(stop_words)
     echo = None if as_json or not stream else (lambda piece: click.echo(piece, nl=False))
     call = generate_http if use_http else generate_grpc
+    url = url or ("127.0.0.1:8000" if use_http else "127.0.0.1:8001")  # serve's default ports
     out = call(url, model, prompt, stream=stream, timeout=timeout, on_piece=echo, **params)
     if as_json:
         click.echo(

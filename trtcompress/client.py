@@ -9,6 +9,7 @@ benchmark takes time to first token and inter-token latency). A request the serv
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import queue
 import time
@@ -220,5 +221,9 @@ def generate_http(
         raise ClientError(f"HTTP {exc.code}: {message}") from None
     except (urllib.error.URLError, OSError) as exc:  # no server there, a connection that broke
         raise ClientError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+    except (http.client.HTTPException, ValueError) as exc:  # a gRPC port, or not Triton: no HTTP/JSON
+        raise ClientError(
+            f"{url}: not a Triton HTTP endpoint ({type(exc).__name__}); is it the gRPC port?"
+        ) from None
     done.text = "".join(done.pieces)
     return done

@@ -73,6 +73,19 @@ def test_recipes_lists_presets_and_prints_yaml():
     assert "method: gsq" in shown.stdout and "bits: 8" in shown.stdout
 
 
+def test_build_and_eval_help_names_the_recipe_field_of_each_eval_flag():
+    """`eval -q` had no help text, `--ppl-tokens` read "[recipe eval.ppl_tokens]" where every other flag
+    names its field alone, and `--reference` named none (the README maps it to `eval.*`)."""
+    from trtcompress.cli import build, eval_cmd
+
+    fields = {"--ppl-tokens": "[eval.ppl_tokens]", "--reference": "[eval.reference]"}
+    for command in (build, eval_cmd):
+        options = {opt.opts[0]: opt for opt in command.params if opt.opts[0].startswith("-")}
+        assert options["--quiet"].help, command.name
+        for flag, field in fields.items():
+            assert options[flag].help.endswith(" " + field), (command.name, flag, options[flag].help)
+
+
 def test_unknown_recipe_key(tiny_model_dir, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("passes:\n  - method: gsq\n    bitz: 4\n")

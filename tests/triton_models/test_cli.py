@@ -195,6 +195,59 @@ def test_clients_and_server_report_unreachable_and_busy_ports_as_errors(tmp_path
             Server(tmp_path, http_port=port).start(timeout=10)
 
 
+def test_http_client_reports_a_port_that_does_not_speak_http_as_an_error():
+    """`generate --http` against the gRPC port (the default URL without --http's own) read an HTTP/2
+    frame as a status line: an http.client.BadStatusLine traceback; a non-JSON answer a ValueError one.
+    Now a ClientError naming the address."""
+    import socket
+    import threading
+
+    from trtcompress.client import ClientError, generate_http
+
+    for reply in (
+        b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x05\x00\x00@\x00\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nnotjson",
+    ):
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+
+            def answer(listener=listener, reply=reply):
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(reply)
+
+            thread = threading.Thread(target=answer, daemon=True)
+            thread.start()
+            url = f"127.0.0.1:{listener.getsockname()[1]}"
+            with pytest.raises(ClientError, match=re.escape(url)):
+                generate_http(url, "m", "hi", timeout=10)
+            thread.join(10)
+
+
+def test_generate_http_defaults_to_the_http_port():
+    """`serve` binds HTTP to 8000 and gRPC to 8001; `generate --http` without --url went to 8001."""
+    from click.testing import CliRunner
+
+    from trtcompress.cli_serve import generate
+
+    calls = []
+
+    def fake(url, *args, **kwargs):
+        calls.append(url)
+        raise SystemExit(0)
+
+    import trtcompress.client as client
+
+    for flag, expected in ((["--http"], "127.0.0.1:8000"), ([], "127.0.0.1:8001")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(client, "generate_http", fake)
+            mp.setattr(client, "generate_grpc", fake)
+            CliRunner().invoke(generate, ["hi", *flag])
+        assert calls.pop() == expected
+
+
 @pytest.mark.parametrize(
     ("params", "match"),
     [
