@@ -11,8 +11,9 @@ from trtcompress.builders.compress import compress_model
 from trtcompress.builders.gates import GateResult, check_gates
 from trtcompress.checkpoints import native
 from trtcompress.errors import RecipeError
-from trtcompress.eval.harness import EvalReport, check_protocol, evaluate
+from trtcompress.eval.harness import EvalReport, check_protocol
 from trtcompress.eval.report import plot_report
+from trtcompress.eval.run import evaluate_recipe
 from trtcompress.models import DEFAULT_MODEL, load_model, resolve_model
 from trtcompress.recipe import Recipe
 from trtcompress.ui import UI
@@ -69,16 +70,7 @@ def build(
     if recipe.eval.enabled:  # before writing: where the artifact goes depends on its gates
         reference = load_model(spec, log=ui.log).model if recipe.eval.reference else None
         with ui.progress() as progress:
-            report = evaluate(
-                loaded.model,
-                loaded.tokenizer,
-                recipe.eval,
-                reference,
-                model_name=spec,
-                recipe_name=recipe.name,
-                progress=progress,
-                kv=recipe.kv_cache,
-            )
+            report = evaluate_recipe(loaded.model, loaded.tokenizer, recipe, reference, spec, progress)
         del reference
         gates = check_gates(recipe.gates, report)
     final = out

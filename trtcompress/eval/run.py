@@ -100,15 +100,8 @@ def evaluate_target(
                     f"{exc} (reference model of {target}; pass --reference-model PATH or --no-reference)"
                 ) from None
         with ui.progress() as progress:
-            report = evaluate(
-                artifact.model,
-                artifact.tokenizer,
-                recipe.eval,
-                reference,
-                model_name=str(target),
-                recipe_name=recipe.name,
-                progress=progress,
-                kv=recipe.kv_cache,
+            report = evaluate_recipe(
+                artifact.model, artifact.tokenizer, recipe, reference, str(target), progress
             )
         _write_outputs(report, output_dir or Path(target))
         return report
@@ -122,16 +115,7 @@ def evaluate_target(
         reference = load_model(reference_spec or target, log=ui.log).model if recipe.eval.reference else None
         with ui.progress() as progress:
             compress_model(loaded.model, loaded.tokenizer, recipe, progress=progress, log=ui.log)
-            report = evaluate(
-                loaded.model,
-                loaded.tokenizer,
-                recipe.eval,
-                reference,
-                model_name=target,
-                recipe_name=recipe.name,
-                progress=progress,
-                kv=recipe.kv_cache,
-            )
+            report = evaluate_recipe(loaded.model, loaded.tokenizer, recipe, reference, target, progress)
     else:
         # No passes: the model is its own reference, unless --reference-model names another one to
         # compare with (its figures must then be measured, not copied from the model's own).
@@ -139,20 +123,29 @@ def evaluate_target(
         if reference_spec and recipe.eval.reference:
             reference = load_model(reference_spec, log=ui.log).model
         with ui.progress() as progress:
-            report = evaluate(
-                loaded.model,
-                loaded.tokenizer,
-                recipe.eval,
-                reference,
-                model_name=target,
-                recipe_name=recipe.name,
-                is_reference=reference_spec is None,
-                progress=progress,
-                kv=recipe.kv_cache,
+            report = evaluate_recipe(
+                loaded.model, loaded.tokenizer, recipe, reference, target, progress, reference_spec is None
             )
     if output_dir:
         _write_outputs(report, output_dir)
     return report
+
+
+def evaluate_recipe(
+    model, tokenizer, recipe: Recipe, reference, model_name: str, progress, is_reference: bool = False
+) -> EvalReport:
+    """`evaluate` with a recipe's evaluation protocol, name and KV-cache codec (build and eval alike)."""
+    return evaluate(
+        model,
+        tokenizer,
+        recipe.eval,
+        reference,
+        model_name=model_name,
+        recipe_name=recipe.name,
+        is_reference=is_reference,
+        progress=progress,
+        kv=recipe.kv_cache,
+    )
 
 
 def _reference_of(source: dict[str, Any]) -> str:
