@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 from trtcompress.builders.compress import compress_model
 from trtcompress.builders.gates import GateResult, check_gates
 from trtcompress.checkpoints import native
-from trtcompress.errors import RecipeError
+from trtcompress.errors import ArtifactError, RecipeError
 from trtcompress.eval.harness import EvalReport, check_protocol
 from trtcompress.eval.report import plot_report
 from trtcompress.eval.run import evaluate_recipe
@@ -112,12 +111,11 @@ def _keeps_previous(out: Path) -> bool:
     """Whether `out` holds an artifact that a build whose gates fail must not replace: any artifact but
     one marked failed_gates itself. `--force` used to swap a good artifact for one that `serve` and
     `repo` refuse, deleting the last good build; an unreadable manifest counts as one to keep."""
-    manifest = Path(out) / native.MANIFEST
-    if not manifest.is_file():
+    if not (Path(out) / native.MANIFEST).is_file():
         return False
     try:
-        return json.loads(manifest.read_text()).get("status") != "failed_gates"
-    except (OSError, ValueError, AttributeError):
+        return native.read_manifest(Path(out))["status"] != "failed_gates"
+    except ArtifactError:  # corrupt or tampered: not known to be a failed build, so kept
         return True
 
 

@@ -65,21 +65,21 @@ class Pass(ABC):
     def apply(self, model: nn.Module, context: PassContext) -> None: ...
 
 
-def check_keeps_mask(name: str, old: CompressedLinearState | None, new: CompressedLinearState) -> None:
-    """Refuse a pass that would silently drop a pruned layer's sparsity mask: its zeros would be
-    densified or no longer recorded (no N:M guarantee for exporters, sparsity no longer reported)."""
-    if old is not None and old.mask is not None and new.mask is None:
+def check_replacement(name: str, old: CompressedLinearState | None, new: CompressedLinearState) -> None:
+    """Refuse a pass whose new state for `name` would silently lose what an earlier pass put there:
+    a pruned layer's sparsity mask, or its low-rank factors."""
+    if old is None:
+        return
+    if old.mask is not None and new.mask is None:
+        # its zeros would be densified or no longer recorded (no N:M guarantee for exporters)
         raise CompressionError(
             f"{name} is pruned ({old.mask.pattern}) and this pass would drop its sparsity mask; prune after "
             "it, or prune and quantize in one pass (sparsegpt with `bits`; gptq and gsq keep masks)"
         )
 
-
-def check_keeps_lowrank(name: str, old: CompressedLinearState | None, new: CompressedLinearState) -> None:
-    """Refuse a pass that would fold a layer's low-rank factors (EoRA, KD adapters) into the weight it
-    re-quantizes: the factors compensate the error of the quantization they were fitted to, so a later
-    quantization of weight + A·B silently loses that compensation and stores none of it."""
-    if old is not None and old.lowrank_a is not None and new.lowrank_a is None:
+    if old.lowrank_a is not None and new.lowrank_a is None:
+        # EoRA / KD factors compensate the quantization they were fitted to: a later quantization of
+        # weight + A·B silently loses that compensation and stores none of it
         raise CompressionError(
             f"{name} carries rank-{old.rank} low-rank factors (eora / kd) and this pass would quantize them "
             "into its weight, losing the compensation; put eora / kd after the last quantization pass"
@@ -108,8 +108,7 @@ class LinearPass(Pass):
                     f"layer {name} has non-finite weights (NaN or inf); refusing to compress it"
                 )
             new = self.compress_linear(name, state)
-            check_keeps_mask(name, state, new)
-            check_keeps_lowrank(name, state, new)
+            check_replacement(name, state, new)
             set_module(model, name, CompressedLinear(new))
             if task is not None:
                 context.progress.advance(task)  # type: ignore[union-attr]

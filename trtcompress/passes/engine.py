@@ -23,7 +23,7 @@ from trtcompress.compressed.linear import CompressedLinear, set_module
 from trtcompress.compressed.state import CompressedLinearState
 from trtcompress.errors import CalibrationError, CompressionError
 from trtcompress.models.layout import LLAMA_GROUPS, LinearGroup, decoder_layers, layer_prefix
-from trtcompress.passes.base import Pass, PassContext, check_keeps_lowrank, check_keeps_mask
+from trtcompress.passes.base import Pass, PassContext, check_replacement
 from trtcompress.passes.targets import matches_any, select_linears
 
 # Statistics a pass can ask for (its `needs`).
@@ -137,8 +137,7 @@ class GroupHandle:
     def set_state(self, name: str, state: CompressedLinearState) -> None:
         """Record `name`'s compressed state; the rest of this forward uses its effective weight (and
         quantizes its input when the state is W4A4)."""
-        check_keeps_mask(name, self.current_state(name), state)
-        check_keeps_lowrank(name, self.current_state(name), state)
+        check_replacement(name, self.current_state(name), state)
         linear = self.linears[name]
         linear.weight.data = state.weight(linear.weight.dtype)
         if state.bias is not None and linear.bias is not None:
@@ -316,7 +315,7 @@ def run_sequential(model: nn.Module, passes: list[CalibratedPass], context: Pass
         handles = _prepare_layer(model, layer, index)
         sweep = LayerSweep(index, layer, handles, hidden, kwargs)
         if LAYER_OUTPUTS in needs:
-            sweep.dense_outputs = _layer_output(_rerun_layer(layer, handles, hidden, kwargs))  # W4A4 kept
+            sweep.dense_outputs = _layer_output(rerun_layer(layer, handles, hidden, kwargs))  # W4A4 kept
         for p in passes:
             p.start_layer(sweep, context)
         hooks = [
@@ -331,7 +330,7 @@ def run_sequential(model: nn.Module, passes: list[CalibratedPass], context: Pass
                 hook.remove()
         changed = [p.finish_layer(sweep, context) for p in passes]
         if any(changed):  # weights changed after the forward: the next layer needs the new output
-            out = _rerun_layer(layer, handles, hidden, kwargs)
+            out = rerun_layer(layer, handles, hidden, kwargs)
         hidden = _layer_output(out)
         if not all_finite(hidden):
             raise CalibrationError(
@@ -350,7 +349,7 @@ def _layer_output(out: torch.Tensor | tuple) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _rerun_layer(layer: nn.Module, handles: list[GroupHandle], hidden: torch.Tensor, kwargs: dict):
+def rerun_layer(layer: nn.Module, handles: list[GroupHandle], hidden: torch.Tensor, kwargs: dict):
     """The layer's output with its current weights. Producers already carry any folded input scale,
     so only the members' own transforms (simulated activation quantization) still apply."""
     hooks = [

@@ -27,7 +27,7 @@ from trtcompress.passes.engine import (
     GroupHandle,
     GroupStats,
     LayerSweep,
-    _rerun_layer,
+    rerun_layer,
 )
 from trtcompress.passes.targets import matches_any
 
@@ -75,7 +75,7 @@ class RegionalPass(CalibratedPass):
 
     def _loss(self, sweep: LayerSweep, batch: slice) -> torch.Tensor:
         # As the engine computed the dense target: with the activation quantizers of W4A4 linears.
-        out = _output(_rerun_layer(sweep.layer, sweep.handles, sweep.inputs[batch], sweep.kwargs))
+        out = _output(rerun_layer(sweep.layer, sweep.handles, sweep.inputs[batch], sweep.kwargs))
         target = sweep.dense_outputs[batch]  # type: ignore[index]
         return (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
 
