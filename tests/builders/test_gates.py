@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from trtcompress.builders.gates import FINITE_GATE, Gate, check_gates
@@ -152,3 +154,26 @@ def test_a_bad_gate_string_says_what_is_wrong_with_it(text, match):
     the wrong case or with a hyphen "not of the form" instead of the unknown-metric hint."""
     with pytest.raises(ValueError, match=match):
         Gate.model_validate(text)
+
+
+@pytest.mark.parametrize(
+    "gate, settings, needs",
+    [
+        ("gsm8k_exact_match >= 0.1", {}, "eval.gsm8k_generate > 0"),
+        ("ppl_ratio <= 1.1", {"reference": False}, "the reference model"),
+        ("gsm8k_kl <= 0.1", {"gsm8k_problems": 0}, "eval.gsm8k_problems > 0"),
+        ("kv_bytes_per_token_ref >= 1", {}, "a KV-cache codec"),
+    ],
+)
+def test_a_gate_the_evaluation_cannot_measure_is_refused_up_front(gate, settings, needs):
+    """Such a gate could only fail, and failed the build after the whole compression had run."""
+    from trtcompress.builders.gates import check_measurable
+    from trtcompress.errors import RecipeError
+    from trtcompress.eval.config import EvalConfig
+
+    gates = [Gate.model_validate("ppl <= 100"), Gate.model_validate(gate)]
+    with pytest.raises(RecipeError, match=rf"could only fail: {re.escape(gate)} \(.*{re.escape(needs)}"):
+        check_measurable(gates, EvalConfig(**settings), kv_codec=False)
+    # measured with the setting that measures it (the defaults, a codec for kv_*): no error
+    fixed = {"gsm8k_generate": 1} if "exact" in gate else {}
+    check_measurable(gates, EvalConfig(**fixed), kv_codec="kv_" in gate)

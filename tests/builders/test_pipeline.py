@@ -173,3 +173,11 @@ def test_evaluation_leaves_the_model_as_it_was(tiny_model, kv):
     assert after["modules"] == before["modules"] and after["tensors"].keys() == before["tensors"].keys()
     for name, (dtype, value) in before["tensors"].items():
         assert after["tensors"][name][0] == dtype and torch.equal(after["tensors"][name][1], value), name
+
+
+def test_a_gate_that_cannot_be_measured_fails_before_the_model_loads(tmp_path):
+    """`gsm8k_exact_match` with eval.gsm8k_generate 0 failed as "not measured" after the compression."""
+    recipe = _recipe(gates=["gsm8k_exact_match >= 0.2"])
+    with pytest.raises(RecipeError, match=r"could only fail: gsm8k_exact_match >= 0.2 .*gsm8k_generate > 0"):
+        build(str(tmp_path / "no-such-model"), recipe, tmp_path / "a")  # the model is not even looked at
+    assert [p.name for p in tmp_path.iterdir()] == []

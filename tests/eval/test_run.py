@@ -80,3 +80,27 @@ def test_artifact_reference_is_the_local_directory_that_shared_a_known_name(tmp_
     assert _reference_of({"model": "SmolLM2-135M", "path": str(local)}) == "SmolLM2-135M"
     assert _reference_of({"model": "smollm2-135m", "path": str(tmp_path / "gone")}) == "smollm2-135m"
     assert _reference_of({"model": "./m", "path": str(tmp_path / "m")}) == str(tmp_path / "m")
+
+
+@pytest.mark.parametrize(
+    "reference, codec, counts",
+    [
+        (True, None, {"gsm8k_generate": 1}),
+        (False, None, {"gsm_symbolic_problems": 0, "gsm8k_generate": 1}),
+        (True, "kivi-2bit", {"gsm8k_problems": 0, "gsm8k_generate": 1}),
+        (False, "int8", {}),
+    ],
+)
+def test_measured_metrics_names_what_the_evaluation_fills(tiny_model, reference, codec, counts):
+    """`build` refuses gates outside `measured_metrics` before compressing: it must be exactly the set of
+    gate metrics that `evaluate` reports, on both the plain and the KV-codec path."""
+    from trtcompress.eval.harness import GATE_METRICS, evaluate, measured_metrics
+    from trtcompress.kv.config import KVCacheConfig
+
+    config = TINY_EVAL.model_copy(update={"max_new_tokens": 2, **counts})
+    report = evaluate(
+        tiny_model.model, tiny_model.tokenizer, config, tiny_model.model if reference else None,
+        model_name="tiny", recipe_name="r", kv=KVCacheConfig(codec=codec),
+    )  # fmt: skip
+    filled = {name for name in GATE_METRICS if getattr(report, name) is not None}
+    assert filled == measured_metrics(config, reference=reference, kv_codec=codec is not None)

@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from trtcompress.eval.harness import GATE_METRICS, EvalReport
+from trtcompress.errors import RecipeError
+from trtcompress.eval.config import EvalConfig
+from trtcompress.eval.harness import GATE_METRICS, EvalReport, measured_metrics
 
 OPS = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
 # Loose on the metric and the value, so that a misspelt metric or a non-numeric threshold gets its own
@@ -90,9 +92,22 @@ def _not_measured(metric: str) -> str:
         needs.append("eval.gsm8k_problems > 0")
     elif metric.startswith("gsm_symbolic_"):
         needs.append("eval.gsm_symbolic_problems > 0")
-    if metric.endswith(("_ref", "_ratio", "_kl", "_top1")):
+    if metric.endswith(("_ref", "_ratio", "_kl", "_top1")) and metric != "kv_bytes_per_token_ref":
         needs.append("the reference model (eval.reference)")
     return "metric not measured" + (f": it needs {' and '.join(needs)}" if needs else "")
+
+
+def check_measurable(gates: list[Gate], config: EvalConfig, *, kv_codec: bool) -> None:
+    """Refuse gates on metrics the recipe's evaluation will not measure, before minutes of compression:
+    such a gate can only fail (a gate on `gsm8k_exact_match` with `eval.gsm8k_generate: 0` failed the
+    build after the whole compression and evaluation had run)."""
+    measured = measured_metrics(config, reference=config.reference, kv_codec=kv_codec)
+    unmeasured = [f"{gate} ({_not_measured(gate.metric)})" for gate in gates if gate.metric not in measured]
+    if unmeasured:
+        raise RecipeError(
+            "gate(s) on metrics this recipe's evaluation does not measure, so they could only fail: "
+            + "; ".join(unmeasured)
+        )
 
 
 def check_gates(gates: list[Gate], report: EvalReport) -> list[GateResult]:

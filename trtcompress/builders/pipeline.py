@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trtcompress.builders.compress import compress_model
-from trtcompress.builders.gates import GateResult, check_gates
+from trtcompress.builders.gates import GateResult, check_gates, check_measurable
 from trtcompress.checkpoints import native
 from trtcompress.errors import ArtifactError, RecipeError
 from trtcompress.eval.harness import EvalReport, check_protocol
@@ -42,6 +42,8 @@ def build(
             f"the recipe declares gates ({', '.join(str(g) for g in recipe.gates)}) but eval.enabled is "
             "false (--no-eval): gates need an evaluation; drop them with --set gates=[] or evaluate"
         )
+    if recipe.eval.enabled:
+        check_measurable(recipe.gates, recipe.eval, kv_codec=recipe.kv_cache.codec is not None)
     out = Path(out)
     native.check_output(out, force)  # fail before spending minutes on compression
     native.check_output_location(out)  # a read-only or impossible OUT, too

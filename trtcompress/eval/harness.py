@@ -65,6 +65,29 @@ GATE_METRICS = tuple(
 )
 
 
+def measured_metrics(config: EvalConfig, *, reference: bool, kv_codec: bool) -> frozenset[str]:
+    """The gate metrics an evaluation of a compressed model fills with these settings (the others stay
+    None): `reference`, whether it runs against the uncompressed model; `kv_codec`, whether it decodes
+    with a KV codec. What `build` checks its gates against before compressing; tests hold `evaluate` to
+    it."""
+    names = {"ppl", "weight_bytes", "bits_per_param", "eval_seconds"}
+    if reference:
+        names |= {"ppl_ref", "ppl_ratio", "weight_bytes_ref", "bits_per_param_ref"}
+    for prefix, problems in (
+        ("gsm8k", config.gsm8k_problems),
+        ("gsm_symbolic", config.gsm_symbolic_problems),
+    ):
+        if problems:
+            names.add(f"{prefix}_bpb")
+            if reference:
+                names |= {f"{prefix}_bpb_ref", f"{prefix}_kl", f"{prefix}_top1"}
+    if config.gsm8k_generate:
+        names |= {"gsm8k_exact_match", "gsm8k_exact_match_ref"} if reference else {"gsm8k_exact_match"}
+    if kv_codec:  # the fp16 figure is computed, not measured on the reference
+        names |= {"kv_bytes_per_token", "kv_bytes_per_token_ref"}
+    return frozenset(names)
+
+
 def check_protocol(config: EvalConfig, model: nn.Module, tokenizer) -> None:
     """Refuse an evaluation this model and text cannot run, before minutes of compression: a window
     longer than the model's positions, a perplexity window longer than the BoolQ text."""
