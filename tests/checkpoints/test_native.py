@@ -166,6 +166,12 @@ def _edit(manifest: dict, edit: str) -> None:
         manifest["layers"]["model.layers.9.mlp.down_proj"] = manifest["layers"][layer]
     elif edit == "tied to nothing":
         manifest["tied_weights"]["lm_head.weight"] = "model.nope.weight"
+    elif edit == "heads not dividing the width":
+        manifest["model_config"]["num_attention_heads"] = 5
+    elif edit == "generation_config refused":
+        manifest["generation_config"] = {"max_new_tokens": "many"}
+    elif edit == "files entry without a size":
+        manifest["files"]["model.safetensors"] = "model.safetensors"
 
 
 @pytest.mark.parametrize(
@@ -176,6 +182,10 @@ def _edit(manifest: dict, edit: str) -> None:
         ("unknown model_type", r"model_config is not a loadable model \(Unrecognized model"),
         ("layer not in the model", r"layer model\.layers\.9\.mlp\.down_proj does not match its manifest"),
         ("tied to nothing", r"tied tensor lm_head\.weight -> model\.nope\.weight is not in the model"),
+        # transformers' config validators raise huggingface_hub's StrictDataclass*Error (not a ValueError)
+        ("heads not dividing the width", r"model_config is not a loadable model \(.*not a multiple"),
+        ("generation_config refused", r"generation_config is not a valid one"),
+        ("files entry without a size", r"malformed manifest: `files` entry 'model\.safetensors'"),
     ],
 )
 def test_a_consistent_but_malformed_manifest_is_an_artifact_error(artifact, edit, message):
@@ -285,3 +295,58 @@ def test_an_unwritable_output_directory_is_an_artifact_error(tmp_path, monkeypat
     refused = pytest.raises(ArtifactError, match="cannot write the output there")
     with refused, native.atomic_directory(tmp_path / "out"):
         raise AssertionError("the block ran without a temporary directory")
+
+
+def test_a_config_with_int_keys_gives_a_manifest_that_reads_back(tiny_model, tmp_path):
+    """model_config's id2label has int keys: checksummed as 0, 1, 2, ..., 10, 11 but read back as the
+    strings "0", "1", "10", "11", "2", ..., which sort differently: a fresh build was refused as modified."""
+    model = tiny_model.model
+    model.config.id2label = {i: f"LABEL_{i}" for i in range(12)}
+    model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    path = _write(model, tiny_model.tokenizer, tmp_path / "labels")
+    assert native.read_manifest(path)["model_config"]["id2label"]["11"] == "LABEL_11"
+    native.load_artifact(path)
+
+
+def test_an_unreadable_artifact_file_is_an_artifact_error(artifact, monkeypatch):
+    """Another user's 0600 file (an artifact written by an older build, or copied): one `error:` line
+    naming the file, not a PermissionError traceback."""
+    from pathlib import Path
+
+    path, _ = artifact
+
+    def refuse(file):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "sha256_file", refuse)
+        with pytest.raises(ArtifactError, match=r"model\.safetensors: cannot read the artifact file"):
+            native.load_artifact(path)
+    read_text = Path.read_text
+    monkeypatch.setattr(
+        Path,
+        "read_text",
+        lambda self, *a, **k: refuse(self) if self.name == "manifest.json" else read_text(self),
+    )
+    with pytest.raises(ArtifactError, match=r"manifest\.json: cannot read the manifest \(Permission denied"):
+        native.read_manifest(path)
+
+
+def test_force_keeps_the_previous_artifact_when_the_final_rename_fails(tmp_path, monkeypatch):
+    """The previous artifact was moved into a hidden `.out.old-*` directory before the new one was renamed
+    into place: when that rename failed (or was interrupted), OUT was gone."""
+    target = tmp_path / "out"
+    with native.atomic_directory(target) as tmp:
+        (tmp / native.MANIFEST).write_text("previous")
+    replace = os.replace
+
+    def failing(src, dst):
+        if os.fspath(dst) == os.fspath(target.resolve()) and "partial" in os.fspath(src):
+            raise OSError(28, "No space left on device")
+        return replace(src, dst)
+
+    monkeypatch.setattr(native.os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"), native.atomic_directory(target, force=True) as tmp:
+        (tmp / native.MANIFEST).write_text("new")
+    assert (target / native.MANIFEST).read_text() == "previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -73,18 +73,24 @@ def atomic_directory(
         raise ArtifactError(f"{target.parent}: cannot write the output there ({exc.strerror})") from None
     try:
         yield tmp
-        check(target, force)  # again: a concurrent build may have finished `target` meanwhile
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "previous")
         umask = os.umask(0)  # mkdtemp made it 0700: give the artifact the permissions of a mkdir
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         for path in tmp.rglob("*"):  # safetensors writes its files 0600: unreadable to a container's user
             if path.is_file() and not path.is_symlink():
                 os.chmod(path, stat.S_IMODE(path.stat().st_mode) | (0o666 & ~umask))
-        os.replace(tmp, target)
+        check(target, force)  # again: a concurrent build may have finished `target` meanwhile
+        old = None
+        if target.exists():  # (nothing but the two renames between moving it aside and replacing it)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "previous")
+        try:
+            os.replace(tmp, target)
+        except BaseException:  # the previous artifact goes back to `target`, not left in a hidden directory
+            if old is not None:
+                os.replace(old / "previous", target)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -253,7 +259,9 @@ def new_manifest(
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    manifest = finite_or_named(dict(manifest))  # checksummed as written (strict JSON)
+    # Checksummed as `read_manifest` will read it: strict JSON, and JSON's own keys (model_config's
+    # id2label has int keys, which sort 2 < 10 where the strings read back sort "10" < "2").
+    manifest = json.loads(json.dumps(finite_or_named(dict(manifest)), allow_nan=False))
     manifest["checksum"] = manifest_checksum(manifest)
     write_json_atomic(out / MANIFEST, manifest)
 
@@ -278,6 +286,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{manifest_path}: corrupt manifest (invalid JSON: {exc})") from None
+    except OSError as exc:  # e.g. another user's 0600 file
+        raise ArtifactError(f"{manifest_path}: cannot read the manifest ({exc.strerror})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{manifest_path}: not a {FORMAT_NAME} manifest")
     version = manifest.get("format_version")
@@ -315,6 +325,15 @@ def verify_files(path: Path, manifest: dict[str, Any], hashes: bool = True) -> N
             raise ArtifactError(f"{file}: file not in the manifest (added after the build); remove it")
     for name, info in manifest["files"].items():
         file = path / name
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("bytes"), int)
+            and isinstance(info.get("sha256"), str)
+        ):
+            raise ArtifactError(
+                f"{path / MANIFEST}: malformed manifest: `files` entry {name!r} lacks bytes or sha256; "
+                "rebuild"
+            )
         if not file.is_file():
             raise ArtifactError(f"{file}: missing artifact file")
         size = file.stat().st_size
@@ -322,7 +341,11 @@ def verify_files(path: Path, manifest: dict[str, Any], hashes: bool = True) -> N
             raise ArtifactError(
                 f"{file}: size {size} bytes, manifest says {info['bytes']} (truncated or modified)"
             )
-        if hashes and sha256_file(file) != info["sha256"]:
+        try:
+            digest = sha256_file(file) if hashes else None
+        except OSError as exc:  # e.g. a 0600 file written by another user (older builds, a copy)
+            raise ArtifactError(f"{file}: cannot read the artifact file ({exc.strerror})") from None
+        if hashes and digest != info["sha256"]:
             raise ArtifactError(f"{file}: sha256 mismatch with the manifest (corrupt or modified)")
 
 
@@ -367,7 +390,10 @@ def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
     hf_logging.set_verbosity_error()
     config_dict = dict(manifest["model_config"])
     try:
-        config = AutoConfig.for_model(config_dict.pop("model_type", None), **config_dict)
+        try:
+            config = AutoConfig.for_model(config_dict.pop("model_type", None), **config_dict)
+        except Exception as exc:  # transformers' validators raise huggingface_hub's StrictDataclass*Error
+            raise ValueError(one_line(exc)) from None
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except (ValueError, TypeError) as exc:  # an unknown model_type, a config transformers refuses
@@ -404,7 +430,12 @@ def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
     if manifest.get("generation_config"):  # (older artifacts have none: transformers' defaults)
         from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_dict(manifest["generation_config"])
+        try:
+            model.generation_config = GenerationConfig.from_dict(manifest["generation_config"])
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ArtifactError(
+                f"{path}: the manifest's generation_config is not a valid one ({one_line(exc, 160)})"
+            ) from None
     for alias, stored_name in manifest["tied_weights"].items():  # share, as when the model was built
         module_name, _, attr = alias.rpartition(".")
         source_name, _, source_attr = stored_name.rpartition(".")
