@@ -455,3 +455,16 @@ def test_blocks_a_codec_cannot_store_are_refused_before_any_compression(
             KVCacheConfig(codec=name, block_size=block, options=options)
     else:
         KVCacheConfig(codec=name, block_size=block, options=options)  # the head dim is not known there
+
+
+def test_a_per_kind_rank_given_with_rank_is_not_ignored() -> None:
+    """`rank` with `key_rank` / `value_rank`: the per-kind one overrides `rank` for its kind, as
+    `key_outlier_ratio` does `outlier_ratio`. It was silently ignored (value_rank 0 with rank 2 stored
+    and computed a value rank of 2, and counted its bytes)."""
+    codec = get_codec("gear-2bit", rank=2, value_rank=0)
+    assert codec.rank == {"k": 2, "v": 0}
+    assert "lr_a" in codec.layout("k", 64, 64) and "lr_a" not in codec.layout("v", 64, 64)
+    assert "lr_a" not in codec.compress(_kv(), "v")
+    assert GearCodec(bits=2, rank=3, key_rank=1).rank == {"k": 1, "v": 3}
+    assert get_codec("gear-2bit", rank=3).rank == {"k": 3, "v": 3}  # rank alone still sets both
+    assert GearCodec(bits=2).rank == {"k": 2, "v": 2}

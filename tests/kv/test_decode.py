@@ -110,3 +110,19 @@ def test_reusing_decompressed_blocks_changes_nothing(tiny_model) -> None:
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
     dec.forget(0)
     assert 0 not in dec.cache.seqs
+
+
+def test_extend_reads_a_segments_earlier_tokens_from_the_fp16_tail(tiny_model) -> None:
+    """Token-by-token decoding reads the earlier tokens of the block being filled back from the cache's
+    fp16 tail (only a token's own K/V is exact); `extend` attended to them in the model's float32, a
+    ~1e-4 logit difference on this model (fp16 rounding), now down to fp32 summation order."""
+    model = tiny_model.model
+    ids = _ids(140, 0)
+    a, b = _decoder(model, "fp16"), _decoder(model, "fp16")
+    ha = torch.cat([a.prefill(0, ids[:1]), a.extend(0, ids[1:])])
+    hb = torch.cat([b.prefill(0, ids[:1]), *(b.decode([0], ids[i : i + 1]) for i in range(1, 140))])
+    torch.testing.assert_close(a.logits(ha), b.logits(hb), atol=4e-5, rtol=0)
+    with torch.no_grad():  # the prefill still attends to its own exact K/V
+        ref = model(input_ids=ids[None, :70], use_cache=False).logits[0]
+    c = _decoder(model, "fp16")
+    torch.testing.assert_close(c.logits(c.prefill(0, ids[:70])), ref, atol=1e-4, rtol=0)

@@ -8,7 +8,8 @@ included —, MLPs, rotary embedding, LM head) and replaces only the attention's
   tail, then is appended (a tail that reaches a block's worth of tokens is compressed);
 - `extend(seq, ids)`: teacher-forced decoding of many tokens, *exactly* equivalent to calling
   `decode` once per token: the tokens are processed in segments that never cross a block boundary,
-  so every token sees the earlier blocks compressed and its own block's earlier tokens exact.
+  so every token sees the earlier blocks compressed, its own block's earlier tokens as the fp16 tail
+  holds them and only its own K/V exact.
 """
 
 from __future__ import annotations
@@ -136,10 +137,15 @@ class CachedDecoder:
             outs = []
             for b, seq_id in enumerate(seq_ids):
                 k_old, v_old = self._committed(li, seq_id)
+                k_new, v_new, own = k[b].float(), v[b].float(), None
+                if phase == "decode" and n > 1:
+                    # as one decode() per token: the segment's earlier tokens are read back from the
+                    # cache's fp16 tail, only each token's own K/V is exact
+                    own = (k_new, v_new)
+                    tail = cache.tails["k"].dtype
+                    k_new, v_new = k_new.to(tail).float(), v_new.to(tail).float()
                 outs.append(
-                    self._attend(
-                        q[b], torch.cat([k_old, k[b].float()], 1), torch.cat([v_old, v[b].float()], 1)
-                    )
+                    self._attend(q[b], torch.cat([k_old, k_new], 1), torch.cat([v_old, v_new], 1), own)
                 )
                 cache.write(li, seq_id, k[b], v[b], phase)
             o = torch.stack(outs).transpose(1, 2).reshape(*ids.shape, -1).to(h.dtype)
@@ -168,13 +174,30 @@ class CachedDecoder:
         self.cache.free(seq_id)
         self._dense = {k: v for k, v in self._dense.items() if k[1] != seq_id}
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q `(Hq, n, D)` over k, v `(Hkv, L + n, D)`; the n new tokens are causal among themselves."""
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        own: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """q `(Hq, n, D)` over k, v `(Hkv, L + n, D)`; the n new tokens are causal among themselves.
+        `own`: the new tokens' exact K/V `(Hkv, n, D)`, each token's own (the diagonal) where the last
+        `n` rows of k, v hold them rounded as the cache stores them."""
         n, total = q.shape[1], k.shape[1]
         group = self.n_heads // self.n_kv
         qg = q.float().reshape(self.n_kv, group * n, self.head_dim)
         scores = (qg @ k.transpose(1, 2)).reshape(self.n_kv, group, n, total) * self.scaling
-        visible = torch.arange(total)[None] <= (total - n + torch.arange(n))[:, None]
+        rows, cols = torch.arange(n), total - n + torch.arange(n)
+        if own is not None:
+            exact = (qg.reshape(self.n_kv, group, n, self.head_dim) * own[0][:, None]).sum(-1)
+            scores[..., rows, cols] = exact * self.scaling
+        visible = torch.arange(total)[None] <= cols[:, None]
         scores = scores.masked_fill(~visible, float("-inf"))
-        probs = scores.softmax(-1).reshape(self.n_kv, group * n, total)
-        return (probs @ v).reshape(self.n_heads, n, self.head_dim)
+        probs = scores.softmax(-1)
+        out = probs.reshape(self.n_kv, group * n, total) @ v
+        if own is not None:  # each token's weight on itself moves from its rounded V to its exact V
+            diag = probs[..., rows, cols][..., None]  # (Hkv, group, n, 1)
+            fix = diag * (own[1] - v[:, total - n :])[:, None]
+            out = out + fix.reshape(self.n_kv, group * n, self.head_dim)
+        return out.reshape(self.n_heads, n, self.head_dim)

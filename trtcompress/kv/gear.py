@@ -40,6 +40,17 @@ def _real(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+class _Unset:
+    """The default of `key_rank` / `value_rank`: not given, so `rank` (or 2) sets them."""
+
+    def __repr__(self) -> str:
+        return "rank"
+
+
+_UNSET: Any = _Unset()
+DEFAULT_RANK = 2
+
+
 def outliers_per_side(ratio: float, group: int) -> int:
     """Top and bottom `ratio / 2` of a group each, at least one when `ratio > 0`."""
     return math.ceil(ratio / 2 * group - 1e-9) if ratio > 0 else 0
@@ -154,8 +165,8 @@ class GearCodec(KiviCodec):
         prefill_rank: int | None = None,
         key_outlier_ratio: float | None = None,
         value_outlier_ratio: float | None = None,
-        key_rank: int = 2,
-        value_rank: int = 2,
+        key_rank: int = _UNSET,
+        value_rank: int = _UNSET,
         power_iters: int = 3,
         factor_dtype: Literal["int8", "int4", "fp16"] = "int8",
         outlier_scope: Literal["group", "block"] = "group",
@@ -195,8 +206,14 @@ class GearCodec(KiviCodec):
                     f"{'key' if kind == 'k' else 'value'} outlier ratio must be in [0, 1) and leave "
                     f"part of each group quantized, got {ratio!r}"
                 )
-        # `rank` sets both; keys get more by default in gear-2bit (their error costs more on SmolLM2).
-        self.rank = {"k": key_rank, "v": value_rank} if rank is None else {"k": rank, "v": rank}
+        # `rank` sets both; keys get more by default in gear-2bit (their error costs more on SmolLM2). A
+        # `key_rank` / `value_rank` given with it overrides it for its kind, as `key_outlier_ratio` does
+        # `outlier_ratio` (it used to be ignored: rank 2 with value_rank 0 stored a value rank of 2).
+        both = DEFAULT_RANK if rank is None else rank
+        self.rank = {
+            "k": both if key_rank is _UNSET else key_rank,
+            "v": both if value_rank is _UNSET else value_rank,
+        }
         for what, value in (
             ("key rank", self.rank["k"]),
             ("value rank", self.rank["v"]),
