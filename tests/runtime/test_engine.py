@@ -412,12 +412,46 @@ def test_stop_conditions_and_streaming(engine, solo):
         ("hello", SamplingParams(temperature=1.0, top_k=2.5), "top_k must be an integer"),
         ("hello", SamplingParams(temperature=1.0, seed=1.5), "seed must be an integer"),
         ("hello", SamplingParams(max_tokens=True), "max_tokens must be a positive integer"),
+        # token ids that are not integers were converted by int(): 1.7 ran as 1, "12" as 12, b"hi" as
+        # its byte values, and other values failed with a bare TypeError / ValueError
+        ([1.7, 2.2], SamplingParams(), "token ids must be integers"),
+        ([True, 5], SamplingParams(), "token ids must be integers"),
+        (["12"], SamplingParams(), "token ids must be integers"),
+        ([[1, 2]], SamplingParams(), "token ids must be integers"),
+        (b"hello", SamplingParams(), "a string or a list of token ids"),
+        (None, SamplingParams(), "a string or a list of token ids"),
+        ("hello", {"max_tokens": 3}, "params must be a SamplingParams"),
+        ("hello", SamplingParams(temperature=True, seed=1), "temperature must be a number"),
+        ("hello", SamplingParams(top_p=True), "top_p must be in"),
+        ("hello", SamplingParams(ignore_eos="false"), "ignore_eos must be true or false"),
     ],
 )
 def test_invalid_requests_are_refused(engine, prompt, params, match):
     with pytest.raises(RequestError, match=match):
         engine.add_request(prompt, params)
     assert not engine.has_work()
+
+
+def test_integer_token_ids_of_any_integer_type_are_a_prompt(engine):
+    import numpy as np
+
+    ids = [5, 17, 300]
+    for prompt in (np.array(ids), torch.tensor(ids), [np.int32(5), np.int64(17), 300]):
+        rid = engine.add_request(prompt, SamplingParams(max_tokens=1, end_id=-1))
+        assert engine._by_request[rid].prompt_ids == ids
+        while engine.has_work():
+            engine.step()
+
+
+def test_generate_refuses_mismatched_params_and_bytes(engine):
+    with pytest.raises(RequestError, match="2 prompts but 1 sampling params"):
+        engine.generate(["a", "b"], [SamplingParams()])
+    with pytest.raises(RequestError, match="got a string"):
+        engine.generate(b"ab")
+    assert not engine.has_work()
+    params = (SamplingParams(max_tokens=2, end_id=-1), SamplingParams(max_tokens=3, end_id=-1))
+    outs = engine.generate(["a", "b"], params)  # a tuple is one params per prompt too
+    assert [len(o.token_ids) for o in outs] == [2, 3]
 
 
 def test_device_is_validated_and_a_missing_gpu_is_a_clear_error(tiny_int4_artifact):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import operator
 import threading
 import time
 import uuid
@@ -156,7 +157,21 @@ class Engine:
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt))
-        return [int(t) for t in prompt]
+        # token ids: integers only (numpy / torch integer scalars too); int() would truncate 1.7 to 1,
+        # parse "12" and read bytes as their byte values, serving a prompt nobody sent
+        if isinstance(prompt, bytes | bytearray | memoryview) or not hasattr(prompt, "__iter__"):
+            raise RequestError(
+                f"the prompt must be a string or a list of token ids, got {type(prompt).__name__}"
+            )
+        ids = []
+        for t in prompt:
+            try:
+                if isinstance(t, bool):
+                    raise TypeError
+                ids.append(operator.index(t))
+            except (TypeError, ValueError, RuntimeError):
+                raise RequestError(f"prompt token ids must be integers, got {t!r}") from None
+        return ids
 
     def add_request(
         self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
@@ -169,6 +184,8 @@ class Engine:
     ) -> Sequence:
         """The validated sequence of a request, not yet queued (RequestError names what is wrong)."""
         params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.check()
         if isinstance(prompt, str) and not prompt:
             raise RequestError("the prompt is empty")
@@ -304,10 +321,17 @@ class Engine:
         self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[RequestOutput]:
         """Run prompts to completion (all admitted as the batch allows); final outputs in order."""
-        if isinstance(prompts, str):  # iterating it would make one prompt of each character
+        if isinstance(prompts, str | bytes):  # iterating it would make one prompt of each character
             raise RequestError("generate() takes a list of prompts, got a string: pass [prompt]")
         prompts = list(prompts)
-        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if isinstance(params, list | tuple):
+            plist = list(params)
+            if len(plist) != len(prompts):
+                raise RequestError(
+                    f"{len(prompts)} prompts but {len(plist)} sampling params: pass one per prompt"
+                )
+        else:
+            plist = [params or SamplingParams()] * len(prompts)
         # every prompt validated before any is queued: a refused one leaves nothing behind
         ids = self._queue([self._prepare(p, sp, None) for p, sp in zip(prompts, plist, strict=True)])
         wanted = set(ids)  # other requests in flight (add_request) finish in these steps too

@@ -34,13 +34,13 @@ class SamplingParams:
         """Raise RequestError naming the first invalid field."""
         if not _whole(self.max_tokens) or self.max_tokens <= 0:
             raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, int | float) or not math.isfinite(self.temperature):
+        if not _number(self.temperature) or not math.isfinite(self.temperature):
             raise RequestError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
         if self.temperature < 0:
             raise RequestError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not _whole(self.top_k) or self.top_k < 0:
             raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not isinstance(self.top_p, int | float) or not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+        if not _number(self.top_p) or not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         # the LLM-API model's sampling_param_seed is a UINT64: the whole range is a seed
         if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed < 2**64):
@@ -51,10 +51,17 @@ class SamplingParams:
             raise RequestError("stop strings must be non-empty strings")
         if self.end_id is not None and (not _whole(self.end_id) or self.end_id < -1):
             raise RequestError(f"end_id must be a token id, or -1 for none, got {self.end_id!r}")
+        if not isinstance(self.ignore_eos, bool):  # "false" is truthy: it would ignore the EOS
+            raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _number(value: object) -> bool:
+    """A real number that is not a bool (temperature=True is a mistake, not a temperature of 1)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _whole(value: object) -> bool:
