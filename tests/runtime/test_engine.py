@@ -204,6 +204,26 @@ def test_cancel_frees_the_request_and_others_continue(engine, solo):
     assert engine.cache.free_blocks == engine.cache.num_blocks
 
 
+def test_a_late_cancel_does_not_reach_a_new_request_that_reuses_the_id(engine):
+    """A cancel of a request that had already finished was kept until the next step, where it cancelled
+    a new request queued meanwhile under the same id (it ended `cancelled` with no tokens). So was a
+    cancel that arrived during the step that finished the request."""
+    params = SamplingParams(max_tokens=2, end_id=-1)
+    [first] = engine.generate(["hello"], params)
+    engine.cancel(first.request_id)  # too late: it finished
+    engine.add_request("hello", params, request_id=first.request_id)
+    final = {}
+    while engine.has_work():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    assert final[first.request_id].finish_reason == "length"
+    assert len(final[first.request_id].token_ids) == 2
+    engine.add_request("hello", params, request_id="b")
+    engine.step()
+    engine.cancel("b")  # a cancel of a request in flight still works
+    [out] = [o for o in engine.step() if o.finished]
+    assert out.finish_reason == "cancelled"
+
+
 def test_engine_loop_builds_the_engine_on_its_own_thread(tiny_int4_artifact, solo):
     import threading
 

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,6 +62,9 @@ def _eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return frozenset(ids)
+
+
+RECENTLY_FINISHED = 4096  # finished request ids remembered, to ignore late cancels of them
 
 
 class Engine:
@@ -132,6 +135,9 @@ class Engine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._by_request: dict[str, Sequence] = {}
+        # ids that finished lately: a cancel arriving after its request ended must not be kept for a
+        # new request that reuses the id (a cancel of an id not yet queued is kept: EngineLoop's race)
+        self._recently_finished: OrderedDict[str, None] = OrderedDict()
         self._t0 = time.perf_counter()
         self.tokens_generated = 0
 
@@ -235,13 +241,15 @@ class Engine:
                 raise RequestError(f"request id {(busy or ids)[0]!r} is already in flight")
             for seq in seqs:
                 self._by_request[seq.request_id] = seq
+                self._recently_finished.pop(seq.request_id, None)  # a cancel of it counts from now
                 self._inbox.append(seq)
         return ids
 
     def cancel(self, request_id: str) -> None:
         """Stop a request (thread-safe); its last output has finish_reason 'cancelled'."""
         with self._lock:
-            self._cancel.add(request_id)
+            if request_id not in self._recently_finished:
+                self._cancel.add(request_id)
 
     def has_work(self) -> bool:
         with self._lock:
@@ -278,6 +286,10 @@ class Engine:
             if out.finished:
                 with self._lock:
                     self._by_request.pop(out.request_id, None)
+                    self._recently_finished[out.request_id] = None
+                    self._cancel.discard(out.request_id)  # one that came during this step is moot
+                    if len(self._recently_finished) > RECENTLY_FINISHED:
+                        self._recently_finished.popitem(last=False)
         self._record(plan, t0)
         return outputs
 
