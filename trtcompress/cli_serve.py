@@ -106,6 +106,8 @@ def _check_repository_output(output: Path, force: bool) -> None:
         )
 
 
+PORT = click.IntRange(0, 65535)  # 0 = any free port
+
 deploy_option = click.option(
     "--deploy",
     "deploy_set",
@@ -128,9 +130,9 @@ def _environment_warning(env) -> str | None:
 @click.command()
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="address the endpoints bind to")
-@click.option("--http-port", type=int, default=8000, show_default=True, help="0 = any free port")
-@click.option("--grpc-port", type=int, default=8001, show_default=True, help="0 = any free port")
-@click.option("--metrics-port", type=int, default=8002, show_default=True, help="0 = any free port")
+@click.option("--http-port", type=PORT, default=8000, show_default=True, help="0 = any free port")
+@click.option("--grpc-port", type=PORT, default=8001, show_default=True, help="0 = any free port")
+@click.option("--metrics-port", type=PORT, default=8002, show_default=True, help="0 = any free port")
 @click.option(
     "--repo-dir",
     type=click.Path(path_type=Path),
@@ -176,7 +178,9 @@ def serve(
         repo, host, http_port, grpc_port, metrics_port, log_file=log_file or work / "tritonserver.log"
     )
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too (the terminal closed): its default action ended this process and left tritonserver,
+    # in its own session, running with the ports
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     if (warning := _environment_warning(os.environ)) is not None:
         click.echo(f"warning: {warning}", err=True)
@@ -321,9 +325,19 @@ def bench_serve(target, levels, num_requests, prompt_tokens, output_tokens, depl
     baselines measured in the same run."""
     from trtcompress.bench_serve import run
 
-    result = run(
-        target, levels, num_requests, prompt_tokens, output_tokens, list(deploy_set), hf_baseline, output
-    )
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C: the server's context stops tritonserver on the way out
+
+    # SIGTERM / SIGHUP's default action ended this process at once and left tritonserver (in its own
+    # session) running with the ports
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        result = run(
+            target, levels, num_requests, prompt_tokens, output_tokens, list(deploy_set), hf_baseline, output
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     click.echo(json.dumps(result["summary"], indent=2))
 
 

@@ -186,8 +186,8 @@ def generate_http(
     for name, value in body.items():  # Triton would wrap an INT32 of 2**32 + 4 to 4 without a word
         if name in PARAM_TYPES:
             _checked(name, value, *PARAM_TYPES[name])
-    if stream:
-        body["stream"] = True
+    if stream and body.get("streaming") is None:  # `streaming` (the LLM-API name) replaces `stream`:
+        body["stream"] = True  # the native model refuses a request with both (as generate_grpc does)
     endpoint = "generate_stream" if stream else "generate"
     request = urllib.request.Request(
         f"http://{url}/v2/models/{model}/{endpoint}",
@@ -199,6 +199,8 @@ def generate_http(
         with urllib.request.urlopen(request, timeout=timeout) as response:
             if not stream:
                 data = json.loads(response.read())
+                if "error" in data:  # Triton answers some failures with 200 (several responses to generate)
+                    raise ClientError(data["error"])
                 done.pieces, done.times = [data["text_output"]], [time.perf_counter() - done.start]
                 done.finish_reason = data.get("finish_reason", "")
             else:

@@ -10,6 +10,7 @@ go on PYTHONPATH). Endpoints bind to 127.0.0.1 unless a host is given.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -182,13 +183,28 @@ class Server:
     def _check_ports_free(self) -> None:
         """Another server on one of the ports would answer the readiness probe for this one."""
         e = self.endpoints
+        host = self.bind_host or "0.0.0.0"
         for what, port in (("HTTP", e.http_port), ("gRPC", e.grpc_port), ("metrics", e.metrics_port)):
-            with socket.socket() as s:
+            if not isinstance(port, int) or not 0 < port < 65536:  # bind() would raise OverflowError
+                raise ServeError(
+                    f"the {what} port {port!r} is not a port number (1-65535; 0 = any free port)"
+                )
+            try:  # the host's own family (an IPv6 address or a name), as tritonserver binds it
+                family, _, _, _, address = socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )[0]
+            except OSError as exc:
+                raise ServeError(f"cannot bind to host {host!r}: {exc.strerror or exc}") from None
+            with socket.socket(family, socket.SOCK_STREAM) as s:
                 # bound as servers bind, so that only a listener (not a closing connection) blocks it
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
-                    s.bind((self.bind_host or "0.0.0.0", port))
-                except OSError:
+                    s.bind(address)
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:  # e.g. an address no interface here has
+                        raise ServeError(
+                            f"cannot bind to {host!r} port {port}: {exc.strerror or exc}"
+                        ) from None
                     raise ServeError(
                         f"the {what} port {port} is in use (another server?); choose another"
                     ) from None

@@ -375,3 +375,84 @@ def test_bench_percentiles_interpolate_so_p50_is_the_median():
         for q in (0, 25, 90, 99, 100):
             assert _pct(values, q) == pytest.approx(float(np.percentile(values, q)))
     assert _pct([], 50) is None
+
+
+def test_serve_refuses_bad_ports_and_unbindable_hosts_in_one_line(tmp_path):
+    """A port beyond 65535 (or negative) was an OverflowError traceback from the port check; a host
+    that cannot be bound (unknown name, an address no interface has) was reported as "the HTTP port
+    N is in use", N a port nobody held. Now: click refuses the port, Server names the host."""
+    from trtcompress.serve import ServeError, Server
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # a model directory: serve gets as far as the port check
+    for port in ("70000", "-5"):
+        out = run_cli("serve", str(model), "--http-port", port)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+        assert "0<=x<=65535" in out.stderr
+    with pytest.raises(ServeError, match="HTTP port 70000 is not a port number"):
+        Server(tmp_path, http_port=70000).start(timeout=5)
+    with pytest.raises(ServeError, match=re.escape("cannot bind to host 'no-such-host.invalid'")):
+        Server(tmp_path, host="no-such-host.invalid").start(timeout=5)
+    with pytest.raises(ServeError, match=r"cannot bind to '192\.0\.2\.1' port \d+: ") as info:
+        Server(tmp_path, host="192.0.2.1").start(timeout=5)  # TEST-NET-1: no interface has it
+    assert "in use" not in str(info.value)
+
+
+def _tritonservers_over(repo) -> list[int]:
+    """Pids of tritonserver processes serving `repo` (read from /proc)."""
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "tritonserver" in cmdline and f"--model-repository={repo}" in cmdline:
+                pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.parametrize("command", ["serve", "bench"])
+def test_sighup_and_sigterm_stop_tritonserver_on_the_way_out(served_artifact, tmp_path, command):
+    """tritonserver runs in its own session (Ctrl-C on the terminal reaches `serve` only): `serve` killed
+    by SIGHUP (the terminal closed) and `bench serve` by SIGTERM (`timeout`, a job scheduler) ended at
+    once and left it running, holding the ports. Now both stop it on the way out."""
+    repo = tmp_path / ("repo" if command == "serve" else "bench") / "repo"
+    if command == "serve":
+        args = ["serve", str(served_artifact), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+                "--repo-dir", str(repo)]  # fmt: skip
+        sig = signal.SIGHUP
+    else:
+        args = ["bench", "serve", str(served_artifact), "--no-hf-baseline", "--concurrency", "1",
+                "--requests", "400", "--prompt-tokens", "8", "--output-tokens", "32",
+                "-o", str(repo.parent)]  # fmt: skip
+        sig = signal.SIGTERM
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, "-m", "trtcompress", *args], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        if command == "serve":  # ready
+            while proc.poll() is None and not proc.stderr.readline().startswith("ready:"):
+                pass
+        else:  # the warm-up request has run: the load is starting
+            while not (repo.parent / "steps.jsonl").exists() and time.monotonic() < deadline:
+                time.sleep(0.25)
+            time.sleep(2)
+        assert proc.poll() is None and _tritonservers_over(repo), "tritonserver never started"
+        proc.send_signal(sig)
+        proc.wait(timeout=90)
+        deadline = time.monotonic() + 60  # (tritonserver unloads its models before it exits)
+        while _tritonservers_over(repo) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert _tritonservers_over(repo) == [], proc.stderr.read()
+        if command == "serve":
+            assert proc.returncode == 0 and "tritonserver stopped (exit code 0)" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _tritonservers_over(repo):
+            os.kill(pid, signal.SIGKILL)

@@ -181,3 +181,21 @@ def test_repo_over_an_engine_dir_reads_whether_the_engine_can_chunk(
     deploy = DeployConfig(enable_chunked_context=True)
     repo = generate_repository("trtllm", served_artifact, tmp_path / "r", deploy, engine)
     assert _params(validate_repository(repo)["tensorrt_llm"])["enable_chunked_context"] == chunked
+
+
+def test_a_dollar_sign_in_a_path_is_no_placeholder(served_artifact, tiny_model_dir, tmp_path):
+    """An artifact under /data/$USER/... (a legal directory name) was refused as "unfilled template
+    placeholders ['$USER']": the check flagged a bare `$NAME` in the filled values. Placeholders are
+    the `${name}` form templates use, which stays an error anywhere."""
+    import shutil
+
+    root = tmp_path / "data" / "$USER"
+    artifact, model = root / "int4", root / "hf"
+    shutil.copytree(served_artifact, artifact)
+    shutil.copytree(tiny_model_dir, model)
+    for kind, source in (("native", artifact), ("trtllm", artifact), ("llmapi", model)):
+        repo = generate_repository(kind, source, tmp_path / kind, DeployConfig())
+        assert "$USER" in "".join(p.read_text() for p in repo.rglob("*") if p.suffix in {".pbtxt", ".yaml"})
+        validate_repository(repo)
+    with pytest.raises(RepositoryError, match="unfilled"):
+        parse_config('name: "x"\nbackend: "${backend}"')

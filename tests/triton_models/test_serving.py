@@ -166,6 +166,18 @@ def test_the_llm_api_request_names_work_too(server, offline):
     assert top.finish_reason == "length" and top.text == again.text
 
 
+def test_http_generate_of_a_streaming_request_is_a_client_error_and_one_stream_name_is_sent(server, offline):
+    """`streaming` (the LLM-API name) on plain `generate`: the model sends several responses, which
+    Triton answers with status 200 and {"error": ...}; the client read `text_output` from it (a KeyError
+    traceback). And `stream=True` with `streaming=True` sent both names, which the model refuses."""
+    e = server.endpoints
+    prompt = PROMPTS[0]
+    with pytest.raises(ClientError, match="response"):
+        generate_http(e.http, MODEL, prompt, sampling_param_max_tokens=12, streaming=True)
+    out = generate_http(e.http, MODEL, prompt, stream=True, streaming=True, sampling_param_max_tokens=12)
+    assert out.text == offline[prompt] and len(out.pieces) > 1
+
+
 @pytest.mark.parametrize("final_on_last", [True, False], ids=["flag-on-last-piece", "empty-final-response"])
 def test_the_grpc_client_ends_on_the_final_flag_of_a_model_without_finish_reason(server, final_on_last):
     """TensorRT-LLM's ensemble has no `finish_reason` output: the client must end each request on

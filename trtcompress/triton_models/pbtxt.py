@@ -21,7 +21,9 @@ class RepositoryError(TrtcompressError):
     """A model repository that cannot be generated (or did not validate)."""
 
 
-_PLACEHOLDER = re.compile(r"\$\{[^}]*\}|\$[A-Za-z_][A-Za-z0-9_]*")
+# the `${name}` form, the one templates (ours, upstream's fill_template.py) use: a bare `$NAME` is left
+# to the values (a path such as /data/$USER/model is no placeholder); render() checks the template's own
+_PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
 
 
 def render(template: str, values: dict[str, Any]) -> str:
