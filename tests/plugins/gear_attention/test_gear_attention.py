@@ -414,3 +414,26 @@ def test_op_refuses_queries_that_do_not_fit_the_cache(triton_path: bool, monkeyp
     for q in (torch.randn(1, 3, 64), torch.randn(1, 4, 32)):
         with pytest.raises(ValueError, match="multiple of the cache's 2 KV heads"):
             gear_attention_from_cache(q, cache, 0, [0])
+
+
+@pytest.mark.parametrize("triton_path", [False, True])
+def test_op_refuses_a_batch_the_block_table_does_not_hold(triton_path: bool, monkeypatch) -> None:
+    """q for more sequences than the block table / lengths / slots hold: the kernel read past their end
+    (a crash under TRITON_INTERPRET, garbage on a GPU) and the reference failed on an IndexError; q for
+    fewer was attended silently against the first rows. Both paths and the fake implementation refuse."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from trtcompress.plugins.gear_attention.op import gear_attention, op_args_from_cache
+
+    cache = _filled_cache("kivi-2bit", [100, 70])
+    args = list(op_args_from_cache(torch.randn(2, 4, 64), cache, 0, [0, 1]))
+    if triton_path:  # (a q of 3 rows, past the table's 2, crashed this process: only the smaller q here)
+        monkeypatch.setenv("TRTCOMPRESS_GEAR_TRITON", "1")
+    for batch in (1,) if triton_path else (1, 3):
+        q = torch.randn(batch, 4, 64)
+        with pytest.raises(ValueError, match="one row per query sequence"):
+            gear_attention(q, *args[1:])
+        mode = FakeTensorMode()
+        fake = [mode.from_tensor(a) if torch.is_tensor(a) else a for a in (q, *args[1:])]
+        with mode, pytest.raises(ValueError, match="one row per query sequence"):
+            gear_attention(*fake)

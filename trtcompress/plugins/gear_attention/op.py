@@ -29,15 +29,35 @@ def _unflatten(tensors: list[Opt]) -> tuple[dict, dict]:
     return k, v
 
 
-def _check_shapes(q: torch.Tensor, k_tail: torch.Tensor) -> None:
+def _check_shapes(
+    q: torch.Tensor,
+    k_tail: torch.Tensor,
+    block_table: torch.Tensor,
+    num_blocks: torch.Tensor,
+    tail_lens: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
     """q must be `(B, Hq, D)` with Hq a multiple of the cache's H heads and D its head dim (the kernel
-    would attend a silently wrong GQA grouping otherwise)."""
+    would attend a silently wrong GQA grouping otherwise), and the per-sequence tensors must have B rows
+    (the kernel reads row b of each for query b: past their end for a larger q)."""
     heads, dim = k_tail.shape[1], k_tail.shape[-1]
     if q.dim() != 3 or q.shape[1] % heads or q.shape[2] != dim:
         raise ValueError(
             f"q must be (B, Hq, {dim}) with Hq a multiple of the cache's {heads} KV heads, "
             f"got {tuple(q.shape)}"
         )
+    rows = {
+        "block_table": (block_table.dim() == 2, block_table),
+        "num_blocks": (num_blocks.dim() == 1, num_blocks),
+        "tail_lens": (tail_lens.dim() == 1, tail_lens),
+        "slots": (slots.dim() == 1, slots),
+    }
+    for name, (ok, t) in rows.items():
+        if not ok or t.shape[0] != q.shape[0]:
+            raise ValueError(
+                f"{name} must have one row per query sequence (q has B = {q.shape[0]}), "
+                f"got shape {tuple(t.shape)}"
+            )
 
 
 @torch.library.custom_op("trtcompress::gear_attention", mutates_args=())
@@ -86,7 +106,7 @@ def gear_attention(
     v_scale_max: Opt = None,
     v_zero_max: Opt = None,
 ) -> torch.Tensor:
-    _check_shapes(q, k_tail)
+    _check_shapes(q, k_tail, block_table, num_blocks, tail_lens, slots)
     k, v = _unflatten(
         [
             k_codes,
@@ -138,7 +158,10 @@ def gear_attention(
 
 @gear_attention.register_fake
 def _(q, *args, **kwargs) -> torch.Tensor:
-    _check_shapes(q, kwargs["k_tail"] if "k_tail" in kwargs else args[18])
+    # args: the op's parameters after q (k_tail is args[18], block_table .. slots args[22:26])
+    names = ("k_tail", "block_table", "num_blocks", "tail_lens", "slots")
+    positions = (18, 22, 23, 24, 25)
+    _check_shapes(q, *(kwargs[n] if n in kwargs else args[i] for n, i in zip(names, positions, strict=True)))
     return torch.empty(q.shape, dtype=torch.float32, device=q.device)
 
 
