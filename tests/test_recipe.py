@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -299,3 +301,74 @@ def test_an_invalid_export_format_is_named_by_its_index_as_written():
         with_overrides(recipe, [("export.formats", ["trtllm", "foo"])])
     fixed = with_overrides(recipe, [("export.formats", ["hf", "native", "hf"])])
     assert fixed.export.formats == ["native", "hf"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1: x\n", "r.yaml: recipe: key 1 is not text"),
+        ("yes: x\n", "r.yaml: recipe: key True is not text"),
+        ("calibration: {2: 3}\n", "r.yaml: calibration: key 2 is not text"),
+        ("passes: [{method: gsq, 4: x}]\n", "r.yaml: passes[0]: key 4 is not text"),
+    ],
+)
+def test_a_key_that_is_not_text_is_named(text, message):
+    """YAML reads `1:` / `yes:` as an int / bool key: at the top level that was an IndexError traceback,
+    nested it read `calibration[2]` as if the section were a list."""
+    from trtcompress.recipe import yaml_load
+
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(yaml_load(text), "r.yaml")
+    assert str(err.value).startswith(message)
+    assert "allowed keys:" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["1e3", "1.5e3", "-2e-5", "1_0e2"])
+def test_text_that_reads_as_a_number_round_trips(text):
+    """to_yaml wrote `name: 1e3` unquoted (a string to YAML 1.1's dumper), which a recipe reads back as a
+    float: the recipe it printed did not load."""
+    from trtcompress.recipe import yaml_load
+
+    recipe = Recipe(name=text, description=text, model=text)
+    assert parse_recipe(yaml_load(recipe.to_yaml()), "round trip") == recipe
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("1.5e1", 15.0), ("1.0e5", 1e5), (".5e3", 500.0), ("1e2", 100.0)]
+)
+def test_exponent_floats_with_a_dot_read_as_in_yaml_1_2(text, value):
+    """YAML 1.1 needs a signed exponent after a dot: `num_samples: 1.28e2` was the text '1.28e2' ("unable
+    to parse string as an integer") while `1e2` was 100."""
+    from trtcompress.recipe import yaml_load
+
+    assert yaml_load(f"x: {text}")["x"] == value
+    recipe = parse_recipe(yaml_load(f"calibration: {{num_samples: {text}}}"), "r.yaml")
+    assert recipe.calibration.num_samples == int(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ("calibration: {num_samples: yes}", "calibration.num_samples"),
+        ("export: {tp_size: true}", "export.tp_size"),
+        ("passes: [{method: gptq, damp: on}]", "passes[0].damp"),
+    ],
+)
+def test_a_boolean_is_not_a_number(text, path):
+    """pydantic's lax mode read `num_samples: yes` as 1 sample and `damp: on` as 1.0, silently."""
+    from trtcompress.recipe import yaml_load
+
+    with pytest.raises(RecipeError, match=rf"r\.yaml: {re.escape(path)}: expected a number, not the boolean"):
+        parse_recipe(yaml_load(text), "r.yaml")
+    with pytest.raises(RecipeError, match="expected a number, not the boolean True"):
+        with_overrides(load_recipe("int4-g128-rtn"), [parse_assignment("calibration.num_samples=on")])
+    # a quoted number stays a number, as before
+    assert parse_recipe({"calibration": {"num_samples": "12"}}, "r.yaml").calibration.num_samples == 12
+
+
+def test_a_recipe_name_too_long_for_the_file_system_is_a_recipe_error():
+    """pathlib's is_file() raises ENAMETOOLONG instead of answering False: an OSError traceback."""
+    with pytest.raises(RecipeError, match="cannot read the recipe"):
+        load_recipe("r" * 300)
+    with pytest.raises(RecipeError, match="cannot read the recipe"):
+        load_recipe("r" * 300 + ".yaml")

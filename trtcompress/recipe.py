@@ -146,8 +146,15 @@ class Recipe(StrictModel):
         return any(PASS_REGISTRY[p.method].needs for p in self.passes)
 
     def to_yaml(self) -> str:
-        # allow_unicode: a description's "·" stays itself, not "\xB7" in a double-quoted, folded string
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=100)
+        # allow_unicode: a description's "·" stays itself, not "\xB7" in a double-quoted, folded string.
+        # _RecipeDumper: text that recipe YAML reads as a number (`name: 1e3`) is quoted, so it reads back.
+        return yaml.dump(
+            self.model_dump(mode="json"),
+            Dumper=_RecipeDumper,
+            sort_keys=False,
+            allow_unicode=True,
+            width=100,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -178,9 +185,16 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
+# YAML 1.2 exponent floats that YAML 1.1 reads as text: no dot (`1e-3`), or an unsigned exponent (`1.5e3`)
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Quotes a string that _RecipeLoader would read as a float (`1e3`), as SafeDumper does `1.5`."""
+
+
+_RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
 _RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
 _RecipeLoader.add_constructor("tag:yaml.org,2002:float", _RecipeLoader.construct_yaml_float)
 
@@ -201,9 +215,26 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         got = "nothing (an empty file)" if data is None else type(data).__name__
         raise RecipeError(f"{source}: a recipe is a YAML mapping, got {got}")
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(f"{source}: {format_validation_error(exc)}") from None
+    # pydantic's lax mode reads a boolean as a number (`num_samples: yes` is 1 sample, `damp: true` 1.0):
+    # the strict mode names those; its other complaints (a quoted "128") are coercions lax mode allows.
+    try:
+        Recipe.model_validate(data, strict=True)
+    except ValidationError as exc:
+        booleans = [
+            {
+                **e,
+                "msg": f"expected a number, not the boolean {e['input']!r} (YAML reads unquoted "
+                "yes/no/true/false/on/off as booleans)",
+            }
+            for e in exc.errors()
+            if isinstance(e.get("input"), bool) and e["type"] in ("int_type", "float_type")
+        ]
+        if booleans:
+            raise RecipeError(f"{source}: {_format_errors(booleans)}") from None
+    return recipe
 
 
 def list_presets() -> dict[str, Recipe]:
@@ -211,9 +242,13 @@ def list_presets() -> dict[str, Recipe]:
 
 
 def load_recipe_file(path: Path) -> Recipe:
-    if path.is_dir():
+    try:  # (pathlib raises, rather than answers False, for a name too long for the file system)
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror})") from None
+    if is_dir:
         raise RecipeError(f"{path}: a directory, not a recipe file (a recipe is one YAML file)")
-    if not path.is_file():
+    if not is_file:
         raise RecipeError(f"{path}: no such recipe file")
     try:
         data = yaml_load(path.read_text(encoding="utf-8"))
@@ -229,17 +264,25 @@ def load_recipe_file(path: Path) -> Recipe:
 def load_recipe(spec: str) -> Recipe:
     """A preset name (see `trtcompress recipes`) or a path to a YAML file."""
     preset = PRESET_DIR / f"{spec}.yaml"
-    if preset.is_file():
+    if _is_file_or_error(preset):
         return load_recipe_file(preset)
     path = Path(spec).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return load_recipe_file(path)
+    if path.suffix in (".yaml", ".yml") or _is_file_or_error(path, exists=True):
+        return load_recipe_file(path)  # (which names an error _is_file_or_error met)
     names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
     hint = difflib.get_close_matches(spec, names, 1)
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
     raise RecipeError(
         f"{spec!r} is neither a preset{did_you_mean} nor a recipe file; presets: {', '.join(names)}"
     )
+
+
+def _is_file_or_error(path: Path, exists: bool = False) -> bool:
+    """`path.is_file()` (`path.exists()`), True when asking raises (a name too long for the file system)."""
+    try:
+        return path.exists() if exists else path.is_file()
+    except OSError:
+        return exists
 
 
 # -------------------------------------------------------------------------------------------- overrides
@@ -375,9 +418,17 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
 
 
 def format_validation_error(exc: ValidationError) -> str:
+    return _format_errors(exc.errors())
+
+
+def _format_errors(errors: list) -> str:
     messages = []
-    for err in exc.errors():
+    for err in errors:
         loc = list(err["loc"])
+        # a key that is not a string (YAML `1:`, `yes:`, `~:`) ends the location: name its mapping instead
+        invalid_key = err["type"] == "invalid_key"
+        if invalid_key:
+            loc = loc[:-1]
         model: type[BaseModel] | None = Recipe
         parts: list[str] = []
         for i, item in enumerate(loc):
@@ -388,14 +439,20 @@ def format_validation_error(exc: ValidationError) -> str:
                 model = PASS_REGISTRY[item].config_type
                 continue
             parts.append(str(item))
-            if i < len(loc) - 1:
+            if i < len(loc) - 1 or invalid_key:
                 model = (
                     _model_of(model.model_fields[item].annotation)
                     if model and item in model.model_fields
                     else None
                 )
         path = ".".join(parts) or "recipe"
-        if err["type"] == "extra_forbidden":
+        if invalid_key:
+            allowed = f"; allowed keys: {', '.join(sorted(model.model_fields))}" if model else ""
+            messages.append(
+                f"{path}: key {err['input']!r} is not text (YAML reads an unquoted number, null or "
+                f"yes/no/true/false/on/off as a value, not a name){allowed}"
+            )
+        elif err["type"] == "extra_forbidden":
             parent = model if model is not None and loc[-1] not in model.model_fields else None
             allowed = sorted(parent.model_fields) if parent else []
             hint = difflib.get_close_matches(str(loc[-1]), allowed, 1)

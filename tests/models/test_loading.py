@@ -113,3 +113,33 @@ def test_special_tokens_missing_from_the_tokenizer_come_from_the_config(tiny_mod
     assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|endoftext|>", 0)
     assert tokenizer.pad_token_id == 0
     assert tokenizer(["a", "a b c"], padding=True).input_ids[0][-1] == 0
+
+
+def test_unreadable_or_unnameable_model_files_are_model_errors(tiny_model_dir, tmp_path, monkeypatch):
+    """An unreadable config.json (PermissionError for a non-root user) and a name too long for the file
+    system (pathlib raises ENAMETOOLONG from exists()) were OSError tracebacks."""
+    from pathlib import Path
+
+    with pytest.raises(ModelError, match=r"cannot read the model directory .*too long"):
+        resolve_model("m" * 300)
+    path = _copy(tiny_model_dir, tmp_path / "m")
+    read_text = Path.read_text
+
+    def unreadable(self, *args, **kwargs):
+        if self.name == "config.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    with pytest.raises(ModelError, match=r"config\.json: cannot read it \(Permission denied\)"):
+        validate_model_dir(path)
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_a_non_finite_config_value_is_refused(tiny_model_dir, tmp_path, value):
+    """Python's json reads NaN / Infinity (not JSON): `rms_norm_eps: NaN` loaded, and every logit was NaN."""
+    path = _copy(tiny_model_dir, tmp_path / "m")
+    text = (path / "config.json").read_text()
+    (path / "config.json").write_text(text.replace('"rms_norm_eps"', f'"rms_norm_eps": {value}, "x"', 1))
+    with pytest.raises(ModelError, match=rf"config\.json: holds a non-finite number \({value}\)"):
+        load_model(str(path), log=print)

@@ -54,6 +54,15 @@ def resolve_model(spec: str, log=print) -> Path:
 
 def validate_model_dir(path: Path) -> dict:
     """Check that `path` holds a loadable LLaMA-family HF checkpoint; returns its config dict."""
+    try:
+        return _validate_model_dir(path)
+    except OSError as exc:  # pathlib raises, not answers False, for a name too long for the file system
+        raise ModelError(
+            f"{exc.filename or path}: cannot read the model directory ({exc.strerror})"
+        ) from None
+
+
+def _validate_model_dir(path: Path) -> dict:
     known = ", ".join(PACKAGED_MODELS)
     if not path.exists():
         raise ModelError(f"{path}: no such model directory (and not a known model name: {known})")
@@ -62,7 +71,7 @@ def validate_model_dir(path: Path) -> dict:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ModelError(f"{path}: missing config.json; this is not a Hugging Face model directory")
-    config = _read_json_object(config_path)
+    config = _read_json_object(config_path, finite=True)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(
@@ -79,11 +88,21 @@ def validate_model_dir(path: Path) -> dict:
     return config
 
 
-def _read_json_object(file: Path) -> dict:
+def _read_json_object(file: Path, finite: bool = False) -> dict:
+    """`finite`: refuse NaN / Infinity (not JSON, but Python's json reads them): an `rms_norm_eps: NaN`
+    loads and makes every output NaN."""
+
+    def non_finite(name: str) -> float:
+        if finite:
+            raise ModelError(f"{file}: holds a non-finite number ({name}); a config value must be finite")
+        return float(name)
+
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_text(), parse_constant=non_finite)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{file}: malformed JSON ({exc})") from None
+    except OSError as exc:  # unreadable (permissions, an I/O error)
+        raise ModelError(f"{file}: cannot read it ({exc.strerror})") from None
     if not isinstance(data, dict):
         raise ModelError(f"{file}: expected a JSON object")
     return data
