@@ -67,6 +67,11 @@ def test_fidelity_is_independent_of_batching(tiny_model):
         ("It drops by -4 degrees", "-4"),
         ("#### -3", "-3"),
         ("It takes 2-3 days", "3"),  # a hyphen between digits is no minus sign
+        ("She lost money, so the answer is -$5.", "-5"),  # a minus before the dollar sign
+        ("#### -$1,200", "-1200"),
+        ("It costs $10-$4", "4"),  # ... but not a subtraction's
+        ("The answer is .5", "0.5"),  # as the gold "0.5" writes it
+        ("#### -0", "0"),
     ],
 )
 def test_extract_final_number(text, expected):

@@ -181,8 +181,9 @@ def answer_fidelity(
     return totals.result()
 
 
-# A minus sign only where it cannot be a hyphen or a subtraction: "12-4" holds 12 and 4, not -4.
-_NUMBER = re.compile(r"(?:(?<![\w.])-)?[\d,]*\.?\d+")
+# A minus sign only where it cannot be a hyphen or a subtraction: "12-4" holds 12 and 4, not -4. It may
+# precede a dollar sign: "-$5" is -5, as "$-5" is.
+_NUMBER = re.compile(r"(?:(?<![\w.])-\$?)?[\d,]*\.?\d+")
 
 
 def extract_final_number(text: str) -> str | None:
@@ -197,10 +198,13 @@ def extract_final_number(text: str) -> str | None:
 
 
 def _normalise(number: str) -> str:
-    number = number.replace(",", "").rstrip(".")
+    number = number.replace(",", "").replace("$", "").rstrip(".")
     if "." in number:
         number = number.rstrip("0").rstrip(".")
-    return number
+    sign, digits = ("-", number[1:]) if number.startswith("-") else ("", number)
+    if digits.startswith("."):  # ".5" is 0.5
+        digits = f"0{digits}"
+    return digits if digits == "0" else sign + digits  # "-0" is 0
 
 
 STOP_STRINGS = ("\n\n", "Question:")
