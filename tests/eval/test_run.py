@@ -20,6 +20,9 @@ def test_plain_model_is_compared_with_the_reference_model_given(tiny_model_dir, 
 def test_plain_model_without_a_reference_model_is_its_own_reference(tiny_model_dir):
     report = evaluate_target(str(tiny_model_dir), overrides=TINY_OVERRIDES)
     assert report.ppl_ratio == 1.0 and report.gsm8k_kl == 0.0 and report.gsm8k_top1 == 1.0
+    # --no-reference: no reference figures, as after compression (they were copied from the model)
+    alone = evaluate_target(str(tiny_model_dir), overrides=[*TINY_OVERRIDES, ("eval.reference", False)])
+    assert alone.ppl == report.ppl and alone.ppl_ref is None and alone.gsm8k_kl is None
 
 
 def test_artifact_eval_refuses_a_window_over_its_calibration_text(tiny_model_dir, tmp_path):

@@ -123,8 +123,10 @@ def evaluate_target(
         if reference_spec and recipe.eval.reference:
             reference = load_model(reference_spec, log=ui.log).model
         with ui.progress() as progress:
+            # its own reference unless --no-reference (which leaves the reference figures unmeasured)
+            is_reference = reference_spec is None and recipe.eval.reference
             report = evaluate_recipe(
-                loaded.model, loaded.tokenizer, recipe, reference, target, progress, reference_spec is None
+                loaded.model, loaded.tokenizer, recipe, reference, target, progress, is_reference
             )
     if output_dir:
         _write_outputs(report, output_dir)
