@@ -13,6 +13,7 @@ from trtcompress.recipe import (
     parse_assignment,
     parse_recipe,
     with_overrides,
+    yaml_load,
 )
 
 
@@ -372,3 +373,15 @@ def test_a_recipe_name_too_long_for_the_file_system_is_a_recipe_error():
         load_recipe("r" * 300)
     with pytest.raises(RecipeError, match="cannot read the recipe"):
         load_recipe("r" * 300 + ".yaml")
+
+
+@pytest.mark.parametrize(
+    "method, field",
+    [("eora", "damp"), ("kd", "lr"), ("kd", "alpha"), ("regional", "lr"), ("wanda", "gradient_scale")],
+)
+def test_pass_settings_must_be_finite(method, field):
+    """An infinite learning rate, damping or gradient scale passed `gt=0` and turned the weights into
+    NaN minutes later (NaN was refused only by the bounds that happened to exist)."""
+    for value in (".inf", ".nan"):
+        with pytest.raises(RecipeError, match=rf"passes\[0\]\.{field}: Input should be a finite number"):
+            parse_recipe(yaml_load(f"passes: [{{method: {method}, {field}: {value}}}]"), "test")

@@ -30,7 +30,7 @@ from trtcompress.passes.targets import check_patterns, select_linears
 
 
 class PassConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # inf lr, damp: NaN weights
 
     method: str
     targets: list[str] = Field(default_factory=lambda: ["*"], description="module-name patterns to compress")
