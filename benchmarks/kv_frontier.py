@@ -1,8 +1,9 @@
 """KV-cache bytes versus fidelity on SmolLM2-135M: FP16, INT8, FP8, KIVI-2/3/4 and GEAR (+ ablations).
 
-Every point decodes the perplexity windows token by token (teacher forced; `extend` is exactly
-token-by-token decoding) with the compressed cache, and scores GSM8K gold answers after a prefilled
-question, against the same model with an fp16 cache. Bytes per token are what the cache holds at the
+Every point decodes the perplexity windows token by token (teacher forced; `extend` has the arithmetic
+of token-by-token decoding, up to summation order: kv_decode_equivalence.py) with the compressed
+cache, and scores GSM8K gold answers after a prefilled question, against the same model with an fp16
+cache. Bytes per token are what the cache holds at the
 context length (compressed blocks + fp16 tail, averaged over the tail's cycle), all metadata counted.
 Also measures codec compression throughput on CPU against the decode step.
 

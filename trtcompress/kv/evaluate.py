@@ -3,8 +3,8 @@
 Everything is decoded through `CachedDecoder`, for the evaluated model with the codec and for the
 reference with an fp16 cache:
 - perplexity: each protocol window is a one-token prompt followed by teacher-forced decoding of
-  the rest (`extend`: exactly token-by-token decode), so every token attends to the compressed
-  blocks of all earlier complete blocks plus the fp16 tail of its own block;
+  the rest (`extend`: token-by-token decode's arithmetic, up to summation order), so every token
+  attends to the compressed blocks of all earlier complete blocks plus the fp16 tail of its own block;
 - GSM8K / gsm_symbolic fidelity: the question is prefilled (exact attention inside the prompt, as
   a serving prefill), its full blocks compressed, then the gold answer is decoded token by token;
 - KV bytes per token: what the cache holds (compressed blocks + fp16 tail and sink tokens) divided by the
