@@ -83,7 +83,7 @@ def test_rejects_non_2d():
 
 def test_scales_stay_finite_and_positive_at_the_fp16_limits():
     """A group beyond fp16's range clamps its scale to the largest fp16 (it rounded to inf: NaN
-    weights); one that underflows fp16 gets scale 1 after the cast (it stored 0: a zero row)."""
+    weights); one that underflows fp16 gets a positive scale (it stored 0: a zero row)."""
     huge = torch.tensor([[1e6, -3.0, 2.0, 1.0]])
     tiny = torch.full((1, 4), 1e-7) * torch.tensor([1.0, -2.0, 3.0, 0.5])
     for w, symmetric in ((huge, True), (huge, False), (tiny, True), (tiny, False)):
@@ -91,3 +91,19 @@ def test_scales_stay_finite_and_positive_at_the_fp16_limits():
         assert torch.isfinite(scale).all() and (scale > 0).all(), (w, symmetric, scale)
         codes = intgrid.quantize_to_codes(w, scale[:, None], zero[:, None], 4)
         assert torch.isfinite(intgrid.dequantize_codes(codes, scale[:, None], zero[:, None])).all()
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_scale_that_underflows_fp16_keeps_the_smallest_subnormal(bits, symmetric):
+    """A group whose scale underflows fp16 (max|w| < qpos * 2**-25: 3.8e-6 at 8 bits) got scale 1, so it
+    dequantized to all zeros; fp16's smallest subnormal (2**-24) keeps it on the grid. An all-zero group
+    still gets scale 1."""
+    qpos = 2 ** (bits - 1) - 1
+    w = torch.zeros(2, 16)
+    w[0] = torch.linspace(-0.9, 0.9, 16) * qpos * 2.0**-25
+    codes, scales, zeros = intgrid.quantize_groups(w, bits, 0, symmetric)
+    assert scales[0, 0].item() == 2.0**-24 and scales[1, 0].item() == 1
+    deq = intgrid.dequantize_groups(codes, scales, zeros, bits, 0)
+    assert (deq[0] - w[0]).abs().max() <= 2.0**-24  # was all zeros: error max|w[0]|
+    assert deq[0].abs().max() > 0 and deq[1].abs().sum() == 0

@@ -61,3 +61,15 @@ def test_roundtrip_odd_shapes(bits, shape):
     packed = pack_bits(codes, bits)
     assert packed.shape == (*shape[:-1], packed_length(shape[-1], bits))
     assert torch.equal(unpack_bits(packed, bits, shape[-1]), codes.to(torch.uint8))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_unpacking_stays_on_the_device_of_the_codes(bits):
+    """3-bit codes and sparsity bitmaps were unpacked with CPU shift tensors, so a CompressedLinear moved
+    to CUDA failed its forward ("not on the expected device") while 4-bit ones ran. The meta device stands
+    in for CUDA here: any CPU helper tensor mixed in raises the same way."""
+    from trtcompress.compressed.sparsity import SparsityMask
+
+    packed = torch.zeros(2, packed_length(11, bits), dtype=torch.uint8, device="meta")
+    assert unpack_bits(packed, bits, 11).device.type == "meta"
+    assert SparsityMask(torch.zeros(2, 2, dtype=torch.uint8, device="meta"), 11).dense().device.type == "meta"

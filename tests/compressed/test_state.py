@@ -73,3 +73,37 @@ def test_a_pruned_fp4_state_round_trips_through_its_tensors():
     )
     again = CompressedLinearState.from_tensors(state.meta(), state.tensors())
     assert torch.equal(again.weight(), state.weight())
+
+
+def test_a_dtype_cast_of_the_module_keeps_the_stored_format():
+    """`module.to(torch.bfloat16)` / `.half()` / `.float()` cast every floating buffer: bf16 int scales
+    moved the weights, fp32 scales doubled their bytes, and NVFP4's E4M3 scales or the fp32 activation
+    scale became invalid (forward raised). The stored tensors keep their dtypes; the forward casts."""
+    from trtcompress.compressed.formats import NVFP4
+    from trtcompress.compressed.state import ActQuantizer
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    states = [
+        _state(bits=4, group=32, sym=False, bias=True, shape=(8, 64))[1],
+        CompressedLinearState(8, 64, quantized=QuantizedWeight.round_to_nearest(w, NVFP4)),
+        CompressedLinearState(
+            8,
+            64,
+            quantized=QuantizedWeight.round_to_nearest(w, IntFormat(4, 32, True)),
+            act_quant=ActQuantizer(2, 1, torch.tensor([0.5])),
+            lowrank_a=torch.randn(8, 2).half(),
+            lowrank_b=torch.randn(2, 64).half(),
+        ),
+    ]
+    x = torch.randn(3, 64)
+    for state in states:
+        module = CompressedLinear(state)
+        dtypes = {k: v.dtype for k, v in module.state_dict().items()}
+        for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+            cast(module)
+            assert {k: v.dtype for k, v in module.state_dict().items()} == dtypes
+            assert module.state.nbytes == state.nbytes
+            assert torch.equal(module.state.weight(), state.weight())
+            assert torch.equal(module(x), state.forward(x))
+            assert torch.equal(module(x.bfloat16()), state.forward(x.bfloat16()))

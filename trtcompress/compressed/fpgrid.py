@@ -151,7 +151,7 @@ def nvfp4_scales(
     absw = torch.where(valid, blocks.float().abs(), torch.zeros(()))
     block_amax = absw.amax(-1)
     amax = block_amax.max() if tensor_amax is None else torch.as_tensor(tensor_amax, dtype=torch.float32)
-    global_scale = (amax / (qmax * E4M3_MAX)) if amax > 0 else torch.tensor(1.0)
+    global_scale = (amax / (qmax * E4M3_MAX)) if amax > 0 else torch.tensor(1.0, device=blocks.device)
     block = block_amax / qmax / global_scale
     # A non-zero block whose scale would round to 0 (<= 2**-10) keeps E4M3's smallest subnormal, as
     # ModelOpt does: its elements then lie within 3 on the grid and round no worse than all zeros.

@@ -17,6 +17,7 @@ import math
 import torch
 
 SCALE_DTYPE = torch.float16
+FP16_MIN_SUBNORMAL = 2.0**-24  # smallest positive float16 value
 
 
 def num_groups(in_features: int, group_size: int) -> int:
@@ -64,8 +65,10 @@ def group_scale_zero(
         scale = (wmax - wmin) / (2**bits - 1)
         zero = None
     # Stored as fp16: clamped to its largest finite value (a group with |w| ~ 1e6 would round to inf and
-    # dequantize to NaN), and a zero scale (an all-zero group, or one that underflows fp16) replaced by
-    # 1 after the cast, since any positive scale encodes such a group as well as fp16 can.
+    # dequantize to NaN); a positive scale that would underflow fp16 keeps its smallest subnormal (it
+    # rounded to 0 and then became 1, so a group with max|w| below qpos * 2**-25, e.g. 3.8e-6 at 8 bits,
+    # dequantized to all zeros), and a zero scale (an all-zero group) is replaced by 1 after the cast.
+    scale = torch.where(scale > 0, scale.clamp(min=FP16_MIN_SUBNORMAL), scale)
     scale = scale.clamp(max=torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if zero is None:

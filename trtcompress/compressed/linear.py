@@ -30,6 +30,18 @@ class CompressedLinear(nn.Module):
         if state.bias is None:
             self.bias = None  # same attribute surface as nn.Linear
 
+    def _apply(self, fn: Any, recurse: bool = True) -> CompressedLinear:
+        """Device moves apply; dtype casts (`.to(torch.bfloat16)`, `.half()`, `.float()`) do not: the
+        buffers are the stored format (fp16 / E4M3 / E8M0 scales, the fp32 activation scale), which a cast
+        would silently change (bf16 scales move the weights, fp32 ones double their bytes) or make
+        invalid. The forward casts to the input's dtype anyway."""
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        return super()._apply(keep_dtype, recurse)
+
     @property
     def state(self) -> CompressedLinearState:
         tensors = {name: getattr(self, name) for name in self._tensor_names}

@@ -36,13 +36,13 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
             codes = torch.nn.functional.pad(codes, (0, 1))
         return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
     # General case: expand to a bit stream, then gather 8 bits per byte.
-    shifts = torch.arange(bits, dtype=torch.uint8)
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
     stream = ((codes.unsqueeze(-1) >> shifts) & 1).flatten(-2)
     pad = (-stream.shape[-1]) % 8
     if pad:
         stream = torch.nn.functional.pad(stream, (0, pad))
     stream = stream.unflatten(-1, (-1, 8))
-    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.int32)
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=codes.device)
     return (stream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
 
@@ -62,8 +62,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 4:
         out = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
         return out[..., :n]
-    shifts = torch.arange(8, dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     stream = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., : n * bits]
     stream = stream.unflatten(-1, (n, bits)).to(torch.int32)
-    weights = (1 << torch.arange(bits, dtype=torch.int32)).to(torch.int32)
+    weights = 1 << torch.arange(bits, dtype=torch.int32, device=packed.device)
     return (stream * weights).sum(-1).to(torch.uint8)

@@ -87,7 +87,7 @@ class SparsityMask:
         if self.in_features % m:
             raise ValueError(f"an {n}:{m} mask needs in_features divisible by {m}, got {self.in_features}")
         if 8 % m == 0 and self.in_features % 8 == 0:  # check on the bitmap bytes: cheap, runs every forward
-            if not bool(_valid_nm_bytes(n, m)[self.bits.long()].all()):
+            if not bool(_valid_nm_bytes(n, m).to(self.bits.device)[self.bits.long()].all()):
                 raise ValueError(f"mask is not {n}:{m}: some groups of {m} do not keep exactly {n} weights")
         else:
             check_nm(self.dense(), n, m)
@@ -127,7 +127,9 @@ def expand(kept: torch.Tensor, mask: torch.Tensor, fill: int | float = 0) -> tor
     if kept.numel() != nnz:
         raise ValueError(f"{kept.numel()} kept values for a mask that keeps {nnz}")
     # masked_scatter fills the True positions in row-major order: the order `compact` reads them in.
-    return torch.full(tuple(mask.shape), fill, dtype=kept.dtype).masked_scatter_(mask, kept)
+    return torch.full(tuple(mask.shape), fill, dtype=kept.dtype, device=kept.device).masked_scatter_(
+        mask, kept
+    )
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -160,7 +162,7 @@ def make_mask(scores: torch.Tensor, pattern: str, sparsity: float) -> torch.Tens
 
 def _unpack_bitmap(bits: torch.Tensor, in_features: int) -> torch.Tensor:
     """Fast path of unpack_bits(bits, 1, n).bool(): the reference forward unpacks masks every call."""
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=bits.device)
     return (bits.unsqueeze(-1) & weights).ne(0).flatten(-2)[..., :in_features]
 
 

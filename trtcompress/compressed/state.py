@@ -312,7 +312,8 @@ class CompressedLinearState:
     def lowrank_delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A·B, the low-rank correction as an (out, in) matrix (zero without factors)."""
         if self.lowrank_a is None:
-            return torch.zeros(self.out_features, self.in_features, dtype=dtype)
+            held = self.quantized.qweight if self.quantized is not None else self.dense_weight
+            return torch.zeros(self.out_features, self.in_features, dtype=dtype, device=held.device)  # type: ignore[union-attr]
         return (self.lowrank_a.float() @ self.lowrank_b.float()).to(dtype)  # type: ignore[union-attr]
 
     @property
