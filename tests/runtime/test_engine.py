@@ -486,6 +486,17 @@ def test_device_is_validated_and_a_missing_gpu_is_a_clear_error(tiny_int4_artifa
             _engine(tiny_int4_artifact, device="cuda")
 
 
+def test_an_infinite_decompressed_cache_budget_is_refused():
+    """`kv_decompressed_cache_mb: .inf` passed `ge=0` and the engine then failed at start converting it
+    to bytes (OverflowError); NaN was already refused."""
+    import pydantic
+
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(pydantic.ValidationError, match="kv_decompressed_cache_mb"):
+            DeployConfig(kv_decompressed_cache_mb=bad)
+    assert DeployConfig(kv_decompressed_cache_mb=0.5).kv_decompressed_cache_mb == 0.5
+
+
 def test_a_tiny_temperature_samples_the_top_token(engine, solo):
     """Any temperature > 0 gives finite probabilities (the logits are shifted to a top of 0 before the
     division): 1e-39 overflowed them to inf, NaN probabilities crashed the step and so every request

@@ -135,3 +135,22 @@ def test_fused_decode_is_not_used_where_the_kernel_cannot_read_the_cache(monkeyp
     assert fused_decode_supported(cache_for_model(model, int4_factors, 128, 1, 64, 0))
     fp8_scales = get_codec("gear-2bit", scale_dtype="fp8")  # fp8 group scales with block maxima
     assert fused_decode_supported(cache_for_model(model, fp8_scales, 128, 1, 64, 0))
+
+
+@pytest.mark.parametrize("codec", ["kivi-2bit", "gear-2bit"])
+def test_blocks_of_a_size_the_kernel_cannot_tile_take_the_torch_path(codec: str, monkeypatch) -> None:
+    """A KIVI / GEAR group of 48 tokens (blocks of one group, as the fused kernel wants) is not a power
+    of two: the kernel's token tile cannot hold it, and the runtime used it anyway, failing at the first
+    decode step ("arange's range must be a power of 2"). Decode tokens now take the torch path."""
+    from trtcompress.runtime.fused_attention import fused_decode_supported
+
+    monkeypatch.setenv("TRTCOMPRESS_GEAR_TRITON", "1")
+    model = _model()
+    assert fused_decode_supported(cache_for_model(model, get_codec(codec, group=32), 128, 1, 32, 0))
+    cache = cache_for_model(model, get_codec(codec, group=48), 256, 2, 48, 1)
+    assert not fused_decode_supported(cache)
+    runtime = BatchedModel(model, cache, 16)
+    assert not runtime.fused_decode
+    logits = run_steps(runtime, cache)  # decode steps across 48-token blocks, a sink token
+    assert [x.shape[0] for x in logits] == [total - prompt + 1 for prompt, total in LENGTHS]
+    assert all(torch.isfinite(x).all() for x in logits)

@@ -59,6 +59,7 @@ class DeployConfig(BaseModel):
     kv_decompressed_cache_mb: float = Field(
         64,
         ge=0,
+        allow_inf_nan=False,  # .inf passed ge=0, then the engine failed converting it to bytes
         description="native runtime: bytes (MiB) of decompressed KV blocks kept between steps, shared by "
         "all sequences (attention otherwise decompresses every block at every step); 0 = none",
     )

@@ -64,7 +64,8 @@ class DecodeGraphs:
             raise ValueError(
                 "CUDA graphs replay the fused decode kernels: they need deploy.device cuda and a KV cache "
                 "one of them reads (fp16 with a power-of-two block size, or 2/4-bit KIVI/GEAR with blocks "
-                "of one key group, kv_cache.block_size = the codec's group) and a power-of-two head dim"
+                "of one key group, kv_cache.block_size = the codec's group, a power of two) and a "
+                "power-of-two head dim"
             )
         if capture and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the runtime runs on {model.device}")

@@ -37,8 +37,9 @@ def _is_fp16(cache: PagedKVCache) -> bool:
 
 def fused_decode_supported(cache: PagedKVCache) -> bool:
     """Whether a kernel reads this cache, on CUDA (or with `TRTCOMPRESS_GEAR_TRITON=1`, interpreted on
-    CPU): KIVI / GEAR codes of 2 or 4 bits in blocks of one key group, or fp16 blocks of a power-of-two
-    size >= 16; a head dim that is a power of two >= 16 (a tile of the kernels)."""
+    CPU): KIVI / GEAR codes of 2 or 4 bits in blocks of one key group of a power-of-two size (the GEAR
+    kernel's token tile: a group of 48 made it fail at the first decode step), or fp16 blocks of a
+    power-of-two size >= 16; a head dim that is a power of two >= 16 (a tile of the kernels)."""
     from trtcompress.kv.gear import GearCodec
     from trtcompress.kv.kivi import KiviCodec
 
@@ -49,7 +50,8 @@ def fused_decode_supported(cache: PagedKVCache) -> bool:
     if _is_fp16(cache):
         return _power_of_two(cache.block_size)
     readable = isinstance(codec, KiviCodec | GearCodec) and codec.bits in (2, 4)
-    return readable and codec.group == cache.block_size
+    block = cache.block_size
+    return readable and codec.group == block and block & (block - 1) == 0
 
 
 @dataclass(frozen=True)
