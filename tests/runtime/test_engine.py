@@ -643,3 +643,24 @@ def test_the_generation_configs_eos_ends_a_request_as_in_hf_generate(tiny_model_
     assert ref[-1] == end and len(ref) < 12
     out = Engine.from_path(model_dir, config, block_size=16).generate([prompt], SamplingParams(max_tokens=12))
     assert out[0].token_ids == ref and out[0].finish_reason == "stop"
+
+
+def test_streaming_holds_back_only_text_that_could_start_a_stop_string(tiny_model):
+    """Every delta used to lag len(stop) - 1 characters behind the text whatever they were (8 for
+    "Question:"); only a suffix that starts a stop string has to wait. The joined deltas stay the text
+    before the stop string."""
+    from trtcompress.runtime.sequence import TextStream
+
+    tok, stop = tiny_model.tokenizer, "Question:"
+    ids = tok.encode("The answer is 42. Question: what next", add_special_tokens=False)
+    stream, emitted, held = TextStream(tok, (stop,)), "", 0
+    for i in range(1, len(ids) + 1):
+        delta, hit = stream.update(ids[:i], final=False)
+        emitted += delta
+        if hit:
+            break
+        text = tok.decode(ids[:i], skip_special_tokens=True)
+        rest = text[len(emitted) :]
+        assert text.startswith(emitted) and stop.startswith(rest) and rest != stop
+        held = max(held, len(rest))
+    assert hit and emitted == "The answer is 42. " and held > 0  # (a start of "Question:" did wait)

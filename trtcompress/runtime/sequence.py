@@ -40,15 +40,27 @@ class TextStream:
     """Incremental detokenization with stop strings.
 
     Text is emitted only when it can no longer change: an incomplete UTF-8 sequence (decoded as
-    U+FFFD at the end) and a suffix that could still become a stop string are held back.
+    U+FFFD at the end) and a suffix that could still become a stop string (the start of one) are held
+    back. So emitted text never ends with the start of a stop string, and a stop string is always
+    found past what was emitted.
     """
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...]) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
-        self.holdback = max((len(s) for s in stop), default=1) - 1
         self.emitted = 0
         self.text = ""
+
+    def _stop_prefix(self, text: str, end: int) -> int:
+        """Length of the longest suffix of text[:end], past what was emitted, that starts a stop string
+        (it used to hold back len(stop) - 1 characters whatever they were, delaying every delta)."""
+        longest = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, end - self.emitted), longest, -1):
+                if text.startswith(stop[:n], end - n):
+                    longest = n
+                    break
+        return longest
 
     def update(self, token_ids: list[int], final: bool) -> tuple[str, bool]:
         """New text to emit, and whether a stop string was found (text is then cut before it)."""
@@ -60,7 +72,7 @@ class TextStream:
         if not final:
             while safe > self.emitted and text[safe - 1] == "\ufffd":
                 safe -= 1
-            safe = max(self.emitted, safe - self.holdback)
+            safe -= self._stop_prefix(text, safe)
         delta = text[self.emitted : safe]
         self.emitted = safe
         self.text = text[:safe]
