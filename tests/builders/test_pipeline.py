@@ -181,3 +181,31 @@ def test_a_gate_that_cannot_be_measured_fails_before_the_model_loads(tmp_path):
     with pytest.raises(RecipeError, match=r"could only fail: gsm8k_exact_match >= 0.2 .*gsm8k_generate > 0"):
         build(str(tmp_path / "no-such-model"), recipe, tmp_path / "a")  # the model is not even looked at
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize(
+    ("model", "overrides", "message"),
+    [
+        ("llama", [("export.tp_size", 3)], "tp_size 3 does not divide the 4 attention heads"),
+        ("llama", [("export.pp_size", 5)], "pp_size 5 exceeds the 2 decoder layers"),
+        ("qwen2", [], "handles LLaMA-family models .* got 'qwen2'"),
+    ],
+)
+def test_a_trtllm_export_the_model_rules_out_fails_before_compression(
+    tiny_model_dir, tiny_qwen2_dir, tmp_path, monkeypatch, model, overrides, message
+):
+    """`--export trtllm --tp-size 3` on a model with 4 heads (or pp_size over the layer count, or a
+    model the writer does not handle) failed only when the checkpoint was written, after the whole
+    compression and evaluation."""
+    import trtcompress.builders.pipeline as pipeline
+    from trtcompress.checkpoints.trtllm_layout import ExportError
+
+    def compress_model(*args, **kwargs):
+        raise AssertionError("compression ran before the trtllm export was checked against the model")
+
+    monkeypatch.setattr(pipeline, "compress_model", compress_model)
+    recipe = with_overrides(_recipe(), [("export.formats", ["trtllm"]), *overrides])
+    model_dir = tiny_model_dir if model == "llama" else tiny_qwen2_dir
+    with pytest.raises(ExportError, match=message):
+        build(str(model_dir), recipe, tmp_path / "a")
+    assert list(tmp_path.iterdir()) == []

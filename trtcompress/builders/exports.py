@@ -88,6 +88,18 @@ def _check_engine(recipe: Recipe, methods: set[str]) -> None:
             )
 
 
+def check_model(recipe: Recipe, model: nn.Module) -> None:
+    """Refuse, once the model is loaded and before minutes of compression and evaluation, export requests
+    its config rules out: the trtllm writer's architecture, bias and tp/pp geometry checks (`--tp-size 3` on
+    a model with 4 heads failed only when the checkpoint was written, after the whole build)."""
+    if "trtllm" not in recipe.export.formats:
+        return
+    from trtcompress.checkpoints.trtllm import TrtllmOptions, check_exportable
+
+    cfg = recipe.export
+    check_exportable(model, TrtllmOptions(tp_size=cfg.tp_size, pp_size=cfg.pp_size, dtype=cfg.dtype))
+
+
 def calibrates_kv_scales(recipe: Recipe) -> bool:
     """Whether the build calibrates static KV-cache scales (an int8 / fp8 codec with the trtllm or hf
     export), on `calibration.num_samples` (at most 16) x `calibration.seq_len` tokens."""

@@ -61,6 +61,10 @@ def build(
     resolve_model(spec, log=ui.log)  # a bad model argument fails here, before anything is printed
     ui.log(f"loading {spec}")
     loaded = load_model(spec, log=ui.log)
+    if "trtllm" in recipe.export.formats:  # its architecture and tp/pp geometry, before the compression
+        from trtcompress.builders.exports import check_model
+
+        check_model(recipe, loaded.model)
     if recipe.eval.enabled:  # an evaluation that cannot run fails now, not after the compression
         check_protocol(recipe.eval, loaded.model, loaded.tokenizer)
     with ui.progress() as progress:

@@ -383,6 +383,14 @@ def _check_model(model: nn.Module, options: TrtllmOptions) -> None:
         )
 
 
+def check_exportable(model: nn.Module, options: TrtllmOptions) -> None:
+    """The writer's checks of the model itself (architecture, biases, dtype, tp/pp geometry), which the
+    build runs as soon as the model is loaded, before minutes of compression (without a KV codec: its
+    calibrated scales come later and are checked when the checkpoint is written)."""
+    _check_model(model, options)
+    _geometry(model.config, options.tp_size, options.pp_size)
+
+
 def write_trtllm_checkpoint(
     model: nn.Module, out_dir: Path, options: TrtllmOptions | None = None
 ) -> dict[str, Any]:
