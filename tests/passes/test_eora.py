@@ -153,3 +153,17 @@ def test_refine_lowers_the_output_error_of_the_first_layer_and_needs_a_requantiz
     model = load_model(str(tiny_model_dir), log=lambda m: None).model
     with pytest.raises(CompressionError, match="refine needs the pass that compressed"):
         run_sequential(model, awq_then_refine, PassContext(calibration=calib))
+
+
+@pytest.mark.parametrize("later", ["minmax-fp4", "awq"])
+def test_refine_never_swaps_a_later_pass_state_back_for_gptq(tiny_model, later):
+    # gptq's re-quantizer stayed registered when a later pass of the sweep replaced its state: refine
+    # then re-quantized with GPTQ, silently dropping minmax-fp4's activation quantizer (W4A4 -> W4A16)
+    # or awq's state (on a Hessian of the unscaled input).
+    from trtcompress.passes.awq import AWQConfig, AWQPass
+    from trtcompress.passes.fp4 import MinMaxFP4Config, MinMaxFP4Pass
+
+    second = MinMaxFP4Pass(MinMaxFP4Config()) if later == "minmax-fp4" else AWQPass(AWQConfig(group_size=32))
+    passes = [GPTQPass(GPTQConfig(group_size=32)), second, EoRAPass(EoRAConfig(rank=4, refine=1))]
+    with pytest.raises(CompressionError, match="refine needs the pass that compressed"):
+        run_sequential(tiny_model.model, passes, PassContext(calibration=_calib(2, 32)))

@@ -143,6 +143,10 @@ class GroupHandle:
         if state.bias is not None and linear.bias is not None:
             linear.bias.data = state.bias.to(linear.bias.dtype)
         self.states[name] = state
+        # A re-quantizer belongs to the state its pass made: a later pass replacing that state (minmax-fp4
+        # or awq after gptq) made EoRA's `refine` silently swap the new state back for a GPTQ one.
+        # A pass that offers one (gptq) registers it after this call.
+        self.recompress.pop(name, None)
         if name in self.members:  # (a fold rescaling another group's producer keeps its act_quant)
             _sync_act_transform(self.member_transforms, name, state)
 
