@@ -390,13 +390,12 @@ def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
     hf_logging.set_verbosity_error()
     config_dict = dict(manifest["model_config"])
     try:
-        try:
-            config = AutoConfig.for_model(config_dict.pop("model_type", None), **config_dict)
-        except Exception as exc:  # transformers' validators raise huggingface_hub's StrictDataclass*Error
-            raise ValueError(one_line(exc)) from None
+        config = AutoConfig.for_model(config_dict.pop("model_type", None), **config_dict)
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except (ValueError, TypeError) as exc:  # an unknown model_type, a config transformers refuses
+    # an unknown model_type, a config transformers refuses (its validators raise huggingface_hub's
+    # StrictDataclass*Error, which derive from Exception only)
+    except Exception as exc:
         raise ArtifactError(
             f"{path}: the manifest's model_config is not a loadable model ({one_line(exc, 160)})"
         ) from None

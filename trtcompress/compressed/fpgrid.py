@@ -20,12 +20,11 @@ from functools import cache
 import torch
 
 from trtcompress.compressed.formats import FpFormat
-from trtcompress.compressed.intgrid import effective_group_size, num_groups
+from trtcompress.compressed.intgrid import effective_group_size, fp16_scales, num_groups
 
 SCALE_DTYPES = {"fp16": torch.float16, "e4m3": torch.float8_e4m3fn, "e8m0": torch.uint8}
 E4M3_MAX = 448.0  # largest float8_e4m3fn value: NVFP4 block scales are clamped to it
 E4M3_MIN_SUBNORMAL = 2.0**-9  # smallest positive float8_e4m3fn value
-FP16_MIN_SUBNORMAL = 2.0**-24  # smallest positive float16 value
 E8M0_BIAS = 127  # E8M0 scale byte u means 2**(u - 127); 255 is NaN and never written
 
 
@@ -221,16 +220,6 @@ def minmax_scales(
         return e8m0_scales(wb, valid, fmt.exp_bits, fmt.man_bits), None
     amax = torch.where(valid, wb.abs(), torch.zeros(())).amax(-1)
     return fp16_scales(amax / max_value(fmt.exp_bits, fmt.man_bits)), None
-
-
-def fp16_scales(scale: torch.Tensor) -> torch.Tensor:
-    """Round real scales to fp16; a zero scale (all-zero group) becomes 1. A positive scale that would
-    underflow keeps fp16's smallest subnormal: its group's elements then lie within half the grid's max
-    and round no worse than to all zeros (which a scale of 1 gave them)."""
-    scale = scale.float()
-    scale = torch.where(scale > 0, scale.clamp(min=FP16_MIN_SUBNORMAL), scale)
-    scale = scale.clamp(max=torch.finfo(torch.float16).max).to(torch.float16)
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def quantize_weight(

@@ -64,16 +64,22 @@ def group_scale_zero(
         wmax, wmin = wmax.clamp(min=0), wmin.clamp(max=0)
         scale = (wmax - wmin) / (2**bits - 1)
         zero = None
-    # Stored as fp16: clamped to its largest finite value (a group with |w| ~ 1e6 would round to inf and
-    # dequantize to NaN); a positive scale that would underflow fp16 keeps its smallest subnormal (it
-    # rounded to 0 and then became 1, so a group with max|w| below qpos * 2**-25, e.g. 3.8e-6 at 8 bits,
-    # dequantized to all zeros), and a zero scale (an all-zero group) is replaced by 1 after the cast.
-    scale = torch.where(scale > 0, scale.clamp(min=FP16_MIN_SUBNORMAL), scale)
-    scale = scale.clamp(max=torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE).float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # Stored as fp16 (a scale that underflowed to 1 zeroed groups with max|w| below qpos * 2**-25, e.g.
+    # 3.8e-6 at 8 bits; one that rounded to inf dequantized to NaN)
+    scale = fp16_scales(scale).float()
     if zero is None:
         zero = torch.clamp(torch.round(-wmin / scale), 0, 2**bits - 1)
     return scale, zero
+
+
+def fp16_scales(scale: torch.Tensor) -> torch.Tensor:
+    """Round real scales to fp16: clamped to its largest finite value; a positive scale that would
+    underflow keeps fp16's smallest subnormal (its group's elements then round no worse than to all
+    zeros, which a scale of 1 gave them); a zero scale (an all-zero group) becomes 1."""
+    scale = scale.float()
+    scale = torch.where(scale > 0, scale.clamp(min=FP16_MIN_SUBNORMAL), scale)
+    scale = scale.clamp(max=torch.finfo(SCALE_DTYPE).max).to(SCALE_DTYPE)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def quantize_to_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

@@ -25,8 +25,8 @@ from trtcompress.kv.paged import PagedKVCache
 from trtcompress.plugins.gear_attention.reference import GearLayout, layout_for_codec
 
 
-def _power_of_two(n: int) -> bool:
-    return n >= 16 and n & (n - 1) == 0
+def _power_of_two(n: int, minimum: int = 16) -> bool:
+    return n >= minimum and n & (n - 1) == 0
 
 
 def _is_fp16(cache: PagedKVCache) -> bool:
@@ -50,8 +50,7 @@ def fused_decode_supported(cache: PagedKVCache) -> bool:
     if _is_fp16(cache):
         return _power_of_two(cache.block_size)
     readable = isinstance(codec, KiviCodec | GearCodec) and codec.bits in (2, 4)
-    block = cache.block_size
-    return readable and codec.group == block and block & (block - 1) == 0
+    return readable and codec.group == cache.block_size and _power_of_two(cache.block_size, minimum=1)
 
 
 @dataclass(frozen=True)
