@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -34,12 +33,16 @@ def independent_ppl(model, tokenizer) -> float:
     return math.exp(nll / 4)
 
 
-def test_default_model_loads_offline_and_fast(smollm2_dir):
+def test_default_model_loads_offline_without_converting_again(smollm2_dir):
+    """Converted once; later loads are a plain HF load of that directory. Checked by what happens (no
+    conversion message, no file rewritten), not by wall time: CI machines are shared and noisy."""
     from trtcompress.models import load_model
 
-    start = time.perf_counter()
-    loaded = load_model("smollm2-135m", log=print)
-    assert time.perf_counter() - start < 10  # converted once; later loads are a plain HF load
+    stamps = {f: f.stat().st_mtime_ns for f in smollm2_dir.rglob("*") if f.is_file()}
+    messages: list[str] = []
+    loaded = load_model("smollm2-135m", log=messages.append)
+    assert not [m for m in messages if "converting" in m], messages
+    assert {f: f.stat().st_mtime_ns for f in smollm2_dir.rglob("*") if f.is_file()} == stamps
     cfg = loaded.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (
         30,
