@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import run_cli
 from trtcompress.builders import engine
-from trtcompress.errors import ArtifactError, MissingDependencyError
+from trtcompress.builders.exports import check_recipe
+from trtcompress.errors import ArtifactError, MissingDependencyError, RecipeError
 from trtcompress.recipe import EngineConfig, Recipe
 
 HAS_TRTLLM = importlib.util.find_spec("tensorrt_llm") is not None
@@ -193,9 +194,6 @@ def test_engine_repository_chunks_only_what_the_engine_can(tmp_path, cfg, chunke
     ],
 )  # fmt: skip
 def test_impossible_exports_are_refused_before_any_work(data, fragment):
-    from trtcompress.builders.exports import check_recipe
-    from trtcompress.errors import RecipeError
-
     with pytest.raises(RecipeError, match=fragment):
         check_recipe(Recipe.model_validate(data))
     check_recipe(Recipe.model_validate({"passes": [{"method": "mxfp4"}], "export": {"formats": ["trtllm"]}}))
@@ -204,9 +202,57 @@ def test_impossible_exports_are_refused_before_any_work(data, fragment):
     check_recipe(Recipe.model_validate({"passes": [one_format], "export": {"formats": ["trtllm"]}}))
 
 
+WEIGHT_PASSES = [
+    {"method": "gsq", "bits": bits, "group_size": group, "symmetric": sym}
+    for bits, group, sym in [(4, 32, True), (4, 32, False), (3, 32, True), (8, 32, True), (4, 0, True),
+                             (4, 0, False), (8, 0, True), (2, 0, True)]
+] + [{"method": "mxfp4"}, {"method": "nvfp4"}]  # fmt: skip
+
+
+@pytest.mark.parametrize("export", ["trtllm", "hf"])
+@pytest.mark.parametrize("spec", WEIGHT_PASSES, ids=lambda p: "-".join(map(str, p.values())))
+def test_the_early_weight_format_check_agrees_with_the_writers(tiny_model_dir, tmp_path, spec, export):
+    """check_recipe refuses a pass's weight format before any work exactly when the writer would refuse
+    the compressed model (widths 96/160 hold whole groups of 32, so only the format decides)."""
+    from trtcompress.builders.compress import compress_model
+    from trtcompress.checkpoints.hf_quant import write_hf_checkpoint
+    from trtcompress.checkpoints.trtllm import write_trtllm_checkpoint
+    from trtcompress.checkpoints.trtllm_layout import ExportError
+    from trtcompress.models import load_model
+
+    recipe = Recipe.model_validate({"passes": [spec], "export": {"formats": [export]}})
+    try:
+        check_recipe(recipe)
+        early = None
+    except RecipeError as exc:
+        early = str(exc)
+    loaded = load_model(str(tiny_model_dir), log=lambda m: None)
+    compress_model(loaded.model, loaded.tokenizer, recipe)
+    write = write_trtllm_checkpoint if export == "trtllm" else write_hf_checkpoint
+    args = (loaded.model,) if export == "trtllm" else (loaded.model, loaded.tokenizer)
+    try:
+        write(*args, tmp_path / "out")
+        late = None
+    except ExportError as exc:
+        late = str(exc)
+    assert (early is None) == (late is None), (early, late)
+
+
+def test_only_the_last_weight_quantizer_is_held_to_the_export():
+    """An earlier quantizer's format may be replaced by a later one's (int3 then int4 exports)."""
+    int3 = {"method": "gsq", "bits": 3}
+    check_recipe(Recipe.model_validate({"passes": [int3, {"method": "gsq"}], "export": {"formats": ["hf"]}}))
+    with pytest.raises(RecipeError, match=r"passes\.1 \(gsq\).*int3"):
+        check_recipe(
+            Recipe.model_validate({"passes": [{"method": "gsq"}, int3], "export": {"formats": ["trtllm"]}})
+        )
+    weight_only = {"method": "llmfp4", "quantize_activations": False, "formats": ["e2m1"]}
+    with pytest.raises(RecipeError, match="quantize_activations: false"):
+        check_recipe(Recipe.model_validate({"passes": [weight_only], "export": {"formats": ["trtllm"]}}))
+
+
 def test_pipeline_refuses_an_impossible_export_without_loading(tiny_model_dir, tmp_path):
     from trtcompress.builders.pipeline import build
-    from trtcompress.errors import RecipeError
 
     recipe = Recipe.model_validate({"passes": [{"method": "nvfp4"}], "export": {"formats": ["trtllm"]}})
     with pytest.raises(RecipeError, match="weight-only"):

@@ -18,6 +18,8 @@ LOWRANK_PASSES = {"eora", "kd"}  # they leave low-rank factors, which neither ch
 W4A4_PASSES = {"llmfp4", "minmax-fp4"}  # plugin entries: no stock trtllm-build engine
 # W4A16_MXFP4: TensorRT-LLM's engine path has no MXFP4 linear (see engine.ENGINE_UNSUPPORTED_ALGOS)
 NO_ENGINE_PASSES = {"mxfp4"}
+FP_QUANTIZER_PASSES = {"nvfp4", "mxfp4", "minmax-fp4", "llmfp4"}  # integer quantizers have a `format`
+HF_UNSUPPORTED_FP_PASSES = {"mxfp4", "minmax-fp4", "llmfp4"}
 KV_CALIBRATION_SAMPLES = 16  # sequences of calibration.seq_len tokens for the static KV-cache scales
 
 
@@ -51,6 +53,7 @@ def check_recipe(recipe: Recipe) -> None:
             "TensorRT-LLM runs q/k/v as one GEMM with one format; set "
             f"passes.{per_linear[0]}.shared_weight_format: true (on SmolLM2: ppl 80.8 instead of 77.2)"
         )
+    _check_weight_formats(recipe, formats)
     if "hf" in formats and codec not in ("fp16", "fp8"):
         raise RecipeError(
             f"export hf: the HF layout carries FP8 KV-cache scales only, not kv_cache.codec {codec}"
@@ -63,6 +66,52 @@ def check_recipe(recipe: Recipe) -> None:
         )
     if recipe.export.engine.enabled:
         _check_engine(recipe, methods)
+
+
+def _final_quantizers(recipe: Recipe) -> list[tuple[int, Any]]:
+    """(index, config) of the last weight-quantizing pass, if any. Only it is checked here: a later
+    quantizer may replace an earlier one's layers (the exporters check every layer anyway)."""
+    quantizers = [
+        (i, p)
+        for i, p in enumerate(recipe.passes)
+        if p.method in FP_QUANTIZER_PASSES or getattr(p, "format", None) is not None
+    ]
+    return quantizers[-1:]
+
+
+def _check_weight_formats(recipe: Recipe, formats: set[str]) -> None:
+    """Weight formats that neither checkpoint layout holds (int3, asymmetric per-channel, weight-only
+    per-channel FP4 for trtllm; anything but symmetric group-wise int4, NVFP4 and FP8 for hf)."""
+    from trtcompress.checkpoints.trtllm_layout import ExportError, int_weight_kind
+    from trtcompress.errors import RecipeError
+
+    for i, p in _final_quantizers(recipe):
+        fmt = getattr(p, "format", None)
+        where = f"passes.{i} ({p.method})"
+        if fmt is not None:
+            try:
+                kind = int_weight_kind(fmt)
+            except ExportError as exc:
+                if "trtllm" in formats:
+                    raise RecipeError(f"export trtllm: {where}: {exc}") from None
+                kind = None
+            if "hf" in formats and (kind != "W4A16_AWQ" or not fmt.symmetric):
+                raise RecipeError(
+                    f"export hf: {where} writes {fmt.name}; the ModelOpt HF layout holds integer weights "
+                    "only as symmetric group-wise int4 (W4A16_AWQ): use bits 4, a group size and "
+                    "symmetric: true, or --export trtllm / native"
+                )
+        elif p.method == "llmfp4" and not p.quantize_activations and "trtllm" in formats:
+            raise RecipeError(
+                f"export trtllm: {where} with quantize_activations: false writes weight-only FP4 with "
+                "per-channel scales, which has no TensorRT-LLM checkpoint layout; export native, or use "
+                "the mxfp4 recipe (W4A16_MXFP4)"
+            )
+        elif p.method in HF_UNSUPPORTED_FP_PASSES and "hf" in formats:
+            raise RecipeError(
+                f"export hf: {where} writes a format the ModelOpt HF layout does not hold (it has "
+                "W4A16_AWQ, FP8, NVFP4 and W4A16_NVFP4); export trtllm or native"
+            )
 
 
 def _check_engine(recipe: Recipe, methods: set[str]) -> None:

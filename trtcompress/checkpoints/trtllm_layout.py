@@ -109,6 +109,22 @@ class LinearParts:
         return dataclasses.replace(self, **cut)
 
 
+def int_weight_kind(fmt: IntFormat) -> str:
+    """The checkpoint kind of weight-only integer weights of `fmt` (the build also asks it of a recipe's
+    passes, before compressing)."""
+    if fmt.group_size == 0:
+        if not fmt.symmetric:
+            raise ExportError(f"{fmt.name}: TensorRT-LLM's per-channel weight-only modes are symmetric")
+        if fmt.bits in (4, 8):
+            return f"W{fmt.bits}A16"
+    elif fmt.bits == 4:
+        return "W4A16_AWQ"  # asymmetric too, with has_zero_point (see the module docstring)
+    raise ExportError(
+        f"{fmt.name}: TensorRT-LLM has int8/int4 per-channel (W8A16/W4A16) and int4 group-wise "
+        "(W4A16_AWQ) weight-only modes; use one of those or --export native"
+    )
+
+
 def classify(state: CompressedLinearState, target: str = "trtllm") -> str:
     """The checkpoint kind of one layer (see the module docstring); `target` "hf" also allows ModelOpt's
     HF-only W4A16_NVFP4 (weight-only NVFP4, which TensorRT-LLM checkpoints cannot express)."""
@@ -127,17 +143,7 @@ def classify(state: CompressedLinearState, target: str = "trtllm") -> str:
             raise ExportError(
                 f"integer weights with a run-time activation quantizer ({fmt.name}) are not supported"
             )
-        if fmt.group_size == 0:
-            if not fmt.symmetric:
-                raise ExportError(f"{fmt.name}: TensorRT-LLM's per-channel weight-only modes are symmetric")
-            if fmt.bits in (4, 8):
-                return f"W{fmt.bits}A16"
-        elif fmt.bits == 4:
-            return "W4A16_AWQ"  # asymmetric too, with has_zero_point (see the module docstring)
-        raise ExportError(
-            f"{fmt.name}: TensorRT-LLM has int8/int4 per-channel (W8A16/W4A16) and int4 group-wise "
-            "(W4A16_AWQ) weight-only modes; use one of those or --export native"
-        )
+        return int_weight_kind(fmt)
     assert isinstance(fmt, FpFormat)
     fp8_act = act is not None and (act.exp_bits, act.man_bits) == (4, 3) and act.shift is None
     if fmt.element == "e4m3" and fmt.scale_encoding == "fp16" and fmt.group_size == 0 and fp8_act:
