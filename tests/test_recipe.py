@@ -367,6 +367,21 @@ def test_a_boolean_is_not_a_number(text, path):
     assert parse_recipe({"calibration": {"num_samples": "12"}}, "r.yaml").calibration.num_samples == 12
 
 
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ("passes: [{method: gsq, bits: yes}]", "passes[0].bits"),  # read as 1 bit: below the minimum 2
+        ("eval: {context: no}", "eval.context"),  # read as 0 tokens
+    ],
+)
+def test_a_boolean_that_lax_mode_refuses_as_a_number_is_named_as_a_boolean(text, path):
+    """`bits: yes` was refused as "greater than or equal to 2", naming a number the user never wrote."""
+    from trtcompress.recipe import yaml_load
+
+    with pytest.raises(RecipeError, match=rf"r\.yaml: {re.escape(path)}: expected a number, not the boolean"):
+        parse_recipe(yaml_load(text), "r.yaml")
+
+
 def test_a_recipe_name_too_long_for_the_file_system_is_a_recipe_error():
     """pathlib's is_file() raises ENAMETOOLONG instead of answering False: an OSError traceback."""
     with pytest.raises(RecipeError, match="cannot read the recipe"):

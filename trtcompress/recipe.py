@@ -217,13 +217,22 @@ def parse_recipe(data: Any, source: str) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(f"{source}: {format_validation_error(exc)}") from None
-    # pydantic's lax mode reads a boolean as a number (`num_samples: yes` is 1 sample, `damp: true` 1.0):
-    # the strict mode names those; its other complaints (a quoted "128") are coercions lax mode allows.
+        # a boolean that lax mode read as 0 or 1 and then refused (`bits: yes` is 1 bit, below 2) is named
+        # as the boolean it is, not as the number pydantic made of it
+        booleans = _boolean_errors(data)
+        raise RecipeError(f"{source}: {_format_errors(booleans) or format_validation_error(exc)}") from None
+    if booleans := _boolean_errors(data):
+        raise RecipeError(f"{source}: {_format_errors(booleans)}") from None
+    return recipe
+
+
+def _boolean_errors(data: Any) -> list:
+    """pydantic's lax mode reads a boolean as a number (`num_samples: yes` is 1 sample, `damp: true` 1.0):
+    the strict mode names those; its other complaints (a quoted "128") are coercions lax mode allows."""
     try:
         Recipe.model_validate(data, strict=True)
     except ValidationError as exc:
-        booleans = [
+        return [
             {
                 **e,
                 "msg": f"expected a number, not the boolean {e['input']!r} (YAML reads unquoted "
@@ -232,9 +241,7 @@ def parse_recipe(data: Any, source: str) -> Recipe:
             for e in exc.errors()
             if isinstance(e.get("input"), bool) and e["type"] in ("int_type", "float_type")
         ]
-        if booleans:
-            raise RecipeError(f"{source}: {_format_errors(booleans)}") from None
-    return recipe
+    return []
 
 
 def list_presets() -> dict[str, Recipe]:
