@@ -58,10 +58,6 @@ class CompressedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format_name}"
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -84,7 +80,3 @@ def linear_state(module: nn.Module) -> CompressedLinearState:
             module.out_features, module.in_features, dense_weight=module.weight.detach(), bias=bias
         )
     raise TypeError(f"expected a linear layer, got {type(module).__name__}")
-
-
-def describe_compressed(model: nn.Module) -> dict[str, dict[str, Any]]:
-    return {name: module.state.meta() for name, module in compressed_linears(model)}

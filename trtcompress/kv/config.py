@@ -1,4 +1,4 @@
-"""The recipe's `kv_cache:` section: which codec the evaluation (and later the runtime) decodes with."""
+"""The recipe's `kv_cache:` section: which codec the evaluation and the native runtime decode with."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Kept in sync with the registry by tests/kv/test_config.py (importing torch here would slow the CLI).
+# Kept in sync with the registry by tests/kv/test_eval_kv.py (importing torch here would slow the CLI).
 CODEC_NAMES = ("fp16", "int8", "fp8", "kivi-2bit", "kivi-3bit", "kivi-4bit", "gear-2bit", "gear-4bit")
 
 

@@ -206,7 +206,7 @@ class GearCodec(KiviCodec):
                     f"{'key' if kind == 'k' else 'value'} outlier ratio must be in [0, 1) and leave "
                     f"part of each group quantized, got {ratio!r}"
                 )
-        # `rank` sets both; keys get more by default in gear-2bit (their error costs more on SmolLM2). A
+        # `rank` sets both; keys get more by default in gear-4bit (their error costs more on SmolLM2). A
         # `key_rank` / `value_rank` given with it overrides it for its kind, as `key_outlier_ratio` does
         # `outlier_ratio` (it used to be ignored: rank 2 with value_rank 0 stored a value rank of 2).
         both = DEFAULT_RANK if rank is None else rank

@@ -19,16 +19,13 @@ class LinearGroup:
     name: str
     linears: tuple[str, ...]  # relative to the decoder layer, in call order
     producer: str  # module whose output is the group's input (a norm, or a linear for the output projections)
-    producer_is_norm: bool
 
 
 LLAMA_GROUPS: tuple[LinearGroup, ...] = (
-    LinearGroup(
-        "attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm", True
-    ),
-    LinearGroup("attn_out", ("self_attn.o_proj",), "self_attn.v_proj", False),
-    LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", True),
-    LinearGroup("mlp_out", ("mlp.down_proj",), "mlp.up_proj", False),
+    LinearGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+    LinearGroup("attn_out", ("self_attn.o_proj",), "self_attn.v_proj"),
+    LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+    LinearGroup("mlp_out", ("mlp.down_proj",), "mlp.up_proj"),
 )
 
 

@@ -4,8 +4,9 @@ A pass's config is a pydantic model with `extra="forbid"` and a `method` literal
 `passes:` list validates against the registered configs (a discriminated union on `method`).
 
 Lifecycle (as llm-compressor's modifiers, reduced to what we need):
-- `needs` names the calibration statistics a pass wants ("inputs", "hessian", "act_norms"...); an empty
-  set means data-free. The sequential calibration engine collects them one decoder layer at a time.
+- `needs` names the calibration statistics a pass wants ("hessian", "sq_norms", "abs_max"... in
+  passes/engine.py); an empty set means data-free. The sequential calibration engine collects them one
+  decoder layer at a time.
 - `apply(model, context)` compresses the model in place, replacing linear layers by CompressedLinear.
 Data-free passes that treat each weight on its own derive from `LinearPass` and write only
 `compress_linear`, a pure function of the layer's state.
@@ -16,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -128,11 +129,3 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 def build_pass(config: PassConfig) -> Pass:
     return PASS_REGISTRY[config.method](config)
-
-
-def describe_passes() -> dict[str, dict[str, Any]]:
-    """Method -> field -> description, for `trtcompress recipes --passes` and error messages."""
-    return {
-        method: {name: f.description or "" for name, f in cls.config_type.model_fields.items()}
-        for method, cls in sorted(PASS_REGISTRY.items())
-    }

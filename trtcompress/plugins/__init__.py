@@ -1,1 +1,1 @@
-"""Kernels: one folder per kernel (reference.py, kernel.py, op.py, trt.py); see DESIGN.md."""
+"""Kernels: one folder per kernel (reference.py, kernel.py, op.py, trt.py); the README describes them."""

@@ -20,10 +20,6 @@ SERIALIZABLE = (int, float, bytes, bool, str)
 RESERVED_ATTRS = {"outputs", "stream", "tactic"}
 
 
-def _names(fn) -> list[str]:
-    return list(inspect.signature(fn).parameters)
-
-
 def check_register(fn, tensor_desc: type) -> tuple[list[str], dict[str, type]]:
     """(input tensor names, attribute types) of a register function, or ValueError naming the problem."""
     tensors: list[str] = []

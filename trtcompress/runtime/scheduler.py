@@ -61,10 +61,6 @@ class StepPlan:
     preempted: list[Sequence] = field(default_factory=list)
     cancelled: list[RequestOutput] = field(default_factory=list)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(w.n for w in self.work)
-
 
 class Scheduler:
     def __init__(

@@ -79,7 +79,7 @@ def layout_for_codec(codec, head_dim: int = 64, sink: int = 0) -> GearLayout:
     )
 
 
-def dequant_keys(f: Fields, lay: GearLayout, dim: int) -> torch.Tensor:
+def dequant_keys(f: Fields, lay: GearLayout) -> torch.Tensor:
     """Key blocks `(n, H, T, D)` from their fields (per-channel groups over the block's tokens)."""
     t = lay.block
     codes = unpack_bits(f["codes"], lay.bits, t).float()  # (n, H, D, T)
@@ -144,7 +144,7 @@ def gear_attention_reference(
     for b in range(bsz):
         ids = block_table[b, : int(num_blocks[b])].long()
         slot, n_tail = int(slots[b]), int(tail_lens[b])
-        ks = dequant_keys({n: t[ids] for n, t in k_fields.items()}, layout, dim).transpose(0, 1)
+        ks = dequant_keys({n: t[ids] for n, t in k_fields.items()}, layout).transpose(0, 1)
         vs = dequant_values({n: t[ids] for n, t in v_fields.items()}, layout, dim).transpose(0, 1)
         ks, vs = ks.reshape(h, -1, dim), vs.reshape(h, -1, dim)
         if layout.sink and len(ids):
