@@ -70,11 +70,7 @@ def run_steps(runtime: BatchedModel, cache) -> list[torch.Tensor]:
     logits: list[list[torch.Tensor]] = [[], []]
     while any(s.num_computed < total for s, (_, total) in zip(seqs, LENGTHS, strict=True)):
         work = [
-            Work(
-                s,
-                s.num_computed,
-                min(48, s.prompt_len - s.num_computed) if s.num_computed < s.prompt_len else 1,
-            )
+            Work(s, s.num_computed, _chunk(s))
             for s, (_, total) in zip(seqs, LENGTHS, strict=True)
             if s.num_computed < total
         ]
