@@ -96,7 +96,7 @@ TRTLLM_BACKEND_INPUTS = {
     "len_penalty", "early_stopping", "repetition_penalty", "min_tokens", "beam_search_diversity_rate",
     "presence_penalty", "frequency_penalty", "seed", "streaming", "stop",
 }  # fmt: skip
-TRTLLM_BACKEND_OUTPUTS = {"output_ids", "sequence_length", "cum_log_probs", "output_log_probs"}
+TRTLLM_BACKEND_OUTPUTS = {"output_ids", "sequence_length", "cum_log_probs", "output_log_probs", "batch_index"}
 
 
 def _ensemble_flow_errors(configs: dict) -> list[str]:
@@ -138,6 +138,26 @@ def test_trtllm_ensemble_connects_and_uses_backend_names(served_artifact, tmp_pa
     step.input_map["random_seed"] = "seed"
     errors = _ensemble_flow_errors(configs)
     assert any("_NOWHERE" in e for e in errors) and any("random_seed is not" in e for e in errors)
+
+
+def test_trtllm_ensemble_returns_the_row_of_each_response(served_artifact, tmp_path):
+    """The backend answers a request of B > 1 rows with B responses of batch 1, in completion order, and
+    names the row of each in its `batch_index` output (model_instance_state.cc, fillTritonResponse): an
+    ensemble without that output (as upstream's has) left a batched client unable to match texts to
+    prompts."""
+    from tritonclient.grpc import model_config_pb2
+
+    repo = generate_repository("trtllm", served_artifact, tmp_path / "r", DeployConfig(), tmp_path / "e")
+    configs = validate_repository(repo)
+    trt_out = {o.name: o for o in configs["tensorrt_llm"].output}
+    assert trt_out["batch_index"].data_type == model_config_pb2.TYPE_INT32
+    assert list(trt_out["batch_index"].dims) == [1]
+    ensemble = configs["ensemble"]
+    ens_out = {o.name: o for o in ensemble.output}["batch_index"]
+    assert ens_out.data_type == model_config_pb2.TYPE_INT32 and list(ens_out.dims) == [1]
+    step = ensemble.ensemble_scheduling.step[1]
+    assert step.model_name == "tensorrt_llm" and step.output_map["batch_index"] == "batch_index"
+    assert _ensemble_flow_errors(configs) == []
 
 
 # Parameters TensorRT-LLM's backend reads with no default: ModelInstanceState::getBatchingTypeFromParams and

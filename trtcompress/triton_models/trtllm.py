@@ -2,7 +2,8 @@
 
 `preprocessing` (python: tokenize) -> `tensorrt_llm` (backend `tensorrtllm`, in-flight fused batching,
 paged KV cache, the recipe's scheduler policy) -> `postprocessing` (python: detokenize), chained by
-`ensemble`, whose inputs are `text_input`, `max_tokens`, `stream`, ... and outputs `text_output`. The
+`ensemble`, whose inputs are `text_input`, `max_tokens`, `stream`, ... and outputs `text_output` (and
+`batch_index`, the row each response answers, for a request of several rows). The
 python models' code is ours (`trtllm_models.py`, tokenizer from the artifact); the `tensorrt_llm` model
 needs the TensorRT-LLM Triton backend (NGC `tritonserver:*-trtllm-python-py3`), which cannot run here,
 so this repository is generated and validated here and served there.
@@ -39,6 +40,10 @@ ${parameters}
 # Input names are the ones the TensorRT-LLM backend reads (InputFieldsNames in
 # triton_backend/inflight_batcher_llm/src/utils.h); an input it does not know is accepted by Triton and
 # silently ignored (the sampling seed is `seed` since the backend renamed `random_seed`, May 2025).
+# A request of B > 1 rows becomes B executor requests answered separately, each response of batch 1 in
+# completion order, with `batch_index` (sent only when B > 1) naming its row (ModelInstanceState::
+# fillTritonResponse in NVIDIA/TensorRT-LLM triton_backend/inflight_batcher_llm/src/model_instance_state.cc);
+# the ensemble passes it on, as upstream's all_models/inflight_batcher_llm/ensemble/config.pbtxt does.
 TENSORRT_LLM = """name: "tensorrt_llm"
 backend: "tensorrtllm"
 max_batch_size: ${max_batch_size}
@@ -58,7 +63,8 @@ input [
 ]
 output [
   { name: "output_ids" data_type: TYPE_INT32 dims: [ -1, -1 ] },
-  { name: "sequence_length" data_type: TYPE_INT32 dims: [ -1 ] }
+  { name: "sequence_length" data_type: TYPE_INT32 dims: [ -1 ] },
+  { name: "batch_index" data_type: TYPE_INT32 dims: [ 1 ] }
 ]
 instance_group [ { count: 1 kind: KIND_CPU } ]
 ${parameters}
@@ -90,7 +96,10 @@ input [
   { name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true },
   { name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] optional: true }
 ]
-output [ { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] } ]
+output [
+  { name: "text_output" data_type: TYPE_STRING dims: [ -1 ] },
+  { name: "batch_index" data_type: TYPE_INT32 dims: [ 1 ] }
+]
 ensemble_scheduling {
   step [
     {
@@ -119,6 +128,7 @@ ensemble_scheduling {
       input_map { key: "seed" value: "seed" }
       output_map { key: "output_ids" value: "_TOKENS_BATCH" }
       output_map { key: "sequence_length" value: "_SEQUENCE_LENGTH" }
+      output_map { key: "batch_index" value: "batch_index" }
     },
     {
       model_name: "postprocessing" model_version: -1
