@@ -139,7 +139,7 @@ def _num(value: float | None, spec: str) -> str:
 
 
 def _batch_stats(step_log: Path, start_line: int) -> tuple[dict, int]:
-    lines = step_log.read_text().splitlines() if step_log.exists() else []
+    lines = step_log.read_text(encoding="utf-8").splitlines() if step_log.exists() else []
     steps = [json.loads(line) for line in lines[start_line:]]
     decode = [s for s in steps if s["decode_tokens"]]
     stats = {
@@ -189,7 +189,9 @@ def cpu_environment() -> dict:
 
     from trtcompress.runtime.linear import onednn_available
 
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    flags = (
+        Path("/proc/cpuinfo").read_text(encoding="utf-8").split() if Path("/proc/cpuinfo").exists() else []
+    )
     return {
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -259,6 +261,6 @@ def run(target: str | Path, levels: list[int], num_requests: int, prompt_tokens:
         "levels": results,
         "summary": summary,
     }
-    (output / "serve_load.json").write_text(json.dumps(result, indent=2))
+    (output / "serve_load.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     plot(result, output / "serve_load.png")
     return result

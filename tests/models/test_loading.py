@@ -143,3 +143,30 @@ def test_a_non_finite_config_value_is_refused(tiny_model_dir, tmp_path, value):
     (path / "config.json").write_text(text.replace('"rms_norm_eps"', f'"rms_norm_eps": {value}, "x"', 1))
     with pytest.raises(ModelError, match=rf"config\.json: holds a non-finite number \({value}\)"):
         load_model(str(path), log=print)
+
+
+def test_a_model_directory_reads_as_utf8_under_an_ascii_locale(tiny_model_dir, tmp_path):
+    """JSON was read in the locale's encoding: under an ASCII one (tritonserver's python stub, a C-locale
+    container without coercion) every tokenizer.json with non-ASCII tokens was "malformed JSON"."""
+    import os
+    import subprocess
+    import sys
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    for name in ("config.json", "tokenizer.json"):
+        data = json.loads((model / name).read_text(encoding="utf-8"))
+        data["_note"] = "Ġcafé ✓"
+        (model / name).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    code = (
+        "import locale, pathlib, sys\n"
+        "assert locale.getpreferredencoding(False).lower() in ('ascii', 'ansi_x3.4-1968')\n"
+        "from trtcompress.models import validate_model_dir\n"
+        "validate_model_dir(pathlib.Path(sys.argv[1]))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONUTF8"))}
+    env |= {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0"}
+    result = subprocess.run(
+        [sys.executable, "-X", "utf8=0", "-c", code, str(model)], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr

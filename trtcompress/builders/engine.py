@@ -118,7 +118,7 @@ def trtllm_build_args(checkpoint: Path, output: Path, engine: Any, config: dict[
 def build_engine(checkpoint: Path, output: Path, engine: Any, log=print) -> dict[str, Any]:
     """Run trtllm-build on `checkpoint` into `output`; returns what the manifest records about it."""
     version = require_trtllm()
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     check_buildable(config)
     args = trtllm_build_args(checkpoint, output, engine, config)
     log(" ".join(args))

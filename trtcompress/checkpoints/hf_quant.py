@@ -228,9 +228,9 @@ def write_hf_checkpoint(
     config.pop("dtype", None)
     if algo is not None or kv_algo is not None:
         config["quantization_config"] = quantization_config(algo, quant, producer)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n", encoding="utf-8")
     (out_dir / "hf_quant_config.json").write_text(
-        json.dumps({"producer": producer, "quantization": quant}, indent=4) + "\n"
+        json.dumps({"producer": producer, "quantization": quant}, indent=4) + "\n", encoding="utf-8"
     )
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

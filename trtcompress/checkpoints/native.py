@@ -141,7 +141,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Strict JSON (a broken model's ppl = inf is the string "Infinity": a bare Infinity, which Python
     writes by default, makes jq and most parsers refuse the whole file)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(finite_or_named(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
+    tmp.write_text(
+        json.dumps(finite_or_named(data), indent=2, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8"
+    )
     os.replace(tmp, path)
 
 
@@ -283,7 +285,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{path}: no {MANIFEST}; not a trtcompress artifact (or a build that did not finish)"
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{manifest_path}: corrupt manifest (invalid JSON: {exc})") from None
     except OSError as exc:  # e.g. another user's 0600 file

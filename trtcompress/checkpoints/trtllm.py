@@ -408,7 +408,7 @@ def write_trtllm_checkpoint(
             for tp_rank in range(geo.tp):
                 tensors = _rank_tensors(model, layers, geo, tp_rank, pp_rank, details, options)
                 save_file(tensors, str(out_dir / f"rank{pp_rank * geo.tp + tp_rank}.safetensors"))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return config
 
 

@@ -104,5 +104,5 @@ def write_rows(rows: list[dict[str, Any]], output_dir: Path) -> Path:
     Infinity, which jq and most parsers refuse)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / "groupsize.json"
-    path.write_text(json_text(rows) + "\n")
+    path.write_text(json_text(rows) + "\n", encoding="utf-8")
     return path

@@ -58,7 +58,7 @@ def _fingerprint(gguf_path: Path) -> dict:
 
 def _is_current(target: Path, fingerprint: dict) -> bool:
     try:
-        return json.loads((target / COMPLETE_MARKER).read_text()) == fingerprint
+        return json.loads((target / COMPLETE_MARKER).read_text(encoding="utf-8")) == fingerprint
     except (OSError, ValueError):  # no marker (incomplete), or one written by an older layout
         return False
 
@@ -101,7 +101,7 @@ def _convert_locked(gguf_path: Path, target: Path, fingerprint: dict, log) -> No
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
             _convert(gguf_path, tmp)
-            (tmp / COMPLETE_MARKER).write_text(json.dumps(fingerprint) + "\n")
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(fingerprint) + "\n", encoding="utf-8")
             if target.exists():  # outdated or incomplete: move it aside first, so `target` is never half
                 old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
                 os.replace(target, old / "model")

@@ -98,7 +98,9 @@ def _read_json_object(file: Path, finite: bool = False) -> dict:
         return float(name)
 
     try:
-        data = json.loads(file.read_text(), parse_constant=non_finite)
+        # UTF-8 whatever the locale: tritonserver's Python backend runs under an ASCII one, and a
+        # tokenizer.json holds non-ASCII tokens
+        data = json.loads(file.read_text(encoding="utf-8"), parse_constant=non_finite)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{file}: malformed JSON ({exc})") from None
     except OSError as exc:  # unreadable (permissions, an I/O error)

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         for k in kernels:
             if k.ptx:
                 stem = f"{k.plugin.split('::')[1]}-{k.config.replace('/', '-')}"
-                (root / f"{stem}.ptx").write_text(k.ptx)
+                (root / f"{stem}.ptx").write_text(k.ptx, encoding="utf-8")
     print(json.dumps([k.summary() for k in kernels], indent=1))
 
 

@@ -36,7 +36,7 @@ def required_plugins(model_dir: Path) -> list[str]:
         raise PluginNotRegisteredError(
             f"{path}: no config.json; not a TensorRT-LLM checkpoint or engine directory"
         )
-    config = json.loads(path.read_text())
+    config = json.loads(path.read_text(encoding="utf-8"))
     section = config.get("trtcompress") or (config.get("pretrained_config") or {}).get("trtcompress") or {}
     return sorted(section.get("plugins") or {})
 

@@ -315,7 +315,7 @@ class Engine:
         self.steps.append(rec)
         if self.step_log is not None:
             try:
-                with self.step_log.open("a") as f:
+                with self.step_log.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(asdict(rec)) + "\n")
             except OSError as exc:  # a diagnostic: a full disk or a removed directory must not fail requests
                 if self.step_log_error is None:

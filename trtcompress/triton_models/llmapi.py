@@ -86,5 +86,5 @@ def write_llmapi_repository(repo: Path, artifact: Path, deploy: DeployConfig | N
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     body = yaml.safe_dump(model_yaml(model, deploy), sort_keys=False)
     check_no_placeholders(body, "model.yaml")
-    (model_dir / "1" / "model.yaml").write_text(body)
+    (model_dir / "1" / "model.yaml").write_text(body, encoding="utf-8")
     return Path(repo)

@@ -77,7 +77,7 @@ def write_native_repository(
     model_dir = Path(repo) / deploy.model_name
     write_config(model_dir, text)
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    (model_dir / "1" / "model.py").write_text(MODEL_PY)
+    (model_dir / "1" / "model.py").write_text(MODEL_PY, encoding="utf-8")
     return Path(repo)
 
 

@@ -68,7 +68,7 @@ def write_config(model_dir: Path, text: str) -> Any:
     if config.name and config.name != model_dir.name:
         raise RepositoryError(f"{model_dir}: config name {config.name!r} differs from the directory name")
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.pbtxt").write_text(text)
+    (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
     return config
 
 
@@ -76,12 +76,12 @@ def validate_repository(repo: Path) -> dict[str, Any]:
     """Parse every `config.pbtxt` under `repo` (one level of models); returns {model name: ModelConfig}."""
     configs = {}
     for path in sorted(Path(repo).glob("*/config.pbtxt")):
-        configs[path.parent.name] = parse_config(path.read_text(), str(path))
+        configs[path.parent.name] = parse_config(path.read_text(encoding="utf-8"), str(path))
     if not configs:
         raise RepositoryError(f"{repo}: no model (no */config.pbtxt)")
     for path in Path(repo).rglob("*"):
         if path.suffix in {".pbtxt", ".yaml", ".py"} and path.is_file():
-            check_no_placeholders(path.read_text(), str(path))
+            check_no_placeholders(path.read_text(encoding="utf-8"), str(path))
     return configs
 
 

@@ -182,7 +182,10 @@ def engine_can_chunk(engine_dir: Path) -> bool | None:
     `build_config.plugin_config.use_paged_context_fmha`); None when the directory does not say (not built
     yet, or an unknown layout)."""
     try:
-        build = json.loads((Path(engine_dir) / "config.json").read_text()).get("build_config") or {}
+        build = (
+            json.loads((Path(engine_dir) / "config.json").read_text(encoding="utf-8")).get("build_config")
+            or {}
+        )
     except (OSError, ValueError, AttributeError):
         return None
     plugins = build.get("plugin_config") or {}
@@ -226,5 +229,5 @@ def fill_trtllm_repository(
         write_config(repo / name, render(template, values))
         (repo / name / "1").mkdir(parents=True, exist_ok=True)
         if code:
-            (repo / name / "1" / "model.py").write_text(code)
+            (repo / name / "1" / "model.py").write_text(code, encoding="utf-8")
     return repo
