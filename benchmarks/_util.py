@@ -17,6 +17,14 @@ class Timed:
     stdout: str
 
 
+def exit_if_help(doc: str | None) -> None:
+    """`-h` / `--help` for a script that reads `sys.argv` itself: print its docstring and exit, before it
+    runs anything or writes its default results file."""
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(doc)
+        raise SystemExit(0)
+
+
 def run_timed(args: list[str]) -> Timed:
     """Run `python -m trtcompress ARGS`; wall time and the child's own peak RSS (wait4)."""
     start = time.perf_counter()

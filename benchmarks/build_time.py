@@ -6,11 +6,14 @@ Three runs, each a fresh `trtcompress` process (model already converted into the
             (the issue's target: under 60 s including eval of 4k tokens)
   int4-full `build --recipe int4-g128-rtn` with the default protocol (4k-token ppl + 64 GSM8K + 16
             gsm_symbolic problems, each scored by the compressed and the reference model)
-Writes benchmarks/results/build_time.json and prints a markdown table.
+Writes benchmarks/results/build_time.json (or OUT.json) and prints a markdown table.
+
+    python benchmarks/build_time.py [OUT.json]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -23,6 +26,10 @@ PPL_ONLY = ["--gsm8k-problems", "0", "--set", "eval.gsm_symbolic_problems=0"]
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = Path(__file__).parent / "results" / "build_time.json"
+    parser.add_argument("out", nargs="?", type=Path, default=default)
+    args = parser.parse_args()
     run_timed(["eval", "smollm2-135m", "--quiet", *PPL_ONLY])  # warm caches (and convert once if needed)
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
@@ -48,7 +55,8 @@ def main() -> None:
         }
         for name, r in runs.items()
     ]
-    out = Path(__file__).parent / "results" / "build_time.json"
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
     print(f"machine: {machine()}\n")
     print("| run | wall s | x baseline | peak RSS MiB | ppl |\n|---|---|---|---|---|")

@@ -8,8 +8,8 @@ without it its rows are skipped with a message.
     python benchmarks/compare_modelopt.py [--calib-samples 128] [--modelopt-samples 16] [--methods ...]
 
 A method may carry its own sample count (`awq-int4-g128@16`: ours on ModelOpt's 16 x 512 tokens).
-Rows are merged into benchmarks/results/compare_modelopt.json by (method, samples), so methods can be
-measured in separate runs.
+Rows are merged into benchmarks/results/compare_modelopt.json (or `--out FILE`) by (method, samples), so
+methods can be measured in separate runs.
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128, help="our calibrated passes (x 512 tokens)")
     parser.add_argument("--modelopt-samples", type=int, default=16, help="ModelOpt AWQ calibration (x 512)")
     parser.add_argument("--methods", nargs="*", default=[*OURS, *MODELOPT])
+    parser.add_argument("--out", type=Path, default=RESULTS / "compare_modelopt.json", help="results file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -154,8 +155,8 @@ def main() -> None:
             f"({r['quantize_seconds']:.0f} s)",
             flush=True,
         )
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "compare_modelopt.json"
+    path = args.out
+    path.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(path.read_text()) if path.exists() else []
     fresh = {(r["method"], r["calib_samples"]) for r in rows}
     rows = [r for r in previous if (r["method"], r["calib_samples"]) not in fresh] + rows

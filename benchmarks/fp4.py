@@ -9,12 +9,14 @@ compression (calibration + search) timed on its own.
     python benchmarks/fp4.py [--presets w4a4-llmfp4 'w4a4-llmfp4+rounds=1+stride=1' nvfp4 ...]
 
 `PRESET+FIELD=VALUE+...` overrides fields of the preset's pass (e.g. the llmfp4 search budget) and
-makes a row of its own. Writes benchmarks/results/fp4.json and prints a markdown table.
+makes a row of its own. Writes benchmarks/results/fp4.json (with `--out DIR`: DIR/fp4.json) and prints a
+markdown table.
 
     python benchmarks/fp4.py --ablation [LAYER ...]
 
 runs the LLM-FP4 search variants on real group inputs of those layers (default 3 and 15) of the fp32
-model and reports the mean relative layer-output error (benchmarks/results/fp4_ablation.json).
+model and reports the mean relative layer-output error (benchmarks/results/fp4_ablation.json, or under
+`--out DIR`).
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ ABLATION = {  # label -> llmfp4 config overrides
 }
 
 
-def ablation(layers: list[int], tokens: int) -> None:
+def ablation(layers: list[int], tokens: int, out_dir: Path = RESULTS) -> None:
     """Relative layer-output error of the search variants on real group inputs of the fp32 model."""
     import torch
 
@@ -169,8 +171,8 @@ def ablation(layers: list[int], tokens: int) -> None:
         {"config": k, "mean_rel_error": sum(v) / len(v), "per_group": v, "cpu_seconds": seconds.get(k)}
         for k, v in results.items()
     ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fp4_ablation.json").write_text(json.dumps({"layers": layers, "rows": rows}, indent=2) + "\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "fp4_ablation.json").write_text(json.dumps({"layers": layers, "rows": rows}, indent=2) + "\n")
     print("\n| configuration | mean rel. layer-output error | search cpu s |\n|---|---|---|")
     for r in rows:
         cpu = "-" if r["cpu_seconds"] is None else f"{r['cpu_seconds']:.0f}"
@@ -182,10 +184,11 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", default=list(LABELS), metavar="PRESET[+FIELD=VALUE...]")
     parser.add_argument("--ablation", nargs="*", type=int, metavar="LAYER", help="search ablation on layers")
     parser.add_argument("--ablation-tokens", type=int, default=2048)
+    parser.add_argument("--out", type=Path, default=RESULTS, metavar="DIR", help="where the JSON goes")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ablation is not None:
-        ablation(args.ablation or [3, 15], args.ablation_tokens)
+        ablation(args.ablation or [3, 15], args.ablation_tokens, args.out)
         return
     if args.one:
         print(json.dumps(run_one(args.one)))
@@ -194,7 +197,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     rows = []
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     for preset in args.presets:
         cmd = [sys.executable, __file__, "--one", preset]
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -206,7 +209,7 @@ def main() -> None:
             f"{preset}: ppl {r['ppl']:.2f} KL {r['gsm8k_kl']:.3f} ({r['compress_seconds']:.0f} s)", flush=True
         )
         result = {"machine": machine(), "omp_wait_policy": env["OMP_WAIT_POLICY"], "rows": rows}
-        (RESULTS / "fp4.json").write_text(json.dumps(result, indent=2) + "\n")  # after every row
+        (args.out / "fp4.json").write_text(json.dumps(result, indent=2) + "\n")  # after every row
     print(f"\nmachine: {machine()}\n")
     print("| method | W/A bits | bits/param | ppl | ppl ratio | GSM8K KL | top-1 | bpb | compress s |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -48,8 +48,9 @@ TARGET_SPEEDUP_32K = 2.5
 
 
 def output_path(default: str) -> Path:
-    if len(sys.argv) > 1:
-        return Path(sys.argv[1])
+    paths = [a for a in sys.argv[1:] if not a.startswith("-")]  # OUT.json, not a flag such as --splits
+    if paths:
+        return Path(paths[0])
     return Path(os.environ.get("GEAR_ATTENTION_OUT", RESULTS / default))
 
 
@@ -464,6 +465,9 @@ def cpu() -> None:
 
 
 if __name__ == "__main__":
+    from _util import exit_if_help
+
+    exit_if_help(__doc__)
     if not torch.cuda.is_available():
         cpu()
     elif "--splits" in sys.argv:

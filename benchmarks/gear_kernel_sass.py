@@ -179,4 +179,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from _util import exit_if_help
+
+    exit_if_help(__doc__)
     main()

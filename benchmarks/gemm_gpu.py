@@ -295,6 +295,10 @@ def bench_size(size: int, decode_m: list[int], prefill_m: list[int]) -> tuple[li
 
 
 def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        raise SystemExit("usage: python benchmarks/gemm_gpu.py OUT.json [--quick] [--smoke] [--gemv-only]")
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gemm_gpu.py times CUDA kernels and needs a CUDA GPU; --smoke runs a CPU check")
     out_path = Path(sys.argv[1])
     sizes = [256] if SMOKE else ([4096] if QUICK else [4096, 11008, 14336])
     decode_m = [1, 4] if SMOKE else [1, 2, 4, 8, 16]
@@ -348,4 +352,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from _util import exit_if_help
+
+    exit_if_help(__doc__)
     main()

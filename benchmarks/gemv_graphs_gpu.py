@@ -333,6 +333,11 @@ def odd_shape_checks() -> list[dict]:
 
 
 def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        raise SystemExit("usage: python benchmarks/gemv_graphs_gpu.py OUT.json [--quick] [--group-major] "
+                         "[--llama8b] [--smoke]")  # fmt: skip
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gemv_graphs_gpu.py replays CUDA graphs: it needs a CUDA GPU (--smoke: CPU check)")
     out_path = Path(sys.argv[1])
     sizes = [256] if SMOKE else [4096] if "--quick" in sys.argv else [4096, 11008, 14336]
     start = time.perf_counter()
@@ -366,4 +371,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from _util import exit_if_help
+
+    exit_if_help(__doc__)
     main()

@@ -1,12 +1,15 @@
 """Group-size curve on SmolLM2-135M: ppl / GSM8K KL / top-1 against bits per parameter.
 
 Same protocol and same reference model for every row (REFERENCE section 2). Writes
-benchmarks/results/groupsize.{json,png} and prints a markdown table for BENCHMARKS.md.
+benchmarks/results/groupsize.{json,png} (or OUT_DIR/groupsize.{json,png}) and prints a markdown table for
+BENCHMARKS.md.
+
+    python benchmarks/groupsize.py [MODEL] [--out OUT_DIR]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 from trtcompress.eval.groupsize import run_groupsize_sweep
@@ -14,9 +17,11 @@ from trtcompress.ui import UI
 
 
 def main() -> None:
-    model = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"
-    out = Path(__file__).parent / "results"
-    rows = run_groupsize_sweep(model, 4, [16, 32, 64, 128, 0], True, True, 64, out, UI())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default="smollm2-135m")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", metavar="OUT_DIR")
+    args = parser.parse_args()
+    rows = run_groupsize_sweep(args.model, 4, [16, 32, 64, 128, 0], True, True, 64, args.out, UI())
     ref = rows[0]["ppl_ref"]
     print(f"reference fp32 ppl {ref:.2f}\n")
     print("| format | bits/param | weight MB | ppl | ppl ratio | GSM8K KL | top-1 | bpb |")

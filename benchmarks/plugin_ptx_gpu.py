@@ -220,7 +220,14 @@ def run(case_dir: Path, out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "prepare":
+    from _util import exit_if_help
+
+    exit_if_help(__doc__)
+    if sys.argv[1:2] == ["prepare"] and len(sys.argv) == 3:
         prepare(Path(sys.argv[2]))
-    else:
+    elif sys.argv[1:2] == ["run"] and len(sys.argv) == 4:
+        if not torch.cuda.is_available():
+            raise SystemExit("plugin_ptx_gpu.py run launches PTX through the CUDA driver: needs a CUDA GPU")
         run(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        raise SystemExit("usage: python benchmarks/plugin_ptx_gpu.py prepare DIR | run DIR OUT")

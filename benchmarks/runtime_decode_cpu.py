@@ -89,7 +89,7 @@ def main() -> None:
     levels = [int(n) for n in args.requests.split(",")]
     questions = [p.question for p in gsm8k_problems(max(levels))]
     all_prompts = [tokenizer(q)["input_ids"][:64] for q in questions]
-    context = 64 + args.new + 1
+    context = 64 + max(args.new, 4) + 1  # count_decode_step_ops generates 4 tokens
     config = DeployConfig(max_batch_size=max(levels), max_num_tokens=1024, max_seq_len=context,
                           max_tokens_in_paged_kv_cache=max(levels) * (context + 64))  # fmt: skip
     engine = Engine(model, tokenizer, config, kv_codec=get_codec("fp16"))
