@@ -107,3 +107,58 @@ def test_measured_metrics_names_what_the_evaluation_fills(tiny_model, reference,
     )  # fmt: skip
     filled = {name for name in GATE_METRICS if getattr(report, name) is not None}
     assert filled == measured_metrics(config, reference=reference, kv_codec=codec is not None)
+
+
+def test_a_reference_model_with_another_tokenizer_is_refused(tiny_model_dir, tmp_path):
+    """Both models are fed the evaluated model's token ids: a reference with another tokenizer (here the
+    same vocabulary size, trained on other text) was scored on ids it reads as other text, and the
+    report's ppl_ref, KL and top-1 came out as plausible, meaningless numbers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from trtcompress.errors import ModelError
+    from trtcompress.eval.datasets import boolq_passages_text
+
+    other = make_tiny_model_dir(tmp_path / "other", seed=1)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([boolq_passages_text()[50_000:100_000]], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(other)
+    with pytest.raises(ModelError, match="another tokenizer"):
+        evaluate_target(str(tiny_model_dir), reference_spec=str(other), overrides=TINY_OVERRIDES)
+
+
+def test_a_reference_model_with_another_vocabulary_size_is_refused(tiny_model):
+    """Same tokenizer, other logit width (a padded vocabulary): KL crashed on the shapes."""
+    import copy
+
+    from trtcompress.errors import ModelError
+    from trtcompress.eval.harness import evaluate
+
+    reference = copy.deepcopy(tiny_model.model)
+    reference.resize_token_embeddings(640)
+    with pytest.raises(ModelError, match="vocabulary of 640 logits"):
+        evaluate(
+            tiny_model.model, tiny_model.tokenizer, TINY_EVAL, reference, model_name="m", recipe_name="r"
+        )
+
+
+def test_a_model_evaluated_as_its_own_reference_plots_its_kl(tiny_model, tmp_path, monkeypatch):
+    """`eval MODEL` (its own reference) reports gsm8k_kl 0 and top-1 1 in the JSON and the table, but
+    left out the per-problem KL, so the plot said "no reference model: KL not measured"."""
+    from trtcompress.eval import report as report_module
+    from trtcompress.eval.harness import evaluate
+
+    report = evaluate(
+        tiny_model.model, tiny_model.tokenizer, TINY_EVAL, model_name="m", recipe_name="r", is_reference=True
+    )
+    assert report.gsm8k_kl == 0.0 and report.gsm8k_top1 == 1.0
+    assert report.details["gsm8k_kl_per_problem"] == [0.0] * TINY_EVAL.gsm8k_problems
+    titles = []
+    monkeypatch.setattr("matplotlib.axes.Axes.set_title", lambda ax, text, *a, **k: titles.append(text))
+    report_module.plot_report(report, tmp_path / "eval.png")
+    assert "GSM8K KL 0.0000, top-1 1.000" in titles

@@ -10,6 +10,7 @@ from rich.progress import Progress
 from torch import nn
 
 from trtcompress.compressed.accounting import weight_stats
+from trtcompress.errors import ModelError
 from trtcompress.eval import metrics
 from trtcompress.eval.config import EvalConfig
 from trtcompress.eval.datasets import TokenStream, gsm8k_problems, gsm_symbolic_problems
@@ -88,6 +89,33 @@ def measured_metrics(config: EvalConfig, *, reference: bool, kv_codec: bool) -> 
     return frozenset(names)
 
 
+def check_reference(
+    model: nn.Module, tokenizer, reference: nn.Module, reference_tokenizer=None, name: str = ""
+) -> None:
+    """Refuse a reference model that reads other token ids than `model`: both models are fed the same
+    ids (the evaluated model's tokenizer), so a reference with another vocabulary would be scored on
+    text it never saw as such (a silently meaningless ppl_ref, KL and top-1), or crash on the logits'
+    widths."""
+    name = f"the reference model {name}".rstrip()
+    if reference_tokenizer is not None and not _same_tokenizer(tokenizer, reference_tokenizer):
+        raise ModelError(
+            f"{name} has another tokenizer than the evaluated model: KL, top-1 and "
+            "ppl_ref compare the two on the same token ids, so the reference must share the tokenizer"
+        )
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    vocab_ref = getattr(getattr(reference, "config", None), "vocab_size", None)
+    if vocab is not None and vocab_ref is not None and vocab != vocab_ref:
+        raise ModelError(
+            f"{name} has a vocabulary of {vocab_ref} logits, the evaluated model "
+            f"{vocab}: KL and top-1 compare the two distributions token by token, so they must match"
+        )
+
+
+def _same_tokenizer(a, b) -> bool:
+    probe = "Question: 12 - 4 = ?\nAnswer: Ünïcode, 数字 and  spaces.\n\n"
+    return a.get_vocab() == b.get_vocab() and a(probe).input_ids == b(probe).input_ids
+
+
 def check_protocol(config: EvalConfig, model: nn.Module, tokenizer) -> None:
     """Refuse an evaluation this model and text cannot run, before minutes of compression: a window
     longer than the model's positions, a perplexity window longer than the BoolQ text."""
@@ -113,6 +141,8 @@ def evaluate(
     With a `kv` codec, decode with the compressed KV cache against the reference (or `model` itself
     when it is the reference) decoding with an fp16 cache (trtcompress.kv.report).
     """
+    if reference is not None and not is_reference:
+        check_reference(model, tokenizer, reference)
     if kv is not None and kv.codec is not None:
         from trtcompress.kv.report import evaluate_with_kv
 
@@ -188,7 +218,11 @@ def evaluate(
         details={
             "ppl_window_nll": ppl.window_nll,
             "ppl_window_nll_ref": ppl_ref.window_nll if ppl_ref else None,
-            "gsm8k_kl_per_problem": fid.per_problem_kl if fid and with_ref else None,
+            # the model as its own reference: KL 0 on every problem, as the top-level gsm8k_kl says (the
+            # plot read the missing list as "no reference model: KL not measured")
+            "gsm8k_kl_per_problem": (fid.per_problem_kl if with_ref else [0.0] * len(gsm8k))
+            if fid and (with_ref or is_reference)
+            else None,
             "bits_per_param_model": stats.bits_per_param_model,
             "params": stats.params,
         },

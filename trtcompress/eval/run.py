@@ -8,7 +8,7 @@ from typing import Any
 from trtcompress.checkpoints import native
 from trtcompress.errors import ModelError, RecipeError, TrtcompressError
 from trtcompress.eval.config import EvalConfig
-from trtcompress.eval.harness import EvalReport, check_protocol, evaluate
+from trtcompress.eval.harness import EvalReport, check_protocol, check_reference, evaluate
 from trtcompress.eval.report import plot_report
 from trtcompress.models import PACKAGED_MODELS, load_model
 from trtcompress.models.gguf_convert import COMPLETE_MARKER
@@ -94,7 +94,7 @@ def evaluate_target(
         if recipe.eval.reference:
             spec = reference_spec or _reference_of(artifact.manifest["source"])
             try:
-                reference = load_model(spec, log=ui.log).model
+                reference = _load_reference(spec, artifact.model, artifact.tokenizer, ui)
             except ModelError as exc:
                 raise ModelError(
                     f"{exc} (reference model of {target}; pass --reference-model PATH or --no-reference)"
@@ -112,7 +112,11 @@ def evaluate_target(
         from trtcompress.builders.compress import compress_model
 
         check_protocol(recipe.eval, loaded.model, loaded.tokenizer)  # before minutes of compression
-        reference = load_model(reference_spec or target, log=ui.log).model if recipe.eval.reference else None
+        reference = (
+            _load_reference(reference_spec or target, loaded.model, loaded.tokenizer, ui)
+            if recipe.eval.reference
+            else None
+        )
         with ui.progress() as progress:
             compress_model(loaded.model, loaded.tokenizer, recipe, progress=progress, log=ui.log)
             report = evaluate_recipe(loaded.model, loaded.tokenizer, recipe, reference, target, progress)
@@ -121,7 +125,7 @@ def evaluate_target(
         # compare with (its figures must then be measured, not copied from the model's own).
         reference = None
         if reference_spec and recipe.eval.reference:
-            reference = load_model(reference_spec, log=ui.log).model
+            reference = _load_reference(reference_spec, loaded.model, loaded.tokenizer, ui)
         with ui.progress() as progress:
             # its own reference unless --no-reference (which leaves the reference figures unmeasured)
             is_reference = reference_spec is None and recipe.eval.reference
@@ -131,6 +135,13 @@ def evaluate_target(
     if output_dir:
         _write_outputs(report, output_dir)
     return report
+
+
+def _load_reference(spec: str, model, tokenizer, ui: UI):
+    """The reference model, refused unless it reads the evaluated model's token ids."""
+    reference = load_model(spec, log=ui.log)
+    check_reference(model, tokenizer, reference.model, reference.tokenizer, spec)
+    return reference.model
 
 
 def evaluate_recipe(
