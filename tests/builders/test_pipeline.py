@@ -67,7 +67,7 @@ def test_bfloat16_dense_tensors(tiny_model_dir, tmp_path):
     "overrides, match",
     [
         ({"eval.context": 2048, "eval.ppl_tokens": 2048}, "eval.context 2048 exceeds the model's 1024"),
-        ({"eval.ppl_tokens": 10_000_000}, "eval.ppl_tokens 10000000 exceeds the"),
+        ({"eval.ppl_tokens": 10_240_000}, "eval.ppl_tokens 10240000 exceeds the"),
     ],
     ids=["context-past-positions", "window-past-the-text"],
 )

@@ -18,3 +18,10 @@ def test_a_window_longer_than_the_passages_is_a_recipe_error(tiny_model):
     stream = TokenStream(tiny_model.tokenizer)
     with pytest.raises(RecipeError, match=r"eval\.ppl_tokens"):
         stream.window(len(stream.ids) + 1)
+
+
+def test_a_perplexity_window_is_a_whole_number_of_contexts():
+    """1,500 tokens in windows of 1,024 scored one window and dropped the rest without a word."""
+    with pytest.raises(ValidationError, match=r"whole number of windows.*use 1024 or 2048"):
+        EvalConfig(ppl_tokens=1500, context=1024)
+    assert EvalConfig(ppl_tokens=3072, context=1024).ppl_tokens == 3072

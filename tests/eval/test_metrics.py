@@ -177,3 +177,15 @@ def test_non_finite_details_stay_non_finite_in_the_json_report(tiny_model_dir):
     assert data["ppl"] == "NaN" and data["gsm8k_kl"] == "NaN"
     assert data["details"]["ppl_window_nll"] == ["NaN", "NaN"]
     assert data["details"]["gsm8k_kl_per_problem"] == ["NaN", "NaN"]
+
+
+def test_kl_ignores_tokens_the_reference_rules_out():
+    """0 * log 0: a token with reference probability 0 (logit -inf) made the KL NaN, not its finite value."""
+    from trtcompress.eval.metrics import FidelityAccumulator
+
+    problem = Problem(question="2 + 2?", answer="2 + 2 = 4\n#### 4", final="4")
+    acc = FidelityAccumulator([problem])
+    logp_ref = torch.log(torch.tensor([[0.5, 0.5, 0.0]]))
+    logp = torch.log(torch.tensor([[0.25, 0.25, 0.5]]))
+    acc.add(0, logp, torch.tensor([0]), logp_ref)
+    assert acc.result().kl == pytest.approx(math.log(2))

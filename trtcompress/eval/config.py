@@ -32,4 +32,10 @@ class EvalConfig(BaseModel):
             raise ValueError(
                 f"ppl_tokens ({self.ppl_tokens}) must be at least one window of context ({self.context})"
             )
+        if self.ppl_tokens % self.context:  # the windows are whole: a remainder was dropped unscored
+            whole = self.ppl_tokens // self.context * self.context
+            raise ValueError(
+                f"ppl_tokens ({self.ppl_tokens}) must be a whole number of windows of context "
+                f"({self.context}); use {whole} or {whole + self.context}"
+            )
         return self

@@ -127,7 +127,8 @@ class FidelityAccumulator:
         if logp_ref is not None:
             self.has_reference = True
             self.nll_ref -= logp_ref.gather(-1, target[:, None]).sum().item()
-            kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1)
+            p_ref = logp_ref.exp()  # a token the reference rules out (p 0, logp -inf) adds 0, not NaN
+            kl = torch.where(p_ref > 0, p_ref * (logp_ref - logp), 0.0).sum(-1)
             self.kl_sum += kl.sum().item()
             self.per_problem_kl[i] = kl.mean().item()
             self.agree += (logp.argmax(-1) == logp_ref.argmax(-1)).sum().item()
