@@ -136,7 +136,8 @@ class Engine:
         self._ids = itertools.count()
         self._by_request: dict[str, Sequence] = {}
         # ids that finished lately: a cancel arriving after its request ended must not be kept for a
-        # new request that reuses the id (a cancel of an id not yet queued is kept: EngineLoop's race)
+        # new request that reuses the id (a cancel of an id not yet queued waits for the next step only:
+        # EngineLoop's race; past it, EngineLoop's is_cancelled polling catches a cancel)
         self._recently_finished: OrderedDict[str, None] = OrderedDict()
         self._t0 = time.perf_counter()
         self.tokens_generated = 0
