@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from trtcompress.errors import GateFailure, TrtcompressError
-from trtcompress.ui import UI, json_text
+from trtcompress.ui import UI, expand_user, json_text
 
 
 def _recipe_overrides(flags: dict[str, Any], assignments: tuple[str, ...]) -> list[tuple[str, Any]]:
@@ -99,17 +99,24 @@ def _add(options):
 
 
 @cli.command()
-@click.argument("model", required=False)
+@click.argument("model", required=False, callback=expand_user)
 @click.option(
     "--recipe",
     "-r",
     "recipe_spec",
     default="int4-g128-rtn",
     show_default=True,
+    callback=expand_user,
     help="preset name (see `trtcompress recipes`) or a YAML file",
 )
 @click.option(
-    "--output", "-o", "out", type=click.Path(path_type=Path), required=True, help="artifact directory"
+    "--output",
+    "-o",
+    "out",
+    type=click.Path(path_type=Path),
+    callback=expand_user,
+    required=True,
+    help="artifact directory",
 )
 @click.option(
     "--force", is_flag=True, help="replace an existing artifact (only once the new one is complete)"
@@ -190,13 +197,18 @@ def build(model, recipe_spec, out, force, assignments, quiet, as_json, **flags) 
 
 
 @cli.command("eval")
-@click.argument("target")
+@click.argument("target", callback=expand_user)
 @click.option(
-    "--recipe", "-r", "recipe_spec", help="compress TARGET (a model) in memory with this recipe first"
+    "--recipe",
+    "-r",
+    "recipe_spec",
+    callback=expand_user,
+    help="compress TARGET (a model) in memory with this recipe first",
 )
 @click.option(
     "--reference-model",
     "reference_spec",
+    callback=expand_user,
     help="uncompressed model to compare against (default: the artifact's source model)",
 )
 @_add(eval_options)
@@ -206,6 +218,7 @@ def build(model, recipe_spec, out, force, assignments, quiet, as_json, **flags) 
 @click.option(
     "--output-dir",
     type=click.Path(path_type=Path),
+    callback=expand_user,
     help="where to write eval.json and eval.png (default: inside the artifact; nowhere for a plain model)",
 )
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars or logs")
@@ -236,7 +249,7 @@ def eval_cmd(target, recipe_spec, reference_spec, assignments, output_dir, quiet
 
 
 @cli.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifact", type=click.Path(path_type=Path), callback=expand_user)
 @click.option(
     "--no-verify", is_flag=True, help="skip the sha256 check of the files (presence and sizes still checked)"
 )
@@ -316,7 +329,7 @@ def _sweep_sizes(groups: str, bits: int, with_int8: bool, symmetric: bool, probl
 
 
 @bench.command("groupsize")
-@click.argument("model", required=False, default="smollm2-135m")
+@click.argument("model", required=False, default="smollm2-135m", callback=expand_user)
 @click.option("--bits", type=int, default=4, show_default=True)
 @click.option("--groups", default="16,32,64,128,0", show_default=True, help="group sizes; 0 = per channel")
 @click.option("--int8/--no-int8", "with_int8", default=True, show_default=True, help="add INT8 per-channel")
@@ -326,6 +339,7 @@ def _sweep_sizes(groups: str, bits: int, with_int8: bool, symmetric: bool, probl
     "--output-dir",
     "-o",
     type=click.Path(path_type=Path),
+    callback=expand_user,
     default=Path("out/bench-groupsize"),
     show_default=True,
     help="writes groupsize.json and groupsize.png",

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from trtcompress.errors import ArtifactError, RecipeError, TrtcompressError
 from trtcompress.triton_models.pbtxt import RepositoryError
+from trtcompress.ui import expand_user
 
 
 def _deploy(source: Path | None, assignments: tuple[str, ...]) -> Any:
@@ -128,7 +129,7 @@ def _environment_warning(env) -> str | None:
 
 
 @click.command()
-@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("target", type=click.Path(path_type=Path), callback=expand_user)
 @click.option("--host", default="127.0.0.1", show_default=True, help="address the endpoints bind to")
 @click.option("--http-port", type=PORT, default=8000, show_default=True, help="0 = any free port")
 @click.option("--grpc-port", type=PORT, default=8001, show_default=True, help="0 = any free port")
@@ -136,11 +137,22 @@ def _environment_warning(env) -> str | None:
 @click.option(
     "--repo-dir",
     type=click.Path(path_type=Path),
+    callback=expand_user,
     help="where to write the generated repository (default: temp)",
 )
 @deploy_option
-@click.option("--step-log", type=click.Path(path_type=Path), help="native runtime: one JSON line per step")
-@click.option("--log-file", type=click.Path(path_type=Path), help="tritonserver's log (default: temp dir)")
+@click.option(
+    "--step-log",
+    type=click.Path(path_type=Path),
+    callback=expand_user,
+    help="native runtime: one JSON line per step",
+)
+@click.option(
+    "--log-file",
+    type=click.Path(path_type=Path),
+    callback=expand_user,
+    help="tritonserver's log (default: temp dir)",
+)
 @click.option("--timeout", type=float, default=600, show_default=True, help="seconds to wait for readiness")
 @allow_failed_gates_option
 def serve(
@@ -255,13 +267,16 @@ def generate(
 
 
 @click.command("repo")
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--output", "-o", type=click.Path(path_type=Path), required=True)
+@click.argument("artifact", type=click.Path(path_type=Path), callback=expand_user)
+@click.option("--output", "-o", type=click.Path(path_type=Path), callback=expand_user, required=True)
 @click.option(
     "--kind", type=click.Choice(["native", "trtllm", "llmapi"]), default="native", show_default=True
 )
 @click.option(
-    "--engine-dir", type=click.Path(path_type=Path), help="trtllm: the TensorRT-LLM engine directory"
+    "--engine-dir",
+    type=click.Path(path_type=Path),
+    callback=expand_user,
+    help="trtllm: the TensorRT-LLM engine directory",
 )
 @deploy_option
 @click.option(
@@ -300,7 +315,7 @@ def _concurrency_levels(ctx: click.Context, param: click.Parameter, value: str) 
 
 
 @click.command("serve")
-@click.argument("target", default="smollm2-135m")
+@click.argument("target", default="smollm2-135m", callback=expand_user)
 @click.option(
     "--concurrency",
     "levels",
@@ -317,7 +332,12 @@ def _concurrency_levels(ctx: click.Context, param: click.Parameter, value: str) 
 @deploy_option
 @click.option("--hf-baseline/--no-hf-baseline", default=True, show_default=True, help="HF generate, same run")
 @click.option(
-    "--output", "-o", type=click.Path(path_type=Path), default=Path("out/bench-serve"), show_default=True
+    "--output",
+    "-o",
+    type=click.Path(path_type=Path),
+    callback=expand_user,
+    default=Path("out/bench-serve"),
+    show_default=True,
 )
 def bench_serve(target, levels, num_requests, prompt_tokens, output_tokens, deploy_set, hf_baseline, output):
     """Load generator: concurrent tritonclient gRPC streaming clients against TARGET (an artifact, a model

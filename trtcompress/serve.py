@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -45,6 +46,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _shell_safe(path: Path | str) -> bool:
+    """Whether `path` survives unquoted in a shell command line: the python backend starts its stub with
+    `bash -c "exec <stub> <model dir>/1/model.py ..."` without quoting, so a space, quote, `$` or `#` in
+    the model repository's or the backends directory's path broke the model's load (and tritonserver
+    then waited, never ready)."""
+    return shlex.quote(str(path)) == str(path)
+
+
+def _private_dir(prefix: str) -> Path:
+    """A new temporary directory whose path the stub's command line can hold (TMPDIR may not)."""
+    parent = tempfile.gettempdir()
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent if _shell_safe(parent) else "/tmp"))
+
+
 def _python_path() -> list[str]:
     import trtcompress
 
@@ -75,7 +90,7 @@ def locate_tritonserver() -> Tritonserver:
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not binary.is_file() or not stub.is_file():
         raise MissingDependencyError(f"{root}: no tritonserver binary or python stub for Python {version}")
-    private = Path(tempfile.mkdtemp(prefix="trtcompress-triton-"))
+    private = _private_dir("trtcompress-triton-")
     backends = private / "backends"
     shutil.copytree(root / "backends", backends, symlinks=True)
     shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
@@ -119,6 +134,7 @@ class Server:
         verbose: bool = False,
     ) -> None:
         self.repo = Path(repo).resolve()
+        self.repo_arg = self.repo  # what tritonserver is given: a shell-safe link to `repo` where needed
         client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
         self.bind_host = host
         self.endpoints = Endpoints(
@@ -138,7 +154,7 @@ class Server:
         e = self.endpoints
         return [
             str(self.triton.binary),
-            f"--model-repository={self.repo}",
+            f"--model-repository={self.repo_arg}",
             f"--backend-directory={self.triton.backend_dir}",
             f"--http-address={self.bind_host}",
             f"--http-port={e.http_port}",
@@ -163,6 +179,11 @@ class Server:
             self.log_offset = out.tell()
         try:
             self.triton = locate_tritonserver()
+            if not _shell_safe(self.repo):  # tritonserver keeps the link's path (it does not resolve it)
+                if self.triton.private_dir is None:
+                    self.triton.private_dir = _private_dir("trtcompress-triton-")
+                self.repo_arg = self.triton.private_dir / "repo"
+                self.repo_arg.symlink_to(self.repo, target_is_directory=True)
             self.proc = subprocess.Popen(
                 self.command(),
                 env=self.triton.env,

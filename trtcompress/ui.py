@@ -5,13 +5,23 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
+
+
+def expand_user(ctx: Any, param: Any, value: Any) -> Any:
+    """Click callback of path arguments: a leading `~` is the home directory, as the shell reads it. The
+    shell leaves `--output=~/x` alone: the artifact went to ./~/x while the CLI printed "artifact: ~/x"."""
+    if isinstance(value, Path | str) and str(value).startswith("~"):
+        return type(value)(os.path.expanduser(value))
+    return value
 
 
 def finite_or_named(value: Any) -> Any:

@@ -456,3 +456,18 @@ def test_sighup_and_sigterm_stop_tritonserver_on_the_way_out(served_artifact, tm
             proc.kill()
         for pid in _tritonservers_over(repo):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_tilde_in_a_path_is_the_home_directory(served_artifact, tmp_path):
+    """The shell leaves `--output=~/r` (and a quoted "~/art") as typed: the repository went to ./~/r
+    while the CLI said "wrote ~/r", which reads as one in the home directory."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(served_artifact, home / "art")
+    out = run_cli("repo", "~/art", "--output=~/r", cwd=tmp_path, env={"HOME": str(home)})
+    assert out.returncode == 0, out.stderr
+    assert (home / "r" / "tensorrt_llm" / "config.pbtxt").is_file() and not (tmp_path / "~").exists()
+    assert f"wrote {home / 'r'}" in out.stdout
+    shown = run_cli("inspect", "~/art", "--no-verify", cwd=tmp_path, env={"HOME": str(home)})
+    assert shown.returncode == 0, shown.stderr

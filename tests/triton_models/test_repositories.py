@@ -206,7 +206,7 @@ def test_repo_over_an_engine_dir_reads_whether_the_engine_can_chunk(
 def test_a_dollar_sign_in_a_path_is_no_placeholder(served_artifact, tiny_model_dir, tmp_path):
     """An artifact under /data/$USER/... (a legal directory name) was refused as "unfilled template
     placeholders ['$USER']": the check flagged a bare `$NAME` in the filled values. Placeholders are
-    the `${name}` form templates use, which stays an error anywhere."""
+    the `${name}` form templates use, which stays an error as a whole value."""
     import shutil
 
     root = tmp_path / "data" / "$USER"
@@ -219,3 +219,30 @@ def test_a_dollar_sign_in_a_path_is_no_placeholder(served_artifact, tiny_model_d
         validate_repository(repo)
     with pytest.raises(RepositoryError, match="unfilled"):
         parse_config('name: "x"\nbackend: "${backend}"')
+
+
+def test_a_braced_dollar_inside_a_path_is_no_placeholder(served_artifact, tiny_model_dir, tmp_path):
+    """An artifact under "/runs/${date} b/..." (a legal directory name) was refused as "unfilled template
+    placeholders ['${date}']" by repo, serve and validate_repository; a `${name}` that makes up a whole
+    value (a quoted string, a YAML value, or outside strings) is still an unfilled placeholder."""
+    import shutil
+
+    root = tmp_path / "runs" / "${date} b"
+    artifact, model = root / "int4", root / "hf"
+    shutil.copytree(served_artifact, artifact)
+    shutil.copytree(tiny_model_dir, model)
+    for kind, source in (("native", artifact), ("trtllm", artifact), ("llmapi", model)):
+        repo = generate_repository(kind, source, tmp_path / kind, DeployConfig())
+        configs = validate_repository(repo)
+        paths = [v for c in configs.values() for v in _params(c).values() if v.startswith(str(root))]
+        if kind == "llmapi":
+            paths = [yaml.safe_load((repo / "tensorrt_llm" / "1" / "model.yaml").read_text())["model"]]
+        assert paths and all(p.startswith(str(root.resolve())) for p in paths), (kind, paths)
+    for text in ('backend: "${backend}"', 'backend: "${a} ${b}"', "max_batch_size: ${n}"):
+        with pytest.raises(RepositoryError, match="unfilled"):
+            parse_config(f'name: "x"\n{text}')
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "config.pbtxt").write_text('name: "m"\nbackend: "python"\n')
+    (tmp_path / "m" / "1" / "model.yaml").write_text("model: '${MODEL}'\n")
+    with pytest.raises(RepositoryError, match=r"model\.yaml"):
+        validate_repository(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -240,3 +241,37 @@ def test_a_request_cancelled_while_queued_never_runs(served_artifact, tmp_path):
         assert len({rid for r in records for rid in r["joined"]}) == 1, "the cancelled request ran"
     finally:
         assert srv.stop() == 0
+
+
+def test_an_artifact_and_repository_under_awkward_paths_are_served(
+    served_artifact, offline, tmp_path, monkeypatch
+):
+    """The python backend starts its stub with `bash -c "exec <stub> <repository>/<model>/1/model.py ..."`,
+    unquoted: a space, quote or `#` in the repository's path (or TMPDIR's, where the backends were copied)
+    broke the command line and tritonserver waited, never ready. The stub's interpreter is isolated in the
+    C locale, its file-system encoding ASCII: an artifact under a directory named with é / 中 was "no such
+    model directory" and its step log could not be written."""
+    import os
+    import shutil
+    import tempfile
+
+    from trtcompress.runtime.config import DeployConfig
+    from trtcompress.serve import Server
+    from trtcompress.triton_models.native import write_native_repository
+
+    root = tmp_path / "a b\"c'd\\e #f $g ${h} é中"
+    (root / "tmp").mkdir(parents=True)
+    monkeypatch.setenv("TMPDIR", str(root / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    artifact, steps = shutil.copytree(served_artifact, root / "int4"), root / "steps é.jsonl"
+    repo = write_native_repository(root / "repo", artifact, DeployConfig(**DEPLOY), step_log=steps)
+    srv = Server(repo, log_file=root / "tritonserver.log")
+    srv.start(timeout=90)
+    try:
+        out = generate_grpc(srv.endpoints.grpc, MODEL, PROMPTS[0], max_tokens=12, stream=True, timeout=60)
+        assert out.text == offline[PROMPTS[0]] and out.finish_reason == "length"
+        assert steps.read_text(encoding="utf-8").strip()
+    finally:
+        assert srv.stop() == 0
+    links = [link for p in Path("/tmp").glob("trtcompress-paths-*") for link in p.iterdir()]
+    assert not [p for p in links if str(artifact) in os.readlink(p)], "links left behind"

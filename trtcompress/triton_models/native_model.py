@@ -20,6 +20,7 @@ import numpy as np
 from trtcompress.runtime.config import DeployConfig
 from trtcompress.runtime.sampling import RequestError, SamplingParams
 from trtcompress.runtime.sequence import RequestOutput
+from trtcompress.triton_models.stub_paths import StubPaths
 
 # TensorRT-LLM's LLM-API model names the same inputs sampling_param_* and `streaming`; the native model
 # takes either name (not both), so a client written for that model works here unchanged
@@ -159,11 +160,17 @@ class TritonPythonModel:
         self.deploy = DeployConfig.model_validate_json(params["deploy"])
         self.default_max_tokens = int(params.get("default_max_tokens") or 16)
         self.logger = _pb().Logger
-        step_log = params.get("step_log") or None
-        self.loop = EngineLoop(  # built on the loop's thread: the one thread that runs torch (see EngineLoop)
-            lambda: Engine.from_path(params["artifact"], self.deploy, step_log=step_log),
-            on_error=lambda exc: self.logger.log_error(f"engine: {exc!r}"),
-        )
+        self.paths = StubPaths()  # the stub's file-system encoding is ASCII: é / 中 go through links
+        artifact, step_log = self.paths(params["artifact"]), self.paths(params.get("step_log", "")) or None
+        try:
+            self.loop = EngineLoop(  # built on the loop's thread: the one thread that runs torch (EngineLoop)
+                lambda: Engine.from_path(artifact, self.deploy, step_log=step_log),
+                on_error=lambda exc: self.logger.log_error(f"engine: {self.paths.restore(exc)!r}"),
+            )
+        except Exception as exc:  # (its message names the artifact as given, not as linked)
+            self.paths.restore(exc)
+            self.paths.close()
+            raise
         engine = self.loop.engine
         self.logger.log_info(
             f"trtcompress native runtime: {params['artifact']} (max_batch_size {self.deploy.max_batch_size}, "
@@ -193,3 +200,4 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.loop.shutdown()
+        self.paths.close()

@@ -21,9 +21,47 @@ class RepositoryError(TrtcompressError):
     """A model repository that cannot be generated (or did not validate)."""
 
 
-# the `${name}` form, the one templates (ours, upstream's fill_template.py) use: a bare `$NAME` is left
-# to the values (a path such as /data/$USER/model is no placeholder); render() checks the template's own
+# the `${name}` form, the one templates (ours, upstream's fill_template.py) use, always as a whole value
+# (`"${engine_dir}"`, `max_batch_size: ${n}`): a bare `$NAME`, or a `${name}` inside a longer text, is
+# the values' own (paths such as /data/$USER/model or "/runs/${date} 2/out" are legal directory names)
 _PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
+_STRING = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'""")  # a quoted string (pbtxt, Python)
+
+
+def _whole(value: str) -> list[str]:
+    """The placeholders of a value made of placeholders only (and blanks)."""
+    found = _PLACEHOLDER.findall(value)
+    return found if found and not _PLACEHOLDER.sub("", value).strip() else []
+
+
+def _placeholders(text: str, yaml_file: bool = False) -> list[str]:
+    """Unfilled `${name}`s: what makes up a whole quoted string or YAML value, or any outside quoted
+    strings."""
+    if yaml_file:
+        try:
+            import yaml
+
+            data = yaml.safe_load(text)
+        except Exception:  # not YAML after all: read it as text
+            pass
+        else:
+
+            def scalars(node: Any) -> list[Any]:
+                if isinstance(node, dict):
+                    return [x for k, v in node.items() for x in (*scalars(k), *scalars(v))]
+                if isinstance(node, list):
+                    return [x for v in node for x in scalars(v)]
+                return [node]
+
+            return [p for v in scalars(data) if isinstance(v, str) for p in _whole(v)]
+    found: list[str] = []
+
+    def literal(match: re.Match) -> str:
+        found.extend(_whole(match.group(0)[1:-1]))
+        return '""'
+
+    found += _PLACEHOLDER.findall(_STRING.sub(literal, text))
+    return found
 
 
 def render(template: str, values: dict[str, Any]) -> str:
@@ -39,7 +77,7 @@ def render(template: str, values: dict[str, Any]) -> str:
 
 
 def check_no_placeholders(text: str, where: str = "config") -> None:
-    leftover = _PLACEHOLDER.findall(text)
+    leftover = _placeholders(text, yaml_file=where.endswith((".yaml", ".yml")))
     if leftover:
         raise RepositoryError(f"{where}: unfilled template placeholders {sorted(set(leftover))}")
 

@@ -21,8 +21,14 @@ def _pb() -> Any:
 def _tokenizer(args: dict[str, Any]) -> Any:
     from transformers import AutoTokenizer
 
+    from trtcompress.triton_models.stub_paths import StubPaths
+
     params = json.loads(args["model_config"])["parameters"]
-    return AutoTokenizer.from_pretrained(params["tokenizer_dir"]["string_value"])
+    paths = StubPaths()  # the stub's file-system encoding is ASCII: a directory named with é / 中 is linked
+    try:
+        return AutoTokenizer.from_pretrained(paths(params["tokenizer_dir"]["string_value"]))
+    finally:
+        paths.close()
 
 
 class Preprocessing:
