@@ -258,3 +258,104 @@ def test_pipeline_refuses_an_impossible_export_without_loading(tiny_model_dir, t
     with pytest.raises(RecipeError, match="weight-only"):
         build(str(tiny_model_dir), recipe, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def _width_models(tiny_model_dir, tmp_path_factory):
+    """Models whose widths decide a layout: the tiny model (96 / 160, partial groups of 64 and 128; a tp
+    split of o_proj at 48 and of down_proj at 80), one of width 80 (not whole MXFP4 blocks of 32), and the
+    tiny model with o_proj / down_proj weights of one magnitude, whose every row part reaches the
+    largest int8 / int4 code (TensorRT-LLM's per-shard re-quantization gives back the same codes)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.conftest import make_tiny_model_dir
+    from trtcompress.models import load_model
+
+    path = tmp_path_factory.getbasetemp() / "tiny-w80"
+    if not (path / "config.json").is_file():
+        make_tiny_model_dir(path)
+        config = AutoConfig.from_pretrained(path)
+        config.hidden_size, config.head_dim = 80, 20
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    one_magnitude = load_model(str(tiny_model_dir), log=lambda m: None)
+    with torch.no_grad():
+        for layer in one_magnitude.model.model.layers:
+            for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                linear.weight.copy_(linear.weight.sign() * 0.01)
+    return {
+        "w96": lambda: load_model(str(tiny_model_dir), log=lambda m: None),
+        "w80": lambda: load_model(str(path), log=lambda m: None),
+        "one-magnitude": lambda: one_magnitude,
+    }
+
+
+WIDTH_PASSES = [
+    {"method": "gsq", "bits": 4, "group_size": g} for g in (16, 32, 64, 128)
+] + [
+    {"method": "gsq", "bits": 4, "group_size": 128, "exclude": ["lm_head", "o_proj", "down_proj"]},
+    {"method": "gsq", "bits": 8, "group_size": 0},
+    {"method": "gsq", "bits": 4, "group_size": 0},
+    {"method": "mxfp4"},
+    {"method": "nvfp4"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("export", ["hf", "trtllm", "trtllm-tp2"])
+@pytest.mark.parametrize(
+    "spec",
+    WIDTH_PASSES,
+    ids=lambda p: "-".join("no-row-parallel" if isinstance(v, list) else str(v) for v in p.values()),
+)
+def test_the_early_model_checks_agree_with_the_writers(tiny_model_dir, tmp_path_factory, spec, export):
+    """check_recipe + check_model (widths: partial groups for hf, tp splits inside a group, MXFP4 blocks;
+    per-shard re-quantization of a data-free per-channel int8 / int4 recipe) refuse before any work
+    exactly when the writer would refuse the compressed model: `int4-g128-rtn --export hf` on a 96-wide
+    model, or `int8-rtn --export trtllm --tp-size 2`, failed only after the compression and evaluation."""
+    from trtcompress.builders.compress import compress_model
+    from trtcompress.builders.exports import check_model
+    from trtcompress.checkpoints.hf_quant import write_hf_checkpoint
+    from trtcompress.checkpoints.trtllm import TrtllmOptions, write_trtllm_checkpoint
+    from trtcompress.checkpoints.trtllm_layout import ExportError
+
+    tp = 2 if export == "trtllm-tp2" else 1
+    fmt = export.split("-")[0]
+    recipe = Recipe.model_validate({"passes": [spec], "export": {"formats": [fmt], "tp_size": tp}})
+    for label, load in _width_models(tiny_model_dir, tmp_path_factory).items():
+        loaded = load()
+        try:
+            check_recipe(recipe)
+            check_model(recipe, loaded.model)
+            early = None
+        except RecipeError as exc:
+            early = str(exc)
+        compress_model(loaded.model, loaded.tokenizer, recipe)
+        out = tmp_path_factory.mktemp("export")
+        try:
+            if fmt == "hf":
+                write_hf_checkpoint(loaded.model, loaded.tokenizer, out)
+            else:
+                write_trtllm_checkpoint(loaded.model, out, TrtllmOptions(tp_size=tp))
+            late = None
+        except ExportError as exc:
+            late = str(exc)
+        assert (early is None) == (late is None), (label, early, late)
+
+
+@pytest.mark.parametrize(
+    ("preset", "args", "fragment"),
+    [
+        ("int4-g128-rtn", ["--export", "hf"], "partial last group"),
+        ("int4-g64-rtn", ["--export", "trtllm", "--tp-size", "2"], "inside a quantization group of 64"),
+        ("int8-rtn", ["--export", "trtllm", "--tp-size", "2", "--set", "gates=[]"], "re-quantizes"),
+    ],
+)
+def test_width_refusals_come_before_the_compression(tiny_model_dir, tmp_path, preset, args, fragment):
+    """Through the CLI: exit 2, one error line, no progress and no OUT (they failed after the build)."""
+    out = tmp_path / "a"
+    result = run_cli("build", str(tiny_model_dir), "-r", preset, "-o", str(out), "--no-eval", *args)
+    assert result.returncode == RecipeError.exit_code, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
+    assert not any("error" in line or "gsq" in line for line in lines[:-1]), result.stderr  # no progress
+    assert not out.exists() and list(tmp_path.iterdir()) == []

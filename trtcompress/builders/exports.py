@@ -140,13 +140,132 @@ def _check_engine(recipe: Recipe, methods: set[str]) -> None:
 def check_model(recipe: Recipe, model: nn.Module) -> None:
     """Refuse, once the model is loaded and before minutes of compression and evaluation, export requests
     its config rules out: the trtllm writer's architecture, bias and tp/pp geometry checks (`--tp-size 3` on
-    a model with 4 heads failed only when the checkpoint was written, after the whole build)."""
-    if "trtllm" not in recipe.export.formats:
-        return
-    from trtcompress.checkpoints.trtllm import TrtllmOptions, check_exportable
+    a model with 4 heads failed only when the checkpoint was written, after the whole build), and
+    quantization groups the layouts cannot hold (see `_check_group_widths`)."""
+    formats = set(recipe.export.formats)
+    if "trtllm" in formats:
+        from trtcompress.checkpoints.trtllm import TrtllmOptions, check_exportable
 
-    cfg = recipe.export
-    check_exportable(model, TrtllmOptions(tp_size=cfg.tp_size, pp_size=cfg.pp_size, dtype=cfg.dtype))
+        cfg = recipe.export
+        check_exportable(model, TrtllmOptions(tp_size=cfg.tp_size, pp_size=cfg.pp_size, dtype=cfg.dtype))
+    _check_group_widths(recipe, model, formats)
+    _check_requantized_shards(recipe, model, formats)
+
+
+def _decoder_linears(model: nn.Module) -> dict[nn.Module, bool]:
+    """The decoder linears both writers export -> whether trtllm splits their inputs across ranks
+    (o_proj and down_proj are row-parallel)."""
+    roles = {}
+    for layer in model.model.layers:
+        for sub, module in layer.named_modules():
+            leaf = sub.rsplit(".", 1)[-1]
+            if leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj", "down_proj"):
+                roles[module] = leaf in ("o_proj", "down_proj")
+    return roles
+
+
+def _group_size(config: Any) -> int:
+    """Input channels per scale of a weight-quantizing pass's format (0: per channel)."""
+    from trtcompress.compressed.formats import MXFP4, NVFP4
+
+    fmt = getattr(config, "format", None)
+    if fmt is not None:
+        return fmt.group_size
+    return {"nvfp4": NVFP4.group_size, "mxfp4": MXFP4.group_size}.get(config.method, 0)
+
+
+def _check_group_widths(recipe: Recipe, model: nn.Module, formats: set[str]) -> None:
+    """Group-wise weights whose groups a layout cannot hold, from the model's widths: the HF layout's
+    loaders do not pad a partial last group (a width the group size does not divide), and a trtllm
+    tensor-parallel split of o_proj / down_proj inputs must fall on group boundaries. Checked only where
+    the widths are certain (no structured pruning) and the last weight quantizer is the last pass, so
+    its format is the one the writers see on every layer it selects."""
+    from trtcompress.errors import RecipeError
+    from trtcompress.passes.targets import select_linears
+
+    tp = recipe.export.tp_size if "trtllm" in formats else 1
+    final = _final_quantizers(recipe)
+    if not final or final[0][0] != len(recipe.passes) - 1:
+        return
+    if any(p.method == "structured" for p in recipe.passes):
+        return
+    index, config = final[0]
+    group = _group_size(config)
+    mxfp4_trtllm = "trtllm" in formats and config.method == "mxfp4"
+    if not group or not ("hf" in formats or tp > 1 or mxfp4_trtllm):
+        return
+    roles = _decoder_linears(model)
+    where = f"passes.{index} ({config.method})"
+    for name, module in select_linears(model, config.targets, config.exclude):
+        if module not in roles:
+            continue
+        width = module.in_features
+        if "hf" in formats and width % group:
+            raise RecipeError(
+                f"export hf: {where} quantizes {name} ({width} input channels) in groups of {group}, a "
+                "partial last group, and the HF layout's loaders do not pad; use a group size that "
+                f"divides the model's widths, or --export trtllm / native"
+            )
+        if roles[module] and tp > 1:
+            size = width // tp  # as the trtllm writer splits row-parallel inputs (checkpoints.trtllm._even)
+            for rank in range(tp):
+                start, stop = rank * size, (rank + 1) * size
+                if start % group or (stop % group and stop != width):
+                    raise RecipeError(
+                        f"export trtllm: tp_size {tp} splits the {width} input channels of {name} at "
+                        f"{start}..{stop}, inside a quantization group of {group} ({where}); use a tp_size "
+                        "or a group size that keeps whole groups per rank"
+                    )
+        shard = width // tp if roles[module] else width
+        if mxfp4_trtllm and shard % group:
+            raise RecipeError(  # TensorRT-LLM pads only group-wise int4 (trtllm_layout.check_divisible)
+                f"export trtllm: {name} has {shard} input channels per rank, not whole MXFP4 blocks of "
+                f"{group} ({where}); export native, or use a tp_size that keeps whole blocks"
+            )
+
+
+def _check_requantized_shards(recipe: Recipe, model: nn.Module, formats: set[str]) -> None:
+    """W8A16 / W4A16 (symmetric per-channel int8 / int4) with tp_size > 1: TensorRT-LLM re-quantizes each
+    rank's part of a row-parallel row on its own and gets the recipe's codes only where that part reaches
+    the row's largest code, a property of the weights rather than the config. When the recipe is one
+    data-free gsq pass, its codes are known before the build: the writer's check runs here on o_proj and
+    down_proj (round to nearest, one layer at a time), instead of after the compression and evaluation."""
+    import torch
+
+    from trtcompress.checkpoints import trtllm_layout as lay
+    from trtcompress.checkpoints.trtllm import DTYPES
+    from trtcompress.compressed.linear import linear_state
+    from trtcompress.errors import RecipeError
+    from trtcompress.passes import build_pass
+    from trtcompress.passes.targets import select_linears
+
+    tp = recipe.export.tp_size
+    if "trtllm" not in formats or tp < 2 or [p.method for p in recipe.passes] != ["gsq"]:
+        return
+    config = recipe.passes[0]
+    if config.group_size or recipe.export.dtype not in DTYPES:
+        return
+    try:
+        kind = lay.int_weight_kind(config.format)
+    except lay.ExportError:
+        return  # (check_recipe refuses it)
+    gsq = build_pass(config)
+    roles = _decoder_linears(model)
+    with torch.no_grad():
+        for name, module in select_linears(model, config.targets, config.exclude):
+            if not roles.get(module):
+                continue
+            state = linear_state(module)
+            if not torch.isfinite(state.weight()).all():
+                return  # the pass itself refuses it, naming the layer
+            parts = lay.parts_of(gsq.compress_linear(name, state), kind)
+            size = parts.shape[1] // tp  # as the trtllm writer splits row-parallel inputs
+            for rank in range(tp):
+                try:
+                    lay.emit(parts.cols(rank * size, (rank + 1) * size), DTYPES[recipe.export.dtype])
+                except lay.ExportError as exc:
+                    where = f"passes.0 (gsq) on {name}, tp rank {rank}"
+                    raise RecipeError(f"export trtllm: {where}: {exc}") from None
 
 
 def calibrates_kv_scales(recipe: Recipe) -> bool:

@@ -61,7 +61,7 @@ def build(
     resolve_model(spec, log=ui.log)  # a bad model argument fails here, before anything is printed
     ui.log(f"loading {spec}")
     loaded = load_model(spec, log=ui.log)
-    if "trtllm" in recipe.export.formats:  # its architecture and tp/pp geometry, before the compression
+    if {"trtllm", "hf"} & set(recipe.export.formats):  # architecture, tp/pp geometry, group widths
         from trtcompress.builders.exports import check_model
 
         check_model(recipe, loaded.model)
