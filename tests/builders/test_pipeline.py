@@ -7,7 +7,7 @@ from tests.conftest import TINY_EVAL
 from trtcompress.builders.pipeline import build
 from trtcompress.checkpoints import native
 from trtcompress.errors import ArtifactError, CompressionError, RecipeError
-from trtcompress.recipe import load_recipe, with_overrides
+from trtcompress.recipe import Recipe, load_recipe, with_overrides
 
 
 def _recipe(name="int4-g64-rtn", gates=()):
@@ -209,3 +209,35 @@ def test_a_trtllm_export_the_model_rules_out_fails_before_compression(
     with pytest.raises(ExportError, match=message):
         build(str(model_dir), recipe, tmp_path / "a")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_the_writer_refuses_costs_no_evaluation(tiny_model_dir, tmp_path, monkeypatch):
+    """The trtllm / hf checkpoints were written after the evaluation (minutes, with the reference model):
+    a layout refused only by the writer (here a partial last group for hf, which the early width check
+    leaves to it after structured pruning) failed after all of it. They are now written first."""
+    from trtcompress.builders import pipeline
+    from trtcompress.checkpoints.trtllm_layout import ExportError
+
+    evaluated = []
+    monkeypatch.setattr(pipeline, "evaluate_recipe", lambda *a, **k: evaluated.append(1))  # a spy
+    recipe = Recipe.model_validate(
+        {
+            "passes": [{"method": "structured", "compensate": False}, {"method": "gsq", "group_size": 128}],
+            "calibration": {"num_samples": 4, "seq_len": 64},
+            "eval": TINY_EVAL.model_dump(),
+            "export": {"formats": ["native", "hf"]},
+        }
+    )
+    with pytest.raises(ExportError, match="partial last group"):
+        build(str(tiny_model_dir), recipe, tmp_path / "a")
+    assert not evaluated and list(tmp_path.iterdir()) == []
+
+
+def test_staged_checkpoints_join_the_artifact(tiny_model_dir, tmp_path):
+    recipe = with_overrides(_recipe("int4-g32-rtn"), [("export.formats", ["native", "trtllm", "hf"])])
+    build(str(tiny_model_dir), recipe, tmp_path / "a")
+    manifest = native.read_manifest(tmp_path / "a")
+    assert set(manifest["exports"]) == {"trtllm", "hf"}
+    assert {"trtllm/config.json", "hf/hf_quant_config.json"} <= set(manifest["files"])
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no staging directory left
+    native.load_artifact(tmp_path / "a")  # checksums of the moved files verify

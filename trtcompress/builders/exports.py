@@ -288,13 +288,12 @@ def _kv_scales(model: nn.Module, tokenizer: Any, recipe: Recipe, log) -> tuple[f
     return kv_cache_scales(model, tokens, KV_STATIC[codec])
 
 
-def export_formats(
-    model: nn.Module, tokenizer: Any, recipe: Recipe, out: Path, log=lambda m: None, final: Path | None = None
+def write_checkpoints(
+    model: nn.Module, tokenizer: Any, recipe: Recipe, out: Path, log=lambda m: None
 ) -> dict:
-    """Write each non-native format of `recipe.export` under `out`; returns the manifest's `exports` entry.
-
-    `out` is the build's temporary directory, `final` the artifact's path after the atomic rename (what
-    the generated Triton repository refers to)."""
+    """Write the trtllm and hf checkpoints `recipe.export` asks for under `out`; returns their manifest
+    `exports` entries. The build runs this before its evaluation, so that a layout the writers refuse
+    costs no evaluation."""
     exports: dict[str, Any] = {}
     cfg = recipe.export
     kv_scales = _kv_scales(model, tokenizer, recipe, log) if {"trtllm", "hf"} & set(cfg.formats) else None
@@ -326,6 +325,29 @@ def export_formats(
             kv_cache_scales=kv_scales,
         )
         exports["hf"] = {"dir": "hf", **quant}
+    return exports
+
+
+def export_formats(
+    model: nn.Module,
+    tokenizer: Any,
+    recipe: Recipe,
+    out: Path,
+    log=lambda m: None,
+    final: Path | None = None,
+    checkpoints: dict | None = None,
+) -> dict:
+    """Write each non-native format of `recipe.export` under `out`; returns the manifest's `exports` entry.
+
+    `out` is the build's temporary directory, `final` the artifact's path after the atomic rename (what
+    the generated Triton repository refers to); `checkpoints`: the entries of the checkpoints already in
+    `out` (written by `write_checkpoints`), else they are written now."""
+    exports = (
+        dict(checkpoints)
+        if checkpoints is not None
+        else write_checkpoints(model, tokenizer, recipe, out, log)
+    )
+    cfg = recipe.export
     if cfg.engine.enabled:
         from trtcompress.builders.engine import build_engine, fill_triton_repository
 

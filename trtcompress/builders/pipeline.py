@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,40 +74,48 @@ def build(
         compress_model(loaded.model, loaded.tokenizer, recipe, progress=progress, log=ui.log)
     compress_seconds = time.perf_counter() - start
 
-    report, gates = None, []
-    if recipe.eval.enabled:  # before writing: where the artifact goes depends on its gates
-        reference = load_model(spec, log=ui.log).model if recipe.eval.reference else None
-        with ui.progress() as progress:
-            report = evaluate_recipe(loaded.model, loaded.tokenizer, recipe, reference, spec, progress)
-        del reference
-        gates = check_gates(recipe.gates, report)
-    final = out
-    if force and not all(g.passed for g in gates) and _keeps_previous(out):
-        final = failed_gates_path(out)
-        ui.log(f"gate(s) failed: {out} keeps its previous artifact; this build is written to {final}")
+    # the checkpoints before the evaluation: a layout the writers refuse costs no evaluation
+    staged = _stage_checkpoints(loaded, recipe, out, ui)
+    try:
+        report, gates = None, []
+        if recipe.eval.enabled:  # before writing: where the artifact goes depends on its gates
+            reference = load_model(spec, log=ui.log).model if recipe.eval.reference else None
+            with ui.progress() as progress:
+                report = evaluate_recipe(loaded.model, loaded.tokenizer, recipe, reference, spec, progress)
+            del reference
+            gates = check_gates(recipe.gates, report)
+        final = out
+        if force and not all(g.passed for g in gates) and _keeps_previous(out):
+            final = failed_gates_path(out)
+            ui.log(f"gate(s) failed: {out} keeps its previous artifact; this build is written to {final}")
 
-    # `force` for the sibling too: it replaces an earlier failed build there (artifacts only, as always).
-    with native.atomic_directory(final, force=force) as tmp:
-        content = native.write_weights(
-            loaded.model, loaded.tokenizer, tmp, shard_size_bytes=recipe.export.shard_size_mb << 20
-        )
-        content["exports"] = write_exports(loaded, recipe, tmp, content, log=ui.log, final=final)
-        manifest = native.new_manifest(
-            recipe=recipe.model_dump(mode="json"),
-            source={"model": spec, "path": str(loaded.path), "model_type": loaded.config.model_type},
-            model_config=loaded.model.config.to_dict(),
-            generation_config=loaded.model.generation_config.to_diff_dict(),
-            content=content,
-        )
-        if report is not None:
-            manifest["eval"] = report.model_dump(mode="json")
-            manifest["gates"] = [g.model_dump() for g in gates]
-            manifest["status"] = "ok" if all(g.passed for g in gates) else "failed_gates"
-            native.write_json_atomic(tmp / "eval.json", manifest["eval"])
-            plot_report(report, tmp / "eval.png")
-        manifest["timings"] = {"compress_s": compress_seconds, "total_s": time.perf_counter() - start}
-        native.write_manifest(tmp, manifest)
-    return BuildResult(final, manifest, report, gates, time.perf_counter() - start)
+        # `force` for the sibling too: it replaces an earlier failed build there (artifacts only, as always).
+        with native.atomic_directory(final, force=force) as tmp:
+            content = native.write_weights(
+                loaded.model, loaded.tokenizer, tmp, shard_size_bytes=recipe.export.shard_size_mb << 20
+            )
+            content["exports"] = write_exports(
+                loaded, recipe, tmp, content, log=ui.log, final=final, staged=staged
+            )
+            manifest = native.new_manifest(
+                recipe=recipe.model_dump(mode="json"),
+                source={"model": spec, "path": str(loaded.path), "model_type": loaded.config.model_type},
+                model_config=loaded.model.config.to_dict(),
+                generation_config=loaded.model.generation_config.to_diff_dict(),
+                content=content,
+            )
+            if report is not None:
+                manifest["eval"] = report.model_dump(mode="json")
+                manifest["gates"] = [g.model_dump() for g in gates]
+                manifest["status"] = "ok" if all(g.passed for g in gates) else "failed_gates"
+                native.write_json_atomic(tmp / "eval.json", manifest["eval"])
+                plot_report(report, tmp / "eval.png")
+            manifest["timings"] = {"compress_s": compress_seconds, "total_s": time.perf_counter() - start}
+            native.write_manifest(tmp, manifest)
+        return BuildResult(final, manifest, report, gates, time.perf_counter() - start)
+    finally:
+        if staged is not None:  # (moved into the artifact, or left by a failure)
+            shutil.rmtree(staged.dir, ignore_errors=True)
 
 
 def failed_gates_path(out: Path) -> Path:
@@ -125,15 +136,58 @@ def _keeps_previous(out: Path) -> bool:
         return True
 
 
+@dataclass
+class StagedCheckpoints:
+    dir: Path  # holds trtllm/ and hf/ until they move into the artifact
+    exports: dict  # their manifest `exports` entries
+
+
+def _stage_checkpoints(loaded, recipe: Recipe, out: Path, ui: UI) -> StagedCheckpoints | None:
+    """Write the trtllm / hf checkpoints into a hidden sibling of `out` (same file system: they move into
+    the artifact by rename). A writer's refusal leaves nothing behind."""
+    if not {"trtllm", "hf"} & set(recipe.export.formats):
+        return None
+    from trtcompress.builders.exports import write_checkpoints
+
+    parent = Path(out).resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.exports-", dir=parent))
+    except OSError as exc:
+        raise ArtifactError(f"{parent}: cannot write the output there ({exc.strerror})") from None
+    try:
+        return StagedCheckpoints(
+            staging, write_checkpoints(loaded.model, loaded.tokenizer, recipe, staging, ui.log)
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def write_exports(
-    loaded, recipe: Recipe, out: Path, content: dict, log=lambda m: None, final: Path | None = None
+    loaded,
+    recipe: Recipe,
+    out: Path,
+    content: dict,
+    log=lambda m: None,
+    final: Path | None = None,
+    staged: StagedCheckpoints | None = None,
 ) -> dict:
     """The recipe's extra formats (OUT/trtllm, OUT/hf, OUT/engine + OUT/triton/trtllm), inside the build's
-    atomic directory `out` (`final`: where it is renamed to). Their files join the manifest's checksummed
-    file list (paths relative to the artifact)."""
+    atomic directory `out` (`final`: where it is renamed to); `staged`: checkpoints written before the
+    evaluation, moved in. Their files join the manifest's checksummed file list (paths relative to the
+    artifact)."""
     from trtcompress.builders.exports import export_formats
 
-    exports = export_formats(loaded.model, loaded.tokenizer, recipe, out, log=log, final=final)
+    checkpoints = None
+    if staged is not None:
+        for sub in ("trtllm", "hf"):
+            if (staged.dir / sub).exists():
+                os.replace(staged.dir / sub, out / sub)
+        checkpoints = staged.exports
+    exports = export_formats(
+        loaded.model, loaded.tokenizer, recipe, out, log=log, final=final, checkpoints=checkpoints
+    )
     for sub in ("trtllm", "hf", "engine", "triton/trtllm"):
         root = out / sub
         for file in sorted(root.rglob("*")) if root.is_dir() else []:
