@@ -10,8 +10,11 @@ go on PYTHONPATH). Endpoints bind to 127.0.0.1 unless a host is given.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -30,6 +33,15 @@ from trtcompress.errors import MissingDependencyError, TrtcompressError
 
 class ServeError(TrtcompressError):
     """tritonserver could not be started, or did not become ready."""
+
+
+# tritonserver's own log lines ("I1129 04:10:30.828499 23871 model_lifecycle.cc:472] ..."); other lines
+# are what its children (the python backend's stub, the shell that starts it) wrote
+_TRITON_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
+_LOADING = re.compile(r'\] "loading: (.+):-?\d+"$')
+_LOADED = re.compile(r"\] \"successfully loaded '(.+)'\"$")
+_FAILED = re.compile(r"\] \"failed to load '(.+)'\"$")  # a model's last word (its versions' come before)
+STUB_GRACE_S = 2.0  # how long a child must stay exited and unreaped before the load counts as stuck
 
 
 @dataclass
@@ -148,6 +160,11 @@ class Server:
         self.verbose = verbose
         self.proc: subprocess.Popen | None = None
         self.triton: Tritonserver | None = None
+        self._scan = _LoadScan()
+        self._reaped = False  # stop() cleaned up after a tritonserver that did not exit cleanly
+        # the python backend's shared memory regions (/dev/shm) are named after this: a tritonserver killed
+        # before it unloaded its models (a failed or interrupted start) leaves them, and stop() removes them
+        self.shm_prefix = f"trtcompress_{os.getpid()}_{secrets.token_hex(4)}_"
 
     def command(self) -> list[str]:
         assert self.triton is not None
@@ -166,6 +183,7 @@ class Server:
             "--exit-timeout-secs=10",
             "--exit-on-error=true",
             f"--log-verbose={1 if self.verbose else 0}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
 
     def start(self, timeout: float = 300.0, cancel: threading.Event | None = None) -> Server:
@@ -177,6 +195,7 @@ class Server:
             raise ServeError(f"{self.log_file}: cannot write tritonserver's log ({exc.strerror})") from None
         if out is not subprocess.DEVNULL:
             self.log_offset = out.tell()
+        self._scan, self._reaped = _LoadScan(self.log_offset), False
         try:
             self.triton = locate_tritonserver()
             if not _shell_safe(self.repo):  # tritonserver keeps the link's path (it does not resolve it)
@@ -231,19 +250,31 @@ class Server:
                     ) from None
 
     def wait_ready(self, timeout: float, cancel: threading.Event | None = None) -> None:
+        """Wait until tritonserver is ready; fail as soon as it no longer can be: it exited, a model
+        failed to load (with --exit-on-error tritonserver would exit, but only once every other model
+        has loaded), or a python backend stub exited before it started its model (tritonserver then
+        waits for it forever). Its HTTP endpoint (the repository index) only opens after the loads."""
         import tritonclient.http as httpclient
 
         client = httpclient.InferenceServerClient(self.endpoints.http, network_timeout=5.0)
+        dead_since: dict[int, float] = {}  # exited, unreaped children of tritonserver: since when
         try:  # the connection is closed after: tritonserver waits for open connections when it stops
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 if cancel is not None and cancel.is_set():
                     raise ServeError("interrupted before tritonserver was ready")
+                self._scan.update(self.log_file)
                 if self.proc is not None and self.proc.poll() is not None:
                     code = self.proc.returncode
+                    failed = f" ({self._scan.failed_models()})" if self._scan.failed else ""
                     raise ServeError(
-                        f"tritonserver exited with code {code} before it was ready{self._log_tail()}"
+                        f"tritonserver exited with code {code} before it was ready{failed}{self._log_tail()}"
                     )
+                if self._scan.failed:
+                    raise ServeError(
+                        f"{self._scan.failed_models()}: tritonserver cannot become ready{self._log_tail()}"
+                    )
+                self._check_stubs(dead_since)
                 try:
                     if client.is_server_ready():
                         return
@@ -253,6 +284,32 @@ class Server:
         finally:
             client.close()
         raise ServeError(f"tritonserver was not ready within {timeout:.0f} s{self._log_tail()}")
+
+    def _check_stubs(self, dead_since: dict[int, float]) -> None:
+        """A child of tritonserver that exited and stays unreaped is a python backend stub that died
+        before it started its model (its launch failed: a broken EXECUTION_ENV_PATH, a stub that cannot
+        run or load libpython, ...): the backend waits for it without a timeout and the load never ends.
+        (A stub that dies later is reaped, and the load fails, which the log says.)"""
+        if self.proc is None:
+            return
+        now = time.monotonic()
+        dead = _exited_children(self.proc.pid)
+        for pid in list(dead_since):
+            if pid not in dead:
+                del dead_since[pid]
+        for pid, name in dead.items():
+            since = dead_since.setdefault(pid, now)
+            if now - since < STUB_GRACE_S:
+                continue
+            loading = self._scan.loading_models()
+            which = {0: "a model", 1: f"model {loading}"}.get(
+                len(self._scan.loading), f"one of the models still loading ({loading})"
+            )
+            raise ServeError(
+                f"{which} can never become ready: the python backend's stub process ({name}, pid {pid}) "
+                f"exited before it started the model, and tritonserver waits for it without a timeout"
+                f"{self._log_tail()}"
+            )
 
     def _log_tail(self) -> str:
         """The log's error lines (a model's load failure is often far from the end), then its tail."""
@@ -276,6 +333,12 @@ class Server:
                 code = self.proc.wait()
         elif self.proc is not None:
             code = self.proc.returncode
+        if code and not self._reaped:  # killed (or failed) before it unloaded its models: stubs may run on
+            self._reaped = True  # (once: the group's id is free again when they are gone)
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its process group outlives it while they do
+            for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+                region.unlink(missing_ok=True)
         if self.triton is not None and self.triton.private_dir is not None:
             shutil.rmtree(self.triton.private_dir, ignore_errors=True)
             self.triton.private_dir = None
@@ -286,3 +349,65 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _LoadScan:
+    """What this run's tritonserver log says about its models' loads, read as it grows."""
+
+    def __init__(self, offset: int = 0) -> None:
+        self.offset = offset
+        self.loading: dict[str, None] = {}  # in order
+        self.failed: dict[str, None] = {}
+
+    def update(self, log_file: Path | None) -> None:
+        if log_file is None:
+            return
+        try:
+            with open(log_file, "rb") as log:
+                log.seek(self.offset)
+                data = log.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1  # whole lines only: the rest is read again next time
+        self.offset += end
+        for line in data[:end].decode(errors="replace").splitlines():
+            if not _TRITON_LINE.match(line):
+                continue
+            if m := _LOADING.search(line):
+                self.loading[m.group(1)] = None
+            elif m := _LOADED.search(line):
+                self.loading.pop(m.group(1), None)
+            elif m := _FAILED.search(line):
+                self.loading.pop(m.group(1), None)
+                self.failed[m.group(1)] = None
+
+    def failed_models(self) -> str:
+        names = ", ".join(f"'{name}'" for name in self.failed)
+        return f"model {names} failed to load" if len(self.failed) == 1 else f"models {names} failed to load"
+
+    def loading_models(self) -> str:
+        return ", ".join(f"'{name}'" for name in self.loading)
+
+
+def _exited_children(pid: int) -> dict[int, str]:
+    """The children of process `pid` that exited and were not reaped yet (zombies): pid -> name."""
+    proc = Path("/proc")
+    try:
+        listed = [
+            p.read_text(encoding="utf-8").split() for p in (proc / str(pid) / "task").glob("*/children")
+        ]
+    except OSError:  # it exited
+        return {}
+    children = [int(c) for part in listed for c in part]
+    if not listed:  # a kernel without /proc/PID/task/TID/children: every process's parent
+        children = [int(p.name) for p in proc.iterdir() if p.name.isdigit()]
+    dead = {}
+    for child in children:
+        try:
+            stat = (proc / str(child) / "stat").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        name, fields = stat[stat.find("(") + 1 : stat.rfind(")")], stat[stat.rfind(")") + 2 :].split()
+        if fields[:1] == ["Z"] and fields[1:2] == [str(pid)]:
+            dead[child] = name
+    return dead

@@ -360,6 +360,89 @@ def test_a_failed_start_reports_this_runs_errors_not_those_of_a_reused_log(tmp_p
     assert "an earlier run broke" not in str(err.value)
 
 
+def _python_model(repo, name, initialize=None, config_extra=""):
+    """The echo model as `name`, its `initialize` running the given statements."""
+    from tests.triton_models.conftest import ECHO_CONFIG, ECHO_MODEL, ECHO_MODEL_PY
+
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(ECHO_CONFIG.replace(ECHO_MODEL, name) + config_extra)
+    model_py = "import os\nimport time\n" + ECHO_MODEL_PY
+    if initialize is not None:
+        model_py += f"\n    def initialize(self, args):\n        {initialize}\n"
+    (repo / name / "1" / "model.py").write_text(model_py)
+
+
+def _group(pgid):
+    """The processes of a process group (tritonserver's: its stubs)."""
+    return subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True).stdout.split()
+
+
+def _no_shm_left(server):
+    from pathlib import Path
+
+    return not list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
+
+
+def test_a_stub_that_cannot_start_fails_the_start_at_once(tmp_path):
+    """The python backend starts its stub with `bash -c "[source <env>/bin/activate &&] exec <stub> ..."`
+    and waits for it without a timeout: a stub that never started (a broken execution environment, a
+    stub or libpython that cannot load) left tritonserver loading forever and `serve` waiting out its
+    whole --timeout (600 s). The exited, unreaped stub is the sign: the error names the model and quotes
+    what the shell said."""
+    from trtcompress.serve import ServeError, Server
+
+    env = tmp_path / "env"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "activate").write_text("echo 'activate: cannot set up this environment' >&2; exit 3\n")
+    param = f'parameters: {{ key: "EXECUTION_ENV_PATH" value: {{ string_value: "{env}" }} }}\n'
+    _python_model(tmp_path / "repo", "m", config_extra=param)
+    server = Server(tmp_path / "repo", log_file=tmp_path / "tritonserver.log")
+    t0 = time.monotonic()
+    with pytest.raises(ServeError, match="model 'm' can never become ready") as err:
+        server.start(timeout=40)
+    assert time.monotonic() - t0 < 20, "waited for the timeout"
+    assert "activate: cannot set up this environment" in str(err.value)
+    assert server.proc.poll() is not None and _no_shm_left(server)
+
+
+def test_a_failed_model_fails_the_start_without_waiting_for_the_others_to_load(tmp_path):
+    """With --exit-on-error tritonserver exits when a model failed to load, but only once every other
+    model has loaded (the TensorRT-LLM model: minutes); its "failed to load" line now ends the wait, and
+    the other model's stub, still loading, does not outlive tritonserver."""
+    from trtcompress.serve import ServeError, Server
+
+    _python_model(tmp_path / "repo", "broken", "raise RuntimeError('this model broke')")
+    _python_model(tmp_path / "repo", "slow", "time.sleep(40)")
+    server = Server(tmp_path / "repo", log_file=tmp_path / "tritonserver.log")
+    t0 = time.monotonic()
+    with pytest.raises(ServeError, match="model 'broken' failed to load") as err:
+        server.start(timeout=60)
+    assert time.monotonic() - t0 < 20, "waited for the slow model"
+    assert "this model broke" in str(err.value)
+    deadline = time.monotonic() + 10  # killed; gone once reaped
+    while (left := _group(server.proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left and _no_shm_left(server)
+
+
+def test_a_slowly_loading_model_is_waited_for(tmp_path):
+    """Failing fast must not cut a healthy load short: a model (and a process it starts and reaps)
+    taking its time is waited for, and serves."""
+    from trtcompress.client import generate_grpc
+    from trtcompress.serve import Server
+
+    _python_model(tmp_path / "repo", "slow", "os.system('true'); time.sleep(6)")
+    server = Server(tmp_path / "repo", log_file=tmp_path / "tritonserver.log")
+    t0 = time.monotonic()
+    with server:
+        assert time.monotonic() - t0 >= 6
+        assert not _no_shm_left(server)  # the stub's regions carry this server's prefix
+        out = generate_grpc(server.endpoints.grpc, "slow", "a b", max_tokens=2, timeout=30)
+        assert out.text.split() == ["a", "b"]
+        assert server.stop() == 0
+    assert _no_shm_left(server)
+
+
 def test_bench_percentiles_interpolate_so_p50_is_the_median():
     """`_pct` rounded the rank to one sample: p50 of 8 or 32 TTFTs was the upper middle value (round-half-
     to-even), of 6 the lower one; numpy's linear interpolation makes p50 the median at any count."""
