@@ -203,31 +203,14 @@ def test_repo_over_an_engine_dir_reads_whether_the_engine_can_chunk(
     assert _params(validate_repository(repo)["tensorrt_llm"])["enable_chunked_context"] == chunked
 
 
-def test_a_dollar_sign_in_a_path_is_no_placeholder(served_artifact, tiny_model_dir, tmp_path):
-    """An artifact under /data/$USER/... (a legal directory name) was refused as "unfilled template
-    placeholders ['$USER']": the check flagged a bare `$NAME` in the filled values. Placeholders are
-    the `${name}` form templates use, which stays an error as a whole value."""
+@pytest.mark.parametrize("name", ["$USER", "${date} b"])
+def test_a_dollar_inside_a_path_is_no_placeholder(served_artifact, tiny_model_dir, tmp_path, name):
+    """Artifacts under /data/$USER/... or "/runs/${date} b/..." (legal directory names) were refused as
+    "unfilled template placeholders" by repo, serve and validate_repository; a `${name}` that makes up a
+    whole value (a quoted string, a YAML value, or outside strings) is still an unfilled placeholder."""
     import shutil
 
-    root = tmp_path / "data" / "$USER"
-    artifact, model = root / "int4", root / "hf"
-    shutil.copytree(served_artifact, artifact)
-    shutil.copytree(tiny_model_dir, model)
-    for kind, source in (("native", artifact), ("trtllm", artifact), ("llmapi", model)):
-        repo = generate_repository(kind, source, tmp_path / kind, DeployConfig())
-        assert "$USER" in "".join(p.read_text() for p in repo.rglob("*") if p.suffix in {".pbtxt", ".yaml"})
-        validate_repository(repo)
-    with pytest.raises(RepositoryError, match="unfilled"):
-        parse_config('name: "x"\nbackend: "${backend}"')
-
-
-def test_a_braced_dollar_inside_a_path_is_no_placeholder(served_artifact, tiny_model_dir, tmp_path):
-    """An artifact under "/runs/${date} b/..." (a legal directory name) was refused as "unfilled template
-    placeholders ['${date}']" by repo, serve and validate_repository; a `${name}` that makes up a whole
-    value (a quoted string, a YAML value, or outside strings) is still an unfilled placeholder."""
-    import shutil
-
-    root = tmp_path / "runs" / "${date} b"
+    root = tmp_path / "runs" / name
     artifact, model = root / "int4", root / "hf"
     shutil.copytree(served_artifact, artifact)
     shutil.copytree(tiny_model_dir, model)
