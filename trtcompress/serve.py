@@ -210,6 +210,13 @@ class Server:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        except BaseException as exc:  # not started (a binary that cannot run): its private directory goes too
+            if self.triton is not None and self.triton.private_dir is not None:
+                shutil.rmtree(self.triton.private_dir, ignore_errors=True)
+                self.triton.private_dir = None
+            if isinstance(exc, OSError) and self.triton is not None:
+                raise ServeError(f"{self.triton.binary}: cannot run tritonserver ({exc.strerror})") from None
+            raise
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()  # the server holds its own descriptor

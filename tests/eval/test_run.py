@@ -46,6 +46,37 @@ def test_artifact_eval_refuses_a_window_over_its_calibration_text(tiny_model_dir
     assert report.protocol["ppl_tokens"] == 256
 
 
+def test_an_artifact_built_before_whole_windows_were_required_is_still_evaluated(tiny_model_dir, tmp_path):
+    """eval.ppl_tokens must now be whole windows of eval.context; an artifact built before with 300 in
+    windows of 128 (valid then: it scored 2 windows) was refused by `eval ARTIFACT` whatever was passed,
+    as its own manifest no longer parsed. It is evaluated on the windows its build scored, and its
+    calibration text still starts after all 300 tokens."""
+    import json
+
+    from trtcompress.builders.pipeline import build
+    from trtcompress.checkpoints import native
+    from trtcompress.errors import RecipeError
+    from trtcompress.recipe import load_recipe, with_overrides
+
+    recipe = with_overrides(
+        load_recipe("w4a16-gptq").model_copy(update={"eval": TINY_EVAL}),
+        [("calibration.num_samples", 2), ("calibration.seq_len", 64), ("eval.enabled", False)],
+    )
+    build(str(tiny_model_dir), recipe, tmp_path / "a")
+    path = tmp_path / "a" / native.MANIFEST
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest["recipe"]["eval"].update(ppl_tokens=300, context=128)  # as an earlier build wrote it
+    manifest["checksum"] = native.manifest_checksum(manifest)
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+    no_ref = [("eval.reference", False), ("eval.gsm8k_problems", 2), ("eval.gsm_symbolic_problems", 0)]
+    report = evaluate_target(str(tmp_path / "a"), overrides=no_ref, output_dir=tmp_path / "e")
+    assert report.protocol["ppl_tokens"] == 256 and report.protocol["context"] == 128
+    wider = [*no_ref, ("eval.context", 100), ("eval.ppl_tokens", 300)]  # up to its calibration text
+    assert evaluate_target(str(tmp_path / "a"), overrides=wider, output_dir=tmp_path / "e").ppl > 0
+    with pytest.raises(RecipeError, match="which this artifact was calibrated on"):
+        evaluate_target(str(tmp_path / "a"), overrides=[*no_ref, ("eval.ppl_tokens", 384)])
+
+
 def test_artifact_eval_finds_a_relative_source_model_from_another_directory(
     tiny_model_dir, tmp_path, monkeypatch
 ):

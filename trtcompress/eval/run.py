@@ -52,16 +52,34 @@ def _write_outputs(report: EvalReport, directory: Path) -> None:
     plot_report(report, directory / "eval.png")
 
 
-def _check_window_before_calibration(built: Recipe, config: EvalConfig) -> None:
+def _built_recipe(artifact: native.LoadedArtifact, target: str) -> tuple[Recipe, int]:
+    """The artifact's recipe, and where its calibration text starts (its build's eval.ppl_tokens).
+
+    An artifact built before eval.ppl_tokens had to be whole windows of eval.context (1,500 in windows of
+    1,024) scored its whole windows only: its recipe is read with those (what its build measured), not
+    refused, which left the artifact impossible to evaluate at all."""
+    data = artifact.manifest["recipe"]
+    section = data.get("eval") if isinstance(data, dict) else None
+    section = section if isinstance(section, dict) else {}
+    ppl, context = section.get("ppl_tokens"), section.get("context")
+    start = None
+    if type(ppl) is int and type(context) is int and 0 < context <= ppl and ppl % context:
+        data = {**data, "eval": {**section, "ppl_tokens": ppl // context * context}}
+        start = ppl  # (its calibration text still starts after all of them)
+    built = parse_recipe(data, f"{target}/manifest.json")
+    return built, built.eval.ppl_tokens if start is None else start
+
+
+def _check_window_before_calibration(built: Recipe, config: EvalConfig, start: int) -> None:
     """An artifact's calibrated passes saw the BoolQ tokens right after its build's perplexity window
-    (models.calibration): a wider window at eval time would score the model on its own calibration text
-    and report an optimistic perplexity."""
+    (models.calibration, from `start`: its build's eval.ppl_tokens): a wider window at eval time would
+    score the model on its own calibration text and report an optimistic perplexity."""
     scored = config.ppl_tokens // config.context * config.context
-    if built.needs_calibration and scored > built.eval.ppl_tokens:
+    if built.needs_calibration and scored > start:
         raise RecipeError(
-            f"eval.ppl_tokens {config.ppl_tokens} would score tokens {built.eval.ppl_tokens}-{scored - 1}, "
+            f"eval.ppl_tokens {config.ppl_tokens} would score tokens {start}-{scored - 1}, "
             f"which this artifact was calibrated on (calibration starts after its build's "
-            f"eval.ppl_tokens {built.eval.ppl_tokens}); use at most {built.eval.ppl_tokens}"
+            f"eval.ppl_tokens {start}); use at most {start}"
         )
 
 
@@ -87,9 +105,9 @@ def evaluate_target(
         artifact = native.load_artifact(Path(target))
         if artifact.status == "failed_gates":
             ui.log(f"note: {target} failed its gates at build time")
-        built = parse_recipe(artifact.manifest["recipe"], f"{target}/manifest.json")
+        built, calibration_start = _built_recipe(artifact, target)
         recipe = with_overrides(built, overrides)
-        _check_window_before_calibration(built, recipe.eval)
+        _check_window_before_calibration(built, recipe.eval, calibration_start)
         reference = None
         if recipe.eval.reference:
             spec = reference_spec or _reference_of(artifact.manifest["source"])
