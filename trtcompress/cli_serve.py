@@ -245,15 +245,28 @@ def generate(
     timeout,
 ):  # fmt: skip
     """Send PROMPT to a served text model with tritonclient and print the answer."""
-    from trtcompress.client import generate_grpc, generate_http
+    from trtcompress.client import ClientError, generate_grpc, generate_http
 
     params = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if stop_words:
         params["stop"] = list(stop_words)
-    echo = None if as_json or not stream else (lambda piece: click.echo(piece, nl=False))
+    printed = []
+
+    def echo(piece: str) -> None:
+        click.echo(piece, nl=False)
+        printed.append(bool(piece))
+
     call = generate_http if use_http else generate_grpc
     url = url or ("127.0.0.1:8000" if use_http else "127.0.0.1:8001")  # serve's default ports
-    out = call(url, model, prompt, stream=stream, timeout=timeout, on_piece=echo, **params)
+    try:
+        out = call(
+            url, model, prompt, stream=stream, timeout=timeout,
+            on_piece=None if as_json or not stream else echo, **params,
+        )  # fmt: skip
+    except ClientError:
+        if any(printed):  # the streamed part of the answer ends its line before the error's
+            click.echo()
+        raise
     if as_json:
         click.echo(
             json.dumps({"text_output": out.text, "finish_reason": out.finish_reason, "ttft_s": out.ttft})

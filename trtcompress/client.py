@@ -8,25 +8,46 @@ benchmark takes time to first token and inter-token latency). A request the serv
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import http.client
 import json
 import queue
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from trtcompress.errors import TrtcompressError
+from trtcompress.errors import TrtcompressError, one_line
 
 
 class ClientError(TrtcompressError):
-    """The server answered the request with an error."""
+    """The server answered the request with an error (its message on one line: a Python model's error
+    comes with the lines of its traceback, which the CLI printed as they were)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message, limit=1000))
+
+
+def _address(url: str, schemes: tuple[str, ...]) -> tuple[bool, str]:
+    """`url` as (TLS, host:port): `serve` prints its HTTP address as http://HOST:PORT, which the clients
+    took for a host named "http"; a trailing slash made the port unreadable (gRPC) or every path a 404
+    (HTTP). `schemes`: the plain scheme names, then the TLS ones."""
+    scheme, sep, rest = url.strip().partition("://")
+    if not sep:
+        return False, url.strip().rstrip("/")
+    if scheme.lower() not in schemes:
+        raise ClientError(f"{url}: unknown scheme {scheme!r}; give HOST:PORT or {schemes[0]}://HOST:PORT")
+    return scheme.lower() in schemes[len(schemes) // 2 :], rest.rstrip("/")
+
+
+def _utf8_decoder() -> Any:
+    """Decodes a stream's pieces as one text: a character split across two pieces is whole in the
+    second (each piece decoded alone was a UnicodeDecodeError traceback), invalid bytes are U+FFFD."""
+    return codecs.getincrementaldecoder("utf-8")("replace")
 
 
 @dataclass
@@ -68,7 +89,10 @@ PARAM_TYPES = {
 def _grpc_inputs(prompt: str | bytes, params: dict[str, Any]) -> list[Any]:
     import tritonclient.grpc as grpcclient
 
-    raw = prompt if isinstance(prompt, bytes) else prompt.encode("utf-8")
+    try:  # (a command-line argument's undecodable bytes come as surrogates: sent as they were)
+        raw = prompt if isinstance(prompt, bytes) else prompt.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise ClientError(f"the prompt is not UTF-8 text ({exc.reason} at character {exc.start})") from None
     text = grpcclient.InferInput("text_input", [1], "BYTES")
     text.set_data_from_numpy(np.array([raw], dtype=np.object_))
     inputs = [text]
@@ -123,7 +147,10 @@ def generate_grpc(
     streaming = {} if params.get("streaming") is not None else {"stream": stream}
     inputs = _grpc_inputs(prompt, {**params, **streaming})  # (a bad value fails before any connection)
     own = client is None
-    client = client or grpcclient.InferenceServerClient(url)
+    if own:
+        tls, address = _address(url, ("grpc", "http", "grpcs", "https"))
+        client = grpcclient.InferenceServerClient(address, ssl=tls)
+    decoder = _utf8_decoder()
     results: queue.Queue = queue.Queue()
     done = Completion()
     finished = False
@@ -151,7 +178,7 @@ def generate_grpc(
                 raise ClientError(str(error.message() if hasattr(error, "message") else error))
             text, reason = result.as_numpy("text_output"), result.as_numpy("finish_reason")
             if text is not None:  # (an empty final response has no outputs)
-                piece = text.reshape(-1)[0].decode("utf-8")
+                piece = decoder.decode(text.reshape(-1)[0])
                 done.pieces.append(piece)
                 done.times.append(t - done.start)
                 if on_piece:
@@ -162,6 +189,11 @@ def generate_grpc(
             if reason or (final is not None and final.bool_param):
                 finished = True
                 break
+        if tail := decoder.decode(b"", final=True):  # a character the stream left unfinished
+            done.pieces.append(tail)
+            done.times.append(time.perf_counter() - done.start)
+            if on_piece:
+                on_piece(tail)
     finally:
         # A request left unfinished (timeout, Ctrl-C) is cancelled: a plain stop_stream() waits until
         # the server has sent every response, however long past the timeout that is.
@@ -170,6 +202,37 @@ def generate_grpc(
             client.close()
     done.text = "".join(done.pieces)
     return done
+
+
+def _sse_events(lines: Iterable[bytes]) -> Iterator[bytes]:
+    """The data of each server-sent event: its `data:` lines joined by newlines, up to a blank line (or
+    the end of the stream); comments (`:` keep-alives) and other fields skipped."""
+    data: list[bytes] = []
+    for line in lines:
+        line = line.rstrip(b"\r\n")
+        if not line:
+            if data:
+                yield b"\n".join(data)
+            data = []
+            continue
+        name, _, value = line.partition(b":")
+        if name == b"data":
+            data.append(value.removeprefix(b" "))
+    if data:
+        yield b"\n".join(data)
+
+
+def _json(data: bytes) -> dict:
+    """A JSON object whose strings may hold raw bytes that are not UTF-8 (Triton writes a BYTES output
+    into its JSON as it is): those come back as surrogates, restored by `_raw`."""
+    value = json.loads(data.decode("utf-8", "surrogateescape"))
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
 
 
 def generate_http(
@@ -181,7 +244,9 @@ def generate_http(
     on_piece: Callable[[str], None] | None = None,
     **params: Any,
 ) -> Completion:
-    """One request to `/v2/models/MODEL/generate` (or `generate_stream`, server-sent events)."""
+    """One request to `/v2/models/MODEL/generate` (or `generate_stream`, server-sent events). `timeout`
+    bounds the whole answer (each read waits at most what is left of it), not each read alone: a server
+    streaming a piece a second never timed out."""
     body = {"text_input": prompt, **{k: v for k, v in params.items() if v is not None}}
     for name, value in body.items():  # Triton would wrap an INT32 of 2**32 + 4 to 4 without a word
         if name in PARAM_TYPES:
@@ -189,43 +254,75 @@ def generate_http(
     if stream and body.get("streaming") is None:  # `streaming` (the LLM-API name) replaces `stream`:
         body["stream"] = True  # the native model refuses a request with both (as generate_grpc does)
     endpoint = "generate_stream" if stream else "generate"
-    request = urllib.request.Request(
-        f"http://{url}/v2/models/{model}/{endpoint}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
+    tls, host = _address(url, ("http", "https"))
     done = Completion(start=time.perf_counter())
+    deadline = done.start + timeout
+
+    def left() -> float:
+        if (seconds := deadline - time.perf_counter()) <= 0:
+            raise ClientError(f"no final response within {timeout:g} s")
+        return seconds
+
+    connection = (http.client.HTTPSConnection if tls else http.client.HTTPConnection)(host, timeout=timeout)
+    decoder = _utf8_decoder()
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            if not stream:
-                data = json.loads(response.read())
-                if "error" in data:  # Triton answers some failures with 200 (several responses to generate)
+        connection.request(
+            "POST",
+            f"/v2/models/{model}/{endpoint}",
+            body=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        sock = connection.sock  # (the response keeps using it after getresponse() lets it go)
+        sock.settimeout(left())
+        response = connection.getresponse()
+        if response.status >= 400:
+            message = response.read().decode(errors="replace").strip()
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # JSON, or a server-sent event's
+                message = json.loads(message.removeprefix("data:"))["error"]
+            raise ClientError(f"HTTP {response.status}: {message}")
+        if not stream:
+            data = _json(response.read())
+            if "error" in data:  # Triton answers some failures with 200 (several responses to generate)
+                raise ClientError(data["error"])
+            text = decoder.decode(_raw(data.get("text_output", "")), final=True)
+            done.pieces, done.times = [text], [time.perf_counter() - done.start]
+            done.finish_reason = data.get("finish_reason", "")
+        else:
+
+            def lines() -> Iterator[bytes]:
+                while line := response.readline():
+                    yield line
+                    sock.settimeout(left())
+
+            for event in _sse_events(lines()):
+                data = _json(event)
+                if "error" in data:
                     raise ClientError(data["error"])
-                done.pieces, done.times = [data["text_output"]], [time.perf_counter() - done.start]
-                done.finish_reason = data.get("finish_reason", "")
-            else:
-                for line in response:
-                    line = line.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = json.loads(line[5:])
-                    if "error" in data:
-                        raise ClientError(data["error"])
-                    done.pieces.append(data["text_output"])
+                if "text_output" in data:
+                    piece = decoder.decode(_raw(data["text_output"]))
+                    done.pieces.append(piece)
                     done.times.append(time.perf_counter() - done.start)
                     if on_piece:
-                        on_piece(data["text_output"])
-                    done.finish_reason = data.get("finish_reason") or done.finish_reason
-    except urllib.error.HTTPError as exc:
-        message = exc.read().decode(errors="replace").strip()
-        with contextlib.suppress(ValueError, KeyError):  # a JSON body, or a server-sent event's data
-            message = json.loads(message.removeprefix("data:"))["error"]
-        raise ClientError(f"HTTP {exc.code}: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:  # no server there, a connection that broke
-        raise ClientError(f"{url}: {getattr(exc, 'reason', exc)}") from None
+                        on_piece(piece)
+                done.finish_reason = data.get("finish_reason") or done.finish_reason
+            if response.chunked and response.chunk_left is not None:  # (None: its last chunk came)
+                raise http.client.IncompleteRead(b"")  # a partial answer read as a whole one
+            if tail := decoder.decode(b"", final=True):  # a character the stream left unfinished
+                done.pieces.append(tail)
+                done.times.append(time.perf_counter() - done.start)
+                if on_piece:
+                    on_piece(tail)
+    except TimeoutError:  # (connecting, or a read that waited for what was left of the timeout)
+        raise ClientError(f"{url}: no final response within {timeout:g} s") from None
+    except http.client.IncompleteRead:  # the server went away mid-answer
+        raise ClientError(f"{url}: the connection closed before the answer was complete") from None
     except (http.client.HTTPException, ValueError) as exc:  # a gRPC port, or not Triton: no HTTP/JSON
         raise ClientError(
             f"{url}: not a Triton HTTP endpoint ({type(exc).__name__}); is it the gRPC port?"
         ) from None
+    except OSError as exc:  # no server there, a connection that broke
+        raise ClientError(f"{url}: {exc.strerror or exc}") from None
+    finally:
+        connection.close()
     done.text = "".join(done.pieces)
     return done

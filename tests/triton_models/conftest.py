@@ -58,10 +58,38 @@ class TritonPythonModel:
 """
 
 
+# The prompt's bytes streamed back one response each: a multi-byte character arrives split across
+# responses (and invalid bytes as they are). A prompt with a line "fail" ends in an error response
+# whose message has several lines, as a Python model's traceback has.
+BYTES_MODEL = "echo_bytes"
+BYTES_MODEL_PY = """import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            text = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[0]
+            text, fail = text.partition(b"\\nfail")[0], b"\\nfail" in text
+            for i in range(len(text)):
+                out = pb_utils.Tensor("text_output", np.array([text[i : i + 1]], dtype=np.object_))
+                sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
+            if fail:
+                error = pb_utils.TritonError("it broke\\nAt:\\n  model.py(12): execute")
+                sender.send(pb_utils.InferenceResponse(error=error))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+"""
+
+
 def write_echo_model(repo: Path) -> None:
     (repo / ECHO_MODEL / "1").mkdir(parents=True)
     (repo / ECHO_MODEL / "config.pbtxt").write_text(ECHO_CONFIG)
     (repo / ECHO_MODEL / "1" / "model.py").write_text(ECHO_MODEL_PY)
+    (repo / BYTES_MODEL / "1").mkdir(parents=True)
+    (repo / BYTES_MODEL / "config.pbtxt").write_text(ECHO_CONFIG.replace(ECHO_MODEL, BYTES_MODEL))
+    (repo / BYTES_MODEL / "1" / "model.py").write_text(BYTES_MODEL_PY)
 
 
 @pytest.fixture(scope="session")
