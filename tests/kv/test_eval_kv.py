@@ -149,3 +149,59 @@ def test_kv_greedy_stops_where_hf_generate_does(tiny_model, monkeypatch) -> None
     kv_greedy_exact_match(model, tok, problems, get_codec("fp16"), max_new_tokens=8)
     assert len(texts) == 2 and texts[1] == texts[0]
     assert len(tok(texts[0], add_special_tokens=False).input_ids) < 8  # it did stop early
+
+
+def test_kv_codec_the_head_dim_cannot_hold_is_refused_before_compression(tiny_model_dir, monkeypatch) -> None:
+    """A codec option that only the model's head dim rules out (here a rank above the tiny model's 24
+    channels) was found when the first KV cache was built, after the weights were compressed, and came
+    out of `build` / `eval --recipe` as a ValueError traceback: a one-line RecipeError now, up front."""
+    import trtcompress.builders.compress as compress
+    import trtcompress.builders.pipeline as pipeline
+    from trtcompress.eval.run import evaluate_target
+
+    def must_not_compress(*args, **kwargs):
+        raise AssertionError("compressed before the KV codec was checked against the model")
+
+    monkeypatch.setattr(compress, "compress_model", must_not_compress)
+    monkeypatch.setattr(pipeline, "compress_model", must_not_compress)
+    kv = [("kv_cache.codec", "gear-2bit"), ("kv_cache.options", {"rank": 30})]
+    message = r"kv_cache: codec gear-2bit: a low-rank residual of rank 30 exceeds .* 24 channels"
+    with pytest.raises(RecipeError, match=message):
+        evaluate_target(str(tiny_model_dir), recipe_spec="int8-rtn", overrides=kv)
+    with pytest.raises(RecipeError, match=message):  # a plain model: no compression, same error
+        evaluate_target(str(tiny_model_dir), overrides=kv)
+    recipe = with_overrides(load_recipe("int8-rtn"), [*kv, ("gates", [])])
+    with pytest.raises(RecipeError, match=message):
+        pipeline.build(str(tiny_model_dir), recipe, tiny_model_dir.parent / "never-built")
+
+
+def test_kv_options_of_another_codec_say_how_to_clear_them() -> None:
+    """`eval ARTIFACT --kv kivi-2bit` on an artifact built with GEAR options keeps those options (`--kv`
+    sets kv_cache.codec only): the error named an option the user never typed, and no way out."""
+    built = parse_recipe({"kv_cache": {"codec": "gear-2bit", "options": {"key_rank": 1}}}, "manifest")
+    with pytest.raises(RecipeError, match=r"options\.key_rank: unknown option .*kv_cache\.options=\{\}"):
+        with_overrides(built, [("kv_cache.codec", "kivi-2bit")])
+    with pytest.raises(RecipeError, match=r"needs a kv_cache\.codec .*kv_cache\.options=\{\}"):
+        with_overrides(built, [("kv_cache.codec", None)])
+    cleared = with_overrides(built, [("kv_cache.codec", "kivi-2bit"), ("kv_cache.options", {})])
+    assert cleared.kv_cache.codec == "kivi-2bit" and cleared.kv_cache.options == {}
+
+
+def test_kv_check_model_refuses_a_sliding_window_and_a_head_the_codes_cannot_fill() -> None:
+    """The other things the first cache or decoder would have refused mid-run, as a NotImplementedError
+    or a ValueError traceback: a context past a sliding window, 3-bit value codes of a 20-channel head."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def tiny(model_type: str, **config):
+        base = dict(
+            vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256,
+        )  # fmt: skip
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**base, **config}))
+
+    mistral = tiny("mistral", sliding_window=16)
+    KVCacheConfig(codec="fp16").check_model(mistral, 16)
+    with pytest.raises(RecipeError, match=r"kv_cache: .*sliding window of 16 tokens.*at most 16 tokens"):
+        KVCacheConfig(codec="fp16").check_model(mistral, 32)
+    with pytest.raises(RecipeError, match=r"kv_cache: codec kivi-3bit: a head dim of 20 holds 60 bits"):
+        KVCacheConfig(codec="kivi-3bit").check_model(tiny("llama", head_dim=20))

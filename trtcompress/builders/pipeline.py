@@ -70,6 +70,8 @@ def build(
         check_model(recipe, loaded.model)
     if recipe.eval.enabled:  # an evaluation that cannot run fails now, not after the compression
         check_protocol(recipe.eval, loaded.model, loaded.tokenizer)
+    # a KV codec this model's head dim cannot store (or, to evaluate, attention it cannot follow), too
+    recipe.kv_cache.check_model(loaded.model, recipe.eval.context if recipe.eval.enabled else None)
     with ui.progress() as progress:
         compress_model(loaded.model, loaded.tokenizer, recipe, progress=progress, log=ui.log)
     compress_seconds = time.perf_counter() - start

@@ -130,6 +130,7 @@ def evaluate_target(
         from trtcompress.builders.compress import compress_model
 
         check_protocol(recipe.eval, loaded.model, loaded.tokenizer)  # before minutes of compression
+        recipe.kv_cache.check_model(loaded.model, recipe.eval.context)
         reference = (
             _load_reference(reference_spec or target, loaded.model, loaded.tokenizer, ui)
             if recipe.eval.reference

@@ -7,8 +7,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from trtcompress.errors import RecipeError
+
 # Kept in sync with the registry by tests/kv/test_eval_kv.py (importing torch here would slow the CLI).
 CODEC_NAMES = ("fp16", "int8", "fp8", "kivi-2bit", "kivi-3bit", "kivi-4bit", "gear-2bit", "gear-4bit")
+# An artifact's or a recipe's options stay when `--kv` / `--set kv_cache.codec` names another codec.
+_CLEAR_OPTIONS = " (options set for another codec? `--set kv_cache.options={}` clears them)"
 
 
 class KVCacheConfig(BaseModel):
@@ -40,7 +44,7 @@ class KVCacheConfig(BaseModel):
     @model_validator(mode="after")
     def _options_fit(self) -> KVCacheConfig:
         if self.options and self.codec is None:
-            raise ValueError("kv_cache.options needs a kv_cache.codec")
+            raise ValueError(f"kv_cache.options needs a kv_cache.codec{_CLEAR_OPTIONS}")
         if self.sink_tokens >= self.block_size:
             raise ValueError(
                 f"kv_cache.sink_tokens ({self.sink_tokens}) must be < block_size ({self.block_size})"
@@ -63,6 +67,7 @@ class KVCacheConfig(BaseModel):
             known = f"allowed options: {', '.join(allowed)}" if allowed else "it takes no options"
             raise ValueError(
                 f"kv_cache.options.{key}: unknown option for codec {name!r}{did_you_mean}; {known}"
+                + ("" if did_you_mean else _CLEAR_OPTIONS)
             )
         try:
             codec = get_codec(name, **self.options)
@@ -70,3 +75,23 @@ class KVCacheConfig(BaseModel):
         except TypeError as exc:
             raise ValueError(f"options for codec {self.codec!r}: {exc}") from None
         return codec
+
+    def check_model(self, model: Any, context: int | None = None) -> None:
+        """Refuse, before any compression or evaluation, what the codec cannot store for this model (a
+        rank above its head dim, codes that do not fill whole bytes of a head, ...) and, with `context`,
+        sequences the cache decoder cannot attend exactly (a sliding window shorter than the context)."""
+        if self.codec is None:
+            return
+        from trtcompress.kv.decode import model_head_dim
+        from trtcompress.models.layout import check_exact_attention
+
+        try:
+            codec, dim = self.build_codec(), model_head_dim(model)
+            codec.check_block(self.block_size, dim)
+            for kind in ("k", "v"):  # every field the cache would allocate for this head dim
+                codec.layout(kind, self.block_size, dim)
+            if context is not None:
+                who, fix = "compressed-KV decoding", "use a context of at most {} tokens"
+                check_exact_attention(model, context, who, fix)
+        except (ValueError, NotImplementedError) as exc:
+            raise RecipeError(f"kv_cache: {exc}") from None

@@ -27,6 +27,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def model_head_dim(model: nn.Module) -> int:
+    cfg = model.config
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def cache_for_model(
     model: nn.Module,
     codec: KVCodec,
@@ -37,7 +42,7 @@ def cache_for_model(
 ) -> PagedKVCache:
     """A cache sized for `max_seqs` sequences of up to `max_tokens` tokens each."""
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = model_head_dim(model)
     blocks = max_seqs * (max_tokens // block_size)
     return PagedKVCache(
         codec,

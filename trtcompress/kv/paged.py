@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trtcompress.errors import CompressionError
 from trtcompress.kv.codec import Fields, Kind, KVCodec
+
+
+class NonFiniteKVError(CompressionError, ValueError):
+    """Keys or values with inf or NaN reached a block to compress (a broken or overflowing model): a
+    one-line error from the CLI, as non-finite weights or activations are, not a traceback."""
 
 
 class CacheFullError(RuntimeError):
@@ -188,7 +194,7 @@ class PagedKVCache:
         for kind in ("k", "v"):
             x = self.tails[kind][layer, seq.slot].float()
             if not torch.isfinite(x).all():  # one inf would spread through a block's shared scales
-                raise ValueError(
+                raise NonFiniteKVError(
                     f"non-finite {'keys' if kind == 'k' else 'values'} in layer {layer}, block "
                     f"{pos // self.block_size - 1} (tokens {pos - self.block_size}-{pos - 1}) of a sequence: "
                     "the model produced inf or NaN (fp16 overflow?), which no KV codec can store"

@@ -32,6 +32,7 @@ def evaluate_with_kv(
     when evaluating a plain model) decoding with an fp16 cache, on the same protocol."""
     # as the plain path's perplexity does: past the trained positions the numbers mean nothing
     check_context(config.context, model)
+    kv.check_model(model, config.context)  # a one-line error, not a traceback from the first cache built
     start = time.perf_counter()
     codec, bs, sink = kv.build_codec(), kv.block_size, kv.sink_tokens
     window = TokenStream(tokenizer).window(config.ppl_tokens)
