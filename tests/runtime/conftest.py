@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 
-def write_artifact(model_dir: Path, out: Path, recipe_name: str = "baseline") -> Path:
+def write_artifact(
+    model_dir: Path, out: Path, recipe_name: str = "baseline", calibration: dict | None = None
+) -> Path:
+    """`calibration`: fields of the recipe's calibration section to override (small samples: fast)."""
     from trtcompress.builders.compress import compress_model
     from trtcompress.checkpoints import native
     from trtcompress.models import load_model
@@ -15,6 +18,8 @@ def write_artifact(model_dir: Path, out: Path, recipe_name: str = "baseline") ->
 
     loaded = load_model(str(model_dir), log=lambda m: None)
     recipe = load_recipe(recipe_name)
+    if calibration:
+        recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update=calibration)})
     compress_model(loaded.model, loaded.tokenizer, recipe)
     with native.atomic_directory(out) as tmp:
         content = native.write_weights(loaded.model, loaded.tokenizer, tmp, 1 << 30)
