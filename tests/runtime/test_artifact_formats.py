@@ -4,9 +4,9 @@ forward, what `trtcompress eval ARTIFACT` scores), one preset per kind of weight
 and partial groups, NVFP4 block scales, a 2:4 mask over fp16 values, low-rank factors, W4A4 activation
 quantization), and do not depend on the batch.
 
-The tiny random model's layers are scaled up 5x first: as initialised (std 0.02, tied embeddings) its
-greedy output repeats one token whatever its layers compute, so dropping a layer's low-rank branch or
-activation quantizer in the runtime went unnoticed by token comparisons."""
+The tiny random model's layers are scaled up 5x first (`tiny_loud_dir`): as initialised (std 0.02, tied
+embeddings) its greedy output repeats one token whatever its layers compute, so dropping a layer's
+low-rank branch or activation quantizer in the runtime went unnoticed by token comparisons."""
 
 from __future__ import annotations
 
@@ -19,22 +19,6 @@ from trtcompress.runtime.config import DeployConfig
 
 NEW_TOKENS = 16
 CALIBRATION = {"num_samples": 4, "seq_len": 64}
-
-
-@pytest.fixture(scope="module")
-def tiny_loud_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with its decoder-layer projections x5: greedy tokens depend on every layer."""
-    from trtcompress.models import load_model
-
-    loaded = load_model(str(tiny_model_dir), log=lambda m: None)
-    with torch.no_grad():
-        for name, param in loaded.model.named_parameters():
-            if name.endswith("proj.weight"):
-                param.mul_(5)
-    out = tmp_path_factory.mktemp("tiny-loud")
-    loaded.model.save_pretrained(out)
-    loaded.tokenizer.save_pretrained(out)
-    return out
 
 
 def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
