@@ -67,6 +67,25 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_loud_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its decoder-layer projections x5: as initialised (std 0.02, tied embeddings)
+    its greedy output repeats one token whatever its layers compute, which makes token comparisons blind."""
+    import torch
+
+    from trtcompress.models import load_model
+
+    loaded = load_model(str(tiny_model_dir), log=lambda m: None)
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if name.endswith("proj.weight"):
+                param.mul_(5)
+    out = tmp_path_factory.mktemp("tiny-loud")
+    loaded.model.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
 

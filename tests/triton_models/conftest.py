@@ -16,8 +16,8 @@ DEPLOY = dict(
 
 
 @pytest.fixture(scope="session")
-def served_artifact(tiny_model_dir, tmp_path_factory):
-    return write_artifact(tiny_model_dir, tmp_path_factory.mktemp("served") / "int4", "int4-g64-rtn")
+def served_artifact(tiny_loud_dir, tmp_path_factory):
+    return write_artifact(tiny_loud_dir, tmp_path_factory.mktemp("served") / "int4", "int4-g64-rtn")
 
 
 # A decoupled model without a `finish_reason` output, as TensorRT-LLM's ensemble has none: it streams
