@@ -147,7 +147,7 @@ def test_decompressed_block_cache_and_grouping_change_nothing(tiny_model_dir, co
     assert full.decompressed_bytes == 0 and not full.blocks.entries
 
 
-def test_recipe_sink_tokens_reach_the_served_cache(tiny_model_dir, tmp_path):
+def test_recipe_sink_tokens_reach_the_served_cache(tiny_loud_dir, tmp_path):
     """`serve` of an artifact whose recipe has a GEAR kv_cache uses the cache `eval --kv` uses:
     same codec, block size and exact fp16 sink tokens; greedy tokens equal CachedDecoder's."""
     from tests.runtime.conftest import write_artifact
@@ -161,7 +161,7 @@ def test_recipe_sink_tokens_reach_the_served_cache(tiny_model_dir, tmp_path):
         "name: gear\npasses: []\nkv_cache: {codec: gear-2bit, block_size: 64, sink_tokens: 2}\n"
     )
     kv = load_recipe(str(recipe)).kv_cache
-    artifact = write_artifact(tiny_model_dir, tmp_path / "art", str(recipe))
+    artifact = write_artifact(tiny_loud_dir, tmp_path / "art", str(recipe))
     config = DeployConfig(
         max_batch_size=2,
         max_num_tokens=50,
