@@ -57,6 +57,22 @@ def test_fidelity_is_independent_of_batching(tiny_model):
     assert a.top1 == b.top1
 
 
+def test_answer_bits_per_byte_match_a_direct_computation(tiny_model):
+    """The answer tokens are scored from the positions that predict them: scoring the positions one later
+    kept the self-fidelity and batching tests passing (they compare the metric with itself)."""
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    problems = gsm8k_problems(2)
+    result = metrics.answer_fidelity(model, tok, problems, batch_size=2)
+    nll = 0.0
+    with torch.no_grad():
+        for problem in problems:
+            prompt, answer = metrics.encode_problem(tok, problem)
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + answer])).logits[0].float(), -1)
+            nll -= sum(logp[len(prompt) - 1 + j, token].item() for j, token in enumerate(answer))
+    nbytes = sum(len(p.completion.encode("utf-8")) for p in problems)
+    assert result.bpb == pytest.approx(nll / (math.log(2) * nbytes), rel=1e-4)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
