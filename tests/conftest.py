@@ -66,19 +66,24 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
 
 
+def make_loud(model: torch.nn.Module) -> torch.nn.Module:
+    """Scale a tiny random model's decoder-layer projections x5, in place: at the std-0.02 init its greedy
+    output repeats one token whatever the layers compute, so token comparisons could not fail."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight"):
+                param.mul_(5)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_loud_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with its decoder-layer projections x5: as initialised (std 0.02, tied embeddings)
-    its greedy output repeats one token whatever its layers compute, which makes token comparisons blind."""
-    import torch
+    """The tiny model made loud (`make_loud`), saved once per session."""
 
     from trtcompress.models import load_model
 
     loaded = load_model(str(tiny_model_dir), log=lambda m: None)
-    with torch.no_grad():
-        for name, param in loaded.model.named_parameters():
-            if name.endswith("proj.weight"):
-                param.mul_(5)
+    make_loud(loaded.model)
     out = tmp_path_factory.mktemp("tiny-loud")
     loaded.model.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)

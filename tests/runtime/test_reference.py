@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import make_loud
 from trtcompress.runtime import Engine, SamplingParams
 from trtcompress.runtime.config import DeployConfig
 
@@ -85,12 +86,9 @@ def _tiny_model(model_type: str, **config) -> torch.nn.Module:
         vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256,
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**base, **config})).eval()
-    with torch.no_grad():  # layers x5, as tiny_loud_dir: at std 0.02 greedy repeats one token regardless
-        for name, param in model.named_parameters():
-            if name.endswith("proj.weight"):
-                param.mul_(5)
-    return model
+    return make_loud(
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**base, **config})).eval()
+    )
 
 
 def _deploy(max_seq_len: int) -> DeployConfig:

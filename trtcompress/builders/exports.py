@@ -180,6 +180,8 @@ def _check_group_widths(recipe: Recipe, model: nn.Module, formats: set[str]) -> 
     tensor-parallel split of o_proj / down_proj inputs must fall on group boundaries. Checked only where
     the widths are certain (no structured pruning) and the last weight quantizer is the last pass, so
     its format is the one the writers see on every layer it selects."""
+    from trtcompress.checkpoints import trtllm_layout as lay
+    from trtcompress.checkpoints.trtllm import even_split
     from trtcompress.errors import RecipeError
     from trtcompress.passes.targets import select_linears
 
@@ -206,22 +208,14 @@ def _check_group_widths(recipe: Recipe, model: nn.Module, formats: set[str]) -> 
                 "partial last group, and the HF layout's loaders do not pad; use a group size that "
                 f"divides the model's widths, or --export trtllm / native"
             )
-        if roles[module] and tp > 1:
-            size = width // tp  # as the trtllm writer splits row-parallel inputs (checkpoints.trtllm._even)
-            for rank in range(tp):
-                start, stop = rank * size, (rank + 1) * size
-                if start % group or (stop % group and stop != width):
-                    raise RecipeError(
-                        f"export trtllm: tp_size {tp} splits the {width} input channels of {name} at "
-                        f"{start}..{stop}, inside a quantization group of {group} ({where}); use a tp_size "
-                        "or a group size that keeps whole groups per rank"
-                    )
-        shard = width // tp if roles[module] else width
-        if mxfp4_trtllm and shard % group:
-            raise RecipeError(  # TensorRT-LLM pads only group-wise int4 (trtllm_layout.check_divisible)
-                f"export trtllm: {name} has {shard} input channels per rank, not whole MXFP4 blocks of "
-                f"{group} ({where}); export native, or use a tp_size that keeps whole blocks"
-            )
+        try:  # the writer's own checks, on the shards it would cut (row-parallel inputs split evenly)
+            if roles[module] and tp > 1:
+                for rank in range(tp):
+                    lay.check_group_split(width, group, *even_split(width, tp, rank))
+            if mxfp4_trtllm:
+                lay.check_divisible("W4A16_MXFP4", width // tp if roles[module] else width, name)
+        except lay.ExportError as exc:
+            raise RecipeError(f"export trtllm: tp_size {tp}, {name} ({where}): {exc}") from None
 
 
 def _check_requantized_shards(recipe: Recipe, model: nn.Module, formats: set[str]) -> None:
@@ -233,7 +227,7 @@ def _check_requantized_shards(recipe: Recipe, model: nn.Module, formats: set[str
     import torch
 
     from trtcompress.checkpoints import trtllm_layout as lay
-    from trtcompress.checkpoints.trtllm import DTYPES
+    from trtcompress.checkpoints.trtllm import DTYPES, even_split
     from trtcompress.compressed.linear import linear_state
     from trtcompress.errors import RecipeError
     from trtcompress.passes import build_pass
@@ -259,10 +253,9 @@ def _check_requantized_shards(recipe: Recipe, model: nn.Module, formats: set[str
             if not torch.isfinite(state.weight()).all():
                 return  # the pass itself refuses it, naming the layer
             parts = lay.parts_of(gsq.compress_linear(name, state), kind)
-            size = parts.shape[1] // tp  # as the trtllm writer splits row-parallel inputs
             for rank in range(tp):
                 try:
-                    lay.emit(parts.cols(rank * size, (rank + 1) * size), DTYPES[recipe.export.dtype])
+                    lay.emit(parts.cols(*even_split(parts.shape[1], tp, rank)), DTYPES[recipe.export.dtype])
                 except lay.ExportError as exc:
                     where = f"passes.0 (gsq) on {name}, tp rank {rank}"
                     raise RecipeError(f"export trtllm: {where}: {exc}") from None

@@ -212,7 +212,8 @@ def _qkv_shard(layer: DecoderLinears, geo: Geometry, rank: int) -> LinearParts:
     return lay.concat_rows([q, k, v], "attention q/k/v")
 
 
-def _even(n: int, tp: int, rank: int) -> tuple[int, int]:
+def even_split(n: int, tp: int, rank: int) -> tuple[int, int]:
+    """Rank `rank`'s [start, stop) of `n` channels split over `tp` ranks."""
     size = n // tp
     return rank * size, (rank + 1) * size
 
@@ -262,11 +263,11 @@ def _rank_tensors(
         needs_pqs = details["pre_quant_scale"]
         qkv = _unit_prequant(_qkv_shard(parts, geo, tp_rank), needs_pqs)
         _emit_linear(out, f"{prefix}.attention.qkv", qkv, (q_out, geo.hidden), True, geo, dtype)
-        c0, c1 = _even(geo.heads * geo.head_size, geo.tp, tp_rank)
+        c0, c1 = even_split(geo.heads * geo.head_size, geo.tp, tp_rank)
         dense = _unit_prequant(parts.attn["dense"].cols(c0, c1), needs_pqs)
         _emit_linear(out, f"{prefix}.attention.dense", dense, (geo.hidden, geo.heads * geo.head_size), False,
                      geo, dtype)  # fmt: skip
-        r0, r1 = _even(geo.intermediate, geo.tp, tp_rank)
+        r0, r1 = even_split(geo.intermediate, geo.tp, tp_rank)
         for key in ("fc", "gate"):
             shard = _unit_prequant(parts.mlp[key].rows(r0, r1), needs_pqs)
             _emit_linear(out, f"{prefix}.mlp.{key}", shard, (geo.intermediate, geo.hidden), True, geo, dtype)

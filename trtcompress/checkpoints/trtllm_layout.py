@@ -88,12 +88,7 @@ class LinearParts:
         """Input channels [start, stop) (a row-parallel shard); the cut must fall on group boundaries."""
         in_f = self.shape[1]
         g = self.group_size or in_f
-        if self.group_size and (start % g or (stop % g and stop != in_f)):
-            raise ExportError(
-                f"cannot split {in_f} input channels at [{start}, {stop}) on groups of {g}: the shard "
-                "boundary falls inside a quantization group (use a tp_size that keeps whole groups per rank, "
-                "or a smaller group size)"
-            )
+        check_group_split(in_f, self.group_size, start, stop)
         cut: dict = {}
         for name in ("weight", "codes"):
             value = getattr(self, name)
@@ -123,6 +118,18 @@ def int_weight_kind(fmt: IntFormat) -> str:
         f"{fmt.name}: TensorRT-LLM has int8/int4 per-channel (W8A16/W4A16) and int4 group-wise "
         "(W4A16_AWQ) weight-only modes; use one of those or --export native"
     )
+
+
+def check_group_split(in_features: int, group_size: int, start: int, stop: int) -> None:
+    """A row-parallel shard of input channels [start, stop) must hold whole quantization groups (the last
+    shard may end on the partial last group); `group_size` 0 is per channel, any split is fine."""
+    g = group_size
+    if g and (start % g or (stop % g and stop != in_features)):
+        raise ExportError(
+            f"cannot split {in_features} input channels at [{start}, {stop}): the shard boundary falls "
+            f"inside a quantization group of {g} (use a tp_size that keeps whole groups per rank, or a "
+            "smaller group size)"
+        )
 
 
 def classify(state: CompressedLinearState, target: str = "trtllm") -> str:
