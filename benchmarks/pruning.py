@@ -371,13 +371,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=list(ALL))
     parser.add_argument("--output", default=str(RESULTS / "pruning.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--table", action="store_true", help="only print the table of the recorded results")
+    parser.add_argument(
+        "--table", action="store_true", help="only print the table of the recorded results (writes nothing)"
+    )
     args = parser.parse_args()
     output = Path(args.output)
     if args.table:
         rows = json.loads(output.read_text())
         print(table(rows, args.calib_samples))
-        plot(rows, output.with_suffix(".png"))
         return
     if args.one:
         print(json.dumps(run_one(args.one, args.calib_samples, args.kd_seconds)))
