@@ -1,6 +1,9 @@
 #!/bin/bash
 # Every GPU measurement of issues 5 and 6 through a lent GPU machine, each step under its own time
 # limit so one failure keeps the others, in this order:
+#   invariance. benchmarks/plugin_invariance_gpu.py  whether the runtime's 4-bit layers keep a row's bits
+#      whatever its batch (the start-up probe and its 16-row-tile fallback), and their distance from the
+#      CPU reference (never run on a GPU yet; under 2 minutes)
 #   0. benchmarks/gemv_graphs_gpu.py --group-major  the layout the CUDA runtime holds INT4 weights in
 #      (GroupMajorWeight): the lop3 GEMV tuned over it, the group-major op against the row-layout op
 #      at M = 1..16 and a 256-row prefill (graph replays, L2 cold); group_major_8b: the same on a
@@ -26,7 +29,7 @@
 # Results land in $OUT (the device tool brings them back); logs too.
 # STEPS picks a subset (default: all), e.g. `STEPS="runtime gear" bash benchmarks/gpu_session.sh`.
 set -u
-STEPS=" ${STEPS:-group_major group_major_8b runtime gear graphs gemv ptx prefill} "
+STEPS=" ${STEPS:-invariance group_major group_major_8b runtime gear graphs gemv ptx prefill} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 export PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/gpu-out}
@@ -38,6 +41,11 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # STEPS="group_major_8b gear" (at most 500 s) for what the eleventh session left untimed, or
 # STEPS="group_major runtime" (at most 410 s; 161 s on an H200 in the eleventh session), then
 # STEPS="graphs gear" (at most 500 s; 225 s there before the gear step tuned both layer shapes)
+if want invariance; then
+  timeout 120 python3 benchmarks/plugin_invariance_gpu.py "$OUT/plugin_invariance_gpu.json" \
+    > "$OUT/plugin_invariance.log" 2>&1
+  echo "plugin_invariance_gpu rc $?"
+fi
 if want group_major; then
   timeout 240 python3 benchmarks/gemv_graphs_gpu.py "$OUT/gemv_group_major_gpu.json" --group-major \
     > "$OUT/gemv_group_major.log" 2>&1

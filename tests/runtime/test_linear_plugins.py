@@ -54,3 +54,59 @@ def test_layers_that_cannot_be_fused_run_one_op_each(monkeypatch):
     for run, layer in zip(runs, layers, strict=True):
         torch.testing.assert_close(run(x), layer.state.forward(x), rtol=3e-3, atol=3e-2)
     assert linear.build_group(layers, 0, torch.device("cpu"))[0].plugin is None  # CPU: the reference path
+
+
+def _on_this_cpu(layer: linear.RuntimeLinear) -> linear.RuntimeLinear:
+    layer.device = torch.device("cpu")  # built routed to CUDA; the probe's inputs go where the op runs
+    return layer
+
+
+def test_the_plugin_probe_samples_every_kernel_switch_and_finds_an_order_change(monkeypatch):
+    """`varying_plugin_kinds` (what the runtime reports as `plugin_batch_invariant` on CUDA) passes
+    the interpreted W4A16 kernels, whose rows here keep their bits across the op's switches (GEMV at <= 2
+    rows, tensor-core GEMV at <= 16, tiles beyond), and fails an op whose sum order changes with the
+    row count, at any of those switch points; a layer's plugin layers have their K and device."""
+    _on_cpu(monkeypatch)
+    (fused,) = linear.build_group([_layer(40, seed=1), _layer(16, seed=2)], 0, CUDA)
+    single = linear.build_linear([_layer(24, k=128, seed=3)], 0, CUDA)
+    assert (fused.in_features, single.in_features, fused.device) == (256, 128, CUDA)
+    layers = [_on_this_cpu(fused), _on_this_cpu(single)]
+    assert not linear.varying_plugin_kinds(layers, max_rows=20)
+
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(4)).half()  # the ops take fp16
+
+    def order_changes_above(rows: int):
+        def op(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] <= rows:
+                return x @ w.T
+            return (x[:, :64] @ w[:, :64].T) + (x[:, 64:] @ w[:, 64:].T)  # another summation order
+
+        return op
+
+    for switch in (1, 2, 16):
+        odd = linear.RuntimeLinear(None, None, 0, splits=[16], plugin=order_changes_above(switch))
+        odd.in_features, odd.device = 128, torch.device("cpu")
+        assert linear.varying_plugin_kinds([odd], max_rows=20), switch
+    assert not linear.varying_plugin_kinds([], max_rows=20)
+
+
+def test_plugin_layers_that_change_bits_with_the_row_count_run_in_fixed_tiles(monkeypatch):
+    """NVFP4 runs the row-layout op, whose kernels (interpreted here) sum in another order past 8 rows:
+    `plugins_batch_invariant` finds that, runs the layer in 16-row tiles and then the probe passes;
+    layers that pass whole stay whole (a one-row decode keeps its 1-row GEMV)."""
+    from trtcompress.compressed.formats import NVFP4
+
+    _on_cpu(monkeypatch)
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(5))
+    fp4 = CompressedLinear(CompressedLinearState(48, 128, QuantizedWeight.round_to_nearest(w, NVFP4)))
+    fp4_layer = _on_this_cpu(linear.build_linear([fp4], 0, CUDA))
+    int4_layer = _on_this_cpu(linear.build_linear([_layer(32, k=128, seed=6)], 0, CUDA))
+    assert linear.varying_plugin_kinds([fp4_layer, int4_layer], max_rows=20) == {
+        linear._plugin_kind(fp4_layer)
+    }
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(7))
+    whole = fp4_layer(x)
+    assert linear.plugins_batch_invariant([fp4_layer, int4_layer], max_rows=20) is True
+    assert (fp4_layer.tile, int4_layer.tile) == (linear.FALLBACK_TILE, 0)
+    torch.testing.assert_close(fp4_layer(x), whole, rtol=1e-2, atol=1e-2)  # the same layer (fp16 outputs)
+    assert linear.plugins_batch_invariant([], max_rows=20) is None

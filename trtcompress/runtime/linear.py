@@ -83,6 +83,15 @@ def tiled_linear(
     return out[:rows]
 
 
+def rows_invariant(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, sizes: list[int]) -> bool:
+    """Whether `fn` gives every row of `x[:m]` the bits it has in `fn(x)`, for each m in `sizes` (rows in
+    an M-tail kernel too), and at a shifted position in the batch."""
+    ref = fn(x)
+    if not torch.equal(fn(x.roll(5, 0)), ref.roll(5, 0)):
+        return False
+    return all(torch.equal(fn(x[:m]), ref[:m]) for m in sizes)
+
+
 def probe_batch_invariance(
     weights: list[torch.Tensor], max_rows: int, seed: int = 0, linear: Linear = F.linear
 ) -> bool:
@@ -92,21 +101,58 @@ def probe_batch_invariance(
     sizes = sorted(
         {m for m in (MIN_ROWS + 1, 7, 8, 16, 17, 33, 64, 100, max_rows) if MIN_ROWS < m <= max_rows}
     )
+    rows = max(sizes, default=MIN_ROWS)
     seen = set()
     for weight in weights:
         if tuple(weight.shape) in seen:
             continue
         seen.add(tuple(weight.shape))
-        rows = max(sizes, default=MIN_ROWS)
         x = torch.randn(rows, weight.shape[1], generator=gen, dtype=weight.dtype).to(weight.device)
-        ref = linear(x, weight)
-        # every row of every size (rows in an M-tail kernel too), and rows at other positions
-        if not torch.equal(linear(x.roll(5, 0), weight), ref.roll(5, 0)):
+        if not rows_invariant(lambda x, w=weight: linear(x, w), x, [MIN_ROWS, *sizes]):
             return False
-        for m in [MIN_ROWS, *sizes]:
-            if not torch.equal(linear(x[:m], weight), ref[:m]):
-                return False
     return True
+
+
+def _plugin_kind(layer: RuntimeLinear) -> tuple:
+    """Layers of one kind run the same kernels at every row count (the probe tries one of each)."""
+    return (layer.in_features, sum(layer.splits), getattr(layer.plugin, "__qualname__", ""), layer.tile)
+
+
+def varying_plugin_kinds(layers: list[RuntimeLinear], max_rows: int, seed: int = 0) -> set[tuple]:
+    """The kinds of plugin layers (`_plugin_kind`) that do not give every row the same bits whatever the
+    number of rows they are called with. Their ops pick a kernel by row count (W4A16: a GEMV up to 2
+    rows, a tensor-core GEMV up to 16, 128-row tiles beyond), and those kernels need not sum in one
+    order; plugin layers are not padded to MIN_ROWS, so every switch point is sampled."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = sorted({m for m in (1, 2, 3, 5, 8, 9, 16, 17, 33, 64, 129, max_rows) if m <= max_rows})
+    seen, varying = set(), set()
+    for layer in layers:
+        kind = _plugin_kind(layer)
+        if layer.plugin is None or kind in seen:
+            continue
+        seen.add(kind)
+        x = torch.randn(max(sizes), layer.in_features, generator=gen).to(layer.device)
+        if not rows_invariant(layer, x, sizes):
+            varying.add(kind)
+    return varying
+
+
+def plugins_batch_invariant(layers: list[RuntimeLinear], max_rows: int) -> bool | None:
+    """Make the plugin layers batch-invariant where the probe says they are not, and say whether they
+    now are (None: no plugin layer). A kind of layer called whole (`tile` 0) that fails the probe runs
+    in fixed FALLBACK_TILE-row tiles instead, as the dense path does: every call then has the same row
+    count, so one kernel computes every row, at the cost of padded rows (a one-row decode step of
+    those layers runs a 16-row kernel). Kinds that pass stay whole."""
+    layers = [lin for lin in layers if lin.plugin is not None]
+    if not layers:
+        return None
+    varying = varying_plugin_kinds(layers, max_rows)
+    retile = [lin for lin in layers if _plugin_kind(lin) in varying and lin.tile == 0]
+    if len(varying) > len({_plugin_kind(lin) for lin in retile}):
+        return False  # a kind already in tiles varies
+    for lin in retile:
+        lin.tile = FALLBACK_TILE
+    return not varying_plugin_kinds(retile, max_rows)
 
 
 class RuntimeLinear:
@@ -120,10 +166,14 @@ class RuntimeLinear:
         act_quant: ActQuantizer | None = None,
         lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
         splits: list[int] | None = None,
-        plugin: object | None = None,
+        plugin: Callable[[torch.Tensor], torch.Tensor] | None = None,
         pre_scale: torch.Tensor | None = None,
+        in_features: int | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.weight, self.bias, self.tile = weight, bias, tile
+        self.in_features = in_features if weight is None else weight.shape[1]
+        self.device = device if weight is None else weight.device
         self.act_quant, self.lowrank, self.pre_scale = act_quant, lowrank, pre_scale
         self.splits = splits or [weight.shape[0]]  # type: ignore[union-attr]
         self.plugin = plugin  # a CUDA kernel callable (then no `weight`), or None for the reference path
@@ -145,7 +195,10 @@ class RuntimeLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.plugin is not None:  # the 4-bit kernels take fp16 / bf16 activations
-            return self.plugin(x.to(torch.float16)).to(x.dtype)
+            x16, plugin = x.to(torch.float16), self.plugin
+            if self.tile == 0:  # unpadded: one row takes the ops' 1-row GEMV
+                return plugin(x16).to(x.dtype)
+            return tiled_linear(x16, None, None, self.tile, lambda t, _w, _b: plugin(t)).to(x.dtype)
         delta = None
         if self.lowrank is not None:
             a, b = self.lowrank
@@ -178,6 +231,16 @@ def _plain(state: CompressedLinearState) -> bool:
     return state.act_quant is None and state.lowrank_a is None and state.pre_quant_scale is None
 
 
+def _plugin_linear(
+    states: list[CompressedLinearState], plugin: Callable, tile: int, device: torch.device
+) -> RuntimeLinear:
+    """A RuntimeLinear computed by an op (the op holds the weight: a dequantized copy would be dead)."""
+    splits = [s.out_features for s in states]
+    return RuntimeLinear(
+        None, None, tile, splits=splits, plugin=plugin, in_features=states[0].in_features, device=device
+    )
+
+
 def build_linear(modules: list[nn.Module], tile: int, device: torch.device) -> RuntimeLinear:
     """A RuntimeLinear for `modules` (fused when they can be), float32 on `device`; on CUDA a single
     4-bit linear runs through its plugin op instead (fp16 activations)."""
@@ -186,8 +249,8 @@ def build_linear(modules: list[nn.Module], tile: int, device: torch.device) -> R
         from trtcompress.runtime.plugins import plugin_for
 
         plugin = plugin_for(states[0], device)
-        if plugin is not None:  # the op holds the weight (a dequantized copy here would be dead weight)
-            return RuntimeLinear(None, None, tile, splits=[states[0].out_features], plugin=plugin)
+        if plugin is not None:
+            return _plugin_linear(states, plugin, tile, device)
     if len(states) > 1 and not all(_plain(s) for s in states):
         raise ValueError("only plain linears (no activation quantizer or low-rank branch) are fused")
     dtype = torch.float32
@@ -227,5 +290,5 @@ def build_group(modules: list[nn.Module], tile: int, device: torch.device) -> li
 
         plugin = fused_plugin_for(states, device)
         if plugin is not None:
-            return [RuntimeLinear(None, None, tile, splits=[s.out_features for s in states], plugin=plugin)]
+            return [_plugin_linear(states, plugin, tile, device)]
     return [build_linear([m], tile, device) for m in modules]

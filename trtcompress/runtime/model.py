@@ -32,6 +32,7 @@ speed only, never a number.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,6 +62,7 @@ from trtcompress.runtime.linear import (
     build_group,
     build_linear,
     onednn_available,
+    plugins_batch_invariant,
     probe_batch_invariance,
 )
 from trtcompress.runtime.scheduler import Work
@@ -179,8 +181,17 @@ class BatchedModel:
         weights = [w for lin in dense for w in lin.gemm_weights]
         if tile == 0 and dense and not probe_batch_invariance(weights, max_rows, linear=dense[0].linear):
             self.gemm_tile = FALLBACK_TILE
-            for lin in linears:
+            for lin in dense:
                 lin.tile = FALLBACK_TILE
+        # the 4-bit ops (CUDA) choose their kernel by row count: probed too, tiled where that breaks
+        # invariance; None: no such layer
+        self.plugin_batch_invariant = plugins_batch_invariant(linears, max_rows)
+        if self.plugin_batch_invariant is False:
+            warnings.warn(
+                "the 4-bit GEMM ops are not batch-invariant on this device, even in fixed tiles: a "
+                "sequence's greedy tokens can depend on the batch it runs in",
+                stacklevel=2,
+            )
         self.blocks = DecompressedBlocks(decompressed_cache_bytes)
         self.scratch_tokens = scratch_tokens
         self.fused_decode = fused_decode_supported(cache)  # decode tokens read the compressed blocks
