@@ -400,3 +400,47 @@ def test_pass_settings_must_be_finite(method, field):
     for value in (".inf", ".nan"):
         with pytest.raises(RecipeError, match=rf"passes\[0\]\.{field}: Input should be a finite number"):
             parse_recipe(yaml_load(f"passes: [{{method: {method}, {field}: {value}}}]"), "test")
+
+
+@pytest.mark.parametrize("method", ["[gsq]", "{gsq: 1}"])
+def test_a_pass_method_that_is_not_text_is_named(method):
+    """`method: [gsq]` was a TypeError traceback (an unhashable list looked up in the pass registry)."""
+    with pytest.raises(RecipeError, match=r"passes\[0\]\.method .* is not a known pass; known: awq"):
+        parse_recipe(yaml_load(f"passes: [{{method: {method}}}]"), "r.yaml")
+    with pytest.raises(RecipeError, match=r"passes\[0\]\.method .* is not a known pass"):
+        with_overrides(load_recipe("int4-g128-rtn"), [parse_assignment(f"passes.0.method={method}")])
+
+
+def test_a_complex_yaml_key_is_a_yaml_error(tmp_path):
+    """`? [a, b]` (a list as a key) was a TypeError traceback from the duplicate-key check."""
+    path = tmp_path / "r.yaml"
+    path.write_text("? [a, b]\n: 1\n", encoding="utf-8")
+    with pytest.raises(
+        RecipeError, match=r"r\.yaml: invalid YAML \(found unhashable key \(line 1, column 3\)\)"
+    ):
+        load_recipe(str(path))
+    # in --set, a value YAML cannot read is text, which the field then refuses
+    path_, value = parse_assignment("passes.0.bits=? [a]\n: 1")
+    with pytest.raises(RecipeError, match=r"passes\[0\]\.bits: Input should be a valid integer"):
+        with_overrides(load_recipe("int4-g128-rtn"), [(path_, value)])
+
+
+def test_text_that_utf8_cannot_encode_is_refused_with_its_path(tmp_path):
+    """A byte that is not UTF-8 on the command line (`--name $'\\xff'`) reaches Python as a lone surrogate;
+    the build wrote it into the manifest, and `eval` then crashed drawing eval.png's title. A YAML
+    `"\\udcff"` escape is the same text."""
+    recipe = load_recipe("int4-g128-rtn")
+    with pytest.raises(RecipeError, match=r"^recipe overrides: name: text that is not valid Unicode"):
+        with_overrides(recipe, [parse_assignment("name=a\udcffb")])
+    with pytest.raises(RecipeError, match=r"passes\[0\]\.exclude\[1\]: text that is not valid Unicode"):
+        with_overrides(recipe, [("passes.0.exclude", ["lm_head", "\udcff"])])
+    path = tmp_path / "r.yaml"
+    path.write_text('description: "\\udcff"\n', encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"r\.yaml: description: text that is not valid Unicode"):
+        load_recipe(str(path))
+    path.write_text('eval: {"\\udcff": 1}\n', encoding="utf-8")
+    with pytest.raises(RecipeError, match=r"r\.yaml: eval: text that is not valid Unicode"):
+        load_recipe(str(path))
+    path.write_text("a: &a [*a]\n", encoding="utf-8")  # a self-referencing alias: no endless walk
+    with pytest.raises(RecipeError, match="a: unknown key"):
+        load_recipe(str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -366,7 +367,21 @@ from trtcompress.cli_serve import register as _register_serving  # noqa: E402
 _register_serving(cli, bench)
 
 
+def exit_on_terminate() -> None:
+    """SIGTERM / SIGHUP raise SystemExit (status 128 + signal, as the default action reports) instead of
+    ending the process at once, so `finally` blocks run: a `build` stopped by `kill` or a closed terminal
+    left its hidden `.OUT.partial-*` directory (a whole model's weights) behind for good. `serve` installs
+    its own handlers (it stops tritonserver first)."""
+
+    def terminate(signum, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, terminate)
+
+
 def main() -> None:
+    exit_on_terminate()
     try:
         cli(prog_name="trtcompress")
     except TrtcompressError as exc:

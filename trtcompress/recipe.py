@@ -132,8 +132,12 @@ class Recipe(StrictModel):
                     raise ValueError(
                         f"passes[{i}] has no 'method'; known methods: {', '.join(sorted(PASS_REGISTRY))}"
                     )
-                if method not in PASS_REGISTRY:
-                    hint = difflib.get_close_matches(str(method), list(PASS_REGISTRY), 1)
+                if not isinstance(method, str) or method not in PASS_REGISTRY:  # (a list is unhashable)
+                    hint = (
+                        difflib.get_close_matches(method, list(PASS_REGISTRY), 1)
+                        if isinstance(method, str)
+                        else []
+                    )
                     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
                     raise ValueError(
                         f"passes[{i}].method {method!r} is not a known pass{did_you_mean}; "
@@ -177,7 +181,9 @@ class _RecipeLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: flattened (and overridable
                 continue  # by the mapping's own keys) in super().construct_mapping, not a key of its own
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, typing.Hashable) and key in seen:
+            if not isinstance(key, typing.Hashable):  # `? [a, b]`: refused as such by super()
+                continue
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
@@ -214,6 +220,11 @@ def parse_recipe(data: Any, source: str) -> Recipe:
     if not isinstance(data, dict):
         got = "nothing (an empty file)" if data is None else type(data).__name__
         raise RecipeError(f"{source}: a recipe is a YAML mapping, got {got}")
+    if (where := _surrogate_path(data)) is not None:
+        raise RecipeError(
+            f"{source}: {where}: text that is not valid Unicode (a byte that is not UTF-8 on the command "
+            "line, or a \\uD800-\\uDFFF escape): the artifact's files could not hold it"
+        )
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -224,6 +235,29 @@ def parse_recipe(data: Any, source: str) -> Recipe:
     if booleans := _boolean_errors(data):
         raise RecipeError(f"{source}: {_format_errors(booleans)}") from None
     return recipe
+
+
+def _surrogate_path(data: Any, path: str = "", seen: set[int] | None = None) -> str | None:
+    """The recipe path of the first text (value or key) holding a lone surrogate, which UTF-8 cannot encode:
+    `--name $'\\xff'` arrives as '\\udcff' and made `eval` crash writing its plot, after the build."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "recipe"
+        return None
+    seen = set() if seen is None else seen
+    if id(data) in seen:  # a YAML alias of itself (`&a [*a]`): pydantic names what is wrong with it
+        return None
+    seen.add(id(data))
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        if (found := _surrogate_path(key, path or "recipe")) is not None:
+            return found
+        if (found := _surrogate_path(value, where, seen)) is not None:
+            return found
+    return None
 
 
 def _boolean_errors(data: Any) -> list:

@@ -1,5 +1,7 @@
 import json
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -350,3 +352,27 @@ def test_force_keeps_the_previous_artifact_when_the_final_rename_fails(tmp_path,
         (tmp / native.MANIFEST).write_text("new")
     assert (target / native.MANIFEST).read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_terminated_build_leaves_no_partial_directory(tmp_path, signum):
+    """SIGTERM's default action (`kill`, a container stop; SIGHUP: a closed terminal) ended `build` at once:
+    the `finally` of atomic_directory never ran and the hidden `.OUT.partial-*` directory, a whole model's
+    weights, stayed for good. The CLI's handler turns both into SystemExit(128 + signal)."""
+    from trtcompress.cli import exit_on_terminate
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / native.MANIFEST).write_text("{}", encoding="utf-8")  # the previous artifact
+    try:
+        exit_on_terminate()
+        with pytest.raises(SystemExit) as exc, native.atomic_directory(tmp_path / "out", force=True) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            os.kill(os.getpid(), signum)
+            time.sleep(10)  # (the handler raises as soon as the signal arrives)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    assert exc.value.code == 128 + signum
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / native.MANIFEST).read_text(encoding="utf-8") == "{}"

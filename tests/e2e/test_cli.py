@@ -359,3 +359,13 @@ def test_build_refuses_flags_the_recipe_has_no_use_for(tiny_model_dir, tmp_path,
     _one_line_error(result, fragment)
     assert result.returncode == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_an_output_path_that_is_not_utf8_is_refused_before_the_build(tiny_model_dir, tmp_path):
+    """`-o $'out\\xff'` built the whole model and then died in the tokenizer's save (a UnicodeEncodeError
+    traceback: the Rust writers take UTF-8 paths; the byte arrives as a lone surrogate). `--name $'\\xff'`:
+    test_recipe.py::test_text_that_utf8_cannot_encode_is_refused_with_its_path."""
+    out = tmp_path / "out\udcff"
+    result = run_cli("build", str(tiny_model_dir), "-o", str(out), "--no-eval")
+    _one_line_error(result, "the output path is not valid UTF-8")
+    assert list(tmp_path.iterdir()) == []

@@ -133,6 +133,13 @@ def check_output_location(target: Path) -> None:
     """Raise ArtifactError unless `target` can be created. `atomic_directory` finds out only when the work
     is done (after minutes of compression), so the build asks first."""
     parent = target.resolve().parent
+    try:  # the tokenizers and safetensors libraries take paths as UTF-8 text: a traceback after the work
+        str(target.resolve()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ArtifactError(
+            f"{str(target)!a}: the output path is not valid UTF-8 (a byte the file system name holds "
+            "as is), which the tokenizer and safetensors writers cannot take: choose another output path"
+        ) from None
     if (reason := unwritable_reason(parent)) is not None:
         raise ArtifactError(f"{parent}: cannot write the output there ({reason})")
 
