@@ -178,7 +178,11 @@ def serve(
             raise RepositoryError(  # its other models would be served beside the generated one
                 f"--repo-dir {repo_dir}: exists and is not empty; give a new or empty directory"
             )
-    work = Path(tempfile.mkdtemp(prefix="trtcompress-serve-"))  # (after the checks: no empty leftovers)
+    # the temporary directory holds the generated repository and the default log: made (after the
+    # checks) only if one of them goes there, so a failed start never leaves an empty one behind
+    work = None
+    if (deploy is not None and repo_dir is None) or log_file is None:
+        work = Path(tempfile.mkdtemp(prefix="trtcompress-serve-"))
     if deploy is None:
         repo = target
     else:
@@ -214,7 +218,8 @@ def serve(
         click.echo(f"tritonserver stopped (exit code {code})", err=True)
     # a clean stop: the temporary directory (generated repository, default log) goes; after a failure
     # it stays, for its log
-    shutil.rmtree(work, ignore_errors=True)
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @click.command()

@@ -154,6 +154,22 @@ def test_serve_refuses_a_repo_dir_holding_other_models_before_starting(served_ar
     assert list(taken.iterdir()) == [taken / "other_model"] and list(temp.iterdir()) == []
 
 
+def test_a_failed_serve_with_its_own_repo_dir_and_log_leaves_no_empty_temporary_directory(
+    served_artifact, tmp_path
+):
+    """With --repo-dir and --log-file nothing goes to serve's temporary directory, yet it was made, and a
+    failed start (here: a log that cannot be written) left it behind, empty (it stays after a failure
+    only to keep the default log). A ready repository with --log-file likewise."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    log = ["--log-file", str(tmp_path / "missing" / "tritonserver.log")]
+    for target in ([str(served_artifact), "--repo-dir", str(tmp_path / "repo")], [str(tmp_path / "repo")]):
+        bad = run_cli("serve", *target, *log, env={"TMPDIR": str(temp)})
+        assert bad.returncode != 0 and "cannot write tritonserver's log" in bad.stderr, bad.stderr
+        assert list(temp.iterdir()) == []
+    assert (tmp_path / "repo" / "tensorrt_llm" / "config.pbtxt").is_file()
+
+
 def test_bench_serve_writes_results(served_artifact, tmp_path):
     out = run_cli("bench", "serve", str(served_artifact), "--concurrency", "1,4", "--requests", "8",
                   "--prompt-tokens", "12", "--output-tokens", "6", "--no-hf-baseline",
