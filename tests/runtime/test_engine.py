@@ -664,3 +664,24 @@ def test_streaming_holds_back_only_text_that_could_start_a_stop_string(tiny_mode
         assert text.startswith(emitted) and stop.startswith(rest) and rest != stop
         held = max(held, len(rest))
     assert hit and emitted == "The answer is 42. " and held > 0  # (a start of "Question:" did wait)
+
+
+def test_a_stop_string_never_matches_a_character_still_being_decoded(tiny_model):
+    """A character split across tokens decodes as U+FFFD until its last byte arrives; a stop string
+    ending in U+FFFD matched that placeholder and ended the request early, cutting the character."""
+    from trtcompress.runtime.sequence import TextStream
+
+    tok = tiny_model.tokenizer
+    ids = tok.encode("ok 中文 done", add_special_tokens=False)
+    texts = [tok.decode(ids[:i], skip_special_tokens=True) for i in range(1, len(ids) + 1)]
+    assert any(t.endswith("\ufffd") for t in texts[:-1])  # the tokenizer does split a character
+    for stop in ("\ufffd", " \ufffd"):
+        stream, emitted = TextStream(tok, (stop,)), ""
+        for i in range(1, len(ids) + 1):
+            delta, hit = stream.update(ids[:i], final=i == len(ids))
+            emitted += delta
+            assert not hit, (stop, i)
+        assert emitted == "ok 中文 done"
+    stream = TextStream(tok, ("中",))  # a stop string made of the whole character still ends it
+    hits = [stream.update(ids[:i], final=False)[1] for i in range(1, len(ids) + 1)]
+    assert any(hits) and stream.text == "ok "

@@ -65,13 +65,16 @@ class TextStream:
     def update(self, token_ids: list[int], final: bool) -> tuple[str, bool]:
         """New text to emit, and whether a stop string was found (text is then cut before it)."""
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        hit = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if hit >= 0:
-            text, final = text[:hit], True
         safe = len(text)
-        if not final:
+        if not final:  # an incomplete UTF-8 sequence at the end decodes as U+FFFD: it can still change
             while safe > self.emitted and text[safe - 1] == "\ufffd":
                 safe -= 1
+        # a stop string must lie in the settled text (one ending in U+FFFD matched a character that
+        # was still being decoded)
+        hit = min((i for i in (text.find(s, 0, safe) for s in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            text, safe = text[:hit], hit
+        elif not final:
             safe -= self._stop_prefix(text, safe)
         delta = text[self.emitted : safe]
         self.emitted = safe
