@@ -685,3 +685,13 @@ def test_a_stop_string_never_matches_a_character_still_being_decoded(tiny_model)
     stream = TextStream(tok, ("中",))  # a stop string made of the whole character still ends it
     hits = [stream.update(ids[:i], final=False)[1] for i in range(1, len(ids) + 1)]
     assert any(hits) and stream.text == "ok "
+
+
+def test_a_thread_count_torch_cannot_take_is_refused_by_the_config():
+    """`deploy.num_threads: 2**31` passed validation and the engine then died in torch.set_num_threads
+    (ValueError: Overflow) when the server loaded the model."""
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="num_threads"):
+        DeployConfig(num_threads=2**31)
+    assert DeployConfig(num_threads=64).num_threads == 64

@@ -43,7 +43,9 @@ class DeployConfig(BaseModel):
     enable_kv_cache_reuse: bool = Field(False, description="prefix reuse (trtllm repository only)")
     decoupled: bool = Field(True, description="streaming responses (Triton decoupled transaction policy)")
     exclude_input_in_output: bool = Field(True, description="text_output holds only the generated text")
-    num_threads: int = Field(0, ge=0, description="native runtime torch threads; 0 = torch's default")
+    num_threads: int = Field(  # le: torch.set_num_threads overflows past 2**31 - 1 (a traceback at load)
+        0, ge=0, le=4096, description="native runtime torch threads; 0 = torch's default"
+    )
     device: str = Field(
         "cpu",
         pattern=r"^(cpu|cuda(:[0-9]+)?)$",
