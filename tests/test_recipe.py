@@ -444,3 +444,28 @@ def test_text_that_utf8_cannot_encode_is_refused_with_its_path(tmp_path):
     path.write_text("a: &a [*a]\n", encoding="utf-8")  # a self-referencing alias: no endless walk
     with pytest.raises(RecipeError, match="a: unknown key"):
         load_recipe(str(path))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # torch.Generator().manual_seed: ValueError Overflow when the KD pass started
+        ("passes: [{method: kd, seed: 1%s}]" % ("0" * 29), r"passes\[0\]\.seed: Input should be less"),
+        ("passes: [{method: kd, seed: -9223372036854775809}]", r"passes\[0\]\.seed: Input should be greater"),
+        # llmfp4's coarse-to-fine search: ValueError Overflow in torch mid-build
+        ("passes: [{method: llmfp4, stride: 1%s}]" % ("0" * 29), r"passes\[0\]\.stride: Input should be"),
+        # reasoning-gym: OverflowError when the evaluation started
+        ("eval: {gsm_symbolic_problems: 1%s}" % ("0" * 29), r"eval\.gsm_symbolic_problems: Input should be"),
+    ],
+)  # fmt: skip
+def test_integers_a_later_step_cannot_take_are_refused_naming_the_field(text, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(yaml_load(text), "r.yaml")
+
+
+def test_the_extreme_kd_seeds_torch_takes_are_accepted():
+    import torch
+
+    for seed in (-(2**63), 2**64 - 1):
+        recipe = parse_recipe(yaml_load(f"passes: [{{method: kd, seed: {seed}}}]"), "r.yaml")
+        torch.Generator().manual_seed(recipe.passes[0].seed)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import time
 
@@ -172,6 +173,8 @@ def _edit(manifest: dict, edit: str) -> None:
         manifest["model_config"]["num_attention_heads"] = 5
     elif edit == "generation_config refused":
         manifest["generation_config"] = {"max_new_tokens": "many"}
+    elif edit == "10^5 layers":  # a real model of that size would exhaust the memory before any check
+        manifest["model_config"]["num_hidden_layers"] = 100_000
     elif edit == "files entry without a size":
         manifest["files"]["model.safetensors"] = "model.safetensors"
 
@@ -188,6 +191,7 @@ def _edit(manifest: dict, edit: str) -> None:
         ("heads not dividing the width", r"model_config is not a loadable model \(.*not a multiple"),
         ("generation_config refused", r"generation_config is not a valid one"),
         ("files entry without a size", r"malformed manifest: `files` entry 'model\.safetensors'"),
+        ("10^5 layers", r"model_config has num_hidden_layers 100000, the artifact stores 2 decoder layers"),
     ],
 )
 def test_a_consistent_but_malformed_manifest_is_an_artifact_error(artifact, edit, message):
@@ -376,3 +380,177 @@ def test_a_terminated_build_leaves_no_partial_directory(tmp_path, signum):
     assert exc.value.code == 128 + signum
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (tmp_path / "out" / native.MANIFEST).read_text(encoding="utf-8") == "{}"
+
+
+# -------------------------------------------- damaged content behind recomputed checksums (helper audit)
+
+
+def _reseal(path, *names, edit=None):
+    """Recompute the manifest's records of `names` (and its own checksum) after a change: the checksums
+    then pass, and what is left to catch the damage is the content check."""
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    for name in names:
+        if (path / name).is_file():
+            manifest["files"][name] = {
+                "sha256": native.sha256_file(path / name),
+                "bytes": (path / name).stat().st_size,
+            }
+    if edit is not None:
+        edit(manifest)
+    manifest["checksum"] = native.manifest_checksum(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def _verify(path, hashes=True):
+    native.verify_files(path, native.read_manifest(path), hashes=hashes)
+
+
+def _damage_header(path, how):
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if how == "truncated":
+        data = data[:1000]
+    elif how == "short by its last bytes":
+        data = data[:-100]
+    elif how == "header bytes":
+        data[20:23] = b"\xff\xfe{"
+    elif how == "header length 2^62":
+        data[:8] = (2**62).to_bytes(8, "little")
+    weights.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated", "short by its last bytes", "header bytes", "header length 2^62"]
+)
+def test_damaged_weights_with_recomputed_checksums_are_refused_without_loading(artifact, how):
+    """`inspect` and `repo` read no weight: they used to accept these, only `eval` refused them."""
+    path, _ = artifact
+    _damage_header(path, how)
+    _reseal(path, "model.safetensors")
+    for hashes in (True, False):  # (inspect --no-verify too)
+        with pytest.raises(ArtifactError, match=r"model\.safetensors: unreadable safetensors file"):
+            _verify(path, hashes)
+
+
+def _retensor(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": native.FORMAT_NAME})
+    _reseal(path, "model.safetensors")
+
+
+LAYER = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda t: t.update({f"{LAYER}.qweight": t[f"{LAYER}.qweight"][:-1].clone()}),
+            rf"layer {LAYER} does not match.*qweight has shape",
+        ),
+        (
+            lambda t: t.update({f"{LAYER}.scales": t[f"{LAYER}.scales"].float()}),
+            rf"layer {LAYER} does not match.*bytes .*scales float32",
+        ),
+        (
+            lambda t: t.pop(f"{LAYER}.scales"),
+            rf"model\.safetensors: tensor {LAYER}\.scales listed in the manifest is not in",
+        ),
+        (
+            lambda t: t.update({"model.layers.0.foo": torch.zeros(3)}),
+            r"model\.safetensors: holds tensor model\.layers\.0\.foo, which the manifest",
+        ),
+        (
+            lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:-1].clone()}),
+            r"tensor model\.norm\.weight has shape \(95,\), the model expects \(96,\)",
+        ),
+        (
+            lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int32)}),
+            r"tensor model\.norm\.weight has dtype int32",
+        ),
+    ],
+)
+def test_a_tensor_of_the_wrong_shape_dtype_or_name_is_refused_before_and_at_load(artifact, edit, message):
+    path, _ = artifact
+    _retensor(path, edit)
+    for hashes in (True, False):
+        with pytest.raises(ArtifactError, match=message):
+            _verify(path, hashes)
+    with pytest.raises(ArtifactError, match=message):  # (fp32 scales used to load and run)
+        native.load_artifact(path)
+
+
+@pytest.mark.parametrize("name", [f"{LAYER}.scales", "model.embed_tokens.weight", "model.norm.weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_in_scales_embeddings_or_norms_is_refused(artifact, name, value):
+    path, _ = artifact
+
+    def edit(tensors):
+        tensors[name].view(-1)[0] = value
+
+    _retensor(path, edit)
+    message = rf"model\.safetensors: tensor {re.escape(name)} holds NaN or infinite values"
+    with pytest.raises(ArtifactError, match=message):
+        _verify(path)  # inspect, repo: they read every byte for the sha256 anyway
+    with pytest.raises(ArtifactError, match=message):  # eval evaluated it (NaN metrics, exit 0)
+        native.load_artifact(path)
+
+
+@pytest.mark.parametrize("name", ["../outside.json", "/etc/hostname", "sub/../../x", "a\\..\\b"])
+def test_a_manifest_naming_a_file_outside_the_artifact_is_refused(artifact, name):
+    """An artifact never makes trtcompress read (hash, load) a file outside its directory."""
+    path, _ = artifact
+    outside = path.parent / "outside.json"
+    outside.write_text("{}", encoding="utf-8")
+
+    def edit(manifest):
+        manifest["files"][name] = {"sha256": native.sha256_file(outside), "bytes": 2}
+
+    _reseal(path, edit=edit)
+    with pytest.raises(ArtifactError, match=r"file name .* is not a path inside the artifact"):
+        native.load_artifact(path)
+
+
+def test_a_tensor_stored_in_an_unlisted_file_is_refused(artifact):
+    path, _ = artifact
+
+    def edit(manifest):
+        manifest["tensors"]["model.norm.weight"] = "../elsewhere.safetensors"
+
+    _reseal(path, edit=edit)
+    with pytest.raises(ArtifactError, match=r"tensor 'model\.norm\.weight' is stored in '\.\./elsewhere"):
+        native.load_artifact(path, verify=False)
+
+
+def test_a_missing_or_garbage_tokenizer_is_named(artifact):
+    path, _ = artifact
+    (path / "tokenizer.json").write_text("garbage", encoding="utf-8")
+    _reseal(path, "tokenizer.json")
+    for check in (_verify, native.load_artifact):
+        with pytest.raises(ArtifactError, match=r"tokenizer\.json: corrupt tokenizer file \(invalid JSON"):
+            check(path)
+    (path / "tokenizer.json").unlink()
+    _reseal(path, edit=lambda manifest: manifest["files"].pop("tokenizer.json"))
+    for check in (_verify, native.load_artifact):  # eval's message was cut before it named the file
+        with pytest.raises(ArtifactError, match=r"tokenizer\.json: missing; the artifact has no tokenizer"):
+            check(path)
+
+
+def test_a_manifest_that_is_a_directory_is_named(artifact):
+    path, _ = artifact
+    (path / "manifest.json").unlink()
+    (path / "manifest.json").mkdir()
+    with pytest.raises(ArtifactError, match=r"manifest\.json: not a file"):
+        native.read_manifest(path)
+
+
+@pytest.mark.parametrize("version", [0, -1, True, "1"])
+def test_a_format_version_that_is_not_one_is_refused(artifact, version):
+    """0 and true (an int to isinstance) were read as version 1 artifacts."""
+    path, _ = artifact
+    _reseal(path, edit=lambda manifest: manifest.update(format_version=version))
+    with pytest.raises(ArtifactError, match=r"malformed manifest: format version .* is not one"):
+        native.read_manifest(path)

@@ -265,6 +265,31 @@ def test_repo_refuses_a_tampered_artifact_and_a_path_as_model_name(built, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # nothing written beside it
 
 
+def test_inspect_and_repo_refuse_damaged_weights_behind_recomputed_checksums(built, tmp_path):
+    """A truncated model.safetensors whose manifest records were recomputed passed `inspect` and `repo`
+    (they load no weight); only `eval` refused it."""
+    import hashlib
+    import shutil
+
+    from trtcompress.checkpoints.native import manifest_checksum
+
+    out, _ = built
+    copy = shutil.copytree(out, tmp_path / "copy")
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    manifest = json.loads((copy / "manifest.json").read_text(encoding="utf-8"))
+    manifest["files"]["model.safetensors"] = {
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "bytes": 1000,
+    }
+    manifest["checksum"] = manifest_checksum(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    fragment = "model.safetensors: unreadable safetensors file"
+    _one_line_error(run_cli("inspect", str(copy)), fragment)
+    _one_line_error(run_cli("repo", str(copy), "-o", str(tmp_path / "r"), "--kind", "native"), fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no repository written
+
+
 def test_force_replaces_artifacts_only(tiny_model_dir, tmp_path):
     """--force must not delete a directory that is not an artifact (a parent of artifacts, a model)."""
     keep = tmp_path / "keep"

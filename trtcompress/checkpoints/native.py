@@ -21,11 +21,11 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -287,6 +287,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"{path}: not a directory; an artifact is a directory written by `trtcompress build`"
         )
     manifest_path = path / MANIFEST
+    if manifest_path.exists() and not manifest_path.is_file():
+        raise ArtifactError(f"{manifest_path}: not a file; a trtcompress manifest is a JSON file")
     if not manifest_path.is_file():
         raise ArtifactError(
             f"{path}: no {MANIFEST}; not a trtcompress artifact (or a build that did not finish)"
@@ -300,7 +302,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{manifest_path}: not a {FORMAT_NAME} manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or version < 1:  # (a bool is an int to isinstance)
+        raise ArtifactError(f"{manifest_path}: malformed manifest: format version {version!r} is not one")
+    if version > FORMAT_VERSION:
         raise ArtifactError(
             f"{manifest_path}: format version {version!r} is not supported by trtcompress "
             f"{trtcompress.__version__} (reads up to {FORMAT_VERSION}); upgrade trtcompress"
@@ -314,15 +318,42 @@ def read_manifest(path: Path) -> dict[str, Any]:
             raise ArtifactError(
                 f"{manifest_path}: malformed manifest: `{key}` is missing or not a {kind.__name__}; rebuild"
             )
+    _check_names(manifest_path, manifest)
     _restore_floats(manifest)
     return manifest
 
 
-def verify_files(path: Path, manifest: dict[str, Any], hashes: bool = True) -> None:
+def _check_names(manifest_path: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest names is a relative path inside the artifact (no `..`, not absolute): an
+    artifact never makes trtcompress read or hash a file outside its own directory; and every tensor's
+    file is one the manifest lists (so its size and sha256 are checked)."""
+    for name in manifest["files"]:
+        parts = PurePosixPath(name).parts
+        if not name or "\0" in name or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+            raise ArtifactError(
+                f"{manifest_path}: malformed manifest: file name {name!r} is not a path inside the "
+                "artifact; rebuild"
+            )
+    for tensor, filename in manifest["tensors"].items():
+        if not isinstance(filename, str) or filename not in manifest["files"]:
+            raise ArtifactError(
+                f"{manifest_path}: malformed manifest: tensor {tensor!r} is stored in {filename!r}, "
+                "which is not one of the artifact's files; rebuild"
+            )
+
+
+def verify_files(path: Path, manifest: dict[str, Any], hashes: bool = True, structure: bool = True) -> None:
     """Every file the manifest lists is there with its size and (unless `hashes` is false: `inspect
     --no-verify`, which skips only the slow part) its sha256; and no unlisted file beside them: loaders
     read whatever is there (a dropped-in `chat_template.jinja` or `added_tokens.json` changes the
-    tokenizer). Hidden files, and folders holding no listed file, are not the artifact's."""
+    tokenizer). Hidden files, and folders holding no listed file, are not the artifact's.
+
+    With `structure` (all but `load_artifact`, which does the same on the data itself) the content is
+    checked too, without reading the weights: each safetensors header (valid, holding exactly the
+    tensors the manifest places in that file), every tensor's shape and dtype against its compressed
+    layer's manifest entry or the model's own parameter, the tokenizer's JSON files, and (with `hashes`,
+    which reads every byte anyway) that no floating-point tensor holds NaN or inf. A sha256 recomputed
+    into the manifest after damaging a file passes the checksums, not this."""
     listed = set(manifest["files"])
     for folder in sorted({Path(name).parent for name in listed}):
         for file in sorted((path / folder).iterdir()) if (path / folder).is_dir() else []:
@@ -356,6 +387,10 @@ def verify_files(path: Path, manifest: dict[str, Any], hashes: bool = True) -> N
             raise ArtifactError(f"{file}: cannot read the artifact file ({exc.strerror})") from None
         if hashes and digest != info["sha256"]:
             raise ArtifactError(f"{file}: sha256 mismatch with the manifest (corrupt or modified)")
+    if structure:
+        headers = _read_headers(path, manifest, values=hashes)
+        _assemble(path, manifest, headers, on_meta=True, read=lambda name: _read_one(path, manifest, name))
+        _check_tokenizer_files(path)
 
 
 @dataclass
@@ -370,37 +405,149 @@ class LoadedArtifact:
         return self.manifest["status"]
 
 
-def _read_tensors(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for filename in sorted(set(manifest["tensors"].values())):
-        try:
-            tensors.update(load_file(str(path / filename)))
-        except (SafetensorError, OSError) as exc:
-            raise ArtifactError(f"{path / filename}: unreadable safetensors file ({exc})") from None
-    missing = set(manifest["tensors"]) - set(tensors)
-    if missing:
+def _file_tensors(manifest: dict[str, Any]) -> dict[str, set[str]]:
+    by_file: dict[str, set[str]] = {}
+    for tensor, filename in manifest["tensors"].items():
+        by_file.setdefault(filename, set()).add(tensor)
+    return by_file
+
+
+def _compare_names(file: Path, held: set[str], listed: set[str]) -> None:
+    if missing := sorted(listed - held):
         raise ArtifactError(
-            f"{path}: tensors listed in the manifest are missing: {', '.join(sorted(missing)[:5])}"
+            f"{file}: tensor {missing[0]} listed in the manifest is not in the file"
+            + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
+    if extra := sorted(held - listed):
+        raise ArtifactError(
+            f"{file}: holds tensor {extra[0]}, which the manifest does not place there"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
+
+
+_SAFETENSORS_DTYPES = {
+    name: getattr(torch, attr)
+    for name, attr in {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32",
+        "U64": "uint64",
+    }.items()
+    if hasattr(torch, attr)
+}  # fmt: skip
+
+
+def _finite(file: Path, name: str, tensor: torch.Tensor) -> None:
+    """NaN / inf scales, embeddings or norms: a corrupt artifact (a build never writes them: its source
+    model's are refused, and its quantizers' scales are finite)."""
+    if tensor.is_floating_point() and tensor.numel():
+        values = tensor if tensor.element_size() > 1 else tensor.float()  # (no isfinite for float8)
+        if not bool(torch.isfinite(values).all()):
+            raise ArtifactError(f"{file}: tensor {name} holds NaN or infinite values (corrupt)")
+
+
+def _read_headers(path: Path, manifest: dict[str, Any], values: bool = False) -> dict[str, torch.Tensor]:
+    """The stored tensors as meta tensors (shape and dtype, no data) from the safetensors headers, which
+    the library validates (header length and JSON, offsets covering the file exactly). With `values`,
+    each floating-point tensor is also read, one at a time, and checked finite."""
+    tensors: dict[str, torch.Tensor] = {}
+    for filename, names in sorted(_file_tensors(manifest).items()):
+        file = path / filename
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                headers = {
+                    key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape())
+                    for key in f.keys()  # noqa: SIM118 (not iterable)
+                }
+        except (SafetensorError, OSError) as exc:
+            raise ArtifactError(f"{file}: unreadable safetensors file ({one_line(exc, 200)})") from None
+        _compare_names(file, set(headers), names)
+        for key, (dtype, shape) in headers.items():
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise ArtifactError(f"{file}: tensor {key} has dtype {dtype}, which trtcompress never stores")
+            tensors[key] = torch.empty(shape, dtype=_SAFETENSORS_DTYPES[dtype], device="meta")
+        if values:
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key, tensor in tensors.items():
+                        if key in headers and tensor.is_floating_point():
+                            _finite(file, key, f.get_tensor(key))
+            except (SafetensorError, OSError) as exc:
+                raise ArtifactError(f"{file}: unreadable safetensors file ({one_line(exc, 200)})") from None
     return tensors
 
 
-def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
-    """Rebuild the compressed model from an artifact (checksums verified first unless `verify=False`)."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    if verify:
-        verify_files(path, manifest)
+def _read_one(path: Path, manifest: dict[str, Any], name: str) -> torch.Tensor:
+    file = path / manifest["tensors"][name]
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(name)
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{file}: unreadable safetensors file ({one_line(exc, 200)})") from None
+
+
+def _read_tensors(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for filename, names in sorted(_file_tensors(manifest).items()):
+        file = path / filename
+        try:
+            held = load_file(str(file))
+        except (SafetensorError, OSError) as exc:
+            raise ArtifactError(f"{file}: unreadable safetensors file ({one_line(exc, 200)})") from None
+        _compare_names(file, set(held), names)
+        for name, tensor in held.items():
+            _finite(file, name, tensor)
+        tensors.update(held)
+    return tensors
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    """The tokenizer's JSON files parse (a garbage one is named here, not in a transformers message
+    several hundred characters long), and the artifact has a tokenizer at all."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        file = path / name
+        if not file.exists():
+            continue
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{file}: corrupt tokenizer file (invalid JSON: {exc})") from None
+        except OSError as exc:
+            raise ArtifactError(f"{file}: cannot read the tokenizer file ({exc.strerror})") from None
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
+        raise ArtifactError(f"{path / 'tokenizer.json'}: missing; the artifact has no tokenizer")
+
+
+_LAYER_FIELDS = ("format", "shape", "bytes", "weight_bytes", "tensors")
+
+
+def _assemble(
+    path: Path,
+    manifest: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    on_meta: bool,
+    read: Callable[[str], torch.Tensor] | None = None,
+) -> nn.Module:
+    """The model the manifest describes, holding `tensors` (real ones, or meta tensors from the headers:
+    `on_meta` builds the model on the meta device, a structural check that reads no weight but the
+    tensors of sparse layers, whose masks are counted: `read(name)` gives one stored tensor)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     config_dict = dict(manifest["model_config"])
+    layers = config_dict.get("num_hidden_layers")
+    stored = {name.split(".")[2] for name in manifest["tensors"] if name.startswith("model.layers.")}
+    if isinstance(layers, int) and layers > len(stored):  # before building (allocating) 10^5 layers
+        raise ArtifactError(
+            f"{path}: the manifest's model_config has num_hidden_layers {layers}, the artifact stores "
+            f"{len(stored)} decoder layers"
+        )
     try:
         config = AutoConfig.for_model(config_dict.pop("model_type", None), **config_dict)
-        with no_init_weights():
+        with no_init_weights(), torch.device("meta") if on_meta else contextlib.nullcontext():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # an unknown model_type, a config transformers refuses (its validators raise huggingface_hub's
     # StrictDataclass*Error, which derive from Exception only)
@@ -408,14 +555,32 @@ def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
         raise ArtifactError(
             f"{path}: the manifest's model_config is not a loadable model ({one_line(exc, 160)})"
         ) from None
-    tensors = _read_tensors(path, manifest)
+    tensors = dict(tensors)
     for name, meta in manifest["layers"].items():
         try:
             parts = {suffix: tensors.pop(f"{name}.{suffix}") for suffix in meta["tensors"]}
-            state = CompressedLinearState.from_tensors(meta, parts)
-            set_module(model, name, CompressedLinear(state))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            try:
+                state = CompressedLinearState.from_tensors(meta, parts)
+                module = CompressedLinear(state)
+            except (RuntimeError, NotImplementedError):  # a format that looks at values (masks, scales)
+                if read is None or not any(t.is_meta for t in parts.values()):
+                    raise
+                parts = {suffix: read(f"{name}.{suffix}") for suffix in parts}
+                state = CompressedLinearState.from_tensors(meta, parts)
+                module = CompressedLinear(state)
+            set_module(model, name, module)
+        except (ValueError, KeyError, TypeError, AttributeError, NotImplementedError, RuntimeError) as exc:
             raise ArtifactError(f"{path}: layer {name} does not match its manifest entry ({exc!r})") from None
+        stored = state.meta()
+        for key in _LAYER_FIELDS:  # a tensor of another dtype (fp32 scales) changes the byte counts
+            if stored.get(key) != meta.get(key):
+                held = ", ".join(
+                    f"{s} {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}" for s, t in parts.items()
+                )
+                raise ArtifactError(
+                    f"{path}: layer {name} does not match its manifest entry ({key} {stored.get(key)!r}, "
+                    f"manifest says {meta.get(key)!r}; stored tensors: {held})"
+                )
     # Dense tensors keep the dtype they were stored in (the recipe's dtype).
     for name, tensor in tensors.items():
         module_name, _, attr = name.rpartition(".")
@@ -431,19 +596,15 @@ def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
                 f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
                 f"{tuple(current.shape)}"
             )
+        if current.is_floating_point() != tensor.is_floating_point():
+            raise ArtifactError(
+                f"{path}: tensor {name} has dtype {str(tensor.dtype).removeprefix('torch.')}, the model "
+                f"expects a floating-point one"
+            )
         if isinstance(current, nn.Parameter):
             current.data = tensor
         else:
             setattr(module, attr, tensor)
-    if manifest.get("generation_config"):  # (older artifacts have none: transformers' defaults)
-        from transformers import GenerationConfig
-
-        try:
-            model.generation_config = GenerationConfig.from_dict(manifest["generation_config"])
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise ArtifactError(
-                f"{path}: the manifest's generation_config is not a valid one ({one_line(exc, 160)})"
-            ) from None
     for alias, stored_name in manifest["tied_weights"].items():  # share, as when the model was built
         module_name, _, attr = alias.rpartition(".")
         source_name, _, source_attr = stored_name.rpartition(".")
@@ -460,7 +621,33 @@ def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
         raise ArtifactError(
             f"{path}: the artifact lacks tensors the model needs: {', '.join(sorted(missing)[:5])}"
         )
+    return model
+
+
+def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
+    """Rebuild the compressed model from an artifact (checksums verified first unless `verify=False`)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest, structure=False)  # (the values are checked on the data below)
+    # On the meta device first: a model_config that does not match the tensors (a vocab_size of 10^12)
+    # is refused before the real model is allocated.
+    headers = _read_headers(path, manifest)
+    _assemble(path, manifest, headers, on_meta=True, read=lambda name: _read_one(path, manifest, name))
+    model = _assemble(path, manifest, _read_tensors(path, manifest), on_meta=False)
+    if manifest.get("generation_config"):  # (older artifacts have none: transformers' defaults)
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_dict(manifest["generation_config"])
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ArtifactError(
+                f"{path}: the manifest's generation_config is not a valid one ({one_line(exc, 160)})"
+            ) from None
     model.eval()
+    _check_tokenizer_files(path)
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:

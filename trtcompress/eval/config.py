@@ -17,8 +17,8 @@ class EvalConfig(BaseModel):
         64, ge=0, le=1319, description="first N GSM8K test problems scored on gold answers"
     )
     gsm_symbolic_problems: int = Field(
-        16, ge=0, description="reasoning-gym gsm_symbolic problems (second set)"
-    )
+        16, ge=0, le=10_000, description="reasoning-gym gsm_symbolic problems (second set)"
+    )  # le: generated one by one (10^30 was an OverflowError traceback in reasoning-gym, 10^9 hours)
     gsm_symbolic_seed: int = Field(42, description="seed of the gsm_symbolic generator")
     gsm8k_generate: int = Field(
         0, ge=0, le=1319, description="problems for greedy 8-shot exact match (slow; 0 = off)"

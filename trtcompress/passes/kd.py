@@ -98,7 +98,9 @@ class KDConfig(PassConfig):
         "auto", description="auto: merge adapters into plain float layers, keep factors on compressed ones"
     )
     factor_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="kept factors")
-    seed: int = Field(0, description="adapter init and batch order")
+    seed: int = Field(  # torch.Generator.manual_seed's range: past it, an Overflow traceback mid-build
+        0, ge=-(2**63), le=2**64 - 1, description="adapter init and batch order"
+    )
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="autocast dtype of the forward/backward; auto: bfloat16 where matmuls are native"
     )

@@ -202,7 +202,9 @@ class LLMFP4Config(PassConfig):
     grid_mode: GridMode = Field(
         "max", description="'max': Qmax = max x 2^-δ; 'upstream': b_init x [0.01, 1.2]"
     )
-    stride: int = Field(10, ge=1, description="coarse scan step over the candidates (1 = exhaustive)")
+    stride: int = Field(  # le: grid's own bound (a wider step scans the ends only); 1e29 overflowed torch
+        10, ge=1, le=1000, description="coarse scan step over the candidates (1 = exhaustive)"
+    )
     sample_tokens: int = Field(2048, ge=16, description="calibration tokens that score the candidates")
 
     @field_validator("formats")
