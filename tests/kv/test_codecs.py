@@ -427,10 +427,15 @@ def test_group_outliers_of_a_tied_group_are_distinct() -> None:
         # a quoted number or a bool: a TypeError ("'<=' not supported between ...") or silently 1
         ("gear-2bit", {"outlier_ratio": "0.02"}, "outlier ratio must be in .* got '0.02'"),
         ("gear-2bit", {"value_outlier_ratio": "0.01"}, "value outlier ratio must be in"),
-        ("gear-2bit", {"range_min": "0.5"}, "range_min in"),
-        ("gear-2bit", {"range_min": True}, "range_min in"),
+        ("gear-2bit", {"range_min": "0.5"}, r"range_min must be a number in \(0, 1\]"),
+        ("gear-2bit", {"range_min": True}, r"range_min must be a number in \(0, 1\]"),
         ("gear-2bit", {"rank": 1, "power_iters": True}, "power_iters must be"),
         ("gear-2bit", {"key_rank": None}, "key rank must be a whole number"),
+        # accepted, then 10**6 range steps asked for 49 GB at the first compressed block (a traceback
+        # mid-evaluation) and 10**9 power iterations never finished it
+        ("gear-2bit", {"range_search": 10**6}, r"range_search must be a whole number of steps in \[0, 256\]"),
+        ("gear-2bit", {"range_search": 257}, r"range_search .* in \[0, 256\], got 257"),
+        ("gear-2bit", {"rank": 1, "power_iters": 10**9}, r"power_iters must be a whole number in \[1, 100\]"),
     ],
 )
 def test_invalid_codec_options_are_refused(name: str, options: dict, message: str) -> None:
@@ -482,3 +487,16 @@ def test_a_per_kind_rank_given_with_rank_is_not_ignored() -> None:
     assert GearCodec(bits=2, rank=3, key_rank=1).rank == {"k": 1, "v": 3}
     assert get_codec("gear-2bit", rank=3).rank == {"k": 3, "v": 3}  # rank alone still sets both
     assert GearCodec(bits=2).rank == {"k": 2, "v": 2}
+
+
+def test_describe_reports_a_per_group_outlier_count_only_where_there_is_one() -> None:
+    """`eval --kv gear-2bit` reported `outliers_per_group: {k: 2, v: 2}` in its details for the default
+    block scope, whose 3% budget is shared by the block's groups (46 outliers of a 64 x 24 key block,
+    several in a heavy-tailed group, none in others): a count that codec never used."""
+    block = get_codec("gear-2bit").describe()
+    assert block["outlier_scope"] == "block" and block["outliers_per_group"] is None
+    group = get_codec("gear-2bit", outlier_scope="group", outlier_ratio=0.04).describe()
+    assert group["outliers_per_group"] == {"k": 4, "v": 4}  # ceil(0.02 x 64) = 2 at each end
+    x = _kv()
+    fields = get_codec("gear-2bit", outlier_scope="group", outlier_ratio=0.04).compress(x, "k")
+    assert fields["out_idx"].shape[-1] == 4  # one 64-token group per channel row: 4 outliers stored

@@ -205,3 +205,60 @@ def test_kv_check_model_refuses_a_sliding_window_and_a_head_the_codes_cannot_fil
         KVCacheConfig(codec="fp16").check_model(mistral, 32)
     with pytest.raises(RecipeError, match=r"kv_cache: codec kivi-3bit: a head dim of 20 holds 60 bits"):
         KVCacheConfig(codec="kivi-3bit").check_model(tiny("llama", head_dim=20))
+
+
+def test_a_window_no_longer_than_a_block_is_refused_for_a_lossy_codec(tiny_model, tiny_model_dir) -> None:
+    """With eval.context <= kv_cache.block_size every perplexity token attends only to the exact fp16
+    tail (a window's one block is compressed after its last token): `eval --kv kivi-2bit` at context 64
+    reported ppl_ratio 1.0, a gate on it passing for any codec, and more bytes per token than fp16."""
+    from trtcompress.eval.config import EvalConfig
+    from trtcompress.eval.harness import evaluate
+    from trtcompress.eval.run import evaluate_target
+
+    message = (
+        r"kv_cache: eval\.context \(64\) must be longer than kv_cache\.block_size \(64\) to measure codec "
+        r"kivi-2bit: no perplexity token would attend to a compressed block"
+    )
+    with pytest.raises(RecipeError, match=message):
+        KVCacheConfig(codec="kivi-2bit").check_model(tiny_model.model, 64)
+    KVCacheConfig(codec="kivi-2bit").check_model(tiny_model.model, 65)  # one token sees a compressed block
+    KVCacheConfig(codec="kivi-2bit", block_size=16, options={"group": 16}).check_model(tiny_model.model, 64)
+    KVCacheConfig(codec="fp16").check_model(tiny_model.model, 32)  # the reference cache: nothing is lost
+    KVCacheConfig(codec="kivi-2bit").check_model(tiny_model.model)  # serving: no evaluation window
+    config = EvalConfig(ppl_tokens=128, context=64, gsm8k_problems=0, gsm_symbolic_problems=0)
+    with pytest.raises(RecipeError, match=message):
+        evaluate(
+            tiny_model.model, tiny_model.tokenizer, config, model_name="tiny", recipe_name="baseline",
+            is_reference=True, kv=KVCacheConfig(codec="kivi-2bit"),
+        )  # fmt: skip
+    flags = [("eval.ppl_tokens", 64), ("eval.context", 32), ("kv_cache.codec", "gear-2bit")]
+    with pytest.raises(RecipeError, match=r"eval\.context \(32\) must be longer than kv_cache\.block_size"):
+        evaluate_target(str(tiny_model_dir), overrides=flags)
+
+
+def test_kv_bytes_per_token_is_what_the_codec_stores_counted_by_hand(tiny_model) -> None:
+    """gear-2bit's defaults on the tiny model (2 layers, 2 KV heads, head dim 24, 64-token blocks, one
+    fp16 sink token), every stored byte counted here from the format, not from `codec.layout`:
+    keys (24 channel rows of 64 tokens, one 64-token group per row): 2-bit codes 24 x 16 B, fp8 scale
+    and zero per group 24 + 24 B, their fp16 block maxima 2 + 2 B, a 3% outlier budget round(0.03 x
+    1536) = 46 fp8 corrections + 46 int16 indices + one fp16 scale = 46 + 92 + 2 B; values (64 token
+    rows of 24 channels, one group per row since 24 is not a multiple of 64): codes 64 x 6 B, scale and
+    zero 64 + 64 B, maxima 4 B, round(0.015 x 1536) = 23 outliers: 23 + 46 + 2 B. No low-rank factors."""
+    from trtcompress.kv.evaluate import kv_perplexity
+
+    keys = 24 * 16 + (24 + 24) + (2 + 2) + (46 + 46 * 2 + 2)
+    values = 64 * 6 + (64 + 64) + (2 + 2) + (23 + 23 * 2 + 2)
+    block = (keys + values) * 2 * 2  # x 2 KV heads x 2 layers
+    fp16_token = 2 * 2 * 2 * 24 * 2  # K and V x layers x heads x head dim x 2 bytes
+    assert (keys, values, block, fp16_token) == (576, 587, 4652, 384)
+    codec = KVCacheConfig(codec="gear-2bit").build_codec()
+    ids = list(range(3, 3 + 256))  # two windows of 128 tokens
+    out = kv_perplexity(tiny_model.model, ids, 128, codec, block_size=64, sink_tokens=1)
+    # the last block's worth of steps: 65..128 tokens held = full blocks + fp16 tail + the sink token
+    held = range(65, 129)
+    per_token = [(n // 64 * block + (n % 64 + 1) * fp16_token) / n for n in held]
+    assert out.fp16_bytes_per_token == fp16_token
+    assert out.bytes_per_token == pytest.approx(sum(per_token) / len(per_token), rel=1e-12)
+    every = range(2, 129)  # the whole decode's time average, after the one-token prompt
+    mean = sum(n // 64 * block + (n % 64 + 1) * fp16_token for n in every) / sum(every)
+    assert out.bytes_per_token_mean == pytest.approx(mean, rel=1e-12)

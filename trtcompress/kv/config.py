@@ -76,6 +76,17 @@ class KVCacheConfig(BaseModel):
             raise ValueError(f"options for codec {self.codec!r}: {exc}") from None
         return codec
 
+    def check_context(self, context: int) -> None:
+        """Refuse a perplexity window no longer than one cache block for a lossy codec: each window's
+        tokens would attend only to the exact fp16 tail (its one block is compressed after its last
+        token), so `ppl_ratio` would read 1 for any codec while the bytes counted the fp16 tail."""
+        if self.codec not in (None, "fp16") and context <= self.block_size:
+            raise ValueError(
+                f"eval.context ({context}) must be longer than kv_cache.block_size ({self.block_size}) to "
+                f"measure codec {self.codec}: no perplexity token would attend to a compressed block; use a "
+                "longer eval.context or a smaller block_size"
+            )
+
     def check_model(self, model: Any, context: int | None = None) -> None:
         """Refuse, before any compression or evaluation, what the codec cannot store for this model (a
         rank above its head dim, codes that do not fill whole bytes of a head, ...) and, with `context`,
@@ -93,5 +104,6 @@ class KVCacheConfig(BaseModel):
             if context is not None:
                 who, fix = "compressed-KV decoding", "use a context of at most {} tokens"
                 check_exact_attention(model, context, who, fix)
+                self.check_context(context)
         except (ValueError, NotImplementedError) as exc:
             raise RecipeError(f"kv_cache: {exc}") from None

@@ -49,6 +49,8 @@ class _Unset:
 
 _UNSET: Any = _Unset()
 DEFAULT_RANK = 2
+MAX_POWER_ITERS = 100  # subspace iteration converges in a few steps (default 3)
+MAX_RANGE_SEARCH = 256  # candidate ranges per group (default 11)
 
 
 def outliers_per_side(ratio: float, group: int) -> int:
@@ -225,8 +227,12 @@ class GearCodec(KiviCodec):
             raise ValueError(
                 "prefill_rank sizes a low-rank residual: set rank (or key_rank / value_rank) > 0"
             )
-        if any(self.rank.values()) and (not _whole(power_iters) or power_iters < 1):
-            raise ValueError(f"power_iters must be >= 1 with a low-rank residual, got {power_iters!r}")
+        # bounded: each step is a QR of every block and head (a huge count hung the first compressed block)
+        if any(self.rank.values()) and (not _whole(power_iters) or not 1 <= power_iters <= MAX_POWER_ITERS):
+            raise ValueError(
+                f"power_iters must be a whole number in [1, {MAX_POWER_ITERS}] with a low-rank residual, "
+                f"got {power_iters!r}"
+            )
         # A prefill block may use more rank; its slot (and every block's) is sized for the larger.
         self.prefill_rank = prefill_rank
         self.power_iters = power_iters
@@ -240,11 +246,15 @@ class GearCodec(KiviCodec):
                 kind = "key" if what == "k" else "value"
                 raise ValueError(f"{kind}_outlier_std_power must be a finite number, got {power!r}")
         # a whole number of steps (a fraction, or a bool, would fail in torch.linspace at the first block)
-        if not _whole(range_search) or range_search < 0 or not _real(range_min) or not 0 < range_min <= 1:
+        # and bounded: the search holds every candidate of every group at once (10**6 steps asked for
+        # 49 GB at the first compressed block, a traceback mid-evaluation)
+        if not _whole(range_search) or not 0 <= range_search <= MAX_RANGE_SEARCH:
             raise ValueError(
-                f"range_search must be a whole number of steps >= 0 and range_min in (0, 1], got "
-                f"{range_search!r} and {range_min!r}"
+                f"range_search must be a whole number of steps in [0, {MAX_RANGE_SEARCH}], "
+                f"got {range_search!r}"
             )
+        if not _real(range_min) or not 0 < range_min <= 1:
+            raise ValueError(f"range_min must be a number in (0, 1], got {range_min!r}")
         self.range_search, self.range_min = range_search, range_min
         self.name = name or f"gear-{bits}bit"
 
@@ -423,9 +433,13 @@ class GearCodec(KiviCodec):
     def describe(self) -> dict[str, Any]:
         return super().describe() | {
             "outlier_ratio": self.outlier_ratio,
+            # a fixed count per group only with outlier_scope: group; a block-scope budget is shared by
+            # the block's groups (heavy-tailed ones take several, others none), so no per-group count
             "outliers_per_group": {
                 kind: 2 * outliers_per_side(r, self.group) for kind, r in self.outlier_ratio.items()
-            },
+            }
+            if self.outlier_scope == "group"
+            else None,
             "rank": self.rank,
             "slot_rank": {kind: self._slot_rank(kind) for kind in ("k", "v")},
             "power_iters": self.power_iters,
