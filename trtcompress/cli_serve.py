@@ -62,10 +62,12 @@ def _refuse_failed_gates(artifact: Path, allow: bool) -> None:
 
     if allow or not (artifact / native.MANIFEST).is_file():
         return
+    from trtcompress.eval.report import measured_text
+
     manifest = native.read_manifest(artifact)
     if manifest["status"] == "failed_gates":
         failed = "; ".join(
-            f"{g.get('gate')} (measured {g.get('value')})"
+            f"{g.get('gate')} (measured {measured_text(g.get('value'), g.get('gate'), False)})"
             for g in manifest.get("gates", [])
             if not g.get("passed")
         )
@@ -319,6 +321,17 @@ def repo_cmd(artifact, output, kind, engine_dir, deploy_set, force, allow_failed
             f"{output}: cannot write the repository ({exc.strerror}: {exc.filename})"
         ) from None
     click.echo(f"wrote {output}: {', '.join(sorted(models))}")
+    if kind == "trtllm":  # the engine may be built later or elsewhere: not refused, but said
+        from trtcompress.triton_models import trtllm_engine_dir
+
+        engine = trtllm_engine_dir(artifact, deploy, engine_dir)
+        if not (engine / "config.json").is_file():
+            click.echo(
+                f"warning: {engine} holds no TensorRT-LLM engine (no config.json) on this machine; the "
+                "repository loads only where it does (`trtcompress build --engine` in the GPU image "
+                "writes one to ARTIFACT/engine, or pass --engine-dir)",
+                err=True,
+            )
 
 
 def _concurrency_levels(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:

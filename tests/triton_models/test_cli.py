@@ -65,6 +65,21 @@ def test_repo_command_writes_validated_repositories(served_artifact, tiny_model_
     assert bad.returncode != 0 and "max_batch_sise" in bad.stderr
 
 
+def test_a_trtllm_repository_without_its_engine_here_is_written_with_a_warning(served_artifact, tmp_path):
+    """`repo --kind trtllm` of an artifact built without `--engine` (the README's own serving block)
+    silently pointed at a missing ARTIFACT/engine; it still writes the repository (the engine may be
+    built elsewhere) but says so, and says nothing once the engine directory holds an engine."""
+    out = run_cli("repo", str(served_artifact), "-o", str(tmp_path / "a"), "--kind", "trtllm")
+    assert out.returncode == 0, out.stderr
+    assert f"warning: {served_artifact / 'engine'} holds no TensorRT-LLM engine" in out.stderr
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "config.json").write_text("{}")
+    out = run_cli("repo", str(served_artifact), "-o", str(tmp_path / "b"), "--kind", "trtllm",
+                  "--engine-dir", str(engine))  # fmt: skip
+    assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
+
+
 def test_an_artifact_that_failed_its_gates_is_served_only_when_allowed(tiny_model_dir, tmp_path):
     """`build` exits 3 and keeps the artifact marked failed_gates; `serve` and `repo` served and packaged
     it like any other, so `build ...; serve ...` in a script deployed what the gates rejected."""

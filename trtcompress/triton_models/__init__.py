@@ -17,6 +17,12 @@ from typing import Any
 KINDS = ("native", "trtllm", "llmapi")
 
 
+def trtllm_engine_dir(artifact: Path, deploy: Any, engine_dir: Path | None = None) -> Path:
+    """The engine a trtllm repository points at: `--engine-dir`, else the recipe's deploy.engine_dir,
+    else ARTIFACT/engine (where `build --engine` writes it)."""
+    return Path(engine_dir or deploy.engine_dir or Path(artifact) / "engine")
+
+
 def generate_repository(
     kind: str, artifact: Path, out: Path, deploy: Any = None, engine_dir: Path | None = None
 ) -> Path:
@@ -34,7 +40,7 @@ def generate_repository(
     if kind == "trtllm":
         from trtcompress.triton_models.trtllm import engine_can_chunk, fill_trtllm_repository
 
-        engine = engine_dir or (Path(deploy.engine_dir) if deploy.engine_dir else Path(artifact) / "engine")
+        engine = trtllm_engine_dir(artifact, deploy, engine_dir)
         chunked = engine_can_chunk(engine) is not False  # an engine without paged context FMHA refuses it
         return fill_trtllm_repository(
             out, engine_dir=engine, tokenizer_dir=Path(artifact), deploy=deploy, chunked_context=chunked
