@@ -23,6 +23,8 @@ import numpy as np
 
 from trtcompress.errors import TrtcompressError, one_line
 
+NO_SERVER_HINT = "; is a server running there (`trtcompress serve ARTIFACT` prints its endpoints)?"
+
 
 class ClientError(TrtcompressError):
     """The server answered the request with an error (its message on one line: a Python model's error
@@ -166,6 +168,8 @@ def generate_grpc(
             with contextlib.suppress(queue.Empty):  # the stream's callback has the reason
                 _, error, _ = results.get(timeout=2)
                 message = error.message() if hasattr(error, "message") else str(error)
+            if "connection refused" in message.lower():
+                message += NO_SERVER_HINT
             raise ClientError(f"{url}: {message}") from None
         deadline = done.start + timeout
         while True:
@@ -321,7 +325,8 @@ def generate_http(
             f"{url}: not a Triton HTTP endpoint ({type(exc).__name__}); is it the gRPC port?"
         ) from None
     except OSError as exc:  # no server there, a connection that broke
-        raise ClientError(f"{url}: {exc.strerror or exc}") from None
+        hint = NO_SERVER_HINT if isinstance(exc, ConnectionRefusedError) else ""
+        raise ClientError(f"{url}: {exc.strerror or exc}{hint}") from None
     finally:
         connection.close()
     done.text = "".join(done.pieces)

@@ -106,6 +106,18 @@ def test_gate_table_shows_the_measured_value_that_got_the_verdict():
     assert "1.05004" in text and "0.9123 " in text and "70123480" in text
 
 
+def test_a_recorded_gate_reads_as_in_the_build_table():
+    """`inspect` and the failed-gates refusal of serve / repo printed a manifest's gate value in full
+    (1.001275630308855); they use the table's rule, and a gate that no longer parses is shown, not judged."""
+    from trtcompress.eval.report import measured_text
+
+    assert measured_text(1.001275630308855, "ppl_ratio <= 1.01", True) == "1.001"
+    assert measured_text(1.0500400001, "ppl_ratio <= 1.05", False) == "1.05004"
+    assert measured_text(1.5734923018454836, "ppl_ratio <= 1.2", False) == "1.573"
+    assert measured_text(1.5734923018454836, "not a gate", False) == "1.57349"
+    assert measured_text(None, "ppl_ratio <= 1.2", False) == "-"
+
+
 @pytest.mark.parametrize(
     "gate, needs",
     [

@@ -115,6 +115,17 @@ def test_http_urls_with_a_scheme_and_a_trailing_slash():
         generate_http("ftp://127.0.0.1:1", "m", "hi", timeout=10)
 
 
+def test_no_server_at_the_address_says_to_start_one():
+    """`generate` with no server running printed gRPC's "Connection refused" and nothing about what to
+    do; both clients now ask whether a server runs there and name `trtcompress serve`."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"127.0.0.1:{s.getsockname()[1]}"
+    for fn in (generate_grpc, generate_http):
+        with pytest.raises(ClientError, match=r"(?i)connection refused; is a server running there .*serve"):
+            fn(url, "m", "hi", timeout=10)
+
+
 def test_streams_that_split_characters_or_send_invalid_bytes_decode_as_text(server):
     """A real tritonserver relaying a model that streams one byte per response: each gRPC piece was
     decoded alone (a UnicodeDecodeError traceback at the first split character); over HTTP, Triton

@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from trtcompress.checkpoints import native
+from trtcompress.eval.report import measured_text
 from trtcompress.ui import UI, json_text
 
 
@@ -49,7 +50,8 @@ def inspect_artifact(path: Path, verify: bool, as_json: bool, ui: UI) -> dict:
         ui.out.print(f"eval at build: ppl {e['ppl']:.3f}{ref}")
     for gate in manifest.get("gates", []):
         ui.out.print(
-            f"gate {gate['gate']}: {'pass' if gate['passed'] else 'FAIL'} (measured {gate['value']})"
+            f"gate {gate['gate']}: {'pass' if gate['passed'] else 'FAIL'} "
+            f"(measured {measured_text(gate['value'], gate['gate'], gate['passed'])})"
         )
     ui.out.print("checksums verified" if verify else "sizes checked, sha256 not verified (--no-verify)")
     return manifest

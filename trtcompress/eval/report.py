@@ -55,20 +55,27 @@ def report_table(report: EvalReport) -> Table:
 
 
 def _measured(result: Any) -> str:
-    """The measured value with 4 significant digits, or as many more as it takes for the shown number to
-    get the gate's verdict (ppl_ratio 1.05004 failing `<= 1.05` must not read "1.05")."""
-    if result.value is None:
+    return measured_text(result.value, result.gate, result.passed)
+
+
+def measured_text(value: float | None, gate: str, passed: bool) -> str:
+    """A gate's measured value with 4 significant digits, or as many more as it takes for the shown number
+    to get the gate's verdict (ppl_ratio 1.05004 failing `<= 1.05` must not read "1.05")."""
+    if value is None:
         return "-"
-    if float(result.value).is_integer() and abs(result.value) < 2**53:  # byte counts: every digit
-        return str(int(result.value))
+    if float(value).is_integer() and abs(value) < 2**53:  # byte counts: every digit
+        return str(int(value))
     from trtcompress.builders.gates import OPS, Gate
 
-    gate = Gate.model_validate(result.gate)
+    try:
+        parsed = Gate.model_validate(gate)
+    except ValueError:  # (a manifest's gate that does not parse: shown, not judged)
+        return f"{value:.6g}"
     for digits in range(4, 17):
-        text = f"{result.value:.{digits}g}"
-        if OPS[gate.op](float(text), gate.value) == result.passed:
+        text = f"{value:.{digits}g}"
+        if OPS[parsed.op](float(text), parsed.value) == passed:
             return text
-    return repr(result.value)
+    return repr(value)
 
 
 def gates_table(gates: Sequence[Any]) -> Table:
