@@ -132,6 +132,22 @@ class Endpoints:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
 
+def _backend_hint(lines: list[str]) -> str:
+    """What to do when the repository needs a backend this tritonserver lacks (a trtllm repository served
+    by the bundled one, which has the python backend only)."""
+    found = {m.group(1) for line in lines if (m := re.search(r"backend library for backend '([^']+)'", line))}
+    if not found:
+        return ""
+    if "tensorrtllm" in found:
+        from trtcompress.builders.engine import NGC_IMAGE
+
+        return (
+            "; this tritonserver has no tensorrtllm backend: serve a trtllm repository in NGC's "
+            f"{NGC_IMAGE} (docker/Dockerfile.gpu)"
+        )
+    return f"; this tritonserver has no {', '.join(sorted(found))} backend"
+
+
 class Server:
     """A running tritonserver process over a model repository (a context manager)."""
 
@@ -326,7 +342,7 @@ class Server:
             log.seek(self.log_offset)
             lines = log.read().decode(errors="replace").splitlines()
         errors = [line for line in lines if line.startswith("E") or "failed to load" in line][:15]
-        return ":\n" + "\n".join([*errors, *(["..."] if errors else []), *lines[-15:]])
+        return _backend_hint(lines) + ":\n" + "\n".join([*errors, *(["..."] if errors else []), *lines[-15:]])
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (tritonserver unloads its models and exits), then SIGKILL if it hangs."""

@@ -585,3 +585,19 @@ def test_a_tilde_in_a_path_is_the_home_directory(served_artifact, tmp_path):
     assert f"wrote {home / 'r'}" in out.stdout
     shown = run_cli("inspect", "~/art", "--no-verify", cwd=tmp_path, env={"HOME": str(home)})
     assert shown.returncode == 0, shown.stderr
+
+
+def test_serving_a_trtllm_repository_without_its_backend_says_which_image_has_it(served_artifact, tmp_path):
+    """The bundled tritonserver has the python backend only: `serve` of a trtllm repository quoted
+    "unable to find backend library for backend 'tensorrtllm'" and left the user to work out the rest."""
+    from trtcompress.builders.engine import NGC_IMAGE
+
+    repo = tmp_path / "repo"
+    assert run_cli("repo", str(served_artifact), "-o", str(repo), "--kind", "trtllm").returncode == 0
+    out = run_cli("serve", str(repo), "--timeout", "120", "--http-port", "0", "--grpc-port", "0",
+                  "--metrics-port", "0")  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert (
+        f"this tritonserver has no tensorrtllm backend: serve a trtllm repository in NGC's {NGC_IMAGE}"
+        in (out.stderr)
+    )
