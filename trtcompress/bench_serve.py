@@ -245,8 +245,8 @@ def run(target: str | Path, levels: list[int], num_requests: int, prompt_tokens:
             log(f"concurrency {c}: {_num(tps, '.1f')} tokens/s, {_num(rps, '.2f')} req/s, "
                 f"TTFT p50 {_num(ttft, '.2f')} s, errors {level['errors']}, "
                 f"mean batch {_num(batch, '.1f')}")  # fmt: skip
-    title = (
-        f"{path.name}: {prompt_tokens}-token prompts, {output_tokens} new tokens, "
+    title = (  # the target as named (a model spec resolves to a cache directory, smollm2-135m-v1)
+        f"{Path(target).name}: {prompt_tokens}-token prompts, {output_tokens} new tokens, "
         f"max_batch_size {deploy.max_batch_size}, {os.cpu_count()} CPUs"
     )
     summary = {"title": title} | summarize(results, baselines)

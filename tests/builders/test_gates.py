@@ -189,3 +189,16 @@ def test_a_gate_the_evaluation_cannot_measure_is_refused_up_front(gate, settings
     # measured with the setting that measures it (the defaults, a codec for kv_*): no error
     fixed = {"gsm8k_generate": 1} if "exact" in gate else {}
     check_measurable(gates, EvalConfig(**fixed), kv_codec="kv_" in gate)
+
+
+def test_the_report_title_names_the_kv_codec_it_was_decoded_with():
+    """`eval MODEL --kv gear-2bit` titled its table "MODEL · baseline", as if nothing was compressed."""
+    from trtcompress.eval.report import report_title
+
+    assert report_title(_report(recipe="baseline")) == "m · baseline"
+    kv = {"kv_cache": {"codec": "gear-2bit", "options": {"rank": 4}, "block_size": 64}}
+    assert (
+        report_title(_report(recipe="baseline", protocol=kv)) == "m · baseline · KV cache gear-2bit (rank=4)"
+    )
+    no_kv = {"kv_cache": {"codec": None, "options": {}}}
+    assert report_title(_report(protocol=no_kv)) == "m · r"

@@ -36,9 +36,22 @@ def _fmt(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
+def report_title(report: EvalReport) -> str:
+    """Model and recipe, and the KV-cache codec the figures were decoded with (an `eval --kv` of the
+    uncompressed model read "baseline", as if nothing had been compressed)."""
+    kv = report.protocol.get("kv_cache") or {}
+    codec = kv.get("codec") if isinstance(kv, dict) else None
+    options = ",".join(f"{k}={v}" for k, v in (kv.get("options") or {}).items()) if codec else ""
+    return (
+        f"{report.model} · {report.recipe}"
+        + (f" · KV cache {codec}" if codec else "")
+        + (f" ({options})" if options else "")
+    )
+
+
 def report_table(report: EvalReport) -> Table:
     # Text: the model path and recipe name are the user's, not rich markup ("x[/v2]" would raise)
-    table = Table(title=Text(f"{report.model} · {report.recipe}"), title_justify="left")
+    table = Table(title=Text(report_title(report)), title_justify="left")
     table.add_column("metric")
     table.add_column("compressed", justify="right")
     table.add_column("reference", justify="right")
@@ -125,7 +138,7 @@ def plot_report(report: EvalReport, path: Path) -> None:
     else:
         ax2.text(0.5, 0.5, "no reference model: KL not measured", ha="center", va="center")
         ax2.set_axis_off()
-    fig.suptitle(f"{report.model} · {report.recipe} · {report.bits_per_param:.2f} bits/param")
+    fig.suptitle(f"{report_title(report)} · {report.bits_per_param:.2f} bits/param")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
