@@ -371,13 +371,15 @@ def exit_on_terminate() -> None:
     """SIGTERM / SIGHUP raise SystemExit (status 128 + signal, as the default action reports) instead of
     ending the process at once, so `finally` blocks run: a `build` stopped by `kill` or a closed terminal
     left its hidden `.OUT.partial-*` directory (a whole model's weights) behind for good. `serve` installs
-    its own handlers (it stops tritonserver first)."""
+    its own handlers (it stops tritonserver first). A signal the parent set to be ignored stays ignored:
+    `nohup trtcompress build ...` must outlive its terminal."""
 
     def terminate(signum, frame) -> None:
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, terminate)
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, terminate)
 
 
 def main() -> None:

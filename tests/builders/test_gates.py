@@ -118,6 +118,16 @@ def test_a_recorded_gate_reads_as_in_the_build_table():
     assert measured_text(None, "ppl_ratio <= 1.2", False) == "-"
 
 
+def test_a_recorded_gate_value_that_is_not_a_number_is_shown_not_a_traceback():
+    """`inspect` (and serve / repo's failed-gates refusal) of a manifest whose gate value is text: a
+    ValueError traceback from float('abc') once the value went through the table's rule."""
+    from trtcompress.eval.report import measured_text
+
+    assert measured_text("abc", "ppl_ratio <= 1.05", False) == "abc"
+    assert measured_text([1], "ppl_ratio <= 1.05", False) == "[1]"
+    assert measured_text(True, "ppl_ratio <= 1.05", True) == "True"
+
+
 @pytest.mark.parametrize(
     "gate, needs",
     [

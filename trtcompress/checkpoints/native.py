@@ -441,8 +441,10 @@ def _finite(file: Path, name: str, tensor: torch.Tensor) -> None:
     """NaN / inf scales, embeddings or norms: a corrupt artifact (a build never writes them: its source
     model's are refused, and its quantizers' scales are finite)."""
     if tensor.is_floating_point() and tensor.numel():
-        values = tensor if tensor.element_size() > 1 else tensor.float()  # (no isfinite for float8)
-        if not bool(torch.isfinite(values).all()):
+        # min and max (NaN propagates): 20-50x faster than isfinite(...).all(), which built a bool copy at
+        # 0.4-0.7 GB/s, about 40 s for an 8B model's bf16 weights at every load and inspect
+        values = tensor if tensor.element_size() > 1 else tensor.float()  # (no aminmax for float8)
+        if not bool(torch.isfinite(torch.stack(torch.aminmax(values))).all()):
             raise ArtifactError(f"{file}: tensor {name} holds NaN or infinite values (corrupt)")
 
 
@@ -530,7 +532,8 @@ def _assemble(
 ) -> nn.Module:
     """The model the manifest describes, holding `tensors` (real ones, or meta tensors from the headers:
     `on_meta` builds the model on the meta device, a structural check that reads no weight but the
-    tensors of sparse layers, whose masks are counted: `read(name)` gives one stored tensor)."""
+    tensors of sparse layers, whose masks are counted, and of W4A4 layers, whose activation scale sets
+    the format's exponent bias: `read(name)` gives one stored tensor)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -539,11 +542,11 @@ def _assemble(
     hf_logging.set_verbosity_error()
     config_dict = dict(manifest["model_config"])
     layers = config_dict.get("num_hidden_layers")
-    stored = {name.split(".")[2] for name in manifest["tensors"] if name.startswith("model.layers.")}
-    if isinstance(layers, int) and layers > len(stored):  # before building (allocating) 10^5 layers
+    layer_ids = {name.split(".")[2] for name in manifest["tensors"] if name.startswith("model.layers.")}
+    if isinstance(layers, int) and layers > len(layer_ids):  # before building (allocating) 10^5 layers
         raise ArtifactError(
             f"{path}: the manifest's model_config has num_hidden_layers {layers}, the artifact stores "
-            f"{len(stored)} decoder layers"
+            f"{len(layer_ids)} decoder layers"
         )
     try:
         config = AutoConfig.for_model(config_dict.pop("model_type", None), **config_dict)

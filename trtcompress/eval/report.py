@@ -76,6 +76,8 @@ def measured_text(value: float | None, gate: str, passed: bool) -> str:
     to get the gate's verdict (ppl_ratio 1.05004 failing `<= 1.05` must not read "1.05")."""
     if value is None:
         return "-"
+    if isinstance(value, bool) or not isinstance(value, int | float):  # (a manifest edited by hand)
+        return str(value)
     if float(value).is_integer() and abs(value) < 2**53:  # byte counts: every digit
         return str(int(value))
     from trtcompress.builders.gates import OPS, Gate
