@@ -110,3 +110,8 @@ def test_plugin_layers_that_change_bits_with_the_row_count_run_in_fixed_tiles(mo
     assert (fp4_layer.tile, int4_layer.tile) == (linear.FALLBACK_TILE, 0)
     torch.testing.assert_close(fp4_layer(x), whole, rtol=1e-2, atol=1e-2)  # the same layer (fp16 outputs)
     assert linear.plugins_batch_invariant([], max_rows=20) is None
+    # one op computes NVFP4 and INT4 of other groups: same shape and op, but not one kind for the probe
+    int4_rows = _on_this_cpu(linear.build_linear([_layer(48, k=128, group=16, seed=8)], 0, CUDA))
+    fp4_again = _on_this_cpu(linear.build_linear([fp4], 0, CUDA))
+    assert int4_rows.plugin.__qualname__ == fp4_again.plugin.__qualname__
+    assert linear._plugin_kind(int4_rows) != linear._plugin_kind(fp4_again)

@@ -70,7 +70,8 @@ class DeployConfig(BaseModel):
         ge=0,
         le=1024,
         description="0: one GEMM per layer and step, padded to 4 rows (checked batch-invariant at start, "
-        "else 16); N: fixed N-row GEMM tiles (results never depend on the batch whatever the BLAS)",
+        "else 16); N: fixed N-row GEMM tiles (results never depend on the batch whatever the BLAS; on CUDA "
+        "the 4-bit ops too, which otherwise run whole unless their start-up probe finds them batch-variant)",
     )
     cpu_gemm: Literal["auto", "onednn", "blas"] = Field(
         "auto",

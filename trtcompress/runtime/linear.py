@@ -114,8 +114,10 @@ def probe_batch_invariance(
 
 
 def _plugin_kind(layer: RuntimeLinear) -> tuple:
-    """Layers of one kind run the same kernels at every row count (the probe tries one of each)."""
-    return (layer.in_features, sum(layer.splits), getattr(layer.plugin, "__qualname__", ""), layer.tile)
+    """Layers of one kind run the same kernels at every row count (the probe tries one of each): same
+    shape, op, weight formats (one op covers INT4 groups, NVFP4, MXFP4...) and tile."""
+    op = getattr(layer.plugin, "__qualname__", "")
+    return (layer.in_features, sum(layer.splits), op, layer.plugin_formats, layer.tile)
 
 
 def varying_plugin_kinds(layers: list[RuntimeLinear], max_rows: int, seed: int = 0) -> set[tuple]:
@@ -148,11 +150,10 @@ def plugins_batch_invariant(layers: list[RuntimeLinear], max_rows: int) -> bool 
         return None
     varying = varying_plugin_kinds(layers, max_rows)
     retile = [lin for lin in layers if _plugin_kind(lin) in varying and lin.tile == 0]
-    if len(varying) > len({_plugin_kind(lin) for lin in retile}):
-        return False  # a kind already in tiles varies
+    tiled_already = len(varying) > len({_plugin_kind(lin) for lin in retile})  # (gemm_tile > 0)
     for lin in retile:
         lin.tile = FALLBACK_TILE
-    return not varying_plugin_kinds(retile, max_rows)
+    return not tiled_already and not varying_plugin_kinds(retile, max_rows)
 
 
 class RuntimeLinear:
@@ -170,10 +171,12 @@ class RuntimeLinear:
         pre_scale: torch.Tensor | None = None,
         in_features: int | None = None,
         device: torch.device | None = None,
+        plugin_formats: tuple[str, ...] = (),
     ) -> None:
         self.weight, self.bias, self.tile = weight, bias, tile
         self.in_features = in_features if weight is None else weight.shape[1]
         self.device = device if weight is None else weight.device
+        self.plugin_formats = plugin_formats  # what the op computes (its batch-invariance probe's kind)
         self.act_quant, self.lowrank, self.pre_scale = act_quant, lowrank, pre_scale
         self.splits = splits or [weight.shape[0]]  # type: ignore[union-attr]
         self.plugin = plugin  # a CUDA kernel callable (then no `weight`), or None for the reference path
@@ -236,9 +239,11 @@ def _plugin_linear(
 ) -> RuntimeLinear:
     """A RuntimeLinear computed by an op (the op holds the weight: a dequantized copy would be dead)."""
     splits = [s.out_features for s in states]
+    formats = tuple(f"{s.quantized.format}{'+act' if s.act_quant else ''}" for s in states)  # type: ignore[union-attr]
     return RuntimeLinear(
-        None, None, tile, splits=splits, plugin=plugin, in_features=states[0].in_features, device=device
-    )
+        None, None, tile, splits=splits, plugin=plugin, in_features=states[0].in_features, device=device,
+        plugin_formats=formats,
+    )  # fmt: skip
 
 
 def build_linear(modules: list[nn.Module], tile: int, device: torch.device) -> RuntimeLinear:
