@@ -349,11 +349,13 @@ def verify_files(path: Path, manifest: dict[str, Any], hashes: bool = True, stru
     tokenizer). Hidden files, and folders holding no listed file, are not the artifact's.
 
     With `structure` (all but `load_artifact`, which does the same on the data itself) the content is
-    checked too, without reading the weights: each safetensors header (valid, holding exactly the
+    checked too, from the headers (only sparse and W4A4 layers' tensors are read: their masks and
+    activation scales are part of the format): each safetensors header (valid, holding exactly the
     tensors the manifest places in that file), every tensor's shape and dtype against its compressed
-    layer's manifest entry or the model's own parameter, the tokenizer's JSON files, and (with `hashes`,
-    which reads every byte anyway) that no floating-point tensor holds NaN or inf. A sha256 recomputed
-    into the manifest after damaging a file passes the checksums, not this."""
+    layer's manifest entry or the model's own parameter, the tokenizer's JSON files, and, with `hashes`
+    (which already reads every byte once; this is a second, faster read), that no floating-point
+    tensor holds NaN or inf. A sha256 recomputed into the manifest after damaging a file passes the
+    checksums, not this."""
     listed = set(manifest["files"])
     for folder in sorted({Path(name).parent for name in listed}):
         for file in sorted((path / folder).iterdir()) if (path / folder).is_dir() else []:
