@@ -695,3 +695,19 @@ def test_a_thread_count_torch_cannot_take_is_refused_by_the_config():
     with pytest.raises(pydantic.ValidationError, match="num_threads"):
         DeployConfig(num_threads=2**31)
     assert DeployConfig(num_threads=64).num_threads == 64
+
+
+def test_the_step_history_is_bounded_as_asked(tiny_int4_artifact):
+    """A served engine kept its last 100,000 step records in memory (about 48 MB at batch 8, measured)
+    although serving reads the step log file only; it now keeps 1,000 (native_model), and any engine as
+    many as asked."""
+    config = DeployConfig(
+        max_batch_size=8,
+        max_num_tokens=40,
+        context_chunk_size=16,
+        max_seq_len=128,
+        max_tokens_in_paged_kv_cache=1024,
+    )
+    eng = Engine.from_path(tiny_int4_artifact, config, block_size=16, step_history=3)
+    eng.generate(_prompts(2, seed=29), SamplingParams(max_tokens=6, end_id=-1))
+    assert len(eng.steps) == 3 and eng.steps[-1].step > 3

@@ -77,6 +77,7 @@ class Engine:
         block_size: int = 64,
         step_log: Path | str | None = None,
         sink_tokens: int = 0,
+        step_history: int = 100_000,
     ) -> None:
         from trtcompress.kv import get_codec
         from trtcompress.kv.paged import PagedKVCache
@@ -127,7 +128,9 @@ class Engine:
                 self.model, self.cache.take_slot(), batch_buckets(self.config.max_batch_size), max_blocks
             )
         self.scheduler = Scheduler(self.cache, self.config, on_free=lambda s: self.model.forget(s.seq_id))
-        self.steps: deque[StepRecord] = deque(maxlen=100_000)
+        # the last step_history steps (about 0.5 KB each at batch 8): tests and benchmarks read them; a
+        # served engine keeps few (its step log file is what serving reads)
+        self.steps: deque[StepRecord] = deque(maxlen=step_history)
         self.step_log = Path(step_log) if step_log else None
         self.step_log_error: OSError | None = None  # why the last step could not be logged
         self._inbox: list[Sequence] = []

@@ -164,7 +164,7 @@ class TritonPythonModel:
         artifact, step_log = self.paths(params["artifact"]), self.paths(params.get("step_log", "")) or None
         try:
             self.loop = EngineLoop(  # built on the loop's thread: the one thread that runs torch (EngineLoop)
-                lambda: Engine.from_path(artifact, self.deploy, step_log=step_log),
+                lambda: Engine.from_path(artifact, self.deploy, step_log=step_log, step_history=1000),
                 on_error=lambda exc: self.logger.log_error(f"engine: {self.paths.restore(exc)!r}"),
             )
         except Exception as exc:  # (its message names the artifact as given, not as linked)
