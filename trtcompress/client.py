@@ -26,6 +26,10 @@ from trtcompress.errors import TrtcompressError, one_line
 NO_SERVER_HINT = "; is a server running there (`trtcompress serve ARTIFACT` prints its endpoints)?"
 
 
+def _no_server_hint(message: str) -> str:
+    return message + NO_SERVER_HINT if "connection refused" in message.lower() else message
+
+
 class ClientError(TrtcompressError):
     """The server answered the request with an error (its message on one line: a Python model's error
     comes with the lines of its traceback, which the CLI printed as they were)."""
@@ -168,18 +172,19 @@ def generate_grpc(
             with contextlib.suppress(queue.Empty):  # the stream's callback has the reason
                 _, error, _ = results.get(timeout=2)
                 message = error.message() if hasattr(error, "message") else str(error)
-            if "connection refused" in message.lower():
-                message += NO_SERVER_HINT
-            raise ClientError(f"{url}: {message}") from None
+            raise ClientError(f"{url}: {_no_server_hint(message)}") from None
         deadline = done.start + timeout
         while True:
             try:
                 result, error, t = results.get(timeout=max(0.0, deadline - time.perf_counter()))
             except queue.Empty:
                 raise ClientError(f"no final response within {timeout:g} s") from None
-            if error is not None:
+            if error is not None:  # (also where no server answered: the stream reports it here or above)
                 finished = True  # ended by the server: a cancel now kept tritonserver from unloading it
-                raise ClientError(str(error.message() if hasattr(error, "message") else error))
+                message = str(error.message() if hasattr(error, "message") else error)
+                if "connection refused" in message.lower():
+                    raise ClientError(f"{url}: {_no_server_hint(message)}") from None
+                raise ClientError(message)
             text, reason = result.as_numpy("text_output"), result.as_numpy("finish_reason")
             if text is not None:  # (an empty final response has no outputs)
                 piece = decoder.decode(text.reshape(-1)[0])
