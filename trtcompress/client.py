@@ -182,9 +182,8 @@ def generate_grpc(
             if error is not None:  # (also where no server answered: the stream reports it here or above)
                 finished = True  # ended by the server: a cancel now kept tritonserver from unloading it
                 message = str(error.message() if hasattr(error, "message") else error)
-                if "connection refused" in message.lower():
-                    raise ClientError(f"{url}: {_no_server_hint(message)}") from None
-                raise ClientError(message)
+                hinted = _no_server_hint(message)
+                raise ClientError(message if hinted == message else f"{url}: {hinted}")
             text, reason = result.as_numpy("text_output"), result.as_numpy("finish_reason")
             if text is not None:  # (an empty final response has no outputs)
                 piece = decoder.decode(text.reshape(-1)[0])

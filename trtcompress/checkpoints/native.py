@@ -439,6 +439,15 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
+@contextlib.contextmanager
+def _safetensors_read(file: Path) -> Iterator[None]:
+    """A safetensors file the library cannot read (bad header, truncated, missing) as one ArtifactError."""
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{file}: unreadable safetensors file ({one_line(exc, 200)})") from None
+
+
 def _finite(file: Path, name: str, tensor: torch.Tensor) -> None:
     """NaN / inf scales, embeddings or norms: a corrupt artifact (a build never writes them: its source
     model's are refused, and its quantizers' scales are finite)."""
@@ -457,47 +466,36 @@ def _read_headers(path: Path, manifest: dict[str, Any], values: bool = False) ->
     tensors: dict[str, torch.Tensor] = {}
     for filename, names in sorted(_file_tensors(manifest).items()):
         file = path / filename
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                headers = {
-                    key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape())
-                    for key in f.keys()  # noqa: SIM118 (not iterable)
-                }
-        except (SafetensorError, OSError) as exc:
-            raise ArtifactError(f"{file}: unreadable safetensors file ({one_line(exc, 200)})") from None
+        with _safetensors_read(file), safe_open(str(file), framework="pt") as f:
+            headers = {
+                key: (f.get_slice(key).get_dtype(), f.get_slice(key).get_shape())
+                for key in f.keys()  # noqa: SIM118 (not iterable)
+            }
         _compare_names(file, set(headers), names)
         for key, (dtype, shape) in headers.items():
             if dtype not in _SAFETENSORS_DTYPES:
                 raise ArtifactError(f"{file}: tensor {key} has dtype {dtype}, which trtcompress never stores")
             tensors[key] = torch.empty(shape, dtype=_SAFETENSORS_DTYPES[dtype], device="meta")
         if values:
-            try:
-                with safe_open(str(file), framework="pt") as f:
-                    for key, tensor in tensors.items():
-                        if key in headers and tensor.is_floating_point():
-                            _finite(file, key, f.get_tensor(key))
-            except (SafetensorError, OSError) as exc:
-                raise ArtifactError(f"{file}: unreadable safetensors file ({one_line(exc, 200)})") from None
+            with _safetensors_read(file), safe_open(str(file), framework="pt") as f:
+                for key, tensor in tensors.items():
+                    if key in headers and tensor.is_floating_point():
+                        _finite(file, key, f.get_tensor(key))
     return tensors
 
 
 def _read_one(path: Path, manifest: dict[str, Any], name: str) -> torch.Tensor:
     file = path / manifest["tensors"][name]
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return f.get_tensor(name)
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{file}: unreadable safetensors file ({one_line(exc, 200)})") from None
+    with _safetensors_read(file), safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def _read_tensors(path: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for filename, names in sorted(_file_tensors(manifest).items()):
         file = path / filename
-        try:
+        with _safetensors_read(file):
             held = load_file(str(file))
-        except (SafetensorError, OSError) as exc:
-            raise ArtifactError(f"{file}: unreadable safetensors file ({one_line(exc, 200)})") from None
         _compare_names(file, set(held), names)
         for name, tensor in held.items():
             _finite(file, name, tensor)
@@ -636,10 +634,12 @@ def load_artifact(path: Path | str, verify: bool = True) -> LoadedArtifact:
     if verify:
         verify_files(path, manifest, structure=False)  # (the values are checked on the data below)
     # On the meta device first: a model_config that does not match the tensors (a vocab_size of 10^12)
-    # is refused before the real model is allocated.
+    # is refused before the real model is allocated. The layers whose format reads values (masks,
+    # activation scales) take them from the tensors read once here, not from the files again.
     headers = _read_headers(path, manifest)
-    _assemble(path, manifest, headers, on_meta=True, read=lambda name: _read_one(path, manifest, name))
-    model = _assemble(path, manifest, _read_tensors(path, manifest), on_meta=False)
+    tensors = _read_tensors(path, manifest)
+    _assemble(path, manifest, headers, on_meta=True, read=tensors.__getitem__)
+    model = _assemble(path, manifest, tensors, on_meta=False)
     if manifest.get("generation_config"):  # (older artifacts have none: transformers' defaults)
         from transformers import GenerationConfig
 
