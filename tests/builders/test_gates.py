@@ -212,3 +212,23 @@ def test_the_report_title_names_the_kv_codec_it_was_decoded_with():
     )
     no_kv = {"kv_cache": {"codec": None, "options": {}}}
     assert report_title(_report(protocol=no_kv)) == "m · r"
+
+
+@pytest.mark.parametrize(
+    "gate, settings, needs, not_named",
+    [
+        ("gsm8k_exact_match_ref >= 0", {"reference": False, "gsm8k_generate": 2}, "reference", "generate"),
+        ("gsm8k_kl <= 0.1", {"reference": False}, "the reference model", "gsm8k_problems"),
+        ("gsm_symbolic_top1 >= 0.5", {"gsm_symbolic_problems": 0}, "gsm_symbolic_problems > 0", "reference"),
+    ],
+)
+def test_a_refused_gate_names_only_the_settings_it_lacks(gate, settings, needs, not_named):
+    """`gsm8k_exact_match_ref` with eval.gsm8k_generate 2 and no reference asked for
+    "eval.gsm8k_generate > 0 and the reference model": the user had set the first already."""
+    from trtcompress.builders.gates import check_measurable
+    from trtcompress.errors import RecipeError
+    from trtcompress.eval.config import EvalConfig
+
+    with pytest.raises(RecipeError) as error:
+        check_measurable([Gate.model_validate(gate)], EvalConfig(**settings), kv_codec=False)
+    assert needs in str(error.value) and not_named not in str(error.value).split("it needs")[1]

@@ -193,3 +193,26 @@ def test_a_model_evaluated_as_its_own_reference_plots_its_kl(tiny_model, tmp_pat
     monkeypatch.setattr("matplotlib.axes.Axes.set_title", lambda ax, text, *a, **k: titles.append(text))
     report_module.plot_report(report, tmp_path / "eval.png")
     assert "GSM8K KL 0.0000, top-1 1.000" in titles
+
+
+@pytest.mark.parametrize(
+    "values, reason",
+    [
+        ({"ppl_ref": 20.0}, "GSM8K not evaluated (eval.gsm8k_problems: 0)"),
+        ({"gsm8k_bpb": 0.9}, "no reference model: KL not measured"),
+    ],
+)
+def test_the_plot_says_why_it_has_no_kl(tmp_path, monkeypatch, values, reason):
+    """A build with its reference but `eval.gsm8k_problems: 0` plotted "no reference model: KL not
+    measured" beside the reference's perplexity bars."""
+    from trtcompress.eval import report as report_module
+    from trtcompress.eval.harness import EvalReport
+
+    report = EvalReport(
+        model="m", recipe="r", ppl=21.0, weight_bytes=1, bits_per_param=4.0, eval_seconds=1.0,
+        protocol={}, details={"ppl_window_nll": [3.0], "ppl_window_nll_ref": [3.0]}, **values,
+    )  # fmt: skip
+    texts = []
+    monkeypatch.setattr("matplotlib.axes.Axes.text", lambda ax, x, y, text, *a, **k: texts.append(text))
+    report_module.plot_report(report, tmp_path / "eval.png")
+    assert texts == [reason]

@@ -81,20 +81,33 @@ class GateResult(BaseModel):
     reason: str = ""
 
 
-def _not_measured(metric: str) -> str:
-    """Why a metric has no value: the setting that would have measured it."""
+def _needs(metric: str) -> list[tuple[str, str]]:
+    """The settings that measure a metric: (the EvalConfig field or "kv_codec", how to set it)."""
     needs = []
     if metric.startswith("kv_"):
-        needs.append("a KV-cache codec (kv_cache.codec in the recipe, or eval --kv)")
+        needs.append(("kv_codec", "a KV-cache codec (kv_cache.codec in the recipe, or eval --kv)"))
     if metric.startswith("gsm8k_exact_match"):
-        needs.append("eval.gsm8k_generate > 0")
+        needs.append(("gsm8k_generate", "eval.gsm8k_generate > 0"))
     elif metric.startswith("gsm8k_"):
-        needs.append("eval.gsm8k_problems > 0")
+        needs.append(("gsm8k_problems", "eval.gsm8k_problems > 0"))
     elif metric.startswith("gsm_symbolic_"):
-        needs.append("eval.gsm_symbolic_problems > 0")
+        needs.append(("gsm_symbolic_problems", "eval.gsm_symbolic_problems > 0"))
     if metric.endswith(("_ref", "_ratio", "_kl", "_top1")) and metric != "kv_bytes_per_token_ref":
-        needs.append("the reference model (eval.reference)")
+        needs.append(("reference", "the reference model (eval.reference)"))
+    return needs
+
+
+def _not_measured(metric: str, met: frozenset[str] = frozenset()) -> str:
+    """Why a metric has no value: the settings that would have measured it, less those already `met`
+    (`gsm8k_exact_match_ref` with eval.gsm8k_generate 2 and no reference asked for the generate setting
+    it had)."""
+    needs = [text for setting, text in _needs(metric) if setting not in met]
     return "metric not measured" + (f": it needs {' and '.join(needs)}" if needs else "")
+
+
+def _settings_met(config: EvalConfig, kv_codec: bool) -> frozenset[str]:
+    fields = ("gsm8k_generate", "gsm8k_problems", "gsm_symbolic_problems", "reference")
+    return frozenset(name for name in fields if getattr(config, name)) | ({"kv_codec"} if kv_codec else set())
 
 
 def check_measurable(gates: list[Gate], config: EvalConfig, *, kv_codec: bool) -> None:
@@ -102,7 +115,10 @@ def check_measurable(gates: list[Gate], config: EvalConfig, *, kv_codec: bool) -
     such a gate can only fail (a gate on `gsm8k_exact_match` with `eval.gsm8k_generate: 0` failed the
     build after the whole compression and evaluation had run)."""
     measured = measured_metrics(config, reference=config.reference, kv_codec=kv_codec)
-    unmeasured = [f"{gate} ({_not_measured(gate.metric)})" for gate in gates if gate.metric not in measured]
+    met = _settings_met(config, kv_codec)
+    unmeasured = [
+        f"{gate} ({_not_measured(gate.metric, met)})" for gate in gates if gate.metric not in measured
+    ]
     if unmeasured:
         raise RecipeError(
             "gate(s) on metrics this recipe's evaluation does not measure, so they could only fail: "

@@ -115,6 +115,14 @@ def _pyplot():
     return plt
 
 
+def _no_kl_reason(report: EvalReport) -> str:
+    """Why the plot has no GSM8K KL: `eval.gsm8k_problems: 0` (its bpb is unmeasured too), else no
+    reference. It read "no reference model" for a build that had one (beside its reference ppl bars)."""
+    if report.gsm8k_bpb is None:
+        return "GSM8K not evaluated (eval.gsm8k_problems: 0)"
+    return "no reference model: KL not measured"
+
+
 def plot_report(report: EvalReport, path: Path) -> None:
     """Per-window perplexity (model vs reference) and the per-problem GSM8K KL distribution."""
     plt = _pyplot()
@@ -138,7 +146,7 @@ def plot_report(report: EvalReport, path: Path) -> None:
         ax2.set_ylabel("mean KL per answer token (nats)")
         ax2.set_title(f"GSM8K KL {report.gsm8k_kl:.4f}, top-1 {report.gsm8k_top1:.3f}")
     else:
-        ax2.text(0.5, 0.5, "no reference model: KL not measured", ha="center", va="center")
+        ax2.text(0.5, 0.5, _no_kl_reason(report), ha="center", va="center")
         ax2.set_axis_off()
     fig.suptitle(f"{report_title(report)} · {report.bits_per_param:.2f} bits/param")
     fig.tight_layout()
