@@ -194,16 +194,21 @@ def test_qwen2_biases_are_in_the_hf_checkpoint(tiny_qwen2_dir, tmp_path):
                 getattr(layer.self_attn, name).bias.normal_(
                     0, 0.5, generator=torch.Generator().manual_seed(1)
                 )
+    # layer 1's q/k/v quantized, layer 0's dense (a fused group is quantized whole or not at all)
+    exclude = ["lm_head", "re:layers\\.0\\.self_attn"]
     recipe = Recipe.model_validate(
-        {"passes": [{"method": "gsq", "bits": 4, "group_size": 32, "exclude": ["lm_head", "v_proj"]}]}
+        {"passes": [{"method": "gsq", "bits": 4, "group_size": 32, "exclude": exclude}]}
     )
     compress_model(loaded.model, loaded.tokenizer, recipe)
     write_hf_checkpoint(loaded.model, loaded.tokenizer, tmp_path / "hf")
     tensors = load_file(str(tmp_path / "hf/model.safetensors"))
-    for name in ("q_proj", "k_proj", "v_proj"):  # q, k quantized; v dense (excluded)
-        stored = tensors[f"model.layers.1.self_attn.{name}.bias"].float()
-        expected = getattr(loaded.model.model.layers[1].self_attn, name).bias.float()
-        torch.testing.assert_close(stored, expected, atol=1e-3, rtol=1e-3)  # fp16
+    assert tensors["model.layers.1.self_attn.q_proj.weight"].dtype == torch.uint8
+    assert tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float16
+    for layer in (0, 1):
+        for name in ("q_proj", "k_proj", "v_proj"):
+            stored = tensors[f"model.layers.{layer}.self_attn.{name}.bias"].float()
+            expected = getattr(loaded.model.model.layers[layer].self_attn, name).bias.float()
+            torch.testing.assert_close(stored, expected, atol=1e-3, rtol=1e-3)  # fp16
 
 
 def _set_int4(layer, name, group_size, pre_quant_scale=None):
@@ -220,27 +225,28 @@ def _set_int4(layer, name, group_size, pre_quant_scale=None):
     set_module(layer, name, CompressedLinear(state))
 
 
-def test_dense_layer_beside_a_folded_pre_quant_scale_keeps_its_input(tiny_model, tmp_path):
-    """q/v quantized with a pre-quant scale s, k left dense: s is folded into input_layernorm, which k reads
-    too, so k's weight must undo it (it was written as is: k computed W·diag(s)·x)."""
+@pytest.mark.parametrize(
+    ("quantized", "dense"),
+    [
+        (("self_attn.q_proj", "self_attn.v_proj"), "self_attn.k_proj"),
+        (("mlp.gate_proj",), "mlp.up_proj"),
+    ],
+)
+def test_partly_quantized_fused_group_is_refused(tiny_model, tmp_path, quantized, dense):
+    """q/k/v and gate/up are one fused linear of one precision in TensorRT-LLM's PyTorch backend and vLLM:
+    vLLM raises "Detected some but not all shards ... are quantized", TensorRT-LLM makes the fused linear
+    dense when a member is excluded and cannot load the packed ones. With k_proj dense beside quantized
+    q/v (with a pre-quant scale folded into the norm) the checkpoint was written, and no loader took it."""
     model = tiny_model.model
     gen = torch.Generator().manual_seed(0)
     for layer in model.model.layers:
-        pqs = (torch.rand(96, generator=gen) + 0.5).half()
-        for name in ("self_attn.q_proj", "self_attn.v_proj"):
+        width = layer.get_submodule(quantized[0]).in_features
+        pqs = (torch.rand(width, generator=gen) + 0.5).half()
+        for name in quantized:
             _set_int4(layer, name, 32, pqs)
-    write_hf_checkpoint(model, None, tmp_path / "hf")
-    tensors = load_file(str(tmp_path / "hf/model.safetensors"))
-    quant = json.loads((tmp_path / "hf/hf_quant_config.json").read_text())["quantization"]
-    assert "model.layers.0.self_attn.k_proj" in quant["exclude_modules"]
-    layer = model.model.layers[0]
-    x = torch.randn(4, 96, generator=gen)
-    want = (x * layer.input_layernorm.weight.float()) @ layer.self_attn.k_proj.weight.float().T
-    p = "model.layers.0"
-    got = (x * tensors[f"{p}.input_layernorm.weight"].float()) @ tensors[
-        f"{p}.self_attn.k_proj.weight"
-    ].float().T
-    torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
+    with pytest.raises(ExportError, match=rf"model.layers.0: .*quantized but {dense} dense.*one fused"):
+        write_hf_checkpoint(model, None, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_hf_group_size_is_the_one_of_every_int4_layer(tiny_model, tmp_path):
@@ -258,3 +264,36 @@ def test_hf_group_size_is_the_one_of_every_int4_layer(tiny_model, tmp_path):
     with pytest.raises(ExportError, match=r"several group sizes \[16, 32\]"):
         write_hf_checkpoint(model, None, tmp_path / "mixed")
     assert not (tmp_path / "mixed").exists()
+
+
+@pytest.mark.parametrize(
+    ("target", "disabled", "fragment"),
+    [
+        ("trtllm", "k_proj", "self_attn.q_proj int4_awq, self_attn.k_proj none"),
+        ("hf", "up_proj", "mlp.gate_proj int4_awq, mlp.up_proj none"),
+    ],
+)
+def test_modelopt_fused_group_of_mixed_formats_is_refused_before_anything_changes(
+    tiny_model_dir, target, disabled, fragment
+):
+    """ModelOpt INT4_AWQ with one member of layer 1's q/k/v (gate/up) left unquantized: the importer
+    replaced layer 0, then ModelOpt's fusion preprocessing failed with a bare AssertionError ("Modules
+    have different quantization formats"), leaving a half-imported model."""
+    mtq = pytest.importorskip("modelopt.torch.quantization", reason=MODELOPT_MISSING)
+    from transformers import AutoModelForCausalLM
+
+    from trtcompress.checkpoints.modelopt_import import import_modelopt_model
+
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)
+    for entry in cfg["quant_cfg"]:
+        if isinstance(entry, dict) and entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["block_sizes"][-1] = 32
+    cfg["quant_cfg"].append({"quantizer_name": f"*layers.1.*{disabled}*", "enable": False})
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    model = mtq.quantize(model, cfg, lambda m: m(input_ids=ids))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ExportError, match=rf"layer 1: {fragment}.*one quantization format"):
+        import_modelopt_model(model, target=target)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())

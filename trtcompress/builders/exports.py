@@ -149,6 +149,7 @@ def check_model(recipe: Recipe, model: nn.Module) -> None:
         cfg = recipe.export
         check_exportable(model, TrtllmOptions(tp_size=cfg.tp_size, pp_size=cfg.pp_size, dtype=cfg.dtype))
     _check_group_widths(recipe, model, formats)
+    _check_fused_groups(recipe, model, formats)
     _check_requantized_shards(recipe, model, formats)
 
 
@@ -216,6 +217,44 @@ def _check_group_widths(recipe: Recipe, model: nn.Module, formats: set[str]) -> 
                 lay.check_divisible("W4A16_MXFP4", width // tp if roles[module] else width, name)
         except lay.ExportError as exc:
             raise RecipeError(f"export trtllm: tp_size {tp}, {name} ({where}): {exc}") from None
+
+
+def _check_fused_groups(recipe: Recipe, model: nn.Module, formats: set[str]) -> None:
+    """Linears the loaders fuse into one GEMM of one precision (q/k/v; gate/up too for hf: TensorRT-LLM's
+    PyTorch backend and vLLM) that the recipe's weight quantizers select only in part (an `exclude` naming
+    v_proj): both writers refuse the compressed model, so refuse it before the compression."""
+    from trtcompress.errors import RecipeError
+    from trtcompress.models.layout import LLAMA_GROUPS, layer_prefix
+    from trtcompress.passes.targets import select_linears
+
+    if not {"hf", "trtllm"} & formats:
+        return
+    fused = {"attn_in"} | ({"mlp_in"} if "hf" in formats else set())
+    quantizers = [
+        (i, p)
+        for i, p in enumerate(recipe.passes)
+        if p.method in FP_QUANTIZER_PASSES or getattr(p, "format", None) is not None
+    ]
+    selected: set[str] = set()
+    for _, config in quantizers:
+        selected |= {name for name, _ in select_linears(model, config.targets, config.exclude)}
+    if not selected:
+        return
+    for index in range(len(model.model.layers)):
+        for group in LLAMA_GROUPS:
+            names = [layer_prefix(index) + rel for rel in group.linears]
+            chosen = [name for name in names if name in selected]
+            if group.name in fused and chosen and len(chosen) < len(names):
+                dense = ", ".join(name.rsplit(".", 1)[-1] for name in names if name not in chosen)
+                where = ", ".join(f"passes.{i} ({p.method})" for i, p in quantizers)
+                what = "export " + (
+                    "hf" if group.name == "mlp_in" else "/".join(sorted({"hf", "trtllm"} & formats))
+                )
+                raise RecipeError(
+                    f"{what}: {where} quantize {', '.join(chosen)} but not {dense}; TensorRT-LLM "
+                    f"and vLLM load {'/'.join(n.rsplit('.', 1)[-1] for n in names)} as one fused "
+                    "linear of one precision: exclude the whole group or none of it, or export native"
+                )
 
 
 def _check_requantized_shards(recipe: Recipe, model: nn.Module, formats: set[str]) -> None:

@@ -1,17 +1,21 @@
 """Hugging Face quantized checkpoint in NVIDIA ModelOpt's unified layout (`hf_quant_config.json`).
 
-The TensorRT-LLM PyTorch backend (LLM API, `trtllm-serve`) and vLLM load this layout: Hugging Face tensor
-names, `config.json` with `quantization_config {quant_method: modelopt, quant_algo, ignore}`, and
+The TensorRT-LLM PyTorch backend (LLM API, `trtllm-serve`) loads this layout; vLLM's ModelOpt loader takes
+its FP8, NVFP4 and W4A16_NVFP4 checkpoints (not W4A16_AWQ: it is missing from vLLM's modelopt QUANT_ALGOS).
+Transformers has no `modelopt` quantizer. The layout: Hugging Face tensor names, `config.json` with
+`quantization_config {quant_method: modelopt, quant_algo, ignore}`, and
 `hf_quant_config.json {producer, quantization {quant_algo, kv_cache_quant_algo, group_size,
 has_zero_point, pre_quant_scale, exclude_modules}}`. Per quantized linear, as ModelOpt's
 `export_hf_checkpoint` writes it:
 - W4A16_AWQ: `weight` uint8 (out/2, in), signed int4 codes of output rows 2k / 2k+1 in the low / high
-  nibble; `weight_scale` fp32 (out, in/group); `pre_quant_scale` fp32 (in,) on o_proj and down_proj; the
-  pre-quant scales of q/k/v and gate/up are folded into the norm before them (they must agree);
+  nibble; `weight_scale` fp32 (out, in/group); `pre_quant_scale` (in,) in the model dtype on o_proj
+  and down_proj; the pre-quant scales of q/k/v and gate/up are folded into the norm before them (they
+  must agree);
 - FP8: `weight` float8_e4m3fn; `weight_scale`, `input_scale` fp32 scalars;
 - NVFP4: `weight` uint8 (out, in/2); `weight_scale` float8_e4m3fn (out, in/16); `weight_scale_2`,
   `input_scale` fp32 scalars; W4A16_NVFP4 (the `nvfp4` recipe: weight-only) the same without `input_scale`.
-Partial quantization groups are refused here (these loaders do not pad; the trtllm export does).
+Partial quantization groups are refused here (these loaders do not pad; the trtllm export does), and so
+are q/k/v or gate/up groups with quantized and dense members (both loaders fuse each group into one linear).
 """
 
 from __future__ import annotations
@@ -34,6 +38,15 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 FUSED = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
          "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}  # fmt: skip
 OWN_PQS = ("self_attn.o_proj", "mlp.down_proj")
+# TensorRT-LLM's PyTorch backend and vLLM load q/k/v (and gate/up) into one fused linear with one
+# precision: vLLM refuses a partly quantized one ("Detected some but not all shards of ... are
+# quantized"), TensorRT-LLM makes the whole fused linear dense when any member is excluded and then
+# cannot load the packed members; ModelOpt's own exporter asserts one format per fused group.
+_PARTLY_QUANTIZED = (
+    "{where}: {quantized} quantized but {dense} dense; TensorRT-LLM and vLLM load them as one fused "
+    "{fused} with one precision and cannot load this mix (ModelOpt's exporter refuses it too): "
+    "quantize all of them or none (a pass's exclude should name the whole group), or export native"
+)
 
 
 def _linear_tensors(kind: str, parts, own_pqs: bool) -> dict[str, torch.Tensor]:
@@ -154,7 +167,7 @@ def write_hf_checkpoint(
                     _write_bias(state, f"{prefix}.{name}", tensors, torch_dtype)
                     kind = _quantized_kind(state, f"{prefix}.{name}", tensors, excluded, torch_dtype)
                     if kind is None:
-                        dense.append((name, state))
+                        dense.append(name)
                         continue
                     parts = parts_of(state, kind)
                     kinds.add(kind)
@@ -165,6 +178,14 @@ def write_hf_checkpoint(
                         globals_seen.append(parts.global_scale)
                     for suffix, t in _linear_tensors(kind, parts, own_pqs=False).items():
                         tensors[f"{prefix}.{name}.{suffix}"] = t.contiguous()
+                if dense and len(dense) < len(members):
+                    quantized = ", ".join(n for n in members if n not in dense)
+                    fused = "qkv_proj" if norm_name == "input_layernorm" else "gate_up_proj"
+                    raise ExportError(
+                        _PARTLY_QUANTIZED.format(
+                            where=prefix, quantized=quantized, dense=", ".join(dense), fused=fused
+                        )
+                    )
                 if any(not torch.equal(g, globals_seen[0]) for g in globals_seen):
                     raise ExportError(  # one fused GEMM, one weight_scale_2 (TensorRT-LLM asserts it)
                         f"{prefix}: the NVFP4 layers after {norm_name} have different tensor scales "
@@ -177,8 +198,6 @@ def write_hf_checkpoint(
                             f"{prefix}: layers after {norm_name} have different pre-quant scales"
                         )
                     norm = norm * first.float()  # x·diag(s) folded into the norm that produces x
-                    for name, state in dense:  # a dense reader of that norm now sees x·diag(s): W·diag(1/s)
-                        tensors[f"{prefix}.{name}.weight"] = (state.weight() / first.float()).to(torch_dtype)
                 tensors[f"{prefix}.{norm_name}.weight"] = norm.to(torch_dtype)
             for name in OWN_PQS:
                 state = linear_state(layer.get_submodule(name))

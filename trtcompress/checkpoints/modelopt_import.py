@@ -78,13 +78,27 @@ def import_modelopt_model(model: nn.Module, target: str = "trtllm") -> nn.Module
     supported = (None, qu.QUANTIZATION_NONE, qu.QUANTIZATION_INT4_AWQ, qu.QUANTIZATION_FP8)
     # Checked before anything changes: the fusion preprocessing below rewrites ModelOpt's scales (and AWQ
     # weights) in place, so refusing at layer i left a half-imported, re-smoothed model behind.
+    none = (None, qu.QUANTIZATION_NONE)
     for i, layer in enumerate(model.model.layers):
+        formats = {}
         for name in LINEARS:
-            fmt = qu.get_quantization_format(layer.get_submodule(name))
+            fmt = formats[name] = qu.get_quantization_format(layer.get_submodule(name))
             if fmt not in supported:
                 raise ExportError(
                     f"layer {i} {name}: ModelOpt format {fmt!r} is not imported yet (supported: "
                     f"{qu.QUANTIZATION_INT4_AWQ}, {qu.QUANTIZATION_FP8})"
+                )
+        # Layers both exporters fuse into one GEMM need one format: ModelOpt's fusion preprocessing
+        # asserts it (a bare AssertionError, after the earlier layers were already replaced), and the
+        # checkpoint loaders take one precision per fused q/k/v (and, in the HF layout, gate/up).
+        fp8_mlp = qu.QUANTIZATION_FP8 in (formats[LINEARS[4]], formats[LINEARS[5]])
+        for group in (LINEARS[:3], LINEARS[4:6]) if target == "hf" or fp8_mlp else (LINEARS[:3],):
+            seen = {"none" if formats[n] in none else formats[n] for n in group}
+            if len(seen) > 1:
+                got = ", ".join(f"{n} {'none' if formats[n] in none else formats[n]}" for n in group)
+                raise ExportError(
+                    f"layer {i}: {got}; these layers share one input and are exported as one fused "
+                    "GEMM, which needs one quantization format: quantize all of them alike with ModelOpt"
                 )
     for i, layer in enumerate(model.model.layers):
         modules = {name: layer.get_submodule(name) for name in LINEARS}
