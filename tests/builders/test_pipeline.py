@@ -241,3 +241,29 @@ def test_staged_checkpoints_join_the_artifact(tiny_model_dir, tmp_path):
     assert {"trtllm/config.json", "hf/hf_quant_config.json"} <= set(manifest["files"])
     assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no staging directory left
     native.load_artifact(tmp_path / "a")  # checksums of the moved files verify
+
+
+def test_a_full_disk_while_staging_the_checkpoints_is_one_error(tiny_model_dir, tmp_path, monkeypatch):
+    """A full disk (here a file size limit, as `ulimit -f` sets it) while the trtllm / hf checkpoints are
+    staged ended `build` with the writer's traceback; now one ArtifactError naming OUT, nothing left."""
+    import resource
+
+    from trtcompress.builders import exports
+
+    write_checkpoints = exports.write_checkpoints
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limited(*args, **kwargs):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, hard))
+        return write_checkpoints(*args, **kwargs)
+
+    monkeypatch.setattr(exports, "write_checkpoints", limited)
+    recipe = with_overrides(
+        _recipe("int4-g32-rtn"), [("export.formats", ["native", "trtllm"]), ("eval.enabled", False)]
+    )
+    try:
+        with pytest.raises(ArtifactError, match=r"a: cannot write the trtllm checkpoint \(File too large\)"):
+            build(str(tiny_model_dir), recipe, tmp_path / "a")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert list(tmp_path.iterdir()) == []

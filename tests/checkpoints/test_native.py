@@ -3,6 +3,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -589,3 +590,158 @@ def test_the_finite_check_makes_no_full_size_copy(monkeypatch, tmp_path):
             bad[617] = value
             with pytest.raises(ArtifactError, match="NaN or infinite"):
                 native._finite(tmp_path, "t", bad)
+
+
+# ---------------------------------------------------------------- the file system's failures (I/O audit)
+
+
+def test_a_symbolic_link_out_of_the_artifact_is_refused(artifact, tmp_path):
+    """A file of the artifact that is a link to a file elsewhere (or reached through a linked folder) was
+    followed: checksums matched, and `inspect`, `repo` and `load` read outside the artifact (a container
+    mounting only the artifact finds nothing there). Links between its own files, or to the whole
+    artifact, stay allowed."""
+    path, _ = artifact
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (path / "model.safetensors").rename(outside / "model.safetensors")
+    (path / "model.safetensors").symlink_to(outside / "model.safetensors")
+    checks = (native.read_manifest, _verify, lambda p: _verify(p, hashes=False), native.load_artifact)
+    for check in (*checks, lambda p: native.load_artifact(p, verify=False)):
+        with pytest.raises(ArtifactError, match=r"art/model\.safetensors: a symbolic link to .*elsewhere"):
+            check(path)
+    (path / "model.safetensors").unlink()
+    (path / ".weights").mkdir()  # a link inside the artifact: allowed
+    (outside / "model.safetensors").rename(path / ".weights" / "model.safetensors")
+    (path / "model.safetensors").symlink_to(Path(".weights") / "model.safetensors")
+    (tmp_path / "current").symlink_to(path)
+    for check in checks:
+        check(tmp_path / "current")
+    (path / "manifest.json").rename(outside / "manifest.json")
+    (path / "manifest.json").symlink_to(outside / "manifest.json")
+    with pytest.raises(ArtifactError, match=r"art/manifest\.json: a symbolic link to .*elsewhere"):
+        native.read_manifest(path)
+
+
+@pytest.fixture()
+def file_size_limit():
+    """RLIMIT_FSIZE, as `ulimit -f` sets it: a write past it fails with EFBIG (Python ignores SIGXFSZ),
+    as on a full disk."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    yield lambda limit: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_full_disk_mid_write_is_one_error_and_keeps_the_previous_artifact(
+    tiny_model, tmp_path, file_size_limit
+):
+    """A full disk or a file size limit while writing the weights ended `build` with safetensors'
+    traceback (or an OSError's): now one ArtifactError naming OUT, nothing left beside it, and with
+    --force the previous artifact kept."""
+    target = tmp_path / "out"
+    with native.atomic_directory(target) as tmp:
+        (tmp / native.MANIFEST).write_text("previous", encoding="utf-8")
+    file_size_limit(64 << 10)
+    kept = r"out: cannot write the artifact \(File too large\); nothing was written there \(the previous"
+    with pytest.raises(ArtifactError, match=kept), native.atomic_directory(target, force=True) as tmp:
+        native.write_weights(tiny_model.model, tiny_model.tokenizer, tmp, 1 << 30)  # (safetensors)
+    with pytest.raises(ArtifactError, match=kept), native.atomic_directory(target, force=True) as tmp:
+        native.write_json_atomic(tmp / "eval.json", {"x": "y" * (128 << 10)})  # (an OSError)
+    new = pytest.raises(ArtifactError, match=r"new: cannot write the artifact \(File too large\); nothing")
+    with new, native.atomic_directory(tmp_path / "new") as tmp:
+        native.write_weights(tiny_model.model, tiny_model.tokenizer, tmp, 1 << 30)
+    with pytest.raises(OSError, match="File too large"):  # and no half-written hidden file beside it
+        native.write_json_atomic(tmp_path / "eval.json", {"x": "y" * (128 << 10)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (target / native.MANIFEST).read_text(encoding="utf-8") == "previous"
+
+
+def test_a_build_that_finished_first_during_the_rename_is_not_replaced(tmp_path, monkeypatch):
+    """Another build renaming its artifact to OUT after this one's last check: without --force it was
+    moved aside and replaced all the same; with --force, landing between the two renames, it made
+    rename(2) fail (ENOTEMPTY) with a traceback and left the previous artifact in a hidden directory."""
+    target = tmp_path / "out"
+    checks = []
+
+    def fast_build():
+        other = tmp_path / ".other"
+        other.mkdir()
+        (other / native.MANIFEST).write_text("fast", encoding="utf-8")
+        os.rename(other, target)
+
+    def check_then_race(target, force):
+        native.check_output(target, force)
+        checks.append(target)
+        if len(checks) == 2:  # the other build finishes right after this one's last check
+            fast_build()
+
+    raced = pytest.raises(ArtifactError, match=r"another build wrote its artifact there meanwhile.*--force")
+    with raced, native.atomic_directory(target, check=check_then_race) as slow:
+        (slow / native.MANIFEST).write_text("slow", encoding="utf-8")
+    assert (target / native.MANIFEST).read_text(encoding="utf-8") == "fast"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+    replace = os.replace
+
+    def racing(src, dst):
+        replace(src, dst)
+        if os.fspath(dst).endswith("previous"):  # between moving OUT aside and renaming into it
+            fast_build()
+
+    monkeypatch.setattr(native.os, "replace", racing)
+    raced = pytest.raises(ArtifactError, match="another build wrote its artifact there meanwhile")
+    with raced, native.atomic_directory(target, force=True) as slow:
+        (slow / native.MANIFEST).write_text("slow", encoding="utf-8")
+    assert (target / native.MANIFEST).read_text(encoding="utf-8") == "fast"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_unreadable_file_or_folder_says_permission_denied(artifact):
+    """safetensors reports a weights file it may not open as "No such file or directory", which sent the
+    user looking for a file that is there; an unsearchable artifact directory raised PermissionError."""
+    import shutil
+    import subprocess
+    import sys
+
+    path, _ = artifact
+    prefix = []
+    if os.geteuid() == 0:  # root reads any file: drop the capabilities that allow it
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv")
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}"]
+    code = (
+        "import sys\nfrom trtcompress.checkpoints import native\n"
+        "from trtcompress.errors import ArtifactError\n"
+        "try:\n    native.load_artifact(sys.argv[1], verify=sys.argv[2] == 'verify')\n"
+        "except ArtifactError as exc:\n    print(exc)\n"
+    )
+
+    def load(verify):
+        command = [*prefix, sys.executable, "-c", code, str(path), verify]
+        done = subprocess.run(command, capture_output=True, text=True)
+        return done.stdout + done.stderr
+
+    os.chmod(path / "model.safetensors", 0)
+    try:  # (without verify: the sha256 of every file, read first, has said so since before)
+        assert "model.safetensors: cannot read the artifact file (Permission denied)" in load("no")
+        os.chmod(path, 0o300)  # searchable, not listable
+        assert f"{path}: cannot read the artifact folder (Permission denied)" in load("verify")
+    finally:
+        os.chmod(path, 0o755)
+        os.chmod(path / "model.safetensors", 0o644)
+
+
+def test_force_does_not_delete_an_artifact_built_inside_the_previous_one(artifact):
+    """`build -o OUT/v2` puts an artifact inside OUT (its folder holds no listed file: OUT still verifies);
+    `build --force -o OUT` then deleted it with OUT's previous artifact, without a word."""
+    path, _ = artifact
+    (path / "v2" / "deeper").mkdir(parents=True)
+    (path / "v2" / "deeper" / native.MANIFEST).write_text(json.dumps({"format": native.FORMAT_NAME}))
+    (path / "triton" / "model").mkdir(parents=True)  # (a repository's files, or an unrelated manifest)
+    (path / "triton" / native.MANIFEST).write_text("{}")
+    with pytest.raises(ArtifactError, match=r"art holds another artifact, .*art/v2/deeper, which --force"):
+        native.check_output(path, force=True)
+    (path / "v2" / "deeper" / native.MANIFEST).unlink()
+    native.check_output(path, force=True)

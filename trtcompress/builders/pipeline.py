@@ -161,8 +161,13 @@ def _stage_checkpoints(loaded, recipe: Recipe, out: Path, ui: UI) -> StagedCheck
         return StagedCheckpoints(
             staging, write_checkpoints(loaded.model, loaded.tokenizer, recipe, staging, ui.log)
         )
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if (code := native.storage_errno(exc)) is not None:  # a full disk: one line, as the artifact's
+            formats = " / ".join(sorted({"trtllm", "hf"} & set(recipe.export.formats)))
+            raise ArtifactError(
+                f"{out}: cannot write the {formats} checkpoint ({os.strerror(code)}); nothing was written"
+            ) from None
         raise
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -72,30 +74,76 @@ def atomic_directory(
     except OSError as exc:
         raise ArtifactError(f"{target.parent}: cannot write the output there ({exc.strerror})") from None
     try:
-        yield tmp
-        umask = os.umask(0)  # mkdtemp made it 0700: give the artifact the permissions of a mkdir
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        for path in tmp.rglob("*"):  # safetensors writes its files 0600: unreadable to a container's user
-            if path.is_file() and not path.is_symlink():
-                os.chmod(path, stat.S_IMODE(path.stat().st_mode) | (0o666 & ~umask))
+        with _writing(target):  # a full disk or a file size limit: one line, not a writer's traceback
+            yield tmp
+            umask = os.umask(0)  # mkdtemp made it 0700: give the artifact the permissions of a mkdir
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+            for path in tmp.rglob("*"):  # safetensors writes its files 0600: unreadable to a container's user
+                if path.is_file() and not path.is_symlink():
+                    os.chmod(path, stat.S_IMODE(path.stat().st_mode) | (0o666 & ~umask))
         check(target, force)  # again: a concurrent build may have finished `target` meanwhile
         old = None
-        if target.exists():  # (nothing but the two renames between moving it aside and replacing it)
+        # (nothing but the two renames between moving it aside and replacing it). Only with `force`: an
+        # artifact a concurrent build renamed there since `check` is not replaced (rename(2) refuses)
+        if force and target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "previous")
         try:
             os.replace(tmp, target)
-        except BaseException:  # the previous artifact goes back to `target`, not left in a hidden directory
+        except BaseException as exc:  # the previous artifact goes back to `target`, not left hidden
+            # a concurrent build renamed its artifact to `target` after `check`: rename(2) refuses to
+            # replace a non-empty directory (where a --force build moved the previous one aside, that
+            # build's replaced it, as its --force asked)
+            raced = isinstance(exc, OSError) and exc.errno in (errno.ENOTEMPTY, errno.EEXIST)
             if old is not None:
-                os.replace(old / "previous", target)
+                try:
+                    os.replace(old / "previous", target)
+                except OSError as again:
+                    if not (raced and again.errno in (errno.ENOTEMPTY, errno.EEXIST)):
+                        raise
                 shutil.rmtree(old, ignore_errors=True)
+            if raced:
+                raise ArtifactError(
+                    f"{target}: another build wrote its artifact there meanwhile; this build's was not "
+                    "kept (run it again" + ("" if force else " with --force") + " to replace that one)"
+                ) from None
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Errors of the storage, not of the code writing to it: reported as one line naming the output.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def storage_errno(exc: BaseException) -> int | None:
+    """The storage errno (disk full, file too large, quota, read-only, I/O error) behind `exc`, an OSError
+    or a writer library's own error that quotes it (safetensors: "I/O error: File too large (os error
+    27)"), or None."""
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in _STORAGE_ERRNOS else None
+    if isinstance(exc, SafetensorError) and (found := re.search(r"\(os error (\d+)\)", str(exc))):
+        return int(found[1]) if int(found[1]) in _STORAGE_ERRNOS else None
+    return None
+
+
+@contextlib.contextmanager
+def _writing(target: Path) -> Iterator[None]:
+    """A write into `target`'s temporary directory that the storage refused, as one ArtifactError: the
+    build's work is lost, nothing at `target` changed."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        if (code := storage_errno(exc)) is None:
+            raise
+        raise ArtifactError(
+            f"{target}: cannot write the artifact ({os.strerror(code)}); nothing was written there"
+            + (" (the previous artifact is kept)" if target.exists() else "")
+        ) from None
 
 
 def check_output(target: Path, force: bool) -> None:
@@ -111,6 +159,25 @@ def check_output(target: Path, force: bool) -> None:
             f"{target} exists and is not an artifact (no {MANIFEST}); --force replaces artifacts only, "
             "not other files or directories: choose another output path"
         )
+    if (nested := _nested_artifact(target)) is not None:  # (`build -o OUT/v2`: a folder of OUT's)
+        raise ArtifactError(
+            f"{target} holds another artifact, {nested}, which --force would delete with it: move that "
+            "one out first, or choose another output path"
+        )
+
+
+def _nested_artifact(target: Path) -> Path | None:
+    """A trtcompress artifact in a folder below `target` (not following links), or None. An artifact's own
+    folders (trtllm/, hf/, engine/, a repository in triton/) hold no manifest of this format."""
+    for root, dirs, files in os.walk(target):
+        dirs.sort()
+        if Path(root) == target or MANIFEST not in files:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads((Path(root) / MANIFEST).read_text(encoding="utf-8"))
+            if isinstance(data, dict) and data.get("format") == FORMAT_NAME:
+                return Path(root)
+    return None
 
 
 def unwritable_reason(directory: Path) -> str | None:
@@ -147,11 +214,14 @@ def check_output_location(target: Path) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Strict JSON (a broken model's ppl = inf is the string "Infinity": a bare Infinity, which Python
     writes by default, makes jq and most parsers refuse the whole file)."""
+    text = json.dumps(finite_or_named(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(
-        json.dumps(finite_or_named(data), indent=2, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8"
-    )
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written hidden file left beside `path`
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 _NAMED_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
@@ -280,19 +350,23 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """Parse and authenticate `manifest.json`; raise ArtifactError naming what is wrong."""
-    if not path.exists():
-        raise ArtifactError(f"{path}: no such artifact directory")
-    if not path.is_dir():
-        raise ArtifactError(
-            f"{path}: not a directory; an artifact is a directory written by `trtcompress build`"
-        )
     manifest_path = path / MANIFEST
-    if manifest_path.exists() and not manifest_path.is_file():
-        raise ArtifactError(f"{manifest_path}: not a file; a trtcompress manifest is a JSON file")
-    if not manifest_path.is_file():
-        raise ArtifactError(
-            f"{path}: no {MANIFEST}; not a trtcompress artifact (or a build that did not finish)"
-        )
+    try:  # (a directory without search permission: is_file raises, as reading would)
+        if not path.exists():
+            raise ArtifactError(f"{path}: no such artifact directory")
+        if not path.is_dir():
+            raise ArtifactError(
+                f"{path}: not a directory; an artifact is a directory written by `trtcompress build`"
+            )
+        if manifest_path.exists() and not manifest_path.is_file():
+            raise ArtifactError(f"{manifest_path}: not a file; a trtcompress manifest is a JSON file")
+        if not manifest_path.is_file():
+            raise ArtifactError(
+                f"{path}: no {MANIFEST}; not a trtcompress artifact (or a build that did not finish)"
+            )
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read the artifact directory ({exc.strerror})") from None
+    _check_inside(path, manifest_path)
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -319,8 +393,27 @@ def read_manifest(path: Path) -> dict[str, Any]:
                 f"{manifest_path}: malformed manifest: `{key}` is missing or not a {kind.__name__}; rebuild"
             )
     _check_names(manifest_path, manifest)
+    for name in manifest["files"]:
+        _check_inside(path, path / name)
     _restore_floats(manifest)
     return manifest
+
+
+def _check_inside(path: Path, file: Path) -> None:
+    """`file` (of the artifact at `path`) is inside the artifact's directory, not a symbolic link (or in a
+    linked folder) leading outside it: the checksums vouch for the bytes of the artifact's own files,
+    and an artifact must not make trtcompress (or a container that mounts only the artifact) read a
+    file elsewhere. Links between the artifact's own files are allowed; a link to the whole artifact is
+    the user's own choice."""
+    try:
+        real, root = file.resolve(), path.resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop (RuntimeError before Python 3.13)
+        raise ArtifactError(f"{file}: cannot resolve the artifact file ({one_line(exc, 120)})") from None
+    if not real.is_relative_to(root):
+        raise ArtifactError(
+            f"{file}: a symbolic link to {real}, outside the artifact; an artifact's files must be inside "
+            "its directory (copy the artifact with its links resolved, e.g. `cp -rL`)"
+        )
 
 
 def _check_names(manifest_path: Path, manifest: dict[str, Any]) -> None:
@@ -358,7 +451,13 @@ def verify_files(path: Path, manifest: dict[str, Any], hashes: bool = True, stru
     checksums, not this."""
     listed = set(manifest["files"])
     for folder in sorted({Path(name).parent for name in listed}):
-        for file in sorted((path / folder).iterdir()) if (path / folder).is_dir() else []:
+        try:  # (a folder without read permission)
+            files = sorted((path / folder).iterdir()) if (path / folder).is_dir() else []
+        except OSError as exc:
+            raise ArtifactError(
+                f"{path / folder}: cannot read the artifact folder ({exc.strerror})"
+            ) from None
+        for file in files:
             rel = (folder / file.name).as_posix()
             if file.name.startswith(".") or not file.is_file() or rel in listed:
                 continue
@@ -445,6 +544,11 @@ def _safetensors_read(file: Path) -> Iterator[None]:
     try:
         yield
     except (SafetensorError, OSError) as exc:
+        try:  # the library reports any failure to open (permission denied too) as "No such file"
+            with open(file, "rb"):
+                pass
+        except OSError as cause:
+            raise ArtifactError(f"{file}: cannot read the artifact file ({cause.strerror})") from None
         raise ArtifactError(f"{file}: unreadable safetensors file ({one_line(exc, 200)})") from None
 
 
