@@ -237,6 +237,32 @@ def parse_recipe(data: Any, source: str) -> Recipe:
     return recipe
 
 
+def recorded_recipe(data: Any, source: str) -> tuple[Recipe, int]:
+    """An artifact's recorded recipe as this version of trtcompress reads it, and where its calibration
+    text starts (its build's eval.ppl_tokens). Everything that acts on an artifact (eval, inspect, repo,
+    the runtime) reads it through here, so that a recipe this version no longer accepts (an older build's,
+    or an edited manifest) is one named error, not a traceback or a repository that fails in the server.
+
+    An artifact built before eval.ppl_tokens had to be whole windows of eval.context (1,500 in windows of
+    1,024) scored its whole windows only: its recipe is read with those (what its build measured), not
+    refused, which left the artifact impossible to evaluate at all."""
+    section = data.get("eval") if isinstance(data, dict) else None
+    section = section if isinstance(section, dict) else {}
+    ppl, context = section.get("ppl_tokens"), section.get("context")
+    start = None
+    if type(ppl) is int and type(context) is int and 0 < context <= ppl and ppl % context:
+        data = {**data, "eval": {**section, "ppl_tokens": ppl // context * context}}
+        start = ppl  # (its calibration text still starts after all of them)
+    try:
+        recipe = parse_recipe(data, source)
+    except RecipeError as exc:
+        raise RecipeError(
+            f"{exc} (the recipe recorded at build time, which this version of trtcompress does not accept; "
+            "rebuild the artifact)"
+        ) from None
+    return recipe, recipe.eval.ppl_tokens if start is None else start
+
+
 def _surrogate_path(data: Any, path: str = "", seen: set[int] | None = None) -> str | None:
     """The recipe path of the first text (value or key) holding a lone surrogate, which UTF-8 cannot encode:
     `--name $'\\xff'` arrives as '\\udcff' and made `eval` crash writing its plot, after the build."""

@@ -10,12 +10,14 @@ from rich.text import Text
 
 from trtcompress.checkpoints import native
 from trtcompress.eval.report import measured_text
+from trtcompress.recipe import recorded_recipe
 from trtcompress.ui import UI, json_text
 
 
 def inspect_artifact(path: Path, verify: bool, as_json: bool, ui: UI) -> dict:
     manifest = native.read_manifest(path)
     native.verify_files(path, manifest, hashes=verify)  # --no-verify: files and sizes still checked
+    recorded_recipe(manifest["recipe"], f"{path}/{native.MANIFEST}")  # what eval / repo / serve would refuse
     if as_json:
         ui.out.print_json(json_text(manifest))
         return manifest

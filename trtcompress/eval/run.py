@@ -12,7 +12,7 @@ from trtcompress.eval.harness import EvalReport, check_protocol, check_reference
 from trtcompress.eval.report import plot_report
 from trtcompress.models import PACKAGED_MODELS, load_model
 from trtcompress.models.gguf_convert import COMPLETE_MARKER
-from trtcompress.recipe import Recipe, load_recipe, parse_recipe, with_overrides
+from trtcompress.recipe import Recipe, load_recipe, recorded_recipe, with_overrides
 from trtcompress.ui import UI
 
 
@@ -53,21 +53,8 @@ def _write_outputs(report: EvalReport, directory: Path) -> None:
 
 
 def _built_recipe(artifact: native.LoadedArtifact, target: str) -> tuple[Recipe, int]:
-    """The artifact's recipe, and where its calibration text starts (its build's eval.ppl_tokens).
-
-    An artifact built before eval.ppl_tokens had to be whole windows of eval.context (1,500 in windows of
-    1,024) scored its whole windows only: its recipe is read with those (what its build measured), not
-    refused, which left the artifact impossible to evaluate at all."""
-    data = artifact.manifest["recipe"]
-    section = data.get("eval") if isinstance(data, dict) else None
-    section = section if isinstance(section, dict) else {}
-    ppl, context = section.get("ppl_tokens"), section.get("context")
-    start = None
-    if type(ppl) is int and type(context) is int and 0 < context <= ppl and ppl % context:
-        data = {**data, "eval": {**section, "ppl_tokens": ppl // context * context}}
-        start = ppl  # (its calibration text still starts after all of them)
-    built = parse_recipe(data, f"{target}/manifest.json")
-    return built, built.eval.ppl_tokens if start is None else start
+    """The artifact's recipe, and where its calibration text starts (`recipe.recorded_recipe`)."""
+    return recorded_recipe(artifact.manifest["recipe"], f"{target}/manifest.json")
 
 
 def _check_window_before_calibration(built: Recipe, config: EvalConfig, start: int) -> None:

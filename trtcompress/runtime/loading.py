@@ -13,12 +13,15 @@ def is_artifact(path: Path | str) -> bool:
 
 
 def load_for_runtime(path: Path | str) -> tuple[Any, Any, dict | None]:
-    """(model, tokenizer, recipe dict or None). Artifacts are verified (checksums) before loading."""
+    """(model, tokenizer, recipe dict or None). Artifacts are verified (checksums) before loading, and
+    their recorded recipe is read as `eval` reads it (a recipe this version refuses is named)."""
     if is_artifact(path):
         from trtcompress.checkpoints.native import load_artifact
+        from trtcompress.recipe import recorded_recipe
 
         loaded = load_artifact(path)
-        return loaded.model, loaded.tokenizer, loaded.manifest.get("recipe")
+        recipe, _ = recorded_recipe(loaded.manifest["recipe"], f"{path}/{MANIFEST}")
+        return loaded.model, loaded.tokenizer, recipe.model_dump(mode="json")
     from trtcompress.models import load_model
 
     loaded = load_model(str(path), log=lambda m: None)

@@ -86,9 +86,9 @@ def deploy_from_artifact(artifact: Path) -> DeployConfig:
     authenticated manifest. The files' checksums are checked where the artifact is loaded (the
     runtime, when the server starts) or by `generate_repository`, which loads nothing: not here too."""
     from trtcompress.checkpoints import native
+    from trtcompress.recipe import recorded_recipe
 
     if (Path(artifact) / native.MANIFEST).exists():
         manifest = native.read_manifest(Path(artifact))
-        recipe = manifest.get("recipe") or {}
-        return DeployConfig.model_validate(recipe.get("deploy") or {})
+        return recorded_recipe(manifest["recipe"], f"{artifact}/{native.MANIFEST}")[0].deploy
     return DeployConfig()
