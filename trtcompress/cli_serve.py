@@ -67,7 +67,9 @@ def _refuse_failed_gates(artifact: Path, allow: bool) -> None:
     manifest = native.read_manifest(artifact)
     if manifest["status"] == "failed_gates":
         failed = "; ".join(
-            f"{g.get('gate')} (measured {measured_text(g.get('value'), g.get('gate'), False)})"
+            f"{g.get('gate')} (measured {measured_text(g.get('value'), g.get('gate'), False)}"
+            + (f": {g['reason']}" if g.get("reason") else "")
+            + ")"
             for g in manifest.get("gates", [])
             if not g.get("passed")
         )

@@ -51,9 +51,13 @@ def inspect_artifact(path: Path, verify: bool, as_json: bool, ui: UI) -> dict:
         ref = f" (reference {e['ppl_ref']:.3f}, ratio {e['ppl_ratio']:.4f})" if e.get("ppl_ref") else ""
         ui.out.print(f"eval at build: ppl {e['ppl']:.3f}{ref}")
     for gate in manifest.get("gates", []):
+        reason = gate.get("reason") if not gate["passed"] else None  # (which metrics were not finite)
         ui.out.print(
-            f"gate {gate['gate']}: {'pass' if gate['passed'] else 'FAIL'} "
-            f"(measured {measured_text(gate['value'], gate['gate'], gate['passed'])})"
+            Text(
+                f"gate {gate['gate']}: {'pass' if gate['passed'] else 'FAIL'} "
+                f"(measured {measured_text(gate['value'], gate['gate'], gate['passed'])})"
+                + (f": {reason}" if reason else "")
+            )
         )
     ui.out.print("checksums verified" if verify else "sizes checked, sha256 not verified (--no-verify)")
     return manifest
