@@ -45,6 +45,11 @@ def test_local_llama_and_qwen2_dirs_load(tiny_model_dir, tiny_qwen2_dir):
             lambda p: ((p / "tokenizer.json").unlink(), (p / "vocab.json").write_text("{}")),
             r"cannot load the tokenizer \(.*sentencepiece or tiktoken",
         ),
+        # `build --export hf` writes this layout; transformers reported its packed tensors as misplaced
+        (
+            lambda p: _edit_config(p, quantization_config={"quant_method": "modelopt", "quant_algo": "FP8"}),
+            r"ModelOpt-quantized checkpoint .*FP8\), which transformers cannot load",
+        ),
     ],
 )
 def test_broken_model_dirs_name_the_problem(tiny_model_dir, tmp_path, damage, message):

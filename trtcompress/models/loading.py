@@ -78,6 +78,15 @@ def _validate_model_dir(path: Path) -> dict:
             f"{config_path}: model_type {model_type!r} is not supported; "
             f"supported LLaMA-family types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "modelopt":
+        # (what `build --export hf` writes: transformers has no modelopt quantizer and reported the
+        # packed tensors as weights the config has no place for)
+        raise ModelError(
+            f"{path}: a ModelOpt-quantized checkpoint (quantization_config.quant_method: modelopt, "
+            f"{quantization.get('quant_algo')}), which transformers cannot load: evaluate or serve the "
+            "trtcompress artifact it was exported from, or load it with TensorRT-LLM's PyTorch backend"
+        )
     if not any(next(path.glob(g), None) for g in WEIGHT_GLOBS):
         raise ModelError(f"{path}: no weight files (*.safetensors or pytorch_model*.bin)")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
