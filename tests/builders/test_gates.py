@@ -116,6 +116,8 @@ def test_a_recorded_gate_reads_as_in_the_build_table():
     assert measured_text(1.5734923018454836, "ppl_ratio <= 1.2", False) == "1.573"
     assert measured_text(1.5734923018454836, "not a gate", False) == "1.57349"
     assert measured_text(None, "ppl_ratio <= 1.2", False) == "-"
+    assert measured_text(0.99998, "ppl_ratio <= 1.01", True) == "1.000"  # not "1", which reads as exact
+    assert measured_text(float("inf"), "ppl_ratio <= 1.01", False) == "inf"
 
 
 def test_a_recorded_gate_value_that_is_not_a_number_is_shown_not_a_traceback():

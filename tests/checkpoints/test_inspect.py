@@ -27,7 +27,7 @@ def test_inspect_prints_a_failed_gates_reason(small_artifact, tmp_path, capsys):
     inspect_artifact(artifact, verify=True, as_json=False, ui=UI())
     out = capsys.readouterr().out
     assert "gate every metric finite: FAIL (measured inf): non-finite ppl, ppl_ratio" in " ".join(out.split())
-    assert "gate ppl_ratio <= 2: pass (measured 1.5)\n" in out
+    assert "gate ppl_ratio <= 2: pass (measured 1.500)\n" in out
 
 
 def test_the_failed_gates_refusal_names_the_reason(small_artifact, tmp_path):

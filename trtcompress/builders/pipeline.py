@@ -83,7 +83,9 @@ def build(
         if recipe.eval.enabled:  # before writing: where the artifact goes depends on its gates
             reference = load_model(spec, log=ui.log).model if recipe.eval.reference else None
             with ui.progress() as progress:
-                report = evaluate_recipe(loaded.model, loaded.tokenizer, recipe, reference, spec, progress)
+                report = evaluate_recipe(
+                    loaded.model, loaded.tokenizer, recipe, reference, spec, progress, reference_name=spec
+                )
             del reference
             gates = check_gates(recipe.gates, report)
         final = out

@@ -51,7 +51,13 @@ def report_title(report: EvalReport) -> str:
 
 def report_table(report: EvalReport) -> Table:
     # Text: the model path and recipe name are the user's, not rich markup ("x[/v2]" would raise)
-    table = Table(title=Text(report_title(report)), title_justify="left")
+    reference = report.protocol.get("reference")
+    table = Table(
+        title=Text(report_title(report)),
+        title_justify="left",
+        caption=Text(f"reference: {reference}") if reference else None,
+        caption_justify="left",
+    )
     table.add_column("metric")
     table.add_column("compressed", justify="right")
     table.add_column("reference", justify="right")
@@ -87,7 +93,7 @@ def measured_text(value: float | None, gate: str, passed: bool) -> str:
     except ValueError:  # (a manifest's gate that does not parse: shown, not judged)
         return f"{value:.6g}"
     for digits in range(4, 17):
-        text = f"{value:.{digits}g}"
+        text = f"{value:#.{digits}g}"  # `#`: keep trailing zeros (a ratio of 0.99998 read "1", as if exact)
         if OPS[parsed.op](float(text), parsed.value) == passed:
             return text
     return repr(value)

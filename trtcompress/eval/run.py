@@ -95,7 +95,7 @@ def evaluate_target(
         built, calibration_start = _built_recipe(artifact, target)
         recipe = with_overrides(built, overrides)
         _check_window_before_calibration(built, recipe.eval, calibration_start)
-        reference = None
+        reference = spec = None
         if recipe.eval.reference:
             spec = reference_spec or _reference_of(artifact.manifest["source"])
             try:
@@ -106,7 +106,13 @@ def evaluate_target(
                 ) from None
         with ui.progress() as progress:
             report = evaluate_recipe(
-                artifact.model, artifact.tokenizer, recipe, reference, str(target), progress
+                artifact.model,
+                artifact.tokenizer,
+                recipe,
+                reference,
+                str(target),
+                progress,
+                reference_name=spec,
             )
         _write_outputs(report, output_dir or Path(target))
         return report
@@ -125,7 +131,10 @@ def evaluate_target(
         )
         with ui.progress() as progress:
             compress_model(loaded.model, loaded.tokenizer, recipe, progress=progress, log=ui.log)
-            report = evaluate_recipe(loaded.model, loaded.tokenizer, recipe, reference, target, progress)
+            report = evaluate_recipe(
+                loaded.model, loaded.tokenizer, recipe, reference, target, progress,
+                reference_name=reference_spec or target,
+            )  # fmt: skip
     else:
         # No passes: the model is its own reference, unless --reference-model names another one to
         # compare with (its figures must then be measured, not copied from the model's own).
@@ -136,8 +145,9 @@ def evaluate_target(
             # its own reference unless --no-reference (which leaves the reference figures unmeasured)
             is_reference = reference_spec is None and recipe.eval.reference
             report = evaluate_recipe(
-                loaded.model, loaded.tokenizer, recipe, reference, target, progress, is_reference
-            )
+                loaded.model, loaded.tokenizer, recipe, reference, target, progress, is_reference,
+                reference_name=reference_spec,
+            )  # fmt: skip
     if output_dir:
         _write_outputs(report, output_dir)
     return report
@@ -151,10 +161,20 @@ def _load_reference(spec: str, model, tokenizer, ui: UI):
 
 
 def evaluate_recipe(
-    model, tokenizer, recipe: Recipe, reference, model_name: str, progress, is_reference: bool = False
+    model,
+    tokenizer,
+    recipe: Recipe,
+    reference,
+    model_name: str,
+    progress,
+    is_reference: bool = False,
+    reference_name: str | None = None,
 ) -> EvalReport:
-    """`evaluate` with a recipe's evaluation protocol, name and KV-cache codec (build and eval alike)."""
-    return evaluate(
+    """`evaluate` with a recipe's evaluation protocol, name and KV-cache codec (build and eval alike).
+    The report's protocol records what the reference figures were measured on (`reference_name`, the
+    model itself, or nothing): `eval --reference-model` and an artifact's source are not always the
+    model a reader assumes."""
+    report = evaluate(
         model,
         tokenizer,
         recipe.eval,
@@ -165,6 +185,9 @@ def evaluate_recipe(
         progress=progress,
         kv=recipe.kv_cache,
     )
+    measured = reference is not None and not is_reference
+    report.protocol["reference"] = reference_name if measured else "itself" if is_reference else None
+    return report
 
 
 def _reference_of(source: dict[str, Any]) -> str:
