@@ -236,9 +236,13 @@ def serve(
 @click.option("--model", default="tensorrt_llm", show_default=True)
 @click.option("--stream/--no-stream", default=True, show_default=True, help="print tokens as they arrive")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, help="0 = greedy (the default)")
-@click.option("--top-k", type=int)
-@click.option("--top-p", type=float)
+@click.option(
+    "--temperature",
+    type=float,
+    help="0 = greedy; default: greedy, or 1 when --top-k / --top-p is given (TensorRT-LLM's rule)",
+)
+@click.option("--top-k", type=int, help="0 = off; 1 = greedy")
+@click.option("--top-p", type=float, help="in [0, 1]; 0 = greedy")
 @click.option("--seed", type=int)
 @click.option("--stop", "stop_words", multiple=True, help="stop string (repeatable)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object at the end")

@@ -86,19 +86,35 @@ def _mt_seed(seed: int) -> int:
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) what top-k and then top-p exclude from a 1-D logits row."""
+    """Mask (to -inf) what top-k and then top-p exclude from a 1-D logits row: the distribution of HF's
+    TopKLogitsWarper then TopPLogitsWarper (ties at the k-th logit all kept, as there)."""
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop_sorted[0] = False  # a top_p below float32's range becomes 0, and 0 >= 0 dropped all
+        # HF's TopPLogitsWarper, operation for operation: ascending sort, drop the tokens whose cumulative
+        # mass is <= 1 - top_p, the top token always kept. Of tokens tied at the boundary the later ids
+        # stay, as in HF (this sampler kept the earlier ones, from a descending sort: another distribution);
+        # a stable sort, since torch's default one may order ties arbitrarily (on CPU it does at 1,000
+        # elements, HF's sort included: its choice among ties is then arbitrary, this one is fixed)
+        sorted_logits, order = torch.sort(logits, descending=False, stable=True)
+        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop_sorted[-1] = False  # (a top_p below float32's range makes 1 - top_p = 1: only the top stays)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled (temperature > 0) request draws from, for a 1-D logits row: HF
+    `generate`'s TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper in that order, softmaxed."""
+    # shifted so that the top logit is 0 before dividing: any temperature > 0, however small,
+    # then gives finite probabilities (the others go to -inf or stay very negative)
+    # (one below float32's range became 0 in the division, 0 / 0 = NaN, and failed the whole step:
+    # raised to float32's smallest normal number, which leaves only the top logits finite all the same)
+    temperature = max(params.temperature, torch.finfo(torch.float32).smallest_normal)
+    scaled = (logits - logits.max()) / temperature
+    return filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
@@ -107,13 +123,5 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list)
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
             continue
-        # shifted so that the top logit is 0 before dividing: any temperature > 0, however small,
-        # then gives finite probabilities (the others go to -inf or stay very negative)
-        # (one below float32's range became 0 in the division, 0 / 0 = NaN, and failed the whole step:
-        # raised to float32's smallest normal number, which leaves only the top logits finite all the same)
-        temperature = max(p.temperature, torch.finfo(torch.float32).smallest_normal)
-        scaled = (logits[row] - logits[row].max()) / temperature
-        filtered = filter_logits(scaled, p.top_k, p.top_p)
-        probs = filtered.softmax(-1)
-        out[row] = int(torch.multinomial(probs, 1, generator=gen).item())
+        out[row] = int(torch.multinomial(probabilities(logits[row], p), 1, generator=gen).item())
     return out

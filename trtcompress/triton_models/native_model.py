@@ -64,6 +64,25 @@ def _text(value: Any, name: str) -> str:
     return str(value)
 
 
+def resolve_sampling(
+    temperature: float | None, top_k: int | None, top_p: float | None
+) -> tuple[float, int, float]:
+    """(temperature, top_k, top_p) for SamplingParams from a request's optional inputs, by TensorRT-LLM's
+    rule (LLM-API `SamplingParams.params_imply_greedy_decoding`; its C++ executor's temperature defaults
+    to 1 too): greedy when none is given, or temperature == 0, top_k == 1 or top_p == 0; otherwise a
+    missing temperature is 1. (A request of top_k = 50 alone was decoded greedily, and top_p = 0, greedy
+    there, was refused.) Out-of-range values stay as given, for SamplingParams.check to refuse."""
+    greedy = (
+        (temperature is None and top_k is None and top_p is None) or 0 in (temperature, top_p) or top_k == 1
+    )
+    if greedy:  # (a negative or NaN temperature is kept: refused, not silently greedy)
+        temperature = 0.0 if temperature is None or temperature >= 0 else temperature
+        top_p = 1.0 if top_p is None or top_p == 0 else top_p
+    elif temperature is None:
+        temperature = 1.0
+    return temperature, 0 if top_k is None else top_k, 1.0 if top_p is None else top_p
+
+
 def parse_request(
     request: Any, default_max_tokens: int, decoupled: bool = True
 ) -> tuple[str, SamplingParams, bool]:
@@ -98,13 +117,15 @@ def parse_request(
     stop = (
         () if stop_tensor is None else tuple(_text(s, stop_name) for s in stop_tensor.as_numpy().reshape(-1))
     )
-    seed = get("seed", int, None)
+    temperature, top_k, top_p = resolve_sampling(
+        get("temperature", float, None), get("top_k", int, None), get("top_p", float, None)
+    )
     params = SamplingParams(
         max_tokens=get("max_tokens", int, default_max_tokens),
-        temperature=get("temperature", float, 0.0),
-        top_k=get("top_k", int, 0),
-        top_p=get("top_p", float, 1.0),
-        seed=seed,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=get("seed", int, None),
         stop=stop,
         end_id=get("end_id", int, None),
     )
