@@ -290,6 +290,7 @@ def _width_models(tiny_model_dir, tmp_path_factory):
     }
 
 
+GSQ4 = {"method": "gsq", "bits": 4}
 WIDTH_PASSES = [
     {"method": "gsq", "bits": 4, "group_size": g} for g in (16, 32, 64, 128)
 ] + [
@@ -301,14 +302,26 @@ WIDTH_PASSES = [
     {"method": "gsq", "bits": 4, "group_size": 0},
     {"method": "mxfp4"},
     {"method": "nvfp4"},
+    # structured pruning first: the widths the quantizer sees are the pruned ones (o_proj 48 inputs with
+    # half the KV groups of the tiny model, down_proj 80 with half its FFN channels in multiples of 16)
+    [{"method": "structured", "ffn_ratio": 0, "head_ratio": 0.5}, {"method": "mxfp4"}],
+    [{"method": "structured", "ffn_ratio": 0.5, "round_to": 16}, {"method": "mxfp4"}],
+    [{"method": "structured", "ffn_ratio": 0.5, "round_to": 16}, GSQ4 | {"group_size": 32}],
+    [{"method": "structured", "ffn_ratio": 0.2, "round_to": 64}, GSQ4 | {"group_size": 64}],
 ]  # fmt: skip
+
+
+def _width_id(spec) -> str:
+    if isinstance(spec, list):
+        return "+".join(_width_id(p) for p in spec)
+    return "-".join("no-" + "-".join(v[1:]) if isinstance(v, list) else str(v) for v in spec.values())
 
 
 @pytest.mark.parametrize("export", ["hf", "trtllm", "trtllm-tp2"])
 @pytest.mark.parametrize(
     "spec",
     WIDTH_PASSES,
-    ids=lambda p: "-".join("no-" + "-".join(v[1:]) if isinstance(v, list) else str(v) for v in p.values()),
+    ids=_width_id,
 )
 def test_the_early_model_checks_agree_with_the_writers(tiny_model_dir, tmp_path_factory, spec, export):
     """check_recipe + check_model (widths: partial groups for hf, tp splits inside a group, MXFP4 blocks;
@@ -323,7 +336,8 @@ def test_the_early_model_checks_agree_with_the_writers(tiny_model_dir, tmp_path_
 
     tp = 2 if export == "trtllm-tp2" else 1
     fmt = export.split("-")[0]
-    recipe = Recipe.model_validate({"passes": [spec], "export": {"formats": [fmt], "tp_size": tp}})
+    passes = spec if isinstance(spec, list) else [spec]
+    recipe = Recipe.model_validate({"passes": passes, "export": {"formats": [fmt], "tp_size": tp}})
     for label, load in _width_models(tiny_model_dir, tmp_path_factory).items():
         loaded = load()
         try:

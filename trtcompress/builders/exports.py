@@ -178,9 +178,9 @@ def _group_size(config: Any) -> int:
 def _check_group_widths(recipe: Recipe, model: nn.Module, formats: set[str]) -> None:
     """Group-wise weights whose groups a layout cannot hold, from the model's widths: the HF layout's
     loaders do not pad a partial last group (a width the group size does not divide), and a trtllm
-    tensor-parallel split of o_proj / down_proj inputs must fall on group boundaries. Checked only where
-    the widths are certain (no structured pruning) and the last weight quantizer is the last pass, so
-    its format is the one the writers see on every layer it selects."""
+    tensor-parallel split of o_proj / down_proj inputs must fall on group boundaries. Checked where the
+    last weight quantizer is the last pass, so its format is the one the writers see on every layer it
+    selects, on the widths the layers will have then (`_pruned_inputs`: structured pruning before it)."""
     from trtcompress.checkpoints import trtllm_layout as lay
     from trtcompress.checkpoints.trtllm import even_split
     from trtcompress.errors import RecipeError
@@ -190,19 +190,18 @@ def _check_group_widths(recipe: Recipe, model: nn.Module, formats: set[str]) -> 
     final = _final_quantizers(recipe)
     if not final or final[0][0] != len(recipe.passes) - 1:
         return
-    if any(p.method == "structured" for p in recipe.passes):
-        return
     index, config = final[0]
     group = _group_size(config)
     mxfp4_trtllm = "trtllm" in formats and config.method == "mxfp4"
     if not group or not ("hf" in formats or tp > 1 or mxfp4_trtllm):
         return
     roles = _decoder_linears(model)
+    pruned = _pruned_inputs(recipe, model)
     where = f"passes.{index} ({config.method})"
     for name, module in select_linears(model, config.targets, config.exclude):
         if module not in roles:
             continue
-        width = module.in_features
+        width = pruned.get(name.rsplit(".", 1)[-1], module.in_features)
         if "hf" in formats and width % group:
             raise RecipeError(
                 f"export hf: {where} quantizes {name} ({width} input channels) in groups of {group}, a "
@@ -217,6 +216,24 @@ def _check_group_widths(recipe: Recipe, model: nn.Module, formats: set[str]) -> 
                 lay.check_divisible("W4A16_MXFP4", width // tp if roles[module] else width, name)
         except lay.ExportError as exc:
             raise RecipeError(f"export trtllm: tp_size {tp}, {name} ({where}): {exc}") from None
+
+
+def _pruned_inputs(recipe: Recipe, model: nn.Module) -> dict[str, int]:
+    """Input widths of o_proj / down_proj after the recipe's structured pruning (every layer alike), or
+    nothing without it: `structured` + `mxfp4` with `head_ratio` 0.5 left o_proj 48 inputs on the tiny
+    model, which trtllm's MXFP4 blocks of 32 cannot hold, refused only once the model was compressed."""
+    from trtcompress.passes.structured import pruned_widths
+
+    config = model.config
+    heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    ffn = config.intermediate_size
+    head_dim = model.model.layers[0].self_attn.head_dim
+    widths: dict[str, int] = {}
+    for p in recipe.passes:
+        if p.method == "structured":
+            heads, kv, ffn = pruned_widths(p, heads, kv, ffn)
+            widths = {"o_proj": heads * head_dim, "down_proj": ffn}
+    return widths
 
 
 def _check_fused_groups(recipe: Recipe, model: nn.Module, formats: set[str]) -> None:

@@ -65,6 +65,32 @@ def kept_ffn_width(width: int, ratio: float, round_to: int) -> int:
     return min(width, keep)
 
 
+def heads_removed(config: StructuredConfig, n_kv: int, per_group: int) -> int:
+    """KV groups (head_unit kv_group) or query heads per group (query_head) the pass removes."""
+    units = n_kv if config.head_unit == "kv_group" else per_group
+    return round(units * config.head_ratio)
+
+
+def pruned_widths(
+    config: StructuredConfig, n_heads: int, n_kv: int, intermediate: int
+) -> tuple[int, int, int]:
+    """(query heads, KV heads, intermediate size) the pass leaves in every layer, from its settings alone:
+    which channels and heads it keeps needs calibration, how many does not, so exports can check the
+    pruned widths before the compression. A ratio the pass refuses (removing none or all) leaves them."""
+    heads, kv = n_heads, n_kv
+    if config.head_ratio:
+        per_group = n_heads // n_kv
+        remove = heads_removed(config, n_kv, per_group)
+        if config.head_unit == "kv_group" and 0 < remove < n_kv:
+            kv = n_kv - remove
+            heads = kv * per_group
+        elif config.head_unit == "query_head" and 0 < remove < per_group:
+            heads = n_kv * (per_group - remove)
+    if config.ffn_ratio:
+        intermediate = kept_ffn_width(intermediate, config.ffn_ratio, config.round_to)
+    return heads, kv, intermediate
+
+
 def refit_columns(
     weight: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor, damp: float
 ) -> torch.Tensor:
@@ -159,8 +185,8 @@ class StructuredPass(CalibratedPass):
         per_group = attn.num_key_value_groups
         n_kv = n_heads // per_group
         head_score = importance.reshape(n_heads, head_dim).sum(-1)
+        remove = heads_removed(self.config, n_kv, per_group)
         if self.config.head_unit == "kv_group":
-            remove = round(n_kv * self.config.head_ratio)
             if remove >= n_kv or remove == 0:
                 raise CompressionError(
                     f"head_ratio {self.config.head_ratio} removes {remove} of {n_kv} KV groups; "
@@ -169,7 +195,6 @@ class StructuredPass(CalibratedPass):
             kv_keep = head_score.reshape(n_kv, per_group).sum(-1).topk(n_kv - remove).indices.sort().values
             q_keep = (kv_keep[:, None] * per_group + torch.arange(per_group)[None, :]).flatten()
             return q_keep, kv_keep
-        remove = round(per_group * self.config.head_ratio)
         if remove >= per_group or remove == 0:
             raise CompressionError(
                 f"head_ratio {self.config.head_ratio} removes {remove} of the {per_group} query heads of "
