@@ -297,3 +297,28 @@ def test_modelopt_fused_group_of_mixed_formats_is_refused_before_anything_change
         import_modelopt_model(model, target=target)
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_rotary_settings_are_under_the_names_transformers_4_reads(tmp_path):
+    """transformers 5 writes theta and scaling only inside `rope_parameters`; the loaders of this layout
+    on transformers 4 (TensorRT-LLM 1.2's LLM API pins 4.57) read `rope_theta` / `rope_scaling`, and
+    silently ran a Llama-3.1 config with theta 10000 and no scaling. Both spellings are written, and
+    transformers 5 reads the same rotary settings back."""
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, rope_theta=500000.0, rope_scaling=dict(rope),  # (a copy: it adds rope_theta)
+    )  # fmt: skip
+    write_hf_checkpoint(LlamaForCausalLM(config), None, tmp_path / "hf")
+    written = json.loads((tmp_path / "hf/config.json").read_text())
+    assert written["rope_theta"] == 500000.0
+    assert written["rope_scaling"] == rope
+    assert AutoConfig.from_pretrained(tmp_path / "hf").rope_parameters == config.rope_parameters
+    plain = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, rope_theta=100000.0)  # fmt: skip
+    write_hf_checkpoint(LlamaForCausalLM(plain), None, tmp_path / "plain")
+    written = json.loads((tmp_path / "plain/config.json").read_text())
+    assert written["rope_theta"] == 100000.0 and written.get("rope_scaling") is None

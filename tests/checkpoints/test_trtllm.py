@@ -416,3 +416,36 @@ def test_prequant_scale_state_and_its_checkpoint_tensor(tiny_model, tmp_path):
     assert config["quantization"]["pre_quant_scale"] is True
     got = torch.cat([s["transformer.layers.0.mlp.proj.prequant_scaling_factor"][:80] for s in shards])
     assert torch.equal(got, state.pre_quant_scale)  # row-parallel: split with the input channels
+
+
+# ------------------------------------------------------------------------------- config variations
+
+
+def _llama(**config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=1)  # fmt: skip
+    return LlamaForCausalLM(LlamaConfig(**{**base, **config}))
+
+
+def test_rotary_scaling_head_size_and_mqa_reach_the_config(tmp_path):
+    """What TensorRT-LLM's LLaMAConfig reads for a Llama-3.1-style config (theta, llama3 scaling, given
+    under transformers 4's rope_scaling), an explicit head_dim other than hidden / heads, and one KV head."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}  # fmt: skip
+    model = _llama(rope_theta=500000.0, rope_scaling=dict(rope), head_dim=16)
+    config, (tensors,) = _write(model, tmp_path)
+    assert config["rotary_base"] == 500000.0
+    scaling = {k: v for k, v in rope.items() if k != "rope_type"}
+    assert config["rotary_scaling"] == {"type": "llama3", **scaling}
+    assert config["head_size"] == 16 and config["num_key_value_heads"] == 1
+    assert tensors["transformer.layers.0.attention.qkv.weight"].shape == ((4 + 2) * 16, 32)
+    assert _write(_llama(), tmp_path / "plain")[0]["rotary_scaling"] is None
+
+
+@pytest.mark.parametrize("field", ["attention_bias", "mlp_bias"])
+def test_a_biased_llama_is_refused_naming_the_config_field(tmp_path, field):
+    with pytest.raises(ExportError, match=rf"{field}: true.*linear biases are not supported"):
+        _write(_llama(**{field: True}), tmp_path)
+    assert not list(tmp_path.iterdir())

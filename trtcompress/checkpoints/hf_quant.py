@@ -83,6 +83,21 @@ def _linear_tensors(kind: str, parts, own_pqs: bool) -> dict[str, torch.Tensor]:
     return out
 
 
+def legacy_rope_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` (a `to_dict()`) with the rotary settings also under transformers 4's names, `rope_theta` and
+    `rope_scaling`: transformers 5 writes only `rope_parameters`, which transformers 4 ignores, so the
+    loaders of this layout that run on it (TensorRT-LLM 1.2's LLM API pins 4.57) read theta 10000 and no
+    scaling, silently: a Llama-3 (theta 500000, llama3 scaling) or SmolLM2 (theta 100000) became
+    another model. transformers 5 reads the same values from either spelling."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:  # one setting for every layer
+        if config.get("rope_theta") is None:
+            config["rope_theta"] = params["rope_theta"]
+        if params.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+            config["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return config
+
+
 def quantization_config(algo: str | None, quant: dict[str, Any], producer: dict[str, Any]) -> dict[str, Any]:
     """config.json's `quantization_config`, as ModelOpt's `convert_hf_quant_config_format` writes it.
 
@@ -241,7 +256,7 @@ def write_hf_checkpoint(
     producer = {"name": "trtcompress", "version": trtcompress.__version__}
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.clone() for k, v in tensors.items()}, str(out_dir / "model.safetensors"))
-    config = model.config.to_dict()
+    config = legacy_rope_fields(model.config.to_dict())
     config["tie_word_embeddings"] = tied
     config["torch_dtype"] = dtype
     config.pop("dtype", None)

@@ -371,8 +371,12 @@ def _check_model(model: nn.Module, options: TrtllmOptions) -> None:
             f"the TensorRT-LLM writer handles LLaMA-family models ({', '.join(ARCHITECTURES)}), "
             f"got {model_type!r}"
         )
-    if any(getattr(model.config, k, False) for k in ("attention_bias", "mlp_bias")):
-        raise ExportError("linear biases are not supported by the TensorRT-LLM writer")
+    biased = [k for k in ("attention_bias", "mlp_bias") if getattr(model.config, k, False)]
+    if biased:
+        raise ExportError(
+            f"the model's config sets {' and '.join(f'{k}: true' for k in biased)}: linear biases are not "
+            "supported by the TensorRT-LLM writer (export native or hf)"
+        )
     if options.dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
     kv_algo = KV_ALGOS.get(options.kv_cache or "")
