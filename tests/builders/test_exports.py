@@ -376,3 +376,22 @@ def test_width_refusals_come_before_the_compression(tiny_model_dir, tmp_path, pr
     assert lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
     assert not any("error" in line or "gsq" in line for line in lines[:-1]), result.stderr  # no progress
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_sliding_window_shorter_than_the_engines_sequences_is_refused(tmp_path):
+    """A Mistral with a sliding window exported to trtllm: the checkpoint cannot carry the window and an
+    engine of longer sequences attends to every token (found by the model-family audit)."""
+    from tests.conftest import make_tiny_model_dir
+    from trtcompress.builders.exports import check_model
+    from trtcompress.models import load_model
+
+    path = make_tiny_model_dir(tmp_path / "mistral", model_type="mistral")
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    (path / "config.json").write_text(json.dumps({**config, "sliding_window": 16}), encoding="utf-8")
+    model = load_model(str(path), log=lambda m: None).model
+    recipe = Recipe.model_validate({"export": {"formats": ["trtllm"]}})
+    with pytest.raises(RecipeError, match=r"sliding window of 16 tokens.*max_seq_len <= 16"):
+        check_model(recipe, model)
+    short = {"formats": ["trtllm"], "engine": {"max_seq_len": 16}}
+    check_model(Recipe.model_validate({"export": short}), model)
+    check_model(Recipe.model_validate({"export": {"formats": ["hf"]}}), model)  # its config keeps the window

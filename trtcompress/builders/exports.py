@@ -148,9 +148,28 @@ def check_model(recipe: Recipe, model: nn.Module) -> None:
 
         cfg = recipe.export
         check_exportable(model, TrtllmOptions(tp_size=cfg.tp_size, pp_size=cfg.pp_size, dtype=cfg.dtype))
+        _check_attention_window(recipe, model)
     _check_group_widths(recipe, model, formats)
     _check_fused_groups(recipe, model, formats)
     _check_requantized_shards(recipe, model, formats)
+
+
+def _check_attention_window(recipe: Recipe, model: nn.Module) -> None:
+    """A sliding window (Mistral's `sliding_window`) shorter than the engine's sequences: the TensorRT-LLM
+    checkpoint has no field for it (upstream's converter drops it too) and TensorRT-LLM takes the window
+    only at run time (`max_attention_window_size`), so an engine of longer sequences attends to every
+    token, silently another model past the window."""
+    from trtcompress.errors import RecipeError
+
+    window = getattr(model.config, "sliding_window", None)
+    limit = recipe.export.engine.max_seq_len
+    if window and window < limit:
+        raise RecipeError(
+            f"export trtllm: the model attends within a sliding window of {window} tokens, which a "
+            "TensorRT-LLM checkpoint cannot carry (TensorRT-LLM takes it at run time only, as "
+            f"max_attention_window_size): an engine of export.engine.max_seq_len {limit} would attend "
+            f"beyond it; set export.engine.max_seq_len <= {window}, or export native / hf"
+        )
 
 
 def _decoder_linears(model: nn.Module) -> dict[nn.Module, bool]:
