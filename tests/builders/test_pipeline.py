@@ -214,7 +214,8 @@ def test_a_trtllm_export_the_model_rules_out_fails_before_compression(
 def test_a_checkpoint_the_writer_refuses_costs_no_evaluation(tiny_model_dir, tmp_path, monkeypatch):
     """The trtllm / hf checkpoints were written after the evaluation (minutes, with the reference model):
     a layout refused only by the writer (here a partial last group for hf, which the early width check
-    leaves to it after structured pruning) failed after all of it. They are now written first."""
+    leaves to it where a later quantizer replaces only some of an earlier one's layers) failed after all
+    of it. They are now written first."""
     from trtcompress.builders import pipeline
     from trtcompress.checkpoints.trtllm_layout import ExportError
 
@@ -222,7 +223,10 @@ def test_a_checkpoint_the_writer_refuses_costs_no_evaluation(tiny_model_dir, tmp
     monkeypatch.setattr(pipeline, "evaluate_recipe", lambda *a, **k: evaluated.append(1))  # a spy
     recipe = Recipe.model_validate(
         {
-            "passes": [{"method": "structured", "compensate": False}, {"method": "gsq", "group_size": 128}],
+            "passes": [
+                {"method": "gsq", "group_size": 128},
+                {"method": "gsq", "group_size": 32, "targets": ["o_proj"]},
+            ],
             "calibration": {"num_samples": 4, "seq_len": 64},
             "eval": TINY_EVAL.model_dump(),
             "export": {"formats": ["native", "hf"]},
