@@ -64,7 +64,11 @@ class ExportConfig(StrictModel):
     shard_size_mb: int = Field(2048, ge=1, description="maximum safetensors shard size")
     tp_size: int = Field(1, ge=1, description="tensor-parallel ranks of the trtllm checkpoint")
     pp_size: int = Field(1, ge=1, description="pipeline-parallel stages of the trtllm checkpoint")
-    dtype: Literal["float16", "bfloat16"] = Field("float16", description="dtype of trtllm/hf dense tensors")
+    dtype: Literal["auto", "float16", "bfloat16"] = Field(
+        "auto",
+        description="dtype of trtllm/hf dense tensors; auto: bfloat16 for a bfloat16 source checkpoint, else "
+        "float16 (TensorRT-LLM's converters follow the source too)",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @field_validator("formats", mode="before")

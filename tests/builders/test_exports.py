@@ -395,3 +395,29 @@ def test_a_sliding_window_shorter_than_the_engines_sequences_is_refused(tmp_path
     short = {"formats": ["trtllm"], "engine": {"max_seq_len": 16}}
     check_model(Recipe.model_validate({"export": short}), model)
     check_model(Recipe.model_validate({"export": {"formats": ["hf"]}}), model)  # its config keeps the window
+
+
+def test_export_dtype_auto_follows_the_source_checkpoint(tiny_model_dir, tmp_path):
+    """`export.dtype: auto` (the default): a bf16 source exports bf16 (a fixed float16 default turned
+    Llama-3's bf16 weights into fp16, whose range its activations may overflow), an fp32 one float16;
+    the manifest records the dtype written, and an explicit dtype wins."""
+    import torch
+
+    from trtcompress.builders.pipeline import build
+    from trtcompress.checkpoints import native
+    from trtcompress.models import load_model
+
+    bf16 = tmp_path / "bf16"
+    loaded = load_model(str(tiny_model_dir), log=lambda m: None)
+    loaded.model.to(torch.bfloat16).save_pretrained(bf16)
+    loaded.tokenizer.save_pretrained(bf16)
+    base = {"passes": [{"method": "gsq", "bits": 4, "group_size": 32}], "eval": {"enabled": False}}
+    for source, dtype, expected in (
+        (bf16, "auto", "bfloat16"), (tiny_model_dir, "auto", "float16"), (bf16, "float16", "float16"),
+    ):  # fmt: skip
+        recipe = Recipe.model_validate({**base, "export": {"formats": ["trtllm", "hf"], "dtype": dtype}})
+        out = tmp_path / f"{source.name}-{dtype}"
+        build(str(source), recipe, out)
+        assert native.read_manifest(out)["recipe"]["export"]["dtype"] == expected
+        assert json.loads((out / "trtllm" / "config.json").read_text(encoding="utf-8"))["dtype"] == expected
+        assert json.loads((out / "hf" / "config.json").read_text(encoding="utf-8"))["torch_dtype"] == expected

@@ -6,6 +6,7 @@ leaves no artifact. The exporters read the model's CompressedLinearStates; nothi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,29 @@ def _check_engine(recipe: Recipe, methods: set[str]) -> None:
             )
 
 
+def resolve_export_dtype(recipe: Recipe, model_dir: Path) -> Recipe:
+    """`export.dtype: auto` made concrete from the source checkpoint's config: a bfloat16 model stays
+    bfloat16 (fp16 tops out at 65504 where bf16 reaches 3e38: its activations may overflow fp16; a fixed
+    float16 default exported Llama-3's bf16 weights as fp16), anything else (fp32, fp16, the packaged
+    GGUF's float32) is float16."""
+    from trtcompress.recipe import with_overrides
+
+    if recipe.export.dtype != "auto":
+        return recipe
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # (the loader read it already: not expected)
+        config = {}
+    source = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    return with_overrides(recipe, [("export.dtype", "bfloat16" if source == "bfloat16" else "float16")])
+
+
+def export_dtype(recipe: Recipe) -> str:
+    """The dense dtype the writers use: `export.dtype`, float16 where `auto` was not resolved from a source
+    checkpoint (a model handed to the writers directly, in memory)."""
+    return "float16" if recipe.export.dtype == "auto" else recipe.export.dtype
+
+
 def check_model(recipe: Recipe, model: nn.Module) -> None:
     """Refuse, once the model is loaded and before minutes of compression and evaluation, export requests
     its config rules out: the trtllm writer's architecture, bias and tp/pp geometry checks (`--tp-size 3` on
@@ -147,7 +171,8 @@ def check_model(recipe: Recipe, model: nn.Module) -> None:
         from trtcompress.checkpoints.trtllm import TrtllmOptions, check_exportable
 
         cfg = recipe.export
-        check_exportable(model, TrtllmOptions(tp_size=cfg.tp_size, pp_size=cfg.pp_size, dtype=cfg.dtype))
+        options = TrtllmOptions(tp_size=cfg.tp_size, pp_size=cfg.pp_size, dtype=export_dtype(recipe))
+        check_exportable(model, options)
         _check_attention_window(recipe, model)
     _check_group_widths(recipe, model, formats)
     _check_fused_groups(recipe, model, formats)
@@ -312,7 +337,7 @@ def _check_requantized_shards(recipe: Recipe, model: nn.Module, formats: set[str
     if "trtllm" not in formats or tp < 2 or [p.method for p in recipe.passes] != ["gsq"]:
         return
     config = recipe.passes[0]
-    if config.group_size or recipe.export.dtype not in DTYPES:
+    if config.group_size or export_dtype(recipe) not in DTYPES:
         return
     try:
         kind = lay.int_weight_kind(config.format)
@@ -330,7 +355,7 @@ def _check_requantized_shards(recipe: Recipe, model: nn.Module, formats: set[str
             parts = lay.parts_of(gsq.compress_linear(name, state), kind)
             for rank in range(tp):
                 try:
-                    lay.emit(parts.cols(*even_split(parts.shape[1], tp, rank)), DTYPES[recipe.export.dtype])
+                    lay.emit(parts.cols(*even_split(parts.shape[1], tp, rank)), DTYPES[export_dtype(recipe)])
                 except lay.ExportError as exc:
                     where = f"passes.0 (gsq) on {name}, tp rank {rank}"
                     raise RecipeError(f"export trtllm: {where}: {exc}") from None
@@ -369,8 +394,8 @@ def write_checkpoints(
         from trtcompress.checkpoints.trtllm import TrtllmOptions, write_trtllm_checkpoint
 
         options = TrtllmOptions(
-            tp_size=cfg.tp_size, pp_size=cfg.pp_size, dtype=cfg.dtype, kv_cache=recipe.kv_cache.codec,
-            kv_cache_scales=kv_scales,
+            tp_size=cfg.tp_size, pp_size=cfg.pp_size, dtype=export_dtype(recipe),
+            kv_cache=recipe.kv_cache.codec, kv_cache_scales=kv_scales,
         )  # fmt: skip
         log(f"writing the TensorRT-LLM checkpoint (tp {cfg.tp_size}, pp {cfg.pp_size})")
         config = write_trtllm_checkpoint(model, out / "trtllm", options)
@@ -388,7 +413,7 @@ def write_checkpoints(
             model,
             tokenizer,
             out / "hf",
-            dtype=cfg.dtype,
+            dtype=export_dtype(recipe),
             kv_cache=recipe.kv_cache.codec,
             kv_cache_scales=kv_scales,
         )

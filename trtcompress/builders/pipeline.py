@@ -65,8 +65,9 @@ def build(
     ui.log(f"loading {spec}")
     loaded = load_model(spec, log=ui.log)
     if {"trtllm", "hf"} & set(recipe.export.formats):  # architecture, tp/pp geometry, group widths
-        from trtcompress.builders.exports import check_model
+        from trtcompress.builders.exports import check_model, resolve_export_dtype
 
+        recipe = resolve_export_dtype(recipe, loaded.path)  # (the manifest records the dtype written)
         check_model(recipe, loaded.model)
     if recipe.eval.enabled:  # an evaluation that cannot run fails now, not after the compression
         check_protocol(recipe.eval, loaded.model, loaded.tokenizer)
