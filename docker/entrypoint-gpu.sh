@@ -19,8 +19,8 @@ cmd=(mpirun --allow-run-as-root)
 for ((rank = 0; rank < world; rank++)); do
   [[ ${rank} -gt 0 ]] && cmd+=(:)
   cmd+=(-n 1 tritonserver "${common[@]}" "--backend-config=python,shm-region-prefix-name=prefix${rank}_")
-  if [[ ${rank} -eq 0 ]]; then
-    cmd+=(--http-port="${http}" --grpc-port="${grpc}" --metrics-port="${metrics}")
+  if [[ ${rank} -eq 0 ]]; then  # (the container's arguments, e.g. --log-verbose=1, go to the serving rank)
+    cmd+=(--http-port="${http}" --grpc-port="${grpc}" --metrics-port="${metrics}" "$@")
   else
     cmd+=(--model-control-mode=explicit --load-model=tensorrt_llm --allow-http=false --allow-grpc=false
           --allow-metrics=false)

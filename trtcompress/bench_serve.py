@@ -61,16 +61,14 @@ def hf_baseline(model: Any, tokenizer: Any, prompts: list[str], output_tokens: i
 
 def load_level(grpc_url: str, model: str, prompts: list[str], concurrency: int, num_requests: int,
                output_tokens: int) -> dict:  # fmt: skip
-    from trtcompress.client import generate_grpc
+    from trtcompress.client import generate_grpc, grpc_client
 
     lock = threading.Lock()
     next_index = [0]
     results: list[dict] = []
 
     def worker() -> None:
-        import tritonclient.grpc as grpcclient
-
-        client = grpcclient.InferenceServerClient(grpc_url)
+        client = grpc_client(grpc_url)  # (a loopback server: not through the environment's proxy)
         try:
             while True:
                 with lock:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import codecs
 import contextlib
 import http.client
+import ipaddress
 import json
+import os
 import queue
 import time
 import uuid
@@ -48,6 +50,91 @@ def _address(url: str, schemes: tuple[str, ...]) -> tuple[bool, str]:
     if scheme.lower() not in schemes:
         raise ClientError(f"{url}: unknown scheme {scheme!r}; give HOST:PORT or {schemes[0]}://HOST:PORT")
     return scheme.lower() in schemes[len(schemes) // 2 :], rest.rstrip("/")
+
+
+def _host(address: str) -> str:
+    """The host of HOST:PORT, [IPV6]:PORT or a bare HOST."""
+    if address.startswith("["):
+        return address[1:].partition("]")[0]
+    host, sep, port = address.rpartition(":")
+    return host if sep and ":" not in host and port.isdigit() else address
+
+
+def _is_loopback(host: str) -> bool:
+    """localhost (and its subdomains, RFC 6761) or a loopback address (127.0.0.0/8, ::1)."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+# gRPC's C core (grpcio, tritonclient.grpc) takes its HTTP CONNECT proxy from the first of these that is set
+# (lowercase only), and skips it for the hosts in the first of no_grpc_proxy / no_proxy that is set.
+GRPC_PROXY_VARS = ("grpc_proxy", "https_proxy", "http_proxy")
+GRPC_NO_PROXY_VARS = ("no_grpc_proxy", "no_proxy")
+
+
+def _grpc_proxy(host: str) -> tuple[str, str] | None:
+    """(variable, proxy) gRPC sends a channel to `host` through, or None (as near as we can tell: the no_proxy
+    match here is by name, domain suffix or address range; a loopback host never goes through one, see
+    grpc_client)."""
+    if _is_loopback(host):
+        return None
+    proxy = next(((name, os.environ[name]) for name in GRPC_PROXY_VARS if os.environ.get(name)), None)
+    skip = next((os.environ[name] for name in GRPC_NO_PROXY_VARS if os.environ.get(name)), "")
+    if skip.strip() == "*":
+        return None
+    for entry in skip.lower().split(","):
+        entry = entry.strip().lstrip("*").lstrip(".")
+        if entry and (host.lower() == entry or host.lower().endswith("." + entry)):
+            return None
+        with contextlib.suppress(ValueError):  # an address range (gRPC takes CIDR entries too)
+            if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                return None
+    return proxy
+
+
+def grpc_client(url: str) -> Any:
+    """A tritonclient gRPC client of `url` (HOST:PORT or grpc[s]://HOST:PORT). gRPC's C core sends every
+    channel through the proxy in grpc_proxy / https_proxy / http_proxy unless no_grpc_proxy / no_proxy names
+    the host, loopback addresses included, so `http_proxy` set for the outside world made every request to
+    the server `trtcompress serve` started on 127.0.0.1 fail ("failed to connect to all addresses", naming
+    the proxy's address). A proxy cannot reach this machine's loopback, so loopback hosts are connected to
+    directly (as Go's ProxyFromEnvironment and gRPC-Go do); other hosts keep the environment's proxy."""
+    import tritonclient.grpc as grpcclient
+
+    tls, address = _address(url, ("grpc", "http", "grpcs", "https"))
+    if not _is_loopback(_host(address)):
+        return grpcclient.InferenceServerClient(address, ssl=tls)
+    # channel_args replaces tritonclient's own channel options: the same ones, plus the proxy switch
+    keepalive = grpcclient.KeepAliveOptions()
+    args = [
+        ("grpc.max_send_message_length", 2**31 - 1),
+        ("grpc.max_receive_message_length", 2**31 - 1),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.enable_http_proxy", 0),
+    ]
+    return grpcclient.InferenceServerClient(address, ssl=tls, channel_args=args)
+
+
+def _grpc_hint(url: str, message: str) -> str:
+    """`message` with what to check where nothing answered: the proxy gRPC went through, if any (its
+    refusal named the proxy's address, not the server's), else whether a server runs there."""
+    if "connection refused" not in message.lower() and "failed to connect" not in message.lower():
+        return message
+    with contextlib.suppress(ClientError):
+        if proxy := _grpc_proxy(_host(_address(url, ("grpc", "http", "grpcs", "https"))[1])):
+            return (
+                f"{message}; gRPC connects to that host through the proxy in {proxy[0]}={proxy[1]} (name "
+                "the host in no_grpc_proxy or no_proxy to connect directly)"
+            )
+    return _no_server_hint(message)
 
 
 def _utf8_decoder() -> Any:
@@ -146,7 +233,6 @@ def generate_grpc(
     **params: Any,
 ) -> Completion:
     """One request over a gRPC bidirectional stream (the decoupled model's transport)."""
-    import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
     # `streaming` (the LLM-API name) replaces `stream`: the model refuses a request with both
@@ -154,8 +240,7 @@ def generate_grpc(
     inputs = _grpc_inputs(prompt, {**params, **streaming})  # (a bad value fails before any connection)
     own = client is None
     if own:
-        tls, address = _address(url, ("grpc", "http", "grpcs", "https"))
-        client = grpcclient.InferenceServerClient(address, ssl=tls)
+        client = grpc_client(url)
     decoder = _utf8_decoder()
     results: queue.Queue = queue.Queue()
     done = Completion()
@@ -172,7 +257,7 @@ def generate_grpc(
             with contextlib.suppress(queue.Empty):  # the stream's callback has the reason
                 _, error, _ = results.get(timeout=2)
                 message = error.message() if hasattr(error, "message") else str(error)
-            raise ClientError(f"{url}: {_no_server_hint(message)}") from None
+            raise ClientError(f"{url}: {_grpc_hint(url, message)}") from None
         deadline = done.start + timeout
         while True:
             try:
@@ -182,7 +267,7 @@ def generate_grpc(
             if error is not None:  # (also where no server answered: the stream reports it here or above)
                 finished = True  # ended by the server: a cancel now kept tritonserver from unloading it
                 message = str(error.message() if hasattr(error, "message") else error)
-                hinted = _no_server_hint(message)
+                hinted = _grpc_hint(url, message)
                 raise ClientError(message if hinted == message else f"{url}: {hinted}")
             text, reason = result.as_numpy("text_output"), result.as_numpy("finish_reason")
             if text is not None:  # (an empty final response has no outputs)

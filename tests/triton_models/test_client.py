@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import run_cli
 from trtcompress.client import ClientError, generate_grpc, generate_http
 
-from .conftest import BYTES_MODEL
+from .conftest import BYTES_MODEL, ECHO_MODEL
 
 TEXT = "café 中 😀 ok"
 
@@ -163,3 +163,59 @@ def test_a_prompt_with_undecodable_bytes_is_refused_by_the_server_not_a_tracebac
         generate_grpc(server.endpoints.grpc, "tensorrt_llm", "caf\udcff", max_tokens=2, timeout=60)
     with pytest.raises(ClientError, match="the prompt is not UTF-8 text"):
         generate_grpc(server.endpoints.grpc, "tensorrt_llm", "a\ud800", max_tokens=2, timeout=60)
+
+
+DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens on the discard port: a proxy that refuses everything
+PROXY_VARS = ("grpc_proxy", "https_proxy", "http_proxy", "no_grpc_proxy", "no_proxy")
+
+
+@pytest.fixture
+def dead_proxy(monkeypatch):
+    """The environment of a user whose proxy serves the outside world (here one that refuses everything),
+    with no no_proxy exception for this machine."""
+    for name in PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return lambda name, value=DEAD_PROXY: monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("variable", ["http_proxy", "https_proxy", "grpc_proxy"])
+def test_grpc_reaches_a_loopback_server_past_the_environments_proxy(server, dead_proxy, variable):
+    """gRPC's C core sends every channel through the proxy in grpc_proxy / https_proxy / http_proxy unless
+    no_proxy names the host, loopback included: with http_proxy set, `generate` against the server `serve`
+    started on 127.0.0.1 failed with "failed to connect to all addresses ... ipv4:127.0.0.1:9" and asked
+    whether a server ran there. A proxy cannot reach this machine's loopback: those hosts go direct. HTTP
+    (http.client) never used the environment's proxy."""
+    dead_proxy(variable)
+    port = server.endpoints.grpc_port
+    for url in (f"127.0.0.1:{port}", f"localhost:{port}", f"grpc://127.0.0.1:{port}/"):
+        out = generate_grpc(url, ECHO_MODEL, "a b c", max_tokens=3, timeout=60)
+        assert out.text == "a b c ", url
+    assert generate_http(server.endpoints.http, ECHO_MODEL, "a b", stream=True, timeout=60).text == "a b "
+    ok = run_cli("generate", "a b", "--url", server.endpoints.grpc, "--model", ECHO_MODEL)
+    assert ok.returncode == 0 and ok.stdout == "a b \n", ok.stderr
+
+
+def test_load_workers_reach_a_loopback_server_past_the_environments_proxy(server, dead_proxy):
+    """`bench serve`'s load workers made their own gRPC clients: every request an error under http_proxy."""
+    from trtcompress.bench_serve import load_level
+
+    dead_proxy("http_proxy")
+    level = load_level(server.endpoints.grpc, "tensorrt_llm", ["a b"], 2, 2, output_tokens=2)
+    assert level["requests"] == 2 and level["errors"] == 0, level
+
+
+def test_other_hosts_keep_the_proxy_and_its_refusal_names_it(dead_proxy):
+    """A non-loopback host still goes through the environment's proxy (gRPC's own rule); where the proxy
+    refuses, the error names it instead of asking whether a server runs at the host (whose address the
+    message did not even hold: gRPC reported the proxy's)."""
+    from trtcompress.client import _grpc_proxy
+
+    dead_proxy("https_proxy")
+    with pytest.raises(ClientError, match=r"through the proxy in https_proxy=http://127\.0\.0\.1:9 "):
+        generate_grpc("192.0.2.1:8001", "m", "hi", timeout=20)  # (TEST-NET-1: never reached)
+    assert _grpc_proxy("192.0.2.1") == ("https_proxy", DEAD_PROXY)
+    assert all(_grpc_proxy(host) is None for host in ("::1", "127.0.0.2", "LocalHost", "a.localhost"))
+    dead_proxy("no_proxy", ".example.org,10.1.2.3,192.168.0.0/16")
+    assert all(_grpc_proxy(host) is None for host in ("a.example.org", "10.1.2.3", "192.168.7.1"))
+    assert _grpc_proxy("example.com") == ("https_proxy", DEAD_PROXY)

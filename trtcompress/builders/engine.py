@@ -22,7 +22,7 @@ from trtcompress.errors import ArtifactError, MissingDependencyError
 
 TRTLLM_VERSION = "1.2.1"
 # The NGC Triton release that ships TensorRT-LLM 1.2.1 (docker/Dockerfile.gpu asserts the version at build).
-NGC_IMAGE = "nvcr.io/nvidia/tritonserver:26.02-trtllm-python-py3"
+NGC_IMAGE = "nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3"
 INSTALL_HINT = (
     f"building a TensorRT engine needs TensorRT-LLM {TRTLLM_VERSION} and a CUDA GPU, which are not "
     f"installed here: run the build inside the NGC container {NGC_IMAGE} (or the image from "

@@ -6,12 +6,12 @@ from types import ModuleType
 from trtcompress.errors import MissingDependencyError
 
 _REGISTERED: set[str] = set()
-# TensorRT-LLM 1.2.1 pins tensorrt~=10.13.3 (its requirements.txt): the plugins register in that process, and
+# TensorRT-LLM 1.2.1 pins tensorrt~=10.14.1 (its requirements.txt): the plugins register in that process, and
 # a bare `pip install tensorrt` now brings TensorRT 11, which that TensorRT-LLM was not built against.
 TRT_HINT = (
     "the TensorRT plugins need TensorRT >= 10.9 (`tensorrt.plugin.aot_impl`) and a CUDA GPU: "
-    '`pip install "tensorrt~=10.13.3"` (the version TensorRT-LLM 1.2.1 pins), or run in the '
-    "docker/Dockerfile.gpu image (nvcr.io/nvidia/tritonserver:26.02-trtllm-python-py3)"
+    '`pip install "tensorrt~=10.14.1"` (the version TensorRT-LLM 1.2.1 pins), or run in the '
+    "docker/Dockerfile.gpu image (nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3)"
 )
 
 

@@ -18,7 +18,7 @@ TRTLLM_HINT = (
     "python -m trtcompress.plugins.trtllm_build runs TensorRT-LLM 1.2.1's trtllm-build: install "
     "tensorrt_llm==1.2.1 with its TensorRT (pip install tensorrt_llm==1.2.1 --extra-index-url "
     "https://pypi.nvidia.com, on a CUDA machine), or run inside docker/Dockerfile.gpu "
-    "(nvcr.io/nvidia/tritonserver:26.02-trtllm-python-py3)"
+    "(nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3)"
 )
 
 

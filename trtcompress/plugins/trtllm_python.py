@@ -72,7 +72,7 @@ def _trtllm():
         raise MissingDependencyError(
             "the TensorRT-LLM Python plugins need TensorRT-LLM 1.2.1 and a CUDA GPU: `pip install "
             "tensorrt_llm==1.2.1 --extra-index-url https://pypi.nvidia.com`, or run in the "
-            "docker/Dockerfile.gpu image (nvcr.io/nvidia/tritonserver:26.02-trtllm-python-py3)"
+            "docker/Dockerfile.gpu image (nvcr.io/nvidia/tritonserver:26.07-trtllm-python-py3)"
         ) from None
     return PluginBase, SymTensor, convert_to_torch_tensor, trtllm_plugin
 
