@@ -165,10 +165,11 @@ def serve(
 ):  # fmt: skip
     """Serve ARTIFACT (a native artifact or model directory: its native repository is generated) or
     REPO (a Triton model repository) with tritonserver until Ctrl-C / SIGTERM."""
-    from trtcompress.serve import Server
+    from trtcompress.serve import Server, check_host
     from trtcompress.triton_models.pbtxt import validate_repository
 
     _existing(target, "artifact, model directory or model repository")
+    check_host(host)  # before a repository is written
     deploy = None
     if _is_repository(target):
         if deploy_set or step_log or repo_dir:

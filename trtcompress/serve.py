@@ -148,6 +148,16 @@ def _backend_hint(lines: list[str]) -> str:
     return f"; this tritonserver has no {', '.join(sorted(found))} backend"
 
 
+def check_host(host: str) -> None:
+    """Refuse an IPv6 address (`--host ::1` was a traceback from the endpoints' HOST:PORT): tritonserver's
+    HTTP service listens on IPv4 only, and its gRPC one needs the address in brackets."""
+    if ":" in host:
+        raise ServeError(
+            f"--host {host}: IPv6 addresses are not supported (tritonserver's HTTP service listens on IPv4 "
+            "only); use 127.0.0.1, an IPv4 address of this machine, or 0.0.0.0"
+        )
+
+
 class Server:
     """A running tritonserver process over a model repository (a context manager)."""
 
@@ -161,6 +171,7 @@ class Server:
         log_file: Path | None = None,
         verbose: bool = False,
     ) -> None:
+        check_host(host)
         self.repo = Path(repo).resolve()
         self.repo_arg = self.repo  # what tritonserver is given: a shell-safe link to `repo` where needed
         client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host

@@ -745,3 +745,15 @@ def test_force_does_not_delete_an_artifact_built_inside_the_previous_one(artifac
         native.check_output(path, force=True)
     (path / "v2" / "deeper" / native.MANIFEST).unlink()
     native.check_output(path, force=True)
+
+
+def test_a_mount_point_output_is_refused_before_the_build(tmp_path, monkeypatch):
+    """`docker run -v HOST/model:/artifacts/model ... build -o /artifacts/model --force`: the final rename
+    of a mount point failed with EBUSY after the whole build (found by the deployment audit)."""
+    out = tmp_path / "mounted"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real(p))
+    with pytest.raises(ArtifactError, match=r"is a mount point.*mount the directory above it"):
+        native.check_output(out, force=True)
+    native.check_output(tmp_path / "elsewhere", force=True)

@@ -500,6 +500,7 @@ def test_serve_refuses_bad_ports_and_unbindable_hosts_in_one_line(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")  # a model directory: serve gets as far as the port check
+    (tmp_path / "tmp").mkdir()
     for port in ("70000", "-5"):
         out = run_cli("serve", str(model), "--http-port", port)
         assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
@@ -511,6 +512,12 @@ def test_serve_refuses_bad_ports_and_unbindable_hosts_in_one_line(tmp_path):
     with pytest.raises(ServeError, match=r"cannot bind to '192\.0\.2\.1' port \d+: ") as info:
         Server(tmp_path, host="192.0.2.1").start(timeout=5)  # TEST-NET-1: no interface has it
     assert "in use" not in str(info.value)
+    # an IPv6 host was a traceback ("Port could not be cast to integer value as ':1:8000'")
+    with pytest.raises(ServeError, match="IPv6 addresses are not supported"):
+        Server(tmp_path, host="::1")
+    out = run_cli("serve", str(model), "--host", "::1", env={"TMPDIR": str(tmp_path / "tmp")})
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "IPv6" in out.stderr, out.stderr
+    assert not any((tmp_path / "tmp").iterdir())  # refused before a repository was written
 
 
 def _tritonservers_over(repo) -> list[int]:
