@@ -421,3 +421,21 @@ def test_export_dtype_auto_follows_the_source_checkpoint(tiny_model_dir, tmp_pat
         assert native.read_manifest(out)["recipe"]["export"]["dtype"] == expected
         assert json.loads((out / "trtllm" / "config.json").read_text(encoding="utf-8"))["dtype"] == expected
         assert json.loads((out / "hf" / "config.json").read_text(encoding="utf-8"))["torch_dtype"] == expected
+
+
+def test_the_tp_geometry_check_sees_the_heads_structured_pruning_leaves(tiny_model):
+    """4 heads / 2 KV heads, half the KV groups pruned: tp 4 passed the early check (on 4 heads) and the
+    writer refused it (2 heads) once the model was compressed (found reviewing the pass-chain audit)."""
+    from trtcompress.builders.exports import check_model
+    from trtcompress.checkpoints.trtllm_layout import ExportError
+
+    pruned = {"passes": [{"method": "structured", "ffn_ratio": 0, "head_ratio": 0.5}]}
+    with pytest.raises(ExportError, match="tp_size 4 does not divide the 2 attention heads"):
+        check_model(
+            Recipe.model_validate({**pruned, "export": {"formats": ["trtllm"], "tp_size": 4}}),
+            tiny_model.model,
+        )
+    check_model(
+        Recipe.model_validate({**pruned, "export": {"formats": ["trtllm"], "tp_size": 2}}), tiny_model.model
+    )
+    assert tiny_model.model.config.num_attention_heads == 4  # (a copy of the config was pruned)

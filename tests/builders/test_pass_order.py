@@ -14,6 +14,7 @@ from trtcompress.recipe import Recipe
 GSQ = {"method": "gsq", "bits": 4, "group_size": 32}
 GPTQ = {"method": "gptq", "bits": 4, "group_size": 32}
 WANDA = {"method": "wanda", "pattern": "2:4"}
+EORA = {"method": "eora", "rank": 4}
 
 
 class _NoCalibration(Exception):
@@ -35,7 +36,10 @@ def _no_calibration(*args, **kwargs):
         ([WANDA, {"method": "awq", "group_size": 32}], r"awq cannot keep a sparsity mask"),
         ([{"method": "magnitude", "pattern": "2:4"}, {"method": "mxfp4"}], r"mxfp4 cannot keep"),
         ([GSQ, WANDA], r"passes.1 \(wanda\) comes after passes.0 \(gsq\).*quantized: pruning it would drop"),
-        ([GPTQ, {"method": "eora", "rank": 4}, GSQ], r"passes.2 \(gsq\).*lowrank.*put eora / kd after"),
+        ([GPTQ, EORA, GSQ], r"passes.2 \(gsq\).*low-rank factors.*put eora / kd after"),
+        # eora after a sweep that compressed only part of its layers, the rest compressed by an earlier one
+        ([GSQ | {"targets": ["re:.*mlp.*"]}, GPTQ | {"targets": ["re:.*self_attn.*"]}, EORA],
+         r"passes.2 \(eora\) comes after passes.0 \(gsq\), which left model.layers.0.mlp.*data-free"),
         ([GSQ, {"method": "structured", "ffn_ratio": 0.25, "round_to": 16}],
          r"passes.1 \(structured\).*structured pruning needs float layers"),
     ],

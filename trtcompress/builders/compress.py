@@ -63,21 +63,30 @@ def _starts_sweep(previous: Pass | None, current: Pass) -> bool:
     return current.sweep_alone or previous.sweep_alone or previous.ends_sweep
 
 
+_LEFT = {"lowrank": "with low-rank factors"}  # (how an error names what a pass left on a layer)
+
+
 def _order_error(where: str, passes: list[Pass], j: int, name: str, what: str, fix: str) -> CompressionError:
     return CompressionError(
-        f"{where} comes after passes.{j} ({passes[j].config.method}), which left {name} {what}: {fix}"
+        f"{where} comes after passes.{j} ({passes[j].config.method}), which left {name} "
+        f"{_LEFT.get(what, what)}: {fix}"
     )
 
 
 def check_order(model: nn.Module, passes: list[Pass]) -> None:
     """Refuse a pass order that a pass would refuse only on reaching a layer, after the earlier passes
     (minutes of calibration sweeps on a real model): the rules of passes.pruning.check_prunable,
-    passes.base.check_replacement, structured's float-only check and EoRA's same-sweep rule, applied
-    here to each pass's selection of linears before any calibration data is read."""
+    passes.base.check_replacement, structured's float-only check and EoRA's rule (every layer it selects
+    that a pass compressed was compressed in EoRA's own sweep), applied here to each pass's selection of
+    linears before any calibration data is read, with the sweeps split as run_sequential splits them."""
     done: dict[str, dict[str, int]] = {}  # linear -> {"pruned" | "quantized" | "lowrank": pass index}
+    # linear -> (sweep, pass index) of the last pass that compressed it: EoRA needs it in its own sweep
+    last: dict[str, tuple[int, int]] = {}
     previous: Pass | None = None
+    sweep = 0
     for i, p in enumerate(passes):
         cfg, method = p.config, p.config.method
+        sweep += _starts_sweep(previous, p)
         names = [name for name, _ in select_linears(model, cfg.targets, cfg.exclude)]
         where = f"passes.{i} ({method})"
         quantizes = method in QUANTIZERS or (method == "sparsegpt" and getattr(cfg, "bits", None))
@@ -105,15 +114,15 @@ def check_order(model: nn.Module, passes: list[Pass]) -> None:
             for what, fix in checks:
                 if what in flags:
                     raise _order_error(where, passes, flags[what], name, what, fix)
-            if method == "eora" and flags and _starts_sweep(previous, p):
-                what, j = next(iter(flags.items()))
+            if method == "eora" and name in last and last[name][0] != sweep:  # (the engine's per-layer rule)
+                j = last[name][1]
                 cause = (
                     "is data-free (it runs before the calibration sweep)"
                     if not isinstance(passes[j], CalibratedPass)
                     else "runs in an earlier calibration sweep"
                 )
                 raise _order_error(
-                    where, passes, j, name, what,
+                    where, passes, j, name, "compressed",
                     f"eora fits its factors to the error of a pass in its own calibration sweep, from the "
                     f"uncompressed weight, and passes.{j} {cause}, so that weight is gone when eora runs; "
                     "put eora right after a calibrated pass (gptq instead of gsq; eora before regional)",
@@ -127,16 +136,18 @@ def check_order(model: nn.Module, passes: list[Pass]) -> None:
                     what, j = next(iter(flags.items()))
                     raise _order_error(where, passes, j, name, what, "structured pruning needs float layers; "
                                        "put it first")  # fmt: skip
-        for name in names:  # what this pass leaves on its selection
+        for name in names:  # what this pass leaves on its selection (the latest pass named in errors)
             flags = done.setdefault(name, {})
             if method in PRUNERS:
-                flags.setdefault("pruned", i)
+                flags["pruned"] = i
             if quantizes:
-                flags.setdefault("quantized", i)
+                flags["quantized"] = i
             if method == "eora" and flags and cfg.rank_for(name) > 0:
-                flags.setdefault("lowrank", i)
+                flags["lowrank"] = i
             if method == "kd" and (flags or cfg.merge == "never"):
-                flags.setdefault("lowrank", i)
+                flags["lowrank"] = i
+            if flags:
+                last[name] = (sweep, i)
         previous = p
 
 

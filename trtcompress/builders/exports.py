@@ -172,7 +172,7 @@ def check_model(recipe: Recipe, model: nn.Module) -> None:
 
         cfg = recipe.export
         options = TrtllmOptions(tp_size=cfg.tp_size, pp_size=cfg.pp_size, dtype=export_dtype(recipe))
-        check_exportable(model, options)
+        check_exportable(model, options, pruned_config(recipe, model))
         _check_attention_window(recipe, model)
     _check_group_widths(recipe, model, formats)
     _check_fused_groups(recipe, model, formats)
@@ -192,7 +192,8 @@ def _check_attention_window(recipe: Recipe, model: nn.Module) -> None:
         raise RecipeError(
             f"export trtllm: the model attends within a sliding window of {window} tokens, which a "
             "TensorRT-LLM checkpoint cannot carry (TensorRT-LLM takes it at run time only, as "
-            f"max_attention_window_size): an engine of export.engine.max_seq_len {limit} would attend "
+            f"max_attention_window_size): an engine of export.engine.max_seq_len {limit} (the --engine "
+            "build's, or one you build from the checkpoint with trtllm-build's --max_seq_len) would attend "
             f"beyond it; set export.engine.max_seq_len <= {window}, or export native / hf"
         )
 
@@ -262,22 +263,37 @@ def _check_group_widths(recipe: Recipe, model: nn.Module, formats: set[str]) -> 
             raise RecipeError(f"export trtllm: tp_size {tp}, {name} ({where}): {exc}") from None
 
 
-def _pruned_inputs(recipe: Recipe, model: nn.Module) -> dict[str, int]:
-    """Input widths of o_proj / down_proj after the recipe's structured pruning (every layer alike), or
-    nothing without it: `structured` + `mxfp4` with `head_ratio` 0.5 left o_proj 48 inputs on the tiny
-    model, which trtllm's MXFP4 blocks of 32 cannot hold, refused only once the model was compressed."""
+def pruned_config(recipe: Recipe, model: nn.Module) -> Any:
+    """The model's config as the recipe's structured pruning will leave it (head counts and FFN width,
+    every layer alike; the model's own config without such a pass), for the checks that run before the
+    compression: `structured` (head_ratio 0.5) with `--tp-size 4` on a 4-head model passed them and was
+    refused by the writer once the model was compressed."""
+    import copy
+
     from trtcompress.passes.structured import pruned_widths
 
     config = model.config
+    passes = [p for p in recipe.passes if p.method == "structured"]
+    if not passes:
+        return config
+    config = copy.copy(config)
+    config.head_dim = model.model.layers[0].self_attn.head_dim  # (hidden / heads no longer gives it)
     heads, kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     ffn = config.intermediate_size
-    head_dim = model.model.layers[0].self_attn.head_dim
-    widths: dict[str, int] = {}
-    for p in recipe.passes:
-        if p.method == "structured":
-            heads, kv, ffn = pruned_widths(p, heads, kv, ffn)
-            widths = {"o_proj": heads * head_dim, "down_proj": ffn}
-    return widths
+    for p in passes:
+        heads, kv, ffn = pruned_widths(p, heads, kv, ffn)
+    config.num_attention_heads, config.num_key_value_heads, config.intermediate_size = heads, kv, ffn
+    return config
+
+
+def _pruned_inputs(recipe: Recipe, model: nn.Module) -> dict[str, int]:
+    """Input widths of o_proj / down_proj after the recipe's structured pruning, or nothing without it:
+    `structured` + `mxfp4` with `head_ratio` 0.5 left o_proj 48 inputs on the tiny model, which trtllm's
+    MXFP4 blocks of 32 cannot hold, refused only once the model was compressed."""
+    if not any(p.method == "structured" for p in recipe.passes):
+        return {}
+    config = pruned_config(recipe, model)
+    return {"o_proj": config.num_attention_heads * config.head_dim, "down_proj": config.intermediate_size}
 
 
 def _check_fused_groups(recipe: Recipe, model: nn.Module, formats: set[str]) -> None:

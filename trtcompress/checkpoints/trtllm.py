@@ -388,12 +388,13 @@ def _check_model(model: nn.Module, options: TrtllmOptions) -> None:
         )
 
 
-def check_exportable(model: nn.Module, options: TrtllmOptions) -> None:
+def check_exportable(model: nn.Module, options: TrtllmOptions, config: Any = None) -> None:
     """The writer's checks of the model itself (architecture, biases, dtype, tp/pp geometry), which the
     build runs as soon as the model is loaded, before minutes of compression (without a KV codec: its
-    calibrated scales come later and are checked when the checkpoint is written)."""
+    calibrated scales come later and are checked when the checkpoint is written). `config`: the model's
+    config as the compression will leave it (head counts and widths after structured pruning)."""
     _check_model(model, options)
-    _geometry(model.config, options.tp_size, options.pp_size)
+    _geometry(config if config is not None else model.config, options.tp_size, options.pp_size)
 
 
 def write_trtllm_checkpoint(
