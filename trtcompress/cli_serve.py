@@ -242,7 +242,9 @@ def serve(
     type=float,
     help="0 = greedy; default: greedy, or 1 when --top-k / --top-p is given (TensorRT-LLM's rule)",
 )
-@click.option("--top-k", type=int, help="0 = off; 1 = greedy")
+@click.option(
+    "--top-k", type=int, help="0 = no filter (sampling still: --temperature 0 for greedy); 1 = greedy"
+)
 @click.option("--top-p", type=float, help="in [0, 1]; 0 = greedy")
 @click.option("--seed", type=int)
 @click.option("--stop", "stop_words", multiple=True, help="stop string (repeatable)")

@@ -754,6 +754,7 @@ def test_a_mount_point_output_is_refused_before_the_build(tmp_path, monkeypatch)
     out.mkdir()
     real = os.path.ismount
     monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real(p))
-    with pytest.raises(ArtifactError, match=r"is a mount point.*mount the directory above it"):
-        native.check_output(out, force=True)
+    for force in (True, False):  # (without --force too: it could not help)
+        with pytest.raises(ArtifactError, match=r"is a mount point.*mount the directory above it"):
+            native.check_output(out, force=force)
     native.check_output(tmp_path / "elsewhere", force=True)

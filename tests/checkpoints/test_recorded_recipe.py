@@ -41,6 +41,20 @@ def test_a_recorded_recipe_this_version_refuses_is_named_everywhere(small_artifa
         assert str(info.value).startswith(f"{artifact}/manifest.json: ") and named in str(info.value)
 
 
+def test_inspect_shows_the_artifact_before_refusing_its_recipe(small_artifact, tmp_path, capsys):
+    """inspect is where a user looks into an artifact that eval / repo / serve refuse: it prints what it
+    holds, then names the recipe problem (exit status 2)."""
+
+    def unreadable(manifest):
+        del manifest["recipe"]["name"]  # (the title reads it: "?")
+        manifest["recipe"]["x"] = 1
+
+    artifact = edited_copy(small_artifact, tmp_path, unreadable)
+    with pytest.raises(RecipeError, match="x: unknown key"):
+        inspect_artifact(artifact, verify=False, as_json=False, ui=UI())
+    assert "compressed layers" in capsys.readouterr().out
+
+
 def test_repo_names_the_recorded_recipe_in_one_line(small_artifact, tmp_path):
     artifact = edited_copy(small_artifact, tmp_path, lambda m: EDITS["unknown KV codec"][0](m["recipe"]))
     out = run_cli("repo", str(artifact), "-o", str(tmp_path / "repo"))

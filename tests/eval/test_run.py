@@ -28,7 +28,7 @@ def test_plain_model_is_compared_with_the_reference_model_given(tiny_model_dir, 
     assert report.ppl_ratio != pytest.approx(1.0) and report.gsm8k_kl > 0
     assert report.gsm8k_bpb_ref == pytest.approx(alone.gsm8k_bpb, rel=1e-5)
     # which model the reference figures came from is in the report (and under its table)
-    assert report.protocol["reference"] == str(other) and alone.protocol["reference"] == "itself"
+    assert report.protocol["reference_model"] == str(other) and alone.protocol["reference_model"] == "itself"
     assert f"reference: {other}" in _table_text(report)
 
 
@@ -38,7 +38,8 @@ def test_plain_model_without_a_reference_model_is_its_own_reference(tiny_model_d
     # --no-reference: no reference figures, as after compression (they were copied from the model)
     alone = evaluate_target(str(tiny_model_dir), overrides=[*TINY_OVERRIDES, ("eval.reference", False)])
     assert alone.ppl == report.ppl and alone.ppl_ref is None and alone.gsm8k_kl is None
-    assert alone.protocol["reference"] is None and "reference:" not in _table_text(alone)
+    assert alone.protocol["reference_model"] is None and "reference:" not in _table_text(alone)
+    assert alone.protocol["reference"] is False and report.protocol["reference"] is True  # (the setting)
 
 
 def test_artifact_eval_refuses_a_window_over_its_calibration_text(tiny_model_dir, tmp_path):
@@ -112,7 +113,7 @@ def test_artifact_eval_finds_a_relative_source_model_from_another_directory(
     report = evaluate_target(str(tmp_path / "a"), overrides=TINY_OVERRIDES)
     direct = evaluate_target(str(tiny_model_dir), overrides=TINY_OVERRIDES)
     assert report.ppl_ref == pytest.approx(direct.ppl, rel=1e-5)
-    assert report.protocol["reference"] == str(tiny_model_dir)
+    assert report.protocol["reference_model"] == str(tiny_model_dir)
 
 
 def test_artifact_reference_is_the_local_directory_that_shared_a_known_name(tmp_path):

@@ -9,20 +9,34 @@ from rich.table import Table
 from rich.text import Text
 
 from trtcompress.checkpoints import native
+from trtcompress.errors import RecipeError
 from trtcompress.eval.report import measured_text
 from trtcompress.recipe import recorded_recipe
 from trtcompress.ui import UI, json_text
 
 
 def inspect_artifact(path: Path, verify: bool, as_json: bool, ui: UI) -> dict:
+    """Print what the artifact holds; raise if its files do not verify, or (after printing, since this is
+    where a user looks) if its recorded recipe is one eval / repo / serve refuse."""
     manifest = native.read_manifest(path)
     native.verify_files(path, manifest, hashes=verify)  # --no-verify: files and sizes still checked
-    recorded_recipe(manifest["recipe"], f"{path}/{native.MANIFEST}")  # what eval / repo / serve would refuse
+    try:
+        recorded_recipe(manifest["recipe"], f"{path}/{native.MANIFEST}")
+        refused = None
+    except RecipeError as exc:
+        refused = exc
+    _print(path, manifest, verify, as_json, ui)
+    if refused is not None:
+        raise refused
+    return manifest
+
+
+def _print(path: Path, manifest: dict, verify: bool, as_json: bool, ui: UI) -> None:
     if as_json:
         ui.out.print_json(json_text(manifest))
-        return manifest
+        return
     table = Table(  # Text: the path and the recipe name are the user's, not rich markup ("[/v2]")
-        title=Text(f"{path} · recipe {manifest['recipe']['name']} · status {manifest['status']}"),
+        title=Text(f"{path} · recipe {manifest['recipe'].get('name', '?')} · status {manifest['status']}"),
         title_justify="left",
     )
     for column in ("layer", "format", "shape", "bytes", "bits/weight"):
@@ -60,4 +74,3 @@ def inspect_artifact(path: Path, verify: bool, as_json: bool, ui: UI) -> dict:
             )
         )
     ui.out.print("checksums verified" if verify else "sizes checked, sha256 not verified (--no-verify)")
-    return manifest

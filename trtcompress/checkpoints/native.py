@@ -152,13 +152,14 @@ def check_output(target: Path, force: bool) -> None:
     directory holding other artifacts, a model, a file)."""
     if not target.exists():
         return
-    if not force:
-        raise ArtifactError(f"{target} already exists; pass --force to replace it")
     if os.path.ismount(target):  # (a container's volume: the rename failed with EBUSY after the whole build)
-        raise ArtifactError(
+        raise ArtifactError(  # (before --force: it cannot help; a bind mount of the same file system is
+            # not seen by ismount and fails at the rename, still without losing the previous artifact)
             f"{target} is a mount point: a build writes beside it and renames its artifact into place, "
             "which a mount point refuses; mount the directory above it and write into a folder there"
         )
+    if not force:
+        raise ArtifactError(f"{target} already exists; pass --force to replace it")
     if not (target.is_dir() and ((target / MANIFEST).is_file() or not any(target.iterdir()))):
         raise ArtifactError(
             f"{target} exists and is not an artifact (no {MANIFEST}); --force replaces artifacts only, "

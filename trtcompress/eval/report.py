@@ -51,7 +51,7 @@ def report_title(report: EvalReport) -> str:
 
 def report_table(report: EvalReport) -> Table:
     # Text: the model path and recipe name are the user's, not rich markup ("x[/v2]" would raise)
-    reference = report.protocol.get("reference")
+    reference = report.protocol.get("reference_model")
     table = Table(
         title=Text(report_title(report)),
         title_justify="left",

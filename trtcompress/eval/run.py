@@ -171,9 +171,9 @@ def evaluate_recipe(
     reference_name: str | None = None,
 ) -> EvalReport:
     """`evaluate` with a recipe's evaluation protocol, name and KV-cache codec (build and eval alike).
-    The report's protocol records what the reference figures were measured on (`reference_name`, the
-    model itself, or nothing): `eval --reference-model` and an artifact's source are not always the
-    model a reader assumes."""
+    The report's protocol records what the reference figures were measured on, `reference_model`
+    (`reference_name`, "itself" or None; `reference` stays the setting): `eval --reference-model` and an
+    artifact's source are not always the model a reader assumes."""
     report = evaluate(
         model,
         tokenizer,
@@ -186,7 +186,7 @@ def evaluate_recipe(
         kv=recipe.kv_cache,
     )
     measured = reference is not None and not is_reference
-    report.protocol["reference"] = reference_name if measured else "itself" if is_reference else None
+    report.protocol["reference_model"] = reference_name if measured else "itself" if is_reference else None
     return report
 
 

@@ -16,11 +16,12 @@ def load_for_runtime(path: Path | str) -> tuple[Any, Any, dict | None]:
     """(model, tokenizer, recipe dict or None). Artifacts are verified (checksums) before loading, and
     their recorded recipe is read as `eval` reads it (a recipe this version refuses is named)."""
     if is_artifact(path):
-        from trtcompress.checkpoints.native import load_artifact
+        from trtcompress.checkpoints.native import load_artifact, read_manifest
         from trtcompress.recipe import recorded_recipe
 
+        # the recipe first: a refusal must not come after minutes of hashing and loading a large model
+        recipe, _ = recorded_recipe(read_manifest(Path(path))["recipe"], f"{path}/{MANIFEST}")
         loaded = load_artifact(path)
-        recipe, _ = recorded_recipe(loaded.manifest["recipe"], f"{path}/{MANIFEST}")
         return loaded.model, loaded.tokenizer, recipe.model_dump(mode="json")
     from trtcompress.models import load_model
 
