@@ -84,3 +84,18 @@ def test_every_preset_passes_the_check(tiny_model):
             compress.check_order(tiny_model.model, [compress.build_pass(p) for p in recipe.passes])
         except CompressionError as exc:
             raise AssertionError(f"preset {name}: {exc}") from None
+
+
+def test_every_pass_declares_what_it_leaves():
+    """check_order reads the passes' own declarations (prunes, quantizes, keeps_mask): a new quantizer or
+    pruner that forgot them would slip past it silently."""
+    from trtcompress.passes import PASS_REGISTRY
+
+    declared = {name: (cls.prunes, cls.quantizer, cls.keeps_mask) for name, cls in PASS_REGISTRY.items()}
+    assert declared == {
+        "awq": (False, True, False), "eora": (False, False, True), "gptq": (False, True, True),
+        "gsq": (False, True, True), "kd": (False, False, True), "llmfp4": (False, True, False),
+        "magnitude": (True, False, True), "minmax-fp4": (False, True, False), "mxfp4": (False, True, False),
+        "nvfp4": (False, True, False), "regional": (False, False, True), "sparsegpt": (True, False, True),
+        "structured": (False, False, True), "wanda": (True, False, True),
+    }  # fmt: skip

@@ -50,11 +50,6 @@ def compress_model(
         model.config.tie_word_embeddings = False  # lm_head now has its own (compressed) weight
 
 
-PRUNERS = {"wanda", "magnitude", "sparsegpt"}
-MASK_DROPPERS = {"awq", "nvfp4", "mxfp4", "llmfp4", "minmax-fp4"}  # quantizers that cannot keep a mask
-QUANTIZERS = {"gsq", "gptq"} | MASK_DROPPERS
-
-
 def _starts_sweep(previous: Pass | None, current: Pass) -> bool:
     """Whether `current` is the first pass of its calibration sweep (as compress_model and
     passes.engine.run_sequential split them), or not calibrated at all."""
@@ -89,17 +84,17 @@ def check_order(model: nn.Module, passes: list[Pass]) -> None:
         sweep += _starts_sweep(previous, p)
         names = [name for name, _ in select_linears(model, cfg.targets, cfg.exclude)]
         where = f"passes.{i} ({method})"
-        quantizes = method in QUANTIZERS or (method == "sparsegpt" and getattr(cfg, "bits", None))
+        quantizes = p.quantizes
         for name in names:
             flags = done.get(name, {})
             checks = []
-            if method in PRUNERS:
+            if p.prunes:
                 fix = (
                     "pruning it would drop that; put the pruning pass first (gptq / gsq after it keep its "
                     "mask), or use sparsegpt with `bits`"
                 )
                 checks += [("quantized", fix), ("lowrank", fix)]
-            if method in MASK_DROPPERS:
+            if quantizes and not p.keeps_mask:
                 fix = (
                     f"{method} cannot keep a sparsity mask; prune after it, or prune and quantize in one "
                     "pass (sparsegpt with `bits`; gptq and gsq keep masks)"
@@ -138,7 +133,7 @@ def check_order(model: nn.Module, passes: list[Pass]) -> None:
                                        "put it first")  # fmt: skip
         for name in names:  # what this pass leaves on its selection (the latest pass named in errors)
             flags = done.setdefault(name, {})
-            if method in PRUNERS:
+            if p.prunes:
                 flags["pruned"] = i
             if quantizes:
                 flags["quantized"] = i

@@ -132,6 +132,7 @@ class AWQPass(CalibratedPass):
     config_type = AWQConfig
     config: AWQConfig
     needs = frozenset({ABS_MEAN, HESSIAN})
+    quantizer, keeps_mask = True, False
 
     def compress_group(
         self, group: GroupHandle, names: list[str], stats: GroupStats, context: PassContext

@@ -58,9 +58,19 @@ class Pass(ABC):
     method: ClassVar[str]
     config_type: ClassVar[type[PassConfig]]
     needs: ClassVar[frozenset[str]] = frozenset()
+    # What the pass leaves on the linears it selects, for builders.compress.check_order (which refuses, before
+    # any calibration, the orders the passes themselves refuse on reaching a layer):
+    prunes: ClassVar[bool] = False  # a sparsity mask (refused on a layer already quantized or corrected)
+    quantizer: ClassVar[bool] = False  # quantized codes (refused on a layer with low-rank factors)
+    keeps_mask: ClassVar[bool] = True  # a quantizer that keeps a pruned layer's mask (gsq, gptq)
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether this pass, as configured, writes quantized codes."""
+        return self.quantizer
 
     @abstractmethod
     def apply(self, model: nn.Module, context: PassContext) -> None: ...

@@ -41,6 +41,7 @@ class MXFP4Config(PassConfig):
 
 class _BlockFP4Pass(LinearPass):
     format: FpFormat
+    quantizer, keeps_mask = True, False
 
     def shared_tensor_amax(self, name: str) -> torch.Tensor | None:
         return None  # MXFP4 has no tensor scale
@@ -111,6 +112,7 @@ class MinMaxFP4Pass(CalibratedPass):
     config_type = MinMaxFP4Config
     config: MinMaxFP4Config
     needs = frozenset({ABS_MAX})
+    quantizer, keeps_mask = True, False
 
     def compress_group(
         self, group: GroupHandle, names: list[str], stats: GroupStats, context: PassContext

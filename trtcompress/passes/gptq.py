@@ -242,6 +242,7 @@ class GPTQPass(CalibratedPass):
     config_type = GPTQConfig
     config: GPTQConfig
     needs = frozenset({HESSIAN})
+    quantizer = True
 
     def compress_group(
         self, group: GroupHandle, names: list[str], stats: GroupStats, context: PassContext

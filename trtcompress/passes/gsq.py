@@ -43,6 +43,7 @@ class GSQConfig(PassConfig):
 class GSQPass(LinearPass):
     config_type = GSQConfig
     config: GSQConfig
+    quantizer = True
 
     def compress_linear(self, name: str, state: CompressedLinearState) -> CompressedLinearState:
         quantized = QuantizedWeight.round_to_nearest(state.weight(), self.config.format)

@@ -323,6 +323,7 @@ class LLMFP4Pass(CalibratedPass):
     config_type = LLMFP4Config
     config: LLMFP4Config
     needs = frozenset({ABS_MAX, SAMPLE})
+    quantizer, keeps_mask = True, False
 
     def __init__(self, config: LLMFP4Config) -> None:
         super().__init__(config)

@@ -19,6 +19,7 @@ class MagnitudeConfig(PruneConfig):
 class MagnitudePass(LinearPass):
     config_type = MagnitudeConfig
     config: MagnitudeConfig
+    prunes = True
 
     def compress_linear(self, name: str, state: CompressedLinearState) -> CompressedLinearState:
         check_prunable(name, state)

@@ -216,6 +216,11 @@ class SparseGPTPass(CalibratedPass):
     config_type = SparseGPTConfig
     config: SparseGPTConfig
     needs = frozenset({HESSIAN})
+    prunes = True
+
+    @property
+    def quantizes(self) -> bool:  # (prune and quantize in one pass, with `bits`)
+        return bool(self.config.bits)
 
     def compress_group(
         self, group: GroupHandle, names: list[str], stats: GroupStats, context: PassContext

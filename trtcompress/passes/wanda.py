@@ -79,6 +79,7 @@ class WandaPass(CalibratedPass):
     config_type = WandaConfig
     config: WandaConfig
     needs = frozenset({SQ_NORMS})
+    prunes = True
 
     def __init__(self, config: WandaConfig) -> None:
         super().__init__(config)
