@@ -16,7 +16,7 @@ from trtcompress.ui import UI
 def test_a_valid_recorded_recipe_reaches_repo_and_runtime(small_artifact):
     assert deploy_from_artifact(small_artifact).max_batch_size == 3
     _, _, recipe = load_for_runtime(small_artifact)
-    assert recipe["kv_cache"]["codec"] == "kivi-4bit" and recipe["deploy"]["max_batch_size"] == 3
+    assert recipe.kv_cache.codec == "kivi-4bit" and recipe.deploy.max_batch_size == 3
     inspect_artifact(small_artifact, verify=True, as_json=True, ui=UI(quiet=True))
 
 

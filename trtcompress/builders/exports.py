@@ -12,7 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from trtcompress.recipe import Recipe
+from trtcompress.errors import RecipeError
+from trtcompress.recipe import Recipe, with_overrides
 
 KV_STATIC = {"int8": "INT8", "fp8": "FP8"}
 LOWRANK_PASSES = {"eora", "kd"}  # they leave low-rank factors, which neither checkpoint layout has
@@ -27,7 +28,6 @@ KV_CALIBRATION_SAMPLES = 16  # sequences of calibration.seq_len tokens for the s
 def check_recipe(recipe: Recipe) -> None:
     """Refuse, before any work, export requests the recipe's passes cannot satisfy (the exporters check
     every layer again; this catches the clear-cut cases before minutes of compression)."""
-    from trtcompress.errors import RecipeError
 
     methods = {p.method for p in recipe.passes}
     formats = set(recipe.export.formats) - {"native"}
@@ -84,7 +84,6 @@ def _check_weight_formats(recipe: Recipe, formats: set[str]) -> None:
     """Weight formats that neither checkpoint layout holds (int3, asymmetric per-channel, weight-only
     per-channel FP4 for trtllm; anything but symmetric group-wise int4, NVFP4 and FP8 for hf)."""
     from trtcompress.checkpoints.trtllm_layout import ExportError, int_weight_kind
-    from trtcompress.errors import RecipeError
 
     for i, p in _final_quantizers(recipe):
         fmt = getattr(p, "format", None)
@@ -118,7 +117,6 @@ def _check_weight_formats(recipe: Recipe, formats: set[str]) -> None:
 def _check_engine(recipe: Recipe, methods: set[str]) -> None:
     """`--engine` requests trtllm-build would refuse only after the whole compression."""
     from trtcompress.builders.engine import ATTENTION_PLUGIN_CHOICES, GEMM_PLUGIN_CHOICES, TRTLLM_VERSION
-    from trtcompress.errors import RecipeError
 
     if methods & NO_ENGINE_PASSES:
         raise RecipeError(
@@ -143,8 +141,6 @@ def resolve_export_dtype(recipe: Recipe, model_dir: Path) -> Recipe:
     bfloat16 (fp16 tops out at 65504 where bf16 reaches 3e38: its activations may overflow fp16; a fixed
     float16 default exported Llama-3's bf16 weights as fp16), anything else (fp32, fp16, the packaged
     GGUF's float32) is float16."""
-    from trtcompress.recipe import with_overrides
-
     if recipe.export.dtype != "auto":
         return recipe
     try:
@@ -184,7 +180,6 @@ def _check_attention_window(recipe: Recipe, model: nn.Module) -> None:
     checkpoint has no field for it (upstream's converter drops it too) and TensorRT-LLM takes the window
     only at run time (`max_attention_window_size`), so an engine of longer sequences attends to every
     token, silently another model past the window."""
-    from trtcompress.errors import RecipeError
 
     window = getattr(model.config, "sliding_window", None)
     limit = recipe.export.engine.max_seq_len
@@ -228,7 +223,6 @@ def _check_group_widths(recipe: Recipe, model: nn.Module, formats: set[str]) -> 
     selects, on the widths the layers will have then (`_pruned_inputs`: structured pruning before it)."""
     from trtcompress.checkpoints import trtllm_layout as lay
     from trtcompress.checkpoints.trtllm import even_split
-    from trtcompress.errors import RecipeError
     from trtcompress.passes.targets import select_linears
 
     tp = recipe.export.tp_size if "trtllm" in formats else 1
@@ -300,7 +294,6 @@ def _check_fused_groups(recipe: Recipe, model: nn.Module, formats: set[str]) -> 
     """Linears the loaders fuse into one GEMM of one precision (q/k/v; gate/up too for hf: TensorRT-LLM's
     PyTorch backend and vLLM) that the recipe's weight quantizers select only in part (an `exclude` naming
     v_proj): both writers refuse the compressed model, so refuse it before the compression."""
-    from trtcompress.errors import RecipeError
     from trtcompress.models.layout import LLAMA_GROUPS, layer_prefix
     from trtcompress.passes.targets import select_linears
 
@@ -345,7 +338,6 @@ def _check_requantized_shards(recipe: Recipe, model: nn.Module, formats: set[str
     from trtcompress.checkpoints import trtllm_layout as lay
     from trtcompress.checkpoints.trtllm import DTYPES, even_split
     from trtcompress.compressed.linear import linear_state
-    from trtcompress.errors import RecipeError
     from trtcompress.passes import build_pass
     from trtcompress.passes.targets import select_linears
 

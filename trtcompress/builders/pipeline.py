@@ -166,11 +166,9 @@ def _stage_checkpoints(loaded, recipe: Recipe, out: Path, ui: UI) -> StagedCheck
         )
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        if (code := native.storage_errno(exc)) is not None:  # a full disk: one line, as the artifact's
-            formats = " / ".join(sorted({"trtllm", "hf"} & set(recipe.export.formats)))
-            raise ArtifactError(
-                f"{out}: cannot write the {formats} checkpoint ({os.strerror(code)}); nothing was written"
-            ) from None
+        formats = " / ".join(sorted({"trtllm", "hf"} & set(recipe.export.formats)))
+        if (failure := native.storage_failure(exc, out, f"the {formats} checkpoint")) is not None:
+            raise failure from None  # a full disk: one line, as the artifact's
         raise
 
 

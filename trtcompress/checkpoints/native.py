@@ -138,12 +138,20 @@ def _writing(target: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, SafetensorError) as exc:
-        if (code := storage_errno(exc)) is None:
+        if (failure := storage_failure(exc, target, "the artifact")) is None:
             raise
-        raise ArtifactError(
-            f"{target}: cannot write the artifact ({os.strerror(code)}); nothing was written there"
-            + (" (the previous artifact is kept)" if target.exists() else "")
-        ) from None
+        raise failure from None
+
+
+def storage_failure(exc: BaseException, target: Path, what: str) -> ArtifactError | None:
+    """The one-line error for `exc` if the storage refused a write of `what` for `target` (see
+    storage_errno), else None."""
+    if (code := storage_errno(exc)) is None:
+        return None
+    return ArtifactError(
+        f"{target}: cannot write {what} ({os.strerror(code)}); nothing was written there"
+        + (" (the previous artifact is kept)" if target.exists() else "")
+    )
 
 
 def check_output(target: Path, force: bool) -> None:

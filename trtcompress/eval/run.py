@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trtcompress.checkpoints import native
 from trtcompress.errors import ModelError, RecipeError, TrtcompressError
@@ -14,6 +14,10 @@ from trtcompress.models import PACKAGED_MODELS, load_model
 from trtcompress.models.gguf_convert import COMPLETE_MARKER
 from trtcompress.recipe import Recipe, load_recipe, recorded_recipe, with_overrides
 from trtcompress.ui import UI
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+    from torch import nn
 
 
 def _is_artifact(target: str) -> bool:
@@ -161,12 +165,12 @@ def _load_reference(spec: str, model, tokenizer, ui: UI):
 
 
 def evaluate_recipe(
-    model,
-    tokenizer,
+    model: nn.Module,
+    tokenizer: Any,
     recipe: Recipe,
-    reference,
+    reference: nn.Module | None,
     model_name: str,
-    progress,
+    progress: Progress | None,
     is_reference: bool = False,
     reference_name: str | None = None,
 ) -> EvalReport:

@@ -153,11 +153,9 @@ class Engine:
 
         model, tokenizer, recipe = load_for_runtime(path)
         if config is None:
-            config = DeployConfig.model_validate(recipe.get("deploy", {})) if recipe else DeployConfig()
-        if "kv_codec" not in kwargs and recipe and (recipe.get("kv_cache") or {}).get("codec"):
-            from trtcompress.kv.config import KVCacheConfig
-
-            kv = KVCacheConfig.model_validate(recipe["kv_cache"])
+            config = recipe.deploy if recipe is not None else DeployConfig()
+        if "kv_codec" not in kwargs and recipe is not None and recipe.kv_cache.codec:
+            kv = recipe.kv_cache
             kwargs["kv_codec"], kwargs["block_size"] = kv.build_codec(), kv.block_size
             kwargs.setdefault("sink_tokens", kv.sink_tokens)
         return cls(model, tokenizer, config, **kwargs)
