@@ -23,8 +23,9 @@ from trtcompress.compressed.linear import CompressedLinear, set_module
 from trtcompress.compressed.state import ActQuantizer, CompressedLinearState, QuantizedWeight
 from trtcompress.errors import MissingDependencyError
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # one input: fused into one GEMM
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")  # likewise
+LINEARS = (*QKV, "self_attn.o_proj", *GATE_UP, "mlp.down_proj")
 
 
 def _modelopt():
@@ -91,8 +92,8 @@ def import_modelopt_model(model: nn.Module, target: str = "trtllm") -> nn.Module
         # Layers both exporters fuse into one GEMM need one format: ModelOpt's fusion preprocessing
         # asserts it (a bare AssertionError, after the earlier layers were already replaced), and the
         # checkpoint loaders take one precision per fused q/k/v (and, in the HF layout, gate/up).
-        fp8_mlp = qu.QUANTIZATION_FP8 in (formats[LINEARS[4]], formats[LINEARS[5]])
-        for group in (LINEARS[:3], LINEARS[4:6]) if target == "hf" or fp8_mlp else (LINEARS[:3],):
+        fp8_mlp = qu.QUANTIZATION_FP8 in (formats[GATE_UP[0]], formats[GATE_UP[1]])
+        for group in (QKV, GATE_UP) if target == "hf" or fp8_mlp else (QKV,):
             seen = {"none" if formats[n] in none else formats[n] for n in group}
             if len(seen) > 1:
                 got = ", ".join(f"{n} {'none' if formats[n] in none else formats[n]}" for n in group)
@@ -103,18 +104,18 @@ def import_modelopt_model(model: nn.Module, target: str = "trtllm") -> nn.Module
     for i, layer in enumerate(model.model.layers):
         modules = {name: layer.get_submodule(name) for name in LINEARS}
         formats = {name: qu.get_quantization_format(m) for name, m in modules.items()}
-        qkv = [modules[n] for n in LINEARS[:3]]
-        groups = [LINEARS[:3]] if target == "trtllm" else [LINEARS[:3], LINEARS[4:6]]
-        if target == "trtllm" and formats[LINEARS[4]] == qu.QUANTIZATION_FP8:
+        qkv = [modules[n] for n in QKV]
+        groups = [QKV] if target == "trtllm" else [QKV, GATE_UP]
+        if target == "trtllm" and formats[GATE_UP[0]] == qu.QUANTIZATION_FP8:
             # ModelOpt's TensorRT-LLM exporter fuses FP8 gate/up too (one weight scale, the max of the two)
-            groups.append(LINEARS[4:6])
+            groups.append(GATE_UP)
         for group in groups:
             fmt = formats[group[0]]
             if fmt in (None, qu.QUANTIZATION_NONE) or (target == "hf" and fmt == qu.QUANTIZATION_FP8):
                 continue
             preprocess_linear_fusion([modules[n] for n in group])  # what ModelOpt's exporter does first
         shared = None
-        if formats[LINEARS[0]] == qu.QUANTIZATION_FP8 and target == "trtllm":
+        if formats[QKV[0]] == qu.QUANTIZATION_FP8 and target == "trtllm":
             shared = (
                 torch.stack([qu.get_weight_scaling_factor(m).float().reshape(()) for m in qkv]).max(),
                 torch.stack([qu.get_activation_scaling_factor(m).float().reshape(()) for m in qkv]).max(),
@@ -126,7 +127,7 @@ def import_modelopt_model(model: nn.Module, target: str = "trtllm") -> nn.Module
             if fmt == qu.QUANTIZATION_INT4_AWQ:
                 state = _int4_awq(module, qu)
             elif fmt == qu.QUANTIZATION_FP8:
-                if shared is not None and name in LINEARS[:3]:
+                if shared is not None and name in QKV:
                     w_scale, a_scale = shared
                 else:
                     w_scale = qu.get_weight_scaling_factor(module).float().reshape(())
