@@ -181,7 +181,7 @@ def test_registering_without_tensorrt_says_what_to_install() -> None:
     # the exact install command, at the TensorRT TensorRT-LLM 1.2.1 pins (a bare `tensorrt` is 11.x now)
     for name in loader.PLUGINS:
         with pytest.raises(
-            MissingDependencyError, match=r'TensorRT >= 10\.9.*pip install "tensorrt~=10\.13\.3"'
+            MissingDependencyError, match=r'TensorRT >= 10\.9.*pip install "tensorrt~=10\.14\.1"'
         ):
             loader.register_plugins([name])
     assert loader.register_plugins(required=()) == []  # best effort: nothing registered, no error
