@@ -42,6 +42,9 @@ _LOADING = re.compile(r'\] "loading: (.+):-?\d+"$')
 _LOADED = re.compile(r"\] \"successfully loaded '(.+)'\"$")
 _FAILED = re.compile(r"\] \"failed to load '(.+)'\"$")  # a model's last word (its versions' come before)
 STUB_GRACE_S = 2.0  # how long a child must stay exited and unreaped before the load counts as stuck
+# the file whose appearance tells the models (native_model.py) that tritonserver is being stopped: its
+# path goes to the python stubs in this environment variable, and stop() creates it before SIGTERM
+STOP_FILE_ENV = "TRTCOMPRESS_STOP_FILE"
 
 
 @dataclass
@@ -225,9 +228,10 @@ class Server:
         self._scan, self._reaped = _LoadScan(self.log_offset), False
         try:
             self.triton = locate_tritonserver()
+            if self.triton.private_dir is None:  # (tritonserver on PATH) for the stop file at least
+                self.triton.private_dir = _private_dir("trtcompress-triton-")
+            self.triton.env[STOP_FILE_ENV] = str(self.triton.private_dir / "stopping")
             if not _shell_safe(self.repo):  # tritonserver keeps the link's path (it does not resolve it)
-                if self.triton.private_dir is None:
-                    self.triton.private_dir = _private_dir("trtcompress-triton-")
                 self.repo_arg = self.triton.private_dir / "repo"
                 self.repo_arg.symlink_to(self.repo, target_is_directory=True)
             self.proc = subprocess.Popen(
@@ -356,9 +360,16 @@ class Server:
         return _backend_hint(lines) + ":\n" + "\n".join([*errors, *(["..."] if errors else []), *lines[-15:]])
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (tritonserver unloads its models and exits), then SIGKILL if it hangs."""
+        """SIGTERM (tritonserver unloads its models and exits), then SIGKILL if it hangs. The native
+        model first ends its requests in flight (told by the stop file): tritonserver does not unload a
+        model while one of its streams is open, and gave up after its exit timeout (10 s) with a crash
+        (exit code -11, nothing unloaded) or a hang until the SIGKILL (-9)."""
         code = None
         if self.proc is not None and self.proc.poll() is None:
+            stop_file = self.triton.env.get(STOP_FILE_ENV) if self.triton is not None else None
+            if stop_file:
+                with contextlib.suppress(OSError):
+                    Path(stop_file).touch()
             self.proc.send_signal(signal.SIGTERM)
             try:
                 code = self.proc.wait(timeout)

@@ -349,3 +349,54 @@ def test_clients_that_go_away_mid_stream_free_their_kv_blocks(server, offline):
     abandoned = [json.loads(line) for line in server.step_log.read_text().splitlines()[before:start]]
     assert min(s["free_blocks"] for s in abandoned) < total_blocks  # they did hold blocks
     assert generate_http(e.http, MODEL, PROMPTS[1], max_tokens=12, timeout=120).text == offline[PROMPTS[1]]
+
+
+def test_stopping_the_server_ends_the_streams_in_flight_and_unloads_cleanly(served_artifact, tmp_path):
+    """SIGTERM / Ctrl-C to `serve` with streams in flight: tritonserver does not unload a model while one
+    of its streams is open, so it gave up after its exit timeout (10 s), nothing unloaded, and crashed
+    (exit code -11, HTTP streams) or hung until `serve` killed it after 30 s (-9, gRPC streams, as
+    here), and the clients saw only a closed socket. Now the model ends them first: each client gets an
+    error naming the stop, and tritonserver unloads the model and exits with code 0."""
+    from trtcompress.runtime.config import DeployConfig
+    from trtcompress.serve import Server
+    from trtcompress.triton_models.native import write_native_repository
+
+    # one batch slot: the requests behind the first wait their turn (in flight, whatever the speed)
+    deploy = DeployConfig(**{**DEPLOY, "max_batch_size": 1, "max_seq_len": 1024})
+    repo = write_native_repository(tmp_path / "repo", served_artifact, deploy)
+    srv = Server(repo, log_file=tmp_path / "log")
+    srv.start(timeout=240)
+    e = srv.endpoints
+    started = threading.Semaphore(0)
+    outcomes: dict[str, Any] = {}
+
+    def client(name: str) -> None:
+        pieces: list[str] = []
+
+        def on_piece(piece: str) -> None:
+            if not pieces:
+                started.release()
+            pieces.append(piece)
+
+        try:
+            out = generate_grpc(e.grpc, MODEL, "once upon", stream=True, timeout=300, on_piece=on_piece,
+                                max_tokens=1000, end_id=-1)  # fmt: skip
+            outcomes[name] = out.finish_reason
+        except BaseException as exc:
+            outcomes[name] = exc
+
+    names = ["grpc-1", "grpc-2", "grpc-3"]
+    threads = [threading.Thread(target=client, args=(name,), daemon=True) for name in names]
+    try:
+        for thread in threads:
+            thread.start()
+        assert started.acquire(timeout=120), f"no request streamed: {outcomes}"
+    finally:
+        code = srv.stop()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert code == 0, (tmp_path / "log").read_text()[-3000:]
+    assert "successfully unloaded 'tensorrt_llm'" in (tmp_path / "log").read_text()
+    assert sorted(outcomes) == names
+    stopped = [o for o in outcomes.values() if isinstance(o, ClientError) and "server is stopping" in str(o)]
+    assert stopped and all(o in stopped or o == "length" for o in outcomes.values()), outcomes

@@ -12,6 +12,7 @@ Only importable inside tritonserver's python stub (`triton_python_backend_utils`
 from __future__ import annotations
 
 import json
+import os
 import threading
 from typing import Any
 
@@ -142,15 +143,22 @@ def parse_request(
 class _Responder:
     """The engine-loop callback of one request: turns RequestOutputs into Triton responses."""
 
-    def __init__(self, sender: Any, stream: bool, prefix: str) -> None:
+    def __init__(
+        self, sender: Any, stream: bool, prefix: str, stopping: threading.Event | None = None
+    ) -> None:
         self.sender, self.stream, self.prefix = sender, stream, prefix
+        self.stopping = stopping
         self.lock = threading.Lock()
 
     def __call__(self, out: RequestOutput) -> None:
         pb = _pb()
         with self.lock:
-            if out.finish_reason and out.finish_reason.startswith("error"):
-                error = pb.InferenceResponse(error=pb.TritonError(out.finish_reason))
+            reason = out.finish_reason or ""
+            message = reason if reason.startswith("error") else None
+            if out.finish_reason == "cancelled" and self.stopping is not None and self.stopping.is_set():
+                message = f"the server is stopping: request cancelled after {len(out.token_ids)} tokens"
+            if message is not None:
+                error = pb.InferenceResponse(error=pb.TritonError(message))
                 self.sender.send(error, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 return
             if self.stream:
@@ -192,6 +200,15 @@ class TritonPythonModel:
             self.paths.restore(exc)
             self.paths.close()
             raise
+        # `trtcompress serve` creates this file before it stops tritonserver: the requests in flight then
+        # end (an error response each), since tritonserver does not unload a model while one of its
+        # streams is open: it gave up after its exit timeout with a crash or a hang, nothing unloaded
+        self.stopping, self._closed = threading.Event(), threading.Event()
+        stop_file = os.environ.get("TRTCOMPRESS_STOP_FILE")
+        if stop_file:
+            threading.Thread(
+                target=self._watch_stop_file, args=(stop_file,), name="trtcompress-stop-file", daemon=True
+            ).start()
         engine = self.loop.engine
         self.logger.log_info(
             f"trtcompress native runtime: {params['artifact']} (max_batch_size {self.deploy.max_batch_size}, "
@@ -199,26 +216,39 @@ class TritonPythonModel:
             f"GEMMs {engine.model.gemm_backend} tile {engine.model.gemm_tile})"
         )
 
+    def _watch_stop_file(self, path: str) -> None:
+        while not self._closed.wait(0.2):
+            if os.path.exists(path):
+                self.stopping.set()
+                return
+
     def execute(self, requests: list[Any]) -> None:
         pb = _pb()
         for request in requests:
             sender = request.get_response_sender()
+            if self.stopping.is_set():
+                error = pb.InferenceResponse(error=pb.TritonError("the server is stopping"))
+                sender.send(error, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
             try:
                 prompt, params, stream = parse_request(
                     request, self.default_max_tokens, self.deploy.decoupled
                 )
                 prefix = "" if self.deploy.exclude_input_in_output else prompt
-                responder = _Responder(sender, stream, prefix)
+                responder = _Responder(sender, stream, prefix, self.stopping)
                 # the loop polls the client's cancellation (a request still queued or prefilling
-                # included) and stops generating for a client that went away
+                # included) and stops generating for a client that went away, or once the server stops
+                client_gone = getattr(sender, "is_cancelled", None)
                 self.loop.submit(
-                    prompt, params, responder, is_cancelled=getattr(sender, "is_cancelled", None)
-                )
+                    prompt, params, responder,
+                    is_cancelled=lambda gone=client_gone: self.stopping.is_set() or bool(gone and gone()),
+                )  # fmt: skip
             except (RequestError, ValueError, TypeError, OverflowError) as exc:
                 error = pb.InferenceResponse(error=pb.TritonError(f"invalid request: {exc}"))
                 sender.send(error, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
     def finalize(self) -> None:
+        self._closed.set()
         self.loop.shutdown()
         self.paths.close()
