@@ -221,8 +221,16 @@ def serve(
     finally:
         code = server.stop()
         click.echo(f"tritonserver stopped (exit code {code})", err=True)
-    # a clean stop: the temporary directory (generated repository, default log) goes; after a failure
-    # it stays, for its log
+    _after_stop(code, work, server.log_file)
+
+
+def _after_stop(code: int | None, work: Path | None, log: Path | None) -> None:
+    """A clean stop removes the temporary directory (generated repository, default log). A stop that
+    tritonserver did not finish cleanly (a model of a trtllm / llmapi repository with a stream still open:
+    it crashes after its exit timeout, -11, or is killed after 30 s, -9) is an error that keeps the
+    directory for its log: it exited 0 and deleted the log."""
+    if code not in (0, None):
+        raise TrtcompressError(f"tritonserver did not stop cleanly (exit code {code}); its log: {log}")
     if work is not None:
         shutil.rmtree(work, ignore_errors=True)
 

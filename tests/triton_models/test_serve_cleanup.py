@@ -28,3 +28,19 @@ def test_a_tritonserver_that_cannot_run_leaves_no_private_directory(tmp_path, mo
     with pytest.raises(ServeError, match="cannot run tritonserver"):  # one line for the CLI, no traceback
         Server(tmp_path / "my repo", log_file=tmp_path / "tritonserver.log").start(timeout=5)
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_stop_tritonserver_did_not_finish_cleanly_keeps_its_log(tmp_path):
+    """serve exited 0 and deleted its temporary directory, the default log with it, when tritonserver
+    crashed (-11) or was killed (-9) while stopping (a trtllm / llmapi model with a stream open)."""
+    from trtcompress.cli_serve import _after_stop
+    from trtcompress.errors import TrtcompressError
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for code in (-11, -9, 1):
+        with pytest.raises(TrtcompressError, match=rf"did not stop cleanly \(exit code {code}\); its log: "):
+            _after_stop(code, work, work / "tritonserver.log")
+        assert work.is_dir()
+    _after_stop(0, work, work / "tritonserver.log")
+    assert not work.exists()
