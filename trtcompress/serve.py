@@ -11,6 +11,7 @@ go on PYTHONPATH). Endpoints bind to 127.0.0.1 unless a host is given.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import re
@@ -25,6 +26,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,6 +153,26 @@ def _backend_hint(lines: list[str]) -> str:
     return f"; this tritonserver has no {', '.join(sorted(found))} backend"
 
 
+def _dies_with_this_process() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel send tritonserver SIGTERM when this process dies, even by SIGKILL
+    (in its own session, it kept running and holding the ports after `kill -9` of `serve`); Linux only,
+    and only from the main thread (the signal comes when the thread that started it ends)."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # (looked up here: the child only calls it)
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # this process died before the call: nothing would send it
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_parent_death_signal
+
+
 def check_host(host: str) -> None:
     """Refuse an IPv6 address (`--host ::1` was a traceback from the endpoints' HOST:PORT): tritonserver's
     HTTP service listens on IPv4 only, and its gRPC one needs the address in brackets."""
@@ -240,6 +262,7 @@ class Server:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_dies_with_this_process(),
             )
         except BaseException as exc:  # not started (a binary that cannot run): its private directory goes too
             if self.triton is not None and self.triton.private_dir is not None:

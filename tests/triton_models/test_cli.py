@@ -536,16 +536,17 @@ def _tritonservers_over(repo) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("command", ["serve", "bench"])
+@pytest.mark.parametrize("command", ["serve", "bench", "serve-killed"])
 def test_sighup_and_sigterm_stop_tritonserver_on_the_way_out(served_artifact, tmp_path, command):
     """tritonserver runs in its own session (Ctrl-C on the terminal reaches `serve` only): `serve` killed
     by SIGHUP (the terminal closed) and `bench serve` by SIGTERM (`timeout`, a job scheduler) ended at
-    once and left it running, holding the ports. Now both stop it on the way out."""
-    repo = tmp_path / ("repo" if command == "serve" else "bench") / "repo"
-    if command == "serve":
+    once and left it running, holding the ports. Now both stop it on the way out; and `serve` killed by
+    SIGKILL (nothing runs on the way out) takes it along too: the kernel sends it SIGTERM."""
+    repo = tmp_path / ("repo" if command.startswith("serve") else "bench") / "repo"
+    if command.startswith("serve"):
         args = ["serve", str(served_artifact), "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
                 "--repo-dir", str(repo)]  # fmt: skip
-        sig = signal.SIGHUP
+        sig = signal.SIGHUP if command == "serve" else signal.SIGKILL
     else:
         args = ["bench", "serve", str(served_artifact), "--no-hf-baseline", "--concurrency", "1",
                 "--requests", "400", "--prompt-tokens", "8", "--output-tokens", "32",
@@ -556,7 +557,7 @@ def test_sighup_and_sigterm_stop_tritonserver_on_the_way_out(served_artifact, tm
                             stdout=subprocess.DEVNULL, text=True, env=env)  # fmt: skip
     try:
         deadline = time.monotonic() + 240
-        if command == "serve":  # ready
+        if command.startswith("serve"):  # ready
             while proc.poll() is None and not proc.stderr.readline().startswith("ready:"):
                 pass
         else:  # the warm-up request has run: the load is starting
