@@ -69,15 +69,19 @@ def check_recipe(recipe: Recipe) -> None:
         _check_engine(recipe, methods)
 
 
-def _final_quantizers(recipe: Recipe) -> list[tuple[int, Any]]:
-    """(index, config) of the last weight-quantizing pass, if any. Only it is checked here: a later
-    quantizer may replace an earlier one's layers (the exporters check every layer anyway)."""
-    quantizers = [
+def _weight_quantizers(recipe: Recipe) -> list[tuple[int, Any]]:
+    """(index, config) of every weight-quantizing pass."""
+    return [
         (i, p)
         for i, p in enumerate(recipe.passes)
         if p.method in FP_QUANTIZER_PASSES or getattr(p, "format", None) is not None
     ]
-    return quantizers[-1:]
+
+
+def _final_quantizers(recipe: Recipe) -> list[tuple[int, Any]]:
+    """(index, config) of the last weight-quantizing pass, if any. Only it is checked here: a later
+    quantizer may replace an earlier one's layers (the exporters check every layer anyway)."""
+    return _weight_quantizers(recipe)[-1:]
 
 
 def _check_weight_formats(recipe: Recipe, formats: set[str]) -> None:
@@ -300,11 +304,7 @@ def _check_fused_groups(recipe: Recipe, model: nn.Module, formats: set[str]) -> 
     if not {"hf", "trtllm"} & formats:
         return
     fused = {"attn_in"} | ({"mlp_in"} if "hf" in formats else set())
-    quantizers = [
-        (i, p)
-        for i, p in enumerate(recipe.passes)
-        if p.method in FP_QUANTIZER_PASSES or getattr(p, "format", None) is not None
-    ]
+    quantizers = _weight_quantizers(recipe)
     selected: set[str] = set()
     for _, config in quantizers:
         selected |= {name for name, _ in select_linears(model, config.targets, config.exclude)}

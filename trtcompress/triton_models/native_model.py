@@ -21,6 +21,7 @@ import numpy as np
 from trtcompress.runtime.config import DeployConfig
 from trtcompress.runtime.sampling import RequestError, SamplingParams
 from trtcompress.runtime.sequence import RequestOutput
+from trtcompress.serve import STOP_FILE_ENV
 from trtcompress.triton_models.stub_paths import StubPaths
 
 # TensorRT-LLM's LLM-API model names the same inputs sampling_param_* and `streaming`; the native model
@@ -204,7 +205,7 @@ class TritonPythonModel:
         # end (an error response each), since tritonserver does not unload a model while one of its
         # streams is open: it gave up after its exit timeout with a crash or a hang, nothing unloaded
         self.stopping, self._closed = threading.Event(), threading.Event()
-        stop_file = os.environ.get("TRTCOMPRESS_STOP_FILE")
+        stop_file = os.environ.get(STOP_FILE_ENV)
         if stop_file:
             threading.Thread(
                 target=self._watch_stop_file, args=(stop_file,), name="trtcompress-stop-file", daemon=True
